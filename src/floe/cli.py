@@ -1,0 +1,161 @@
+"""The `floe` command line. Each command is a thin layer over a module that does the work.
+
+Commands defined in other modules are registered at the bottom (one line each).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from floe import logs
+from floe.config import FloeConfig, load_config
+from floe.engine.pipeline import StreamResult
+from floe.engine.progress import Progress
+from floe.engine.stream import RunOptions
+from floe.errors import FloeError
+from floe.secrets import redact
+
+app = typer.Typer(help="floe: warehouse SaaS data exactly once.", no_args_is_help=True, add_completion=False)
+state_app = typer.Typer(help="Inspect stream state.", no_args_is_help=True)
+app.add_typer(state_app, name="state")
+
+ConfigOption = Annotated[Path | None, typer.Option("-c", "--config", help="Config file (default: floe.yml).")]
+console = Console(stderr=False)
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print one redacted error line on stderr and exit non-zero."""
+    typer.echo(f"error: {redact(message)}", err=True)
+    raise typer.Exit(code)
+
+
+def open_config(path: Path | None) -> FloeConfig:
+    config = load_config(path)
+    logs.setup(fmt=config.log_format)
+    return config
+
+
+def print_summary(results: list[StreamResult]) -> None:
+    table = Table(title="floe run", title_justify="left")
+    for column in ("source", "stream", "destination", "rows", "commits", "seconds", "status"):
+        table.add_column(column, justify="right" if column in ("rows", "commits", "seconds") else "left")
+    for r in results:
+        status = "ok" if r.ok else f"FAILED: {r.error}"
+        table.add_row(r.source, r.stream, r.destination, f"{r.rows:,}", str(r.commits), f"{r.seconds:.1f}", status)
+    console.print(table)
+
+
+@app.command()
+def run(
+    config: ConfigOption = None,
+    source: Annotated[list[str] | None, typer.Option("--source", "-s", help="Only this source (repeatable).")] = None,
+    stream: Annotated[list[str] | None, typer.Option("--stream", help="Only this stream (repeatable).")] = None,
+    reprocess: Annotated[bool, typer.Option(help="Re-read inputs already processed (e.g. changed files).")] = False,
+    full_refresh: Annotated[bool, typer.Option(help="Ignore saved state; start from the beginning.")] = False,
+) -> None:
+    """Load every source into its destinations (then run syncs, if any)."""
+    from floe.engine import runner
+
+    try:
+        cfg = open_config(config)
+        results = runner.run(cfg, source, stream, RunOptions(reprocess, full_refresh), Progress())
+    except FloeError as exc:
+        fail(str(exc))
+    print_summary(results)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        fail(f"{len(failed)} of {len(results)} streams failed")
+    if cfg.syncs and not source and not stream:
+        from floe.syncs import run_syncs_cli
+
+        run_syncs_cli(cfg)
+
+
+@app.command()
+def check(config: ConfigOption = None) -> None:
+    """Validate the config and reach every destination."""
+    from floe.engine.runner import context_for, make_destination
+
+    try:
+        cfg = open_config(config)
+    except FloeError as exc:
+        fail(str(exc))
+    typer.echo(f"config ok: {len(cfg.sources)} sources, {len(cfg.destinations)} destinations")
+    problems = 0
+    context = context_for(cfg)
+    for name in cfg.destinations:
+        try:
+            destination = make_destination(cfg, name, context)
+            try:
+                for line in destination.check():
+                    typer.echo(f"  {name}: {redact(line)}")
+            finally:
+                destination.close()
+        except FloeError as exc:
+            problems += 1
+            typer.echo(f"  {name}: FAILED: {redact(str(exc))}", err=True)
+    if problems:
+        fail(f"{problems} destination(s) unreachable")
+
+
+@state_app.command("show")
+def state_show(
+    config: ConfigOption = None,
+    destination: Annotated[str | None, typer.Option(help="Only this destination.")] = None,
+    singer: Annotated[bool, typer.Option("--singer", help="Print Singer's {\"bookmarks\": ...} form.")] = False,
+) -> None:
+    """Print the latest state of every stream, per destination, as JSON."""
+    from floe.engine.runner import context_for, make_destination
+
+    try:
+        cfg = open_config(config)
+        out: dict[str, object] = {}
+        for name in [destination] if destination else list(cfg.destinations):
+            dest = make_destination(cfg, name, context_for(cfg))
+            try:
+                rows = dest.states()
+            finally:
+                dest.close()
+            if singer:
+                bookmarks: dict[str, object] = {}
+                for r in rows:
+                    bookmarks.setdefault(r["source"], {})[r["stream"]] = r["state"]  # type: ignore[index]
+                out[name] = {"bookmarks": bookmarks}
+            else:
+                out[name] = [{**r, "committed_at": str(r["committed_at"])} for r in rows]
+    except FloeError as exc:
+        fail(str(exc))
+    typer.echo(json.dumps(out if not destination else out[destination], indent=2, default=str))
+
+
+@app.command()
+def demo(
+    directory: Annotated[Path, typer.Option(help="Where the sample data and demo.duckdb go.")] = Path("."),
+) -> None:
+    """Generate sample data, load it into demo.duckdb and answer the analytics questions."""
+    from floe.demo import run_demo
+
+    logs.setup()
+    try:
+        code = run_demo(directory)
+    except FloeError as exc:
+        fail(str(exc))
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+# Commands that live in their own modules register here, one line each.

@@ -1,0 +1,220 @@
+"""floe.yml: loading, `${ENV_VAR}` interpolation and validation with readable errors.
+
+The top level is validated here; each source, destination and sync entry is validated by the
+config model its plugin declares (see `floe.sources.registry` / `floe.destinations.registry`),
+so adding a plugin never touches this module. Every error names the key path, e.g.
+`sources.sailthru.pii: must be one of hash, drop, keep`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from floe import secrets
+from floe.errors import ConfigError
+
+DEFAULT_CONFIG = Path("floe.yml")
+_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class Model(BaseModel):
+    """Base of every config model: unknown keys are errors (they are usually typos)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class SourceConfig(Model):
+    """Keys every source accepts, whatever its type."""
+
+    type: str
+    destinations: list[str] | None = Field(
+        default=None, description="Load only into these destinations (default: all)."
+    )
+    schedule: str | None = Field(
+        default=None, description="For `floe serve`: an interval like `15m`/`6h` or a cron expression."
+    )
+
+
+class DestinationConfig(Model):
+    """Keys every destination accepts, whatever its type."""
+
+    type: str
+
+
+class NotifyConfig(Model):
+    webhook: str | None = None
+    sns_topic_arn: str | None = None
+    region: str | None = None
+
+
+class FloeConfig(Model):
+    """The validated floe.yml. `sources`/`destinations` hold each plugin's own validated model."""
+
+    sources: dict[str, Any] = Field(default_factory=dict)
+    destinations: dict[str, Any] = Field(default_factory=dict)
+    syncs: dict[str, Any] = Field(default_factory=dict)
+    stage: Path = Path(".floe/stage")
+    notify: NotifyConfig | None = None
+    log_format: Literal["auto", "text", "json"] = "auto"
+    path: Path | None = Field(default=None, exclude=True, description="Where this config was read from.")
+
+    def source(self, name: str) -> SourceConfig:
+        if name not in self.sources:
+            known = ", ".join(self.sources) or "none"
+            raise ConfigError(f"sources.{name}: no such source (configured: {known})")
+        return self.sources[name]
+
+    def destination(self, name: str) -> DestinationConfig:
+        if name not in self.destinations:
+            known = ", ".join(self.destinations) or "none"
+            raise ConfigError(f"destinations.{name}: no such destination (configured: {known})")
+        return self.destinations[name]
+
+    def destinations_for(self, source_name: str) -> list[str]:
+        """The destinations a source loads into: its `destinations:` list, or all of them."""
+        wanted = self.source(source_name).destinations
+        if wanted is None:
+            return list(self.destinations)
+        return wanted
+
+
+def interpolate(value: Any, path: str = "") -> Any:
+    """Replace `${VAR}` in every string of a parsed YAML tree. An unset variable is an error naming it."""
+    if isinstance(value, str):
+
+        def replace(match: re.Match[str]) -> str:
+            var = match.group(1)
+            if var not in os.environ:
+                where = f"{path}: " if path else ""
+                raise ConfigError(f"{where}environment variable {var} is not set")
+            return os.environ[var]
+
+        return _ENV_PATTERN.sub(replace, value)
+    if isinstance(value, dict):
+        return {k: interpolate(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """One readable phrase for one pydantic error, never echoing the input value (it may be a secret)."""
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    if kind == "literal_error":
+        options = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+        return "must be one of " + ", ".join(options)
+    if kind == "missing":
+        return "is required"
+    if kind == "extra_forbidden":
+        return "unknown key"
+    msg = str(error["msg"])
+    return msg[0].lower() + msg[1:] if msg else kind
+
+
+def format_validation_error(exc: ValidationError, prefix: str) -> str:
+    lines = []
+    for error in exc.errors():
+        loc = ".".join(str(p) for p in (prefix, *error["loc"]) if p != "")
+        lines.append(f"{loc}: {_describe(error)}")
+    return "; ".join(lines)
+
+
+def validate_model(model: type[Model], data: Any, prefix: str) -> Any:
+    """Validate `data` against `model`; raise ConfigError naming the key path on failure."""
+    try:
+        result = model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, prefix)) from None
+    register_secrets(result)
+    return result
+
+
+def register_secrets(model: BaseModel) -> None:
+    """Register every SecretStr (and every key named like a credential) of a validated model."""
+    for name, value in model:
+        if isinstance(value, SecretStr):
+            secrets.register(value.get_secret_value())
+        elif isinstance(value, BaseModel):
+            register_secrets(value)
+        elif isinstance(value, str) and any(
+            word in name.lower() for word in ("password", "secret", "token", "api_key", "key_id", "salt")
+        ):
+            secrets.register(value)
+
+
+def _validate_plugins(raw: Any, section: str, registry: Any) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{section}: must be a mapping of names to settings")
+    validated: dict[str, Any] = {}
+    for name, entry in raw.items():
+        where = f"{section}.{name}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: must be a mapping of settings")
+        kind = entry.get("type")
+        if kind is None:
+            raise ConfigError(f"{where}.type: is required (one of {', '.join(registry.names())})")
+        if kind not in registry.names():
+            raise ConfigError(f"{where}.type: must be one of {', '.join(registry.names())}")
+        validated[str(name)] = validate_model(registry.config_model(kind), entry, where)
+    return validated
+
+
+def parse_config(data: Any, path: Path | None = None) -> FloeConfig:
+    """Validate an already parsed (and interpolated) config tree."""
+    from floe.destinations import registry as destination_registry
+    from floe.sources import registry as source_registry
+
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("the config must be a mapping with keys like sources:, destinations:")
+    top = {k: v for k, v in data.items() if k not in ("sources", "destinations", "syncs")}
+    config = validate_model(FloeConfig, top, "")
+    config.sources = _validate_plugins(data.get("sources"), "sources", source_registry)
+    config.destinations = _validate_plugins(data.get("destinations"), "destinations", destination_registry)
+    config.syncs = _validate_syncs(data.get("syncs"))
+    config.path = path
+    for name, source in config.sources.items():
+        for dest in source.destinations or []:
+            if dest not in config.destinations:
+                raise ConfigError(f"sources.{name}.destinations: no destination named {dest!r}")
+    return config
+
+
+def _validate_syncs(raw: Any) -> dict[str, Any]:
+    if not raw:
+        return {}
+    try:
+        from floe.syncs import SyncConfig  # reverse ETL (optional module)
+    except ImportError:
+        raise ConfigError("syncs: reverse ETL is not available in this build") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("syncs: must be a mapping of names to settings")
+    return {str(n): validate_model(SyncConfig, e, f"syncs.{n}") for n, e in raw.items()}
+
+
+def load_config(path: Path | None = None) -> FloeConfig:
+    """Read, interpolate and validate a config file (floe.yml by default)."""
+    path = path or DEFAULT_CONFIG
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found (use -c PATH to name another)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    config = parse_config(interpolate(data), path)
+    # Relative paths in a config are relative to the config file, not to the working directory.
+    if not config.stage.is_absolute() and "://" not in str(config.stage):
+        config.stage = path.parent / config.stage
+    return config

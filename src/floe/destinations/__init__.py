@@ -1,0 +1,10 @@
+"""Destination plugins. One line per destination type: `type:` -> "module:Class"."""
+
+from floe.plugins import Registry
+
+registry = Registry(
+    "destination",
+    {
+        "duckdb": "floe.destinations.duckdb:DuckDBDestination",
+    },
+)

@@ -1,0 +1,93 @@
+"""DuckDB: the embedded default warehouse. Staged Parquet is read directly by `read_parquet`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import duckdb
+
+from floe.config import DestinationConfig
+from floe.destinations.base import LoadJob
+from floe.destinations.sql import SqlDestination
+from floe.errors import DestinationError
+
+
+class DuckDBConfig(DestinationConfig):
+    type: str = "duckdb"
+    path: str = "warehouse.duckdb"
+    memory_limit: str | None = None  # e.g. "1GB"; DuckDB's own default is 80% of RAM
+    threads: int | None = None
+
+
+class DuckDBDestination(SqlDestination):
+    Config: ClassVar[type[DuckDBConfig]] = DuckDBConfig
+    type_map: ClassVar[dict[str, str]] = {
+        "bool": "BOOLEAN",
+        "int32": "INTEGER",
+        "int64": "BIGINT",
+        "float64": "DOUBLE",
+        "decimal": "DOUBLE",
+        "string": "VARCHAR",
+        "binary": "BLOB",
+        "date": "DATE",
+        "time": "TIME",
+        "timestamp": "TIMESTAMP",
+        "timestamp_tz": "TIMESTAMPTZ",
+        "nested": "JSON",
+    }
+    meta_schema = "main"
+    placeholder = "?"
+
+    @property
+    def path(self) -> Path:
+        return self.context.path(self.config.path)
+
+    def connect(self) -> Any:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # No network in most deployments: never try to download extensions (json, parquet, icu are built in).
+        settings: dict[str, Any] = {"autoinstall_known_extensions": False}
+        if self.config.memory_limit:
+            settings["memory_limit"] = self.config.memory_limit
+        if self.config.threads:
+            settings["threads"] = self.config.threads
+        try:
+            conn = duckdb.connect(str(self.path), config=settings)
+        except duckdb.Error as exc:
+            raise DestinationError(f"destinations.{self.name}: cannot open {self.path}: {exc}") from None
+        conn.execute("SET TimeZone = 'UTC'")
+        return conn
+
+    # A DuckDB cursor is its own connection: the transaction lives on the cursor.
+    def begin(self, cur: Any) -> None:
+        cur.execute("BEGIN TRANSACTION")
+
+    def commit(self, cur: Any) -> None:
+        cur.execute("COMMIT")
+
+    def rollback(self, cur: Any) -> None:
+        cur.execute("ROLLBACK")
+
+    def check(self) -> list[str]:
+        self.query("SELECT 1")
+        return [f"opened DuckDB database {self.path}"]
+
+    def stage_rows(self, cur: Any, job: LoadJob, staging: str) -> str:
+        if not job.files:  # replace with nothing: an empty relation with the table's columns
+            cols = ", ".join(
+                f"CAST(NULL AS {t}) AS {self.quote(f.name)}"
+                for f in job.table.columns if (t := self.column_type(f)) is not None
+            )
+            cur.execute(f"CREATE TEMP TABLE {staging} AS SELECT {cols or '1 AS _floe_empty'}, "
+                        "0 AS _floe_seq LIMIT 0")
+            return "_floe_seq"
+        files = ", ".join("'" + str(f.path).replace("'", "''") + "'" for f in job.files)
+        cur.execute(
+            f"CREATE TEMP TABLE {staging} AS SELECT * FROM read_parquet([{files}], union_by_name = true, "
+            "filename = true, file_row_number = true)"
+        )
+        return "filename, file_row_number"
+
+    def deduplicated(self, spec: Any, staging: str, order: str) -> str:
+        keys = ", ".join(self.quote(k) for k in spec.primary_key)
+        return f"SELECT * FROM {staging} QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {order} DESC) = 1"

@@ -1,0 +1,309 @@
+"""What SQL warehouses share: DDL from Arrow schemas, delete+insert merge, state and load bookkeeping.
+
+A SQL destination subclasses `SqlDestination` and supplies data (its type map, quoting,
+capability flags) plus three hooks: `connect`, `stage_rows` (bulk-load the job's files into a
+staging relation) and, if needed, `existing_columns`. The transaction in `load` is the same for
+every warehouse, so it is tested for real on DuckDB and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from abc import abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+import pyarrow as pa
+
+from floe.destinations.base import Destination, LoadJob, TableSpec, is_json
+from floe.engine.stream import State
+from floe.errors import DestinationError
+from floe.secrets import redact
+
+STATE_TABLE = "_floe_state"
+LOADS_TABLE = "_floe_loads"
+
+
+class SqlDestination(Destination):
+    """Shared load transaction for DB-API warehouses (DuckDB, PostgreSQL, Redshift)."""
+
+    # --- per-warehouse data -------------------------------------------------------------
+    type_map: ClassVar[dict[str, str]]  # keys: see `arrow_type_key`
+    json_type: ClassVar[str] = "JSON"
+    text_type: ClassVar[str] = "VARCHAR"
+    timestamp_tz_type: ClassVar[str] = "TIMESTAMPTZ"
+    meta_schema: ClassVar[str] = "main"  # where _floe_state and _floe_loads live
+    null_safe_equals: ClassVar[str] = "{a} IS NOT DISTINCT FROM {b}"
+    placeholder: ClassVar[str] = "?"
+
+    def __init__(self, name: str, config: Any, context: Any = None) -> None:
+        super().__init__(name, config, context)
+        self._conn: Any = None
+        self._lock = threading.Lock()  # one load at a time per connection
+
+    # --- hooks ---------------------------------------------------------------------------
+    @abstractmethod
+    def connect(self) -> Any:
+        """Open a DB-API connection with autocommit off."""
+
+    @abstractmethod
+    def stage_rows(self, cur: Any, job: LoadJob, staging: str) -> str:
+        """Bulk-load the job's files into a staging relation named `staging`.
+
+        Returns the SQL expression that orders staged rows by arrival (later rows win a merge)."""
+
+    def existing_columns(self, cur: Any, schema: str, table: str) -> dict[str, str]:
+        cur.execute(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            f"WHERE table_schema = {self.placeholder} AND table_name = {self.placeholder}",
+            (schema, table),
+        )
+        return {row[0]: row[1] for row in cur.fetchall()}
+
+    # --- SQL building (pure, testable) ----------------------------------------------------
+    @staticmethod
+    def quote(identifier: str) -> str:
+        return '"' + identifier.replace('"', '""') + '"'
+
+    def qualified(self, schema: str, table: str) -> str:
+        return f"{self.quote(schema)}.{self.quote(table)}"
+
+    def column_type(self, f: pa.Field) -> str | None:
+        """The warehouse type of an Arrow field; None for all-null columns (typed when data arrives)."""
+        if is_json(f):
+            return self.json_type
+        return self.type_map.get(arrow_type_key(f.type), self.text_type) if not pa.types.is_null(f.type) else None
+
+    def create_table_sql(self, spec: TableSpec) -> str:
+        cols = [
+            f"{self.quote(f.name)} {t}" for f in spec.columns if (t := self.column_type(f)) is not None
+        ]
+        cols += [f"_floe_load_id {self.text_type}", f"_floe_loaded_at {self.timestamp_tz_type}"]
+        return f"CREATE TABLE IF NOT EXISTS {self.qualified(spec.schema_name, spec.table)} ({', '.join(cols)})"
+
+    def add_column_sql(self, spec: TableSpec, f: pa.Field) -> str:
+        return (
+            f"ALTER TABLE {self.qualified(spec.schema_name, spec.table)} "
+            f"ADD COLUMN {self.quote(f.name)} {self.column_type(f)}"
+        )
+
+    def insert_columns(self, spec: TableSpec) -> list[str]:
+        return [f.name for f in spec.columns if not pa.types.is_null(f.type)]
+
+    def deduplicated(self, spec: TableSpec, staging: str, order: str) -> str:
+        """Staged rows with one row per primary key: the last to arrive."""
+        keys = ", ".join(self.quote(k) for k in spec.primary_key)
+        return (
+            f"SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY {keys} ORDER BY {order} DESC) AS _floe_rank "
+            f"FROM {staging}) AS ranked WHERE _floe_rank = 1"
+        )
+
+    def disposition_sql(self, spec: TableSpec, staging: str, order: str, load_id: str) -> list[str]:
+        """The statements that move staged rows into the target, in order."""
+        target = self.qualified(spec.schema_name, spec.table)
+        columns = self.insert_columns(spec)
+        names = ", ".join(self.quote(c) for c in columns)
+        select_cols = ", ".join(f"s.{self.quote(c)}" for c in columns)
+        stamp = f"'{load_id}', CURRENT_TIMESTAMP"
+        source_rows = staging
+        statements: list[str] = []
+        if spec.disposition == "replace":
+            statements.append(f"DELETE FROM {target}")
+        elif spec.disposition == "merge":
+            if not spec.primary_key:
+                raise DestinationError(f"{spec.schema_name}.{spec.table}: merge needs a primary key")
+            source_rows = f"({self.deduplicated(spec, staging, order)})"
+            match = " AND ".join(
+                self.null_safe_equals.format(a=f"{target}.{self.quote(k)}", b=f"s.{self.quote(k)}")
+                for k in spec.primary_key
+            )
+            statements.append(f"DELETE FROM {target} USING {source_rows} AS s WHERE {match}")
+        prefix = f"{names}, " if names else ""
+        values = f"{select_cols}, " if select_cols else ""
+        statements.append(
+            f"INSERT INTO {target} ({prefix}_floe_load_id, _floe_loaded_at) "
+            f"SELECT {values}{stamp} FROM {source_rows} AS s"
+        )
+        return statements
+
+    def meta_ddl(self) -> list[str]:
+        t, ts = self.text_type, self.timestamp_tz_type
+        return [
+            f"CREATE TABLE IF NOT EXISTS {self.qualified(self.meta_schema, STATE_TABLE)} ("
+            f"source {t}, stream {t}, version BIGINT, state {t}, load_id {t}, committed_at {ts})",
+            f"CREATE TABLE IF NOT EXISTS {self.qualified(self.meta_schema, LOADS_TABLE)} ("
+            f"load_id {t}, source {t}, stream {t}, destination {t}, rows BIGINT, started_at {ts}, "
+            f"finished_at {ts}, status {t}, error {t}, details {t})",
+        ]
+
+    # --- the transaction --------------------------------------------------------------------
+    @property
+    def conn(self) -> Any:
+        if self._conn is None:
+            self._conn = self.connect()
+        return self._conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        """A cursor inside one transaction: committed on success, rolled back on any error."""
+        with self._lock:
+            cur = self.conn.cursor()
+            self.begin(cur)
+            try:
+                yield cur
+            except BaseException:
+                self.rollback(cur)
+                raise
+            else:
+                self.commit(cur)
+            finally:
+                cur.close()
+
+    def begin(self, cur: Any) -> None:
+        """Start a transaction (drivers with implicit transactions need nothing)."""
+
+    def commit(self, cur: Any) -> None:
+        self.conn.commit()
+
+    def rollback(self, cur: Any) -> None:
+        self.conn.rollback()
+
+    def ensure_meta(self, cur: Any) -> None:
+        cur.execute(f"CREATE SCHEMA IF NOT EXISTS {self.quote(self.meta_schema)}")
+        for statement in self.meta_ddl():
+            cur.execute(statement)
+
+    def ensure_table(self, cur: Any, spec: TableSpec) -> None:
+        """Create the table, or add the columns it lacks. Never drops or narrows a column."""
+        cur.execute(f"CREATE SCHEMA IF NOT EXISTS {self.quote(spec.schema_name)}")
+        existing = self.existing_columns(cur, spec.schema_name, spec.table)
+        if not existing:
+            cur.execute(self.create_table_sql(spec))
+            return
+        for f in spec.columns:
+            if f.name not in existing and self.column_type(f) is not None:
+                cur.execute(self.add_column_sql(spec, f))
+
+    def load(self, job: LoadJob) -> None:
+        spec = job.table
+        try:
+            with self.transaction() as cur:
+                self.ensure_meta(cur)
+                self.ensure_table(cur, spec)
+                if job.files or spec.disposition == "replace":
+                    staging = f"_floe_staging_{job.load_id.replace('-', '_')}"
+                    order = self.stage_rows(cur, job, staging)
+                    for statement in self.disposition_sql(spec, staging, order, job.load_id):
+                        cur.execute(statement)
+                    self.drop_staging(cur, staging)
+                self.write_state(cur, job)
+                self.write_load_row(cur, job, "committed", None, datetime.now(UTC))
+        except DestinationError:
+            raise
+        except Exception as exc:
+            raise DestinationError(
+                f"{self.name}: loading {spec.schema_name}.{spec.table} failed, nothing committed: "
+                f"{redact(str(exc)).strip()}"
+            ) from exc
+
+    def drop_staging(self, cur: Any, staging: str) -> None:
+        cur.execute(f"DROP TABLE IF EXISTS {staging}")
+
+    def write_state(self, cur: Any, job: LoadJob) -> None:
+        p = self.placeholder
+        table = self.qualified(self.meta_schema, STATE_TABLE)
+        cur.execute(
+            f"INSERT INTO {table} (source, stream, version, state, load_id, committed_at) "
+            f"SELECT {p}, {p}, COALESCE(MAX(version), 0) + 1, {p}, {p}, CURRENT_TIMESTAMP FROM {table} "
+            f"WHERE source = {p} AND stream = {p}",
+            (job.source, job.stream, json.dumps(job.checkpoint, sort_keys=True), job.load_id, job.source, job.stream),
+        )
+
+    def write_load_row(
+        self, cur: Any, job: LoadJob, status: str, error: str | None, finished: datetime
+    ) -> None:
+        p = self.placeholder
+        cur.execute(
+            f"INSERT INTO {self.qualified(self.meta_schema, LOADS_TABLE)} "
+            "(load_id, source, stream, destination, rows, started_at, finished_at, status, error, details) "
+            f"VALUES ({', '.join([p] * 10)})",
+            (
+                job.load_id, job.source, job.stream, self.name, job.rows, job.started_at, finished,
+                status, error, json.dumps(job.details, sort_keys=True) if job.details else None,
+            ),
+        )
+
+    def record_failure(self, job: LoadJob, error: str) -> None:
+        try:
+            with self.transaction() as cur:
+                self.ensure_meta(cur)
+                self.write_load_row(cur, job, "failed", redact(error)[:4000], datetime.now(UTC))
+        except Exception:  # noqa: BLE001 - bookkeeping must never hide the original error
+            pass
+
+    def get_state(self, source: str, stream: str) -> State | None:
+        p = self.placeholder
+        with self.transaction() as cur:
+            self.ensure_meta(cur)
+            cur.execute(
+                f"SELECT state FROM {self.qualified(self.meta_schema, STATE_TABLE)} "
+                f"WHERE source = {p} AND stream = {p} ORDER BY version DESC LIMIT 1",
+                (source, stream),
+            )
+            row = cur.fetchone()
+        return json.loads(row[0]) if row else None
+
+    def states(self) -> list[dict[str, Any]]:
+        with self.transaction() as cur:
+            self.ensure_meta(cur)
+            cur.execute(
+                f"SELECT source, stream, version, state, load_id, committed_at FROM "
+                f"{self.qualified(self.meta_schema, STATE_TABLE)} s WHERE version = "
+                f"(SELECT MAX(version) FROM {self.qualified(self.meta_schema, STATE_TABLE)} m "
+                "WHERE m.source = s.source AND m.stream = s.stream) ORDER BY source, stream"
+            )
+            rows = cur.fetchall()
+        return [
+            {"source": r[0], "stream": r[1], "version": r[2], "state": json.loads(r[3]), "load_id": r[4],
+             "committed_at": r[5]}
+            for r in rows
+        ]
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Run a read-only query and return its rows (for checks, demos and tests)."""
+        with self.transaction() as cur:
+            cur.execute(sql, params)
+            return list(cur.fetchall())
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def arrow_type_key(t: pa.DataType) -> str:
+    """A stable name for an Arrow type, used as the key of every warehouse's type map."""
+    if pa.types.is_timestamp(t):
+        return "timestamp_tz" if t.tz else "timestamp"
+    if pa.types.is_date(t):
+        return "date"
+    if pa.types.is_boolean(t):
+        return "bool"
+    if pa.types.is_integer(t):
+        return "int64" if t.bit_width == 64 or pa.types.is_unsigned_integer(t) else "int32"
+    if pa.types.is_floating(t):
+        return "float64"
+    if pa.types.is_decimal(t):
+        return "decimal"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "string"
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return "binary"
+    if pa.types.is_time(t):
+        return "time"
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_struct(t) or pa.types.is_map(t):
+        return "nested"
+    return "string"

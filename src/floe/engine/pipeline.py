@@ -1,0 +1,158 @@
+"""Runs streams into destinations: read -> stage Parquet -> load + state in one transaction.
+
+Reading and loading overlap: the reader stages batches while the previous checkpoint's files
+are being committed in a worker thread. The queue between them holds at most one pending
+commit, so staged-but-uncommitted data is bounded by one checkpoint's worth of files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+
+from floe.destinations.base import Destination, LoadJob, TableSpec
+from floe.engine.progress import Progress
+from floe.engine.stage import StagedFile, StageWriter, new_load_id, remove_files
+from floe.engine.stream import Source, State, Stream
+from floe.errors import FloeError
+from floe.secrets import redact
+
+log = logging.getLogger("floe.pipeline")
+
+
+@dataclass
+class StreamResult:
+    source: str
+    stream: str
+    destination: str
+    rows: int = 0
+    commits: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    state: State | None = None
+    details: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def table_spec(source: str, stream: Stream, files: list[StagedFile]) -> TableSpec:
+    """The stream's declared columns, overridden and extended by what the staged files hold."""
+    fields: dict[str, pa.Field] = {f.name: f for f in stream.schema}
+    for staged in files:
+        for f in staged.schema:
+            known = fields.get(f.name)
+            if known is None or pa.types.is_null(known.type) or not pa.types.is_null(f.type):
+                fields[f.name] = f if known is None or not known.metadata else f.with_metadata(known.metadata)
+    return TableSpec(source, stream.name, pa.schema(list(fields.values())), stream.primary_key, stream.disposition)
+
+
+@dataclass
+class _Commit:
+    files: list[StagedFile]
+    checkpoint: State
+    load_id: str
+
+
+async def run_stream(
+    source: Source,
+    stream: Stream,
+    destination: Destination,
+    stage: Path,
+    progress: Progress | None = None,
+    on_commit: Callable[[LoadJob], None] | None = None,
+) -> StreamResult:
+    """Load one stream into one destination from that destination's saved state.
+
+    Every checkpoint commits atomically. On any error the staged files of uncommitted work are
+    deleted, the failure is noted in `_floe_loads`, and the error is returned in the result;
+    commits made before the error stay."""
+    key = f"{source.name}.{stream.name} -> {destination.name}"
+    result = StreamResult(source.name, stream.name, destination.name)
+    started = time.monotonic()
+    queue: asyncio.Queue[_Commit | None] = asyncio.Queue(maxsize=1)
+    writer = StageWriter(stage, source.name, stream.name, new_load_id())
+    started_at = datetime.now(UTC)
+    attempting: LoadJob | None = None  # the commit in flight, named in _floe_loads if it fails
+
+    async def produce(state: State | None) -> None:
+        pending_checkpoint: State | None = None
+        async for batch in stream.read(state):
+            if batch.records is not None and batch.records.num_rows:
+                writer.write(batch.records)
+                if progress:
+                    progress.add(key, rows=batch.records.num_rows)
+            if batch.checkpoint is not None:
+                pending_checkpoint = batch.checkpoint
+                if stream.disposition != "replace":
+                    await queue.put(_Commit(writer.flush(), batch.checkpoint, writer.load_id))
+                    writer.load_id, pending_checkpoint = new_load_id(), None
+        if stream.disposition == "replace" and pending_checkpoint is not None:
+            await queue.put(_Commit(writer.flush(), pending_checkpoint, writer.load_id))
+        await queue.put(None)
+
+    async def consume() -> None:
+        nonlocal attempting
+        while (commit := await queue.get()) is not None:
+            job = LoadJob(
+                load_id=commit.load_id, source=source.name, stream=stream.name,
+                table=table_spec(source.name, stream, commit.files), files=commit.files,
+                checkpoint=commit.checkpoint, started_at=started_at,
+            )
+            attempting = job
+            try:
+                await asyncio.to_thread(destination.load, job)
+            finally:
+                remove_files(commit.files)
+            attempting = None
+            result.rows += job.rows
+            result.commits += 1
+            result.state = commit.checkpoint
+            if progress:
+                progress.add(key, files=len(commit.files), commits=1)
+            if on_commit:
+                on_commit(job)
+
+    try:
+        state = await asyncio.to_thread(destination.get_state, source.name, stream.name)
+        if source.context.options.full_refresh:
+            state = None
+        producer = asyncio.create_task(produce(state))
+        consumer = asyncio.create_task(consume())
+        done, _ = await asyncio.wait({producer, consumer}, return_when=asyncio.FIRST_EXCEPTION)
+        for task in (producer, consumer):
+            if task in done and task.exception():
+                for other in (producer, consumer):
+                    other.cancel()
+                await asyncio.gather(producer, consumer, return_exceptions=True)
+                raise task.exception()  # type: ignore[misc]
+        await asyncio.gather(producer, consumer)
+    except FloeError as exc:
+        result.error = redact(str(exc))
+    except Exception as exc:  # noqa: BLE001 - reported per stream; the run goes on with other streams
+        log.debug("stream failed", exc_info=True)
+        result.error = redact(f"{type(exc).__name__}: {exc}")
+    finally:
+        writer.abort()
+        while not queue.empty():
+            pending = queue.get_nowait()
+            if pending is not None:
+                remove_files(pending.files)
+    if result.error:
+        failed = attempting or LoadJob(
+            load_id=writer.load_id, source=source.name, stream=stream.name,
+            table=table_spec(source.name, stream, []), files=[], checkpoint={}, started_at=started_at,
+        )
+        await asyncio.to_thread(destination.record_failure, failed, result.error)
+        log.error("event=stream_failed source=%s stream=%s destination=%s error=%s",
+                  source.name, stream.name, destination.name, result.error)
+    result.seconds = time.monotonic() - started
+    return result

@@ -1,0 +1,111 @@
+"""`floe run`: every selected source into each of its destinations, each stream on its own.
+
+Each (source, destination) pair reads from that destination's own state, so destinations never
+block or corrupt each other. Streams of a source run concurrently under `max_streams`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from floe.config import FloeConfig
+from floe.destinations import registry as destination_registry
+from floe.destinations.base import Destination
+from floe.engine.pipeline import StreamResult, run_stream
+from floe.engine.progress import Progress
+from floe.engine.stream import Context, RunOptions, Source, Stream
+from floe.errors import ConfigError
+from floe.sources import registry as source_registry
+
+
+def context_for(config: FloeConfig, options: RunOptions | None = None) -> Context:
+    base = config.path.parent if config.path else Context().base_dir
+    return Context(base_dir=base, options=options or RunOptions())
+
+
+def make_source(config: FloeConfig, name: str, context: Context) -> Source:
+    settings = config.source(name)
+    return source_registry.load(settings.type)(name, settings, context)
+
+
+def make_destination(config: FloeConfig, name: str, context: Context) -> Destination:
+    settings = config.destination(name)
+    return destination_registry.load(settings.type)(name, settings, context)
+
+
+def select_streams(source: Source, names: Iterable[str] | None) -> list[Stream]:
+    streams = source.streams()
+    if not names:
+        return streams
+    wanted = list(names)
+    known = {s.name for s in streams}
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise ConfigError(
+            f"--stream {', '.join(unknown)}: source {source.name} has streams {', '.join(sorted(known))}"
+        )
+    return [s for s in streams if s.name in wanted]
+
+
+@dataclass
+class RunPlan:
+    sources: list[str]
+    streams: list[str] | None = None
+    destinations: list[str] | None = None
+
+
+def plan(config: FloeConfig, sources: list[str] | None, streams: list[str] | None) -> RunPlan:
+    names = sources or list(config.sources)
+    for name in names:
+        config.source(name)  # raises a ConfigError naming the unknown source
+    if not names:
+        raise ConfigError("sources: nothing to run (no sources configured)")
+    return RunPlan(names, streams)
+
+
+async def run_async(
+    config: FloeConfig,
+    run_plan: RunPlan,
+    options: RunOptions | None = None,
+    progress: Progress | None = None,
+    max_streams: int = 4,
+) -> list[StreamResult]:
+    context = context_for(config, options)
+    destinations: dict[str, Destination] = {}
+    results: list[StreamResult] = []
+    limit = asyncio.Semaphore(max_streams)
+    try:
+        for source_name in run_plan.sources:
+            for dest_name in config.destinations_for(source_name):
+                if dest_name not in destinations:
+                    destinations[dest_name] = make_destination(config, dest_name, context)
+                source = make_source(config, source_name, context)
+                try:
+                    streams = select_streams(source, run_plan.streams)
+
+                    async def one(stream: Stream, source: Source = source, dest: str = dest_name) -> StreamResult:
+                        async with limit:
+                            return await run_stream(source, stream, destinations[dest], config.stage, progress)
+
+                    results += await asyncio.gather(*(one(s) for s in streams))
+                finally:
+                    await source.aclose()
+    finally:
+        for destination in destinations.values():
+            destination.close()
+        if progress:
+            progress.close()
+    return results
+
+
+def run(
+    config: FloeConfig,
+    sources: list[str] | None = None,
+    streams: list[str] | None = None,
+    options: RunOptions | None = None,
+    progress: Progress | None = None,
+) -> list[StreamResult]:
+    """Run the selected sources and streams; return one result per (source, stream, destination)."""
+    return asyncio.run(run_async(config, plan(config, sources, streams), options, progress))

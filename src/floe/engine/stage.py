@@ -1,0 +1,89 @@
+"""Staging: batches become Parquet files under `<stage>/<source>/<stream>/<YYYY>/<MM>/<DD>/<load_id>-<n>.parquet`.
+
+A `StageWriter` owns the files of one load of one stream. It rolls to a new file when the
+schema of the incoming batch changes or the file grows past `rows_per_file`, and hands the
+finished files to the loader at each checkpoint. Files are the loader's input and are deleted
+once their data is committed.
+"""
+
+from __future__ import annotations
+
+import secrets as _random
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def new_load_id(now: datetime | None = None) -> str:
+    """A sortable, unique load id: UTC time plus random suffix, e.g. 20261124T030640Z-3f9a1c."""
+    now = now or datetime.now(UTC)
+    return f"{now:%Y%m%dT%H%M%SZ}-{_random.token_hex(3)}"
+
+
+def stage_dir(stage: Path, source: str, stream: str, day: datetime) -> Path:
+    return stage / source / stream / f"{day:%Y}" / f"{day:%m}" / f"{day:%d}"
+
+
+@dataclass
+class StagedFile:
+    path: Path
+    rows: int
+    schema: pa.Schema
+
+
+@dataclass
+class StageWriter:
+    stage: Path
+    source: str
+    stream: str
+    load_id: str
+    rows_per_file: int = 2_000_000
+    compression: str = "zstd"
+    _day: datetime = field(default_factory=lambda: datetime.now(UTC))
+    _writer: pq.ParquetWriter | None = None
+    _current: StagedFile | None = None
+    _finished: list[StagedFile] = field(default_factory=list)
+    _count: int = 0
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        if batch.num_rows == 0 and self._current is not None:
+            return
+        if self._current is not None and (
+            not self._current.schema.equals(batch.schema) or self._current.rows >= self.rows_per_file
+        ):
+            self._close_file()
+        if self._current is None:
+            self._count += 1
+            directory = stage_dir(self.stage, self.source, self.stream, self._day)
+            directory.mkdir(parents=True, exist_ok=True)
+            path = directory / f"{self.load_id}-{self._count:05d}.parquet"
+            self._writer = pq.ParquetWriter(path, batch.schema, compression=self.compression)
+            self._current = StagedFile(path, 0, batch.schema)
+        assert self._writer is not None
+        self._writer.write_batch(batch)
+        self._current.rows += batch.num_rows
+
+    def _close_file(self) -> None:
+        if self._writer is not None and self._current is not None:
+            self._writer.close()
+            self._finished.append(self._current)
+        self._writer, self._current = None, None
+
+    def flush(self) -> list[StagedFile]:
+        """Close the open file and return every file written since the last flush, in write order."""
+        self._close_file()
+        files, self._finished = self._finished, []
+        return files
+
+    def abort(self) -> None:
+        """Close and delete every file not yet flushed (on failure)."""
+        for staged in self.flush():
+            staged.path.unlink(missing_ok=True)
+
+
+def remove_files(files: list[StagedFile]) -> None:
+    for staged in files:
+        staged.path.unlink(missing_ok=True)

@@ -1,0 +1,27 @@
+"""A registry maps a config `type:` to the module that implements it, imported only when used.
+
+Adding a source or destination is one line in its registry (sources/__init__.py or
+destinations/__init__.py) plus its module; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+
+class Registry:
+    def __init__(self, kind: str, entries: dict[str, str]) -> None:
+        self.kind = kind
+        self._entries = entries  # type name -> "module:ClassName"
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def load(self, name: str) -> Any:
+        """The plugin class for `name` (it has a `Config` attribute: its pydantic config model)."""
+        module_name, _, attr = self._entries[name].partition(":")
+        return getattr(importlib.import_module(module_name), attr)
+
+    def config_model(self, name: str) -> Any:
+        return self.load(name).Config

@@ -1,0 +1,5 @@
+"""Shared pytest set-up. Fixture modules live in tests/fixtures/ and are listed here, one line each."""
+
+pytest_plugins = [
+    "tests.fixtures.core",
+]
