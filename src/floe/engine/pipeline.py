@@ -127,14 +127,17 @@ async def run_stream(
             state = None
         producer = asyncio.create_task(produce(state))
         consumer = asyncio.create_task(consume())
-        done, _ = await asyncio.wait({producer, consumer}, return_when=asyncio.FIRST_EXCEPTION)
-        for task in (producer, consumer):
-            if task in done and task.exception():
-                for other in (producer, consumer):
-                    other.cancel()
-                await asyncio.gather(producer, consumer, return_exceptions=True)
-                raise task.exception()  # type: ignore[misc]
-        await asyncio.gather(producer, consumer)
+        await asyncio.wait({producer, consumer}, return_when=asyncio.FIRST_EXCEPTION)
+        if consumer.done() and consumer.exception():
+            producer.cancel()
+            await asyncio.gather(producer, return_exceptions=True)
+            raise consumer.exception()  # type: ignore[misc]
+        if producer.exception():
+            # Checkpoints completed before the failure are whole: let them commit, then report.
+            await queue.put(None)
+            await consumer
+            raise producer.exception()  # type: ignore[misc]
+        await consumer
     except FloeError as exc:
         result.error = redact(str(exc))
     except Exception as exc:  # noqa: BLE001 - reported per stream; the run goes on with other streams
