@@ -2,4 +2,5 @@
 
 pytest_plugins = [
     "tests.fixtures.core",
+    "tests.fixtures.postgres",
 ]

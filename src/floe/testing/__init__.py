@@ -1,0 +1,1 @@
+"""Helpers for tests, benchmarks and demos: throwaway servers that floe talks to."""
