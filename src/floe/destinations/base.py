@@ -40,6 +40,9 @@ class TableSpec:
     columns: pa.Schema
     primary_key: tuple[str, ...] = ()
     disposition: Disposition = "append"
+    # merge only: target rows whose parent_key matches a staged row are all deleted first, so a
+    # child table (e.g. one row per profile var) is replaced as a set when its parent is re-sent.
+    parent_key: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

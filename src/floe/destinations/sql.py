@@ -116,11 +116,15 @@ class SqlDestination(Destination):
             if not spec.primary_key:
                 raise DestinationError(f"{spec.schema_name}.{spec.table}: merge needs a primary key")
             source_rows = f"({self.deduplicated(spec, staging, order)})"
+            keys = spec.parent_key or spec.primary_key
             match = " AND ".join(
                 self.null_safe_equals.format(a=f"{target}.{self.quote(k)}", b=f"s.{self.quote(k)}")
-                for k in spec.primary_key
+                for k in keys
             )
-            statements.append(f"DELETE FROM {target} USING {source_rows} AS s WHERE {match}")
+            deleted = source_rows
+            if spec.parent_key:  # every row of a re-sent parent goes, not only the keys staged again
+                deleted = f"(SELECT DISTINCT {', '.join(self.quote(k) for k in keys)} FROM {staging})"
+            statements.append(f"DELETE FROM {target} USING {deleted} AS s WHERE {match}")
         prefix = f"{names}, " if names else ""
         values = f"{select_cols}, " if select_cols else ""
         statements.append(

@@ -52,7 +52,10 @@ def table_spec(source: str, stream: Stream, files: list[StagedFile]) -> TableSpe
             known = fields.get(f.name)
             if known is None or pa.types.is_null(known.type) or not pa.types.is_null(f.type):
                 fields[f.name] = f if known is None or not known.metadata else f.with_metadata(known.metadata)
-    return TableSpec(source, stream.name, pa.schema(list(fields.values())), stream.primary_key, stream.disposition)
+    return TableSpec(
+        source, stream.name, pa.schema(list(fields.values())), stream.primary_key, stream.disposition,
+        parent_key=getattr(stream, "parent_key", ()),
+    )
 
 
 @dataclass

@@ -64,6 +64,7 @@ class Stream(ABC):
     primary_key: tuple[str, ...] = ()
     cursor_field: str | None = None
     disposition: Disposition = "append"
+    parent_key: tuple[str, ...] = ()  # merge: replace all rows of a parent (see TableSpec.parent_key)
 
     @abstractmethod
     def read(self, state: State | None) -> AsyncIterator[Batch]:
