@@ -6,5 +6,6 @@ registry = Registry(
     "destination",
     {
         "duckdb": "floe.destinations.duckdb:DuckDBDestination",
+        "postgres": "floe.destinations.postgres:PostgresDestination",
     },
 )

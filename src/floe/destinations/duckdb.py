@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import duckdb
+import pyarrow as pa
 
 from floe.config import DestinationConfig
 from floe.destinations.base import LoadJob
@@ -71,6 +73,20 @@ class DuckDBDestination(SqlDestination):
     def check(self) -> list[str]:
         self.query("SELECT 1")
         return [f"opened DuckDB database {self.path}"]
+
+    def read_batches(self, sql: str, params: Any = (), batch_size: int = 50_000) -> Iterator[pa.RecordBatch]:
+        """Stream a query's rows as Arrow batches from a separate cursor (loads are not blocked)."""
+        cur = self.conn.cursor()
+        try:
+            reader = cur.sql(sql, params=list(params) if params else None).to_arrow_reader(batch_size)
+            empty = True
+            for batch in reader:
+                empty = False
+                yield batch
+            if empty:  # an empty result still tells the caller its columns
+                yield pa.RecordBatch.from_pylist([], schema=reader.schema)
+        finally:
+            cur.close()
 
     def stage_rows(self, cur: Any, job: LoadJob, staging: str) -> str:
         if not job.files:  # replace with nothing: an empty relation with the table's columns

@@ -1,0 +1,237 @@
+"""PostgreSQL: staged Parquet is COPYed (CSV from Arrow, no per-row Python) inside the load transaction.
+
+Type mapping (Arrow -> PostgreSQL):
+
+    bool -> BOOLEAN          int8/16/32 -> INTEGER     int64/uint* -> BIGINT    float -> DOUBLE PRECISION
+    decimal(p,s) -> NUMERIC(p,s)   string -> TEXT      binary -> BYTEA          date -> DATE
+    time -> TIME             timestamp -> TIMESTAMP    timestamp with zone -> TIMESTAMPTZ (session zone UTC)
+    JSON fields, lists, structs, maps -> JSONB
+
+Loads: `append` and `replace` COPY straight into the target table inside the transaction
+(`replace` deletes the old rows first). `merge` COPYs into a temporary staging table with an
+arrival-order column `_floe_seq`, keeps the last row per primary key, deletes the matching target
+rows (hash join on `=`, plus a null-safe pass for keys holding NULL) and inserts. Merge tables get
+a plain index on the primary key. `_floe_state` and `_floe_loads` are written in the same transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from floe.config import DestinationConfig
+from floe.destinations.base import LoadJob, TableSpec
+from floe.destinations.sql import SqlDestination, arrow_type_key
+from floe.errors import DestinationError
+from floe.pgconn import PostgresConnection, connect_postgres, describe, read_batches
+
+COPY_BATCH_ROWS = 65_536
+NEW = "_floe_new"  # alias of the incoming rows (a table may well be called `s`)
+
+
+class PostgresConfig(DestinationConfig, PostgresConnection):
+    type: str = "postgres"
+    schema_prefix: str = ""  # tables of source S go into schema `<schema_prefix><S>`
+    state_schema: str = "public"  # where _floe_state and _floe_loads live
+
+
+def csv_ready(batch: pa.RecordBatch | pa.Table) -> pa.Table:
+    """The batch with every column in a form `pyarrow.csv` writes and PostgreSQL's CSV COPY reads.
+
+    Strings lose NUL characters (PostgreSQL text cannot hold them); nested values become JSON text;
+    binary becomes bytea hex. Everything else is written by pyarrow's vectorised CSV writer."""
+    table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+    columns = []
+    for column in table.columns:
+        t = column.type
+        if pa.types.is_dictionary(t):
+            column, t = column.cast(t.value_type), t.value_type
+        if pa.types.is_string(t) or pa.types.is_large_string(t):
+            column = pc.replace_substring(column, "\x00", "")
+        elif arrow_type_key(t) == "nested":
+            column = pa.array(
+                [None if v is None else orjson.dumps(v, default=str).decode() for v in column.to_pylist()],
+                pa.string(),
+            )
+        elif pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+            column = pa.array([None if v is None else "\\x" + v.hex() for v in column.to_pylist()], pa.string())
+        elif pa.types.is_float16(t):
+            column = column.cast(pa.float32())
+        columns.append(column)
+    return pa.table(columns, names=table.column_names)
+
+
+def csv_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pacsv.write_csv(table, sink, pacsv.WriteOptions(include_header=False, batch_size=COPY_BATCH_ROWS))
+    return sink.getvalue()
+
+
+class PostgresDestination(SqlDestination):
+    Config: ClassVar[type[PostgresConfig]] = PostgresConfig
+    type_map: ClassVar[dict[str, str]] = {
+        "bool": "BOOLEAN",
+        "int32": "INTEGER",
+        "int64": "BIGINT",
+        "float64": "DOUBLE PRECISION",
+        "decimal": "NUMERIC",
+        "string": "TEXT",
+        "binary": "BYTEA",
+        "date": "DATE",
+        "time": "TIME",
+        "timestamp": "TIMESTAMP",
+        "timestamp_tz": "TIMESTAMPTZ",
+        "nested": "JSONB",
+    }
+    json_type = "JSONB"
+    text_type = "TEXT"
+    timestamp_tz_type = "TIMESTAMPTZ"
+    placeholder = "%s"
+    direct_load: ClassVar[bool] = True  # append/replace COPY straight into the target (in the transaction)
+
+    def __init__(self, name: str, config: Any, context: Any = None) -> None:
+        super().__init__(name, config, context)
+        self.meta_schema = config.state_schema
+
+    # --- connection ------------------------------------------------------------------------------
+    def connect(self) -> Any:
+        return connect_postgres(self.config, where=f"destinations.{self.name}")
+
+    def rollback(self, cur: Any) -> None:
+        if not self.conn.closed:
+            self.conn.rollback()
+
+    def check(self) -> list[str]:
+        where = f"destinations.{self.name}"
+        row = self.query(
+            "SELECT version(), current_user, current_database(), "
+            "has_database_privilege(current_user, current_database(), 'CREATE')"
+        )[0]
+        if not row[3]:
+            raise DestinationError(
+                f"{where}: permission denied: user {row[1]!r} may not create schemas in database {row[2]!r} "
+                f"(GRANT CREATE ON DATABASE {row[2]} TO {row[1]})"
+            )
+        return [f"connected to {describe(self.config)} ({row[0].split(',')[0]}); user may create schemas"]
+
+    def read_batches(self, sql: str, params: Any = (), batch_size: int = 50_000) -> Iterator[pa.RecordBatch]:
+        """Stream a query's rows as Arrow batches on a separate read-only connection (loads stay free)."""
+        conn = connect_postgres(self.config, where=f"destinations.{self.name}")
+        try:
+            conn.read_only = True
+            yield from read_batches(conn, sql, params, batch_size)
+            conn.commit()
+        finally:
+            conn.close()
+
+    # --- naming and types ------------------------------------------------------------------------
+    def table_schema(self, source: str) -> str:
+        return f"{self.config.schema_prefix}{source}"
+
+    def column_type(self, f: pa.Field) -> str | None:
+        if pa.types.is_decimal(f.type) and f.type.precision <= 1000:
+            return f"NUMERIC({f.type.precision},{f.type.scale})"
+        return super().column_type(f)
+
+    def _spec(self, spec: TableSpec) -> TableSpec:
+        """The spec with the schema name this destination uses for the source."""
+        schema = self.table_schema(spec.schema_name)
+        if schema == spec.schema_name:
+            return spec
+        return TableSpec(schema, spec.table, spec.columns, spec.primary_key, spec.disposition)
+
+    def load(self, job: LoadJob) -> None:
+        spec = self._spec(job.table)
+        if spec is not job.table:
+            job = LoadJob(job.load_id, job.source, job.stream, spec, job.files, job.checkpoint, job.started_at,
+                          job.details)
+        super().load(job)
+
+    def ensure_table(self, cur: Any, spec: TableSpec) -> None:
+        super().ensure_table(cur, spec)
+        if spec.disposition == "merge" and spec.primary_key:
+            digest = hashlib.sha1(f"{spec.schema_name}.{spec.table}".encode()).hexdigest()[:10]
+            keys = ", ".join(self.quote(k) for k in spec.primary_key)
+            cur.execute(
+                f"CREATE INDEX IF NOT EXISTS {self.quote(f'floe_pk_{digest}')} "
+                f"ON {self.qualified(spec.schema_name, spec.table)} ({keys})"
+            )
+
+    # --- loading ---------------------------------------------------------------------------------
+    def copy_files(self, cur: Any, job: LoadJob, table: str, extra: dict[str, Any] | None = None) -> None:
+        """COPY every staged file into `table`, batch by batch, with constant `extra` columns appended."""
+        wanted = set(self.insert_columns(job.table))
+        for staged in job.files:
+            parquet = pq.ParquetFile(staged.path)
+            names = [f.name for f in parquet.schema_arrow if f.name in wanted and not pa.types.is_null(f.type)]
+            if not names and not extra:
+                continue
+            column_list = ", ".join(self.quote(n) for n in [*names, *(extra or {})])
+            with cur.copy(f"COPY {table} ({column_list}) FROM STDIN (FORMAT csv)") as copy:
+                for batch in parquet.iter_batches(batch_size=COPY_BATCH_ROWS, columns=names):
+                    data = csv_ready(batch)
+                    for key, value in (extra or {}).items():
+                        data = data.append_column(key, pa.array([value] * batch.num_rows))
+                    copy.write(csv_bytes(data))
+
+    def stage_rows(self, cur: Any, job: LoadJob, staging: str) -> str:
+        spec = job.table
+        target = self.qualified(spec.schema_name, spec.table)
+        if self.direct_load and spec.disposition in ("append", "replace"):
+            if spec.disposition == "replace":
+                cur.execute(f"DELETE FROM {target}")
+            stamp = {"_floe_load_id": job.load_id, "_floe_loaded_at": datetime.now(UTC).isoformat()}
+            self.copy_files(cur, job, target, stamp)
+            return ""
+        names = ", ".join(self.quote(c) for c in self.insert_columns(spec))
+        cur.execute(f"CREATE TEMP TABLE {staging} ON COMMIT DROP AS SELECT {names} FROM {target} WITH NO DATA")
+        cur.execute(f"ALTER TABLE {staging} ADD COLUMN _floe_seq BIGINT GENERATED ALWAYS AS IDENTITY")
+        self.copy_files(cur, job, staging)
+        return "_floe_seq"
+
+    def disposition_sql(self, spec: TableSpec, staging: str, order: str, load_id: str) -> list[str]:
+        if self.direct_load and spec.disposition in ("append", "replace"):
+            return []  # the rows went straight into the target in stage_rows
+        if spec.disposition != "merge":
+            return super().disposition_sql(spec, staging, order, load_id)
+        return self.merge_sql(spec, staging, order, load_id)
+
+    def merge_sql(self, spec: TableSpec, staging: str, order: str, load_id: str) -> list[str]:
+        """Delete+insert merge that joins on `=` (hashable), with a null-safe pass for NULL keys.
+
+        `IS NOT DISTINCT FROM` cannot use a hash join or an index, so matching on it alone turns a
+        merge into a nested loop over the whole target table."""
+        if not spec.primary_key:
+            raise DestinationError(f"{spec.schema_name}.{spec.table}: merge needs a primary key")
+        target = self.qualified(spec.schema_name, spec.table)
+        latest = f"{staging}_latest"
+        keys = [self.quote(k) for k in spec.primary_key]
+        columns = self.insert_columns(spec)
+        names = "".join(f"{self.quote(c)}, " for c in columns)
+        values = "".join(f"{NEW}.{self.quote(c)}, " for c in columns)
+        equal = " AND ".join(f"{target}.{k} = {NEW}.{k}" for k in keys)
+        null_safe = " AND ".join(self.null_safe_equals.format(a=f"{target}.{k}", b=f"{NEW}.{k}") for k in keys)
+        any_null = " OR ".join(f"{k} IS NULL" for k in keys)
+        return [
+            f"CREATE TEMP TABLE {latest} {self.temp_suffix}AS {self.deduplicated(spec, staging, order)}",
+            f"ANALYZE {latest}",
+            f"DELETE FROM {target} USING {latest} AS {NEW} WHERE {equal}",
+            f"DELETE FROM {target} USING (SELECT * FROM {latest} WHERE {any_null}) AS {NEW} WHERE {null_safe}",
+            f"INSERT INTO {target} ({names}_floe_load_id, _floe_loaded_at) "
+            f"SELECT {values}'{load_id}', CURRENT_TIMESTAMP FROM {latest} AS {NEW}",
+        ]
+
+    temp_suffix: ClassVar[str] = "ON COMMIT DROP "
+
+    def drop_staging(self, cur: Any, staging: str) -> None:
+        cur.execute(f"DROP TABLE IF EXISTS {staging}_latest")
+        cur.execute(f"DROP TABLE IF EXISTS {staging}")
