@@ -16,6 +16,7 @@ a plain index on the primary key. `_floe_state` and `_floe_loads` are written in
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 from collections.abc import Iterator
@@ -147,7 +148,7 @@ class PostgresDestination(SqlDestination):
         schema = self.table_schema(spec.schema_name)
         if schema == spec.schema_name:
             return spec
-        return TableSpec(schema, spec.table, spec.columns, spec.primary_key, spec.disposition)
+        return dataclasses.replace(spec, schema_name=schema)
 
     def load(self, job: LoadJob) -> None:
         spec = self._spec(job.table)
@@ -214,18 +215,21 @@ class PostgresDestination(SqlDestination):
             raise DestinationError(f"{spec.schema_name}.{spec.table}: merge needs a primary key")
         target = self.qualified(spec.schema_name, spec.table)
         latest = f"{staging}_latest"
-        keys = [self.quote(k) for k in spec.primary_key]
+        keys = [self.quote(k) for k in spec.parent_key or spec.primary_key]
         columns = self.insert_columns(spec)
         names = "".join(f"{self.quote(c)}, " for c in columns)
         values = "".join(f"{NEW}.{self.quote(c)}, " for c in columns)
         equal = " AND ".join(f"{target}.{k} = {NEW}.{k}" for k in keys)
         null_safe = " AND ".join(self.null_safe_equals.format(a=f"{target}.{k}", b=f"{NEW}.{k}") for k in keys)
         any_null = " OR ".join(f"{k} IS NULL" for k in keys)
+        deleted = latest
+        if spec.parent_key:  # every row of a re-sent parent goes, not only the keys staged again
+            deleted = f"(SELECT DISTINCT {', '.join(keys)} FROM {staging})"
         return [
             f"CREATE TEMP TABLE {latest} {self.temp_suffix}AS {self.deduplicated(spec, staging, order)}",
             f"ANALYZE {latest}",
-            f"DELETE FROM {target} USING {latest} AS {NEW} WHERE {equal}",
-            f"DELETE FROM {target} USING (SELECT * FROM {latest} WHERE {any_null}) AS {NEW} WHERE {null_safe}",
+            f"DELETE FROM {target} USING {deleted} AS {NEW} WHERE {equal}",
+            f"DELETE FROM {target} USING (SELECT * FROM {deleted} AS d WHERE {any_null}) AS {NEW} WHERE {null_safe}",
             f"INSERT INTO {target} ({names}_floe_load_id, _floe_loaded_at) "
             f"SELECT {values}'{load_id}', CURRENT_TIMESTAMP FROM {latest} AS {NEW}",
         ]

@@ -1,0 +1,256 @@
+"""Every SQL destination keeps the same contract, on DuckDB and on a real PostgreSQL server.
+
+Loads are built the way the pipeline builds them (staged Parquet files + a checkpoint) and
+committed with `Destination.load`; the table, `_floe_state` and `_floe_loads` are then read back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from floe.destinations.base import LoadJob, TableSpec, json_field
+from floe.destinations.duckdb import DuckDBConfig, DuckDBDestination
+from floe.destinations.postgres import PostgresConfig, PostgresDestination
+from floe.destinations.sql import SqlDestination
+from floe.engine.stage import StagedFile
+from floe.engine.stream import Context
+from floe.errors import DestinationError
+
+
+def settings_for(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> dict[str, Any]:
+    if kind == "duckdb":
+        return {"type": "duckdb", "path": str(tmp_path / "w.duckdb")}
+    return request.getfixturevalue("postgres_db").config()
+
+
+def make_destination(settings: dict[str, Any], tmp_path: Path) -> SqlDestination:
+    if settings["type"] == "duckdb":
+        return DuckDBDestination("warehouse", DuckDBConfig.model_validate(settings), Context(tmp_path))
+    return PostgresDestination("warehouse", PostgresConfig.model_validate(settings), Context(tmp_path))
+
+
+@pytest.fixture(params=["duckdb", "postgres"])
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    return settings_for(request.param, tmp_path, request)
+
+
+@pytest.fixture
+def dest(settings: dict[str, Any], tmp_path: Path):
+    destination = make_destination(settings, tmp_path)
+    yield destination
+    destination.close()
+
+
+class Loader:
+    """Builds staged files + a LoadJob like the pipeline does, and commits it."""
+
+    def __init__(self, dest: SqlDestination, folder: Path) -> None:
+        self.dest, self.folder, self.count = dest, folder, 0
+
+    def job(self, tables: list[pa.Table], disposition: str = "append", pk: tuple[str, ...] = (),
+            checkpoint: dict[str, Any] | None = None) -> LoadJob:
+        self.count += 1
+        files = []
+        for i, table in enumerate(tables):
+            path = self.folder / f"load{self.count}-{i}.parquet"
+            pq.write_table(table, path)
+            files.append(StagedFile(path, table.num_rows, table.schema))
+        fields: dict[str, pa.Field] = {}
+        for table in tables:
+            fields.update({f.name: f for f in table.schema})
+        spec = TableSpec("src", "items", pa.schema(list(fields.values())), pk, disposition)  # type: ignore[arg-type]
+        return LoadJob(f"load-{self.count:04d}", "src", "items", spec, files,
+                       checkpoint if checkpoint is not None else {"n": self.count}, datetime.now(UTC))
+
+    def __call__(self, *tables: pa.Table, **kwargs: Any) -> LoadJob:
+        job = self.job(list(tables), **kwargs)
+        self.dest.load(job)
+        return job
+
+
+@pytest.fixture
+def load(dest: SqlDestination, tmp_path: Path) -> Loader:
+    return Loader(dest, tmp_path)
+
+
+def rows(dest: SqlDestination, columns: str = "id, v") -> list[tuple[Any, ...]]:
+    return dest.query(f"SELECT {columns} FROM src.items ORDER BY id NULLS LAST, v")
+
+
+def versions(dest: SqlDestination) -> list[tuple[Any, ...]]:
+    return dest.query("SELECT version, state FROM _floe_state ORDER BY version")
+
+
+def t(ids: list[int | None], values: list[str | None], **extra: Any) -> pa.Table:
+    return pa.table({"id": pa.array(ids, pa.int64()), "v": pa.array(values, pa.string()), **extra})
+
+
+def test_append_adds_rows_and_commits_each_state_version(dest, load):
+    load(t([1, 2], ["a", "b"]), checkpoint={"cursor": "2024-01-01"})
+    load(t([2, 3], ["b", "c"]), checkpoint={"cursor": "2024-01-02"})
+    assert rows(dest) == [(1, "a"), (2, "b"), (2, "b"), (3, "c")]
+    assert dest.get_state("src", "items") == {"cursor": "2024-01-02"}
+    assert [v for v, _ in versions(dest)] == [1, 2]
+    assert dest.query("SELECT rows, status FROM _floe_loads ORDER BY load_id") == [(2, "committed"), (2, "committed")]
+    stamped = dest.query("SELECT DISTINCT _floe_load_id FROM src.items ORDER BY 1")
+    assert stamped == [("load-0001",), ("load-0002",)]
+
+
+def test_merge_keeps_the_last_row_per_key_including_duplicates_and_null_keys(dest, load):
+    load(t([1, 2, 3], ["a", "b", "c"]), disposition="merge", pk=("id",))
+    # id 2 twice and NULL twice within one load: the later row of each wins.
+    load(t([2, None, 4, 2, None], ["b1", "n1", "d", "b2", "n2"]), disposition="merge", pk=("id",))
+    assert rows(dest) == [(1, "a"), (2, "b2"), (3, "c"), (4, "d"), (None, "n2")]
+    load(t([None, 1], ["n3", "a2"]), disposition="merge", pk=("id",))  # a NULL key matches the NULL key
+    assert rows(dest) == [(1, "a2"), (2, "b2"), (3, "c"), (4, "d"), (None, "n3")]
+
+
+def test_merge_on_a_compound_key_with_a_null_part(dest, load):
+    def ck(a: list[Any], b: list[Any], v: list[str]) -> pa.Table:
+        return pa.table({"a": pa.array(a, pa.int64()), "b": pa.array(b, pa.string()), "v": v})
+
+    load(ck([1, 1, 2], ["x", None, None], ["1x", "1-", "2-"]), disposition="merge", pk=("a", "b"))
+    load(ck([1, 2, 1], [None, "y", "x"], ["1-new", "2y", "1x-new"]), disposition="merge", pk=("a", "b"))
+    got = dest.query("SELECT a, b, v FROM src.items ORDER BY a, b NULLS LAST")
+    assert got == [(1, "x", "1x-new"), (1, None, "1-new"), (2, "y", "2y"), (2, None, "2-")]
+
+
+def test_replace_swaps_the_whole_table(dest, load):
+    load(t([1, 2, 3], ["a", "b", "c"]), disposition="replace")
+    load(t([9], ["z"]), disposition="replace")
+    assert rows(dest) == [(9, "z")]
+    load(disposition="replace", checkpoint={"empty": True})  # a replace with no rows empties the table
+    assert rows(dest) == []
+    assert dest.get_state("src", "items") == {"empty": True}
+
+
+def test_a_new_column_is_added_and_old_rows_read_null(dest, load):
+    load(t([1], ["a"]))
+    load(t([2], ["b"], extra=pa.array([7], pa.int64())), t([3], ["c"]))  # two files, two schemas, one load
+    assert rows(dest, "id, v, extra") == [(1, "a", None), (2, "b", 7), (3, "c", None)]
+
+
+def test_types_round_trip_through_read_batches(dest, load):
+    ts = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
+    table = pa.table({
+        "id": pa.array([1, 2], pa.int64()),
+        "flag": [True, None],
+        "amount": pa.array([Decimal("12.34"), None], pa.decimal128(10, 2)),
+        "ratio": [0.5, None],
+        "day": [date(2024, 5, 6), None],
+        "seen_at": pa.array([ts, None], pa.timestamp("us", "UTC")),
+        "doc": pa.array(['{"a": [1, 2]}', None], pa.string()),
+        "text": ["comma, \"quote\"\nnewline", ""],
+    }).cast(pa.schema([
+        ("id", pa.int64()), ("flag", pa.bool_()), ("amount", pa.decimal128(10, 2)), ("ratio", pa.float64()),
+        ("day", pa.date32()), ("seen_at", pa.timestamp("us", "UTC")), json_field("doc"), ("text", pa.string()),
+    ]))
+    load(table)
+    batches = list(dest.read_batches(
+        "SELECT id, flag, amount, ratio, day, seen_at, doc, text FROM src.items ORDER BY id", batch_size=1))
+    assert [b.num_rows for b in batches] == [1, 1]
+    got = pa.Table.from_batches(batches).to_pylist()
+    assert got[0]["flag"] is True and got[0]["ratio"] == 0.5
+    assert Decimal(str(got[0]["amount"])) == Decimal("12.34")  # exact NUMERIC on PostgreSQL
+    assert got[0]["day"] == date(2024, 5, 6) and got[0]["seen_at"] == ts
+    assert json.loads(got[0]["doc"]) == {"a": [1, 2]}
+    assert got[0]["text"] == "comma, \"quote\"\nnewline"
+    assert got[1] == {"id": 2, "flag": None, "amount": None, "ratio": None, "day": None, "seen_at": None,
+                      "doc": None, "text": ""}
+
+
+def test_a_value_that_cannot_be_cast_rolls_back_everything(dest, load):
+    load(t([1], ["a"], n=pa.array([5], pa.int64())), checkpoint={"n": 1})
+    with pytest.raises(DestinationError, match="nothing committed"):
+        load(t([2], ["b"], n=pa.array(["not a number"], pa.string()), more=pa.array([1])), checkpoint={"n": 2})
+    assert rows(dest, "id, v, n") == [(1, "a", 5)]
+    assert dest.get_state("src", "items") == {"n": 1}
+    assert len(versions(dest)) == 1
+    columns = {c[0] for c in dest.query(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'items'")}
+    assert "more" not in columns  # the failed load's new column went with it
+    load(t([3], ["c"], n=pa.array([7], pa.int64())), checkpoint={"n": 3})  # the connection is usable again
+    assert dest.get_state("src", "items") == {"n": 3}
+
+
+# --- exactly once under SIGKILL ------------------------------------------------------------------
+CHILD = textwrap.dedent("""
+    import json, sys
+    from datetime import UTC, datetime
+    from pathlib import Path
+    import pyarrow as pa, pyarrow.parquet as pq
+    from floe.destinations import registry
+    from floe.destinations.base import LoadJob, TableSpec
+    from floe.engine.stage import StagedFile
+    from floe.engine.stream import Context
+
+    settings, folder, loads, per_load = json.loads(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    cls = registry.load(settings["type"])
+    dest = cls("warehouse", cls.Config.model_validate(settings), Context(folder))
+    start = (dest.get_state("src", "items") or {"next": 0})["next"]
+    for i in range(start, loads):
+        table = pa.table({"id": pa.array(range(i * per_load, (i + 1) * per_load), pa.int64()),
+                          "v": pa.array([f"row-{i}"] * per_load)})
+        path = folder / f"child-{i}.parquet"
+        pq.write_table(table, path)
+        spec = TableSpec("src", "items", table.schema, (), "append")
+        job = LoadJob(f"load-{i}", "src", "items", spec, [StagedFile(path, per_load, table.schema)],
+                      {"next": i + 1}, datetime.now(UTC))
+        print(f"loading {i}", flush=True)
+        dest.load(job)
+    print("done", flush=True)
+""")
+
+
+def run_child(settings: dict[str, Any], folder: Path, loads: int, per_load: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, json.dumps(settings), str(folder), str(loads), str(per_load)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+
+
+def test_sigkill_during_loads_then_rerun_loads_every_row_exactly_once(settings, tmp_path):
+    loads, per_load = 8, 40_000
+    child = run_child(settings, tmp_path, loads, per_load)
+    assert child.stdout is not None
+    for line in child.stdout:
+        if line.strip() == "loading 3":  # loads 0-2 committed or committing, load 3 in flight
+            break
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+
+    dest = make_destination(settings, tmp_path)
+    try:
+        state = dest.get_state("src", "items")
+        committed = state["next"] if state else 0
+        assert committed < loads, "the kill came too late to test anything"
+        count, distinct = dest.query("SELECT COUNT(*), COUNT(DISTINCT id) FROM src.items")[0]
+        assert count == distinct == committed * per_load  # the state and the rows agree at the kill
+    finally:
+        dest.close()
+
+    rerun = run_child(settings, tmp_path, loads, per_load)
+    out, err = rerun.communicate(timeout=120)
+    assert rerun.returncode == 0, err
+    dest = make_destination(settings, tmp_path)
+    try:
+        count, distinct, low, high = dest.query("SELECT COUNT(*), COUNT(DISTINCT id), MIN(id), MAX(id) FROM src.items")[0]
+        assert (count, distinct, low, high) == (loads * per_load, loads * per_load, 0, loads * per_load - 1)
+        assert dest.get_state("src", "items") == {"next": loads}
+    finally:
+        dest.close()
