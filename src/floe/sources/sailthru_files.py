@@ -1,0 +1,203 @@
+"""Finding and opening Sailthru Data Exporter files: loose in a folder, inside .zip files, or one file.
+
+Names are `[<client_id>_]<collection>[.<YYYYMMDD>].json[.gz]` (one-time exports omit the date;
+update collections also appear in the plural, e.g. `message_blast_updates`). A file's identity
+is its name relative to the configured path (`export.zip/blast.20160401.json` for a zip entry):
+that is the key under which state records its checksum.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import logging
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import IO
+
+import pyarrow as pa
+
+from floe.errors import SourceError
+
+log = logging.getLogger("floe.sources.sailthru")
+
+# collection as named in the file -> the collection whose table it feeds
+COLLECTIONS: dict[str, str] = {
+    "blast": "blast",
+    "message_blast": "message_blast",
+    "message_blast_update": "message_blast",
+    "message_blast_updates": "message_blast",
+    "message_transactional": "message_transactional",
+    "message_transactional_update": "message_transactional",
+    "message_transactional_updates": "message_transactional",
+    "profile": "profile",
+}
+_BY_LENGTH = sorted(COLLECTIONS, key=len, reverse=True)
+
+
+@dataclass(frozen=True)
+class ExportName:
+    collection: str  # as named in the file, e.g. message_blast_updates
+    client_id: str | None
+    export_date: date | None
+    gzipped: bool
+
+    @property
+    def table(self) -> str:
+        return COLLECTIONS[self.collection]
+
+    @property
+    def is_update(self) -> bool:
+        return self.collection != self.table
+
+
+def parse_name(filename: str) -> ExportName | None:
+    """Parse an export file's base name; None if it is not a Sailthru export name."""
+    base = filename
+    gzipped = base.endswith(".gz")
+    if gzipped:
+        base = base[:-3]
+    if not base.endswith(".json"):
+        return None
+    base = base[:-5]
+    export_date = None
+    stem, dot, suffix = base.rpartition(".")
+    if dot and len(suffix) == 8 and suffix.isdigit():
+        try:
+            export_date = date(int(suffix[:4]), int(suffix[4:6]), int(suffix[6:]))
+        except ValueError:
+            return None
+        base = stem
+    for collection in _BY_LENGTH:
+        if base == collection:
+            return ExportName(collection, None, export_date, gzipped)
+        if base.endswith("_" + collection) and len(base) > len(collection) + 1:
+            return ExportName(collection, base[: -len(collection) - 1], export_date, gzipped)
+    return None
+
+
+@dataclass(frozen=True)
+class ExportFile:
+    """One export file. `name` is its identity in state and in the `exports` table."""
+
+    name: str
+    info: ExportName
+    path: Path  # the file itself, or the zip holding it
+    member: str | None = None  # the entry inside the zip
+
+    def open_raw(self) -> IO[bytes]:
+        """The bytes as delivered (still gzipped for .gz names)."""
+        if self.member is None:
+            return open(self.path, "rb")
+        archive = zipfile.ZipFile(self.path)
+        return _ClosingMember(archive, archive.open(self.member))
+
+    def open(self) -> IO[bytes]:
+        """The JSON Lines text, decompressed."""
+        raw = self.open_raw()
+        return gzip.GzipFile(fileobj=raw, mode="rb") if self.info.gzipped else raw  # type: ignore[return-value]
+
+    def arrow_stream(self) -> pa.NativeFile:
+        """A pyarrow input stream of the decompressed text (gzip inflated in C)."""
+        if self.member is None:
+            return pa.input_stream(str(self.path), compression="gzip" if self.info.gzipped else None)
+        stream = pa.PythonFile(self.open_raw(), mode="r")
+        return pa.CompressedInputStream(stream, "gzip") if self.info.gzipped else stream
+
+    def checksum(self) -> str:
+        digest = hashlib.sha256()
+        with self.open_raw() as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def sort_key(self) -> tuple[str, bool, str]:
+        """One-time (dateless) exports first, then by date; a day's updates after its base files."""
+        day = self.info.export_date.isoformat() if self.info.export_date else ""
+        return (day, self.info.is_update, self.name)
+
+
+class _ClosingMember(io.RawIOBase):
+    """A zip entry that closes its archive when closed."""
+
+    def __init__(self, archive: zipfile.ZipFile, member: IO[bytes]) -> None:
+        self._archive, self._member = archive, member
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray) -> int:  # type: ignore[override]
+        data = self._member.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._member.read(size)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._member.close()
+            self._archive.close()
+        super().close()
+
+
+def _skippable(name: str) -> bool:
+    parts = name.split("/")
+    return "__MACOSX" in parts or any(p.startswith(".") for p in parts if p)
+
+
+def discover(root: Path, client_id: str | None = None) -> list[ExportFile]:
+    """Every export file under `root` (a folder, a .zip or one file), sorted for loading.
+
+    Junk (`__MACOSX/`, dot files) and unknown names are skipped with a warning."""
+    if not root.exists():
+        raise SourceError(f"{root}: no such file or folder")
+    found: list[ExportFile] = []
+
+    def consider(name: str, base: str, path: Path, member: str | None) -> None:
+        if _skippable(name):
+            log.warning("event=file_skipped file=%s reason=junk (macOS resource fork or dot file)", name)
+            return
+        info = parse_name(base)
+        if info is None:
+            log.warning("event=file_skipped file=%s reason=unknown collection or name", name)
+            return
+        if client_id is not None and info.client_id not in (None, client_id):
+            log.info("event=file_skipped file=%s reason=client id %s is not %s", name, info.client_id, client_id)
+            return
+        found.append(ExportFile(name, info, path, member))
+
+    def scan_zip(path: Path, prefix: str) -> None:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                entries = [i for i in archive.infolist() if not i.is_dir()]
+        except zipfile.BadZipFile as exc:
+            raise SourceError(f"{path}: not a valid zip file ({exc})") from None
+        for entry in entries:
+            consider(prefix + entry.filename, entry.filename.rsplit("/", 1)[-1], path, entry.filename)
+
+    if root.is_file():
+        if root.suffix == ".zip":
+            scan_zip(root, "")
+        else:
+            consider(root.name, root.name, root, None)
+    else:
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            rel = path.relative_to(root).as_posix()
+            if path.suffix == ".zip" and not _skippable(rel):
+                scan_zip(path, rel + "/")
+            else:
+                consider(rel, path.name, path, None)
+    return sorted(found, key=ExportFile.sort_key)
+
+
+def iter_lines(f: ExportFile) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) for every non-blank line, numbered from 1."""
+    with f.open() as stream:
+        for number, line in enumerate(stream, 1):
+            if line.strip():
+                yield number, line
