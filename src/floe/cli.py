@@ -159,3 +159,6 @@ def main() -> None:
 
 
 # Commands that live in their own modules register here, one line each.
+from floe.commands.sync import sync_command  # noqa: E402
+
+app.command("sync")(sync_command)

@@ -1,0 +1,95 @@
+"""`floe sync [NAME] [--dry-run] [--full]`: push warehouse rows to Pendo (see docs/pendo.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from floe.config import FloeConfig
+from floe.errors import FloeError
+from floe.secrets import redact
+from floe.syncs.engine import SyncResult, run_syncs
+
+log = logging.getLogger("floe.sync")
+console = Console()
+
+
+def print_summary(results: list[SyncResult]) -> None:
+    dry = any(r.dry_run for r in results)
+    table = Table(title="floe sync" + (" (dry run: nothing sent)" if dry else ""), title_justify="left")
+    numbers = ("changed", "requests") if dry else ("changed", "sent", "updated", "missing", "failed")
+    for column in ("sync", "to", *numbers, "seconds", "status"):
+        table.add_column(column, justify="right" if column in (*numbers, "seconds") else "left")
+    for r in results:
+        counts = [f"{getattr(r, c):,}" for c in numbers]
+        table.add_row(r.name, r.target, *counts, f"{r.seconds:.1f}", "ok" if r.ok else f"FAILED: {r.error}")
+    console.print(table)
+    for r in results:
+        if r.dry_run and r.samples:
+            typer.echo(f"{r.name}: first records that would be sent:")
+            for record in r.samples:
+                typer.echo("  " + redact(json.dumps(record, default=str)))
+
+
+def notify_failures(config: FloeConfig, results: list[SyncResult]) -> None:
+    """Tell `notify:` about failed syncs and rejected rows, when floe.notify is available."""
+    bad = [r for r in results if not r.dry_run and (not r.ok or r.failed)]
+    if not bad or config.notify is None:
+        return
+    try:
+        from floe import notify  # written alongside the FullStory source; optional here
+    except ImportError:
+        return
+    lines = [f"sync {r.name}: " + (f"FAILED: {r.error}" if r.error else
+                                   f"{r.failed} rows rejected by Pendo ({r.missing} missing, {r.errors} errors)")
+             for r in bad]
+    try:
+        send = getattr(notify, "notify", None) or getattr(notify, "send", None)
+        if send is not None:
+            send(config.notify, "floe sync: failures", "\n".join(lines))
+    except Exception as exc:  # noqa: BLE001 - a broken notifier must not hide the sync's own result
+        log.warning("event=notify_failed error=%s", redact(str(exc)))
+
+
+def run_and_report(config: FloeConfig, names: list[str] | None = None, *, dry_run: bool = False,
+                   full: bool = False) -> list[SyncResult]:
+    """Run syncs, print the summary, notify; exit non-zero if a sync failed (rejected rows only warn)."""
+    try:
+        results = asyncio.run(run_syncs(config, names, dry_run=dry_run, full=full))
+    except FloeError as exc:
+        typer.echo(f"error: {redact(str(exc))}", err=True)
+        raise typer.Exit(1) from None
+    print_summary(results)
+    notify_failures(config, results)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        typer.echo(f"error: {len(failed)} of {len(results)} syncs failed", err=True)
+        raise typer.Exit(1)
+    rejected = sum(r.failed for r in results)
+    if rejected:
+        typer.echo(f"warning: {rejected} rows were rejected by Pendo; they are in _floe_sync_failures and "
+                   "will be retried on the next run", err=True)
+    return results
+
+
+def sync_command(
+    name: Annotated[list[str] | None, typer.Argument(help="Sync(s) to run (default: all).")] = None,
+    config: Annotated[Path | None, typer.Option("-c", "--config", help="Config file (default: floe.yml).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be sent; send nothing.")] = False,
+    full: Annotated[bool, typer.Option("--full", help="Resend every row, not only the changed ones.")] = False,
+) -> None:
+    """Push warehouse rows to Pendo visitor/account metadata (only rows changed since the last run)."""
+    from floe.cli import fail, open_config
+
+    try:
+        cfg = open_config(config)
+    except FloeError as exc:
+        fail(str(exc))
+    run_and_report(cfg, name, dry_run=dry_run, full=full)

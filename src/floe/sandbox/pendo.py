@@ -1,0 +1,309 @@
+"""A local emulator of Pendo's metadata and aggregation APIs (facts: reference/singer_pendo.md §3).
+
+Endpoints (all need the `x-pendo-integration-key` header):
+- `POST /api/v1/metadata/{visitor|account}/{agent|custom}/value[?create=true]`: a JSON array of
+  `{"visitorId"|"accountId": id, "values": {field: value}}`. Answers
+  `{"total", "updated", "failed", "missing", "errors"}` with `total = updated + failed` and
+  `failed = len(missing) + len(errors)`. Unknown ids are `missing` unless `create=true`; a value of
+  the wrong type is an entry `{"id", "error"}` in `errors` (the row is not applied). Malformed JSON or
+  a field absent from the schema ("Data Mappings") is a 400 and nothing is applied.
+- `GET /api/v1/metadata/schema/{kind}`: `{group: {field: {"type": ..., ...}}}`.
+- `POST /api/v1/aggregation`: a small subset of pipelines over visitors/accounts (source, identified,
+  filter, select, sort, limit, count).
+
+Knobs (arguments of `create_app`): `latency` seconds per call; `time_limit` (Pendo: 300 s) and
+`seconds_per_record`: a call whose records × cost exceeds the limit answers 408 and applies nothing;
+`rate_limit_every`: every Nth metadata call answers 429 with `Retry-After: retry_after`; faults queued
+with `store.inject(status, count)` or `POST /_sandbox/pendo/faults`.
+
+Tests read back what it holds from `app.state.pendo` (a `PendoStore`) or `GET /_sandbox/pendo/{kind}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+KINDS = ("visitor", "account")
+GROUPS = ("agent", "custom")
+ID_KEYS = {"visitor": "visitorId", "account": "accountId"}
+PENDO_TYPES = ("string", "boolean", "integer", "float", "time")
+
+DEFAULT_SCHEMA: dict[str, dict[str, dict[str, str]]] = {
+    "account": {
+        "agent": {"name": "string", "planlevel": "string"},
+        "custom": {"plan": "string", "seats": "integer", "mrr": "float", "active": "boolean",
+                   "renewal_date": "time", "region": "string"},
+    },
+    "visitor": {
+        "agent": {"email": "string", "full_name": "string", "role": "string"},
+        "custom": {"plan": "string", "logins": "integer", "score": "float", "is_admin": "boolean",
+                   "signed_up": "time"},
+    },
+}
+
+_TYPE_OK: dict[str, Callable[[Any], bool]] = {
+    "string": lambda v: isinstance(v, str),
+    "boolean": lambda v: isinstance(v, bool),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "time": lambda v: (isinstance(v, int) and not isinstance(v, bool)) or isinstance(v, str),
+}
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(data), status, headers=headers, media_type="application/json")
+
+
+def _text(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
+    return Response(message, status, headers=headers, media_type="text/plain")
+
+
+@dataclass
+class PendoStore:
+    """What the emulator holds: records per kind (`{id: {"auto"|"agent"|"custom": {...}}}`), the
+    metadata schema, queued faults and call statistics."""
+
+    schema: dict[str, dict[str, dict[str, str]]]
+    records: dict[str, dict[str, dict[str, dict[str, Any]]]] = field(
+        default_factory=lambda: {k: {} for k in KINDS})
+    faults: deque[tuple[int, float]] = field(default_factory=deque)
+    calls: int = 0  # metadata value calls received (faulted ones included)
+    records_received: int = 0  # records in calls that were applied
+    statuses: dict[int, int] = field(default_factory=dict)
+
+    def add(self, kind: str, ids: list[str], **custom: Any) -> None:
+        """Create records (as the Pendo snippet would) with optional custom values."""
+        now = int(time.time() * 1000)
+        table = self.records[kind]
+        for record_id in ids:
+            table[record_id] = {"auto": {"id": record_id, "lastupdated": now}, "agent": {},
+                                "custom": dict(custom)}
+
+    def values(self, kind: str, group: str = "custom") -> dict[str, dict[str, Any]]:
+        """`{id: {field: value}}` of one group (records without values in it included, as `{}`)."""
+        return {rid: dict(rec.get(group, {})) for rid, rec in self.records[kind].items()}
+
+    def inject(self, status: int, count: int = 1, retry_after: float = 0) -> None:
+        """Make the next `count` metadata value calls answer `status` (429 carries Retry-After)."""
+        self.faults.extend([(status, retry_after)] * count)
+
+    def stats(self) -> dict[str, Any]:
+        return {"calls": self.calls, "records_received": self.records_received,
+                "statuses": dict(self.statuses),
+                "counts": {k: len(v) for k, v in self.records.items()}}
+
+
+def create_app(
+    *,
+    integration_key: str | None = "sandbox-pendo-key",
+    schema: dict[str, dict[str, dict[str, str]]] | None = None,
+    accounts: list[str] | None = None,
+    visitors: list[str] | None = None,
+    latency: float = 0.0,
+    time_limit: float = 300.0,
+    seconds_per_record: float = 0.0,
+    rate_limit_every: int = 0,
+    retry_after: float = 1.0,
+) -> Starlette:
+    """The emulator app. `integration_key=None` accepts any non-empty key. `app.state.pendo` is its store."""
+    store = PendoStore(schema={k: {g: dict(f) for g, f in v.items()} for k, v in (schema or DEFAULT_SCHEMA).items()})
+    for kind in KINDS:
+        store.schema.setdefault(kind, {}).setdefault("agent", {})
+        store.schema[kind].setdefault("custom", {})
+    store.add("account", accounts or [])
+    store.add("visitor", visitors or [])
+
+    def unauthorized(request: Request) -> Response | None:
+        key = request.headers.get("x-pendo-integration-key")
+        if not key or (integration_key is not None and key != integration_key):
+            return _text("Unauthorized: missing or invalid x-pendo-integration-key", 401)
+        return None
+
+    def count(status: int) -> None:
+        store.statuses[status] = store.statuses.get(status, 0) + 1
+
+    async def set_values(request: Request) -> Response:
+        if latency:
+            await asyncio.sleep(latency)
+        store.calls += 1
+        response = _set_values(request, await request.body())
+        count(response.status_code)
+        return response
+
+    def _set_values(request: Request, body: bytes) -> Response:
+        if (denied := unauthorized(request)) is not None:
+            return denied
+        kind, group = request.path_params["kind"], request.path_params["group"]
+        if kind not in KINDS or group not in GROUPS:
+            return _text(f"Not Found: no metadata {kind}/{group}", 404)
+        if store.faults:
+            status, wait = store.faults.popleft()
+            return _text("Too Many Requests" if status == 429 else "Internal Server Error", status,
+                         {"Retry-After": f"{wait:g}"} if status == 429 else None)
+        if rate_limit_every and store.calls % rate_limit_every == 0:
+            return _text("Too Many Requests", 429, {"Retry-After": f"{retry_after:g}"})
+        try:
+            records = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            return _text(f"The format is unacceptable due to malformed JSON: {exc}", 400)
+        if not isinstance(records, list):
+            return _text("The format is unacceptable due to malformed JSON: the body must be a JSON array", 400)
+        if seconds_per_record and len(records) * seconds_per_record > time_limit:
+            return _text("The call took too long and timed out.", 408)
+        id_key, fields = ID_KEYS[kind], store.schema[kind][group]
+        for i, rec in enumerate(records):
+            if not isinstance(rec, dict) or not isinstance(rec.get("values"), dict) or rec.get(id_key) in (None, ""):
+                return _text(f"The format is unacceptable due to malformed JSON: item {i} needs "
+                             f"{id_key} and a values object", 400)
+            unknown = rec["values"].keys() - fields.keys()
+            if unknown:
+                return _text("The format is unacceptable due to missing field mappings: "
+                             f"{kind} {group} field(s) {', '.join(sorted(unknown))} do not exist", 400)
+        create = request.query_params.get("create", "").lower() == "true"
+        table, now = store.records[kind], int(time.time() * 1000)
+        missing: list[str] = []
+        errors: list[dict[str, str]] = []
+        updated = 0
+        for rec in records:
+            rid, values = str(rec[id_key]), rec["values"]
+            bad = [f"{name}: expected {fields[name]}, got {type(v).__name__}" for name, v in values.items()
+                   if v is not None and not _TYPE_OK[fields[name]](v)]
+            if bad:
+                errors.append({"id": rid, "error": "; ".join(bad)})
+                continue
+            record = table.get(rid)
+            if record is None:
+                if not create:
+                    missing.append(rid)
+                    continue
+                record = table[rid] = {"auto": {"id": rid}, "agent": {}, "custom": {}}
+            record[group].update(values)
+            record["auto"]["lastupdated"] = now
+            updated += 1
+        store.records_received += len(records)
+        failed = len(missing) + len(errors)
+        return _json({"total": updated + failed, "updated": updated, "failed": failed,
+                      "missing": missing, "errors": errors})
+
+    async def get_schema(request: Request) -> Response:
+        if (denied := unauthorized(request)) is not None:
+            return denied
+        kind = request.path_params["kind"]
+        if kind not in KINDS:
+            return _text(f"Not Found: no metadata kind {kind}", 404)
+        out: dict[str, Any] = {"auto": {"id": _field("string"), "lastupdated": _field("time")}}
+        for group, fields in store.schema[kind].items():
+            out[group] = {name: _field(kind_) for name, kind_ in fields.items()}
+        return _json(out)
+
+    async def aggregation(request: Request) -> Response:
+        if (denied := unauthorized(request)) is not None:
+            return denied
+        try:
+            query = orjson.loads(await request.body())
+            pipeline = query["request"]["pipeline"]
+            return _json({"results": _run_pipeline(store, pipeline)})
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            return _text(f"Bad Request: invalid aggregation: {exc}", 400)
+
+    async def sandbox_records(request: Request) -> Response:
+        return _json(store.records.get(request.path_params["kind"], {}))
+
+    async def sandbox_stats(request: Request) -> Response:
+        return _json(store.stats())
+
+    async def sandbox_faults(request: Request) -> Response:
+        data = orjson.loads(await request.body())
+        store.inject(int(data["status"]), int(data.get("count", 1)), float(data.get("retry_after", 0)))
+        return _json({"queued": len(store.faults)})
+
+    app = Starlette(routes=[
+        Route("/api/v1/metadata/schema/{kind}", get_schema, methods=["GET"]),
+        Route("/api/v1/metadata/{kind}/{group}/value", set_values, methods=["POST"]),
+        Route("/api/v1/aggregation", aggregation, methods=["POST"]),
+        Route("/_sandbox/pendo/stats", sandbox_stats, methods=["GET"]),
+        Route("/_sandbox/pendo/faults", sandbox_faults, methods=["POST"]),
+        Route("/_sandbox/pendo/records/{kind}", sandbox_records, methods=["GET"]),
+    ])
+    app.state.pendo = store
+    return app
+
+
+def _field(kind: str) -> dict[str, Any]:
+    """A schema entry with the attributes tap-pendo reads (raw casing assumed camelCase)."""
+    return {"type": kind, "displayName": "", "elementType": "", "elementFormat": "", "dirty": False,
+            "isHidden": False, "isDeleted": False, "isCalculated": False, "isPerApp": False,
+            "neverIndex": False}
+
+
+_FILTER = re.compile(r'^\s*(len\(\s*)?([A-Za-z_][\w.]*)\s*\)?\s*(==|!=|>=|<=|>|<)\s*("(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?|true|false)\s*$')
+_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    "==": lambda a, b: a == b, "!=": lambda a, b: a != b, ">=": lambda a, b: a >= b,
+    "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, "<": lambda a, b: a < b,
+}
+
+
+def _path(row: dict[str, Any], path: str) -> Any:
+    value: Any = row
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _compare(row: dict[str, Any], expr: str) -> bool:
+    match = _FILTER.match(expr)
+    if not match:
+        raise ValueError(f"unsupported filter {expr!r}")
+    use_len, path, op, literal = match.groups()
+    value = _path(row, path)
+    if use_len:
+        value = len(value) if value is not None else 0
+    wanted = orjson.loads(literal)
+    if value is None:
+        return False
+    try:
+        return _OPS[op](value, wanted)
+    except TypeError:
+        return False
+
+
+def _run_pipeline(store: PendoStore, pipeline: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for step in pipeline:
+        (name, arg), = step.items()
+        if name == "source":
+            (what, _), = arg.items()
+            kind = {"visitors": "visitor", "accounts": "account"}.get(what)
+            if kind is None:
+                raise ValueError(f"unsupported source {what!r}")
+            id_key = ID_KEYS[kind]
+            rows = [{id_key: rid, "metadata": rec} for rid, rec in store.records[kind].items()]
+        elif name == "identified":
+            rows = [r for r in rows if not str(r.get(arg, "")).startswith("_PENDO_T_")]
+        elif name == "filter":
+            rows = [r for r in rows if _compare(r, arg)]
+        elif name == "select":
+            rows = [{out: _path(r, expr) for out, expr in arg.items()} for r in rows]
+        elif name == "sort":
+            for key in reversed(arg):
+                desc = key.startswith("-")
+                rows.sort(key=lambda r, k=key.lstrip("-"): (_path(r, k) is None, _path(r, k)), reverse=desc)
+        elif name == "limit":
+            rows = rows[: int(arg)]
+        elif name == "count":
+            rows = [{"count": len(rows)}]
+        else:
+            raise ValueError(f"unsupported pipeline step {name!r}")
+    return rows
