@@ -15,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
@@ -29,6 +29,7 @@ import orjson
 from floe.errors import SourceError
 from floe.secrets import redact
 
+T = TypeVar("T")
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504}) | frozenset(range(505, 600))
 # Query parameters that carry credentials in some APIs (Singular's api_key, pre-signed S3 URLs).
 _SECRET_PARAMS = ("key", "token", "secret", "password", "signature", "credential", "auth", "sig")
@@ -207,14 +208,18 @@ class HttpClient:
 
     async def get_json(self, url: str, **kwargs: Any) -> Any:
         """GET and decode JSON. A body that is not valid JSON (e.g. truncated) is retried too."""
+        return await self.get_parsed(url, orjson.loads, **kwargs)
+
+    async def get_parsed(self, url: str, parse: Callable[[bytes], T], **kwargs: Any) -> T:
+        """GET and `parse(body)`; a ValueError from `parse` (a truncated or garbled body) is retried."""
         attempt = 0
         while True:
             response = await self.request("GET", url, **kwargs)
             try:
-                return orjson.loads(response.content)
-            except orjson.JSONDecodeError as exc:
+                return parse(response.content)
+            except ValueError as exc:
                 if attempt >= self.max_retries:
-                    raise self._fail(f"response is not valid JSON ({exc})", response.status_code,
+                    raise self._fail(f"response could not be parsed ({str(exc)[:200]})", response.status_code,
                                      safe_url(response.request.url)) from None
                 self.metrics.retries += 1
                 await asyncio.sleep(self.backoff(attempt))
