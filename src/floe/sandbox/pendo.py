@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 import orjson
@@ -82,6 +83,11 @@ class PendoStore:
     calls: int = 0  # metadata value calls received (faulted ones included)
     records_received: int = 0  # records in calls that were applied
     statuses: dict[int, int] = field(default_factory=dict)
+    inflight: int = 0
+    max_inflight: int = 0  # most metadata value calls in progress at once
+    largest_call: int = 0  # most records in one applied call
+    largest_body: int = 0  # most bytes in one call's body
+    reject: dict[str, str] = field(default_factory=dict)  # id -> error Pendo reports for that row
 
     def add(self, kind: str, ids: list[str], **custom: Any) -> None:
         """Create records (as the Pendo snippet would) with optional custom values."""
@@ -101,7 +107,8 @@ class PendoStore:
 
     def stats(self) -> dict[str, Any]:
         return {"calls": self.calls, "records_received": self.records_received,
-                "statuses": dict(self.statuses),
+                "statuses": dict(self.statuses), "max_inflight": self.max_inflight,
+                "largest_call": self.largest_call, "largest_body": self.largest_body,
                 "counts": {k: len(v) for k, v in self.records.items()}}
 
 
@@ -116,14 +123,17 @@ def create_app(
     seconds_per_record: float = 0.0,
     rate_limit_every: int = 0,
     retry_after: float = 1.0,
+    reject: dict[str, str] | None = None,
 ) -> Starlette:
-    """The emulator app. `integration_key=None` accepts any non-empty key. `app.state.pendo` is its store."""
+    """The emulator app. `integration_key=None` accepts any non-empty key; `reject` maps ids to a
+    per-row error. `app.state.pendo` is its store."""
     store = PendoStore(schema={k: {g: dict(f) for g, f in v.items()} for k, v in (schema or DEFAULT_SCHEMA).items()})
     for kind in KINDS:
         store.schema.setdefault(kind, {}).setdefault("agent", {})
         store.schema[kind].setdefault("custom", {})
     store.add("account", accounts or [])
     store.add("visitor", visitors or [])
+    store.reject.update(reject or {})
 
     def unauthorized(request: Request) -> Response | None:
         key = request.headers.get("x-pendo-integration-key")
@@ -135,10 +145,17 @@ def create_app(
         store.statuses[status] = store.statuses.get(status, 0) + 1
 
     async def set_values(request: Request) -> Response:
-        if latency:
-            await asyncio.sleep(latency)
         store.calls += 1
-        response = _set_values(request, await request.body())
+        store.inflight += 1
+        store.max_inflight = max(store.max_inflight, store.inflight)
+        try:
+            if latency:
+                await asyncio.sleep(latency)
+            body = await request.body()
+            store.largest_body = max(store.largest_body, len(body))
+            response = _set_values(request, body)
+        finally:
+            store.inflight -= 1
         count(response.status_code)
         return response
 
@@ -150,8 +167,7 @@ def create_app(
             return _text(f"Not Found: no metadata {kind}/{group}", 404)
         if store.faults:
             status, wait = store.faults.popleft()
-            return _text("Too Many Requests" if status == 429 else "Internal Server Error", status,
-                         {"Retry-After": f"{wait:g}"} if status == 429 else None)
+            return _text(HTTPStatus(status).phrase, status, {"Retry-After": f"{wait:g}"} if status == 429 else None)
         if rate_limit_every and store.calls % rate_limit_every == 0:
             return _text("Too Many Requests", 429, {"Retry-After": f"{retry_after:g}"})
         try:
@@ -180,8 +196,8 @@ def create_app(
             rid, values = str(rec[id_key]), rec["values"]
             bad = [f"{name}: expected {fields[name]}, got {type(v).__name__}" for name, v in values.items()
                    if v is not None and not _TYPE_OK[fields[name]](v)]
-            if bad:
-                errors.append({"id": rid, "error": "; ".join(bad)})
+            if bad or rid in store.reject:
+                errors.append({"id": rid, "error": "; ".join(bad) or store.reject[rid]})
                 continue
             record = table.get(rid)
             if record is None:
@@ -193,6 +209,7 @@ def create_app(
             record["auto"]["lastupdated"] = now
             updated += 1
         store.records_received += len(records)
+        store.largest_call = max(store.largest_call, len(records))
         failed = len(missing) + len(errors)
         return _json({"total": updated + failed, "updated": updated, "failed": failed,
                       "missing": missing, "errors": errors})

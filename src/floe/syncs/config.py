@@ -78,7 +78,7 @@ class SyncConfig(Model):
         bad = [f for f in value.values() if not _PENDO_FIELD.match(f)]
         if bad:
             raise PydanticCustomError(
-                "sync_fields", "Pendo field names are letters, digits and _ (not starting with a digit): {bad}",
+                "sync_fields", "a Pendo field name holds letters, digits and _ and starts with a letter or _: {bad}",
                 {"bad": ", ".join(bad)})
         if len(set(value.values())) != len(value):
             raise PydanticCustomError("sync_fields", "two columns map to the same Pendo field")
