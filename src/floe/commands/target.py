@@ -1,0 +1,58 @@
+"""`floe target DESTINATION`: load any Singer message stream from stdin into a floe destination."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from floe.errors import FloeError
+from floe.secrets import redact
+
+
+def target_command(
+    destination: Annotated[str, typer.Argument(help="Destination name in floe.yml, or destination type with --config.")],
+    floe_config: Annotated[
+        Path | None, typer.Option("-c", "--floe-config", help="floe.yml holding DESTINATION (default: ./floe.yml).")
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="Singer settings JSON: DESTINATION is then a type and this holds its keys "
+                                      "(plus `schema` and `batch_rows` for the target itself)."),
+    ] = None,
+    schema: Annotated[str | None, typer.Option(help="Schema the tables go into (default: singer).")] = None,
+    input_file: Annotated[Path | None, typer.Option("--input", help="Read messages from this file, not stdin.")] = None,
+    batch_rows: Annotated[int | None, typer.Option(help="Commit once this many records are pending at a STATE.")] = None,
+) -> None:
+    """Run as a Singer target: SCHEMA/RECORD/STATE/ACTIVATE_VERSION/BATCH on stdin, STATE out once committed."""
+    from floe import logs
+    from floe.singer.setup import make_destination_for
+    from floe.singer.target import SingerTarget
+
+    logs.setup()
+    logging.getLogger("floe").setLevel(logging.WARNING)
+    dest = None
+    try:
+        dest, own, cfg = make_destination_for(destination, floe_config, config)
+        target_schema = schema or own.get("schema") or own.get("default_target_schema") or "singer"
+        stage = cfg.stage if cfg is not None else Path(".floe/stage")
+        rows = int(batch_rows or own.get("batch_rows") or 250_000)
+        target = SingerTarget(dest, stage, sys.stdout.buffer, schema=str(target_schema), batch_rows=rows)
+        if input_file is not None:
+            with input_file.open("rb") as handle:
+                committed = target.run(handle)
+        else:
+            committed = target.run(sys.stdin.buffer)
+    except FloeError as exc:
+        typer.echo(f"CRITICAL {redact(str(exc))}", err=True)
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        typer.echo(f"CRITICAL {redact(str(exc))}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        if dest is not None:
+            dest.close()
+    typer.echo(f"INFO target committed {committed} rows into {destination}", err=True)

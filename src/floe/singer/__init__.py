@@ -1,0 +1,1 @@
+"""Singer interoperability: messages, Arrow <-> JSON Schema, catalogs, the tap and the target."""

@@ -1,0 +1,371 @@
+"""floe as a Singer target: a Singer message stream loaded through floe's stage + exactly-once loads.
+
+Per stream, RECORDs are gathered into chunks, converted to Arrow in bulk (`convert.Converter`),
+and staged as Parquet exactly like `floe run` stages a source's batches. A commit hands every
+stream's staged files to `Destination.load` (data + state + load row in one transaction per
+table) and only then writes the latest STATE to stdout, so every STATE a consumer sees covers
+committed data only. Commits happen when `batch_rows` records are pending and a STATE arrives,
+when `max_seconds` passed since the last commit and a STATE arrives, on ACTIVATE_VERSION, on a
+key change, and at the end of input.
+
+Tables: `<schema>.<stream>` (schema `singer` by default), merged on `key_properties`, appended
+when there are none. Records that carry a `version` store it in `_sdc_table_version`;
+ACTIVATE_VERSION deletes the rows of older versions (and unversioned rows) of that table.
+The destination keeps the STATE committed with each table under `_floe_state`
+(source = the schema, stream = the Singer stream) as `{"singer_state": ...}`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import unquote, urlparse
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from floe.destinations.base import Destination, LoadJob
+from floe.engine.pipeline import table_spec
+from floe.engine.stage import StageWriter, new_load_id, remove_files
+from floe.engine.stream import Batch, Disposition, State, Stream
+from floe.errors import FloeError, SourceError
+from floe.singer.convert import Converter
+from floe.singer.messages import message_type
+from floe.singer.schema import Column, json_schema_columns
+
+log = logging.getLogger("floe.singer.target")
+
+VERSION_COLUMN = "_sdc_table_version"
+CHUNK_ROWS = 50_000  # records converted to Arrow and staged at a time
+
+
+class SingerStream(Stream):
+    """A Singer stream as a floe Stream: its shape only; its rows come from the message reader."""
+
+    def __init__(self, name: str, schema: pa.Schema, key: tuple[str, ...]) -> None:
+        self.name = name
+        self.schema = schema
+        self.primary_key = key
+        self.disposition: Disposition = "merge" if key else "append"
+
+    async def read(self, state: State | None) -> Iterator[Batch]:  # type: ignore[override]
+        raise NotImplementedError("Singer streams are fed by the target's message reader")
+
+
+@dataclass
+class _Buffer:
+    stream: SingerStream
+    columns: list[Column]
+    converter: Converter
+    writer: StageWriter
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    records: int = 0  # records of this stream converted so far (record numbers continue from here)
+    staged: int = 0  # rows staged since the last commit
+    versioned: bool = False
+
+
+class SingerTarget:
+    def __init__(self, destination: Destination, stage: Path, out: IO[bytes], schema: str = "singer",
+                 batch_rows: int = 250_000, max_seconds: float = 60.0) -> None:
+        self.destination = destination
+        self.stage = stage
+        self.out = out
+        self.schema = schema
+        self.batch_rows = batch_rows
+        self.max_seconds = max_seconds
+        self.buffers: dict[str, _Buffer] = {}
+        self.state: Any = None
+        self.state_unsent = False
+        self.last_commit = time.monotonic()
+        self.started_at = datetime.now(UTC)
+        self.committed_rows = 0
+
+    # --- input ---------------------------------------------------------------------------------
+    def run(self, lines: Iterable[bytes]) -> int:
+        """Consume every message; commit and emit the final STATE. Returns the rows committed."""
+        loads, decode_error = orjson.loads, orjson.JSONDecodeError
+        buffers = self.buffers
+        chunk = CHUNK_ROWS
+        try:
+            for lineno, line in enumerate(lines, 1):
+                try:
+                    message = loads(line)
+                except decode_error as exc:
+                    if not line.strip():
+                        continue
+                    raise SourceError(f"input line {lineno}: not a JSON message ({exc.msg})") from None
+                # The hot path: a RECORD of a known stream. Everything else goes to _other.
+                if type(message) is dict and message.get("type") == "RECORD":
+                    buf = buffers.get(message.get("stream"))  # type: ignore[arg-type]
+                    record = message.get("record")
+                    if buf is not None and type(record) is dict and "version" not in message:
+                        rows = buf.rows
+                        rows.append(record)
+                        if len(rows) >= chunk:
+                            self._stage(buf)
+                        continue
+                self._other(message, lineno)
+            self.commit()
+        except BaseException:
+            self.abort()
+            raise
+        return self.committed_rows
+
+    def _bad_record(self, message: dict[str, Any], lineno: int) -> None:
+        stream = message.get("stream")
+        if stream not in self.buffers:
+            raise SourceError(f"input line {lineno}: RECORD for stream {stream!r} before its SCHEMA")
+        raise SourceError(f"input line {lineno}: RECORD of stream {stream!r} has no `record` object")
+
+    def _other(self, message: Any, lineno: int) -> None:
+        kind = message_type(message)
+        where = f"input line {lineno}"
+        if kind == "RECORD":  # a lower-case type
+            return self._other_record(message, lineno)
+        if kind == "SCHEMA":
+            self._schema(message, where)
+        elif kind == "STATE":
+            if "value" not in message:
+                raise SourceError(f"{where}: STATE message has no `value`")
+            self.state, self.state_unsent = message["value"], True
+            due = self._pending_rows() >= self.batch_rows or time.monotonic() - self.last_commit >= self.max_seconds
+            if due or not self._has_pending():
+                self.commit()
+        elif kind == "ACTIVATE_VERSION":
+            self._activate(message, where)
+        elif kind == "BATCH":
+            self._batch(message, where)
+        elif kind is None:
+            raise SourceError(f"{where}: not a Singer message (no `type`)")
+        else:
+            log.debug("ignoring %s message at %s", kind, where)
+
+    def _other_record(self, message: dict[str, Any], lineno: int) -> None:
+        buf = self.buffers.get(message.get("stream"))  # type: ignore[arg-type]
+        record = message.get("record")
+        if buf is None or type(record) is not dict:
+            self._bad_record(message, lineno)
+        if message.get("version") is not None:
+            record[VERSION_COLUMN] = message["version"]
+            if not buf.versioned:
+                self._mark_versioned(buf)
+        buf.rows.append(record)
+        if len(buf.rows) >= CHUNK_ROWS:
+            self._stage(buf)
+
+    # --- streams -------------------------------------------------------------------------------
+    def _schema(self, message: dict[str, Any], where: str) -> None:
+        name = message.get("stream")
+        if not isinstance(name, str) or not name:
+            raise SourceError(f"{where}: SCHEMA message has no `stream`")
+        columns = json_schema_columns(message.get("schema"), name)
+        keys = message.get("key_properties") or []
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise SourceError(f"{where}: stream {name}: key_properties must be a list of property names")
+        known = {c.name for c in columns}
+        missing = [k for k in keys if k not in known]
+        if missing:
+            raise SourceError(f"{where}: stream {name}: key_properties {missing} are not in the schema")
+        old = self.buffers.get(name)
+        if old is not None:
+            if old.columns == self._with_version(columns, old.versioned) and old.stream.primary_key == tuple(keys):
+                return
+            self._stage(old)
+            if old.stream.primary_key != tuple(keys):
+                self.commit(only=old)  # rows staged under the old key merge on the old key
+        buf_columns = self._with_version(columns, old.versioned if old else False)
+        stream = SingerStream(name, pa.schema([c.arrow_field() for c in buf_columns]), tuple(keys))
+        if old is not None:
+            old.stream, old.columns = stream, buf_columns
+            old.converter = Converter(name, buf_columns)
+        else:
+            writer = StageWriter(self.stage, self.schema, name, new_load_id())
+            self.buffers[name] = _Buffer(stream, buf_columns, Converter(name, buf_columns), writer)
+
+    @staticmethod
+    def _with_version(columns: list[Column], versioned: bool) -> list[Column]:
+        if not versioned or any(c.name == VERSION_COLUMN for c in columns):
+            return columns
+        return [*columns, Column(VERSION_COLUMN, "integer", True, False, frozenset({"integer"}))]
+
+    def _mark_versioned(self, buf: _Buffer) -> None:
+        buf.versioned = True
+        buf.columns = self._with_version(buf.columns, True)
+        buf.converter = Converter(buf.stream.name, buf.columns)
+        buf.stream.schema = pa.schema([c.arrow_field() for c in buf.columns])
+
+    def _stage(self, buf: _Buffer) -> None:
+        """Convert the buffered records of `buf` to Arrow (validating them) and stage them."""
+        if not buf.rows:
+            return
+        batch = buf.converter.batch(buf.rows, buf.records + 1)
+        buf.writer.write(batch)
+        buf.records += len(buf.rows)
+        buf.staged += len(buf.rows)
+        buf.rows = []
+
+    def _pending_rows(self) -> int:
+        return sum(b.staged + len(b.rows) for b in self.buffers.values())
+
+    def _has_pending(self) -> bool:
+        return any(b.rows or b.staged for b in self.buffers.values())
+
+    # --- commits -------------------------------------------------------------------------------
+    def _checkpoint(self) -> State:
+        return {"singer_state": self.state}
+
+    def _load(self, buf: _Buffer, details: dict[str, Any] | None = None) -> LoadJob:
+        files = buf.writer.flush()
+        job = LoadJob(
+            load_id=buf.writer.load_id, source=self.schema, stream=buf.stream.name,
+            table=table_spec(self.schema, buf.stream, files), files=files, checkpoint=self._checkpoint(),
+            started_at=self.started_at, details=details or {},
+        )
+        buf.writer.load_id = new_load_id()
+        return job
+
+    def commit(self, only: _Buffer | None = None) -> None:
+        """Commit every stream with staged rows (or just `only`), then emit the latest STATE."""
+        for buf in [only] if only else list(self.buffers.values()):
+            self._stage(buf)
+            if not buf.staged:
+                continue
+            job = self._load(buf)
+            try:
+                self.destination.load(job)
+            except Exception as exc:
+                self.destination.record_failure(job, str(exc))
+                raise
+            finally:
+                remove_files(job.files)
+            self.committed_rows += job.rows
+            buf.staged = 0
+        if only is None:
+            self.last_commit = time.monotonic()
+            self.emit_state()
+
+    def emit_state(self) -> None:
+        if self.state_unsent:
+            self.out.write(orjson.dumps(self.state) + b"\n")
+            self.out.flush()
+            self.state_unsent = False
+
+    def abort(self) -> None:
+        for buf in self.buffers.values():
+            buf.writer.abort()
+            buf.rows = []
+
+    def _activate(self, message: dict[str, Any], where: str) -> None:
+        name, version = message.get("stream"), message.get("version")
+        buf = self.buffers.get(name)  # type: ignore[arg-type]
+        if buf is None:
+            raise SourceError(f"{where}: ACTIVATE_VERSION for stream {name!r} before its SCHEMA")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise SourceError(f"{where}: ACTIVATE_VERSION of stream {name}: version must be an integer")
+        if not buf.versioned:
+            self._mark_versioned(buf)
+        self.commit(only=buf)
+        from floe.destinations.sql import SqlDestination
+
+        if not isinstance(self.destination, SqlDestination):
+            log.warning("destination %s cannot delete old versions; ACTIVATE_VERSION of %s ignored",
+                        self.destination.name, name)
+            return
+        _delete_older_versions(self.destination, self._load(buf, {"activate_version": version}), version)
+
+    # --- Meltano BATCH messages --------------------------------------------------------------
+    def _batch(self, message: dict[str, Any], where: str) -> None:
+        name = message.get("stream")
+        buf = self.buffers.get(name)  # type: ignore[arg-type]
+        if buf is None:
+            raise SourceError(f"{where}: BATCH for stream {name!r} before its SCHEMA")
+        encoding = message.get("encoding") or {}
+        fmt = (encoding.get("format") or "jsonl").lower()
+        compression = (encoding.get("compression") or "none").lower()
+        manifest = message.get("manifest") or []
+        if fmt not in ("jsonl", "parquet"):
+            raise SourceError(f"{where}: BATCH format {fmt!r} is not supported (jsonl, parquet)")
+        for uri in manifest:
+            path = _local_path(uri, where)
+            for rows in (_jsonl_rows(path, compression, where) if fmt == "jsonl" else _parquet_rows(path)):
+                for row in rows:
+                    if type(row) is not dict:
+                        raise SourceError(f"{where}: BATCH file {path}: every line must be a JSON object")
+                buf.rows.extend(rows)
+                self._stage(buf)
+
+
+def _local_path(uri: Any, where: str) -> Path:
+    if not isinstance(uri, str):
+        raise SourceError(f"{where}: BATCH manifest entries must be strings")
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return Path(unquote(parsed.path) if parsed.scheme else uri)
+    raise SourceError(f"{where}: BATCH file {uri}: only local files (file://) are supported")
+
+
+def _jsonl_rows(path: Path, compression: str, where: str) -> Iterator[list[Any]]:
+    opener = gzip.open if compression == "gzip" else open
+    try:
+        with opener(path, "rb") as handle:  # type: ignore[operator]
+            rows: list[Any] = []
+            for n, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(orjson.loads(line))
+                except orjson.JSONDecodeError as exc:
+                    raise SourceError(f"{path}:{n}: not JSON ({exc.msg})") from None
+                if len(rows) >= CHUNK_ROWS:
+                    yield rows
+                    rows = []
+            yield rows
+    except OSError as exc:
+        raise SourceError(f"{where}: BATCH file {path}: {exc.strerror or exc}") from None
+
+
+def _parquet_rows(path: Path) -> Iterator[list[Any]]:
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise SourceError(f"BATCH file {path}: {exc}") from None
+    for batch in parquet.iter_batches(CHUNK_ROWS):
+        yield _jsonable(batch.to_pylist())
+
+
+def _jsonable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Parquet values as the JSON values a jsonl batch would hold (timestamps as RFC 3339 text)."""
+    for row in rows:
+        for key, value in row.items():
+            if isinstance(value, datetime):
+                row[key] = (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+            elif hasattr(value, "isoformat"):
+                row[key] = value.isoformat()
+    return rows
+
+
+def _delete_older_versions(destination: Any, job: LoadJob, version: int) -> None:
+    """In one transaction: ensure the table, delete rows of versions older than `version`, write state."""
+    spec = job.table
+    to_spec = getattr(destination, "_spec", None)
+    if to_spec is not None:
+        spec = to_spec(spec)
+    table = destination.qualified(spec.schema_name, spec.table)
+    try:
+        with destination.transaction() as cur:
+            destination.ensure_meta(cur)
+            destination.ensure_table(cur, spec)
+            cur.execute(f"DELETE FROM {table} WHERE {VERSION_COLUMN} IS NULL OR {VERSION_COLUMN} < {int(version)}")
+            destination.write_state(cur, job)
+            destination.write_load_row(cur, job, "committed", None, datetime.now(UTC))
+    except FloeError:
+        raise
+    except Exception as exc:
+        raise SourceError(f"{destination.name}: ACTIVATE_VERSION {version} of {spec.table} failed: {exc}") from exc
