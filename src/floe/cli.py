@@ -162,3 +162,9 @@ def main() -> None:
 from floe.commands.sync import sync_command  # noqa: E402
 
 app.command("sync")(sync_command)
+from floe.commands.tap import discover_command, tap_command  # noqa: E402
+from floe.commands.target import target_command  # noqa: E402
+
+app.command("tap")(tap_command)
+app.command("discover")(discover_command)
+app.command("target")(target_command)
