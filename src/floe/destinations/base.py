@@ -43,6 +43,10 @@ class TableSpec:
     # merge only: target rows whose parent_key matches a staged row are all deleted first, so a
     # child table (e.g. one row per profile var) is replaced as a set when its parent is re-sent.
     parent_key: tuple[str, ...] = ()
+    # Optional views recreated with every load, in the same transaction: (name, SELECT template).
+    # The template may use {table} (the qualified target) and {columns} (its quoted column list);
+    # keep it portable SQL with double-quoted identifiers. Destinations without views ignore it.
+    views: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

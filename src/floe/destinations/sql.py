@@ -133,6 +133,16 @@ class SqlDestination(Destination):
         )
         return statements
 
+    def views_sql(self, spec: TableSpec) -> list[str]:
+        """Recreate the stream's views (TableSpec.views) over the target; drop+create so new columns show."""
+        statements: list[str] = []
+        columns = ", ".join(self.quote(c) for c in [*self.insert_columns(spec), "_floe_load_id", "_floe_loaded_at"])
+        for name, template in spec.views:
+            view = self.qualified(spec.schema_name, name)
+            sql = template.format(table=self.qualified(spec.schema_name, spec.table), columns=columns)
+            statements += [f"DROP VIEW IF EXISTS {view}", f"CREATE VIEW {view} AS {sql}"]
+        return statements
+
     def meta_ddl(self) -> list[str]:
         t, ts = self.text_type, self.timestamp_tz_type
         return [
@@ -203,6 +213,8 @@ class SqlDestination(Destination):
                     for statement in self.disposition_sql(spec, staging, order, job.load_id):
                         cur.execute(statement)
                     self.drop_staging(cur, staging)
+                for statement in self.views_sql(spec):
+                    cur.execute(statement)
                 self.write_state(cur, job)
                 self.write_load_row(cur, job, "committed", None, datetime.now(UTC))
         except DestinationError:
