@@ -257,7 +257,7 @@ def write_message_blast(out: Path, actions: int, files: int = 5, seed: int = 11,
     blast_id = 7_000_000
     start = datetime(2016, 4, 1, 12, tzinfo=UTC)
     for i in range(files):
-        name = out / f"4484_message_blast.{(start + timedelta(days=i)):%Y%m%d}.json" + (".gz" if gzipped else "")
+        name = out / (f"4484_message_blast.{(start + timedelta(days=i)):%Y%m%d}.json" + (".gz" if gzipped else ""))
         rows = 0
         buffer = io.StringIO()
         while rows < per_file:
