@@ -1,0 +1,436 @@
+"""A local emulator of FullStory's Segment Export API (facts: reference/fullstory_hauser.md §2.2).
+
+Flow, every API call needing `Authorization: Basic <api key>` (the raw key):
+1. `POST /segments/v1/exports` with `{"segmentId", "type": "TYPE_EVENT", "format": "FORMAT_JSON" |
+   "FORMAT_NDJSON", "timeRange": {"start", "end"}, "fields": [...]?}` -> `{"operationId"}`.
+2. `GET /operations/v1/{operationId}` -> `{"type": "SEARCH_EXPORT", "state": "PENDING" | "COMPLETED" |
+   "FAILED", "estimatePctComplete", "errorDetails", "results": {"searchExportId", "expires"}}`.
+3. `GET /search/v1/exports/{searchExportId}/results` -> `{"location": <signed URL>, "expires"}`.
+4. `GET <location>` (no auth; the signature and expiry are in the query) -> the gzip file: one JSON
+   array (FORMAT_JSON) or one event per line (FORMAT_NDJSON).
+
+Events are a pure function of time: event `k` happens at `k * step + jitter(k)` microseconds since
+the Unix epoch (`step = 1 h / events_per_hour`), so any time range has the same events on every
+call. Fields absent from an event (null) are omitted, as in FullStory's own files. Every event has
+`user_*` custom vars, some `evt_*`/`page_*` ones. Exports whose window starts at or after
+`new_fields_from` also carry `ReqUrl`/`ReqMethod`/`ReqStatus` on request events and the field
+`EventFutureField`, which no client knows yet. Files are built by DuckDB (vectorised) and cached
+on disk by (range, format, fields), then streamed.
+
+Fault knobs (constructor arguments, or `POST /_sandbox/fullstory/faults` with the same names, or
+`app.state.fullstory.faults`): `rate_limit_every` (every Nth API call answers 429 with
+`Retry-After: retry_after`), `fail_operations` (the next N exports end FAILED), `expire_links`
+(the next N results carry an already expired location), `cut_downloads` (the next N downloads
+close the connection half way), `truncate_downloads` (the next N downloads are a well-formed
+response whose gzip is cut short).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+DEFAULT_API_KEY = "fs-sandbox-key"
+FORMATS = {"FORMAT_JSON", "FORMAT_NDJSON"}
+_WILDCARDS = ("user_*", "evt_*", "page_*")
+
+# (field name, DuckDB expression over k (BIGINT), h (UBIGINT hash of k), us (event time, µs)).
+# A NULL omits the field from the event.
+_TS = "strftime(make_timestamp(({x})::BIGINT), '%Y-%m-%dT%H:%M:%S.%fZ')"
+_TYPES = "['click','navigate','change','custom','console_message','exception','seen','cumulative_layout_shift']"
+_COLUMNS: list[tuple[str, str]] = [
+    ("IndvId", "9007199254740993 + (h % 5000) * 2"),  # > 2^53 and odd: a float64 would round it
+    ("UserId", "5764607523034234881 + (h % 5000)"),
+    ("SessionId", "6917529027641081857 + ((h >> 8) % 50000)"),
+    ("PageId", "1152921504606846977 + ((h >> 16) % 500000)"),
+    ("UserCreated", f"CASE WHEN h % 3 = 0 THEN {_TS.format(x='1577836800000000 + (h % 5000) * 3600000000')} END"),
+    ("UserAppKey", "CASE WHEN h % 3 = 0 THEN 'acct-' || (h % 5000)::VARCHAR END"),
+    ("UserDisplayName", "CASE WHEN h % 3 = 0 THEN 'User ' || (h % 5000)::VARCHAR END"),
+    ("UserEmail", "CASE WHEN h % 3 = 0 THEN 'user' || (h % 5000)::VARCHAR || '@example.com' END"),
+    ("EventStart", _TS.format(x="us")),
+    ("EventType", f"{_TYPES}[1 + (h % 8)::INT]"),
+    ("EventSubType", "CASE WHEN h % 8 = 1 THEN ['navigate','reload','back_forward'][1 + ((h >> 3) % 3)::INT] "
+                     "WHEN h % 8 = 4 THEN 'error' END"),
+    ("EventCustomName", "CASE WHEN h % 8 = 3 THEN ['Order Completed','Signed Up','Product Viewed']"
+                        "[1 + ((h >> 3) % 3)::INT] END"),
+    ("EventTargetText", "CASE WHEN h % 8 = 0 THEN ['Add to cart','Buy \"now\"','Weiter →','Line1\nLine2']"
+                        "[1 + ((h >> 5) % 4)::INT] END"),
+    ("EventTargetSelector", "CASE WHEN h % 8 IN (0, 2) THEN 'div.cart > button#add-' || ((h >> 9) % 50)::VARCHAR END"),
+    ("EventPageOffset", "(h >> 20) % 600000"),
+    ("EventSessionOffset", "(h >> 20) % 3600000"),
+    ("EventModFrustrated", "CASE WHEN h % 97 = 0 THEN 1 END"),
+    ("EventModDead", "CASE WHEN h % 89 = 0 THEN 1 END"),
+    ("EventModError", "CASE WHEN h % 8 = 5 THEN 1 END"),
+    ("EventCumulativeLayoutShift", "CASE WHEN h % 8 = 7 THEN ((h >> 7) % 1000) / 4000.0 END"),
+    ("SessionStart", _TS.format(x="us - ((h >> 20) % 3600000) * 1000")),
+    ("PageName", "['Home','Product','Cart','Checkout'][1 + ((h >> 16) % 4)::INT]"),
+    ("PageStart", _TS.format(x="us - ((h >> 20) % 600000) * 1000")),
+    ("PageDuration", "(h >> 24) % 600000"),
+    ("PageActiveDuration", "(h >> 25) % 300000"),
+    ("PageUrl", "'https://shop.example.com/' || ['','p/','cart','checkout'][1 + ((h >> 16) % 4)::INT] "
+                "|| ((h >> 16) % 997)::VARCHAR"),
+    ("PageRefererUrl", "CASE WHEN h % 5 = 0 THEN 'https://www.google.com/' END"),
+    ("PageIp", "'10.' || ((h >> 8) % 250)::VARCHAR || '.' || ((h >> 16) % 250)::VARCHAR || '.7'"),
+    ("PageLatLong", "'52.52,13.40'"),
+    ("PageUserAgent", "['Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0','Mozilla/5.0 (iPhone; CPU iPhone OS 17_1) "
+                      "Safari/604.1'][1 + ((h >> 8) % 2)::INT]"),
+    ("PageBrowser", "['Chrome','Mobile Safari'][1 + ((h >> 8) % 2)::INT]"),
+    ("PageDevice", "['Desktop','Mobile'][1 + ((h >> 8) % 2)::INT]"),
+    ("PageOperatingSystem", "['Linux','iOS'][1 + ((h >> 8) % 2)::INT]"),
+    ("PageScreenWidth", "[1920, 390][1 + ((h >> 8) % 2)::INT]"),
+    ("PageScreenHeight", "[1080, 844][1 + ((h >> 8) % 2)::INT]"),
+    ("PageNumEvents", "(h >> 30) % 500"),
+    ("PageNumErrors", "(h >> 31) % 3"),
+    ("PageClusterId", "(h >> 16) % 997"),
+    ("PageMaxScrollDepthPercent", "(h >> 12) % 101"),
+    ("LoadDomContentTime", "CASE WHEN h % 8 = 1 THEN (h >> 9) % 3000 END"),
+    ("LoadFirstPaintTime", "CASE WHEN h % 8 = 1 THEN (h >> 10) % 2000 END"),
+    ("user_plan_str", "['free','pro','enterprise'][1 + ((h >> 4) % 3)::INT]"),
+    ("evt_order.total_real", "CASE WHEN h % 8 = 3 THEN ((h >> 6) % 100000) / 100.0 END"),
+    ("evt_items_int", "CASE WHEN h % 8 = 3 THEN (h >> 6) % 9 END"),
+    ("page_experiment_bool", "CASE WHEN h % 4 = 0 THEN (h >> 2) % 2 = 0 END"),
+]
+# Page-level fields travel on the page's navigate events only (keeps files near 600 bytes per event).
+_NAVIGATE_ONLY = {"SessionStart", "PageStart", "PageRefererUrl", "PageIp", "PageLatLong", "PageUserAgent",
+                  "PageBrowser", "PageDevice", "PageOperatingSystem", "PageScreenWidth", "PageScreenHeight"}
+_COLUMNS = [(n, f"CASE WHEN h % 8 = 1 THEN {e} END" if n in _NAVIGATE_ONLY else e) for n, e in _COLUMNS]
+# Fields that appear only in exports starting at or after `new_fields_from`.
+_LATER_COLUMNS: list[tuple[str, str]] = [
+    ("ReqUrl", "CASE WHEN h % 8 = 6 THEN 'https://api.example.com/v1/cart/' || ((h >> 9) % 50)::VARCHAR END"),
+    ("ReqMethod", "CASE WHEN h % 8 = 6 THEN ['GET','POST'][1 + ((h >> 9) % 2)::INT] END"),
+    ("ReqStatus", "CASE WHEN h % 8 = 6 THEN [200, 201, 404, 500][1 + ((h >> 9) % 4)::INT] END"),
+    ("EventFutureField", "CASE WHEN h % 16 = 9 THEN 'v' || ((h >> 9) % 7)::VARCHAR END"),
+]
+# Mobile app fields (IncludeMobileAppsFields), present on the mobile half of the traffic.
+_MOBILE_COLUMNS: list[tuple[str, str]] = [
+    ("AppName", "CASE WHEN (h >> 8) % 2 = 1 THEN 'Shop' END"),
+    ("AppVersion", "CASE WHEN (h >> 8) % 2 = 1 THEN '4.' || ((h >> 11) % 3)::VARCHAR END"),
+]
+
+
+def _sql_str(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def parse_time(value: str) -> datetime:
+    """RFC3339 (with `Z`) -> aware UTC datetime."""
+    dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if dt.tzinfo is None:
+        raise ValueError(f"{value!r} has no time zone")
+    return dt.astimezone(UTC)
+
+
+def rfc3339(dt: datetime) -> str:
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _us(dt: datetime) -> int:
+    return int(dt.timestamp()) * 1_000_000 + dt.microsecond
+
+
+def _wanted(name: str, fields: list[str] | None) -> bool:
+    if not fields:
+        return True
+    if name in fields:
+        return True
+    return any(w in fields and name.startswith(w[:-1]) for w in _WILDCARDS)
+
+
+@dataclass
+class Faults:
+    rate_limit_every: int = 0
+    retry_after: int = 1
+    fail_operations: int = 0
+    expire_links: int = 0
+    cut_downloads: int = 0
+    truncate_downloads: int = 0
+
+
+@dataclass
+class Export:
+    id: str
+    start: datetime
+    end: datetime
+    format: str
+    fields: list[str] | None
+    created: float
+    path: Path | None = None
+    failed: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class FullStoryEmulator:
+    """The emulator's state; `app.state.fullstory` in a running app."""
+
+    api_key: str = DEFAULT_API_KEY
+    events_per_hour: int = 3600
+    new_fields_from: datetime | None = None
+    processing_seconds: float = 0.0  # an export stays in progress at least this long
+    link_ttl_seconds: float = 600.0
+    cache_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "floe-fullstory-emulator")
+    faults: Faults = field(default_factory=Faults)
+    exports: dict[str, Export] = field(default_factory=dict)
+    operations: dict[str, str] = field(default_factory=dict)  # operation id -> export id
+    created: list[dict[str, Any]] = field(default_factory=list)  # every accepted create request
+    downloads: int = 0
+    api_calls: int = 0
+    _secret: bytes = field(default_factory=lambda: os.urandom(16))
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def step_us(self) -> int:
+        return max(1, 3_600_000_000 // self.events_per_hour)
+
+    # --- data ---------------------------------------------------------------------------
+    def columns(self, start: datetime, fields: list[str] | None) -> list[tuple[str, str]]:
+        cols = list(_COLUMNS) + list(_MOBILE_COLUMNS)
+        if self.new_fields_from is not None and start >= self.new_fields_from:
+            cols += _LATER_COLUMNS
+        return [(n, e) for n, e in cols if _wanted(n, fields) or n == "EventFutureField"]
+
+    def build(self, export: Export) -> Path:
+        """Write (or reuse) the gzip file of `export`."""
+        key = orjson.dumps([rfc3339(export.start), rfc3339(export.end), export.format, export.fields,
+                            self.events_per_hour, str(self.new_fields_from), 2])
+        name = hashlib.sha1(key).hexdigest()[:20]
+        path = self.cache_dir / f"{name}.{'ndjson' if export.format == 'FORMAT_NDJSON' else 'json'}.gz"
+        if path.exists():
+            return path
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
+        cols = self.columns(export.start, export.fields)
+        step = self.step_us
+        lo, hi = _us(export.start) // step - 1, -(-_us(export.end) // step) + 1
+        # concat_ws skips NULL fragments, so fields whose value is NULL are left out of the event.
+        fragments = ", ".join(
+            f"{_sql_str(orjson.dumps(n).decode() + ':')} || to_json({e})::VARCHAR" for n, e in cols
+        )
+        events = (
+            f"SELECT '{{' || concat_ws(',', {fragments}) || '}}' AS line, us FROM "
+            f"(SELECT k, h, k * {step} + (h % {step})::BIGINT AS us FROM "
+            f"(SELECT k, hash(k) AS h FROM range({lo}, {hi}) t(k))) "
+            f"WHERE us >= {_us(export.start)} AND us < {_us(export.end)}"
+        )
+        copy = "(FORMAT CSV, HEADER false, QUOTE '', ESCAPE '', DELIMITER '\x01', COMPRESSION GZIP)"
+        con = duckdb.connect(config={"threads": 2, "autoinstall_known_extensions": False})
+        try:
+            ordered = f"SELECT line FROM ({events}) ORDER BY us"
+            if export.format == "FORMAT_NDJSON":
+                con.execute(f"COPY ({ordered}) TO '{tmp}' {copy}")
+            else:
+                n = con.execute(f"SELECT count(*) FROM ({events})").fetchone()[0]  # type: ignore[index]
+                body = (f"SELECT CASE WHEN rn = 1 THEN '[' ELSE '' END || line || CASE WHEN rn = {n} THEN ']' "
+                        f"ELSE ',' END AS line FROM (SELECT line, row_number() OVER (ORDER BY us) AS rn "
+                        f"FROM ({events}))")
+                body = body if n else "SELECT '[]' AS line"
+                con.execute(f"COPY ({body}) TO '{tmp}' {copy}")
+        finally:
+            con.close()
+        os.replace(tmp, path)
+        return path
+
+    # --- signing --------------------------------------------------------------------------
+    def sign(self, export_id: str, expires: int) -> str:
+        return hmac.new(self._secret, f"{export_id}:{expires}".encode(), hashlib.sha256).hexdigest()[:32]
+
+    def take(self, name: str) -> bool:
+        """Consume one unit of a counting fault."""
+        with self._lock:
+            left = getattr(self.faults, name)
+            if left > 0:
+                setattr(self.faults, name, left - 1)
+                return True
+            return False
+
+
+def _error(status: int, message: str, code: str | None = None) -> Response:
+    body: dict[str, Any] = {"code": code or {400: "invalid_argument", 401: "unauthenticated",
+                                             404: "not_found", 429: "resource_exhausted"}.get(status, "internal"),
+                            "message": message}
+    return Response(orjson.dumps(body), status, media_type="application/json")
+
+
+def create_app(
+    api_key: str = DEFAULT_API_KEY,
+    events_per_hour: int = 3600,
+    new_fields_from: str | None = None,
+    processing_seconds: float = 0.0,
+    link_ttl_seconds: float = 600.0,
+    cache_dir: str | None = None,
+    **faults: int,
+) -> Starlette:
+    """The emulator as an ASGI app (a module-level factory, so it can run in another process)."""
+    emu = FullStoryEmulator(
+        api_key=api_key, events_per_hour=events_per_hour,
+        new_fields_from=parse_time(new_fields_from) if new_fields_from else None,
+        processing_seconds=processing_seconds, link_ttl_seconds=link_ttl_seconds,
+        faults=Faults(**faults),
+    )
+    if cache_dir:
+        emu.cache_dir = Path(cache_dir)
+
+    def authorized(request: Request) -> Response | None:
+        with emu._lock:
+            emu.api_calls += 1
+            calls = emu.api_calls
+        header = request.headers.get("authorization", "")
+        if header != f"Basic {emu.api_key}":
+            return _error(401, "Unauthorized: invalid API key")
+        every = emu.faults.rate_limit_every
+        if every and calls % every == 0:
+            response = _error(429, "Too many requests")
+            response.headers["Retry-After"] = str(emu.faults.retry_after)
+            return response
+        return None
+
+    async def create_export(request: Request) -> Response:
+        if (denied := authorized(request)) is not None:
+            return denied
+        try:
+            body = orjson.loads(await request.body())
+            fmt = body.get("format", "FORMAT_JSON")
+            rng = body["timeRange"]
+            start, end = parse_time(rng["start"]), parse_time(rng["end"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            return _error(400, f"invalid request body: {exc}")
+        if body.get("type", "TYPE_EVENT") != "TYPE_EVENT":
+            return _error(400, f"unsupported export type {body.get('type')!r}")
+        if fmt not in FORMATS:
+            return _error(400, f"unsupported format {fmt!r} (this emulator serves {', '.join(sorted(FORMATS))})")
+        if end <= start:
+            return _error(400, "timeRange.end must be after timeRange.start")
+        export = Export(uuid.uuid4().hex, start, end, fmt, body.get("fields") or None, time.time())
+        if emu.take("fail_operations"):
+            export.failed = "export failed: internal error while building the export (injected)"
+            export.done.set()
+        else:
+            def work() -> None:
+                try:
+                    export.path = emu.build(export)
+                except Exception as exc:  # noqa: BLE001 - reported through the operation
+                    export.failed = f"export failed: {exc}"
+                export.done.set()
+
+            threading.Thread(target=work, daemon=True).start()
+        operation = f"op-{uuid.uuid4().hex[:16]}"
+        with emu._lock:
+            emu.exports[export.id] = export
+            emu.operations[operation] = export.id
+            emu.created.append({"segmentId": body.get("segmentId"), "start": rfc3339(start), "end": rfc3339(end),
+                                "format": fmt})
+        return JSONResponse({"operationId": operation})
+
+    async def operation(request: Request) -> Response:
+        if (denied := authorized(request)) is not None:
+            return denied
+        export_id = emu.operations.get(request.path_params["op"])
+        if export_id is None:
+            return _error(404, "operation not found")
+        export = emu.exports[export_id]
+        elapsed = time.time() - export.created
+        result: dict[str, Any] = {"id": request.path_params["op"], "type": "SEARCH_EXPORT",
+                                  "createdAt": rfc3339(datetime.fromtimestamp(export.created, UTC))}
+        if export.failed:
+            result.update(state="FAILED", errorDetails=export.failed, estimatePctComplete=100)
+        elif export.done.is_set() and elapsed >= emu.processing_seconds:
+            expires = datetime.fromtimestamp(time.time() + 7 * 86400, UTC)
+            result.update(state="COMPLETED", estimatePctComplete=100,
+                          results={"searchExportId": export.id, "expires": rfc3339(expires)})
+        else:
+            pct = min(99, int(100 * elapsed / emu.processing_seconds)) if emu.processing_seconds else 50
+            result.update(state="PENDING", estimatePctComplete=pct)
+        return JSONResponse(result)
+
+    async def results(request: Request) -> Response:
+        if (denied := authorized(request)) is not None:
+            return denied
+        export = emu.exports.get(request.path_params["export_id"])
+        if export is None or export.path is None:
+            return _error(404, "search export not found")
+        now = time.time()
+        expires = int(now - 60) if emu.take("expire_links") else int(now + emu.link_ttl_seconds)
+        suffix = "ndjson" if export.format == "FORMAT_NDJSON" else "json"
+        location = (f"{request.base_url}fullstoryapp-search-export/{export.id}.{suffix}.gz"
+                    f"?Expires={expires}&Signature={emu.sign(export.id, expires)}")
+        return JSONResponse({"location": location,
+                             "expires": rfc3339(datetime.fromtimestamp(expires, UTC))})
+
+    async def download(request: Request) -> Response:
+        export_id = request.path_params["name"].split(".", 1)[0]
+        export = emu.exports.get(export_id)
+        try:
+            expires = int(request.query_params.get("Expires", "0"))
+        except ValueError:
+            expires = 0
+        signature = request.query_params.get("Signature", "")
+        if export is None or export.path is None or not hmac.compare_digest(signature, emu.sign(export_id, expires)):
+            return Response(b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SignatureDoesNotMatch</Code>"
+                            b"<Message>The request signature we calculated does not match.</Message></Error>",
+                            403, media_type="application/xml")
+        if expires < time.time():
+            return Response(b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>ExpiredToken</Code>"
+                            b"<Message>Invalid argument.</Message><Details>The provided token has expired."
+                            b"</Details></Error>", 400, media_type="application/xml")
+        with emu._lock:
+            emu.downloads += 1
+        path = export.path
+        size = path.stat().st_size
+        cut = emu.take("cut_downloads")
+        truncate = not cut and emu.take("truncate_downloads")
+        limit = size // 2 if (cut or truncate) else size
+
+        async def body() -> Any:
+            sent = 0
+            with path.open("rb") as f:
+                while sent < limit:
+                    chunk = await asyncio.to_thread(f.read, min(1 << 20, limit - sent))
+                    if not chunk:
+                        break
+                    sent += len(chunk)
+                    yield chunk
+            if cut:
+                raise ConnectionResetError("emulator: download cut short (injected)")
+
+        headers = {"Content-Length": str(size if cut else limit),
+                   "Content-Disposition": f'attachment; filename="{path.name}"'}
+        return StreamingResponse(body(), media_type="application/gzip", headers=headers)
+
+    async def set_faults(request: Request) -> Response:
+        values = orjson.loads(await request.body() or b"{}")
+        for name, value in values.items():
+            if not hasattr(emu.faults, name):
+                return _error(400, f"unknown fault {name!r}")
+            setattr(emu.faults, name, int(value))
+        return JSONResponse(emu.faults.__dict__)
+
+    async def stats(request: Request) -> Response:
+        return JSONResponse({"created": emu.created, "downloads": emu.downloads, "api_calls": emu.api_calls})
+
+    app = Starlette(routes=[
+        Route("/segments/v1/exports", create_export, methods=["POST"]),
+        Route("/operations/v1/{op}", operation),
+        Route("/search/v1/exports/{export_id}/results", results),
+        Route("/fullstoryapp-search-export/{name}", download),
+        Route("/_sandbox/fullstory/faults", set_faults, methods=["POST"]),
+        Route("/_sandbox/fullstory/stats", stats),
+    ])
+    app.state.fullstory = emu
+    return app

@@ -1,0 +1,374 @@
+"""FullStory data exports (the Segment Export API), with hauser's behaviour and exactly-once loads.
+
+One stream, `events`. Time is cut into windows aligned to `export_duration` (which divides 24 h,
+so windows never straddle a UTC day). For each window: create an export, poll its operation,
+fetch the signed download location, download the gzip to a temporary file, and parse it in
+chunks into Arrow batches. The window's end is the stream state (`sync_point`); it is the
+checkpoint after the window (or after the last window of each UTC day with `load_every: day`),
+so a window's rows and its sync point commit together and a crash never leaves orphan rows.
+
+Up to `prefetch` windows are exported and downloaded ahead of the one being parsed. HTTP
+retries (429 with Retry-After, 5xx, connection errors) belong to `floe.http`; this module only
+re-creates an export whose operation FAILED, re-fetches an expired download location and
+re-downloads a body cut short, each a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import httpx
+import pyarrow as pa
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from floe.config import SourceConfig
+from floe.destinations.base import json_field
+from floe.engine.stream import Batch, Context, Source, State, Stream
+from floe.errors import SourceError
+from floe.http import ApiError, HttpClient
+from floe.sources.fullstory_export import CUSTOM_VARS, ExportReader
+
+log = logging.getLogger("floe.sources.fullstory")
+
+_I64, _I32, _STR, _F64 = pa.int64(), pa.int32(), pa.string(), pa.float64()
+_TIME = pa.timestamp("us", tz="UTC")
+# hauser's BaseExportFields (warehouse/schema.go), in its column order.
+BASE_FIELDS: list[tuple[str, pa.DataType]] = [
+    ("IndvId", _I64), ("UserId", _I64), ("SessionId", _I64), ("PageId", _I64), ("UserCreated", _TIME),
+    ("UserAppKey", _STR), ("UserDisplayName", _STR), ("UserEmail", _STR), ("EventStart", _TIME),
+    ("EventType", _STR), ("EventSubType", _STR), ("EventCustomName", _STR), ("EventTargetText", _STR),
+    ("EventTargetSelector", _STR), ("EventPageOffset", _I64), ("EventSessionOffset", _I64),
+    ("EventModFrustrated", _I64), ("EventModDead", _I64), ("EventModError", _I64), ("EventModSuspicious", _I64),
+    ("EventVarErrorKind", _STR), ("EventVarFields", _STR), ("EventWebSourceFileUrl", _STR),
+    ("EventFirstInputDelay", _I64), ("EventCumulativeLayoutShift", _F64), ("SessionStart", _TIME),
+    ("PageName", _STR), ("PageStart", _TIME), ("PageDuration", _I64), ("PageActiveDuration", _I64),
+    ("PageUrl", _STR), ("PageRefererUrl", _STR), ("PageIp", _STR), ("PageLatLong", _STR), ("PageUserAgent", _STR),
+    ("PageBrowser", _STR), ("PageBrowserVersion", _STR), ("PageDevice", _STR), ("PagePlatform", _STR),
+    ("PageOperatingSystem", _STR), ("PageScreenWidth", _I64), ("PageScreenHeight", _I64),
+    ("PageViewportWidth", _I64), ("PageViewportHeight", _I64), ("PageNumEvents", _I32),
+    ("PageNumDerivedEvents", _I32), ("PageNumInfos", _I64), ("PageNumWarnings", _I64), ("PageNumErrors", _I64),
+    ("PageClusterId", _I64), ("PageMaxScrollDepthPercent", _I64), ("LoadDomContentTime", _I64),
+    ("LoadEventTime", _I64), ("LoadFirstPaintTime", _I64), ("LoadLargestPaintTime", _I64), ("ReqUrl", _STR),
+    ("ReqMethod", _STR), ("ReqStatus", _I64),
+]
+MOBILE_FIELDS: list[tuple[str, pa.DataType]] = [
+    (name, _STR) for name in ("AppName", "AppPackageName", "AppDeviceModel", "AppDeviceVendor", "AppVersion",
+                              "AppOsVersion", "AppViewName", "EventMobileSourceFile")
+]
+_DURATION = re.compile(r"(\d+)([dhms])")
+_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+DAY = timedelta(days=1)
+
+
+def parse_duration(text: str) -> timedelta:
+    """`15m`, `1h`, `1h30m`, `24h`, `90s`, `1d` -> timedelta (ValueError otherwise)."""
+    value = text.strip().lower()
+    if not value or _DURATION.sub("", value):
+        raise ValueError(f"{text!r} is not a duration like 15m, 1h or 24h")
+    return timedelta(seconds=sum(int(n) * _UNITS[u] for n, u in _DURATION.findall(value)))
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def rfc3339(value: datetime) -> str:
+    text = value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f").rstrip("0").rstrip(".")
+    return text + "Z"
+
+
+def parse_rfc3339(value: str) -> datetime:
+    return _utc(datetime.fromisoformat(value.replace("Z", "+00:00")))
+
+
+class FullStoryConfig(SourceConfig):
+    type: str = "fullstory"
+    api_key: SecretStr
+    start_time: datetime | None = Field(default=None, description="Used when nothing was loaded yet (default: 30 days ago).")
+    end_time: datetime | None = Field(default=None, description="Stop at this time (backfills, tests).")
+    export_duration: str = "1h"
+    export_delay: str = "24h"
+    segment_id: str = "everyone"
+    include_mobile_fields: bool = False
+    base_url: str = "https://api.fullstory.com"
+    load_every: Literal["window", "day"] = "window"
+    format: Literal["FORMAT_NDJSON", "FORMAT_JSON"] = "FORMAT_NDJSON"
+    poll_interval: float = Field(default=5.0, gt=0, description="Longest wait between operation polls (hauser: 5 s).")
+    prefetch: int = Field(default=3, ge=1, le=16, description="Windows exported and downloaded ahead.")
+    export_attempts: int = Field(default=3, ge=1, description="Exports created per window before giving up.")
+
+    @field_validator("export_duration")
+    @classmethod
+    def _check_duration(cls, value: str) -> str:
+        d = parse_duration(value)
+        if not timedelta(minutes=15) <= d <= DAY:
+            raise ValueError(f"{value!r} must be between 15m and 24h")
+        if DAY % d:
+            raise ValueError(f"{value!r} must divide 24h evenly (e.g. 15m, 30m, 1h, 2h, 3h, 6h, 12h, 24h)")
+        return value
+
+    @field_validator("export_delay")
+    @classmethod
+    def _check_delay(cls, value: str) -> str:
+        if parse_duration(value) < timedelta(hours=1):
+            raise ValueError(f"{value!r} must be at least 1h (FullStory finishes processing events late)")
+        return value
+
+    @model_validator(mode="after")
+    def _check_range(self) -> FullStoryConfig:
+        if self.start_time and self.end_time and _utc(self.end_time) <= _utc(self.start_time):
+            raise ValueError("end_time must be after start_time")
+        return self
+
+    @property
+    def duration(self) -> timedelta:
+        return parse_duration(self.export_duration)
+
+    @property
+    def delay(self) -> timedelta:
+        return parse_duration(self.export_delay)
+
+
+def window_end(start: datetime, duration: timedelta) -> datetime:
+    """The end of the window holding `start`: the next multiple of `duration` since the epoch (UTC)."""
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    steps = (start - epoch) // duration
+    return epoch + (steps + 1) * duration
+
+
+class EventsStream(Stream):
+    name = "events"
+    cursor_field = "EventStart"
+    disposition = "append"
+
+    def __init__(self, source: FullStorySource) -> None:
+        self.source = source
+        self.config: FullStoryConfig = source.config
+        fields = BASE_FIELDS + (MOBILE_FIELDS if self.config.include_mobile_fields else [])
+        self.schema = pa.schema([pa.field(n, t) for n, t in fields] + [json_field(CUSTOM_VARS)])
+
+    # --- windows -------------------------------------------------------------------------
+    def sync_point(self, state: State | None) -> datetime:
+        if state and state.get("sync_point"):
+            return parse_rfc3339(state["sync_point"])
+        if self.config.start_time:
+            return _utc(self.config.start_time)
+        return self.source.now() - timedelta(days=30)
+
+    def windows(self, state: State | None, now: datetime) -> list[tuple[datetime, datetime]]:
+        """Every window ready now: it ends before `now - export_delay` (and before `end_time`)."""
+        start = self.sync_point(state)
+        limit = now - self.config.delay
+        if self.config.end_time:
+            limit = min(limit, _utc(self.config.end_time))
+        out = []
+        while start < limit:
+            end = window_end(start, self.config.duration)
+            if self.config.end_time and end > _utc(self.config.end_time):
+                end = _utc(self.config.end_time)
+            if end > now - self.config.delay:
+                break
+            out.append((start, end))
+            start = end
+        return out
+
+    def next_due(self, state: State | None, now: datetime) -> datetime | None:
+        start = self.sync_point(state)
+        if self.config.end_time and start >= _utc(self.config.end_time):
+            return None
+        end = window_end(start, self.config.duration)
+        if self.config.end_time:
+            end = min(end, _utc(self.config.end_time))
+        return end + self.config.delay
+
+    # --- read ----------------------------------------------------------------------------
+    async def read(self, state: State | None) -> AsyncIterator[Batch]:
+        windows = self.windows(state, self.source.now())
+        if not windows:
+            return
+        log.info("event=fullstory_plan source=%s windows=%d first=%s last=%s", self.source.name, len(windows),
+                 rfc3339(windows[0][0]), rfc3339(windows[-1][1]))
+        tmp = Path(tempfile.mkdtemp(prefix="floe-fullstory-"))
+        tasks: list[asyncio.Task[Path]] = []
+
+        async def fetch(window: tuple[datetime, datetime], index: int) -> Path:
+            return await self.source.fetch_window(window, tmp / f"{index:06d}.gz")
+
+        try:
+            for i, window in enumerate(windows):
+                # Keep `prefetch` windows in flight ahead of the one being parsed, no more.
+                while len(tasks) < min(len(windows), i + self.config.prefetch):
+                    tasks.append(asyncio.create_task(fetch(windows[len(tasks)], len(tasks))))
+                path = await tasks[i]
+                rows = 0
+                async for batch in self._parse(path):
+                    rows += batch.num_rows
+                    yield Batch(records=batch)
+                path.unlink(missing_ok=True)
+                last = i == len(windows) - 1
+                log.info("event=fullstory_window source=%s start=%s end=%s rows=%d", self.source.name,
+                         rfc3339(window[0]), rfc3339(window[1]), rows)
+                day_done = window[1] == window[1].replace(hour=0, minute=0, second=0, microsecond=0)
+                if self.config.load_every == "window" or last or day_done:
+                    yield Batch(checkpoint={"sync_point": rfc3339(window[1])})
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    async def _parse(self, path: Path) -> AsyncIterator[pa.RecordBatch]:
+        """Parse in a worker thread, at most two batches ahead of the consumer."""
+        reader = ExportReader(self.schema, self.config.format)
+        out: queue.Queue[Any] = queue.Queue(maxsize=2)
+        stop = threading.Event()
+
+        def work() -> None:
+            try:
+                for batch in reader.batches(path):
+                    while not stop.is_set():
+                        try:
+                            out.put(batch, timeout=0.2)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                out.put(None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                out.put(exc)
+
+        thread = threading.Thread(target=work, daemon=True, name="fullstory-parse")
+        thread.start()
+        try:
+            while True:
+                item = await asyncio.to_thread(out.get)
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    if isinstance(item, SourceError):
+                        raise SourceError(f"{self.source.name}: {item}") from None
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():
+                try:
+                    out.get_nowait()
+                except queue.Empty:
+                    await asyncio.sleep(0.01)
+
+
+class FullStorySource(Source):
+    Config: ClassVar[type[FullStoryConfig]] = FullStoryConfig
+
+    def __init__(self, name: str, config: FullStoryConfig, context: Context | None = None) -> None:
+        super().__init__(name, config, context)
+        self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+        self._api: HttpClient | None = None
+        self._files: HttpClient | None = None
+
+    def now(self) -> datetime:
+        return _utc(self.clock())
+
+    def streams(self) -> list[Stream]:
+        return [EventsStream(self)]
+
+    def next_due(self, states: dict[str, State | None], now: datetime) -> datetime | None:
+        return EventsStream(self).next_due(states.get("events"), _utc(now))
+
+    # --- HTTP --------------------------------------------------------------------------------
+    @property
+    def api(self) -> HttpClient:
+        if self._api is None:
+            key = self.config.api_key.get_secret_value()
+            self._api = HttpClient(self.name, self.config.base_url.rstrip("/"),
+                                   headers={"Authorization": f"Basic {key}", "Accept": "application/json"})
+        return self._api
+
+    @property
+    def files(self) -> HttpClient:
+        """Downloads go to signed URLs without the API key."""
+        if self._files is None:
+            self._files = HttpClient(self.name, timeout=300.0, max_concurrency=self.config.prefetch)
+        return self._files
+
+    async def aclose(self) -> None:
+        for client in (self._api, self._files):
+            if client is not None:
+                await client.aclose()
+        self._api = self._files = None
+
+    async def create_export(self, start: datetime, end: datetime) -> str:
+        body = {"segmentId": self.config.segment_id, "type": "TYPE_EVENT", "format": self.config.format,
+                "segmentTimeRange": {"start": "", "end": ""},
+                "timeRange": {"start": rfc3339(start), "end": rfc3339(end)}}
+        response = await self.api.request("POST", "/segments/v1/exports", json=body)
+        operation = response.json().get("operationId")
+        if not operation:
+            raise SourceError(f"{self.name}: POST /segments/v1/exports answered without an operationId")
+        return str(operation)
+
+    async def wait_for(self, operation: str) -> tuple[str | None, str | None]:
+        """Poll until done: (searchExportId, None) or (None, errorDetails) for a FAILED export."""
+        delay = 0.05
+        while True:
+            op = await self.api.get_json(f"/operations/v1/{operation}")
+            if op.get("type") not in (None, "SEARCH_EXPORT"):
+                raise SourceError(f"{self.name}: operation {operation} has type {op.get('type')!r}, "
+                                  "expected SEARCH_EXPORT")
+            state = op.get("state")
+            if state == "FAILED":
+                return None, str(op.get("errorDetails") or "no details")
+            export_id = (op.get("results") or {}).get("searchExportId")
+            if state == "COMPLETED" and export_id:
+                return str(export_id), None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.config.poll_interval)
+
+    async def fetch_window(self, window: tuple[datetime, datetime], target: Path) -> Path:
+        """Export one window and download its gzip file to `target`."""
+        start, end = window
+        where = f"{self.name}: window {rfc3339(start)}..{rfc3339(end)}"
+        failures: list[str] = []
+        for _ in range(self.config.export_attempts):
+            export_id, error = await self.wait_for(await self.create_export(start, end))
+            if export_id:
+                await self.download(export_id, target, where)
+                return target
+            failures.append(error or "")
+            log.warning("event=fullstory_export_failed %s error=%s (creating it again)", where, error)
+        raise SourceError(f"{where}: export FAILED {len(failures)} times: {failures[-1]}")
+
+    async def download(self, export_id: str, target: Path, where: str, attempts: int = 3) -> None:
+        for attempt in range(attempts):
+            info = await self.api.get_json(f"/search/v1/exports/{export_id}/results")
+            location = info.get("location")
+            if not location:
+                raise SourceError(f"{where}: export {export_id} results have no download location")
+            try:
+                async with self.files.stream("GET", location) as response:
+                    with target.open("wb") as f:
+                        async for chunk in response.aiter_raw(1 << 20):
+                            f.write(chunk)
+                return
+            except ApiError as exc:
+                # A signed link that expired (400/403) is renewed by asking for the results again.
+                if exc.status not in (400, 403) or attempt == attempts - 1:
+                    raise
+                log.warning("event=fullstory_link_renewed %s error=%s", where, exc)
+            except httpx.TransportError as exc:
+                if attempt == attempts - 1:
+                    raise SourceError(f"{where}: download failed {attempts} times: {type(exc).__name__}") from None
+                log.warning("event=fullstory_download_retry %s error=%s", where, type(exc).__name__)
+

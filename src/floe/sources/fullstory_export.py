@@ -1,0 +1,179 @@
+"""Turning a downloaded FullStory export file (gzip NDJSON or one JSON array) into Arrow batches.
+
+Memory stays flat whatever the file size: the gzip is decompressed in pieces, cut at event
+boundaries into chunks of about `chunk_bytes`, and each chunk is parsed by pyarrow's JSON reader
+(vectorised, int64 kept exact) into a batch with every known column in schema order plus
+`CustomVars`: a JSON object (keys sorted) of every field that is not a known column.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pj
+
+from floe.errors import SourceError
+
+CUSTOM_VARS = "CustomVars"
+# One element of a JSON array of (at most two-level nested) objects; strings may hold braces.
+_STRING = rb'"(?:[^"\\]|\\.)*"'
+_FLAT = rb"\{(?:[^{}\"]|" + _STRING + rb")*\}"
+_ELEMENT = re.compile(rb"\{(?:[^{}\"]|" + _STRING + rb"|" + _FLAT + rb")*\}", re.S)
+_SEPARATORS = re.compile(rb"[\s,\[\]]*")
+
+
+def _parse_type(t: pa.DataType) -> pa.DataType:
+    """What the JSON reader parses a column as: times in ns (any RFC3339 precision), ints as int64."""
+    if pa.types.is_timestamp(t):
+        return pa.timestamp("ns", tz="UTC")
+    if pa.types.is_integer(t):
+        return pa.int64()
+    return t
+
+
+class ExportReader:
+    """Reads one export file into Arrow batches of `schema` (its last field is CustomVars)."""
+
+    def __init__(self, schema: pa.Schema, fmt: str, chunk_bytes: int = 8 << 20) -> None:
+        self.schema = schema
+        self.known = [f for f in schema if f.name != CUSTOM_VARS]
+        self.known_names = {f.name for f in self.known}
+        self.fmt = fmt
+        self.chunk_bytes = chunk_bytes
+        self.parse_schema = pa.schema([pa.field(f.name, _parse_type(f.type)) for f in self.known])
+
+    # --- bytes -> event chunks ------------------------------------------------------------
+    def _inflate(self, path: Path) -> Iterator[bytes]:
+        """Decompressed pieces of a gzip file (several members allowed); raises if it is cut short."""
+        inflater = zlib.decompressobj(wbits=47)
+        ended = False  # the current member is complete (a file may hold several members)
+        with path.open("rb") as f:
+            while block := f.read(1 << 20):
+                while block:
+                    if ended:
+                        inflater, ended = zlib.decompressobj(wbits=47), False
+                    try:
+                        out = inflater.decompress(block)
+                    except zlib.error as exc:
+                        raise SourceError(f"export file is not valid gzip ({exc})") from None
+                    if out:
+                        yield out
+                    block, ended = (inflater.unused_data, True) if inflater.eof else (b"", False)
+        if not ended:
+            raise SourceError("export file is truncated (the gzip stream ends early)")
+
+    def _ndjson_chunks(self, path: Path) -> Iterator[bytes]:
+        pending = bytearray()
+        for piece in self._inflate(path):
+            pending += piece
+            if len(pending) >= self.chunk_bytes:
+                cut = pending.rfind(b"\n") + 1
+                if cut:
+                    yield bytes(pending[:cut])
+                    del pending[:cut]
+        if pending.strip():
+            yield bytes(pending) + b"\n"
+
+    def _array_chunks(self, path: Path) -> Iterator[bytes]:
+        """FORMAT_JSON: cut the array into whole elements and hand them on one per line."""
+        pending = bytearray()
+        started = False
+        for piece in self._inflate(path):
+            pending += piece
+            if not started:
+                head = pending.lstrip()
+                if not head:
+                    continue
+                if head[:1] != b"[":
+                    raise SourceError("FORMAT_JSON export does not start with a JSON array")
+                started = True
+            if len(pending) >= self.chunk_bytes:
+                yield from self._elements(pending, final=False)
+        yield from self._elements(pending, final=True)
+
+    def _elements(self, pending: bytearray, final: bool) -> Iterator[bytes]:
+        data = bytes(pending)
+        pos, out = 0, []
+        for match in _ELEMENT.finditer(data):
+            gap = _SEPARATORS.fullmatch(data, pos, match.start())
+            if gap is None:
+                raise SourceError(f"FORMAT_JSON export: unexpected bytes {data[pos:match.start()][:40]!r}")
+            out.append(match.group())
+            pos = match.end()
+        rest = data[pos:]
+        if final and _SEPARATORS.fullmatch(rest) is None:
+            raise SourceError("FORMAT_JSON export is truncated or not a flat array of objects")
+        del pending[: len(pending) - len(rest)]
+        if out:
+            yield b"\n".join(out) + b"\n"
+
+    # --- event chunks -> batches -------------------------------------------------------
+    def batches(self, path: Path) -> Iterator[pa.RecordBatch]:
+        chunks = self._ndjson_chunks(path) if self.fmt == "FORMAT_NDJSON" else self._array_chunks(path)
+        for chunk in chunks:
+            yield self.convert(self.parse(chunk))
+
+    def parse(self, chunk: bytes) -> pa.Table:
+        try:
+            return pj.read_json(
+                io.BytesIO(chunk),
+                read_options=pj.ReadOptions(block_size=len(chunk) + 1),
+                parse_options=pj.ParseOptions(explicit_schema=self.parse_schema, unexpected_field_behavior="infer"),
+            )
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise SourceError(f"export file: cannot parse events: {exc}") from None
+
+    def convert(self, table: pa.Table) -> pa.RecordBatch:
+        table = table.combine_chunks()
+        n = table.num_rows
+        arrays: list[pa.Array] = []
+        for f in self.known:
+            if f.name in table.column_names:
+                col = table[f.name].combine_chunks() if table[f.name].num_chunks else pa.nulls(n, f.type)
+                if not col.type.equals(f.type):
+                    col = pc.cast(col, f.type, safe=not pa.types.is_timestamp(f.type))
+                arrays.append(col)
+            else:
+                arrays.append(pa.nulls(n, f.type))
+        extras = sorted(c for c in table.column_names if c not in self.known_names)
+        arrays.append(custom_vars(table, extras))
+        return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
+
+
+def _json_values(col: pa.Array) -> pa.Array:
+    """Each value as JSON text (null stays null), vectorised for scalars."""
+    t = col.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        if pc.any(pc.match_substring_regex(col, r"[\x00-\x1f]")).as_py():
+            return pa.array([None if v is None else orjson.dumps(v).decode() for v in col.to_pylist()], pa.string())
+        escaped = pc.replace_substring(pc.replace_substring(col, "\\", "\\\\"), '"', '\\"')
+        return pc.binary_join_element_wise('"', escaped, '"', "")
+    if pa.types.is_boolean(t) or pa.types.is_integer(t) or pa.types.is_floating(t):
+        return pc.cast(col, pa.string())
+    if pa.types.is_timestamp(t):
+        return pc.binary_join_element_wise('"', pc.strftime(col, "%Y-%m-%dT%H:%M:%S.%fZ"), '"', "")
+    return pa.array([None if v is None else orjson.dumps(v, default=str).decode() for v in col.to_pylist()],
+                    pa.string())
+
+
+def custom_vars(table: pa.Table, names: list[str]) -> pa.Array:
+    """`{"name": value, ...}` per row over `names` (already sorted), skipping nulls; `{}` if none."""
+    n = table.num_rows
+    fragments = []
+    for name in names:
+        col = table[name].combine_chunks()
+        if pa.types.is_null(col.type) or col.null_count == n:
+            continue
+        key = orjson.dumps(name).decode() + ":"
+        fragments.append(pc.binary_join_element_wise(key, _json_values(col), ""))
+    if not fragments:
+        return pa.array(["{}"] * n, pa.string())
+    body = pc.binary_join_element_wise(*fragments, ",", null_handling="skip")
+    return pc.binary_join_element_wise("{", body, "}", "")
