@@ -62,6 +62,8 @@ def api_message(body: bytes, limit: int = 300) -> str:
             if value and str(value) not in parts:
                 parts.append(str(value))
         code = data.get("code")
+        if not parts and isinstance(data.get("value"), dict):  # Singular: {"status":1,"value":{"error":…}}
+            return api_message(orjson.dumps(data["value"]), limit)
         if parts:
             return redact(("; ".join(parts) + (f" (code {code})" if code else ""))[:limit])
     return redact(" ".join(body[:limit].decode("utf-8", "replace").split())) or "(empty body)"
