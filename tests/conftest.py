@@ -3,4 +3,6 @@
 pytest_plugins = [
     "tests.fixtures.core",
     "tests.fixtures.postgres",
+    "tests.fixtures.objectstores",
+    "tests.fixtures.sailthru",
 ]

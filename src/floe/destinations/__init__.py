@@ -7,5 +7,6 @@ registry = Registry(
     {
         "duckdb": "floe.destinations.duckdb:DuckDBDestination",
         "postgres": "floe.destinations.postgres:PostgresDestination",
+        "redshift": "floe.destinations.redshift:RedshiftDestination",
     },
 )

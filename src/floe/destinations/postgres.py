@@ -202,39 +202,50 @@ class PostgresDestination(SqlDestination):
     def disposition_sql(self, spec: TableSpec, staging: str, order: str, load_id: str) -> list[str]:
         if self.direct_load and spec.disposition in ("append", "replace"):
             return []  # the rows went straight into the target in stage_rows
-        if spec.disposition != "merge":
-            return super().disposition_sql(spec, staging, order, load_id)
-        return self.merge_sql(spec, staging, order, load_id)
+        return self.staged_sql(spec, staging, order, load_id)
 
-    def merge_sql(self, spec: TableSpec, staging: str, order: str, load_id: str) -> list[str]:
-        """Delete+insert merge that joins on `=` (hashable), with a null-safe pass for NULL keys.
+    temp_suffix: ClassVar[str] = "ON COMMIT DROP "  # text after CREATE TEMP TABLE x (none on Redshift)
 
-        `IS NOT DISTINCT FROM` cannot use a hash join or an index, so matching on it alone turns a
-        merge into a nested loop over the whole target table."""
-        if not spec.primary_key:
-            raise DestinationError(f"{spec.schema_name}.{spec.table}: merge needs a primary key")
+    def value_sql(self, f: pa.Field) -> str:
+        """How a staged column is read into the target (Redshift parses JSON text into SUPER here)."""
+        return f"{NEW}.{self.quote(f.name)}"
+
+    def staged_sql(self, spec: TableSpec, staging: str, order: str, load_id: str) -> list[str]:
+        """Statements moving staged rows into the target by the disposition.
+
+        Merge is delete+insert joined on `=` (hashable), plus a null-safe pass for staged keys
+        holding NULL: `IS NOT DISTINCT FROM` alone cannot use a hash join or an index and turns
+        a merge into a nested loop over the whole target table."""
         target = self.qualified(spec.schema_name, spec.table)
-        latest = f"{staging}_latest"
-        keys = [self.quote(k) for k in spec.parent_key or spec.primary_key]
-        columns = self.insert_columns(spec)
-        names = "".join(f"{self.quote(c)}, " for c in columns)
-        values = "".join(f"{NEW}.{self.quote(c)}, " for c in columns)
-        equal = " AND ".join(f"{target}.{k} = {NEW}.{k}" for k in keys)
-        null_safe = " AND ".join(self.null_safe_equals.format(a=f"{target}.{k}", b=f"{NEW}.{k}") for k in keys)
-        any_null = " OR ".join(f"{k} IS NULL" for k in keys)
-        deleted = latest
-        if spec.parent_key:  # every row of a re-sent parent goes, not only the keys staged again
-            deleted = f"(SELECT DISTINCT {', '.join(keys)} FROM {staging})"
-        return [
-            f"CREATE TEMP TABLE {latest} {self.temp_suffix}AS {self.deduplicated(spec, staging, order)}",
-            f"ANALYZE {latest}",
-            f"DELETE FROM {target} USING {deleted} AS {NEW} WHERE {equal}",
-            f"DELETE FROM {target} USING (SELECT * FROM {deleted} AS d WHERE {any_null}) AS {NEW} WHERE {null_safe}",
+        fields = [f for f in spec.columns if not pa.types.is_null(f.type)]
+        names = "".join(f"{self.quote(f.name)}, " for f in fields)
+        values = "".join(f"{self.value_sql(f)}, " for f in fields)
+        source, statements = staging, []
+        if spec.disposition == "replace":
+            statements.append(f"DELETE FROM {target}")
+        elif spec.disposition == "merge":
+            if not spec.primary_key:
+                raise DestinationError(f"{spec.schema_name}.{spec.table}: merge needs a primary key")
+            source = f"{staging}_latest"
+            keys = [self.quote(k) for k in spec.parent_key or spec.primary_key]
+            equal = " AND ".join(f"{target}.{k} = {NEW}.{k}" for k in keys)
+            null_safe = " AND ".join(self.null_safe_equals.format(a=f"{target}.{k}", b=f"{NEW}.{k}") for k in keys)
+            any_null = " OR ".join(f"{k} IS NULL" for k in keys)
+            deleted = source
+            if spec.parent_key:  # every row of a re-sent parent goes, not only the keys staged again
+                deleted = f"(SELECT DISTINCT {', '.join(keys)} FROM {staging})"
+            statements += [
+                f"CREATE TEMP TABLE {source} {self.temp_suffix}AS {self.deduplicated(spec, staging, order)}",
+                f"ANALYZE {source}",
+                f"DELETE FROM {target} USING {deleted} AS {NEW} WHERE {equal}",
+                f"DELETE FROM {target} USING (SELECT * FROM {deleted} AS d WHERE {any_null}) AS {NEW} "
+                f"WHERE {null_safe}",
+            ]
+        statements.append(
             f"INSERT INTO {target} ({names}_floe_load_id, _floe_loaded_at) "
-            f"SELECT {values}'{load_id}', CURRENT_TIMESTAMP FROM {latest} AS {NEW}",
-        ]
-
-    temp_suffix: ClassVar[str] = "ON COMMIT DROP "
+            f"SELECT {values}'{load_id}', CURRENT_TIMESTAMP FROM {source} AS {NEW}"
+        )
+        return statements
 
     def drop_staging(self, cur: Any, staging: str) -> None:
         cur.execute(f"DROP TABLE IF EXISTS {staging}_latest")

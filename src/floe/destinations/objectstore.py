@@ -1,0 +1,340 @@
+"""Object storage used as a stage (Redshift: S3, BigQuery: GCS) or as the destination itself (files).
+
+One small interface over S3, GCS and a local folder: put, get, list (paginated) and delete by
+prefix (paginated, in chunks: S3's DeleteObjects takes at most 1,000 keys and one listing page
+holds at most 1,000 keys, the limit behind Huskimo's bug #18). `check` says exactly what is
+wrong: missing bucket, denied access, unreachable endpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from floe.errors import DestinationError
+
+DELETE_CHUNK = 1000  # S3 DeleteObjects limit per request
+UPLOAD_THREADS = 8
+
+
+@dataclass(frozen=True)
+class StoreUrl:
+    scheme: str  # "s3" | "gs" | "file"
+    bucket: str  # empty for local folders
+    prefix: str  # no leading or trailing slash
+
+    @classmethod
+    def parse(cls, url: str) -> StoreUrl:
+        parsed = urlparse(url)
+        if parsed.scheme in ("s3", "gs"):
+            if not parsed.netloc:
+                raise ValueError(f"{url}: no bucket name (expected {parsed.scheme}://bucket/prefix)")
+            return cls(parsed.scheme, parsed.netloc, parsed.path.strip("/"))
+        if parsed.scheme not in ("", "file"):
+            raise ValueError(f"{url}: unsupported scheme {parsed.scheme!r} (use s3://, gs:// or a folder)")
+        return cls("file", "", parsed.path if parsed.scheme == "file" else url)
+
+    def key(self, *parts: str) -> str:
+        return "/".join(p.strip("/") for p in (self.prefix, *parts) if p and p.strip("/"))
+
+    def uri(self, key: str) -> str:
+        return f"{self.scheme}://{self.bucket}/{key}" if self.scheme != "file" else key
+
+
+class ObjectStore(ABC):
+    url: StoreUrl
+
+    @abstractmethod
+    def put_file(self, key: str, path: Path) -> None: ...
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes | None:
+        """The object's content, or None when it does not exist."""
+
+    @abstractmethod
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        """Every (key, size) under `prefix`, following pagination to the end."""
+
+    @abstractmethod
+    def delete_keys(self, keys: list[str]) -> None: ...
+
+    @abstractmethod
+    def check(self) -> str:
+        """Reach the bucket and write + delete a probe object; return what was verified."""
+
+    def uri(self, key: str) -> str:
+        return self.url.uri(key)
+
+    def put_files(self, items: list[tuple[str, Path]]) -> None:
+        """Upload many files concurrently."""
+        with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+            list(pool.map(lambda item: self.put_file(*item), items))
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under `prefix` (any number of them); return how many were deleted."""
+        keys = [key for key, _ in self.list(prefix)]
+        for start in range(0, len(keys), DELETE_CHUNK):
+            self.delete_keys(keys[start : start + DELETE_CHUNK])
+        return len(keys)
+
+
+# --- S3 -----------------------------------------------------------------------------------------
+class S3Store(ObjectStore):
+    def __init__(self, url: StoreUrl, client: Any, where: str) -> None:
+        self.url, self.client, self.where = url, client, where
+
+    @classmethod
+    def connect(
+        cls, url: StoreUrl, where: str, region: str | None = None, endpoint_url: str | None = None,
+        access_key_id: str | None = None, secret_access_key: str | None = None, session_token: str | None = None,
+    ) -> S3Store:
+        import boto3
+        from botocore.config import Config
+
+        client = boto3.client(
+            "s3", region_name=region, endpoint_url=endpoint_url, aws_access_key_id=access_key_id,
+            aws_secret_access_key=secret_access_key, aws_session_token=session_token,
+            config=Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=UPLOAD_THREADS * 2),
+        )
+        return cls(url, client, where)
+
+    def _error(self, exc: Exception, action: str) -> DestinationError:
+        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+        bucket = f"s3://{self.url.bucket}"
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("NoSuchBucket", "404") and action != "get":
+                return DestinationError(f"{self.where}: bucket {bucket} does not exist")
+            if code in ("AccessDenied", "403", "AllAccessDisabled"):
+                return DestinationError(f"{self.where}: permission denied to {action} in {bucket} (HTTP {status})")
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"):
+                return DestinationError(f"{self.where}: S3 rejected the credentials ({code}) for {bucket}")
+            return DestinationError(f"{self.where}: S3 {action} in {bucket} failed: HTTP {status} {code}")
+        if isinstance(exc, NoCredentialsError):
+            return DestinationError(f"{self.where}: no AWS credentials (set access keys or the AWS environment)")
+        if isinstance(exc, EndpointConnectionError):
+            return DestinationError(f"{self.where}: S3 endpoint not reachable: {exc}")
+        return DestinationError(f"{self.where}: S3 {action} in {bucket} failed: {exc}")
+
+    def put_file(self, key: str, path: Path) -> None:
+        try:
+            self.client.upload_file(str(path), self.url.bucket, key)
+        except Exception as exc:
+            raise self._error(exc, "write") from None
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        try:
+            self.client.put_object(Bucket=self.url.bucket, Key=key, Body=data)
+        except Exception as exc:
+            raise self._error(exc, "write") from None
+
+    def get_bytes(self, key: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return bytes(self.client.get_object(Bucket=self.url.bucket, Key=key)["Body"].read())
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise self._error(exc, "read") from None
+        except Exception as exc:
+            raise self._error(exc, "read") from None
+
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.url.bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    yield item["Key"], int(item["Size"])
+        except Exception as exc:
+            raise self._error(exc, "list") from None
+
+    def delete_keys(self, keys: list[str]) -> None:
+        if not keys:
+            return
+        try:
+            answer = self.client.delete_objects(
+                Bucket=self.url.bucket, Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True}
+            )
+        except Exception as exc:
+            raise self._error(exc, "delete") from None
+        if answer.get("Errors"):
+            first = answer["Errors"][0]
+            raise DestinationError(
+                f"{self.where}: could not delete {len(answer['Errors'])} objects in s3://{self.url.bucket} "
+                f"(first: {first.get('Key')}: {first.get('Code')})"
+            )
+
+    def check(self) -> str:
+        try:
+            self.client.head_bucket(Bucket=self.url.bucket)
+        except Exception as exc:
+            raise self._error(exc, "read") from None
+        probe = self.url.key(".floe-check")
+        self.put_bytes(probe, b"ok")
+        self.delete_keys([probe])
+        return f"stage {self.url.uri(self.url.prefix)}: bucket reachable, write and delete allowed"
+
+
+# --- GCS ----------------------------------------------------------------------------------------
+class GCSStore(ObjectStore):
+    def __init__(self, url: StoreUrl, client: Any, where: str) -> None:
+        self.url, self.client, self.where = url, client, where
+        self.bucket = client.bucket(url.bucket)
+
+    @classmethod
+    def connect(cls, url: StoreUrl, where: str, project: str | None = None) -> GCSStore:
+        """A client from the environment (Application Default Credentials; STORAGE_EMULATOR_HOST for emulators)."""
+        from google.cloud import storage
+
+        try:
+            if os.environ.get("STORAGE_EMULATOR_HOST"):
+                from google.auth.credentials import AnonymousCredentials
+
+                client = storage.Client(project=project or "floe", credentials=AnonymousCredentials())
+            else:
+                client = storage.Client(project=project)
+        except Exception as exc:  # google.auth.exceptions.DefaultCredentialsError and friends
+            raise DestinationError(f"{where}: no Google Cloud credentials in the environment: {exc}") from None
+        return cls(url, client, where)
+
+    def _error(self, exc: Exception, action: str) -> DestinationError:
+        from google.api_core import exceptions as gexc
+
+        bucket = f"gs://{self.url.bucket}"
+        if isinstance(exc, gexc.NotFound):
+            return DestinationError(f"{self.where}: bucket {bucket} does not exist")
+        if isinstance(exc, gexc.Forbidden):
+            return DestinationError(f"{self.where}: permission denied to {action} in {bucket}: {exc.message}")
+        if isinstance(exc, gexc.Unauthorized):
+            return DestinationError(f"{self.where}: GCS rejected the credentials for {bucket}: {exc.message}")
+        return DestinationError(f"{self.where}: GCS {action} in {bucket} failed: {exc}")
+
+    def put_file(self, key: str, path: Path) -> None:
+        try:
+            self.bucket.blob(key).upload_from_filename(str(path))
+        except Exception as exc:
+            raise self._error(exc, "write") from None
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        try:
+            self.bucket.blob(key).upload_from_string(data)
+        except Exception as exc:
+            raise self._error(exc, "write") from None
+
+    def get_bytes(self, key: str) -> bytes | None:
+        from google.api_core import exceptions as gexc
+
+        try:
+            return bytes(self.bucket.blob(key).download_as_bytes())
+        except gexc.NotFound:
+            if self.bucket.exists():
+                return None
+            raise self._error(gexc.NotFound("bucket"), "read") from None
+        except Exception as exc:
+            raise self._error(exc, "read") from None
+
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        try:
+            for blob in self.client.list_blobs(self.url.bucket, prefix=prefix, page_size=1000):
+                yield blob.name, int(blob.size or 0)
+        except Exception as exc:
+            raise self._error(exc, "list") from None
+
+    def delete_keys(self, keys: list[str]) -> None:
+        from google.api_core import exceptions as gexc
+
+        def delete(key: str) -> None:
+            with contextlib.suppress(gexc.NotFound):
+                self.bucket.blob(key).delete()
+
+        try:
+            with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+                list(pool.map(delete, keys))
+        except Exception as exc:
+            raise self._error(exc, "delete") from None
+
+    def check(self) -> str:
+        try:
+            if not self.bucket.exists():
+                raise DestinationError(f"{self.where}: bucket gs://{self.url.bucket} does not exist")
+        except DestinationError:
+            raise
+        except Exception as exc:
+            raise self._error(exc, "read") from None
+        probe = self.url.key(".floe-check")
+        self.put_bytes(probe, b"ok")
+        self.delete_keys([probe])
+        return f"stage {self.url.uri(self.url.prefix)}: bucket reachable, write and delete allowed"
+
+
+# --- local folder -------------------------------------------------------------------------------
+class LocalStore(ObjectStore):
+    """A folder on disk; keys are relative paths. Writes are atomic (temp file + rename)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.url = StoreUrl("file", "", "")
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def uri(self, key: str) -> str:
+        return str(self._path(key))
+
+    def put_file(self, key: str, path: Path) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, target)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+
+    def get_bytes(self, key: str) -> bytes | None:
+        path = self._path(key)
+        return path.read_bytes() if path.exists() else None
+
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        base = self._path(prefix)
+        if base.is_file():
+            yield prefix, base.stat().st_size
+            return
+        if not base.is_dir():
+            return
+        for path in sorted(base.rglob("*")):
+            if path.is_file() and not path.name.endswith(".tmp"):
+                yield path.relative_to(self.root).as_posix(), path.stat().st_size
+
+    def delete_keys(self, keys: list[str]) -> None:
+        for key in keys:
+            self._path(key).unlink(missing_ok=True)
+
+    def check(self) -> str:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.put_bytes(".floe-check", b"ok")
+            self.delete_keys([".floe-check"])
+        except OSError as exc:
+            raise DestinationError(f"cannot write to folder {self.root}: {exc.strerror}") from None
+        return f"folder {self.root}: writable"

@@ -1,0 +1,355 @@
+"""Redshift: staged rows go to S3 as several files, one COPY through a manifest, then merge + state.
+
+A load of one stream:
+1. leftovers of earlier crashed loads of this stream under `<stage>/<destination>/<source>/<stream>/`
+   are deleted (paginated: any number of keys);
+2. the job's rows are written as `parts` files of about equal size, `parts` = the cluster's slice
+   count (`SELECT COUNT(*) FROM stv_slices`, or the `slices` key) x `files_per_slice`, as Parquet
+   (default) or gzip CSV, each row carrying its arrival order `_floe_seq`, and uploaded in parallel
+   with a manifest listing exactly those files (`mandatory: true`, with content lengths);
+3. in ONE transaction: a temporary staging table, `COPY ... MANIFEST` into it, the disposition
+   (append, replace = delete + insert, merge = deduplicate + delete + insert), `_floe_state` and
+   `_floe_loads`;
+4. the load's S3 objects are deleted, whether the transaction committed or not.
+
+Type limits: text is VARCHAR(65535) (bytes). `long_strings: fail` (default) refuses a load holding a
+longer value and names the column; `truncate` cuts such values at 65,535 bytes (on a UTF-8 character
+boundary) and counts them in `_floe_loads.details`. JSON goes into SUPER via JSON_PARSE, so a JSON
+document may not exceed 65,535 bytes either (a truncated document would be invalid; always an error).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from pydantic import SecretStr, field_validator, model_validator
+
+from floe.destinations.base import LoadJob, TableSpec, is_json
+from floe.destinations.objectstore import S3Store, StoreUrl
+from floe.destinations.postgres import NEW, PostgresConfig, PostgresDestination
+from floe.destinations.sql import SqlDestination, arrow_type_key
+from floe.errors import DestinationError
+from floe.pgconn import SslMode
+
+VARCHAR_MAX = 65535
+SEQ = "_floe_seq"
+
+
+class RedshiftConfig(PostgresConfig):
+    type: str = "redshift"
+    port: int = 5439
+    sslmode: SslMode = "verify-full"
+    stage: str  # s3://bucket/prefix
+    iam_role: str | None = None  # an ARN, or "default" for the cluster's default role
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
+    aws_session_token: SecretStr | None = None
+    region: str = "us-east-1"
+    endpoint_url: str | None = None  # an S3-compatible endpoint (tests, MinIO); COPY still reads s3://
+    file_format: Literal["parquet", "csv"] = "parquet"
+    slices: int | None = None  # default: SELECT COUNT(*) FROM stv_slices
+    files_per_slice: int = 1
+    long_strings: Literal["fail", "truncate"] = "fail"
+    keep_staged_files: bool = False
+
+    @field_validator("stage")
+    @classmethod
+    def _s3_url(cls, value: str) -> str:
+        if not value.startswith("s3://") or not value[5:].strip("/"):
+            raise ValueError("must be an S3 URL like s3://bucket/prefix")
+        return value
+
+    @model_validator(mode="after")
+    def _credentials(self) -> RedshiftConfig:
+        keys = (self.aws_access_key_id is not None, self.aws_secret_access_key is not None)
+        if keys[0] != keys[1]:
+            raise ValueError("aws_access_key_id and aws_secret_access_key go together")
+        if self.iam_role is None and not keys[0]:
+            raise ValueError("COPY needs credentials: set iam_role (or `default`) or aws_access_key_id + "
+                             "aws_secret_access_key")
+        if self.slices is not None and self.slices < 1 or self.files_per_slice < 1:
+            raise ValueError("slices and files_per_slice must be at least 1")
+        return self
+
+
+def fit_strings(column: pa.Array | pa.ChunkedArray, max_bytes: int) -> tuple[pa.Array, int]:
+    """Cut values longer than `max_bytes` UTF-8 bytes at a character boundary; return (column, how many)."""
+    lengths = pc.binary_length(column)
+    too_long = pc.greater(lengths, max_bytes)
+    count = pc.sum(too_long).as_py() or 0
+    if not count:
+        return column, 0
+    cut = [
+        None if v is None else v.encode()[:max_bytes].decode("utf-8", "ignore")
+        for v in pc.filter(column, too_long).to_pylist()
+    ]
+    return pc.replace_with_mask(column, too_long, pa.array(cut, pa.string())), int(count)
+
+
+class RedshiftDestination(PostgresDestination):
+    Config: ClassVar[type[RedshiftConfig]] = RedshiftConfig
+    type_map: ClassVar[dict[str, str]] = {
+        "bool": "BOOLEAN",
+        "int32": "INTEGER",
+        "int64": "BIGINT",
+        "float64": "DOUBLE PRECISION",
+        "decimal": "NUMERIC(38,9)",
+        "string": f"VARCHAR({VARCHAR_MAX})",
+        "binary": f"VARBYTE({VARCHAR_MAX})",
+        "date": "DATE",
+        "time": "TIME",
+        "timestamp": "TIMESTAMP",
+        "timestamp_tz": "TIMESTAMPTZ",
+        "nested": "SUPER",
+    }
+    json_type = "SUPER"
+    text_type = f"VARCHAR({VARCHAR_MAX})"
+    timestamp_tz_type = "TIMESTAMPTZ"
+    null_safe_equals = "({a} = {b} OR ({a} IS NULL AND {b} IS NULL))"  # no IS NOT DISTINCT FROM on Redshift
+    temp_suffix = ""  # no ON COMMIT DROP; the staging tables are dropped explicitly
+    direct_load = False  # every disposition goes through the COPYed staging table
+    json_parse: ClassVar[str] = "JSON_PARSE({})"
+    stage_json_type: ClassVar[str] = f"VARCHAR({VARCHAR_MAX})"
+
+    def __init__(self, name: str, config: Any, context: Any = None) -> None:
+        super().__init__(name, config, context)
+        self.stage_url = StoreUrl.parse(config.stage)
+        self._store: S3Store | None = None
+        self._slices: int | None = config.slices
+        self._manifests: dict[str, str] = {}  # load_id -> manifest URI of that load's files
+
+    # --- S3 ------------------------------------------------------------------------------------------
+    @property
+    def store(self) -> S3Store:
+        if self._store is None:
+            c = self.config
+            secret = lambda v: v.get_secret_value() if v is not None else None  # noqa: E731
+            self._store = S3Store.connect(
+                self.stage_url, f"destinations.{self.name}.stage", c.region, c.endpoint_url,
+                secret(c.aws_access_key_id), secret(c.aws_secret_access_key), secret(c.aws_session_token),
+            )
+        return self._store
+
+    def check(self) -> list[str]:
+        lines = super().check()
+        lines.append(f"{self.slice_count()} slices: {self.slice_count() * self.config.files_per_slice} files per load")
+        lines.append(self.store.check())
+        return lines
+
+    def slice_count(self) -> int:
+        if self._slices is None:
+            self._slices = int(self.query("SELECT COUNT(*) FROM stv_slices")[0][0]) or 1
+        return self._slices
+
+    # --- types -------------------------------------------------------------------------------------
+    def column_type(self, f: pa.Field) -> str | None:
+        if pa.types.is_decimal(f.type):
+            if f.type.precision <= 38:
+                return f"NUMERIC({f.type.precision},{f.type.scale})"
+            return self.text_type  # wider than Redshift's NUMERIC(38): exact digits as text
+        return SqlDestination.column_type(self, f)
+
+    def stage_type(self, f: pa.Field) -> str:
+        t = self.column_type(f)
+        assert t is not None
+        return self.stage_json_type if t == self.json_type else t
+
+    def value_sql(self, f: pa.Field) -> str:
+        value = f"{NEW}.{self.quote(f.name)}"
+        return self.json_parse.format(value) if self.column_type(f) == self.json_type else value
+
+    def ensure_table(self, cur: Any, spec: TableSpec) -> None:
+        SqlDestination.ensure_table(self, cur, spec)  # Redshift has no indexes
+
+    # --- SQL (pure) ------------------------------------------------------------------------------
+    def stage_fields(self, spec: TableSpec) -> list[pa.Field]:
+        return [f for f in spec.columns if not pa.types.is_null(f.type)]
+
+    def staging_ddl(self, spec: TableSpec, staging: str) -> str:
+        cols = [f"{self.quote(f.name)} {self.stage_type(f)}" for f in self.stage_fields(spec)]
+        return f"CREATE TEMP TABLE {staging} ({', '.join([*cols, f'{SEQ} BIGINT'])})"
+
+    def credentials_sql(self) -> str:
+        c = self.config
+        if c.iam_role:
+            return "IAM_ROLE default" if c.iam_role == "default" else f"IAM_ROLE '{c.iam_role}'"
+        sql = (f"ACCESS_KEY_ID '{c.aws_access_key_id.get_secret_value()}' "
+               f"SECRET_ACCESS_KEY '{c.aws_secret_access_key.get_secret_value()}'")
+        if c.aws_session_token is not None:
+            sql += f" SESSION_TOKEN '{c.aws_session_token.get_secret_value()}'"
+        return sql
+
+    def copy_sql(self, staging: str, spec: TableSpec, manifest_uri: str) -> str:
+        """One COPY of every file of the load, listed in the manifest."""
+        source = f"FROM '{manifest_uri}' {self.credentials_sql()} MANIFEST"
+        tail = "COMPUPDATE OFF STATUPDATE OFF"  # a temporary staging table needs neither
+        if self.config.file_format == "parquet":
+            # Columnar COPY maps columns by position (the part files hold exactly the staging columns,
+            # in order) and reads from a bucket in the cluster's region.
+            return f"COPY {staging} {source} FORMAT AS PARQUET"
+        names = ", ".join([*(self.quote(f.name) for f in self.stage_fields(spec)), SEQ])
+        options = "FORMAT AS CSV GZIP EMPTYASNULL TIMEFORMAT 'auto' DATEFORMAT 'auto' ACCEPTINVCHARS"
+        if self.config.long_strings == "truncate":
+            options += " TRUNCATECOLUMNS"
+        return f"COPY {staging} ({names}) {source} REGION '{self.config.region}' {options} {tail}"
+
+    # --- files ---------------------------------------------------------------------------------
+    def part_schema(self, spec: TableSpec) -> pa.Schema:
+        fields = []
+        for f in self.stage_fields(spec):
+            t = f.type
+            key = arrow_type_key(t)
+            if is_json(f) or key in ("nested", "string", "time") or (
+                pa.types.is_decimal(t) and t.precision > 38
+            ):
+                t = pa.string()
+            elif pa.types.is_timestamp(t):
+                t = pa.timestamp("us", "UTC" if t.tz else None)
+            elif key == "binary":
+                t = pa.binary() if self.config.file_format == "parquet" else pa.string()
+            elif pa.types.is_dictionary(t):
+                t = t.value_type
+            fields.append(pa.field(f.name, t))
+        return pa.schema([*fields, pa.field(SEQ, pa.int64())])
+
+    def conform(self, batch: pa.RecordBatch, schema: pa.Schema, first_seq: int, counts: dict[str, int]) -> pa.Table:
+        """The batch as exactly `schema`: missing columns NULL, JSON/nested as text, strings within limits."""
+        arrays = []
+        for f in schema:
+            if f.name == SEQ:
+                arrays.append(pa.array(range(first_seq, first_seq + batch.num_rows), pa.int64()))
+                continue
+            idx = batch.schema.get_field_index(f.name)
+            if idx < 0:
+                arrays.append(pa.nulls(batch.num_rows, f.type))
+                continue
+            column, source = batch.column(idx), batch.schema.field(idx)
+            if arrow_type_key(source.type) == "nested":
+                column = pa.array([None if v is None else orjson.dumps(v, default=str).decode()
+                                   for v in column.to_pylist()], pa.string())
+            elif pa.types.is_binary(source.type) and f.type == pa.string():
+                column = pa.array([None if v is None else v.hex() for v in column.to_pylist()], pa.string())
+            elif column.type != f.type:
+                column = column.cast(f.type)
+            if pa.types.is_string(f.type):
+                column = pc.replace_substring(column, "\x00", "")
+                if (pc.max(pc.binary_length(column)).as_py() or 0) > VARCHAR_MAX:
+                    column = self._fit(column, f.name, is_json(source) or arrow_type_key(source.type) == "nested",
+                                       counts)
+            arrays.append(column)
+        return pa.Table.from_arrays(arrays, schema=schema)
+
+    def _fit(self, column: pa.Array, name: str, json_doc: bool, counts: dict[str, int]) -> pa.Array:
+        longest = pc.max(pc.binary_length(column)).as_py() or 0
+        if longest <= VARCHAR_MAX:
+            return column
+        where = f"destinations.{self.name}: column {name!r}"
+        if json_doc:
+            raise DestinationError(f"{where} holds a JSON document of {longest} bytes; Redshift's JSON_PARSE "
+                                   f"takes at most {VARCHAR_MAX}")
+        if self.config.long_strings == "fail":
+            raise DestinationError(f"{where} holds a value of {longest} bytes, over Redshift's VARCHAR({VARCHAR_MAX}) "
+                                   "limit (set long_strings: truncate to cut such values)")
+        column, cut = fit_strings(column, VARCHAR_MAX)
+        counts[name] = counts.get(name, 0) + cut
+        return column
+
+    def write_parts(self, job: LoadJob, folder: Path) -> tuple[list[Path], dict[str, int]]:
+        """The job's rows as about equal parts (one per slice x files_per_slice); empty parts are skipped."""
+        schema = self.part_schema(job.table)
+        wanted = self.slice_count() * self.config.files_per_slice
+        per_part = max(1, math.ceil(job.rows / wanted))
+        suffix = ".parquet" if self.config.file_format == "parquet" else ".csv.gz"
+        paths: list[Path] = []
+        counts: dict[str, int] = {}
+        writer: Any = None
+        handle: Any = None
+        in_part = 0
+        seq = 0
+
+        def close() -> None:
+            nonlocal writer, handle
+            if writer is not None:
+                writer.close()
+            if handle is not None:
+                handle.close()
+            writer = handle = None
+
+        for staged in job.files:
+            for batch in pq.ParquetFile(staged.path).iter_batches(batch_size=65_536):
+                table = self.conform(batch, schema, seq, counts)
+                seq += table.num_rows
+                offset = 0
+                while offset < table.num_rows:
+                    if writer is None:
+                        path = folder / f"part-{len(paths):05d}{suffix}"
+                        paths.append(path)
+                        if self.config.file_format == "parquet":
+                            writer = pq.ParquetWriter(path, schema, compression="snappy")
+                        else:
+                            handle = pa.CompressedOutputStream(str(path), "gzip")
+                            writer = pacsv.CSVWriter(handle, schema, write_options=pacsv.WriteOptions(
+                                include_header=False))
+                        in_part = 0
+                    take = min(per_part - in_part, table.num_rows - offset)
+                    writer.write_table(table.slice(offset, take))
+                    offset += take
+                    in_part += take
+                    if in_part >= per_part:
+                        close()
+        close()
+        return paths, counts
+
+    # --- the load ----------------------------------------------------------------------------------
+    def stream_prefix(self, job: LoadJob) -> str:
+        return self.stage_url.key(self.name, job.source, job.stream) + "/"
+
+    def upload(self, job: LoadJob) -> tuple[str, str]:
+        """Write and upload the parts and their manifest; return (the load's key prefix, manifest URI)."""
+        self.store.delete_prefix(self.stream_prefix(job))  # leftovers of loads that crashed before cleanup
+        day = datetime.now(UTC)
+        prefix = self.stage_url.key(self.name, job.source, job.stream, f"{day:%Y/%m/%d}", job.load_id) + "/"
+        with tempfile.TemporaryDirectory(prefix="floe-redshift-") as tmp:
+            paths, counts = self.write_parts(job, Path(tmp))
+            keys = [prefix + p.name for p in paths]
+            self.store.put_files(list(zip(keys, paths, strict=True)))
+            entries = [
+                {"url": self.store.uri(k), "mandatory": True, "meta": {"content_length": p.stat().st_size}}
+                for k, p in zip(keys, paths, strict=True)
+            ]
+        if counts:
+            job.details["truncated_values"] = sum(counts.values())
+        manifest_key = prefix + "manifest.json"
+        self.store.put_bytes(manifest_key, json.dumps({"entries": entries}, indent=1).encode())
+        return prefix, self.store.uri(manifest_key)
+
+    def load(self, job: LoadJob) -> None:
+        prefix = ""
+        try:
+            if job.files:
+                prefix, self._manifests[job.load_id] = self.upload(job)
+            super().load(job)
+        finally:
+            self._manifests.pop(job.load_id, None)
+            if prefix and not self.config.keep_staged_files:
+                self.store.delete_prefix(prefix)
+
+    def stage_rows(self, cur: Any, job: LoadJob, staging: str) -> str:
+        cur.execute(self.staging_ddl(job.table, staging))
+        manifest = self._manifests.get(job.load_id)
+        if manifest is not None:
+            self.run_copy(cur, staging, job.table, manifest)
+        return SEQ
+
+    def run_copy(self, cur: Any, staging: str, spec: TableSpec, manifest_uri: str) -> None:
+        cur.execute(self.copy_sql(staging, spec, manifest_uri))
