@@ -1,0 +1,248 @@
+"""SQL warehouse source (PostgreSQL or Redshift): tables of one schema as streams.
+
+Discovery reads `information_schema` (tables, columns, primary keys) with bound parameters.
+A table with a `replication_key` is read INCREMENTAL: `WHERE key >= bookmark ORDER BY key`, the
+bookmark being the largest key value committed; rows equal to the bookmark are read again and
+de-duplicated by the merge on the primary key (so such tables need one: discovered or configured).
+A table without one is read FULL_TABLE and replaces the previous copy. Rows stream through a
+server-side cursor in Arrow batches (`floe.pgconn.read_batches`), never a whole table in memory.
+Timestamps with time zone arrive as UTC, dates as dates; types without an Arrow equivalent
+(intervals, arrays, enums, ...) are read as their text form.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any, ClassVar, Literal
+from urllib.parse import parse_qs, unquote, urlparse
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, SecretStr
+
+from floe import secrets
+from floe.config import Model, SourceConfig
+from floe.destinations.base import json_field
+from floe.engine.stream import Batch, Context, Source, State, Stream
+from floe.errors import ConfigError, SourceError
+from floe.pgconn import PostgresConnection, connect_postgres, describe, read_batches
+
+
+class SqlTable(Model):
+    name: str
+    replication_key: str | None = Field(default=None, description="Column read incrementally (>= bookmark).")
+    primary_key: list[str] | None = Field(default=None, description="Overrides the discovered primary key.")
+
+
+class SqlSourceConfig(SourceConfig):
+    type: Literal["sql"] = "sql"
+    url: SecretStr = Field(description="postgresql://user:password@host:port/db or redshift://...")
+    schema_: str = Field(default="public", alias="schema")
+    tables: list[SqlTable | str] | None = Field(default=None, description="Tables to read (default: all).")
+    batch_rows: int = Field(default=50_000, gt=0)
+
+
+# udt_name -> Arrow type of the value as `read_batches` delivers it; anything else is read as text.
+UDT_TYPES: dict[str, pa.DataType] = {
+    "bool": pa.bool_(), "int2": pa.int16(), "int4": pa.int32(), "int8": pa.int64(), "oid": pa.int64(),
+    "float4": pa.float32(), "float8": pa.float64(), "text": pa.string(), "varchar": pa.string(),
+    "bpchar": pa.string(), "char": pa.string(), "name": pa.string(), "uuid": pa.string(),
+    "date": pa.date32(), "time": pa.time64("us"), "timestamp": pa.timestamp("us"),
+    "timestamptz": pa.timestamp("us", "UTC"), "bytea": pa.binary(),
+}
+JSON_UDTS = {"json", "jsonb", "super"}
+
+
+def connection_settings(url: str, where: str) -> PostgresConnection:
+    """Connection keys from a postgresql:// or redshift:// URL (the password is registered as a secret)."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("postgres", "postgresql", "redshift"):
+        raise ConfigError(f"{where}.url: must start with postgresql:// or redshift://")
+    if not parsed.hostname or not parsed.path.strip("/") or not parsed.username:
+        raise ConfigError(f"{where}.url: needs a user, a host and a database (postgresql://user:pw@host:port/db)")
+    password = unquote(parsed.password) if parsed.password else None
+    secrets.register(password)
+    query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+    try:
+        port = parsed.port
+    except ValueError:
+        raise ConfigError(f"{where}.url: the port is not a number") from None
+    return PostgresConnection(
+        host=parsed.hostname, port=port or (5439 if parsed.scheme == "redshift" else 5432),
+        database=unquote(parsed.path.strip("/")), user=unquote(parsed.username),
+        password=SecretStr(password) if password is not None else None,
+        sslmode=query.get("sslmode", "prefer"),  # type: ignore[arg-type]
+    )
+
+
+def quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def _arrow_field(name: str, udt: str, precision: int | None, scale: int | None) -> tuple[pa.Field, str]:
+    """The column's Arrow field and its SELECT expression."""
+    column = quote(name)
+    if udt in JSON_UDTS:
+        return json_field(name), column
+    if udt == "numeric":
+        if precision and precision <= 38:
+            return pa.field(name, pa.decimal128(precision, scale or 0)), column
+        return pa.field(name, pa.string()), column
+    if udt in UDT_TYPES:
+        return pa.field(name, UDT_TYPES[udt]), column
+    return pa.field(name, pa.string()), f"{column}::text AS {column}"
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    return value
+
+
+class SqlStream(Stream):
+    def __init__(self, source: SqlSource, table: str, schema: pa.Schema, selects: list[str],
+                 udts: dict[str, str], primary_key: tuple[str, ...], replication_key: str | None) -> None:
+        self.source = source
+        self.name = table
+        self.schema = schema
+        self.selects = selects
+        self.udts = udts
+        self.primary_key = primary_key
+        self.cursor_field = replication_key
+        self.disposition = ("merge" if primary_key else "append") if replication_key else "replace"
+
+    def query(self, state: State | None) -> tuple[str, list[Any]]:
+        table = f"{quote(self.source.config.schema_)}.{quote(self.name)}"
+        sql, params = f"SELECT {', '.join(self.selects)} FROM {table}", []
+        key = self.cursor_field
+        if key is None:
+            return sql, params
+        bookmark = (state or {}).get("replication_key_value") if (state or {}).get("replication_key") == key else None
+        if bookmark is not None:
+            sql += f" WHERE {quote(key)} >= CAST(%s AS {self.udts[key]})"
+            params.append(bookmark)
+        return sql + f" ORDER BY {quote(key)}", params
+
+    async def read(self, state: State | None) -> AsyncIterator[Batch]:
+        sql, params = self.query(state)
+        key = self.cursor_field
+        bookmark = (state or {}).get("replication_key_value") if key and (state or {}).get("replication_key") == key else None
+        batches = self.source.batches(sql, params)
+        try:
+            while (batch := await asyncio.to_thread(next, batches, None)) is not None:
+                if key is None:
+                    yield Batch(batch)
+                    continue
+                if batch.num_rows:
+                    top = pc.max(batch.column(key)).as_py()
+                    if top is not None:
+                        bookmark = _json_value(top)
+                yield Batch(batch, {"replication_key": key, "replication_key_value": bookmark})
+        finally:
+            await asyncio.to_thread(batches.close)
+        if key is None:
+            yield Batch(checkpoint={"full_table": True})
+
+
+class SqlSource(Source):
+    Config: ClassVar[type[SqlSourceConfig]] = SqlSourceConfig
+
+    def __init__(self, name: str, config: SqlSourceConfig, context: Context | None = None) -> None:
+        super().__init__(name, config, context)
+        self.where = f"sources.{name}"
+        self.connection = connection_settings(config.url.get_secret_value(), self.where)
+        self._streams: list[Stream] | None = None
+
+    def connect(self) -> Any:
+        return connect_postgres(self.connection, where=self.where, error=SourceError, application_name="floe-sql")
+
+    def batches(self, sql: str, params: list[Any]) -> Iterator[pa.RecordBatch]:
+        """The query's rows as Arrow batches, on a connection of their own (closed when the iterator is)."""
+        conn = self.connect()
+        try:
+            conn.read_only = True
+            yield from read_batches(conn, sql, params, self.config.batch_rows)
+            conn.commit()
+        except SourceError:
+            raise
+        except Exception as exc:
+            raise SourceError(f"{self.where}: reading from {describe(self.connection)} failed: "
+                              f"{secrets.redact(str(exc)).strip()}") from None
+        finally:
+            conn.close()
+
+    def discover(self) -> list[Stream]:
+        schema = self.config.schema_
+        conn = self.connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(
+                    "SELECT table_name FROM information_schema.tables WHERE table_schema = %s ORDER BY table_name",
+                    (schema,),
+                )
+                tables = [r[0] for r in cur.fetchall()]
+                cur.execute(
+                    "SELECT table_name, column_name, udt_name, numeric_precision, numeric_scale "
+                    "FROM information_schema.columns WHERE table_schema = %s ORDER BY table_name, ordinal_position",
+                    (schema,),
+                )
+                columns: dict[str, list[tuple[str, str, int | None, int | None]]] = {}
+                for table, column, udt, precision, scale in cur.fetchall():
+                    columns.setdefault(table, []).append((column, udt, precision, scale))
+                cur.execute(
+                    "SELECT kc.table_name, kc.column_name FROM information_schema.table_constraints tc "
+                    "JOIN information_schema.key_column_usage kc ON kc.constraint_schema = tc.constraint_schema "
+                    "AND kc.constraint_name = tc.constraint_name AND kc.table_schema = tc.table_schema "
+                    "AND kc.table_name = tc.table_name "
+                    "WHERE tc.constraint_type = 'PRIMARY KEY' AND tc.table_schema = %s "
+                    "ORDER BY kc.table_name, kc.ordinal_position",
+                    (schema,),
+                )
+                keys: dict[str, list[str]] = {}
+                for table, column in cur.fetchall():
+                    keys.setdefault(table, []).append(column)
+            conn.commit()
+        except SourceError:
+            raise
+        except Exception as exc:
+            raise SourceError(f"{self.where}: discovery failed on {describe(self.connection)}: "
+                              f"{secrets.redact(str(exc)).strip()}") from None
+        finally:
+            conn.close()
+        wanted = self._wanted(tables)
+        streams: list[Stream] = []
+        for i, (table, spec) in enumerate(wanted):
+            where = f"{self.where}.tables[{i}]"
+            if table not in tables:
+                raise ConfigError(f"{where}: no table {table!r} in schema {schema!r} "
+                                  f"(it has {', '.join(tables) or 'no tables'})")
+            cols = columns.get(table, [])
+            fields, selects, udts = [], [], {}
+            for column, udt, precision, scale in cols:
+                f, select = _arrow_field(column, udt, precision, scale)
+                fields.append(f)
+                selects.append(select)
+                udts[column] = udt
+            names = {c[0] for c in cols}
+            pk = tuple(spec.primary_key) if spec and spec.primary_key else tuple(keys.get(table, []))
+            rk = spec.replication_key if spec else None
+            for key, what in [*((k, "primary_key") for k in pk), *(((rk, "replication_key"),) if rk else ())]:
+                if key not in names:
+                    raise ConfigError(f"{where}.{what}: table {table} has no column {key!r}")
+            streams.append(SqlStream(self, table, pa.schema(fields), selects, udts, pk, rk))
+        return streams
+
+    def _wanted(self, tables: list[str]) -> list[tuple[str, SqlTable | None]]:
+        if self.config.tables is None:
+            return [(t, None) for t in tables]
+        return [(t, None) if isinstance(t, str) else (t.name, t) for t in self.config.tables]
+
+    def streams(self) -> list[Stream]:
+        if self._streams is None:
+            self._streams = self.discover()
+        return self._streams
