@@ -168,3 +168,6 @@ from floe.commands.target import target_command  # noqa: E402
 app.command("tap")(tap_command)
 app.command("discover")(discover_command)
 app.command("target")(target_command)
+from floe.commands.sandbox import sandbox_command  # noqa: E402
+
+app.command("sandbox")(sandbox_command)

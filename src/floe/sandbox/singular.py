@@ -243,3 +243,12 @@ def create_app(seed: int = 1, rows_per_day: int = 40, settle_days: int = 7, toda
     app.state.singular = sandbox
     app.state.faults = faults
     return wrapped
+
+
+def describe(app: Any, url: str) -> dict[str, Any]:
+    """Credentials and a floe.yml source entry for a running Singular emulator."""
+    sandbox: SingularSandbox = app.state.singular
+    base = f"{url}/api"
+    return {"credentials": {"base_url": base, "api_key": sandbox.api_key},
+            "sources": {"singular": {"type": "singular", "api_key": sandbox.api_key, "base_url": base,
+                                     "lookback_days": 7, "poll_interval": 0.2}}}

@@ -548,3 +548,18 @@ def create_app(seed: int = 1, size: int = 1000, days: int = 30, end: str | None 
     app.state.twilio = sandbox
     app.state.faults = faults
     return wrapped
+
+
+def describe(app: Any, url: str) -> dict[str, Any]:
+    """Credentials and floe.yml source entries for a running Twilio emulator."""
+    sandbox: TwilioSandbox = app.state.twilio
+    start_date = datetime.fromtimestamp(sandbox.start, UTC).date().isoformat()
+    sources: dict[str, Any] = {}
+    credentials: dict[str, str] = {"base_url": url, "pricing_url": url}
+    for k, (sid, token) in enumerate(sandbox.credentials()):
+        name = "twilio" if k == 0 else f"twilio_{k + 1}"
+        credentials[f"{name} account_sid"] = sid
+        credentials[f"{name} auth_token"] = token
+        sources[name] = {"type": "twilio", "account_sid": sid, "auth_token": token, "start_date": start_date,
+                         "base_url": url}
+    return {"credentials": credentials, "sources": sources}

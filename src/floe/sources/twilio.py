@@ -323,10 +323,12 @@ class TwilioIncremental(Stream):
             best = _bookmark(state)
             since_commit = 0
             for k in range(len(windows)):
+                rows_in_window = 0
                 while (item := await queues[k].get()) is not None:
                     if isinstance(item, BaseException):
                         raise item
                     if item.num_rows:
+                        rows_in_window += item.num_rows
                         top = pc.max(item.column(self.cursor_field)).as_py()
                         if top is not None and (best is None or top > best):
                             best = top
@@ -341,7 +343,8 @@ class TwilioIncremental(Stream):
                 if best is not None:
                     committed = {**committed, "bookmark": best.isoformat()}
                 since_commit = 0
-                yield Batch(None, dict(committed))
+                if rows_in_window or k == len(windows) - 1:  # empty windows need no transaction of their own
+                    yield Batch(None, dict(committed))
         finally:
             for task in tasks:
                 task.cancel()
