@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.postgres",
     "tests.fixtures.objectstores",
     "tests.fixtures.sailthru",
+    "tests.fixtures.apis",
 ]
