@@ -6,12 +6,14 @@ committed with `Destination.load`; the table, `_floe_state` and `_floe_loads` ar
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -25,8 +27,9 @@ from floe.destinations.base import LoadJob, TableSpec, json_field
 from floe.destinations.duckdb import DuckDBConfig, DuckDBDestination
 from floe.destinations.postgres import PostgresConfig, PostgresDestination
 from floe.destinations.sql import SqlDestination
+from floe.engine.pipeline import run_stream
 from floe.engine.stage import StagedFile
-from floe.engine.stream import Context
+from floe.engine.stream import Batch, Context, Source, State, Stream
 from floe.errors import DestinationError
 
 
@@ -254,3 +257,42 @@ def test_sigkill_during_loads_then_rerun_loads_every_row_exactly_once(settings, 
         assert dest.get_state("src", "items") == {"next": loads}
     finally:
         dest.close()
+
+
+# --- grouping checkpoints (Destination.commit_interval) -------------------------------------------
+class CountingStream(Stream):
+    """`n` one-row batches, each followed by a checkpoint; raises when it reaches `fail_at`."""
+
+    name = "items"
+    schema = pa.schema([("id", pa.int64())])
+
+    def __init__(self, n: int, fail_at: int | None = None) -> None:
+        self.n, self.fail_at = n, fail_at
+
+    async def read(self, state: State | None) -> AsyncIterator[Batch]:
+        for i in range((state or {}).get("next", 0), self.n):
+            if i == self.fail_at:
+                raise RuntimeError("source broke")
+            yield Batch(pa.record_batch({"id": pa.array([i], pa.int64())}), checkpoint={"next": i + 1})
+
+
+class OneStream(Source):
+    def __init__(self, stream: Stream) -> None:
+        super().__init__("src", None)
+        self.stream = stream
+
+    def streams(self) -> list[Stream]:
+        return [self.stream]
+
+
+@pytest.mark.parametrize("fail_at", [None, 3])
+def test_commit_interval_folds_checkpoints_into_one_commit(duckdb_destination, tmp_path, fail_at):
+    duckdb_destination.commit_interval = 3600.0
+    stream = CountingStream(5, fail_at)
+    result = asyncio.run(run_stream(OneStream(stream), stream, duckdb_destination, tmp_path / "stage"))
+    expected = 5 if fail_at is None else fail_at  # whole checkpoints before a failure still commit
+    assert result.commits == 1 and result.rows == expected
+    assert duckdb_destination.get_state("src", "items") == {"next": expected}
+    assert duckdb_destination.query("SELECT COUNT(*) FROM src.items")[0][0] == expected
+    assert (result.error is None) == (fail_at is None)
+    assert not list((tmp_path / "stage").rglob("*.parquet"))  # no staged file left behind

@@ -71,6 +71,9 @@ class Destination(ABC):
     """A configured destination. `name` is its key in floe.yml; it owns its connection."""
 
     Config: ClassVar[type[DestinationConfig]]
+    # Checkpoints that arrive sooner than this many seconds after the previous commit are folded
+    # into the next commit (the later checkpoint supersedes the earlier). 0: commit every checkpoint.
+    commit_interval: float = 0.0
 
     def __init__(self, name: str, config: Any, context: Context | None = None) -> None:
         self.name = name

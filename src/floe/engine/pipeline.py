@@ -88,17 +88,34 @@ async def run_stream(
 
     async def produce(state: State | None) -> None:
         pending_checkpoint: State | None = None
-        async for batch in stream.read(state):
-            if batch.records is not None and batch.records.num_rows:
-                writer.write(batch.records)
-                if progress:
-                    progress.add(key, rows=batch.records.num_rows)
-            if batch.checkpoint is not None:
-                pending_checkpoint = batch.checkpoint
-                if stream.disposition != "replace":
-                    await queue.put(_Commit(writer.flush(), batch.checkpoint, writer.load_id))
-                    writer.load_id, pending_checkpoint = new_load_id(), None
-        if stream.disposition == "replace" and pending_checkpoint is not None:
+        grouped: _Commit | None = None  # checkpoints folded together (destination.commit_interval)
+        last_commit = time.monotonic()
+        try:
+            async for batch in stream.read(state):
+                if batch.records is not None and batch.records.num_rows:
+                    writer.write(batch.records)
+                    if progress:
+                        progress.add(key, rows=batch.records.num_rows)
+                if batch.checkpoint is not None:
+                    pending_checkpoint = batch.checkpoint
+                    if stream.disposition != "replace":
+                        files = (grouped.files if grouped else []) + writer.flush()
+                        grouped = _Commit(files, batch.checkpoint, writer.load_id)
+                        if time.monotonic() - last_commit >= destination.commit_interval:
+                            await queue.put(grouped)
+                            writer.load_id, pending_checkpoint, grouped = new_load_id(), None, None
+                            last_commit = time.monotonic()
+        except asyncio.CancelledError:
+            if grouped is not None:
+                remove_files(grouped.files)
+            raise
+        except Exception:
+            if grouped is not None:  # whole checkpoints read before the failure still commit
+                await queue.put(grouped)
+            raise
+        if grouped is not None:
+            await queue.put(grouped)
+        elif stream.disposition == "replace" and pending_checkpoint is not None:
             await queue.put(_Commit(writer.flush(), pending_checkpoint, writer.load_id))
         await queue.put(None)
 
