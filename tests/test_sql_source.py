@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from datetime import UTC, date, datetime
@@ -167,3 +168,26 @@ def test_floe_discover_prints_the_catalog(db: PostgresDatabase, tmp_path: Path) 
     accounts = next(s for s in catalog["streams"] if s["tap_stream_id"] == "accounts")
     assert accounts["metadata"][0]["metadata"]["valid-replication-keys"] == ["updated_at"]
     assert accounts["schema"]["properties"]["updated_at"] == {"type": ["string", "null"], "format": "date-time"}
+
+
+def test_floe_run_state_continues_as_a_singer_tap(db: PostgresDatabase, tmp_path: Path) -> None:
+    """`floe state show --singer` prints Singer state that `floe tap` resumes from."""
+    (tmp_path / "floe.yml").write_text(
+        "sources:\n  crm:\n    type: sql\n    url: ${PG_URL}\n    schema: app\n"
+        "    tables: [{name: accounts, replication_key: updated_at}]\n"
+        "destinations:\n  warehouse:\n    type: duckdb\n    path: w.duckdb\n"
+    )
+    env = {**os.environ, "PG_URL": db.url}
+    run = subprocess.run([FLOE, "run", "-c", "floe.yml"], capture_output=True, cwd=tmp_path, env=env, check=False)
+    assert run.returncode == 0, run.stderr.decode() + run.stdout.decode()
+    shown = subprocess.run([FLOE, "state", "show", "-c", "floe.yml", "--singer"], capture_output=True,
+                           cwd=tmp_path, env=env, check=False)
+    assert shown.returncode == 0, shown.stderr.decode()
+    state = json.loads(shown.stdout)
+    assert state == {"bookmarks": {"accounts": {"replication_key": "updated_at",
+                                                "replication_key_value": "2026-01-01T18:00:00+00:00"}}}
+    (tmp_path / "state.json").write_text(shown.stdout.decode())
+    done = subprocess.run([FLOE, "tap", "crm", "-c", "floe.yml", "--state", "state.json"], capture_output=True,
+                          cwd=tmp_path, env=env, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    assert [m["record"]["id"] for m in check_tap_output(done.stdout).records["accounts"]] == [10]

@@ -109,7 +109,9 @@ def check(config: ConfigOption = None) -> None:
 def state_show(
     config: ConfigOption = None,
     destination: Annotated[str | None, typer.Option(help="Only this destination.")] = None,
-    singer: Annotated[bool, typer.Option("--singer", help="Print Singer's {\"bookmarks\": ...} form.")] = False,
+    singer: Annotated[bool, typer.Option("--singer", help="Print one source's state as Singer state "
+                                         "({\"bookmarks\": ...}, what `floe tap SOURCE --state` reads).")] = False,
+    source: Annotated[str | None, typer.Option(help="With --singer: the source (needed if several have state).")] = None,
 ) -> None:
     """Print the latest state of every stream, per destination, as JSON."""
     from floe.engine.runner import context_for, make_destination
@@ -124,12 +126,14 @@ def state_show(
             finally:
                 dest.close()
             if singer:
-                bookmarks: dict[str, object] = {}
-                for r in rows:
-                    bookmarks.setdefault(r["source"], {})[r["stream"]] = r["state"]  # type: ignore[index]
-                out[name] = {"bookmarks": bookmarks}
+                out[name] = rows
             else:
                 out[name] = [{**r, "committed_at": str(r["committed_at"])} for r in rows]
+        if singer:
+            from floe.singer.state import singer_state
+
+            typer.echo(json.dumps(singer_state(out, source), indent=2, default=str))  # type: ignore[arg-type]
+            return
     except FloeError as exc:
         fail(str(exc))
     typer.echo(json.dumps(out if not destination else out[destination], indent=2, default=str))
