@@ -63,8 +63,8 @@ _TYPE_OK: dict[str, Callable[[Any], bool]] = {
 }
 
 
-def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(data), status, headers=headers, media_type="application/json")
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None, option: int = 0) -> Response:
+    return Response(orjson.dumps(data, option=option), status, headers=headers, media_type="application/json")
 
 
 def _text(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
@@ -239,7 +239,7 @@ def create_app(
         return _json(store.records.get(request.path_params["kind"], {}))
 
     async def sandbox_stats(request: Request) -> Response:
-        return _json(store.stats())
+        return _json(store.stats(), option=orjson.OPT_NON_STR_KEYS)
 
     async def sandbox_faults(request: Request) -> Response:
         data = orjson.loads(await request.body())

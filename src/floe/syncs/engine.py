@@ -30,7 +30,7 @@ from floe.config import FloeConfig
 from floe.destinations.base import LoadJob
 from floe.destinations.pendo import Outcome, PendoClient
 from floe.destinations.sql import SqlDestination
-from floe.engine.stage import StageWriter, new_load_id, remove_files
+from floe.engine.stage import StagedFile, StageWriter, new_load_id, remove_files
 from floe.errors import ConfigError, FloeError
 from floe.http import ApiError
 from floe.secrets import redact
@@ -41,6 +41,7 @@ from floe.syncs.values import compatible, convert
 log = logging.getLogger("floe.sync")
 READ_BATCH_ROWS = 20_000
 FLUSH_ROWS = 50_000  # accepted rows buffered before they are written to the stage file
+COMMIT_ROWS = 100_000  # accepted rows committed to the snapshot together (bounds the warehouse's work)
 
 
 class SyncError(FloeError):
@@ -78,6 +79,17 @@ class SyncResult:
                 "retries": self.retries, "splits_408": self.splits}
 
 
+@dataclass(frozen=True)
+class _SyncLoad(LoadJob):
+    """The `_floe_loads` row of a sync run: `rows` = rows Pendo accepted over all its commits."""
+
+    accepted: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.accepted
+
+
 @dataclass
 class _Piece:
     """One request's worth of rows: payload records plus their (key, hash) pairs in the same order."""
@@ -101,6 +113,8 @@ class _Outcomes:
         self.failures = StageWriter(stage, store.SYNC_SOURCE, f"{sync}__failures", load_id)
         self._buffer: list[pa.RecordBatch] = []
         self._buffered = 0
+        self.pending = 0  # accepted rows not yet committed
+        self.committed = 0
 
     def accept(self, keys: pa.Array, hashes: pa.Array) -> None:
         n = len(keys)
@@ -109,6 +123,7 @@ class _Outcomes:
         sync = pa.array([self.sync] * n, pa.string())
         self._buffer.append(pa.RecordBatch.from_arrays([sync, keys, hashes], schema=store.SNAPSHOT_SCHEMA))
         self._buffered += n
+        self.pending += n
         if self._buffered >= FLUSH_ROWS:
             self._flush()
 
@@ -124,8 +139,10 @@ class _Outcomes:
             self.accepted.write(pa.Table.from_batches(self._buffer).combine_chunks().to_batches()[0])
         self._buffer, self._buffered = [], 0
 
-    def files(self) -> tuple[list[Any], list[Any]]:
+    def files(self) -> tuple[list[StagedFile], list[StagedFile]]:
+        """Every staged file not yet handed over (then counted as committed by the caller)."""
         self._flush()
+        self.committed, self.pending = self.committed + self.pending, 0
         return self.accepted.flush(), self.failures.flush()
 
     def abort(self) -> None:
@@ -291,8 +308,8 @@ class SyncRun:
     # --- the run ----------------------------------------------------------------------------
     async def run(self) -> SyncResult:
         started, r = time.monotonic(), self.result
-        started_at, load_id = datetime.now(UTC), new_load_id()
-        outcomes = _Outcomes(self.stage, self.name, load_id)
+        self.started_at, self.load_id = datetime.now(UTC), new_load_id()
+        outcomes = _Outcomes(self.stage, self.name, self.load_id)
         failure: BaseException | None = None
         checked = False
         try:
@@ -316,7 +333,7 @@ class SyncRun:
             if self.dry_run or not checked:
                 outcomes.abort()
             else:
-                await asyncio.to_thread(self._commit, outcomes, load_id, started_at)
+                await asyncio.to_thread(self._commit, *outcomes.files(), outcomes.committed, True)
         r.seconds = time.monotonic() - started
         return r
 
@@ -343,6 +360,9 @@ class SyncRun:
                                     f"{redact(str(exc)).strip().splitlines()[0]}") from None
                 if batch is None:
                     break
+                if outcomes.pending >= COMMIT_ROWS:  # in-flight requests go on meanwhile
+                    # files are taken here, on the loop: sends finishing meanwhile write new ones
+                    await asyncio.to_thread(self._commit, *outcomes.files(), outcomes.committed, False)
                 self.result.changed += batch.num_rows
                 for piece in self.pieces(batch):
                     if self.dry_run:
@@ -365,16 +385,18 @@ class SyncRun:
                 await asyncio.gather(*list(inflight), return_exceptions=True)
         return errors[0] if errors else None
 
-    def _commit(self, outcomes: _Outcomes, load_id: str, started_at: datetime) -> None:
-        accepted, failed = outcomes.files()
-        job = LoadJob(load_id, store.SYNC_SOURCE, self.name, store.snapshot_spec(self.dest), accepted, {},
-                      started_at, details=self.result.details())
-        status = "committed" if self.result.ok else "failed"
+    def _commit(self, accepted: list[StagedFile], failed: list[StagedFile], total: int, final: bool) -> None:
+        """Commit staged outcomes (runs in a worker thread); the final commit also writes the
+        `_floe_loads` row, with `total` accepted rows."""
+        job = _SyncLoad(self.load_id, store.SYNC_SOURCE, self.name, store.snapshot_spec(self.dest), accepted, {},
+                        self.started_at, details=self.result.details(), accepted=total)
         try:
-            store.commit(self.dest, self.name, job, failed, complete=self.result.ok, status=status,
-                         error=self.result.error)
+            store.commit(self.dest, self.name, job, failed, final=final, complete=self.result.ok,
+                         status="committed" if self.result.ok else "failed", error=self.result.error)
         except Exception as exc:  # noqa: BLE001
             message = redact(f"{self.where}: recording outcomes in {self.sync.source!r} failed: {exc}")
+            if not final:
+                raise SyncError(message) from None
             self.result.error = f"{self.result.error}; {message}" if self.result.error else message
         finally:
             remove_files(accepted + failed)

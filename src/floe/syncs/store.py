@@ -91,35 +91,43 @@ def snapshot_exists(dest: SqlDestination) -> bool:
         return bool(dest.existing_columns(cur, dest.meta_schema, SNAPSHOT))
 
 
-def _merge(dest: SqlDestination, cur: Any, spec: TableSpec, files: list[StagedFile], load_id: str,
-           suffix: str) -> str:
+def _upsert(dest: SqlDestination, cur: Any, spec: TableSpec, files: list[StagedFile], load_id: str,
+            suffix: str) -> str:
+    """Bulk-load `files` into a staging relation (the destination's own hook) and replace the rows
+    of the same (sync, key). Keys are unique within one run's files, so no de-duplication is needed."""
     job = LoadJob(load_id, SYNC_SOURCE, spec.table, spec, files, {}, datetime.now(UTC))
     staging = f"_floe_staging_{load_id.replace('-', '_')}_{suffix}"
-    order = dest.stage_rows(cur, job, staging)
-    for statement in dest.disposition_sql(spec, staging, order, load_id):
-        cur.execute(statement)
+    dest.stage_rows(cur, job, staging)
+    target, key = dest.qualified(spec.schema_name, spec.table), dest.quote("key")
+    columns = ", ".join(dest.quote(f.name) for f in spec.columns)
+    sync = f"(SELECT DISTINCT sync FROM {staging})"
+    cur.execute(f"DELETE FROM {target} WHERE sync IN {sync} AND {key} IN (SELECT {key} FROM {staging})")
+    cur.execute(f"INSERT INTO {target} ({columns}, _floe_load_id, _floe_loaded_at) "
+                f"SELECT {columns}, {literal(load_id)}, CURRENT_TIMESTAMP FROM {staging}")
     return staging
 
 
-def commit(dest: SqlDestination, sync: str, job: LoadJob, failure_files: list[StagedFile], *,
-           complete: bool, status: str, error: str | None) -> None:
-    """In one transaction: merge accepted rows (job.files) into the snapshot, update the failures
-    (a complete run replaces the sync's failures; an aborted one only adds and clears), and write
-    the `_floe_loads` row."""
+def commit(dest: SqlDestination, sync: str, job: LoadJob, failure_files: list[StagedFile], *, final: bool,
+           complete: bool = False, status: str = "committed", error: str | None = None) -> None:
+    """In one transaction: merge accepted rows (`job.files`) into the snapshot and clear their
+    failures, merge new failures; when `final`, write the `_floe_loads` row and, after a complete
+    run, drop the sync's failures not re-attempted by this run (their rows left the query)."""
     snap, fails = snapshot_spec(dest), failures_spec(dest)
     failures_table = dest.qualified(dest.meta_schema, FAILURES)
+    key = dest.quote("key")
     with dest.transaction() as cur:
         dest.ensure_meta(cur)
         dest.ensure_table(cur, snap)
         dest.ensure_table(cur, fails)
-        if complete:
-            cur.execute(f"DELETE FROM {failures_table} WHERE sync = {literal(sync)}")
         if job.files:
-            staging = _merge(dest, cur, snap, job.files, job.load_id, "ok")
-            if not complete:
-                cur.execute(f"DELETE FROM {failures_table} WHERE sync = {literal(sync)} AND "
-                            f"{dest.quote('key')} IN (SELECT {dest.quote('key')} FROM {staging})")
+            staging = _upsert(dest, cur, snap, job.files, job.load_id, "ok")
+            cur.execute(f"DELETE FROM {failures_table} WHERE sync = {literal(sync)} AND "
+                        f"{key} IN (SELECT {key} FROM {staging})")
             dest.drop_staging(cur, staging)
         if failure_files:
-            dest.drop_staging(cur, _merge(dest, cur, fails, failure_files, job.load_id, "failed"))
-        dest.write_load_row(cur, job, status, error, datetime.now(UTC))
+            dest.drop_staging(cur, _upsert(dest, cur, fails, failure_files, job.load_id, "failed"))
+        if final:
+            if complete:
+                cur.execute(f"DELETE FROM {failures_table} WHERE sync = {literal(sync)} AND "
+                            f"_floe_load_id <> {literal(job.load_id)}")
+            dest.write_load_row(cur, job, status, error, datetime.now(UTC))
