@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -59,18 +59,20 @@ def write_input(path: Path, records: int) -> None:
                 out.write(orjson.dumps({"type": "STATE", "value": {"bookmarks": {"accounts": {"id": i}}}}) + b"\n")
 
 
-def run_child(cmd: list[str], stdin: Path, cwd: Path) -> tuple[float, int, str]:
-    """Wall seconds, peak RSS (KiB) of the child, last stdout line."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+def run_child(cmd: list[str], stdin: Path, cwd: Path) -> tuple[float, float, int, str]:
+    """Wall seconds, CPU seconds (user+sys), peak RSS (KiB) of the child, last stdout line."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before, cpu_before = usage.ru_maxrss, usage.ru_utime + usage.ru_stime
     started = time.perf_counter()
     with stdin.open("rb") as handle:
         proc = subprocess.run(cmd, stdin=handle, capture_output=True, cwd=cwd, check=False)
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
         sys.exit(f"{cmd[0]} failed ({proc.returncode}): {proc.stderr.decode()[-2000:]}")
-    peak = max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before)
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak, cpu = max(usage.ru_maxrss, before), usage.ru_utime + usage.ru_stime - cpu_before
     lines = proc.stdout.decode().strip().splitlines()
-    return seconds, peak, lines[-1] if lines else ""
+    return seconds, cpu, peak, lines[-1] if lines else ""
 
 
 def main() -> None:
@@ -84,12 +86,12 @@ def main() -> None:
     print(f"input: {args.records:,} RECORD messages, {data.stat().st_size / 1e6:.0f} MB")
     floe = ROOT / ".venv" / "bin" / "floe"
     (work / "target.json").write_text(json.dumps({"path": str(work / "bench.duckdb")}))
-    seconds, peak, last = run_child([str(floe), "target", "duckdb", "--config", str(work / "target.json")], data, work)
+    seconds, cpu, peak, last = run_child([str(floe), "target", "duckdb", "--config", str(work / "target.json")], data, work)
     import duckdb
 
     count = duckdb.connect(str(work / "bench.duckdb")).execute("SELECT count(*) FROM singer.accounts").fetchall()[0][0]
     assert count == args.records, count
-    print(f"floe target duckdb: {seconds:.2f} s, {args.records / seconds:,.0f} records/s, peak RSS "
+    print(f"floe target duckdb: {seconds:.2f} s wall ({cpu:.2f} s CPU), {args.records / seconds:,.0f} records/s, peak RSS "
           f"{peak / 1024:.0f} MiB, rows {count:,}, final state {last}")
     if not args.skip_sdk:
         if not SDK_TARGET.exists():
@@ -97,9 +99,10 @@ def main() -> None:
         out_dir = work / "csv"
         out_dir.mkdir()
         (work / "csv.json").write_text(json.dumps({"output_path": str(out_dir)}))
-        seconds_sdk, _, _ = run_child([str(SDK_TARGET), "--config", str(work / "csv.json")], data, work)
-        print(f"meltanolabs-target-csv (singer-sdk): {seconds_sdk:.2f} s, {args.records / seconds_sdk:,.0f} records/s")
-    os.system(f"rm -rf {work}")
+        seconds_sdk, cpu_sdk, _, _ = run_child([str(SDK_TARGET), "--config", str(work / "csv.json")], data, work)
+        print(f"meltanolabs-target-csv (singer-sdk): {seconds_sdk:.2f} s wall ({cpu_sdk:.2f} s CPU), "
+              f"{args.records / seconds_sdk:,.0f} records/s")
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

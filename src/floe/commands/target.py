@@ -39,7 +39,7 @@ def target_command(
         dest, own, cfg = make_destination_for(destination, floe_config, config)
         target_schema = schema or own.get("schema") or own.get("default_target_schema") or "singer"
         stage = cfg.stage if cfg is not None else Path(".floe/stage")
-        rows = int(batch_rows or own.get("batch_rows") or 250_000)
+        rows = int(batch_rows or own.get("batch_rows") or 500_000)
         target = SingerTarget(dest, stage, sys.stdout.buffer, schema=str(target_schema), batch_rows=rows)
         if input_file is not None:
             with input_file.open("rb") as handle:

@@ -21,6 +21,7 @@ import gzip
 import logging
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -73,7 +74,7 @@ class _Buffer:
 
 class SingerTarget:
     def __init__(self, destination: Destination, stage: Path, out: IO[bytes], schema: str = "singer",
-                 batch_rows: int = 250_000, max_seconds: float = 60.0) -> None:
+                 batch_rows: int = 500_000, max_seconds: float = 60.0) -> None:
         self.destination = destination
         self.stage = stage
         self.out = out
@@ -86,6 +87,8 @@ class SingerTarget:
         self.last_commit = time.monotonic()
         self.started_at = datetime.now(UTC)
         self.committed_rows = 0
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="floe-target-load")
+        self._inflight: tuple[Future[int], tuple[Any] | None] | None = None
 
     # --- input ---------------------------------------------------------------------------------
     def run(self, lines: Iterable[bytes]) -> int:
@@ -112,10 +115,12 @@ class SingerTarget:
                             self._stage(buf)
                         continue
                 self._other(message, lineno)
-            self.commit()
+            self.commit(wait=True)
         except BaseException:
             self.abort()
             raise
+        finally:
+            self._worker.shutdown(wait=True)
         return self.committed_rows
 
     def _bad_record(self, message: dict[str, Any], lineno: int) -> None:
@@ -135,6 +140,8 @@ class SingerTarget:
             if "value" not in message:
                 raise SourceError(f"{where}: STATE message has no `value`")
             self.state, self.state_unsent = message["value"], True
+            if self._inflight is not None and self._inflight[0].done():
+                self._settle()
             due = self._pending_rows() >= self.batch_rows or time.monotonic() - self.last_commit >= self.max_seconds
             if due or not self._has_pending():
                 self.commit()
@@ -186,7 +193,7 @@ class SingerTarget:
             old.stream, old.columns = stream, buf_columns
             old.converter = Converter(name, buf_columns)
         else:
-            writer = StageWriter(self.stage, self.schema, name, new_load_id())
+            writer = StageWriter(self.stage, self.schema, name, new_load_id(), compression="lz4")
             self.buffers[name] = _Buffer(stream, buf_columns, Converter(name, buf_columns), writer)
 
     @staticmethod
@@ -231,33 +238,63 @@ class SingerTarget:
         buf.writer.load_id = new_load_id()
         return job
 
-    def commit(self, only: _Buffer | None = None) -> None:
-        """Commit every stream with staged rows (or just `only`), then emit the latest STATE."""
+    def commit(self, only: _Buffer | None = None, wait: bool = False) -> None:
+        """Commit every stream with staged rows (or just `only`); the latest STATE follows once it is done.
+
+        The loads run in a worker thread while reading goes on; one commit is in flight at a time,
+        and its STATE is written only after all of its loads succeeded."""
+        self._settle()
+        jobs = []
         for buf in [only] if only else list(self.buffers.values()):
             self._stage(buf)
-            if not buf.staged:
-                continue
-            job = self._load(buf)
-            try:
-                self.destination.load(job)
-            except Exception as exc:
-                self.destination.record_failure(job, str(exc))
-                raise
-            finally:
-                remove_files(job.files)
-            self.committed_rows += job.rows
-            buf.staged = 0
+            if buf.staged:
+                jobs.append(self._load(buf))
+                buf.staged = 0
+        state: tuple[Any] | None = None
         if only is None:
             self.last_commit = time.monotonic()
-            self.emit_state()
+            if self.state_unsent:
+                state, self.state_unsent = (self.state,), False
+        if jobs:
+            self._inflight = (self._worker.submit(self._apply, jobs), state)
+            if wait or only is not None:
+                self._settle()
+        elif state is not None:
+            self._write_state(state[0])
 
-    def emit_state(self) -> None:
-        if self.state_unsent:
-            self.out.write(orjson.dumps(self.state) + b"\n")
-            self.out.flush()
-            self.state_unsent = False
+    def _apply(self, jobs: list[LoadJob]) -> int:
+        rows = 0
+        try:
+            for job in jobs:
+                try:
+                    self.destination.load(job)
+                except Exception as exc:
+                    self.destination.record_failure(job, str(exc))
+                    raise
+                rows += job.rows
+        finally:
+            for job in jobs:
+                remove_files(job.files)
+        return rows
+
+    def _settle(self) -> None:
+        """Wait for the commit in flight (raising its error), then write its STATE."""
+        if self._inflight is None:
+            return
+        future, state = self._inflight
+        self._inflight = None
+        self.committed_rows += future.result()
+        if state is not None:
+            self._write_state(state[0])
+
+    def _write_state(self, value: Any) -> None:
+        self.out.write(orjson.dumps(value) + b"\n")
+        self.out.flush()
 
     def abort(self) -> None:
+        if self._inflight is not None:  # let a running transaction finish; its STATE is not written
+            self._inflight[0].exception()
+            self._inflight = None
         for buf in self.buffers.values():
             buf.writer.abort()
             buf.rows = []
