@@ -17,6 +17,7 @@ from floe.sandbox.server import RunningServer, serve_in_thread
 EMULATORS: dict[str, tuple[str, int]] = {
     "twilio": ("floe.sandbox.twilio", 8710),
     "singular": ("floe.sandbox.singular", 8711),
+    "pendo": ("floe.sandbox.pendo", 8713),
 }
 
 

@@ -13,8 +13,9 @@ Endpoints (all need the `x-pendo-integration-key` header):
 
 Knobs (arguments of `create_app`): `latency` seconds per call; `time_limit` (Pendo: 300 s) and
 `seconds_per_record`: a call whose records × cost exceeds the limit answers 408 and applies nothing;
-`rate_limit_every`: every Nth metadata call answers 429 with `Retry-After: retry_after`; faults queued
-with `store.inject(status, count)` or `POST /_sandbox/pendo/faults`.
+`rate_limit_every`: every Nth metadata call answers 429 with `Retry-After: retry_after`; `rate_429` /
+`rate_5xx`: shares of metadata calls answered 429 / 503 (seeded by `seed`); faults queued with
+`store.inject(status, count)` or `POST /_sandbox/pendo/faults`; `reject`: ids answered as row errors.
 
 Tests read back what it holds from `app.state.pendo` (a `PendoStore`) or `GET /_sandbox/pendo/{kind}`.
 """
@@ -22,6 +23,7 @@ Tests read back what it holds from `app.state.pendo` (a `PendoStore`) or `GET /_
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import time
 from collections import deque
@@ -124,6 +126,9 @@ def create_app(
     rate_limit_every: int = 0,
     retry_after: float = 1.0,
     reject: dict[str, str] | None = None,
+    rate_429: float = 0.0,
+    rate_5xx: float = 0.0,
+    seed: int = 1,
 ) -> Starlette:
     """The emulator app. `integration_key=None` accepts any non-empty key; `reject` maps ids to a
     per-row error. `app.state.pendo` is its store."""
@@ -134,6 +139,7 @@ def create_app(
     store.add("account", accounts or [])
     store.add("visitor", visitors or [])
     store.reject.update(reject or {})
+    rng = random.Random(seed)
 
     def unauthorized(request: Request) -> Response | None:
         key = request.headers.get("x-pendo-integration-key")
@@ -170,6 +176,12 @@ def create_app(
             return _text(HTTPStatus(status).phrase, status, {"Retry-After": f"{wait:g}"} if status == 429 else None)
         if rate_limit_every and store.calls % rate_limit_every == 0:
             return _text("Too Many Requests", 429, {"Retry-After": f"{retry_after:g}"})
+        if rate_429 or rate_5xx:
+            draw = rng.random()
+            if draw < rate_429:
+                return _text("Too Many Requests", 429, {"Retry-After": f"{retry_after:g}"})
+            if draw < rate_429 + rate_5xx:
+                return _text("Service Unavailable", 503)
         try:
             records = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
@@ -255,7 +267,14 @@ def create_app(
         Route("/_sandbox/pendo/records/{kind}", sandbox_records, methods=["GET"]),
     ])
     app.state.pendo = store
+    app.state.pendo_key = integration_key
     return app
+
+
+def describe(app: Any, url: str) -> dict[str, Any]:
+    """Credentials for `floe sandbox` (Pendo is a sync target: it feeds no source)."""
+    key = app.state.pendo_key
+    return {"credentials": {"base_url": url, "integration_key": key or "(any non-empty key)"}, "sources": {}}
 
 
 def _field(kind: str) -> dict[str, Any]:

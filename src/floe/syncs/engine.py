@@ -248,10 +248,11 @@ class SyncRun:
         """The batch as requests capped by rows, then halved until each fits `batch_bytes`."""
         target = self.sync.to
         keys, hashes = batch.column(store.KEY), batch.column(store.HASH)
-        values = [convert(batch.column(store.value_alias(i)), t).to_pylist() for i, t in enumerate(self.types)]
-        id_field, names = target.id_field, self.names
-        records = [{id_field: k, "values": dict(zip(names, vals, strict=True))}
-                   for k, *vals in zip(keys.to_pylist(), *values, strict=True)]
+        values = [convert(batch.column(store.value_alias(i)), t) for i, t in enumerate(self.types)]
+        # Arrow builds the {id, values} dicts in C++ (about twice as fast as a Python comprehension).
+        records = pa.StructArray.from_arrays(
+            [keys, pa.StructArray.from_arrays(values, names=self.names)], names=[target.id_field, "values"]
+        ).to_pylist()
         for start in range(0, len(records), target.batch_rows):
             end = start + target.batch_rows
             yield from self._fit(_Piece(records[start:end], keys[start:end], hashes[start:end]))
