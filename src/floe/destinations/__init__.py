@@ -5,6 +5,7 @@ from floe.plugins import Registry
 registry = Registry(
     "destination",
     {
+        "bigquery": "floe.destinations.bigquery:BigQueryDestination",
         "duckdb": "floe.destinations.duckdb:DuckDBDestination",
         "postgres": "floe.destinations.postgres:PostgresDestination",
         "redshift": "floe.destinations.redshift:RedshiftDestination",

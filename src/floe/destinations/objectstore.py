@@ -190,6 +190,8 @@ class S3Store(ObjectStore):
 
 # --- GCS ----------------------------------------------------------------------------------------
 class GCSStore(ObjectStore):
+    page_size = 1000  # objects per listing page (GCS's maximum)
+
     def __init__(self, url: StoreUrl, client: Any, where: str) -> None:
         self.url, self.client, self.where = url, client, where
         self.bucket = client.bucket(url.bucket)
@@ -248,7 +250,7 @@ class GCSStore(ObjectStore):
 
     def list(self, prefix: str) -> Iterator[tuple[str, int]]:
         try:
-            for blob in self.client.list_blobs(self.url.bucket, prefix=prefix, page_size=1000):
+            for blob in self.client.list_blobs(self.url.bucket, prefix=prefix, page_size=self.page_size):
                 yield blob.name, int(blob.size or 0)
         except Exception as exc:
             raise self._error(exc, "list") from None

@@ -1,0 +1,485 @@
+"""BigQuery: Parquet parts on GCS, one load job into a fresh staging table, then one transaction.
+
+A load of one stream:
+1. the job's rows are written as Parquet parts (JSON and nested values as text, plus the arrival
+   order `_floe_seq`) and uploaded to `<stage>/<destination>/<source>/<stream>/<YYYY/MM/DD>/<load_id>/`;
+2. DDL outside the transaction (BigQuery allows no DDL on permanent tables inside one): the target
+   table (`PARTITION BY DATE(col)` and `CLUSTER BY` when configured), missing columns
+   (`ADD COLUMN IF NOT EXISTS`), and a staging table `_floe_staging_<load_id>` that expires by itself;
+3. one load job (`WRITE_TRUNCATE`, job id derived from the load id, so a retried insert is not
+   run twice) fills the staging table from the parts;
+4. one query job runs `BEGIN TRANSACTION; <append | replace | MERGE>; INSERT _floe_state;
+   INSERT _floe_loads; COMMIT TRANSACTION;` with the state passed as query parameters;
+5. the staging table is dropped and the GCS objects are deleted (paginated), committed or not.
+
+Quotas: every load job writes its own staging table, so the target table never takes a load job
+(its changes are DML, which the daily table-modification limit does not count), and
+`commit_interval_seconds` (default 300) folds a stream's checkpoints into at most one load per
+interval: a stream run all day long uses at most 288 load jobs, against 100,000 per project.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import field_validator
+
+from floe.config import DestinationConfig
+from floe.destinations.base import Destination, LoadJob, TableSpec, is_json
+from floe.destinations.objectstore import GCSStore, StoreUrl
+from floe.destinations.sql import LOADS_TABLE, STATE_TABLE, arrow_type_key
+from floe.engine.stream import State
+from floe.errors import DestinationError
+from floe.secrets import redact
+
+SEQ = "_floe_seq"
+API = "https://bigquery.googleapis.com"
+SCOPES = ["https://www.googleapis.com/auth/bigquery", "https://www.googleapis.com/auth/devstorage.read_write"]
+
+
+class BigQueryConfig(DestinationConfig):
+    type: str = "bigquery"
+    project: str
+    dataset: str
+    stage: str  # gs://bucket/prefix
+    location: str = "US"
+    table_name: str = "{source}_{stream}"  # one dataset holds every source's tables
+    partition_by: dict[str, str] = {}  # "<source>.<stream>" -> a TIMESTAMP/DATE column (daily partitions)
+    cluster_by: dict[str, list[str]] = {}  # "<source>.<stream>" -> up to 4 columns
+    commit_interval_seconds: float = 300.0
+    rows_per_file: int = 1_000_000
+    staging_expiration_hours: int = 24
+    api_endpoint: str = API  # another endpoint (an emulator) is used without credentials
+    keep_staged_files: bool = False
+
+    @field_validator("stage")
+    @classmethod
+    def _gcs_url(cls, value: str) -> str:
+        if not value.startswith("gs://") or not value[5:].strip("/"):
+            raise ValueError("must be a GCS URL like gs://bucket/prefix")
+        return value
+
+    @field_validator("cluster_by")
+    @classmethod
+    def _four_columns(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for table, columns in value.items():
+            if not 1 <= len(columns) <= 4:
+                raise ValueError(f"{table}: BigQuery clusters by 1 to 4 columns")
+        return value
+
+
+TYPE_MAP: dict[str, str] = {
+    "bool": "BOOL",
+    "int32": "INT64",
+    "int64": "INT64",
+    "float64": "FLOAT64",
+    "decimal": "BIGNUMERIC",
+    "string": "STRING",
+    "binary": "BYTES",
+    "date": "DATE",
+    "time": "TIME",
+    "timestamp": "DATETIME",
+    "timestamp_tz": "TIMESTAMP",
+    "nested": "JSON",
+}
+# The load job's schema for the staging table: JSON arrives as text and is parsed in the transaction.
+STAGE_TYPE = {**TYPE_MAP, "nested": "STRING"}
+
+
+def quote(identifier: str) -> str:
+    return "`" + identifier.replace("\\", "\\\\").replace("`", "\\`") + "`"
+
+
+@dataclass
+class LoadPlan:
+    """Everything one load sends to BigQuery, as data (tested by parsing, run by `BigQueryApi`)."""
+
+    table: str  # the target's `project.dataset.table`
+    staging: str
+    uris: list[str]
+    ddl: list[str]
+    load_job: dict[str, Any]
+    script: str
+    parameters: list[dict[str, Any]]
+    after: list[str] = field(default_factory=list)
+
+
+class BigQueryApi:
+    """The few BigQuery REST calls floe needs: insert a job, wait for it, read query results."""
+
+    def __init__(self, config: BigQueryConfig, where: str) -> None:
+        import httpx
+
+        self.config, self.where = config, where
+        self.base = f"{config.api_endpoint.rstrip('/')}/bigquery/v2/projects/{config.project}"
+        self._credentials: Any = None
+        self.http = httpx.Client(timeout=60)
+
+    def _headers(self) -> dict[str, str]:
+        if self.config.api_endpoint != API:
+            return {}
+        import google.auth
+        from google.auth.transport.requests import Request
+
+        try:
+            if self._credentials is None:
+                self._credentials, _ = google.auth.default(scopes=SCOPES)
+            if not self._credentials.valid:
+                self._credentials.refresh(Request())
+        except Exception as exc:  # DefaultCredentialsError, RefreshError
+            raise DestinationError(f"{self.where}: no usable Google Cloud credentials in the environment: {exc}") from None
+        return {"Authorization": f"Bearer {self._credentials.token}"}
+
+    def call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        response = self.http.request(method, self.base + path, headers=self._headers(), **kwargs)
+        if response.status_code >= 400:
+            try:
+                message = response.json()["error"]["message"]
+            except Exception:  # noqa: BLE001 - any non-JSON error body
+                message = response.text[:300]
+            raise DestinationError(f"{self.where}: BigQuery {method} {path.split('?')[0]}: HTTP "
+                                   f"{response.status_code}: {redact(message)}")
+        return dict(response.json()) if response.content else {}
+
+    def run_job(self, job_id: str, configuration: dict[str, Any], poll: float = 0.5) -> dict[str, Any]:
+        """Insert a job (an existing job with that id is awaited instead) and wait until it is DONE."""
+        body = {"jobReference": {"projectId": self.config.project, "jobId": job_id,
+                                 "location": self.config.location}, "configuration": configuration}
+        try:
+            job = self.call("POST", "/jobs", json=body)
+        except DestinationError as exc:
+            if "HTTP 409" not in str(exc):
+                raise
+            job = {"status": {"state": "PENDING"}}
+        while job.get("status", {}).get("state") != "DONE":
+            time.sleep(poll)
+            poll = min(poll * 1.5, 5.0)
+            job = self.call("GET", f"/jobs/{job_id}?location={self.config.location}")
+        error = job["status"].get("errorResult")
+        if error:
+            raise DestinationError(f"{self.where}: BigQuery job {job_id} failed: {redact(error.get('message', ''))}")
+        return job
+
+    def query(self, sql: str, parameters: list[dict[str, Any]] | None = None, job_id: str | None = None) -> list[list[Any]]:
+        job_id = job_id or f"floe_q_{datetime.now(UTC):%Y%m%d%H%M%S}_{hashlib.sha1(sql.encode()).hexdigest()[:8]}_{time.monotonic_ns() % 10**6}"
+        config = {"query": {"query": sql, "useLegacySql": False, "parameterMode": "NAMED",
+                            "queryParameters": parameters or []}}
+        self.run_job(job_id, config)
+        answer = self.call("GET", f"/queries/{job_id}?location={self.config.location}")
+        return [[cell.get("v") for cell in row["f"]] for row in answer.get("rows", [])]
+
+
+class BigQueryDestination(Destination):
+    Config: ClassVar[type[BigQueryConfig]] = BigQueryConfig
+
+    def __init__(self, name: str, config: Any, context: Any = None) -> None:
+        super().__init__(name, config, context)
+        self.commit_interval = config.commit_interval_seconds
+        self.stage_url = StoreUrl.parse(config.stage)
+        self.where = f"destinations.{name}"
+        self._store: GCSStore | None = None
+        self._api: BigQueryApi | None = None
+        self._lock = threading.Lock()  # one transaction at a time: they all write _floe_state
+
+    @property
+    def store(self) -> GCSStore:
+        if self._store is None:
+            self._store = GCSStore.connect(self.stage_url, f"{self.where}.stage", self.config.project)
+        return self._store
+
+    @property
+    def api(self) -> BigQueryApi:
+        if self._api is None:
+            self._api = BigQueryApi(self.config, self.where)
+        return self._api
+
+    # --- names and types ------------------------------------------------------------------------
+    def ref(self, table: str) -> str:
+        return quote(f"{self.config.project}.{self.config.dataset}.{table}")
+
+    def table_name(self, spec: TableSpec) -> str:
+        return self.config.table_name.format(source=spec.schema_name, stream=spec.table)
+
+    @staticmethod
+    def column_type(f: pa.Field, types: dict[str, str] = TYPE_MAP) -> str | None:
+        if pa.types.is_null(f.type):
+            return None
+        if is_json(f):
+            return types["nested"]
+        if pa.types.is_decimal(f.type) and f.type.precision <= 38 and f.type.scale <= 9:
+            return f"NUMERIC({f.type.precision}, {f.type.scale})" if types is TYPE_MAP else "NUMERIC"
+        return types.get(arrow_type_key(f.type), "STRING")
+
+    def fields(self, spec: TableSpec) -> list[pa.Field]:
+        return [f for f in spec.columns if not pa.types.is_null(f.type)]
+
+    # --- SQL and job configuration (pure) -------------------------------------------------------
+    def create_table_sql(self, spec: TableSpec) -> str:
+        key = f"{spec.schema_name}.{spec.table}"
+        columns = [f"{quote(f.name)} {self.column_type(f)}" for f in self.fields(spec)]
+        columns += ["_floe_load_id STRING", "_floe_loaded_at TIMESTAMP"]
+        sql = f"CREATE TABLE IF NOT EXISTS {self.ref(self.table_name(spec))} ({', '.join(columns)})"
+        if key in self.config.partition_by:
+            sql += f" PARTITION BY DATE({quote(self.config.partition_by[key])})"
+        if key in self.config.cluster_by:
+            sql += " CLUSTER BY " + ", ".join(quote(c) for c in self.config.cluster_by[key])
+        return sql
+
+    def add_columns_sql(self, spec: TableSpec, existing: set[str]) -> list[str]:
+        missing = [f for f in self.fields(spec) if f.name not in existing]
+        if not missing or not existing:
+            return []
+        adds = ", ".join(f"ADD COLUMN IF NOT EXISTS {quote(f.name)} {self.column_type(f)}" for f in missing)
+        return [f"ALTER TABLE {self.ref(self.table_name(spec))} {adds}"]
+
+    def staging_ddl(self, spec: TableSpec, staging: str) -> str:
+        columns = [f"{quote(f.name)} {self.column_type(f, STAGE_TYPE)}" for f in self.fields(spec)]
+        columns.append(f"{SEQ} INT64")
+        return (f"CREATE TABLE IF NOT EXISTS {self.ref(staging)} ({', '.join(columns)}) OPTIONS (expiration_timestamp"
+                f" = TIMESTAMP_ADD(CURRENT_TIMESTAMP(), INTERVAL {self.config.staging_expiration_hours} HOUR))")
+
+    def meta_ddl(self) -> list[str]:
+        return [
+            f"CREATE TABLE IF NOT EXISTS {self.ref(STATE_TABLE)} (source STRING, stream STRING, version INT64, "
+            "state STRING, load_id STRING, committed_at TIMESTAMP)",
+            f"CREATE TABLE IF NOT EXISTS {self.ref(LOADS_TABLE)} (load_id STRING, source STRING, stream STRING, "
+            "destination STRING, rows INT64, started_at TIMESTAMP, finished_at TIMESTAMP, status STRING, "
+            "error STRING, details STRING)",
+        ]
+
+    def load_job_config(self, spec: TableSpec, staging: str, uris: list[str]) -> dict[str, Any]:
+        schema = [{"name": f.name, "type": self.column_type(f, STAGE_TYPE), "mode": "NULLABLE"}
+                  for f in self.fields(spec)]
+        schema.append({"name": SEQ, "type": "INT64", "mode": "NULLABLE"})
+        return {"load": {
+            "sourceUris": uris,
+            "sourceFormat": "PARQUET",
+            "destinationTable": {"projectId": self.config.project, "datasetId": self.config.dataset,
+                                 "tableId": staging},
+            "schema": {"fields": schema},
+            "writeDisposition": "WRITE_TRUNCATE",  # a retried job replaces, never doubles, the staged rows
+            "createDisposition": "CREATE_NEVER",
+            "parquetOptions": {"enableListInference": True},
+        }}
+
+    def value_sql(self, f: pa.Field) -> str:
+        value = f"S.{quote(f.name)}"
+        return f"PARSE_JSON({value})" if self.column_type(f) == "JSON" else value
+
+    def dedup_sql(self, spec: TableSpec, staging: str) -> str:
+        keys = ", ".join(quote(k) for k in spec.primary_key)
+        return (f"SELECT * EXCEPT (_floe_rank) FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY {keys} "
+                f"ORDER BY {SEQ} DESC) AS _floe_rank FROM {self.ref(staging)}) WHERE _floe_rank = 1")
+
+    def disposition_sql(self, spec: TableSpec, staging: str) -> list[str]:
+        target = self.ref(self.table_name(spec))
+        fields = self.fields(spec)
+        names = ", ".join([*(quote(f.name) for f in fields), "_floe_load_id", "_floe_loaded_at"])
+        values = ", ".join([*(self.value_sql(f) for f in fields), "@load_id", "CURRENT_TIMESTAMP()"])
+        if spec.disposition in ("append", "replace"):
+            insert = f"INSERT INTO {target} ({names}) SELECT {values} FROM {self.ref(staging)} AS S"
+            return ([f"DELETE FROM {target} WHERE TRUE"] if spec.disposition == "replace" else []) + [insert]
+        if not spec.primary_key:
+            raise DestinationError(f"{spec.schema_name}.{spec.table}: merge needs a primary key")
+
+        def match(keys: tuple[str, ...]) -> str:
+            return " AND ".join(f"(T.{quote(k)} = S.{quote(k)} OR (T.{quote(k)} IS NULL AND S.{quote(k)} IS NULL))"
+                                for k in keys)
+
+        if spec.parent_key:  # a re-sent parent replaces all its child rows
+            return [
+                f"DELETE FROM {target} AS T WHERE EXISTS (SELECT 1 FROM {self.ref(staging)} AS S "
+                f"WHERE {match(spec.parent_key)})",
+                f"INSERT INTO {target} ({names}) SELECT {values} FROM ({self.dedup_sql(spec, staging)}) AS S",
+            ]
+        updates = ", ".join([*(f"{quote(f.name)} = {self.value_sql(f)}" for f in fields),
+                             "_floe_load_id = @load_id", "_floe_loaded_at = CURRENT_TIMESTAMP()"])
+        return [
+            f"MERGE {target} AS T USING ({self.dedup_sql(spec, staging)}) AS S ON {match(spec.primary_key)} "
+            f"WHEN MATCHED THEN UPDATE SET {updates} "
+            f"WHEN NOT MATCHED THEN INSERT ({names}) VALUES ({values})"
+        ]
+
+    def state_sql(self) -> list[str]:
+        state = self.ref(STATE_TABLE)
+        return [
+            f"INSERT INTO {state} (source, stream, version, state, load_id, committed_at) "
+            f"SELECT @source, @stream, COALESCE(MAX(version), 0) + 1, @state, @load_id, CURRENT_TIMESTAMP() "
+            f"FROM {state} WHERE source = @source AND stream = @stream",
+            f"INSERT INTO {self.ref(LOADS_TABLE)} (load_id, source, stream, destination, rows, started_at, "
+            "finished_at, status, error, details) VALUES (@load_id, @source, @stream, @destination, @rows, "
+            "@started_at, CURRENT_TIMESTAMP(), 'committed', NULL, @details)",
+        ]
+
+    @staticmethod
+    def parameters(job: LoadJob, destination: str) -> list[dict[str, Any]]:
+        def param(name: str, kind: str, value: Any) -> dict[str, Any]:
+            return {"name": name, "parameterType": {"type": kind},
+                    "parameterValue": {"value": None if value is None else str(value)}}
+
+        return [
+            param("source", "STRING", job.source), param("stream", "STRING", job.stream),
+            param("state", "STRING", json.dumps(job.checkpoint, sort_keys=True)),
+            param("load_id", "STRING", job.load_id), param("destination", "STRING", destination),
+            param("rows", "INT64", job.rows), param("started_at", "TIMESTAMP", job.started_at.isoformat()),
+            param("details", "STRING", json.dumps(job.details, sort_keys=True) if job.details else None),
+        ]
+
+    def views_sql(self, spec: TableSpec) -> list[str]:
+        """The stream's views, transpiled from their portable (PostgreSQL) SQL to BigQuery."""
+        import sqlglot
+
+        statements = []
+        columns = ", ".join(f'"{f.name}"' for f in self.fields(spec)) + ', "_floe_load_id", "_floe_loaded_at"'
+        for name, template in spec.views:
+            sql = template.format(table=f'"{self.config.dataset}"."{self.table_name(spec)}"', columns=columns)
+            body = sqlglot.transpile(sql, read="postgres", write="bigquery")[0]
+            view = self.config.table_name.format(source=spec.schema_name, stream=name)
+            statements.append(f"CREATE OR REPLACE VIEW {self.ref(view)} AS {body}")
+        return statements
+
+    def plan(self, job: LoadJob, uris: list[str], existing: set[str]) -> LoadPlan:
+        spec = job.table
+        staging = f"_floe_staging_{job.load_id.replace('-', '_')}"
+        ddl = [*self.meta_ddl(), self.create_table_sql(spec), *self.add_columns_sql(spec, existing)]
+        body = self.disposition_sql(spec, staging) if uris or spec.disposition == "replace" else []
+        if uris or spec.disposition == "replace":
+            ddl.append(self.staging_ddl(spec, staging))
+        script = ";\n".join(["BEGIN TRANSACTION", *body, *self.state_sql(), "COMMIT TRANSACTION"]) + ";"
+        return LoadPlan(
+            table=f"{self.config.project}.{self.config.dataset}.{self.table_name(spec)}", staging=staging,
+            uris=uris, ddl=ddl, load_job=self.load_job_config(spec, staging, uris),
+            script=script, parameters=self.parameters(job, self.name),
+            after=[*self.views_sql(spec), f"DROP TABLE IF EXISTS {self.ref(staging)}"],
+        )
+
+    # --- files ----------------------------------------------------------------------------------
+    def part_schema(self, spec: TableSpec) -> pa.Schema:
+        out = []
+        for f in self.fields(spec):
+            key = arrow_type_key(f.type)
+            if is_json(f) or key in ("nested", "string") or pa.types.is_dictionary(f.type):
+                t: pa.DataType = pa.string()
+            elif pa.types.is_timestamp(f.type):
+                t = pa.timestamp("us", "UTC" if f.type.tz else None)
+            else:
+                t = f.type
+            out.append(pa.field(f.name, t))
+        return pa.schema([*out, pa.field(SEQ, pa.int64())])
+
+    def write_parts(self, job: LoadJob, folder: Path) -> list[Path]:
+        schema = self.part_schema(job.table)
+        paths: list[Path] = []
+        writer: pq.ParquetWriter | None = None
+        in_part = seq = 0
+        for staged in job.files:
+            for batch in pq.ParquetFile(staged.path).iter_batches(batch_size=65_536):
+                arrays = []
+                for f in schema:
+                    if f.name == SEQ:
+                        arrays.append(pa.array(range(seq, seq + batch.num_rows), pa.int64()))
+                        continue
+                    idx = batch.schema.get_field_index(f.name)
+                    if idx < 0:
+                        arrays.append(pa.nulls(batch.num_rows, f.type))
+                        continue
+                    column = batch.column(idx)
+                    if arrow_type_key(column.type) == "nested":
+                        column = pa.array([None if v is None else orjson.dumps(v, default=str).decode()
+                                           for v in column.to_pylist()], pa.string())
+                    arrays.append(column if column.type == f.type else column.cast(f.type))
+                table = pa.Table.from_arrays(arrays, schema=schema)
+                seq += batch.num_rows
+                offset = 0
+                while offset < table.num_rows:
+                    if writer is None:
+                        paths.append(folder / f"part-{len(paths):05d}.parquet")
+                        writer, in_part = pq.ParquetWriter(paths[-1], schema, compression="zstd"), 0
+                    take = min(self.config.rows_per_file - in_part, table.num_rows - offset)
+                    writer.write_table(table.slice(offset, take))
+                    offset, in_part = offset + take, in_part + take
+                    if in_part >= self.config.rows_per_file:
+                        writer.close()
+                        writer = None
+        if writer is not None:
+            writer.close()
+        return paths
+
+    def upload(self, job: LoadJob) -> tuple[str, list[str]]:
+        day = datetime.now(UTC)
+        prefix = self.stage_url.key(self.name, job.source, job.stream, f"{day:%Y/%m/%d}", job.load_id) + "/"
+        with tempfile.TemporaryDirectory(prefix="floe-bigquery-") as tmp:
+            paths = self.write_parts(job, Path(tmp))
+            keys = [prefix + p.name for p in paths]
+            self.store.put_files(list(zip(keys, paths, strict=True)))
+        return prefix, [self.store.uri(k) for k in keys]
+
+    # --- running --------------------------------------------------------------------------------
+    def job_id(self, job: LoadJob, step: str) -> str:
+        return f"floe_{self.name}_{job.source}_{job.stream}_{job.load_id}_{step}".replace("-", "_")[:1024]
+
+    def existing_columns(self, spec: TableSpec) -> set[str]:
+        rows = self.api.query(
+            f"SELECT column_name FROM {quote(f'{self.config.project}.{self.config.dataset}')}.INFORMATION_SCHEMA.COLUMNS "
+            "WHERE table_name = @table",
+            [{"name": "table", "parameterType": {"type": "STRING"},
+              "parameterValue": {"value": self.table_name(spec)}}],
+        )
+        return {r[0] for r in rows}
+
+    def load(self, job: LoadJob) -> None:
+        prefix = ""
+        try:
+            uris: list[str] = []
+            if job.files:
+                prefix, uris = self.upload(job)
+            plan = self.plan(job, uris, self.existing_columns(job.table))
+            with self._lock:
+                for statement in plan.ddl:
+                    self.api.query(statement)
+                if uris:
+                    self.api.run_job(self.job_id(job, "load"), plan.load_job)
+                self.api.query(plan.script, plan.parameters, job_id=self.job_id(job, "commit"))
+            for statement in plan.after:
+                self.api.query(statement)
+        except DestinationError as exc:
+            raise DestinationError(f"{self.name}: loading {job.table.schema_name}.{job.table.table} failed, "
+                                   f"nothing committed unless the commit job finished: {exc}") from None
+        finally:
+            if prefix and not self.config.keep_staged_files:
+                self.store.delete_prefix(prefix)
+
+    def get_state(self, source: str, stream: str) -> State | None:
+        for statement in self.meta_ddl():
+            self.api.query(statement)
+        rows = self.api.query(
+            f"SELECT state FROM {self.ref(STATE_TABLE)} WHERE source = @source AND stream = @stream "
+            "ORDER BY version DESC LIMIT 1",
+            [{"name": n, "parameterType": {"type": "STRING"}, "parameterValue": {"value": v}}
+             for n, v in (("source", source), ("stream", stream))],
+        )
+        return json.loads(rows[0][0]) if rows else None
+
+    def check(self) -> list[str]:
+        dataset = self.api.call("GET", f"/datasets/{self.config.dataset}")
+        location = dataset.get("location", "?")
+        if location.upper() != self.config.location.upper():
+            raise DestinationError(f"{self.where}: dataset {self.config.project}.{self.config.dataset} is in "
+                                   f"{location}, not in the configured location {self.config.location}")
+        return [f"dataset {self.config.project}.{self.config.dataset} reachable ({location})", self.store.check()]
+
+    def close(self) -> None:
+        if self._api is not None:
+            self._api.http.close()
+            self._api = None
