@@ -123,7 +123,9 @@ def held(server: RunningServer) -> dict[str, dict[str, Any]]:
 
 def test_pendo_ends_up_holding_exactly_the_warehouse_values_and_a_second_run_sends_nothing(
         warehouse, pendo, tmp_path):
-    cfg = config_for(warehouse, pendo, tmp_path)
+    cfg = config_for(warehouse, pendo, tmp_path, table=None, query=(  # '%' must reach psycopg untouched
+        "SELECT account_id, plan, seats, mrr, active, renewal_date FROM analytics.accounts "
+        "WHERE account_id LIKE 'acct-%';"))
     first = sync(cfg)
     assert first.ok, first.error
     assert (first.changed, first.sent, first.updated, first.failed) == (ROWS, ROWS, ROWS, 0)
@@ -325,3 +327,31 @@ def test_region_picks_the_pendo_host_and_base_url_overrides_it():
                                   "c": {**entry, "to": {**base, "base_url": "http://127.0.0.1:9/"}}}})
     assert [cfg.syncs[n].to.url for n in "abc"] == [
         "https://app.pendo.io", "https://app.eu.pendo.io", "http://127.0.0.1:9"]
+
+
+def test_floe_run_loads_then_syncs_what_it_loaded(tmp_path, monkeypatch):
+    """`floe run` runs the syncs after its loads: Sailthru exports -> DuckDB -> Pendo visitor metadata."""
+    from floe.sandbox.sailthru import write_message_blast
+
+    write_message_blast(tmp_path / "export", 200, files=1)
+    server = start_pendo(accounts=[])
+    try:
+        (tmp_path / "floe.yml").write_text(yaml.safe_dump({
+            "sources": {"sailthru": {"type": "sailthru", "path": "export", "pii": "hash", "salt": "test-salt-1"}},
+            "destinations": {"warehouse": {"type": "duckdb", "path": "w.duckdb"}},
+            "stage": "stage",
+            "syncs": {"visitor_logins": {
+                "from": "warehouse", "mode": "upsert",
+                "query": "SELECT profile_id, CAST(COUNT(*) AS INTEGER) AS sends, MAX(send_time) AS last_send "
+                         "FROM sailthru.message_blast GROUP BY profile_id",
+                "to": {"type": "pendo", "integration_key": KEY, "kind": "visitor", "base_url": server.url},
+                "key": {"profile_id": "visitorId"}, "fields": {"sends": "logins", "last_send": "signed_up"}}}}))
+        result = CliRunner().invoke(cli_app, ["run", "-c", str(tmp_path / "floe.yml")])
+        assert result.exit_code == 0, result.output
+        assert "floe sync" in result.output and "visitor_logins" in result.output
+        wh = Warehouse({"type": "duckdb", "path": str(tmp_path / "w.duckdb")}, tmp_path)
+        expected = {pid: {"logins": n, "signed_up": int(ts.timestamp() * 1000)} for pid, n, ts in wh.rows(
+            "SELECT profile_id, COUNT(*), MAX(send_time) FROM sailthru.message_blast GROUP BY profile_id")}
+        assert len(expected) > 100 and store_of(server).values("visitor") == expected
+    finally:
+        server.stop()

@@ -186,9 +186,12 @@ class SyncRun:
         self.where = f"syncs.{name}"
 
     # --- checks ------------------------------------------------------------------------------
-    def _query(self, sql: str) -> Any:
+    def _query(self, sql: str) -> list[tuple[Any, ...]]:
+        """Rows of a small query. Through read_batches, which passes no parameters: a `%` in the
+        user's query must reach drivers like psycopg untouched."""
         try:
-            return self.dest.query(sql)
+            batch = _first(self.dest.read_batches(sql))
+            return list(zip(*(c.to_pylist() for c in batch.columns), strict=True))
         except FloeError:
             raise
         except Exception as exc:  # noqa: BLE001 - the warehouse's own message says what is wrong
@@ -221,8 +224,10 @@ class SyncRun:
                 problems.append(f"fields.{column}: Pendo has no {target.kind} {target.group} field {name!r} "
                                 f"(fields: {', '.join(sorted(pendo)) or 'none'}; create it in Data Mappings)")
             elif column in known and not compatible(known[column].type, pendo[name]):
+                hint = (" (text holding numbers, e.g. a PostgreSQL numeric without precision: cast it in the "
+                        "query)" if pa.types.is_string(known[column].type) else "")
                 problems.append(f"fields.{column}: column type {known[column].type} does not fit Pendo "
-                                f"{target.kind} {target.group} field {name!r} of type {pendo[name]}")
+                                f"{target.kind} {target.group} field {name!r} of type {pendo[name]}{hint}")
         if problems:
             raise SyncError(f"{self.where}: mapping does not match Pendo's metadata schema, nothing sent: "
                             + "; ".join(problems))
