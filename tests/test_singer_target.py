@@ -102,7 +102,21 @@ def test_each_state_is_written_only_after_the_data_before_it_is_committed(
     assert duckdb_destination.query("SELECT count(*) FROM singer.users") == [(10,)]
 
 
-def test_activate_version_removes_rows_of_older_versions(duckdb_destination: DuckDBDestination, tmp_path: Path) -> None:
+@pytest.fixture(params=["duckdb", "postgres"])
+def sql_destination(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    if request.param == "duckdb":
+        yield request.getfixturevalue("duckdb_destination")
+        return
+    from floe.destinations.postgres import PostgresConfig, PostgresDestination
+
+    db = request.getfixturevalue("postgres_db")
+    dest = PostgresDestination("pg", PostgresConfig.model_validate(db.config()))
+    yield dest
+    dest.close()
+
+
+def test_activate_version_removes_rows_of_older_versions(sql_destination: Any, tmp_path: Path) -> None:
+    duckdb_destination = sql_destination
     def sync(version: int, codes: list[str]) -> list[dict[str, Any]]:
         return [schema_msg("plans", {"code": {"type": "string"}}),
                 {"type": "ACTIVATE_VERSION", "stream": "plans", "version": version},

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import unquote, urlparse
@@ -385,6 +386,8 @@ def _jsonable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 row[key] = (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
             elif hasattr(value, "isoformat"):
                 row[key] = value.isoformat()
+            elif isinstance(value, Decimal):
+                row[key] = float(value)
     return rows
 
 

@@ -13,6 +13,7 @@ Timestamps with time zone arrive as UTC, dates as dates; types without an Arrow 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Iterator
 from datetime import date, datetime
 from decimal import Decimal
@@ -44,6 +45,8 @@ class SqlSourceConfig(SourceConfig):
     tables: list[SqlTable | str] | None = Field(default=None, description="Tables to read (default: all).")
     batch_rows: int = Field(default=50_000, gt=0)
 
+
+log = logging.getLogger("floe.sources.sql")
 
 # udt_name -> Arrow type of the value as `read_batches` delivers it; anything else is read as text.
 UDT_TYPES: dict[str, pa.DataType] = {
@@ -234,6 +237,9 @@ class SqlSource(Source):
             for key, what in [*((k, "primary_key") for k in pk), *(((rk, "replication_key"),) if rk else ())]:
                 if key not in names:
                     raise ConfigError(f"{where}.{what}: table {table} has no column {key!r}")
+            if rk and not pk:
+                log.warning("event=sql_no_primary_key source=%s table=%s: rows equal to the bookmark are read "
+                            "again on every run and appended; set primary_key to merge them", self.name, table)
             streams.append(SqlStream(self, table, pa.schema(fields), selects, udts, pk, rk))
         return streams
 
