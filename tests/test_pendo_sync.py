@@ -355,3 +355,21 @@ def test_floe_run_loads_then_syncs_what_it_loaded(tmp_path, monkeypatch):
         assert len(expected) > 100 and store_of(server).values("visitor") == expected
     finally:
         server.stop()
+
+
+def test_a_refused_request_stops_the_sync_keeps_what_pendo_accepted_and_the_next_run_finishes(tmp_path, pendo):
+    wh = Warehouse({"type": "duckdb", "path": str(tmp_path / "w.duckdb")}, tmp_path)
+    wh.execute("CREATE SCHEMA analytics", "CREATE TABLE analytics.accounts (account_id TEXT, plan TEXT, "
+               "seats INTEGER, mrr DOUBLE, active BOOLEAN, renewal_date DATE)",
+               f"INSERT INTO analytics.accounts VALUES {account_rows(ROWS)}")
+    wh.dest.close()
+    store_of(pendo).inject(400)  # e.g. a field deleted from Data Mappings after the check
+    cfg = config_for(wh, pendo, tmp_path, to={"batch_rows": 10})
+    failed = sync(cfg)
+    assert not failed.ok and "HTTP 400" in failed.error and "Bad Request" in failed.error
+    assert 0 < failed.updated < ROWS  # requests already in flight finished; no new ones started
+    assert wh.rows("SELECT COUNT(*) FROM _floe_sync_snapshot") == [(failed.updated,)]
+    assert wh.rows("SELECT status, rows FROM _floe_loads") == [("failed", failed.updated)]
+    rest = sync(cfg)
+    assert rest.ok and rest.sent == ROWS - failed.updated
+    assert held(pendo) == wh.accounts()
