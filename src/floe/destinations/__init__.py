@@ -7,6 +7,7 @@ registry = Registry(
     {
         "bigquery": "floe.destinations.bigquery:BigQueryDestination",
         "duckdb": "floe.destinations.duckdb:DuckDBDestination",
+        "files": "floe.destinations.files:FilesDestination",
         "postgres": "floe.destinations.postgres:PostgresDestination",
         "redshift": "floe.destinations.redshift:RedshiftDestination",
     },

@@ -1,0 +1,213 @@
+"""Stage-only destination (`type: files`): data files in a folder, S3 or GCS, the sync point beside them.
+
+Layout under `path`:
+
+    <source>/<stream>/<YYYY>/<MM>/<DD>/<load_id>-<n>.<parquet|jsonl|csv>[.gz]
+    <source>/<stream>/_floe_state/v<version:08d>.json
+
+A load writes its data objects first and its state object last. The state object (one per commit,
+never overwritten) holds the stream's state, the load id and the files of the load; its existence
+is the commit. Objects left by a load that crashed before its state object are swept before the
+next load of the stream: their load ids sort after the last committed one (load ids start with
+the UTC time), so only the day folders since that commit are listed. `replace` streams keep only
+the files of the latest commit. `merge` streams are written as a change log: readers keep, per
+primary key, the row with the latest `_floe_loaded_at`.
+
+Every row carries `_floe_load_id` and `_floe_loaded_at`, as in the warehouses.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import SecretStr
+
+from floe.config import DestinationConfig
+from floe.destinations.base import Destination, LoadJob
+from floe.destinations.objectstore import GCSStore, LocalStore, ObjectStore, S3Store, StoreUrl
+from floe.engine.stream import State
+from floe.errors import DestinationError
+
+STATE_DIR = "_floe_state"
+KEEP_STATE_VERSIONS = 50
+EXTENSIONS = {"parquet": "parquet", "jsonl": "jsonl", "csv": "csv"}
+
+
+class FilesConfig(DestinationConfig):
+    type: str = "files"
+    path: str  # s3://bucket/prefix | gs://bucket/prefix | a folder
+    format: Literal["parquet", "jsonl", "csv"] = "parquet"
+    gzip: bool = False  # jsonl/csv only (Parquet is compressed with zstd inside)
+    region: str | None = None  # S3
+    endpoint_url: str | None = None  # S3-compatible endpoint
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
+    project: str | None = None  # GCS
+
+
+class FilesDestination(Destination):
+    Config: ClassVar[type[FilesConfig]] = FilesConfig
+
+    def __init__(self, name: str, config: Any, context: Any = None) -> None:
+        super().__init__(name, config, context)
+        self.where = f"destinations.{name}"
+        try:
+            self.url = StoreUrl.parse(config.path)
+        except ValueError as exc:
+            raise DestinationError(f"{self.where}.path: {exc}") from None
+        self._store: ObjectStore | None = None
+
+    @property
+    def store(self) -> ObjectStore:
+        if self._store is None:
+            c = self.config
+            if self.url.scheme == "s3":
+                secret = lambda v: v.get_secret_value() if v is not None else None  # noqa: E731
+                self._store = S3Store.connect(self.url, f"{self.where}.path", c.region, c.endpoint_url,
+                                              secret(c.aws_access_key_id), secret(c.aws_secret_access_key))
+            elif self.url.scheme == "gs":
+                self._store = GCSStore.connect(self.url, f"{self.where}.path", c.project)
+            else:
+                self._store = LocalStore(self.context.path(self.url.prefix))
+        return self._store
+
+    def key(self, *parts: str) -> str:
+        return self.url.key(*parts) if self.url.scheme != "file" else "/".join(p.strip("/") for p in parts if p)
+
+    # --- state ----------------------------------------------------------------------------------
+    def _versions(self, source: str, stream: str) -> list[tuple[int, str]]:
+        prefix = self.key(source, stream, STATE_DIR) + "/"
+        found = []
+        for key, _ in self.store.list(prefix):
+            name = key.rsplit("/", 1)[-1]
+            if name.startswith("v") and name.endswith(".json") and name[1:-5].isdigit():
+                found.append((int(name[1:-5]), key))
+        return sorted(found)
+
+    def _latest(self, source: str, stream: str) -> dict[str, Any] | None:
+        versions = self._versions(source, stream)
+        if not versions:
+            return None
+        data = self.store.get_bytes(versions[-1][1])
+        return json.loads(data) if data else None
+
+    def get_state(self, source: str, stream: str) -> State | None:
+        latest = self._latest(source, stream)
+        return latest["state"] if latest else None
+
+    def states(self) -> list[dict[str, Any]]:
+        out = []
+        for key, _ in self.store.list(self.key("") if self.url.scheme != "file" else ""):
+            parts = key.split("/")
+            if len(parts) >= 3 and parts[-2] == STATE_DIR:
+                out.append((parts[-4], parts[-3]))
+        rows = []
+        for source, stream in sorted(set(out)):
+            latest = self._latest(source, stream)
+            if latest:
+                rows.append({"source": source, "stream": stream, "version": latest["version"],
+                             "state": latest["state"], "load_id": latest["load_id"],
+                             "committed_at": latest["committed_at"]})
+        return rows
+
+    # --- data -----------------------------------------------------------------------------------
+    def _sweep(self, job: LoadJob, latest: dict[str, Any] | None, committed: set[str]) -> None:
+        """Delete data objects no commit owns: those of crashed loads, and old snapshots of replace streams.
+
+        Only objects from the second of the last commit onwards are candidates (load ids start with
+        the UTC time); among them, those of a load id in `committed` (recent commits) stay."""
+        base = self.key(job.source, job.stream)
+        keep = set(latest["files"]) if latest and job.table.disposition == "replace" else None
+        if latest is None or keep is not None:
+            prefixes = [base + "/"]
+        else:
+            day = datetime.strptime(latest["load_id"][:8], "%Y%m%d").replace(tzinfo=UTC)
+            prefixes = []
+            while day.date() <= datetime.now(UTC).date():
+                prefixes.append(f"{base}/{day:%Y/%m/%d}/")
+                day += timedelta(days=1)
+        since = latest["load_id"][:16] if latest else ""
+        doomed = []
+        for prefix in prefixes:
+            for key, _ in self.store.list(prefix):
+                if f"/{STATE_DIR}/" in f"/{key}":
+                    continue
+                load_id = key.rsplit("/", 1)[-1].rsplit("-", 1)[0]
+                if keep is not None:
+                    if key not in keep:
+                        doomed.append(key)
+                elif load_id >= since and load_id not in committed:
+                    doomed.append(key)
+        for start in range(0, len(doomed), 1000):
+            self.store.delete_keys(doomed[start : start + 1000])
+
+    def _write(self, table: pa.Table, path: Path) -> None:
+        fmt = self.config.format
+        if fmt == "parquet":
+            pq.write_table(table, path, compression="zstd")
+            return
+        con = duckdb.connect()
+        try:
+            con.register("rows", table)
+            options = "FORMAT json" if fmt == "jsonl" else "FORMAT csv, HEADER true"
+            if self.config.gzip:
+                options += ", COMPRESSION gzip"
+            target = str(path).replace("'", "''")
+            con.execute(f"COPY rows TO '{target}' ({options})")
+        finally:
+            con.close()
+
+    def load(self, job: LoadJob) -> None:
+        try:
+            self._load(job)
+        except DestinationError:
+            raise
+        except Exception as exc:
+            raise DestinationError(f"{self.name}: writing {job.source}.{job.stream} failed, nothing committed: "
+                                   f"{exc}") from exc
+
+    def _load(self, job: LoadJob) -> None:
+        versions = self._versions(job.source, job.stream)
+        latest = json.loads(self.store.get_bytes(versions[-1][1]) or b"null") if versions else None
+        recent = latest["recent_load_ids"] if latest else []
+        self._sweep(job, latest, set(recent))
+        now = datetime.now(UTC)
+        ext = EXTENSIONS[self.config.format] + (".gz" if self.config.gzip and self.config.format != "parquet" else "")
+        keys: list[str] = []
+        with tempfile.TemporaryDirectory(prefix="floe-files-") as tmp:
+            uploads = []
+            for n, staged in enumerate(job.files, start=1):
+                table = pq.read_table(staged.path)
+                table = table.append_column("_floe_load_id", pa.array([job.load_id] * table.num_rows, pa.string()))
+                table = table.append_column("_floe_loaded_at", pa.array([now] * table.num_rows,
+                                                                        pa.timestamp("us", "UTC")))
+                local = Path(tmp) / f"{job.load_id}-{n:05d}.{ext}"
+                self._write(table, local)
+                key = self.key(job.source, job.stream, f"{now:%Y/%m/%d}", local.name)
+                uploads.append((key, local))
+                keys.append(key)
+            self.store.put_files(uploads)
+        version = (latest["version"] if latest else 0) + 1
+        record = {
+            "version": version, "state": job.checkpoint, "load_id": job.load_id, "files": keys, "rows": job.rows,
+            "format": self.config.format, "disposition": job.table.disposition,
+            "primary_key": list(job.table.primary_key), "started_at": job.started_at.isoformat(),
+            "committed_at": datetime.now(UTC).isoformat(), "details": job.details,
+            "recent_load_ids": [*recent, job.load_id][-KEEP_STATE_VERSIONS:],
+        }
+        state_key = self.key(job.source, job.stream, STATE_DIR, f"v{version:08d}.json")
+        self.store.put_bytes(state_key, json.dumps(record, indent=1, sort_keys=True).encode())  # the commit
+        if job.table.disposition == "replace":
+            self._sweep(job, record, {job.load_id})
+        old = [*versions, (version, state_key)][:-KEEP_STATE_VERSIONS]
+        self.store.delete_keys([key for _, key in old])
+
+    def check(self) -> list[str]:
+        return [self.store.check()]
