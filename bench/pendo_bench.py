@@ -66,7 +66,7 @@ def run_sync(config: Path) -> dict[str, float]:
     err = (child.stderr.read() if child.stderr else b"").decode()
     if status != 0:
         raise SystemExit(f"floe sync failed ({status}):\n{out[-2000:]}\n{err[-2000:]}")
-    return {"seconds": seconds, "peak_mb": usage.ru_maxrss / 1024}
+    return {"seconds": seconds, "peak_mb": usage.ru_maxrss / 1024, "cpu": usage.ru_utime + usage.ru_stime}
 
 
 def stats(url: str) -> dict[str, object]:
@@ -84,13 +84,14 @@ def main() -> None:
     server = serve_in_process(create_app, integration_key=KEY)
     try:
         config = write_config(work, server.url, args.batch_rows, args.concurrency)
-        print(f"{'run':<22} {'sent':>10} {'seconds':>8} {'records/s':>10} {'peak RSS MB':>12}")
+        print(f"{'run':<22} {'sent':>10} {'seconds':>8} {'records/s':>10} {'floe CPU s':>10} {'peak RSS MB':>12}")
         for label in ("first (all rows)", "second (no change)", "third (1% changed)"):
             before = int(stats(server.url)["records_received"])  # type: ignore[call-overload]
             result = run_sync(config)
             sent = int(stats(server.url)["records_received"]) - before  # type: ignore[call-overload]
             rate = sent / result["seconds"] if sent else 0.0
-            print(f"{label:<22} {sent:>10,} {result['seconds']:>8.2f} {rate:>10,.0f} {result['peak_mb']:>12.0f}")
+            print(f"{label:<22} {sent:>10,} {result['seconds']:>8.2f} {rate:>10,.0f} {result['cpu']:>10.1f} "
+                  f"{result['peak_mb']:>12.0f}")
             if label.startswith("first"):
                 held = stats(server.url)["counts"]["account"]  # type: ignore[index]
                 if held != args.rows:

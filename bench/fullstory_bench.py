@@ -1,0 +1,86 @@
+"""FullStory export -> DuckDB throughput and peak memory (emulator in its own process).
+
+    .venv/bin/python bench/fullstory_bench.py [--events 2000000] [--hours 24] [--duration 1h] [--format FORMAT_NDJSON]
+
+The emulator builds each window's gzip file once and caches it on disk; a warm-up run fills the
+cache, then the timed run loads into a fresh DuckDB file. `floe run` runs as a child process, so
+its peak RSS is measured alone (`ru_maxrss` of children).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import duckdb
+
+from floe.sandbox.fullstory import create_app
+from floe.sandbox.server import serve_in_process
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_floe(config: Path) -> tuple[float, float]:
+    """Seconds and peak RSS (MB) of one `floe run` child process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", "from floe.cli import main; main()", "run", "-c", str(config)], check=True,
+                   stdout=subprocess.DEVNULL, cwd=config.parent)
+    seconds = time.monotonic() - started
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if peak <= before:
+        print("note: peak RSS not above an earlier child's; rerun with one size per invocation", file=sys.stderr)
+    return seconds, peak / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=2_000_000)
+    parser.add_argument("--hours", type=int, default=24)
+    parser.add_argument("--duration", default="1h")
+    parser.add_argument("--format", default="FORMAT_NDJSON")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "floe-fullstory-bench")
+    args = parser.parse_args()
+    events_per_hour = args.events // args.hours
+    args.work.mkdir(parents=True, exist_ok=True)
+    cache = args.work / f"cache-{events_per_hour}"
+    server = serve_in_process(create_app, events_per_hour=events_per_hour, cache_dir=str(cache))
+    try:
+        def config(name: str) -> Path:
+            db = args.work / f"{name}.duckdb"
+            db.unlink(missing_ok=True)
+            path = args.work / f"{name}.yml"
+            path.write_text(json.dumps({
+                "sources": {"fs": {"type": "fullstory", "api_key": "fs-sandbox-key", "base_url": server.url,
+                                   "start_time": "2024-03-01T00:00:00Z",
+                                   "end_time": f"2024-03-{1 + args.hours // 24:02d}T{args.hours % 24:02d}:00:00Z",
+                                   "export_duration": args.duration, "format": args.format}},
+                "destinations": {"w": {"type": "duckdb", "path": str(db), "memory_limit": "256MB", "threads": 2}},
+                "stage": str(args.work / "stage"),
+            }))
+            return path
+
+        warm = time.monotonic()
+        subprocess.run([sys.executable, "-c", "from floe.cli import main; main()", "run", "-c", str(config("warmup"))], check=True,
+                       stdout=subprocess.DEVNULL, cwd=args.work)
+        print(f"warm-up (emulator builds and caches files): {time.monotonic() - warm:.1f}s", flush=True)
+        seconds, peak = run_floe(config("timed"))
+        con = duckdb.connect(str(args.work / "timed.duckdb"), read_only=True)
+        rows = con.execute("SELECT count(*) FROM fs.events").fetchone()[0]  # type: ignore[index]
+        con.close()
+        size = sum(p.stat().st_size for p in cache.glob("*.gz"))
+        print(json.dumps({"events": rows, "seconds": round(seconds, 2), "events_per_s": round(rows / seconds),
+                          "peak_rss_mb": round(peak), "gzip_mb": round(size / 1e6), "duration": args.duration,
+                          "format": args.format}))
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Benchmark: 1,000,000 Twilio call records from the emulator into DuckDB, floe vs dlt's rest_api source.
+
+    .venv/bin/python bench/twilio_bench.py [--records 1000000] [--skip-dlt]
+
+The emulator runs in its own process (serve_in_process) with every page pre-rendered, so the
+numbers measure the loaders, not the emulator. Each loader runs as a child process whose peak
+RSS is read with getrusage(RUSAGE_CHILDREN) by a tiny wrapper. dlt lives only in `.venv-bench`
+(created here if missing: `make bench-deps` does the same); it is never a floe dependency.
+Targets: floe >= 100,000 records/s end to end, peak RSS <= 400 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOE = ROOT / ".venv" / "bin" / "floe"
+BENCH_VENV = ROOT / ".venv-bench"
+BENCH_PY = BENCH_VENV / "bin" / "python"
+
+
+def measure_main(cmd: list[str]) -> None:
+    """Wrapper mode: run `cmd`, then print its wall time and peak RSS as JSON on stderr's last line."""
+    started = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.monotonic() - started
+    rss_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    result = {"seconds": seconds, "peak_rss_mb": rss_kb / 1024, "returncode": proc.returncode,
+              "stdout": proc.stdout[-2000:], "stderr": proc.stderr[-3000:]}
+    print(json.dumps(result))
+
+
+def measured(cmd: list[str], cwd: Path) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--measure", *cmd], cwd=cwd, capture_output=True, text=True,
+                         check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if result["returncode"] != 0:
+        raise SystemExit(f"{cmd[0]} failed:\n{result['stdout']}\n{result['stderr']}")
+    return result
+
+
+def ensure_bench_venv() -> None:
+    if BENCH_PY.exists() and subprocess.run([str(BENCH_PY), "-c", "import dlt"], capture_output=True).returncode == 0:
+        return
+    print("creating .venv-bench with dlt (benchmark-only environment)...", flush=True)
+    subprocess.run(["python3", "-m", "venv", str(BENCH_VENV)], check=True)
+    subprocess.run([str(BENCH_VENV / "bin" / "pip"), "install", "-q", "dlt[duckdb]"], check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--records", type=int, default=1_000_000)
+    parser.add_argument("--skip-dlt", action="store_true")
+    args = parser.parse_args()
+
+    from floe.sandbox.server import serve_in_process
+    from floe.sandbox.twilio import create_app
+
+    end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    work = Path(tempfile.mkdtemp(prefix="twilio-bench-"))
+    print(f"starting the emulator ({args.records:,} calls) in its own process...", flush=True)
+    server = serve_in_process(create_app, size=args.records, days=30, end=end.isoformat(),
+                              cache_chunks=args.records // 1000 + 10)
+    try:
+        t0 = time.monotonic()
+        httpx.post(f"{server.url}/_sandbox/twilio/prerender", timeout=600).raise_for_status()
+        print(f"emulator pre-rendered in {time.monotonic() - t0:.1f}s", flush=True)
+        from floe.sandbox.twilio import TwilioSandbox
+
+        sid, token = TwilioSandbox(seed=1, size=1, accounts=1).credentials()[0]  # credentials depend on seed only
+        start_date = (end.date().toordinal() - 31)
+        config = {
+            "sources": {"twilio": {
+                "type": "twilio", "account_sid": sid, "auth_token": token, "base_url": server.url,
+                "start_date": datetime.fromordinal(start_date).date().isoformat(), "streams": ["calls"],
+                "window_days": 2, "max_concurrency": 8}},
+            "destinations": {"warehouse": {"type": "duckdb", "path": str(work / "floe.duckdb")}},
+            "stage": str(work / "stage"),
+        }
+        (work / "floe.yml").write_text(yaml.safe_dump(config))
+        print("floe run ...", flush=True)
+        floe = measured([str(FLOE), "run", "-c", str(work / "floe.yml")], work)
+        with duckdb.connect(str(work / "floe.duckdb"), read_only=True) as conn:
+            floe_rows = conn.execute("SELECT count(*), count(DISTINCT sid) FROM twilio.calls").fetchone()
+        assert floe_rows == (args.records, args.records), floe_rows
+        floe_rate = args.records / floe["seconds"]
+        report = {"records": args.records, "floe_seconds": round(floe["seconds"], 1),
+                  "floe_records_per_s": round(floe_rate), "floe_peak_rss_mb": round(floe["peak_rss_mb"])}
+        print(json.dumps(report), flush=True)
+
+        if not args.skip_dlt:
+            ensure_bench_venv()
+            print("dlt rest_api run ...", flush=True)
+            dlt = measured([str(BENCH_PY), str(ROOT / "bench" / "dlt_twilio.py"), server.url, sid, token,
+                            str(work / "dlt.duckdb"), str(work / "dlt-pipelines")], work)
+            dlt_rows = json.loads(dlt["stdout"].strip().splitlines()[-1])["rows"]
+            assert dlt_rows == args.records, dlt_rows
+            report.update({
+                "dlt_seconds": round(dlt["seconds"], 1), "dlt_records_per_s": round(args.records / dlt["seconds"]),
+                "dlt_peak_rss_mb": round(dlt["peak_rss_mb"]),
+                "speed_ratio_floe_over_dlt": round(dlt["seconds"] / floe["seconds"], 2),
+                "memory_ratio_floe_over_dlt": round(floe["peak_rss_mb"] / dlt["peak_rss_mb"], 2),
+            })
+        report.update({"machine": f"{os.cpu_count()} cores, {platform.python_version()}",
+                       "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")})
+        print(json.dumps(report, indent=2))
+        ok = floe_rate >= 100_000 and floe["peak_rss_mb"] <= 400
+        print("targets (>= 100,000 records/s, <= 400 MB):", "met" if ok else "NOT met")
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--measure":
+        measure_main(sys.argv[2:])
+    else:
+        main()
