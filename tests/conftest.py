@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.objectstores",
     "tests.fixtures.sailthru",
     "tests.fixtures.apis",
+    "tests.fixtures.fullstory",
 ]

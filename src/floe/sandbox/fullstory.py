@@ -44,7 +44,7 @@ import duckdb
 import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 DEFAULT_API_KEY = "fs-sandbox-key"
@@ -397,21 +397,26 @@ def create_app(
         truncate = not cut and emu.take("truncate_downloads")
         limit = size // 2 if (cut or truncate) else size
 
-        async def body() -> Any:
-            sent = 0
-            with path.open("rb") as f:
-                while sent < limit:
-                    chunk = await asyncio.to_thread(f.read, min(1 << 20, limit - sent))
-                    if not chunk:
-                        break
-                    sent += len(chunk)
-                    yield chunk
-            if cut:
-                raise ConnectionResetError("emulator: download cut short (injected)")
+        headers = [(b"content-type", b"application/gzip"), (b"content-length", str(size if cut else limit).encode()),
+                   (b"content-disposition", f'attachment; filename="{path.name}"'.encode())]
 
-        headers = {"Content-Length": str(size if cut else limit),
-                   "Content-Disposition": f'attachment; filename="{path.name}"'}
-        return StreamingResponse(body(), media_type="application/gzip", headers=headers)
+        class Body(Response):
+            """Streams the file; a cut download stops half way without finishing the response."""
+
+            async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                sent = 0
+                with path.open("rb") as f:
+                    while sent < limit:
+                        chunk = await asyncio.to_thread(f.read, min(1 << 20, limit - sent))
+                        if not chunk:
+                            break
+                        sent += len(chunk)
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if not cut:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        return Body()
 
     async def set_faults(request: Request) -> Response:
         values = orjson.loads(await request.body() or b"{}")

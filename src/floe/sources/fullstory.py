@@ -36,7 +36,7 @@ from floe.destinations.base import json_field
 from floe.engine.stream import Batch, Context, Source, State, Stream
 from floe.errors import SourceError
 from floe.http import ApiError, HttpClient
-from floe.sources.fullstory_export import CUSTOM_VARS, ExportReader
+from floe.sources.fullstory_export import CUSTOM_VARS, POOL, ExportReader
 
 log = logging.getLogger("floe.sources.fullstory")
 
@@ -274,6 +274,7 @@ class FullStorySource(Source):
 
     def __init__(self, name: str, config: FullStoryConfig, context: Context | None = None) -> None:
         super().__init__(name, config, context)
+        pa.set_memory_pool(POOL)
         self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)
         self._api: HttpClient | None = None
         self._files: HttpClient | None = None
@@ -350,7 +351,7 @@ class FullStorySource(Source):
             log.warning("event=fullstory_export_failed %s error=%s (creating it again)", where, error)
         raise SourceError(f"{where}: export FAILED {len(failures)} times: {failures[-1]}")
 
-    async def download(self, export_id: str, target: Path, where: str, attempts: int = 3) -> None:
+    async def download(self, export_id: str, target: Path, where: str, attempts: int = 5) -> None:
         for attempt in range(attempts):
             info = await self.api.get_json(f"/search/v1/exports/{export_id}/results")
             location = info.get("location")

@@ -22,6 +22,8 @@ import pyarrow.json as pj
 from floe.errors import SourceError
 
 CUSTOM_VARS = "CustomVars"
+# The system allocator hands freed memory back; Arrow's default pools keep it (RSS would creep).
+POOL = pa.system_memory_pool()
 # One element of a JSON array of (at most two-level nested) objects; strings may hold braces.
 _STRING = rb'"(?:[^"\\]|\\.)*"'
 _FLAT = rb"\{(?:[^{}\"]|" + _STRING + rb")*\}"
@@ -41,7 +43,7 @@ def _parse_type(t: pa.DataType) -> pa.DataType:
 class ExportReader:
     """Reads one export file into Arrow batches of `schema` (its last field is CustomVars)."""
 
-    def __init__(self, schema: pa.Schema, fmt: str, chunk_bytes: int = 8 << 20) -> None:
+    def __init__(self, schema: pa.Schema, fmt: str, chunk_bytes: int = 4 << 20) -> None:
         self.schema = schema
         self.known = [f for f in schema if f.name != CUSTOM_VARS]
         self.known_names = {f.name for f in self.known}
@@ -121,14 +123,17 @@ class ExportReader:
             yield self.convert(self.parse(chunk))
 
     def parse(self, chunk: bytes) -> pa.Table:
-        try:
-            return pj.read_json(
-                io.BytesIO(chunk),
-                read_options=pj.ReadOptions(block_size=len(chunk) + 1),
-                parse_options=pj.ParseOptions(explicit_schema=self.parse_schema, unexpected_field_behavior="infer"),
-            )
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            raise SourceError(f"export file: cannot parse events: {exc}") from None
+        """Parse in 1 MB blocks on pyarrow's threads; if blocks disagree on the type of a field no
+        column is declared for (e.g. a custom var that is an int in one block and a float in the
+        next), parse the chunk again as one block."""
+        options = pj.ParseOptions(explicit_schema=self.parse_schema, unexpected_field_behavior="infer")
+        for block in (1 << 20, len(chunk) + 1):
+            try:
+                return pj.read_json(io.BytesIO(chunk), read_options=pj.ReadOptions(block_size=block),
+                                    parse_options=options, memory_pool=POOL)
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                error = exc
+        raise SourceError(f"export file: cannot parse events: {error}") from None
 
     def convert(self, table: pa.Table) -> pa.RecordBatch:
         table = table.combine_chunks()
