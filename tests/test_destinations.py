@@ -296,3 +296,34 @@ def test_commit_interval_folds_checkpoints_into_one_commit(duckdb_destination, t
     assert duckdb_destination.query("SELECT COUNT(*) FROM src.items")[0][0] == expected
     assert (result.error is None) == (fail_at is None)
     assert not list((tmp_path / "stage").rglob("*.parquet"))  # no staged file left behind
+
+
+# --- floe check on PostgreSQL ---------------------------------------------------------------------
+def test_postgres_check_says_exactly_what_is_wrong(postgres_server, postgres_db, tmp_path):
+    import psycopg
+
+    def check(**changes: Any) -> list[str]:
+        dest = make_destination({**postgres_db.config(), **changes}, tmp_path)
+        try:
+            return dest.check()
+        finally:
+            dest.close()
+
+    assert "user may create schemas" in check()[0]
+    with pytest.raises(DestinationError, match=r"destinations.warehouse: cannot connect to postgresql://floe@127.0.0.1:\d+/"
+                                               r"t_\w+: authentication failed for user 'floe'"):
+        check(password="not-the-password")
+    with pytest.raises(DestinationError, match=r"database 'nope' does not exist"):
+        check(database="nope")
+    with pytest.raises(DestinationError, match=r"server not reachable"):
+        check(port=postgres_server.port + 1 if postgres_server.port < 65535 else 1)
+    with psycopg.connect(postgres_db.dsn, autocommit=True) as conn:
+        conn.execute("CREATE ROLE reader LOGIN PASSWORD 'reader-pass'")
+        conn.execute(f'REVOKE CREATE ON DATABASE "{postgres_db.database}" FROM PUBLIC')
+    try:
+        with pytest.raises(DestinationError, match=r"permission denied: user 'reader' may not create schemas"):
+            check(user="reader", password="reader-pass")
+    finally:
+        with psycopg.connect(postgres_server.dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{postgres_db.database}" WITH (FORCE)')
+            conn.execute("DROP ROLE reader")
