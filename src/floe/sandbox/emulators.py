@@ -18,6 +18,7 @@ EMULATORS: dict[str, tuple[str, int]] = {
     "twilio": ("floe.sandbox.twilio", 8710),
     "singular": ("floe.sandbox.singular", 8711),
     "pendo": ("floe.sandbox.pendo", 8713),
+    "fullstory": ("floe.sandbox.fullstory", 8712),
 }
 
 

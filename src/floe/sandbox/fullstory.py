@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +157,7 @@ def _wanted(name: str, fields: list[str] | None) -> bool:
 class Faults:
     rate_limit_every: int = 0
     retry_after: int = 1
+    error_every: int = 0  # every Nth API call answers 503
     fail_operations: int = 0
     expire_links: int = 0
     cut_downloads: int = 0
@@ -182,6 +183,7 @@ class FullStoryEmulator:
 
     api_key: str = DEFAULT_API_KEY
     events_per_hour: int = 3600
+    seed: int = 1
     new_fields_from: datetime | None = None
     processing_seconds: float = 0.0  # an export stays in progress at least this long
     link_ttl_seconds: float = 600.0
@@ -209,7 +211,7 @@ class FullStoryEmulator:
     def build(self, export: Export) -> Path:
         """Write (or reuse) the gzip file of `export`."""
         key = orjson.dumps([rfc3339(export.start), rfc3339(export.end), export.format, export.fields,
-                            self.events_per_hour, str(self.new_fields_from), 2])
+                            self.events_per_hour, str(self.new_fields_from), self.seed, 3])
         name = hashlib.sha1(key).hexdigest()[:20]
         path = self.cache_dir / f"{name}.{'ndjson' if export.format == 'FORMAT_NDJSON' else 'json'}.gz"
         if path.exists():
@@ -226,7 +228,7 @@ class FullStoryEmulator:
         events = (
             f"SELECT '{{' || concat_ws(',', {fragments}) || '}}' AS line, us FROM "
             f"(SELECT k, h, k * {step} + (h % {step})::BIGINT AS us FROM "
-            f"(SELECT k, hash(k) AS h FROM range({lo}, {hi}) t(k))) "
+            f"(SELECT k, hash(k * 1000003 + {self.seed}) AS h FROM range({lo}, {hi}) t(k))) "
             f"WHERE us >= {_us(export.start)} AND us < {_us(export.end)}"
         )
         copy = "(FORMAT CSV, HEADER false, QUOTE '', ESCAPE '', DELIMITER '\x01', COMPRESSION GZIP)"
@@ -275,14 +277,24 @@ def create_app(
     processing_seconds: float = 0.0,
     link_ttl_seconds: float = 600.0,
     cache_dir: str | None = None,
+    seed: int = 1,
+    rate_429: float = 0.0,
+    rate_5xx: float = 0.0,
     **faults: int,
 ) -> Starlette:
-    """The emulator as an ASGI app (a module-level factory, so it can run in another process)."""
+    """The emulator as an ASGI app (a module-level factory, so it can run in another process).
+
+    `rate_429`/`rate_5xx` (as in `floe sandbox`) answer that share of API calls with 429 + Retry-After
+    or 503; `seed` varies the generated events."""
+    if rate_429 > 0 and "rate_limit_every" not in faults:
+        faults["rate_limit_every"] = max(1, round(1 / rate_429))
+    if rate_5xx > 0:
+        faults["error_every"] = max(1, round(1 / rate_5xx))
     emu = FullStoryEmulator(
         api_key=api_key, events_per_hour=events_per_hour,
         new_fields_from=parse_time(new_fields_from) if new_fields_from else None,
         processing_seconds=processing_seconds, link_ttl_seconds=link_ttl_seconds,
-        faults=Faults(**faults),
+        faults=Faults(**faults), seed=seed,
     )
     if cache_dir:
         emu.cache_dir = Path(cache_dir)
@@ -294,6 +306,8 @@ def create_app(
         header = request.headers.get("authorization", "")
         if header != f"Basic {emu.api_key}":
             return _error(401, "Unauthorized: invalid API key")
+        if emu.faults.error_every and calls % emu.faults.error_every == 0:
+            return _error(503, "Service temporarily unavailable")
         every = emu.faults.rate_limit_every
         if every and calls % every == 0:
             response = _error(429, "Too many requests")
@@ -439,3 +453,15 @@ def create_app(
     ])
     app.state.fullstory = emu
     return app
+
+
+def describe(app: Starlette, url: str) -> dict[str, Any]:
+    """Credentials and a ready floe.yml source entry for `floe sandbox` / demos."""
+    emu: FullStoryEmulator = app.state.fullstory
+    start = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return {
+        "credentials": {"api_key": emu.api_key},
+        "sources": {"fullstory": {"type": "fullstory", "api_key": emu.api_key, "base_url": url,
+                                  "start_time": rfc3339(start - timedelta(days=2)),
+                                  "export_duration": "6h", "export_delay": "1h"}},
+    }
