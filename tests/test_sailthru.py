@@ -382,3 +382,15 @@ def test_stage_files_hold_no_address(sailthru_project: Factory, tmp_path: Path) 
     assert len(files) >= 9
     text = "\n".join(str(pq.read_table(f.path).to_pylist()) for f in files)
     assert "email=" in text and not EMAIL.search(text)
+
+
+def test_warehouse_file_named_like_the_source(sailthru_project: Factory) -> None:
+    """sailthru.duckdb holds a catalog named `sailthru` next to the schema `sailthru`: loads still work."""
+    project = sailthru_project(days=1)
+    config = project.root / "floe.yml"
+    config.write_text(config.read_text().replace(str(project.db), str(project.root / "sailthru.duckdb")))
+    for _ in range(2):  # the second run finds the schema existing (that is where it was ambiguous)
+        result = project.cli("run")
+        assert result.exit_code == 0, result.output
+    project.export.joinpath("blast.20160402.json").write_text('{ "name" : "late", "day" : "2016-04-01", "id" : 1 }\n')
+    assert project.cli("run").exit_code == 0

@@ -58,7 +58,16 @@ class DuckDBDestination(SqlDestination):
         except duckdb.Error as exc:
             raise DestinationError(f"destinations.{self.name}: cannot open {self.path}: {exc}") from None
         conn.execute("SET TimeZone = 'UTC'")
+        self._catalog = conn.execute("SELECT current_database()").fetchall()[0][0]
         return conn
+
+    # With the catalog: a file named like a source (sailthru.duckdb) makes `sailthru.blast` ambiguous.
+    def qualified(self, schema: str, table: str) -> str:
+        return f"{self.schema_ref(schema)}.{self.quote(table)}"
+
+    def schema_ref(self, schema: str) -> str:
+        self.conn  # noqa: B018 - connecting learns the catalog name
+        return f"{self.quote(self._catalog)}.{self.quote(schema)}"
 
     # A DuckDB cursor is its own connection: the transaction lives on the cursor.
     def begin(self, cur: Any) -> None:

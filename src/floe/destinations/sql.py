@@ -68,6 +68,10 @@ class SqlDestination(Destination):
     def quote(identifier: str) -> str:
         return '"' + identifier.replace('"', '""') + '"'
 
+    def schema_ref(self, schema: str) -> str:
+        """A schema as named in CREATE SCHEMA (DuckDB adds its catalog)."""
+        return self.quote(schema)
+
     def qualified(self, schema: str, table: str) -> str:
         return f"{self.quote(schema)}.{self.quote(table)}"
 
@@ -186,13 +190,13 @@ class SqlDestination(Destination):
         self.conn.rollback()
 
     def ensure_meta(self, cur: Any) -> None:
-        cur.execute(f"CREATE SCHEMA IF NOT EXISTS {self.quote(self.meta_schema)}")
+        cur.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema_ref(self.meta_schema)}")
         for statement in self.meta_ddl():
             cur.execute(statement)
 
     def ensure_table(self, cur: Any, spec: TableSpec) -> None:
         """Create the table, or add the columns it lacks. Never drops or narrows a column."""
-        cur.execute(f"CREATE SCHEMA IF NOT EXISTS {self.quote(spec.schema_name)}")
+        cur.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema_ref(spec.schema_name)}")
         existing = self.existing_columns(cur, spec.schema_name, spec.table)
         if not existing:
             cur.execute(self.create_table_sql(spec))

@@ -53,6 +53,7 @@ class ExportSpec:
     zip_name: str | None = None  # write one .zip (with __MACOSX junk, like the reference sample)
     open_rate: float = 0.2
     click_rate: float = 0.2  # of opened messages
+    heavy_clickers: int = 0  # the first N profiles open and click (1-3 times) every message
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -102,7 +103,7 @@ def make_actions(rng: random.Random, sent: datetime, email_n: int, open_rate: fl
     for i in range(1 + min(int(rng.expovariate(1.0)), 3)):
         actions.append((first + timedelta(minutes=i * rng.randint(1, 2000), seconds=rng.randint(0, 59)), None))
     if rng.random() < click_rate:
-        for i in range(1 + min(int(rng.expovariate(1.5)), 2)):
+        for i in range(rng.randint(1, 3) if click_rate >= 1 else 1 + min(int(rng.expovariate(1.5)), 2)):
             url = f"https://news.example.com/story/{rng.randint(1, 5000)}?utm_source=sailthru"
             if rng.random() < 0.1:
                 url += "&email=" + quote(email_of(email_n))
@@ -148,12 +149,15 @@ class Generator:
             yield self.file_name("blast", file_day), [dumps(b) for b in blasts]
             todays: list[Message] = []
             for blast_id, sent in sends:
-                for message_id, n in enumerate(i for i in range(s.profiles) if self.rng.random() < s.audience):
+                for message_id, n in enumerate(
+                        i for i in range(s.profiles) if i < s.heavy_clickers or self.rng.random() < s.audience):
                     at = sent + timedelta(seconds=message_id // 50, milliseconds=self.rng.randint(0, 999))
                     doc = {"profile_id": self.profile_ids[n], "send_time": _eastern(at), "blast_id": blast_id,
                            "message_id": message_id % 61 + 1, "device": self.rng.choice(DEVICES),
                            "message_revenue": None, "delivery_status": None}
-                    todays.append(Message(doc, make_actions(self.rng, at, n, s.open_rate, s.click_rate), n))
+                    heavy = n < s.heavy_clickers
+                    actions = make_actions(self.rng, at, n, 1.0 if heavy else s.open_rate, 1.0 if heavy else s.click_rate)
+                    todays.append(Message(doc, actions, n))
             yield self.file_name("message_blast", file_day), [
                 dumps(m.upto(end, False)) for m in todays]
             if s.updates and file_day > s.start:
