@@ -1,0 +1,123 @@
+"""floe.yml errors are one line naming the key; secrets never show; `floe check` and `floe state show`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import duckdb
+import pytest
+from typer.testing import CliRunner
+
+from floe.cli import app
+from tests.fixtures.sailthru import Project
+
+Factory = Callable[..., Project]
+
+
+def floe(config: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, [*args, "-c", str(config)], env=env, catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def write(tmp_path: Path, source_lines: str, destination: str = "    type: duckdb\n    path: w.duckdb\n") -> Path:
+    path = tmp_path / "floe.yml"
+    path.write_text(f"sources:\n  sailthru:\n    type: sailthru\n{source_lines}destinations:\n  warehouse:\n{destination}")
+    return path
+
+
+@pytest.mark.parametrize(("source_lines", "message"), [
+    ("    path: x\n    pii: scramble\n", "sources.sailthru.pii: must be one of hash, drop, keep"),
+    ("    pii: hash\n", "sources.sailthru.path: is required"),
+    ("    path: x\n    colour: red\n", "sources.sailthru.colour: unknown key"),
+    ("    path: x\n    timezone: Mars/Olympus\n", "sources.sailthru.timezone: value error, unknown time zone 'Mars/Olympus'"),
+    ("    path: x\n    salt: ${FLOE_TEST_UNSET_VARIABLE}\n",
+     "sources.sailthru.salt: environment variable FLOE_TEST_UNSET_VARIABLE is not set"),
+])
+@pytest.mark.parametrize("command", [["run"], ["check"], ["state", "show"]])
+def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, source_lines: str, message: str,
+                                                command: list[str]) -> None:
+    code, stdout, stderr = floe(write(tmp_path, source_lines), *command, env={"FLOE_TEST_UNSET_VARIABLE": None})  # type: ignore[dict-item]
+    assert code != 0
+    assert stderr.strip().splitlines() == [f"error: {message}"]
+    assert not (tmp_path / "w.duckdb").exists()
+
+
+def test_unknown_destination_type_lists_the_known_ones(tmp_path: Path) -> None:
+    code, _, stderr = floe(write(tmp_path, "    path: x\n", "    type: excel\n"), "check")
+    assert code != 0
+    assert stderr.startswith("error: destinations.warehouse.type: must be one of ") and "duckdb" in stderr
+
+
+def test_hashing_without_a_salt_names_the_key(tmp_path: Path) -> None:
+    code, _, stderr = floe(write(tmp_path, "    path: x\n"), "run", env={"FLOE_PII_SALT": None})  # type: ignore[dict-item]
+    assert code != 0
+    assert stderr.strip() == "error: sources.sailthru.salt: is required when pii is hash (or set FLOE_PII_SALT)"
+
+
+def test_salt_from_the_environment_hashes_like_the_config_salt(sailthru_project: Factory) -> None:
+    project = sailthru_project(days=1, profiles=5)
+    project.write_config(salt=None)
+    code, _, stderr = floe(project.root / "floe.yml", "run", env={"FLOE_PII_SALT": "env-salt-1234"})
+    assert code == 0, stderr
+    from_env = project.query("SELECT id, email_hash FROM sailthru.profile ORDER BY id")
+    project.db.unlink()
+    project.write_config(salt="env-salt-1234")
+    assert floe(project.root / "floe.yml", "run")[0] == 0
+    assert project.query("SELECT id, email_hash FROM sailthru.profile ORDER BY id") == from_env
+
+
+def test_secrets_never_appear_in_output_state_or_errors(sailthru_project: Factory) -> None:
+    secret = "s3cret-salt-value-0042"
+    project = sailthru_project(days=2, profiles=10)
+    config = project.write_config(salt="${FLOE_TEST_SALT}")
+    env = {"FLOE_TEST_SALT": secret}
+    outputs = []
+    for command in (["check"], ["run"], ["state", "show"], ["state", "show", "--singer"]):
+        code, stdout, stderr = floe(config, *command, env=env)
+        assert code == 0, stderr
+        outputs.append(stdout + stderr)
+    # An error message that happens to contain the secret value prints *** instead.
+    missing = project.root / f"exports-{secret}"
+    config.write_text(config.read_text().replace(str(project.export), str(missing)))
+    code, stdout, stderr = floe(config, "run", env=env)
+    assert code != 0 and "exports-***" in stdout + stderr
+    outputs.append(stdout + stderr)
+    with duckdb.connect(str(project.db), read_only=True) as conn:
+        outputs.append(repr(conn.execute("SELECT * FROM _floe_state").fetchall()))
+        outputs.append(repr(conn.execute("SELECT * FROM _floe_loads").fetchall()))
+    assert not [text for text in outputs if secret in text]
+
+
+def test_check_validates_and_reaches_the_destination(tmp_path: Path) -> None:
+    code, stdout, stderr = floe(write(tmp_path, "    path: x\n    pii: drop\n"), "check")
+    assert code == 0, stderr
+    assert "config ok: 1 sources, 1 destinations" in stdout
+    assert "warehouse: opened DuckDB database" in stdout
+
+    (tmp_path / "folder.duckdb").mkdir()  # a path DuckDB cannot open
+    code, stdout, stderr = floe(write(tmp_path, "    path: x\n    pii: drop\n",
+                                      "    type: duckdb\n    path: folder.duckdb\n"), "check")
+    assert code != 0
+    assert "warehouse: FAILED" in stderr and "folder.duckdb" in stderr
+
+
+def test_state_show_lists_every_stream_with_its_files(sailthru_project: Factory) -> None:
+    project = sailthru_project(days=2)
+    config = project.root / "floe.yml"
+    assert floe(config, "run")[0] == 0
+    code, stdout, _ = floe(config, "state", "show")
+    assert code == 0
+    rows = json.loads(stdout)["warehouse"]
+    states = {r["stream"]: r["state"] for r in rows if r["source"] == "sailthru"}
+    assert set(states) == {"blast", "message_blast", "message_transactional", "profile", "profile_geo",
+                           "profile_browser", "profile_lists_signup", "profile_vars", "exports"}
+    assert set(states["blast"]["files"]) == {"blast.20160401.json", "blast.20160402.json"}
+    assert set(states["message_blast"]["files"]) == {
+        "message_blast.20160401.json", "message_blast.20160402.json", "message_blast_update.20160402.json"}
+    assert all(len(digest) == 64 for digest in states["exports"]["files"].values())
+
+    code, stdout, _ = floe(config, "state", "show", "--singer")
+    assert code == 0
+    assert json.loads(stdout)["bookmarks"] == states  # Singer's form of the one source's state
