@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -65,9 +66,14 @@ def run(
 
     try:
         cfg = open_config(config)
+        started = datetime.now(UTC)
         results = runner.run(cfg, source, stream, RunOptions(reprocess, full_refresh), Progress())
     except FloeError as exc:
         fail(str(exc))
+    if cfg.notify:
+        from floe.notify import notify_run
+
+        notify_run(cfg, results, started)
     print_summary(results)
     failed = [r for r in results if not r.ok]
     if failed:
@@ -175,3 +181,6 @@ app.command("target")(target_command)
 from floe.commands.sandbox import sandbox_command  # noqa: E402
 
 app.command("sandbox")(sandbox_command)
+from floe.commands.serve import serve_command  # noqa: E402
+
+app.command("serve")(serve_command)

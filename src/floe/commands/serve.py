@@ -1,0 +1,46 @@
+"""`floe serve`: run sources on their schedules until SIGTERM/SIGINT (see floe.engine.serve)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from floe import logs
+from floe.config import load_config
+from floe.errors import FloeError
+from floe.secrets import redact
+
+
+def serve_command(
+    config: Annotated[Path | None, typer.Option("-c", "--config", help="Config file (default: floe.yml).")] = None,
+    source: Annotated[list[str] | None, typer.Option("--source", "-s", help="Only this source (repeatable).")] = None,
+    backoff: Annotated[float, typer.Option(help="Seconds before retrying a failed source (doubles each time).")] = 30.0,
+    backoff_max: Annotated[float, typer.Option(help="Longest wait between retries, in seconds.")] = 3600.0,
+) -> None:
+    """Keep sources loaded: catch up, sleep until the next piece of work is due, repeat.
+
+    SIGTERM (or Ctrl-C) lets the load in progress commit, then exits with status 0."""
+    from floe.engine.serve import Server
+
+    try:
+        cfg = load_config(config)
+        logs.setup(fmt=cfg.log_format)
+        for name in source or []:
+            cfg.source(name)
+        server = Server(cfg, source, backoff_base=backoff, backoff_max=backoff_max)
+    except FloeError as exc:
+        typer.echo(f"error: {redact(str(exc))}", err=True)
+        raise typer.Exit(1) from None
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, server.stop)
+        await server.run()
+
+    asyncio.run(main())
+    typer.echo("floe serve: stopped", err=True)

@@ -1,0 +1,164 @@
+"""Failure and recovery notifications (top-level `notify:`): a JSON POST to `webhook`, and/or an
+SNS message to `sns_topic_arn` (boto3; region from `region` or the AWS environment).
+
+A message is sent for every (source, stream, destination) whose run failed, and once when a
+stream that failed before loads successfully again. "Failed before" is read from the
+destination's `_floe_loads` (the last row written before this run), so recovery is known
+across separate `floe run` invocations. Messages carry the source, stream, destination, the
+(redacted) error and the last committed sync point, never a credential. Sending never raises:
+a notification problem is logged and the run's own result stands.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from floe.config import NotifyConfig
+from floe.destinations.base import Destination, LoadJob, TableSpec
+from floe.engine.pipeline import StreamResult
+from floe.secrets import redact
+
+log = logging.getLogger("floe.notify")
+
+
+@dataclass
+class Notice:
+    event: str  # "failed" | "recovered"
+    source: str
+    stream: str
+    destination: str
+    error: str | None
+    last_sync_point: Any
+    at: str
+
+    @property
+    def text(self) -> str:
+        where = f"{self.source}.{self.stream} -> {self.destination}"
+        if self.event == "failed":
+            return f"floe: {where} FAILED: {self.error} (last good sync point: {json.dumps(self.last_sync_point)})"
+        return f"floe: {where} recovered (sync point: {json.dumps(self.last_sync_point)})"
+
+    def payload(self) -> dict[str, Any]:
+        return {**asdict(self), "text": self.text}
+
+
+class Notifier:
+    """Sends notices to the configured channels; does nothing without a `notify:` section."""
+
+    def __init__(self, config: NotifyConfig | None) -> None:
+        self.config = config
+        self.sent: list[Notice] = []
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.config and (self.config.webhook or self.config.sns_topic_arn))
+
+    def send(self, notice: Notice) -> None:
+        if not self.enabled or self.config is None:
+            return
+        body = json.loads(redact(json.dumps(notice.payload(), default=str)))
+        if self.config.webhook:
+            try:
+                response = httpx.post(self.config.webhook, json=body, timeout=10.0)
+                response.raise_for_status()
+            except httpx.HTTPError as exc:
+                log.warning("event=notify_failed channel=webhook error=%s", redact(str(exc)))
+        if self.config.sns_topic_arn:
+            try:
+                import boto3
+
+                client = boto3.client("sns", region_name=self.config.region)
+                client.publish(TopicArn=self.config.sns_topic_arn, Subject=body["text"][:99],
+                               Message=json.dumps(body))
+            except Exception as exc:  # noqa: BLE001 - a notification must never fail the run
+                log.warning("event=notify_failed channel=sns error=%s", redact(str(exc)))
+        self.sent.append(notice)
+        log.info("event=notified kind=%s source=%s stream=%s destination=%s", notice.event, notice.source,
+                 notice.stream, notice.destination)
+
+
+def previous_status(destination: Destination, source: str, stream: str, before: datetime) -> str | None:
+    """The status of the last `_floe_loads` row of (source, stream) started before `before`."""
+    query = getattr(destination, "query", None)
+    meta = getattr(destination, "meta_schema", None)
+    if query is None or meta is None:
+        return None
+    p = getattr(destination, "placeholder", "?")
+    try:
+        rows = query(
+            f'SELECT status FROM "{meta}"."_floe_loads" WHERE source = {p} AND stream = {p} '
+            f"AND destination = {p} AND started_at < {p} ORDER BY finished_at DESC LIMIT 1",
+            (source, stream, destination.name, before),
+        )
+    except Exception:  # noqa: BLE001 - no bookkeeping table yet: never failed
+        return None
+    return str(rows[0][0]) if rows else None
+
+
+def mark_recovered(destination: Destination, result: StreamResult, started: datetime) -> None:
+    """Write a `recovered` row so that the next run does not report the recovery again."""
+    transaction = getattr(destination, "transaction", None)
+    if transaction is None:
+        return
+    import pyarrow as pa
+
+    job = LoadJob(load_id=f"recovered-{started:%Y%m%dT%H%M%S}", source=result.source, stream=result.stream,
+                  table=TableSpec(result.source, result.stream, pa.schema([])), files=[], checkpoint={},
+                  started_at=datetime.now(UTC))
+    try:
+        with transaction() as cur:
+            destination.ensure_meta(cur)  # type: ignore[attr-defined]
+            destination.write_load_row(cur, job, "recovered", None, datetime.now(UTC))  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - bookkeeping only
+        log.debug("could not record recovery", exc_info=True)
+
+
+def report(
+    notifier: Notifier, results: list[StreamResult], destinations: dict[str, Destination], started: datetime
+) -> list[Notice]:
+    """Send the notices for one run's results; `started` is when the run began (UTC)."""
+    notices: list[Notice] = []
+    if not notifier.enabled:
+        return notices
+    now = datetime.now(UTC).isoformat()
+    for result in results:
+        dest = destinations.get(result.destination)
+        if dest is None:
+            continue
+        before = previous_status(dest, result.source, result.stream, started)
+        if result.ok and before != "failed":
+            continue
+        try:
+            state = dest.get_state(result.source, result.stream)
+        except Exception:  # noqa: BLE001 - report what we know
+            state = None
+        notice = Notice("recovered" if result.ok else "failed", result.source, result.stream, result.destination,
+                        redact(result.error) if result.error else None, state, now)
+        notifier.send(notice)
+        notices.append(notice)
+        if result.ok:
+            mark_recovered(dest, result, started)
+    return notices
+
+
+def notify_run(config: Any, results: list[StreamResult], started: datetime) -> list[Notice]:
+    """For `floe run`: open each destination named in `results`, report, close."""
+    notifier = Notifier(config.notify)
+    if not notifier.enabled or not results:
+        return []
+    from floe.engine.runner import context_for, make_destination
+
+    destinations: dict[str, Destination] = {}
+    try:
+        for name in {r.destination for r in results}:
+            destinations[name] = make_destination(config, name, context_for(config))
+        return report(notifier, results, destinations, started)
+    finally:
+        for dest in destinations.values():
+            dest.close()

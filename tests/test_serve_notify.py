@@ -1,0 +1,143 @@
+"""`floe serve` (with an injected clock) and failure/recovery notifications, against the FullStory emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+
+from floe.config import load_config
+from floe.engine.serve import Server, parse_schedule
+from floe.errors import ConfigError
+from floe.sandbox.fullstory import DEFAULT_API_KEY
+from tests.fixtures.fullstory import emulator
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+class FakeClock:
+    """Time stands still until `sleep`, which advances it at once and runs the hooks due by then."""
+
+    def __init__(self, now: datetime) -> None:
+        self.t = now
+        self.sleeps: list[float] = []
+        self.hooks: list[Callable[[int], None]] = []
+
+    def now(self) -> datetime:
+        return self.t
+
+    async def sleep(self, seconds: float, wake: asyncio.Event) -> None:
+        self.sleeps.append(seconds)
+        self.t += timedelta(seconds=seconds)
+        for hook in self.hooks:
+            hook(len(self.sleeps))
+        await asyncio.sleep(0)
+
+
+def rows(db: Path) -> int:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute("SELECT count(*) FROM fs.events").fetchone()[0]  # type: ignore[index]
+    finally:
+        con.close()
+
+
+def serve_config(fullstory_config: Any, **extra: Any) -> Any:
+    return load_config(fullstory_config(end_time=None, export_delay="1h", **extra))
+
+
+def test_serve_catches_up_then_sleeps_until_each_window_end_plus_delay(
+    fullstory_config: Any, tmp_path: Path
+) -> None:
+    clock = FakeClock(T0 + timedelta(hours=3, minutes=30))
+    server = Server(serve_config(fullstory_config), clock=clock)
+    asyncio.run(server.run(max_cycles=4))
+    # 03:30: windows ending by 02:30 are ready (00-01, 01-02). The next (02-03) is due at 03:00 + 1h.
+    assert clock.sleeps == [1800, 3600, 3600]
+    assert [sum(r.commits for r in c.results) for c in server.history] == [2, 1, 1, 1]
+    assert rows(tmp_path / "w.duckdb") == 5 * 600
+    assert [r.state for r in server.history[-1].results] == [{"sync_point": "2024-01-01T05:00:00Z"}]
+
+
+def test_failures_back_off_exponentially_notify_and_recover_without_losing_progress(
+    fullstory_server: Any, fullstory_config: Any, tmp_path: Path, webhook: tuple[str, list[dict[str, Any]]]
+) -> None:
+    url, received = webhook
+    faults = emulator(fullstory_server).faults
+    clock = FakeClock(T0 + timedelta(hours=3, minutes=30))
+    # After the first sleep every export fails; after the third sleep FullStory is healthy again.
+    clock.hooks.append(lambda n: setattr(faults, "fail_operations", 1000 if n < 3 else 0))
+    config = serve_config(fullstory_config, export_attempts=1, notify={"webhook": url})
+    server = Server(config, clock=clock, backoff_base=30)
+    asyncio.run(server.run(max_cycles=4))
+    assert clock.sleeps == [1800, 30, 60]  # window due, then backoff 30 s, 60 s
+    assert [all(r.ok for r in c.results) for c in server.history] == [True, False, False, True]
+    assert rows(tmp_path / "w.duckdb") == 3 * 600  # 00-02 before the failures, 02-03 on recovery
+    assert [m["event"] for m in received] == ["failed", "failed", "recovered"]
+    failed = received[0]
+    assert (failed["source"], failed["stream"], failed["destination"]) == ("fs", "events", "w")
+    assert "FAILED" in failed["error"] and "2024-01-01T02:00:00Z..2024-01-01T03:00:00Z" in failed["error"]
+    assert failed["last_sync_point"] == {"sync_point": "2024-01-01T02:00:00Z"}
+    assert received[2]["last_sync_point"] == {"sync_point": "2024-01-01T03:00:00Z"}
+    assert all(DEFAULT_API_KEY not in str(m) for m in received)
+
+
+def test_floe_run_notifies_failure_then_recovery_once(
+    fullstory_server: Any, fullstory_config: Any, tmp_path: Path, webhook: tuple[str, list[dict[str, Any]]]
+) -> None:
+    url, received = webhook
+    config = fullstory_config(export_attempts=1, notify={"webhook": url})
+    cli = [sys.executable, "-c", "from floe.cli import main; main()", "run", "-c", str(config)]
+    emulator(fullstory_server).faults.fail_operations = 1000
+    assert subprocess.run(cli, capture_output=True, cwd=tmp_path, timeout=60).returncode == 1
+    assert [m["event"] for m in received] == ["failed"] and received[0]["last_sync_point"] is None
+    emulator(fullstory_server).faults.fail_operations = 0
+    assert subprocess.run(cli, capture_output=True, cwd=tmp_path, timeout=60).returncode == 0
+    assert subprocess.run(cli, capture_output=True, cwd=tmp_path, timeout=60).returncode == 0
+    assert [m["event"] for m in received] == ["failed", "recovered"]  # the third run had nothing to report
+    assert received[1]["last_sync_point"] == {"sync_point": "2024-01-01T06:00:00Z"}
+
+
+def test_sigterm_lets_the_current_load_commit_then_exits_zero(
+    fullstory_server: Any, fullstory_config: Any, tmp_path: Path
+) -> None:
+    emu = emulator(fullstory_server)
+    emu.processing_seconds = 0.3  # each export takes a moment, so SIGTERM lands mid-load
+    start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=5)
+    config = fullstory_config(start_time=start.isoformat(), end_time=None, export_delay="1h", prefetch=1)
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-c", "from floe.cli import main; main()", "serve", "-c", str(config)],
+                            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    created = len(emu.created)
+    deadline = time.monotonic() + 30
+    while len(emu.created) == created and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    # The load in progress finished: every window ready at start (4 or 5 of them) is committed.
+    assert rows(tmp_path / "w.duckdb") >= 4 * 600
+    assert "event=serve_stopped" in (tmp_path / "serve.log").read_text()
+
+
+@pytest.mark.parametrize(("text", "after", "expected"), [
+    ("15m", T0, T0 + timedelta(minutes=15)),
+    ("6h", T0, T0 + timedelta(hours=6)),
+    ("0 2 * * *", T0 + timedelta(hours=5), T0 + timedelta(days=1, hours=2)),
+])
+def test_schedules_are_intervals_or_cron(text: str, after: datetime, expected: datetime) -> None:
+    assert parse_schedule(text, "sources.x.schedule")(after) == expected
+
+
+def test_a_bad_schedule_is_a_config_error_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match="sources.x.schedule: 'every tuesday'"):
+        parse_schedule("every tuesday", "sources.x.schedule")
