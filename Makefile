@@ -27,3 +27,11 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .floe demo.duckdb .pytest_cache
+
+# Benchmark-only environment (dlt for comparisons); never a floe dependency.
+bench-deps:
+	test -x .venv-bench/bin/python || python3 -m venv .venv-bench
+	.venv-bench/bin/pip install -q "dlt[duckdb]"
+
+bench-twilio: $(STAMP) bench-deps
+	$(BIN)/python bench/twilio_bench.py
