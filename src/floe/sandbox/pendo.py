@@ -56,13 +56,16 @@ DEFAULT_SCHEMA: dict[str, dict[str, dict[str, str]]] = {
     },
 }
 
-_TYPE_OK: dict[str, Callable[[Any], bool]] = {
-    "string": lambda v: isinstance(v, str),
-    "boolean": lambda v: isinstance(v, bool),
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-    "time": lambda v: (isinstance(v, int) and not isinstance(v, bool)) or isinstance(v, str),
+# Exact Python types a JSON value of each Pendo type may decode to (`type(True)` is bool, not int).
+_NONE = type(None)
+_TYPES: dict[str, frozenset[type]] = {
+    "string": frozenset({str, _NONE}),
+    "boolean": frozenset({bool, _NONE}),
+    "integer": frozenset({int, _NONE}),
+    "float": frozenset({int, float, _NONE}),
+    "time": frozenset({int, str, _NONE}),
 }
+_ANY = frozenset({str, bool, int, float, list, dict, _NONE})
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None, option: int = 0) -> Response:
@@ -191,25 +194,33 @@ def create_app(
         if seconds_per_record and len(records) * seconds_per_record > time_limit:
             return _text("The call took too long and timed out.", 408)
         id_key, fields = ID_KEYS[kind], store.schema[kind][group]
+        allowed = {name: _TYPES.get(t, _ANY) for name, t in fields.items()}
+        bad: dict[int, list[str]] = {}  # record index -> type errors
+        # Pass 1 validates everything (a 400 applies nothing); a tight loop: this is the hot path.
         for i, rec in enumerate(records):
-            if not isinstance(rec, dict) or not isinstance(rec.get("values"), dict) or rec.get(id_key) in (None, ""):
+            if type(rec) is not dict or type(values := rec.get("values")) is not dict or \
+                    rec.get(id_key) in (None, ""):
                 return _text(f"The format is unacceptable due to malformed JSON: item {i} needs "
                              f"{id_key} and a values object", 400)
-            unknown = rec["values"].keys() - fields.keys()
-            if unknown:
-                return _text("The format is unacceptable due to missing field mappings: "
-                             f"{kind} {group} field(s) {', '.join(sorted(unknown))} do not exist", 400)
+            for name, v in values.items():
+                ok = allowed.get(name)
+                if ok is None:
+                    unknown = sorted(values.keys() - fields.keys())
+                    return _text("The format is unacceptable due to missing field mappings: "
+                                 f"{kind} {group} field(s) {', '.join(unknown)} do not exist", 400)
+                if type(v) not in ok:
+                    bad.setdefault(i, []).append(f"{name}: expected {fields[name]}, got {type(v).__name__}")
         create = request.query_params.get("create", "").lower() == "true"
-        table, now = store.records[kind], int(time.time() * 1000)
+        table, now, reject = store.records[kind], int(time.time() * 1000), store.reject
         missing: list[str] = []
         errors: list[dict[str, str]] = []
         updated = 0
-        for rec in records:
-            rid, values = str(rec[id_key]), rec["values"]
-            bad = [f"{name}: expected {fields[name]}, got {type(v).__name__}" for name, v in values.items()
-                   if v is not None and not _TYPE_OK[fields[name]](v)]
-            if bad or rid in store.reject:
-                errors.append({"id": rid, "error": "; ".join(bad) or store.reject[rid]})
+        for i, rec in enumerate(records):
+            rid = rec[id_key]
+            if type(rid) is not str:
+                rid = str(rid)
+            if bad and i in bad or reject and rid in reject:
+                errors.append({"id": rid, "error": "; ".join(bad.get(i, ())) or reject[rid]})
                 continue
             record = table.get(rid)
             if record is None:
@@ -217,7 +228,7 @@ def create_app(
                     missing.append(rid)
                     continue
                 record = table[rid] = {"auto": {"id": rid}, "agent": {}, "custom": {}}
-            record[group].update(values)
+            record[group].update(rec["values"])
             record["auto"]["lastupdated"] = now
             updated += 1
         store.records_received += len(records)
