@@ -326,6 +326,13 @@ def _compare(row: dict[str, Any], expr: str) -> bool:
         return False
 
 
+def _sort_key(path: str) -> Callable[[dict[str, Any]], tuple[bool, Any]]:
+    def key(row: dict[str, Any]) -> tuple[bool, Any]:
+        value = _path(row, path)
+        return value is None, value
+    return key
+
+
 def _run_pipeline(store: PendoStore, pipeline: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for step in pipeline:
@@ -345,8 +352,7 @@ def _run_pipeline(store: PendoStore, pipeline: list[dict[str, Any]]) -> list[dic
             rows = [{out: _path(r, expr) for out, expr in arg.items()} for r in rows]
         elif name == "sort":
             for key in reversed(arg):
-                desc = key.startswith("-")
-                rows.sort(key=lambda r, k=key.lstrip("-"): (_path(r, k) is None, _path(r, k)), reverse=desc)
+                rows.sort(key=_sort_key(key.lstrip("-")), reverse=key.startswith("-"))
         elif name == "limit":
             rows = rows[: int(arg)]
         elif name == "count":

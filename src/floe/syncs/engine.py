@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import orjson
 import pyarrow as pa
@@ -42,6 +42,12 @@ log = logging.getLogger("floe.sync")
 READ_BATCH_ROWS = 20_000
 FLUSH_ROWS = 50_000  # accepted rows buffered before they are written to the stage file
 COMMIT_ROWS = 100_000  # accepted rows committed to the snapshot together (bounds the warehouse's work)
+
+
+class RowReader(Protocol):
+    """What a sync needs from its `from` destination besides SqlDestination (DuckDB, PostgreSQL have it)."""
+
+    def read_batches(self, sql: str, params: Any = (), batch_size: int = 50_000) -> Iterator[pa.RecordBatch]: ...
 
 
 class SyncError(FloeError):
@@ -185,12 +191,16 @@ class SyncRun:
         self.types: list[str] = []
         self.where = f"syncs.{name}"
 
+    def read(self, sql: str, batch_size: int = 50_000) -> Iterator[pa.RecordBatch]:
+        """Stream a query's rows. No parameters, ever: a `%` in the user's query must reach drivers
+        like psycopg untouched."""
+        return cast(RowReader, self.dest).read_batches(sql, batch_size=batch_size)
+
     # --- checks ------------------------------------------------------------------------------
     def _query(self, sql: str) -> list[tuple[Any, ...]]:
-        """Rows of a small query. Through read_batches, which passes no parameters: a `%` in the
-        user's query must reach drivers like psycopg untouched."""
+        """Rows of a small query (read like any other: see `read`)."""
         try:
-            batch = _first(self.dest.read_batches(sql))
+            batch = _first(self.read(sql))
             return list(zip(*(c.to_pylist() for c in batch.columns), strict=True))
         except FloeError:
             raise
@@ -201,7 +211,7 @@ class SyncRun:
     def _probe(self) -> pa.Schema:
         relation = self.sync.relation(self.dest.quote)
         try:
-            return _first(self.dest.read_batches(f"SELECT * FROM {relation} AS src LIMIT 0")).schema
+            return _first(self.read(f"SELECT * FROM {relation} AS src LIMIT 0")).schema
         except FloeError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -356,7 +366,7 @@ class SyncRun:
             if not task.cancelled() and task.exception() is not None:
                 errors.append(task.exception())  # type: ignore[arg-type]
 
-        batches = self.dest.read_batches(sql, batch_size=READ_BATCH_ROWS)
+        batches = self.read(sql, READ_BATCH_ROWS)
         try:
             while not errors:
                 try:
