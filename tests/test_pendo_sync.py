@@ -373,3 +373,40 @@ def test_a_refused_request_stops_the_sync_keeps_what_pendo_accepted_and_the_next
     rest = sync(cfg)
     assert rest.ok and rest.sent == ROWS - failed.updated
     assert held(pendo) == wh.accounts()
+
+
+def test_failed_syncs_and_rejected_rows_are_reported_through_notify(tmp_path):
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    notices: list[dict[str, Any]] = []
+
+    async def hook(request: Request) -> Response:
+        notices.append(await request.json())
+        return Response(status_code=204)
+
+    wh = Warehouse({"type": "duckdb", "path": str(tmp_path / "w.duckdb")}, tmp_path)
+    wh.execute("CREATE SCHEMA analytics", "CREATE TABLE analytics.accounts AS SELECT 'acct-' || lpad(CAST(i AS "
+               "VARCHAR), 4, '0') AS account_id, 'pro' AS plan FROM range(10) t(i)")
+    wh.dest.close()
+    server = start_pendo(accounts=[f"acct-{i:04d}" for i in range(8)])
+    webhook = serve_in_thread(Starlette(routes=[Route("/hook", hook, methods=["POST"])]))
+    try:
+        def entry(key: str) -> dict[str, Any]:
+            return {"from": "warehouse", "table": "analytics.accounts", "key": {"account_id": "accountId"},
+                    "fields": {"plan": "plan"},
+                    "to": {"type": "pendo", "integration_key": key, "kind": "account", "base_url": server.url}}
+        (tmp_path / "floe.yml").write_text(yaml.safe_dump({
+            "destinations": {"warehouse": wh.settings}, "stage": "stage", "notify": {"webhook": webhook.url + "/hook"},
+            "syncs": {"rejected_rows": entry(KEY), "bad_key": entry("not-the-key-98765")}}))
+        result = CliRunner().invoke(cli_app, ["sync", "-c", str(tmp_path / "floe.yml")])
+        assert result.exit_code == 1 and "1 of 2 syncs failed" in result.output
+        by_sync = {n["stream"]: n for n in notices}
+        assert set(by_sync) == {"rejected_rows", "bad_key"} and all(n["event"] == "failed" for n in notices)
+        assert "2 rows rejected by Pendo (2 missing, 0 errors)" in by_sync["rejected_rows"]["error"]
+        assert "HTTP 401" in by_sync["bad_key"]["error"] and "not-the-key-98765" not in json.dumps(notices)
+    finally:
+        webhook.stop()
+        server.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -17,7 +17,6 @@ from floe.errors import FloeError
 from floe.secrets import redact
 from floe.syncs.engine import SyncResult, run_syncs
 
-log = logging.getLogger("floe.sync")
 console = Console()
 
 
@@ -39,23 +38,19 @@ def print_summary(results: list[SyncResult]) -> None:
 
 
 def notify_failures(config: FloeConfig, results: list[SyncResult]) -> None:
-    """Tell `notify:` about failed syncs and rejected rows, when floe.notify is available."""
-    bad = [r for r in results if not r.dry_run and (not r.ok or r.failed)]
-    if not bad or config.notify is None:
+    """Send a `failed` notice through `notify:` for every sync that failed or had rows rejected."""
+    from floe.notify import Notice, Notifier
+
+    notifier = Notifier(config.notify)
+    if not notifier.enabled:
         return
-    try:
-        from floe import notify  # written alongside the FullStory source; optional here
-    except ImportError:
-        return
-    lines = [f"sync {r.name}: " + (f"FAILED: {r.error}" if r.error else
-                                   f"{r.failed} rows rejected by Pendo ({r.missing} missing, {r.errors} errors)")
-             for r in bad]
-    try:
-        send = getattr(notify, "notify", None) or getattr(notify, "send", None)
-        if send is not None:
-            send(config.notify, "floe sync: failures", "\n".join(lines))
-    except Exception as exc:  # noqa: BLE001 - a broken notifier must not hide the sync's own result
-        log.warning("event=notify_failed error=%s", redact(str(exc)))
+    now = datetime.now(UTC).isoformat()
+    for r in results:
+        if r.dry_run or (r.ok and not r.failed):
+            continue
+        error = r.error or (f"{r.failed} rows rejected by Pendo ({r.missing} missing, {r.errors} errors); "
+                            "see _floe_sync_failures, they are retried on the next run")
+        notifier.send(Notice("failed", "_floe_sync", r.name, r.target, redact(error), r.details(), now))
 
 
 def run_and_report(config: FloeConfig, names: list[str] | None = None, *, dry_run: bool = False,
