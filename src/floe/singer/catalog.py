@@ -103,7 +103,7 @@ def read_selection(catalog: Any, streams: list[Stream], where: str = "catalog") 
             raise ConfigError(f"{where}: streams[{i}]: no stream {name!r} in this source "
                               f"(it has {', '.join(sorted(known))})")
         meta = _metadata_map(entry)
-        schema = entry.get("schema") if isinstance(entry.get("schema"), dict) else {}
+        schema: dict[str, Any] = entry["schema"] if isinstance(entry.get("schema"), dict) else {}
         if not _is_selected(meta.get((), {}), schema.get("selected")):
             continue
         stream = known[name]

@@ -152,7 +152,7 @@ class Converter:
         if kind == "json":
             allowed = _python_types(c.allowed)
             dumps = orjson.dumps
-            out = []
+            out: list[str | None] = []
             append = out.append
             for v in values:
                 if v is None:
@@ -163,20 +163,19 @@ class Converter:
                     return None
             return pa.array(out, pa.string())
         if kind == "text":
-            allowed = c.allowed
-            out = []
+            types = c.allowed
+            text: list[str | None] = []
             for v in values:
                 if v is None or isinstance(v, str):
-                    if v is not None and allowed and "string" not in allowed:
+                    if v is not None and types and "string" not in types:
                         return None
-                    out.append(v)
+                    text.append(v)
                 else:
-                    if allowed and _json_type(v) not in allowed and not (
-                        _json_type(v) == "integer" and "number" in allowed
-                    ):
+                    kind_of = _json_type(v)
+                    if types and kind_of not in types and not (kind_of == "integer" and "number" in types):
                         return None
-                    out.append(orjson.dumps(v).decode())
-            return pa.array(out, pa.string())
+                    text.append(orjson.dumps(v).decode())
+            return pa.array(text, pa.string())
         strings = pa.array(values, pa.string())
         try:
             return pc.cast(strings, target)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 from urllib.parse import unquote, urlparse
 
 import orjson
@@ -124,7 +124,7 @@ class SingerTarget:
             self._worker.shutdown(wait=True)
         return self.committed_rows
 
-    def _bad_record(self, message: dict[str, Any], lineno: int) -> None:
+    def _bad_record(self, message: dict[str, Any], lineno: int) -> NoReturn:
         stream = message.get("stream")
         if stream not in self.buffers:
             raise SourceError(f"input line {lineno}: RECORD for stream {stream!r} before its SCHEMA")
@@ -158,7 +158,7 @@ class SingerTarget:
     def _other_record(self, message: dict[str, Any], lineno: int) -> None:
         buf = self.buffers.get(message.get("stream"))  # type: ignore[arg-type]
         record = message.get("record")
-        if buf is None or type(record) is not dict:
+        if buf is None or not isinstance(record, dict):
             self._bad_record(message, lineno)
         if message.get("version") is not None:
             record[VERSION_COLUMN] = message["version"]

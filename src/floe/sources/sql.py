@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 from urllib.parse import parse_qs, unquote, urlparse
 
 import pyarrow as pa
@@ -121,7 +121,7 @@ class SqlStream(Stream):
 
     def query(self, state: State | None) -> tuple[str, list[Any]]:
         table = f"{quote(self.source.config.schema_)}.{quote(self.name)}"
-        sql, params = f"SELECT {', '.join(self.selects)} FROM {table}", []
+        sql, params = f"SELECT {', '.join(self.selects)} FROM {table}", cast(list[Any], [])
         key = self.cursor_field
         if key is None:
             return sql, params
@@ -164,7 +164,7 @@ class SqlSource(Source):
     def connect(self) -> Any:
         return connect_postgres(self.connection, where=self.where, error=SourceError, application_name="floe-sql")
 
-    def batches(self, sql: str, params: list[Any]) -> Iterator[pa.RecordBatch]:
+    def batches(self, sql: str, params: list[Any]) -> Generator[pa.RecordBatch, None, None]:
         """The query's rows as Arrow batches, on a connection of their own (closed when the iterator is)."""
         conn = self.connect()
         try:
