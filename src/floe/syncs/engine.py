@@ -8,7 +8,8 @@
    A 408 (the call ran past Pendo's time limit) splits the request in two and sends both halves.
 4. Per-row outcomes: ids in `missing` and ids named in `errors` are failures; the rest of a request
    is accepted. Accepted (key, hash) pairs and failures are staged as Parquet and committed to the
-   warehouse in one transaction with the `_floe_loads` row, also when the run stops on an error.
+   warehouse every `COMMIT_ROWS` accepted rows and at the end; the final commit writes the
+   `_floe_loads` row. What Pendo accepted is committed also when the run stops on an error.
 """
 
 from __future__ import annotations
