@@ -35,3 +35,6 @@ bench-deps:
 
 bench-twilio: $(STAMP) bench-deps
 	$(BIN)/python bench/twilio_bench.py
+
+bench-pendo: $(STAMP)
+	$(BIN)/python bench/pendo_bench.py
