@@ -327,3 +327,33 @@ def test_postgres_check_says_exactly_what_is_wrong(postgres_server, postgres_db,
         with psycopg.connect(postgres_server.dsn, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE "{postgres_db.database}" WITH (FORCE)')
             conn.execute("DROP ROLE reader")
+
+
+def test_postgres_binary_and_csv_copy_load_identical_values(postgres_db, tmp_path):
+    """Binary COPY (exact type matches) and CSV COPY (the fallback) must agree value for value."""
+    ts = datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+    table = pa.Table.from_arrays([
+        pa.array([1, None, -(2**62)], pa.int64()), pa.array([7, -8, None], pa.int32()),
+        pa.array([1.5, None, float("inf")], pa.float64()), pa.array([True, False, None]),
+        pa.array(["plain", None, "nul\x00inside, \"quoted\"\nline"]), pa.array(['{"a": [1]}', "[]", None]),
+        pa.array([ts, None, datetime(2038, 1, 19, 3, 14, 8, tzinfo=UTC)], pa.timestamp("us", "UTC")),
+        pa.array([datetime(2000, 1, 1), None, datetime(1970, 1, 1, 0, 0, 1)], pa.timestamp("ms")),
+        pa.array([date(1999, 1, 1), date(2024, 2, 29), None]), pa.array([b"\x00\xff", None, b""]),
+    ], schema=pa.schema([
+        ("big", pa.int64()), ("small", pa.int32()), ("ratio", pa.float64()), ("flag", pa.bool_()),
+        ("text", pa.string()), json_field("doc"), ("at", pa.timestamp("us", "UTC")), ("local", pa.timestamp("ms")),
+        ("day", pa.date32()), ("raw", pa.binary()),
+    ]))
+    loaded = []
+    for binary in (True, False):
+        dest = make_destination(postgres_db.config(), tmp_path)
+        dest.binary_copy = binary  # type: ignore[misc]
+        try:
+            Loader(dest, tmp_path)(table, disposition="replace")
+            loaded.append(dest.query(
+                'SELECT big, small, ratio, flag, text, doc, "at", "local", day, raw FROM src.items ORDER BY small DESC NULLS LAST'))
+        finally:
+            dest.close()
+    assert loaded[0] == loaded[1]
+    assert loaded[0][0] == (1, 7, 1.5, True, "plain", {"a": [1]}, ts, datetime(2000, 1, 1), date(1999, 1, 1), b"\x00\xff")
+    assert loaded[0][2][4] == 'nulinside, "quoted"\nline' and loaded[0][2][2] == float("inf")
