@@ -141,3 +141,34 @@ def test_schedules_are_intervals_or_cron(text: str, after: datetime, expected: d
 def test_a_bad_schedule_is_a_config_error_naming_the_key() -> None:
     with pytest.raises(ConfigError, match="sources.x.schedule: 'every tuesday'"):
         parse_schedule("every tuesday", "sources.x.schedule")
+
+
+def test_sns_topic_receives_the_failure_message(
+    s3_server: Any, fullstory_server: Any, fullstory_config: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SNS through boto3 against moto's server (the same local AWS endpoint the S3 tests use)."""
+    import json
+
+    import boto3
+
+    from floe.engine import runner
+    from floe.notify import notify_run
+
+    for var, value in (("AWS_ENDPOINT_URL", s3_server.endpoint_url), ("AWS_ACCESS_KEY_ID", s3_server.access_key_id),
+                       ("AWS_SECRET_ACCESS_KEY", s3_server.secret_access_key)):
+        monkeypatch.setenv(var, value)
+    sns, sqs = boto3.client("sns", region_name="us-east-1"), boto3.client("sqs", region_name="us-east-1")
+    topic = sns.create_topic(Name="floe-alerts")["TopicArn"]
+    queue = sqs.create_queue(QueueName="floe-alerts")["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=queue_arn)
+
+    emulator(fullstory_server).faults.fail_operations = 1000
+    config = load_config(fullstory_config(export_attempts=1, notify={"sns_topic_arn": topic, "region": "us-east-1"}))
+    started = datetime.now(UTC)
+    results = runner.run(config)
+    assert [n.event for n in notify_run(config, results, started)] == ["failed"]
+    messages = sqs.receive_message(QueueUrl=queue, WaitTimeSeconds=2).get("Messages", [])
+    payload = json.loads(json.loads(messages[0]["Body"])["Message"])
+    assert (payload["event"], payload["source"], payload["stream"]) == ("failed", "fs", "events")
+    assert "export FAILED" in payload["error"] and DEFAULT_API_KEY not in messages[0]["Body"]
