@@ -60,7 +60,9 @@ class StageWriter:
             directory = stage_dir(self.stage, self.source, self.stream, self._day)
             directory.mkdir(parents=True, exist_ok=True)
             path = directory / f"{self.load_id}-{self._count:05d}.parquet"
-            self._writer = pq.ParquetWriter(path, batch.schema, compression=self.compression)
+            # No dictionary encoding: stage files live minutes, and trying dictionaries on
+            # high-cardinality columns costs more CPU than the rest of the write (zstd still compresses).
+            self._writer = pq.ParquetWriter(path, batch.schema, compression=self.compression, use_dictionary=False)
             self._current = StagedFile(path, 0, batch.schema)
         assert self._writer is not None
         self._writer.write_batch(batch)
