@@ -27,6 +27,7 @@ from floe.destinations.objectstore import GCSStore, StoreUrl
 from floe.engine.stage import StagedFile
 from floe.errors import DestinationError
 from floe.sandbox.server import serve_in_thread
+from tests.bigquery_emulator import BigQueryEmulator
 
 SCHEMA = pa.schema([
     ("id", pa.int64()), ("name", pa.string()), ("amount", pa.decimal128(12, 2)),
@@ -40,17 +41,20 @@ def make(bucket: str = "bucket", **extra: Any) -> BigQueryDestination:
     return BigQueryDestination("bq", validate_model(BigQueryConfig, settings, "destinations.bq"))
 
 
-def job_of(folder: Path, disposition: str = "merge", rows: int = 3, parent: tuple[str, ...] = ()) -> LoadJob:
-    table = pa.Table.from_pylist([
+def job_of(folder: Path, disposition: str = "merge", rows: int = 3, parent: tuple[str, ...] = (),
+           records: list[dict[str, Any]] | None = None, load_id: str = "20261124T000000Z-abc123",
+           checkpoint: dict[str, Any] | None = None) -> LoadJob:
+    table = pa.Table.from_pylist(records or [
         {"id": i % 2, "name": f"n{i}", "amount": None, "created_at": datetime(2024, 1, 1, tzinfo=UTC),
          "props": '{"a": 1}', "tags": ["x", "y"]} for i in range(rows)
     ], schema=SCHEMA)
-    path = folder / "staged.parquet"
+    rows = table.num_rows
+    path = folder / f"staged-{load_id}.parquet"
     pq.write_table(table, path)
     pk = ("id",) if disposition == "merge" else ()
     spec = TableSpec("src", "items", SCHEMA, pk, disposition, parent)  # type: ignore[arg-type]
-    return LoadJob("20261124T000000Z-abc123", "src", "items", spec, [StagedFile(path, rows, SCHEMA)],
-                   {"cursor": "2024-01-02"}, datetime.now(UTC), {"pages": 2})
+    return LoadJob(load_id, "src", "items", spec, [StagedFile(path, rows, SCHEMA)],
+                   checkpoint or {"cursor": "2024-01-02"}, datetime.now(UTC), {"pages": 2})
 
 
 def parse_all(sql: str) -> list[exp.Expression]:
@@ -236,3 +240,63 @@ def test_config_rejects_a_non_gcs_stage_and_wide_clustering():
     with pytest.raises(Exception, match="1 to 4 columns"):
         validate_model(BigQueryConfig, {"type": "bigquery", "project": "p", "dataset": "d", "stage": "gs://b",
                                         "cluster_by": {"s.t": ["a", "b", "c", "d", "e"]}}, "d.bq")
+
+
+# --- end to end, against the DuckDB-backed jobs API (tests/bigquery_emulator.py) ----------------
+@pytest.fixture
+def bigquery(gcs_server, gcs_bucket):
+    emulator = BigQueryEmulator("raw", "US", gcs_server.client())
+    with serve_in_thread(emulator.app) as server:
+        dest = make(gcs_bucket, api_endpoint=server.url)
+        yield dest, emulator
+        dest.close()
+
+
+def record(i: int | None, name: str, props: str | None = None) -> dict[str, Any]:
+    return {"id": i, "name": name, "amount": None, "created_at": datetime(2024, 1, 2, tzinfo=UTC), "props": props,
+            "tags": None}
+
+
+def test_merge_loads_end_to_end_commit_data_and_state_together(bigquery, tmp_path):
+    dest, emulator = bigquery
+    dest.load(job_of(tmp_path, records=[record(1, "a"), record(2, "b")], load_id="20261124T000001Z-000001",
+                     checkpoint={"n": 1}))
+    dest.load(job_of(tmp_path, records=[record(2, "b1"), record(None, "n1"), record(2, "b2", '{"x": 1}'),
+                                        record(None, "n2"), record(3, "c")],
+                     load_id="20261124T000002Z-000002", checkpoint={"n": 2}))
+    rows = emulator.db.execute("SELECT id, name, CAST(props AS VARCHAR), _floe_load_id FROM raw.src_items "
+                               "ORDER BY id NULLS LAST").fetchall()
+    assert rows == [(1, "a", None, "20261124T000001Z-000001"), (2, "b2", '{"x":1}', "20261124T000002Z-000002"),
+                    (3, "c", None, "20261124T000002Z-000002"), (None, "n2", None, "20261124T000002Z-000002")]
+    assert dest.get_state("src", "items") == {"n": 2}
+    assert [s["version"] for s in dest.states()] == [2]
+    tables = {r[0] for r in emulator.db.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    assert tables == {"src_items", "_floe_state", "_floe_loads"}  # staging tables dropped
+    assert list(dest.store.list("floe/")) == []  # parts deleted
+    load_jobs = [j for j in emulator.jobs.values() if "load" in j["configuration"]]
+    assert len(load_jobs) == 2 and all(j["configuration"]["load"]["destinationTable"]["tableId"].startswith(
+        "_floe_staging_") for j in load_jobs)  # the target table itself never takes a load job
+
+
+def test_a_failed_commit_job_leaves_data_and_state_as_they_were(bigquery, tmp_path):
+    dest, emulator = bigquery
+    dest.load(job_of(tmp_path, records=[record(1, "a")], load_id="20261124T000001Z-000001", checkpoint={"n": 1}))
+    emulator.fail_next = "_commit"
+    with pytest.raises(DestinationError, match="injected failure"):
+        dest.load(job_of(tmp_path, records=[record(1, "changed"), record(5, "e")], load_id="20261124T000002Z-000002",
+                         checkpoint={"n": 2}))
+    assert emulator.db.execute("SELECT id, name FROM raw.src_items").fetchall() == [(1, "a")]
+    assert dest.get_state("src", "items") == {"n": 1}
+    assert list(dest.store.list("floe/")) == []
+    dest.load(job_of(tmp_path, records=[record(1, "changed")], load_id="20261124T000003Z-000003",
+                     checkpoint={"n": 3}))
+    assert emulator.db.execute("SELECT id, name FROM raw.src_items").fetchall() == [(1, "changed")]
+
+
+def test_a_retried_load_job_id_is_not_run_twice(bigquery, tmp_path):
+    dest, emulator = bigquery
+    job = job_of(tmp_path, "append", records=[record(1, "a")], load_id="20261124T000001Z-000001")
+    dest.load(job)
+    dest.load(job)  # a retry of the same load: its load and commit jobs exist (409), so they are awaited, not rerun
+    assert emulator.db.execute("SELECT COUNT(*) FROM raw.src_items").fetchone() == (1,)
+    assert emulator.db.execute("SELECT COUNT(*) FROM raw._floe_state").fetchone() == (1,)

@@ -20,11 +20,11 @@ interval: a stream run all day long uses at most 288 load jobs, against 100,000 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -172,7 +172,7 @@ class BigQueryApi:
         return job
 
     def query(self, sql: str, parameters: list[dict[str, Any]] | None = None, job_id: str | None = None) -> list[list[Any]]:
-        job_id = job_id or f"floe_q_{datetime.now(UTC):%Y%m%d%H%M%S}_{hashlib.sha1(sql.encode()).hexdigest()[:8]}_{time.monotonic_ns() % 10**6}"
+        job_id = job_id or f"floe_q_{uuid.uuid4().hex}"
         config = {"query": {"query": sql, "useLegacySql": False, "parameterMode": "NAMED",
                             "queryParameters": parameters or []}}
         self.run_job(job_id, config)
@@ -470,6 +470,16 @@ class BigQueryDestination(Destination):
              for n, v in (("source", source), ("stream", stream))],
         )
         return json.loads(rows[0][0]) if rows else None
+
+    def states(self) -> list[dict[str, Any]]:
+        for statement in self.meta_ddl():
+            self.api.query(statement)
+        rows = self.api.query(
+            f"SELECT source, stream, version, state, load_id, committed_at FROM {self.ref(STATE_TABLE)} WHERE TRUE "
+            "QUALIFY ROW_NUMBER() OVER (PARTITION BY source, stream ORDER BY version DESC) = 1 ORDER BY source, stream"
+        )
+        return [{"source": r[0], "stream": r[1], "version": int(r[2]), "state": json.loads(r[3]), "load_id": r[4],
+                 "committed_at": r[5]} for r in rows]
 
     def check(self) -> list[str]:
         dataset = self.api.call("GET", f"/datasets/{self.config.dataset}")
