@@ -32,12 +32,14 @@ def singer_bin(venv: str, command: str) -> str:
 
 def pipe(producer: list[str], consumer: list[str], cwd: Path) -> bytes:
     """Run `producer | consumer`; both must succeed. Returns the consumer's stdout."""
-    first = subprocess.Popen(producer, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd)
-    second = subprocess.run(consumer, stdin=first.stdout, capture_output=True, cwd=cwd, check=False, timeout=120)
-    assert first.stdout is not None
-    first.stdout.close()
-    first_err = first.stderr.read() if first.stderr else b""
-    assert first.wait(timeout=60) == 0, first_err.decode()[-3000:]
+    with (cwd / "producer.err").open("wb") as err:
+        first = subprocess.Popen(producer, stdout=subprocess.PIPE, stderr=err, cwd=cwd)
+        assert first.stdout is not None
+        second = subprocess.run(consumer, stdin=first.stdout, capture_output=True, cwd=cwd, check=False,
+                                timeout=120)
+        first.stdout.close()
+        code = first.wait(timeout=60)
+    assert code == 0, (cwd / "producer.err").read_text()[-3000:]
     assert second.returncode == 0, second.stderr.decode()[-3000:]
     return second.stdout
 
