@@ -36,6 +36,7 @@ log = logging.getLogger("floe.sources.twilio")
 STREAMS = ("calls", "messages", "recordings", "incoming_phone_numbers", "pricing_phone_numbers")
 RFC2822 = "%a, %d %b %Y %H:%M:%S %z"
 TS = pa.timestamp("us", tz="UTC")
+BATCH_ROWS = 20_000  # pages are joined into batches this big: far fewer, larger Parquet row groups
 S, I64, B = pa.string(), pa.int64(), pa.bool_()
 
 
@@ -351,32 +352,45 @@ class TwilioIncremental(Stream):
             best = _bookmark(state)
             every = self.source.config.checkpoint_rows
             since_commit = 0
+            pending: list[pa.RecordBatch] = []  # pages joined into batches of ~BATCH_ROWS rows
+            pending_rows = 0
             for k in range(len(windows)):
                 while (item := await queues[k].get()) is not None:
                     if isinstance(item, BaseException):
                         raise item
-                    if item.num_rows:
-                        top = pc.max(item.column(self.cursor_field)).as_py()
-                        if top is not None and (best is None or top > best):
-                            best = top
-                        since_commit += item.num_rows
-                        # A commit inside a window carries the bookmark of the windows completed before it:
-                        # older rows of this window may still be to come.
+                    if not item.num_rows:
+                        continue
+                    top = pc.max(item.column(self.cursor_field)).as_py()
+                    if top is not None and (best is None or top > best):
+                        best = top
+                    pending.append(item)
+                    pending_rows += item.num_rows
+                    since_commit += item.num_rows
+                    if pending_rows >= BATCH_ROWS:
+                        # A commit inside a window carries the bookmark of the windows completed before
+                        # it: older rows of this window may still be to come.
                         checkpoint = dict(done) if since_commit >= every else None
                         if checkpoint is not None:
                             since_commit = 0
-                        yield Batch(item, checkpoint)
+                        yield Batch(_combine(pending), checkpoint)
+                        pending, pending_rows = [], 0
                 if k + ahead < len(windows):
                     start(k + ahead)
                 if best is not None:
                     done = {**done, "bookmark": best.isoformat()}
                 if since_commit >= every or k == len(windows) - 1:  # few, large transactions
-                    since_commit = 0
-                    yield Batch(None, dict(done))
+                    yield Batch(_combine(pending) if pending else None, dict(done))
+                    pending, pending_rows, since_commit = [], 0, 0
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _combine(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
+    if len(batches) == 1:
+        return batches[0]
+    return pa.Table.from_batches(batches).combine_chunks().to_batches()[0]
 
 
 def _bookmark(state: State | None) -> datetime | None:
