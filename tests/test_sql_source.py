@@ -191,3 +191,16 @@ def test_floe_run_state_continues_as_a_singer_tap(db: PostgresDatabase, tmp_path
                           cwd=tmp_path, env=env, check=False)
     assert done.returncode == 0, done.stderr.decode()
     assert [m["record"]["id"] for m in check_tap_output(done.stdout).records["accounts"]] == [10]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('{"schema": "app"}', "CRITICAL tap.json.url: is required"),
+    ('{"url": "postgresql://u:pw@h/db", "tabels": []}', "CRITICAL tap.json.tabels: unknown key"),
+    ('{"url": ', "CRITICAL tap.json:1: the settings file is not valid JSON"),
+])
+def test_bad_tap_settings_fail_naming_the_file_and_key(tmp_path: Path, content: str, message: str) -> None:
+    (tmp_path / "tap.json").write_text(content)
+    done = subprocess.run([FLOE, "tap", "sql", "--config", "tap.json"], capture_output=True, cwd=tmp_path,
+                          check=False)
+    assert done.returncode == 1 and message in done.stderr.decode(), done.stderr.decode()
+    assert done.stdout == b""
