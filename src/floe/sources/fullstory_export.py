@@ -43,7 +43,7 @@ def _parse_type(t: pa.DataType) -> pa.DataType:
 class ExportReader:
     """Reads one export file into Arrow batches of `schema` (its last field is CustomVars)."""
 
-    def __init__(self, schema: pa.Schema, fmt: str, chunk_bytes: int = 4 << 20) -> None:
+    def __init__(self, schema: pa.Schema, fmt: str, chunk_bytes: int = 2 << 20) -> None:
         self.schema = schema
         self.known = [f for f in schema if f.name != CUSTOM_VARS]
         self.known_names = {f.name for f in self.known}
@@ -57,7 +57,7 @@ class ExportReader:
         inflater = zlib.decompressobj(wbits=47)
         ended = False  # the current member is complete (a file may hold several members)
         with path.open("rb") as f:
-            while block := f.read(1 << 20):
+            while block := f.read(128 << 10):  # ~1 MB once inflated
                 while block:
                     if ended:
                         inflater, ended = zlib.decompressobj(wbits=47), False
