@@ -172,3 +172,14 @@ def test_sns_topic_receives_the_failure_message(
     payload = json.loads(json.loads(messages[0]["Body"])["Message"])
     assert (payload["event"], payload["source"], payload["stream"]) == ("failed", "fs", "events")
     assert "export FAILED" in payload["error"] and DEFAULT_API_KEY not in messages[0]["Body"]
+
+
+def test_a_source_with_nothing_due_of_its_own_runs_on_its_schedule(fullstory_config: Any, tmp_path: Path) -> None:
+    # With end_time reached, FullStory has no next window: the `schedule:` key decides.
+    config = load_config(fullstory_config(end_time="2024-01-01T02:00:00Z", schedule="15m"))
+    clock = FakeClock(T0 + timedelta(days=2))
+    server = Server(config, clock=clock)
+    asyncio.run(server.run(max_cycles=3))
+    assert clock.sleeps == [900, 900]
+    assert [sum(r.commits for r in c.results) for c in server.history] == [2, 0, 0]
+    assert rows(tmp_path / "w.duckdb") == 2 * 600
