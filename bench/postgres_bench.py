@@ -118,13 +118,15 @@ def main() -> None:
         if proc.returncode != 0:
             raise SystemExit(proc.stderr)
         result = json.loads(proc.stdout.strip().splitlines()[-1])
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        peak, cpu = usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
+        load = os.getloadavg()[0]
     if result["error"] or result["count"] != args.rows:
         raise SystemExit(f"load failed: {result}")
     rate = args.rows / result["seconds"]
     print(f"{args.rows:,} rows x 20 columns, {args.disposition}, {result['commits']} commits: "
-          f"{result['seconds']:.2f} s = {rate:,.0f} rows/s; peak RSS of the floe process {peak:.0f} MB "
-          f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+          f"{result['seconds']:.2f} s = {rate:,.0f} rows/s; floe process: {cpu:.1f} CPU s, peak RSS {peak:.0f} MB; "
+          f"load average {load:.1f} ({platform.machine()}, {os.cpu_count()} cores)")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ def _reason(exc: Exception, settings: PostgresConnection) -> str:
     if "role" in low and "does not exist" in low:
         return f"user {settings.user!r} does not exist"
     if "connection refused" in low or "could not connect" in low or "timeout expired" in low:
-        return f"server not reachable ({text.splitlines()[-1] if text else 'no answer'})"
+        first = text.splitlines()[0].removeprefix("connection failed: ").strip() if text else "no answer"
+        return f"server not reachable ({first})"
     if "ssl" in low or "certificate" in low:
         return f"TLS failed with sslmode={settings.sslmode} ({text})"
     return text
