@@ -103,15 +103,20 @@ class DuckDBDestination(SqlDestination):
                 f"CAST(NULL AS {t}) AS {self.quote(f.name)}"
                 for f in job.table.columns if (t := self.column_type(f)) is not None
             )
-            cur.execute(f"CREATE TEMP TABLE {staging} AS SELECT {cols or '1 AS _floe_empty'}, "
+            cur.execute(f"CREATE TEMP VIEW {staging} AS SELECT {cols or '1 AS _floe_empty'}, "
                         "0 AS _floe_seq LIMIT 0")
             return "_floe_seq"
         files = ", ".join("'" + str(f.path).replace("'", "''") + "'" for f in job.files)
+        # A view, not a table: the merge streams from Parquet instead of first copying every staged
+        # row into memory (a commit can be a whole export file).
         cur.execute(
-            f"CREATE TEMP TABLE {staging} AS SELECT * FROM read_parquet([{files}], union_by_name = true, "
+            f"CREATE TEMP VIEW {staging} AS SELECT * FROM read_parquet([{files}], union_by_name = true, "
             "filename = true, file_row_number = true)"
         )
         return "filename, file_row_number"
+
+    def drop_staging(self, cur: Any, staging: str) -> None:
+        cur.execute(f"DROP VIEW IF EXISTS {staging}")
 
     def deduplicated(self, spec: Any, staging: str, order: str) -> str:
         keys = ", ".join(self.quote(k) for k in spec.primary_key)

@@ -48,7 +48,7 @@ class SailthruConfig(SourceConfig):
     salt: SecretStr | None = Field(None, description=f"Salt for hashing e-mails (default: env {SALT_ENV}).")
     timezone: str = Field("UTC", description="Zone of times written without one (send_time, signup_time, ...).")
     client_id: str | None = Field(None, description="Only files of this client id (unprefixed files too).")
-    block_bytes: int = Field(2 << 20, ge=1 << 16, description="Bytes of JSON parsed per batch of messages.")
+    block_bytes: int = Field(4 << 20, ge=1 << 16, description="Bytes of message JSON parsed per batch.")
     profile_lines: int = Field(1000, ge=1, description="Profiles parsed per batch.")
 
     @field_validator("timezone")
@@ -213,15 +213,36 @@ class MessageStream(SailthruStream):
     def batches(self, f: ExportFile) -> Iterator[pa.RecordBatch]:
         schema = pa.schema([*self.base_fields, pa.field("opens", _OPENS), pa.field("clicks", _CLICKS)])
         parse = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
-        read = pj.ReadOptions(block_size=self.source.config.block_bytes)
-        try:
-            with f.arrow_stream() as stream:
-                for batch in pj.open_json(stream, read_options=read, parse_options=parse, memory_pool=POOL):
+        read = pj.ReadOptions(block_size=max(1 << 16, self.source.config.block_bytes // 4))
+        # Whole-line chunks parsed one at a time (pyarrow's streaming reader grew to ~100 MB more
+        # within a large file); the chunk's first line number makes errors exact without re-reading.
+        with f.arrow_stream() as stream:
+            for first_line, chunk in line_chunks(stream, self.source.config.block_bytes):
+                try:
+                    table = pj.read_json(pa.py_buffer(chunk), read_options=read, parse_options=parse,
+                                         memory_pool=POOL)
+                except pa.ArrowInvalid as exc:
+                    raise locate_bad_line(f.name, first_line, chunk, exc) from None
+                for batch in table.combine_chunks().to_batches():
                     yield from explode(batch, self.zone, self.schema, self.source.pii).to_batches()
-        except pa.ArrowInvalid as exc:
-            error = locate_bad_line(f, exc)
-            if error is not None:  # None: the file has no lines at all (an empty export)
-                raise error from None
+
+
+def line_chunks(stream: Any, size: int) -> Iterator[tuple[int, bytes]]:
+    """(number of the first line, bytes of whole lines) of about `size` bytes; blank-only chunks skipped."""
+    carry = b""
+    line = 1
+    while data := stream.read(size):
+        data = carry + data
+        cut = data.rfind(b"\n") + 1
+        if not cut:
+            carry = data
+            continue
+        chunk, carry = data[:cut], data[cut:]
+        if chunk.strip():
+            yield line, chunk
+        line += chunk.count(b"\n")
+    if carry.strip():
+        yield line, carry
 
 
 def explode(batch: pa.RecordBatch, zone: str, schema: pa.Schema, pii: Pii) -> pa.Table:
@@ -264,18 +285,18 @@ def explode(batch: pa.RecordBatch, zone: str, schema: pa.Schema, pii: Pii) -> pa
     return pa.concat_tables(parts).cast(schema)
 
 
-def locate_bad_line(f: ExportFile, error: Exception) -> SourceError | None:
-    """Re-read the file to name the first line that is not a JSON object (None: the file is empty)."""
-    empty = True
-    for number, line in iter_lines(f):
-        empty = False
+def locate_bad_line(name: str, first_line: int, chunk: bytes, error: Exception) -> SourceError:
+    """Name the first line of `chunk` that is not a JSON object (or pass on pyarrow's message)."""
+    for number, line in enumerate(chunk.split(b"\n"), first_line):
+        if not line.strip():
+            continue
         try:
             value = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
-            return SourceError(f"{f.name}:{number}: not valid JSON ({exc})")
+            return SourceError(f"{name}:{number}: not valid JSON ({exc})")
         if not isinstance(value, dict):
-            return SourceError(f"{f.name}:{number}: expected a JSON object, got {type(value).__name__}")
-    return None if empty else SourceError(f"{f.name}: {str(error).removeprefix('JSON parse error: ')}")
+            return SourceError(f"{name}:{number}: expected a JSON object, got {type(value).__name__}")
+    return SourceError(f"{name}:{first_line}-{number}: {str(error).removeprefix('JSON parse error: ')}")
 
 
 class MessageBlastStream(MessageStream):
