@@ -38,8 +38,9 @@ def measure_main(cmd: list[str]) -> None:
     started = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.monotonic() - started
-    rss_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    result = {"seconds": seconds, "peak_rss_mb": rss_kb / 1024, "returncode": proc.returncode,
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "returncode": proc.returncode,
+              "cpu_seconds": usage.ru_utime + usage.ru_stime,
               "stdout": proc.stdout[-2000:], "stderr": proc.stderr[-3000:]}
     print(json.dumps(result))
 
@@ -65,6 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--skip-dlt", action="store_true")
+    parser.add_argument("--duckdb-memory", default="128MB", help="DuckDB memory_limit of the floe destination")
     args = parser.parse_args()
 
     from floe.sandbox.server import serve_in_process
@@ -87,19 +89,24 @@ def main() -> None:
             "sources": {"twilio": {
                 "type": "twilio", "account_sid": sid, "auth_token": token, "base_url": server.url,
                 "start_date": datetime.fromordinal(start_date).date().isoformat(), "streams": ["calls"],
-                "window_days": 2, "max_concurrency": 8}},
-            "destinations": {"warehouse": {"type": "duckdb", "path": str(work / "floe.duckdb")}},
+                "window_days": 3, "max_concurrency": 8}},
+            "destinations": {"warehouse": {"type": "duckdb", "path": str(work / "floe.duckdb"),
+                                           "memory_limit": args.duckdb_memory}},
             "stage": str(work / "stage"),
         }
         (work / "floe.yml").write_text(yaml.safe_dump(config))
         print("floe run ...", flush=True)
+        load_before = os.getloadavg()[0]
         floe = measured([str(FLOE), "run", "-c", str(work / "floe.yml")], work)
         with duckdb.connect(str(work / "floe.duckdb"), read_only=True) as conn:
             floe_rows = conn.execute("SELECT count(*), count(DISTINCT sid) FROM twilio.calls").fetchone()
         assert floe_rows == (args.records, args.records), floe_rows
         floe_rate = args.records / floe["seconds"]
         report = {"records": args.records, "floe_seconds": round(floe["seconds"], 1),
-                  "floe_records_per_s": round(floe_rate), "floe_peak_rss_mb": round(floe["peak_rss_mb"])}
+                  "floe_records_per_s": round(floe_rate), "floe_peak_rss_mb": round(floe["peak_rss_mb"]),
+                  "floe_cpu_seconds": round(floe["cpu_seconds"], 1),
+                  "floe_records_per_cpu_s": round(args.records / floe["cpu_seconds"]),
+                  "load_average_before_floe": load_before, "load_average_after_floe": os.getloadavg()[0]}
         print(json.dumps(report), flush=True)
 
         if not args.skip_dlt:
@@ -111,7 +118,7 @@ def main() -> None:
             assert dlt_rows == args.records, dlt_rows
             report.update({
                 "dlt_seconds": round(dlt["seconds"], 1), "dlt_records_per_s": round(args.records / dlt["seconds"]),
-                "dlt_peak_rss_mb": round(dlt["peak_rss_mb"]),
+                "dlt_peak_rss_mb": round(dlt["peak_rss_mb"]), "dlt_cpu_seconds": round(dlt["cpu_seconds"], 1),
                 "speed_ratio_floe_over_dlt": round(dlt["seconds"] / floe["seconds"], 2),
                 "memory_ratio_floe_over_dlt": round(floe["peak_rss_mb"] / dlt["peak_rss_mb"], 2),
             })
