@@ -62,10 +62,27 @@ def ensure_bench_venv() -> None:
     subprocess.run([str(BENCH_VENV / "bin" / "pip"), "install", "-q", "dlt[duckdb]"], check=True)
 
 
+def emulator_rate(url: str, sid: str, token: str, records: int) -> dict:
+    """Read every call page with a plain keep-alive client (no parsing): what the emulator can serve."""
+    started = time.monotonic()
+    served = 0
+    with httpx.Client(base_url=url, auth=(sid, token), timeout=60) as client:
+        next_uri: str | None = f"/2010-04-01/Accounts/{sid}/Calls.json?PageSize=1000"
+        while next_uri:
+            body = client.get(next_uri).content
+            served += body.count(b'"sid":"CA')
+            tail = body[body.rfind(b'"next_page_uri":'):]
+            next_uri = None if tail.startswith(b'"next_page_uri":null') else tail.split(b'"')[3].decode()
+    seconds = time.monotonic() - started
+    assert served == records, served
+    return {"emulator_seconds": round(seconds, 1), "emulator_records_per_s": round(records / seconds)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--skip-dlt", action="store_true")
+    parser.add_argument("--emulator-rate", action="store_true", help="also time the emulator alone (raw page reads)")
     parser.add_argument("--duckdb-memory", default="128MB", help="DuckDB memory_limit of the floe destination")
     args = parser.parse_args()
 
@@ -95,6 +112,9 @@ def main() -> None:
             "stage": str(work / "stage"),
         }
         (work / "floe.yml").write_text(yaml.safe_dump(config))
+        if args.emulator_rate:
+            report_emulator = emulator_rate(server.url, sid, token, args.records)
+            print(json.dumps(report_emulator), flush=True)
         print("floe run ...", flush=True)
         load_before = os.getloadavg()[0]
         floe = measured([str(FLOE), "run", "-c", str(work / "floe.yml")], work)
