@@ -117,7 +117,7 @@ def run_demo(directory: Path, sections: list[DemoSection] | None = None) -> int:
         shutil.rmtree(folder, ignore_errors=True)
         console.print(f"[bold]{section.name}[/]: writing sample data to {folder.relative_to(directory)}/")
         sources.update(section.prepare(folder))
-    raw = {"sources": sources, "destinations": {"demo": {"type": "duckdb", "path": str(database)}},
+    raw: dict[str, Any] = {"sources": sources, "destinations": {"demo": {"type": "duckdb", "path": str(database)}},
            "stage": str(directory / ".floe" / "stage")}
     config_path = work / "floe.yml"
     config_path.write_text(yaml.safe_dump(raw, sort_keys=False))

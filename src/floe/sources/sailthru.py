@@ -17,7 +17,7 @@ import asyncio
 import os
 import threading
 import zoneinfo
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -403,7 +403,11 @@ class ProfileChildStream(SailthruStream):
 
     table = "profile"
     parent_key = ("id",)
-    rows_of: ClassVar[Callable[[dict[str, Any]], Iterator[tuple[Any, ...]]]]
+
+    @staticmethod
+    def rows_of(r: dict[str, Any]) -> Iterator[tuple[Any, ...]]:
+        """The rows (in `kinds` order) of one profile."""
+        raise NotImplementedError
     kinds: ClassVar[dict[str, str]]
 
     def batches(self, f: ExportFile) -> Iterator[pa.RecordBatch]:
@@ -411,7 +415,7 @@ class ProfileChildStream(SailthruStream):
         for records in read_records(f, self.source.config.profile_lines):
             columns: list[list[Any]] = [[] for _ in names]
             for r in records:
-                for row in type(self).rows_of(r):
+                for row in self.rows_of(r):
                     for column, value in zip(columns, row, strict=True):
                         column.append(value)
             yield _columns_batch(dict(zip(names, columns, strict=True)), self.kinds, self.zone)

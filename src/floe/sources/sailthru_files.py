@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 import pyarrow as pa
 
@@ -94,7 +94,7 @@ class ExportFile:
         if self.member is None:
             return open(self.path, "rb")
         archive = zipfile.ZipFile(self.path)
-        return _ClosingMember(archive, archive.open(self.member))
+        return cast(IO[bytes], _ClosingMember(archive, archive.open(self.member)))
 
     def open(self) -> IO[bytes]:
         """The JSON Lines text, decompressed."""
