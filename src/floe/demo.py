@@ -166,7 +166,8 @@ def print_answer(conn: duckdb.DuckDBPyConnection, question: Question) -> None:
     cursor = conn.execute(question.sql)
     columns = [d[0] for d in cursor.description]
     rows = cursor.fetchall()
-    table = Table(title=question.title, title_justify="left")
+    console.print(f"\n[bold]{question.title}[/]")
+    table = Table()
     for column in columns:
         table.add_column(column)
     for row in rows:
