@@ -300,3 +300,13 @@ def test_a_retried_load_job_id_is_not_run_twice(bigquery, tmp_path):
     dest.load(job)  # a retry of the same load: its load and commit jobs exist (409), so they are awaited, not rerun
     assert emulator.db.execute("SELECT COUNT(*) FROM raw.src_items").fetchone() == (1,)
     assert emulator.db.execute("SELECT COUNT(*) FROM raw._floe_state").fetchone() == (1,)
+
+
+def test_missing_google_credentials_are_named(monkeypatch, tmp_path):
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
+    dest = make()
+    with pytest.raises(DestinationError, match=r"destinations.bq: no usable Google Cloud credentials in the environment"):
+        dest.check()
+    with pytest.raises(DestinationError, match=r"destinations.bq.stage: no Google Cloud credentials in the environment"):
+        _ = dest.store
