@@ -208,3 +208,48 @@ def test_windows_align_to_the_duration_and_next_due_adds_the_delay() -> None:
         2024, 1, 1, 4, 0, tzinfo=UTC)
     assert window_end(datetime(2024, 1, 1, 23, 59, tzinfo=UTC), timedelta(hours=6)) == datetime(
         2024, 1, 2, tzinfo=UTC)
+
+
+EVENTS = [{"IndvId": 2**62 + i, "EventStart": f"2024-01-01T00:00:0{i}.123456789Z", "EventType": "click",
+           "EventTargetText": t, "evt_x.y_real": i / 2, "page_tags": ["a", i], "user_note": None}
+          for i, t in enumerate(['a "quoted" },{ brace', "line\nbreak", "{json-ish}", "plain", "tab\there"])]
+
+
+@pytest.mark.parametrize("layout", ["ndjson", "array per line", "array minified", "array pretty"])
+@pytest.mark.parametrize("chunk", [40, 1 << 20])
+def test_export_files_parse_the_same_in_every_layout_and_chunking(tmp_path: Path, layout: str, chunk: int) -> None:
+    from floe.sources.fullstory_export import ExportReader
+
+    reader_schema = FullStorySource("fs", FullStoryConfig(api_key="k")).streams()[0].schema
+    if layout == "ndjson":
+        body = b"\n".join(orjson.dumps(e) for e in EVENTS) + b"\n"
+    elif layout == "array per line":
+        body = b"[\n" + b",\n".join(orjson.dumps(e) for e in EVENTS) + b"\n]"
+    elif layout == "array minified":
+        body = orjson.dumps(EVENTS)
+    else:
+        body = orjson.dumps(EVENTS, option=orjson.OPT_INDENT_2)
+    path = tmp_path / "export.gz"
+    path.write_bytes(gzip.compress(body[:40]) + gzip.compress(body[40:]))  # two gzip members, as some writers do
+    fmt = "FORMAT_NDJSON" if layout == "ndjson" else "FORMAT_JSON"
+    rows = [r for b in ExportReader(reader_schema, fmt, chunk_bytes=chunk).batches(path) for r in b.to_pylist()]
+    assert [r["IndvId"] for r in rows] == [e["IndvId"] for e in EVENTS]
+    assert [r["EventTargetText"] for r in rows] == [e["EventTargetText"] for e in EVENTS]
+    assert rows[0]["EventStart"].microsecond == 123456  # nanoseconds truncated to microseconds
+    assert [orjson.loads(r["CustomVars"]) for r in rows] == [
+        {"evt_x.y_real": e["evt_x.y_real"], "page_tags": e["page_tags"]} for e in EVENTS]
+
+
+@pytest.mark.parametrize(("fmt", "body"), [
+    ("FORMAT_JSON", b'[{"IndvId": 1},\n{"IndvId": 2}'),
+    ("FORMAT_JSON", b'[{"IndvId": 1},{"IndvId": 2, "EventType": "cl'),
+])
+def test_a_cut_array_is_an_error(tmp_path: Path, fmt: str, body: bytes) -> None:
+    from floe.errors import SourceError
+    from floe.sources.fullstory_export import ExportReader
+
+    path = tmp_path / "export.gz"
+    path.write_bytes(gzip.compress(body))
+    reader_schema = FullStorySource("fs", FullStoryConfig(api_key="k")).streams()[0].schema
+    with pytest.raises(SourceError, match="truncated"):
+        list(ExportReader(reader_schema, fmt).batches(path))

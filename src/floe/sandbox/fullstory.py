@@ -196,6 +196,7 @@ class FullStoryEmulator:
     api_calls: int = 0
     _secret: bytes = field(default_factory=lambda: os.urandom(16))
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _builders: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(2))  # files built at once
 
     @property
     def step_us(self) -> int:
@@ -338,7 +339,8 @@ def create_app(
         else:
             def work() -> None:
                 try:
-                    export.path = emu.build(export)
+                    with emu._builders:
+                        export.path = emu.build(export)
                 except Exception as exc:  # noqa: BLE001 - reported through the operation
                     export.failed = f"export failed: {exc}"
                 export.done.set()

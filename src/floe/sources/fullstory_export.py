@@ -49,6 +49,7 @@ class ExportReader:
         self.known_names = {f.name for f in self.known}
         self.fmt = fmt
         self.chunk_bytes = chunk_bytes
+        self._by_line = True
         self.parse_schema = pa.schema([pa.field(f.name, _parse_type(f.type)) for f in self.known])
 
     # --- bytes -> event chunks ------------------------------------------------------------
@@ -84,9 +85,14 @@ class ExportReader:
             yield bytes(pending) + b"\n"
 
     def _array_chunks(self, path: Path) -> Iterator[bytes]:
-        """FORMAT_JSON: cut the array into whole elements and hand them on one per line."""
+        """FORMAT_JSON: cut the array into whole elements and hand them on one per line.
+
+        Fast path: an array written one element per line (FullStory's and most writers' layout;
+        a raw newline cannot occur inside a JSON string) is split on newlines. Anything else
+        (minified, pretty-printed) goes through a regex that skips over strings."""
         pending = bytearray()
         started = False
+        self._by_line = True
         for piece in self._inflate(path):
             pending += piece
             if not started:
@@ -101,13 +107,26 @@ class ExportReader:
         yield from self._elements(pending, final=True)
 
     def _elements(self, pending: bytearray, final: bool) -> Iterator[bytes]:
+        if self._by_line:
+            cut = len(pending) if final else pending.rfind(b"\n") + 1
+            if final and not bytes(pending).rstrip().endswith(b"]"):
+                raise SourceError("FORMAT_JSON export is truncated (the array is not closed)")
+            if cut > 0:
+                items = [i for line in bytes(pending[:cut]).split(b"\n") if (i := line.strip(b" \t\r[],"))]
+                if all(i[:1] == b"{" and i[-1:] == b"}" and b"}," not in i for i in items):
+                    del pending[:cut]
+                    if items:
+                        yield b"\n".join(items) + b"\n"
+                    return
+            self._by_line = False
         data = bytes(pending)
         pos, out = 0, []
         for match in _ELEMENT.finditer(data):
-            gap = _SEPARATORS.fullmatch(data, pos, match.start())
-            if gap is None:
-                raise SourceError(f"FORMAT_JSON export: unexpected bytes {data[pos:match.start()][:40]!r}")
-            out.append(match.group())
+            if _SEPARATORS.fullmatch(data, pos, match.start()) is None:
+                if final:
+                    raise SourceError(f"FORMAT_JSON export: unexpected bytes {data[pos:match.start()][:40]!r}")
+                break  # a brace inside a string cut by the chunk boundary: wait for more bytes
+            out.append(match.group().replace(b"\n", b" "))  # a raw newline is never inside a string
             pos = match.end()
         rest = data[pos:]
         if final and _SEPARATORS.fullmatch(rest) is None:
@@ -131,9 +150,31 @@ class ExportReader:
             try:
                 return pj.read_json(io.BytesIO(chunk), read_options=pj.ReadOptions(block_size=block),
                                     parse_options=options, memory_pool=POOL)
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                pass
+        return self.parse_rows(chunk)
+
+    def parse_rows(self, chunk: bytes) -> pa.Table:
+        """The slow path, one event at a time with orjson: for chunks pyarrow cannot type (e.g. a
+        custom var holding a list of mixed types). Returns the known columns plus CustomVars."""
+        try:
+            events = [orjson.loads(line) for line in chunk.splitlines() if line.strip()]
+        except orjson.JSONDecodeError as exc:
+            raise SourceError(f"export file: cannot parse events: {exc}") from None
+        columns: dict[str, pa.Array] = {}
+        for f in self.parse_schema:
+            values = [e.get(f.name) for e in events]
+            try:
+                if pa.types.is_timestamp(f.type):
+                    columns[f.name] = pc.cast(pa.array(values, pa.string()), f.type)
+                else:
+                    columns[f.name] = pa.array(values, f.type)
             except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-                error = exc
-        raise SourceError(f"export file: cannot parse events: {error}") from None
+                raise SourceError(f"export file: field {f.name}: {exc}") from None
+        columns[CUSTOM_VARS] = pa.array([
+            orjson.dumps({k: v for k, v in e.items() if k not in self.known_names and v is not None},
+                         option=orjson.OPT_SORT_KEYS).decode() for e in events], pa.string())
+        return pa.table(columns)
 
     def convert(self, table: pa.Table) -> pa.RecordBatch:
         table = table.combine_chunks()
@@ -147,8 +188,10 @@ class ExportReader:
                 arrays.append(col)
             else:
                 arrays.append(pa.nulls(n, f.type))
-        extras = sorted(c for c in table.column_names if c not in self.known_names)
-        arrays.append(custom_vars(table, extras))
+        if CUSTOM_VARS in table.column_names:  # built by parse_rows
+            arrays.append(table[CUSTOM_VARS].combine_chunks())
+        else:
+            arrays.append(custom_vars(table, sorted(c for c in table.column_names if c not in self.known_names)))
         return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
 
 
