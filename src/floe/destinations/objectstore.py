@@ -8,6 +8,7 @@ wrong: missing bucket, denied access, unreachable endpoint.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import os
 import shutil
@@ -67,7 +68,7 @@ class ObjectStore(ABC):
         """Every (key, size) under `prefix`, following pagination to the end."""
 
     @abstractmethod
-    def delete_keys(self, keys: list[str]) -> None: ...
+    def delete_keys(self, keys: builtins.list[str]) -> None: ...
 
     @abstractmethod
     def check(self) -> str:
@@ -76,7 +77,7 @@ class ObjectStore(ABC):
     def uri(self, key: str) -> str:
         return self.url.uri(key)
 
-    def put_files(self, items: list[tuple[str, Path]]) -> None:
+    def put_files(self, items: builtins.list[tuple[str, Path]]) -> None:
         """Upload many files concurrently."""
         with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
             list(pool.map(lambda item: self.put_file(*item), items))
@@ -161,7 +162,7 @@ class S3Store(ObjectStore):
         except Exception as exc:
             raise self._error(exc, "list") from None
 
-    def delete_keys(self, keys: list[str]) -> None:
+    def delete_keys(self, keys: builtins.list[str]) -> None:
         if not keys:
             return
         try:
@@ -255,7 +256,7 @@ class GCSStore(ObjectStore):
         except Exception as exc:
             raise self._error(exc, "list") from None
 
-    def delete_keys(self, keys: list[str]) -> None:
+    def delete_keys(self, keys: builtins.list[str]) -> None:
         from google.api_core import exceptions as gexc
 
         def delete(key: str) -> None:
@@ -328,7 +329,7 @@ class LocalStore(ObjectStore):
             if path.is_file() and not path.name.endswith(".tmp"):
                 yield path.relative_to(self.root).as_posix(), path.stat().st_size
 
-    def delete_keys(self, keys: list[str]) -> None:
+    def delete_keys(self, keys: builtins.list[str]) -> None:
         for key in keys:
             self._path(key).unlink(missing_ok=True)
 

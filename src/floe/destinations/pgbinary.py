@@ -15,6 +15,7 @@ from __future__ import annotations
 import struct
 from array import array
 from collections.abc import Callable
+from typing import TypeAlias
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -32,7 +33,7 @@ _TEXT = {25, 1043, 1042, 19}
 _CODE_TYPES = {"q": pa.int64(), "i": pa.int32(), "h": pa.int16(), "d": pa.float64(), "f": pa.float32()}
 JSONB, JSON, BOOL, BYTEA, DATE, TIMESTAMP, TIMESTAMPTZ = 3802, 114, 16, 17, 1082, 1114, 1184
 
-Piece = pa.Array | pa.Scalar
+Piece: TypeAlias = pa.Array | pa.Scalar
 ColumnEncoder = Callable[[pa.Array], list[Piece]]
 
 

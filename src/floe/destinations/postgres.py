@@ -108,7 +108,7 @@ class PostgresDestination(SqlDestination):
 
     def __init__(self, name: str, config: Any, context: Any = None) -> None:
         super().__init__(name, config, context)
-        self.meta_schema = config.state_schema
+        self.meta_schema = config.state_schema  # type: ignore[misc]  # per instance: it is a config key here
 
     # --- connection ------------------------------------------------------------------------------
     def connect(self) -> Any:
