@@ -357,3 +357,15 @@ def test_postgres_binary_and_csv_copy_load_identical_values(postgres_db, tmp_pat
     assert loaded[0] == loaded[1]
     assert loaded[0][0] == (1, 7, 1.5, True, "plain", {"a": [1]}, ts, datetime(2000, 1, 1), date(1999, 1, 1), b"\x00\xff")
     assert loaded[0][2][4] == 'nulinside, "quoted"\nline' and loaded[0][2][2] == float("inf")
+
+
+def test_postgres_a_value_too_large_for_an_existing_column_names_the_column(postgres_db, tmp_path):
+    dest = make_destination(postgres_db.config(), tmp_path)
+    try:
+        load = Loader(dest, tmp_path)
+        load(pa.table({"n": pa.array([1], pa.int32())}))  # creates n INTEGER
+        with pytest.raises(DestinationError, match=r"nothing committed: column 'n': .*3000000000"):
+            load(pa.table({"n": pa.array([3_000_000_000], pa.int64())}))
+        assert dest.query("SELECT n FROM src.items") == [(1,)]
+    finally:
+        dest.close()

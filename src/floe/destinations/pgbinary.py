@@ -133,8 +133,11 @@ def encoder(schema: pa.Schema, oids: list[int], json_columns: set[str]) -> Calla
 
     def encode(batch: pa.RecordBatch) -> bytes | memoryview:
         pieces: list[Piece] = [count]
-        for column, column_encoder in zip(batch.columns, encoders, strict=True):
-            pieces += column_encoder(column)
+        for name, column, column_encoder in zip(batch.schema.names, batch.columns, encoders, strict=True):
+            try:
+                pieces += column_encoder(column)
+            except pa.ArrowInvalid as exc:  # e.g. a value too large for the table's INTEGER column
+                raise ValueError(f"column {name!r}: {exc}") from None
         if batch.num_rows == 0:
             return b""
         if all(isinstance(p, pa.Scalar) for p in pieces):  # no column at all: just the field counts
