@@ -134,6 +134,7 @@ class SailthruSource(Source):
         self.root: Path = self.context.path(config.path)
         self._files: list[ExportFile] | None = None
         self._lock = threading.Lock()  # streams ask from worker threads; scan (and warn) once
+        self._digests: dict[str, str] = {}
 
     def files(self, table: str) -> list[ExportFile]:
         """The export files feeding `table` ('' for all), in load order; the folder is scanned once."""
@@ -141,6 +142,16 @@ class SailthruSource(Source):
             if self._files is None:
                 self._files = discover(self.root, self.config.client_id)
         return [f for f in self._files if not table or f.info.table == table]
+
+    def checksum(self, f: ExportFile) -> str:
+        """SHA-256 of the file as delivered, computed once per run however many streams ask."""
+        with self._lock:
+            known = self._digests.get(f.name)
+        if known is None:
+            known = f.checksum()
+            with self._lock:
+                self._digests[f.name] = known
+        return known
 
     def streams(self) -> list[Stream]:
         return [cls(self) for cls in STREAMS]
@@ -174,7 +185,7 @@ class SailthruStream(Stream):
     async def read(self, state: State | None) -> AsyncIterator[Batch]:
         done: dict[str, str] = dict((state or {}).get("files", {}))
         for f in await asyncio.to_thread(self.source.files, self.table):
-            digest = await asyncio.to_thread(f.checksum)
+            digest = await asyncio.to_thread(self.source.checksum, f)
             known = done.get(f.name)
             if known == digest:
                 continue
@@ -516,7 +527,7 @@ class ExportsStream(SailthruStream):
             lines += 1
         yield pa.RecordBatch.from_pylist([{
             "name": f.name, "collection": f.info.collection, "client_id": f.info.client_id,
-            "export_date": f.info.export_date, "rows": lines, "bytes": size, "sha256": f.checksum(),
+            "export_date": f.info.export_date, "rows": lines, "bytes": size, "sha256": self.source.checksum(f),
             "ingested_at": datetime.now(UTC),
         }], schema=self.schema)
 
