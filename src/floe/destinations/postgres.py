@@ -38,6 +38,7 @@ from floe.errors import DestinationError
 from floe.pgconn import PostgresConnection, connect_postgres, describe, read_batches
 
 COPY_BATCH_ROWS = 65_536
+SEQ = "_floe_seq"  # arrival order of staged rows: a later row wins a merge
 NEW = "_floe_new"  # alias of the incoming rows (a table may well be called `s`)
 
 
@@ -233,8 +234,6 @@ class PostgresDestination(SqlDestination):
             return []  # the rows went straight into the target in stage_rows
         return self.staged_sql(spec, staging, order, load_id)
 
-    temp_suffix: ClassVar[str] = "ON COMMIT DROP "  # text after CREATE TEMP TABLE x (none on Redshift)
-
     def value_sql(self, f: pa.Field) -> str:
         """How a staged column is read into the target (Redshift parses JSON text into SUPER here)."""
         return f"{NEW}.{self.quote(f.name)}"
@@ -249,33 +248,36 @@ class PostgresDestination(SqlDestination):
         fields = [f for f in spec.columns if not pa.types.is_null(f.type)]
         names = "".join(f"{self.quote(f.name)}, " for f in fields)
         values = "".join(f"{self.value_sql(f)}, " for f in fields)
-        source, statements = staging, []
+        statements: list[str] = []
         if spec.disposition == "replace":
             statements.append(f"DELETE FROM {target}")
         elif spec.disposition == "merge":
             if not spec.primary_key:
                 raise DestinationError(f"{spec.schema_name}.{spec.table}: merge needs a primary key")
-            source = f"{staging}_latest"
             keys = [self.quote(k) for k in spec.parent_key or spec.primary_key]
             equal = " AND ".join(f"{target}.{k} = {NEW}.{k}" for k in keys)
             null_safe = " AND ".join(self.null_safe_equals.format(a=f"{target}.{k}", b=f"{NEW}.{k}") for k in keys)
             any_null = " OR ".join(f"{k} IS NULL" for k in keys)
-            deleted = source
+            deleted = staging
             if spec.parent_key:  # every row of a re-sent parent goes, not only the keys staged again
                 deleted = f"(SELECT DISTINCT {', '.join(keys)} FROM {staging})"
+            pk = ", ".join(self.quote(k) for k in spec.primary_key)
+            # Deduplicate in place: only the (usually few) earlier rows of a repeated key are
+            # deleted, instead of copying every staged row into another table.
+            losers = (f"SELECT {SEQ} FROM (SELECT {SEQ}, row_number() OVER (PARTITION BY {pk} ORDER BY {order} DESC) "
+                      f"AS _floe_rank FROM {staging}) AS ranked WHERE _floe_rank > 1")
             statements += [
-                f"CREATE TEMP TABLE {source} {self.temp_suffix}AS {self.deduplicated(spec, staging, order)}",
-                f"ANALYZE {source}",
+                f"DELETE FROM {staging} WHERE {SEQ} IN ({losers})",
+                f"ANALYZE {staging}",
                 f"DELETE FROM {target} USING {deleted} AS {NEW} WHERE {equal}",
                 f"DELETE FROM {target} USING (SELECT * FROM {deleted} AS d WHERE {any_null}) AS {NEW} "
                 f"WHERE {null_safe}",
             ]
         statements.append(
             f"INSERT INTO {target} ({names}_floe_load_id, _floe_loaded_at) "
-            f"SELECT {values}'{load_id}', CURRENT_TIMESTAMP FROM {source} AS {NEW}"
+            f"SELECT {values}'{load_id}', CURRENT_TIMESTAMP FROM {staging} AS {NEW}"
         )
         return statements
 
     def drop_staging(self, cur: Any, staging: str) -> None:
-        cur.execute(f"DROP TABLE IF EXISTS {staging}_latest")
         cur.execute(f"DROP TABLE IF EXISTS {staging}")

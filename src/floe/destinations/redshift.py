@@ -116,7 +116,6 @@ class RedshiftDestination(PostgresDestination):
     text_type = f"VARCHAR({VARCHAR_MAX})"
     timestamp_tz_type = "TIMESTAMPTZ"
     null_safe_equals = "({a} = {b} OR ({a} IS NULL AND {b} IS NULL))"  # no IS NOT DISTINCT FROM on Redshift
-    temp_suffix = ""  # no ON COMMIT DROP; the staging tables are dropped explicitly
     direct_load = False  # every disposition goes through the COPYed staging table
     json_parse: ClassVar[str] = "JSON_PARSE({})"
     stage_json_type: ClassVar[str] = f"VARCHAR({VARCHAR_MAX})"
