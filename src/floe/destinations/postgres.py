@@ -1,4 +1,5 @@
-"""PostgreSQL: staged Parquet is COPYed (CSV from Arrow, no per-row Python) inside the load transaction.
+"""PostgreSQL: staged Parquet is COPYed inside the load transaction (binary COPY tuples built from Arrow
+columns, or CSV written by Arrow when a column has no exact binary mapping; no per-row Python).
 
 Type mapping (Arrow -> PostgreSQL):
 
