@@ -21,6 +21,7 @@ interval: a stream run all day long uses at most 288 load jobs, against 100,000 
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import threading
 import time
@@ -42,6 +43,8 @@ from floe.destinations.sql import LOADS_TABLE, STATE_TABLE, arrow_type_key
 from floe.engine.stream import State
 from floe.errors import DestinationError
 from floe.secrets import redact
+
+log = logging.getLogger("floe.bigquery")
 
 SEQ = "_floe_seq"
 API = "https://bigquery.googleapis.com"
@@ -451,14 +454,19 @@ class BigQueryDestination(Destination):
                 if uris:
                     self.api.run_job(self.job_id(job, "load"), plan.load_job)
                 self.api.query(plan.script, plan.parameters, job_id=self.job_id(job, "commit"))
-            for statement in plan.after:
-                self.api.query(statement)
         except DestinationError as exc:
             raise DestinationError(f"{self.name}: loading {job.table.schema_name}.{job.table.table} failed, "
-                                   f"nothing committed unless the commit job finished: {exc}") from None
+                                   f"nothing committed: {exc}") from None
         finally:
             if prefix and not self.config.keep_staged_files:
                 self.store.delete_prefix(prefix)
+        # Committed. Views and the staging table's removal are tidying: a failure is logged, not raised
+        # (the staging table expires by itself).
+        for statement in plan.after:
+            try:
+                self.api.query(statement)
+            except DestinationError as exc:
+                log.warning("event=bigquery_after_commit_failed destination=%s error=%s", self.name, exc)
 
     def get_state(self, source: str, stream: str) -> State | None:
         for statement in self.meta_ddl():
