@@ -38,3 +38,8 @@ bench-twilio: $(STAMP) bench-deps
 
 bench-pendo: $(STAMP)
 	$(BIN)/python bench/pendo_bench.py
+
+bench-postgres: $(STAMP)
+	./scripts/test-deps.sh
+	$(BIN)/python bench/postgres_bench.py
+	$(BIN)/python bench/postgres_bench.py --disposition merge
