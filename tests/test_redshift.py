@@ -320,3 +320,19 @@ def test_s3_store_deletes_more_than_a_thousand_objects(s3_server, s3_bucket):
     assert store.delete_prefix("p/") == 1234
     remaining = client.list_objects_v2(Bucket=s3_bucket)
     assert [o["Key"] for o in remaining["Contents"]] == ["other/keep"]
+
+
+def test_timestamps_dates_and_decimals_survive_the_staged_files(redshift, tmp_path):
+    from datetime import date
+    from decimal import Decimal
+
+    at = datetime(2024, 3, 10, 1, 59, 59, 123456, tzinfo=UTC)
+    table = pa.table({
+        "id": pa.array([1, 2], pa.int64()),
+        "at": pa.array([at, None], pa.timestamp("us", "UTC")),
+        "day": pa.array([date(2024, 2, 29), None]),
+        "amount": pa.array([Decimal("-12.50"), None], pa.decimal128(9, 2)),
+    })
+    redshift.load(job_of(tmp_path, 1, table, disposition="append", pk=()))
+    assert redshift.query("SELECT at, day, amount FROM src.items ORDER BY id") == [
+        (at, date(2024, 2, 29), Decimal("-12.50")), (None, None, None)]

@@ -213,7 +213,8 @@ class RedshiftDestination(PostgresDestination):
             ):
                 t = pa.string()
             elif pa.types.is_timestamp(t):
-                t = pa.timestamp("us", "UTC" if t.tz else None)
+                # CSV gets UTC wall time without a zone (Redshift reads it as UTC; Arrow formats it fast).
+                t = pa.timestamp("us", "UTC" if t.tz and self.config.file_format == "parquet" else None)
             elif key == "binary":
                 t = pa.binary() if self.config.file_format == "parquet" else pa.string()
             elif pa.types.is_dictionary(t):
