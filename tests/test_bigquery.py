@@ -276,6 +276,9 @@ def test_merge_loads_end_to_end_commit_data_and_state_together(bigquery, tmp_pat
     load_jobs = [j for j in emulator.jobs.values() if "load" in j["configuration"]]
     assert len(load_jobs) == 2 and all(j["configuration"]["load"]["destinationTable"]["tableId"].startswith(
         "_floe_staging_") for j in load_jobs)  # the target table itself never takes a load job
+    queries = [j["configuration"]["query"]["query"] for j in emulator.jobs.values() if "query" in j["configuration"]]
+    assert sum("CREATE TABLE IF NOT EXISTS `proj.raw._floe_state`" in q for q in queries) == 1  # once per run
+    assert sum("CREATE TABLE IF NOT EXISTS `proj.raw.src_items`" in q for q in queries) == 1  # only while missing
 
 
 def test_a_failed_commit_job_leaves_data_and_state_as_they_were(bigquery, tmp_path):

@@ -194,6 +194,7 @@ class BigQueryDestination(Destination):
         self._store: GCSStore | None = None
         self._api: BigQueryApi | None = None
         self._lock = threading.Lock()  # one transaction at a time: they all write _floe_state
+        self._meta_ready = False  # _floe_state and _floe_loads exist
 
     @property
     def store(self) -> GCSStore:
@@ -352,10 +353,12 @@ class BigQueryDestination(Destination):
             statements.append(f"CREATE OR REPLACE VIEW {self.ref(view)} AS {body}")
         return statements
 
-    def plan(self, job: LoadJob, uris: list[str], existing: set[str]) -> LoadPlan:
+    def plan(self, job: LoadJob, uris: list[str], existing: set[str], meta_ready: bool = False) -> LoadPlan:
+        """The load's statements; DDL known to be done already (meta tables, an existing table) is left out."""
         spec = job.table
         staging = f"_floe_staging_{job.load_id.replace('-', '_')}"
-        ddl = [*self.meta_ddl(), self.create_table_sql(spec), *self.add_columns_sql(spec, existing)]
+        ddl = [*([] if meta_ready else self.meta_ddl()), *([] if existing else [self.create_table_sql(spec)]),
+               *self.add_columns_sql(spec, existing)]
         body = self.disposition_sql(spec, staging) if uris or spec.disposition == "replace" else []
         if uris or spec.disposition == "replace":
             ddl.append(self.staging_ddl(spec, staging))
@@ -447,10 +450,11 @@ class BigQueryDestination(Destination):
             uris: list[str] = []
             if job.files:
                 prefix, uris = self.upload(job)
-            plan = self.plan(job, uris, self.existing_columns(job.table))
+            plan = self.plan(job, uris, self.existing_columns(job.table), self._meta_ready)
             with self._lock:
                 for statement in plan.ddl:
                     self.api.query(statement)
+                self._meta_ready = True
                 if uris:
                     self.api.run_job(self.job_id(job, "load"), plan.load_job)
                 self.api.query(plan.script, plan.parameters, job_id=self.job_id(job, "commit"))
@@ -468,9 +472,14 @@ class BigQueryDestination(Destination):
             except DestinationError as exc:
                 log.warning("event=bigquery_after_commit_failed destination=%s error=%s", self.name, exc)
 
+    def ensure_meta(self) -> None:
+        if not self._meta_ready:
+            for statement in self.meta_ddl():
+                self.api.query(statement)
+            self._meta_ready = True
+
     def get_state(self, source: str, stream: str) -> State | None:
-        for statement in self.meta_ddl():
-            self.api.query(statement)
+        self.ensure_meta()
         rows = self.api.query(
             f"SELECT state FROM {self.ref(STATE_TABLE)} WHERE source = @source AND stream = @stream "
             "ORDER BY version DESC LIMIT 1",
@@ -480,8 +489,7 @@ class BigQueryDestination(Destination):
         return json.loads(rows[0][0]) if rows else None
 
     def states(self) -> list[dict[str, Any]]:
-        for statement in self.meta_ddl():
-            self.api.query(statement)
+        self.ensure_meta()
         rows = self.api.query(
             f"SELECT source, stream, version, state, load_id, committed_at FROM {self.ref(STATE_TABLE)} WHERE TRUE "
             "QUALIFY ROW_NUMBER() OVER (PARTITION BY source, stream ORDER BY version DESC) = 1 ORDER BY source, stream"

@@ -104,7 +104,8 @@ class FilesDestination(Destination):
 
     def states(self) -> list[dict[str, Any]]:
         out = []
-        for key, _ in self.store.list(self.key("") if self.url.scheme != "file" else ""):
+        root = f"{self.url.prefix}/" if self.url.scheme != "file" and self.url.prefix else ""
+        for key, _ in self.store.list(root):
             parts = key.split("/")
             if len(parts) >= 3 and parts[-2] == STATE_DIR:
                 out.append((parts[-4], parts[-3]))
