@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -103,7 +104,7 @@ def interpolate(value: Any, path: str = "") -> Any:
     return value
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: Mapping[str, Any]) -> str:
     """One readable phrase for one pydantic error, never echoing the input value (it may be a secret)."""
     kind = error["type"]
     ctx = error.get("ctx") or {}

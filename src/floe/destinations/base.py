@@ -92,12 +92,12 @@ class Destination(ABC):
     def load(self, job: LoadJob) -> None:
         """Commit `job` atomically (data + state + load row), or raise and commit nothing."""
 
-    def record_failure(self, job: LoadJob, error: str) -> None:
+    def record_failure(self, job: LoadJob, error: str) -> None:  # noqa: B027 - optional hook
         """Best effort: note a failed load in `_floe_loads` (outside the failed transaction)."""
 
     def states(self) -> list[dict[str, Any]]:
         """Every (source, stream) latest state, for `floe state show`."""
         return []
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook
         """Release the connection."""

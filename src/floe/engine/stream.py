@@ -93,5 +93,5 @@ class Source(ABC):
         """For `floe serve`: when new data will next be available (None: use the `schedule:` key)."""
         return None
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release network clients and other resources the source owns."""
