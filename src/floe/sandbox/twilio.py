@@ -541,7 +541,7 @@ def create_app(seed: int = 1, size: int = 1000, days: int = 30, end: str | None 
                 return JSONResponse({"settled": [lst.sid(i) for i in changed]})
         return JSONResponse({"error": f"unknown action {action}"}, 404)
 
-    async def prerender(request: Request) -> Response:
+    async def prerender_pages(request: Request) -> Response:
         """Render (and cache) every call page now, so a benchmark measures the client, not the emulator."""
         with sandbox.lock:
             for account in sandbox.accounts.values():
@@ -555,7 +555,7 @@ def create_app(seed: int = 1, size: int = 1000, days: int = 30, end: str | None 
         Route(f"/{API_VERSION}/Accounts/{{sid}}/{{resource}}.json", list_resource),
         Route("/v1/PhoneNumbers/Countries", countries),
         Route("/v1/PhoneNumbers/Countries/{iso}", country),
-        Route("/_sandbox/twilio/prerender", prerender, methods=["POST"]),
+        Route("/_sandbox/twilio/prerender", prerender_pages, methods=["POST"]),
         Route("/_sandbox/twilio/{sid}/{kind}/{action}", control, methods=["POST"]),
         Route("/_sandbox/stats", stats),
     ])

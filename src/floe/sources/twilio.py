@@ -135,6 +135,7 @@ class PageParser:
         if not isinstance(page, dict):
             raise ValueError("a Twilio list page must be a JSON object")
         items = page.get(self.key) or []
+        values: list[Sequence[Any]]
         try:  # transpose in C: one itemgetter call per record, one zip for the page
             values = list(zip(*map(self.getter, items), strict=True)) if items else [() for _ in self.spec]
         except KeyError:  # a record without some documented field: look each value up
