@@ -6,8 +6,9 @@ files before it stay loaded. State per stream: `{"files": {name: sha256}}`. A fi
 loaded is skipped; a file whose content changed under a known name is an error unless
 `floe run --reprocess` is given.
 
-Message files are parsed by pyarrow's JSON reader (in C, multi-threaded) with an explicit
-schema and exploded into one row per action with Arrow compute kernels: no per-row Python.
+Message files are read in chunks of whole lines, each parsed by pyarrow's JSON reader (in C,
+multi-threaded) with an explicit schema and exploded into one row per action with Arrow compute
+kernels: no per-row Python, and memory bounded by the chunk size whatever the file size.
 Profiles and blasts are parsed with orjson line by line (their rows are few and irregular).
 """
 
@@ -37,7 +38,6 @@ from floe.sources.sailthru_files import ExportFile, discover, iter_lines
 
 SALT_ENV = "FLOE_PII_SALT"
 TS = pa.timestamp("ms", "UTC")
-# The system allocator returns freed blocks to the OS; mimalloc keeps them, which doubled peak RSS.
 POOL = pa.system_memory_pool()
 
 
