@@ -394,3 +394,14 @@ def test_warehouse_file_named_like_the_source(sailthru_project: Factory) -> None
         assert result.exit_code == 0, result.output
     project.export.joinpath("blast.20160402.json").write_text('{ "name" : "late", "day" : "2016-04-01", "id" : 1 }\n')
     assert project.cli("run").exit_code == 0
+
+
+def test_client_id_keeps_that_clients_files_and_unprefixed_ones(tmp_path: Path) -> None:
+    from floe.sources.sailthru_files import discover
+
+    for name in ("4484_blast.20160401.json", "9999_blast.20160401.json", "blast.20160402.json",
+                 "4484_blast.json", "notes.txt"):
+        (tmp_path / name).write_text('{ "id" : 1, "name" : "x", "day" : "2016-03-31" }\n')
+    assert [f.name for f in discover(tmp_path, "4484")] == [
+        "4484_blast.json", "4484_blast.20160401.json", "blast.20160402.json"]  # one-time export first
+    assert len(discover(tmp_path)) == 4
