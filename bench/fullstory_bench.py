@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--hours", type=int, default=24)
     parser.add_argument("--duration", default="1h")
     parser.add_argument("--format", default="FORMAT_NDJSON")
+    parser.add_argument("--load-every", default="window", choices=["window", "day"])
     parser.add_argument("--memory-limit", default="128MB", help="DuckDB's memory_limit")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "floe-fullstory-bench")
     args = parser.parse_args()
@@ -79,7 +80,8 @@ def main() -> None:
                 "sources": {"fs": {"type": "fullstory", "api_key": "fs-sandbox-key", "base_url": server.url,
                                    "start_time": "2024-03-01T00:00:00Z",
                                    "end_time": f"2024-03-{1 + args.hours // 24:02d}T{args.hours % 24:02d}:00:00Z",
-                                   "export_duration": args.duration, "format": args.format}},
+                                   "export_duration": args.duration, "format": args.format,
+                                   "load_every": args.load_every}},
                 "destinations": {"w": {"type": "duckdb", "path": str(db), "memory_limit": args.memory_limit,
                                          "threads": 2}},
                 "stage": str(args.work / "stage"),
@@ -96,7 +98,7 @@ def main() -> None:
         size = sum(p.stat().st_size for p in cache.glob("*.gz"))
         print(json.dumps({"events": rows, "seconds": round(seconds, 2), "events_per_s": round(rows / seconds),
                           "cpu_seconds": round(cpu, 1),
-                          "peak_rss_mb": round(peak), "gzip_mb": round(size / 1e6), "duration": args.duration,
+                          "peak_rss_mb": round(peak), "gzip_mb": round(size / 1e6), "duration": args.duration, "load_every": args.load_every,
                           "format": args.format}))
     finally:
         server.stop()
