@@ -121,6 +121,12 @@ def test_merge_keeps_the_last_row_per_key_including_duplicates_and_null_keys(des
     assert rows(dest) == [(1, "a2"), (2, "b2"), (3, "c"), (4, "d"), (None, "n3")]
 
 
+def test_merge_across_staged_files_keeps_the_row_of_the_later_file(dest, load):
+    # A commit spans several staged files when the schema changes mid-load: the later file wins.
+    load(t([1, 2], ["old", "b"]), t([1], ["new"], x=pa.array([7], pa.int64())), disposition="merge", pk=("id",))
+    assert rows(dest) == [(1, "new"), (2, "b")]
+
+
 def test_merge_on_a_compound_key_with_a_null_part(dest, load):
     def ck(a: list[Any], b: list[Any], v: list[str]) -> pa.Table:
         return pa.table({"a": pa.array(a, pa.int64()), "b": pa.array(b, pa.string()), "v": v})
