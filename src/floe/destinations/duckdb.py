@@ -119,8 +119,8 @@ class DuckDBDestination(SqlDestination):
         cur.execute(f"DROP VIEW IF EXISTS {staging}")
 
     def deduplicated(self, spec: Any, staging: str, order: str) -> str:
-        # The row with the greatest (filename, file_row_number) per key: the last to arrive, also across
-        # several staged files (`ORDER BY filename, file_row_number DESC` sorted file names ascending).
-        # arg_max hashes instead of sorting: half the CPU of a window over a million rows.
+        # The last row to arrive per key, also across several staged files: every part of `order`
+        # descending (`ORDER BY filename, file_row_number DESC` sorted the file names ascending).
         keys = ", ".join(self.quote(k) for k in spec.primary_key)
-        return f"SELECT unnest(arg_max({staging}, ({order}))) FROM {staging} GROUP BY {keys}"
+        latest = ", ".join(f"{part.strip()} DESC" for part in order.split(","))
+        return f"SELECT * FROM {staging} QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {latest}) = 1"
