@@ -124,9 +124,20 @@ def test_sigterm_lets_the_current_load_commit_then_exits_zero(
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
-    # The load in progress finished: every window ready at start (4 or 5 of them) is committed.
-    assert rows(tmp_path / "w.duckdb") >= 4 * 600
-    assert "event=serve_stopped" in (tmp_path / "serve.log").read_text()
+    # The window in progress was committed whole; serve stopped there instead of working through the backlog.
+    loaded = rows(tmp_path / "w.duckdb")
+    assert loaded >= 600 and loaded % 600 == 0
+    log_text = (tmp_path / "serve.log").read_text()
+    assert "event=fullstory_stopping" in log_text and "event=serve_stopped" in log_text
+    # A later run picks up exactly where it stopped.
+    assert subprocess.run([sys.executable, "-c", "from floe.cli import main; main()", "run", "-c", str(config)],
+                          cwd=tmp_path, capture_output=True, timeout=60).returncode == 0
+    con = duckdb.connect(str(tmp_path / "w.duckdb"), read_only=True)
+    try:
+        total, distinct = con.execute("SELECT count(*), count(DISTINCT (IndvId, EventStart)) FROM fs.events").fetchone()  # type: ignore[misc]
+    finally:
+        con.close()
+    assert total == distinct >= 4 * 600
 
 
 @pytest.mark.parametrize(("text", "after", "expected"), [

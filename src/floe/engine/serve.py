@@ -7,7 +7,9 @@ every hour. A source whose run failed is retried after an exponential backoff (`
 doubling up to `backoff_max`) and reported through `notify:`; committed progress is never
 touched, because every run resumes from the destination's state.
 
-`stop()` (SIGTERM/SIGINT in the CLI) lets the load in progress finish and commit, then returns.
+`stop()` (SIGTERM/SIGINT in the CLI) lets the load in progress finish and commit, then returns;
+sources with a `should_stop` hook (FullStory) stop at their next commit point instead of working
+through a whole backlog first.
 The clock is injectable: tests pass a fake whose `sleep` advances time instantly.
 """
 
@@ -149,6 +151,8 @@ class Server:
                 source = make_source(self.config, sched.name, context)
                 if hasattr(source, "clock"):
                     source.clock = self.clock.now  # sources that decide what is ready use serve's clock
+                if hasattr(source, "should_stop"):
+                    source.should_stop = lambda: self.stopping  # long backlogs stop at a commit point
                 try:
                     for stream in select_streams(source, None):
                         result = await run_stream(source, stream, dest, self.config.stage)

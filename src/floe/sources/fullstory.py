@@ -221,6 +221,10 @@ class EventsStream(Stream):
                 day_done = window[1] == window[1].replace(hour=0, minute=0, second=0, microsecond=0)
                 if self.config.load_every == "window" or last or day_done:
                     yield Batch(checkpoint={"sync_point": rfc3339(window[1])})
+                    if self.source.should_stop():
+                        log.info("event=fullstory_stopping source=%s sync_point=%s", self.source.name,
+                                 rfc3339(window[1]))
+                        return
         finally:
             for task in tasks:
                 task.cancel()
@@ -276,6 +280,8 @@ class FullStorySource(Source):
         super().__init__(name, config, context)
         pa.set_memory_pool(POOL)
         self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+        # `floe serve` sets this on SIGTERM: stop after the window being committed, not after the backlog.
+        self.should_stop: Callable[[], bool] = lambda: False
         self._api: HttpClient | None = None
         self._files: HttpClient | None = None
 
