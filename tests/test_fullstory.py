@@ -253,3 +253,13 @@ def test_a_cut_array_is_an_error(tmp_path: Path, fmt: str, body: bytes) -> None:
     reader_schema = FullStorySource("fs", FullStoryConfig(api_key="k")).streams()[0].schema
     with pytest.raises(SourceError, match="truncated"):
         list(ExportReader(reader_schema, fmt).batches(path))
+
+
+def test_a_wrong_api_key_fails_with_the_status_and_url_and_never_shows_the_key(
+    fullstory_config: Any, tmp_path: Path
+) -> None:
+    result = floe_cli(fullstory_config(api_key="wrong-key-123456"))
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert "HTTP 401" in output and "invalid API key" in output and "/segments/v1/exports" in output
+    assert "wrong-key-123456" not in output
