@@ -30,7 +30,8 @@ from floe.destinations.base import Destination
 from floe.engine.pipeline import StreamResult, run_stream
 from floe.engine.runner import context_for, make_destination, make_source, select_streams
 from floe.errors import ConfigError
-from floe.notify import Notifier, report
+from floe.notify import Notice, Notifier, report
+from floe.secrets import redact
 
 log = logging.getLogger("floe.serve")
 DEFAULT_INTERVAL = timedelta(hours=1)
@@ -167,8 +168,12 @@ class Server:
             if self.notifier is not None:
                 report(self.notifier, results, destinations, wall_started)
         except Exception as exc:  # noqa: BLE001 - config/destination trouble: back off, keep serving
-            log.error("event=serve_source_failed source=%s error=%s", sched.name, exc)
-            self.plan_next(sched, source, states, started, str(exc))
+            error = redact(str(exc))
+            log.error("event=serve_source_failed source=%s error=%s", sched.name, error)
+            self.plan_next(sched, source, states, started, error)
+            if self.notifier is not None:
+                self.notifier.send(Notice("failed", sched.name, "*", "*", error, None,
+                                          datetime.now(UTC).isoformat()))
         finally:
             for dest in destinations.values():
                 dest.close()
