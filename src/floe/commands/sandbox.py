@@ -46,7 +46,8 @@ def sandbox_command(
         if write_config:
             sources = sandbox_sources(running)
             if exports:
-                sources["sailthru"] = {"type": "sailthru", "path": str(exports), "pii": "hash"}
+                sources["sailthru"] = {"type": "sailthru", "path": str(exports), "pii": "hash",
+                                       "salt": "sandbox-salt"}  # a fixed sandbox salt, not a secret
             config = {"sources": sources,
                       "destinations": {"warehouse": {"type": "duckdb", "path": "sandbox.duckdb"}}}
             write_config.write_text(yaml.safe_dump(config, sort_keys=False))
