@@ -34,3 +34,19 @@ def test_sandbox_config_starts_emulators_and_returns_a_runnable_config(tmp_path:
         stop_all(running)
     assert results and all(r.ok for r in results), [r.error for r in results if not r.ok]
     assert {r.source for r in results} == {"twilio", "singular"}
+
+
+def test_sandbox_refuses_a_port_already_in_use(tmp_path: Path, monkeypatch) -> None:
+    import socket
+
+    from floe.sandbox import emulators
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        monkeypatch.setitem(emulators.EMULATORS, "twilio", ("floe.sandbox.twilio", port))
+        monkeypatch.chdir(tmp_path)
+        result = CliRunner().invoke(app, ["sandbox", "--only", "twilio", "--duration", "0.1"])
+    assert result.exit_code == 1
+    assert f"twilio emulator: port {port} on 127.0.0.1 is in use" in result.stderr

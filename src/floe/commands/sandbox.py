@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 
+from floe.errors import FloeError
 from floe.sandbox.emulators import EMULATORS, sandbox_sources, start_all, stop_all
 
 
@@ -34,7 +35,11 @@ def sandbox_command(
                                           for n in names}
     if "twilio" in options:
         options["twilio"]["size"] = size
-    running = start_all(names, fixed_ports=not random_ports, options=options)
+    try:
+        running = start_all(names, fixed_ports=not random_ports, options=options)
+    except FloeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     try:
         for name, emulator in running.items():
             typer.echo(f"{name:<10} {emulator.url}")

@@ -9,9 +9,11 @@ An entry maps a name to `(module, default port)`. The module provides:
 from __future__ import annotations
 
 import importlib
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from floe.errors import FloeError
 from floe.sandbox.server import RunningServer, serve_in_thread
 
 EMULATORS: dict[str, tuple[str, int]] = {
@@ -40,11 +42,22 @@ class Running:
 def start(name: str, port: int | None = None, **options: Any) -> Running:
     """Start one emulator in a thread (port None: a free port)."""
     module_name, _ = EMULATORS[name]
+    if port is not None:
+        _check_free(name, port)
     module = importlib.import_module(module_name)
     app = module.create_app(**options)
     server = serve_in_thread(app, port)
     describe = getattr(module, "describe", None)
     return Running(name, server, describe(app, server.url) if describe else {})
+
+
+def _check_free(name: str, port: int) -> None:
+    """Fail clearly instead of silently talking to whatever already listens on `port`."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise FloeError(f"{name} emulator: port {port} on 127.0.0.1 is in use (use --random-ports)") from None
 
 
 def start_all(names: list[str] | None = None, fixed_ports: bool = False,
