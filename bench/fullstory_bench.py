@@ -29,11 +29,13 @@ from floe.sources.fullstory import parse_duration, rfc3339
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_floe(config: Path) -> tuple[float, float, float]:
+def run_floe(config: Path, profile: Path | None = None) -> tuple[float, float, float]:
     """Wall seconds, CPU seconds and peak RSS (MB) of one `floe run` child process (the only child
-    this process waits for: the emulator is a multiprocessing child, reaped only at exit)."""
+    this process waits for: the emulator is a multiprocessing child, reaped only at exit).
+    With `profile`, py-spy samples the run into that file (collapsed stacks; CPU and RSS then include py-spy)."""
+    prefix = ["py-spy", "record", "--format", "raw", "--threads", "--native", "-o", str(profile), "--"] if profile else []
     started = time.monotonic()
-    subprocess.run([sys.executable, "-c", "from floe.cli import main; main()", "run", "-c", str(config)], check=True,
+    subprocess.run([*prefix, sys.executable, "-c", "from floe.cli import main; main()", "run", "-c", str(config)], check=True,
                    stdout=subprocess.DEVNULL, cwd=config.parent)
     seconds = time.monotonic() - started
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -65,6 +67,7 @@ def main() -> None:
     parser.add_argument("--format", default="FORMAT_NDJSON")
     parser.add_argument("--load-every", default="window", choices=["window", "day"])
     parser.add_argument("--memory-limit", default="128MB", help="DuckDB's memory_limit")
+    parser.add_argument("--profile", type=Path, help="sample the floe run with py-spy into this file")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "floe-fullstory-bench")
     args = parser.parse_args()
     events_per_hour = args.events // args.hours
@@ -91,7 +94,7 @@ def main() -> None:
         warm = time.monotonic()
         warm_up(server.url, args)
         print(f"warm-up (emulator builds and caches files): {time.monotonic() - warm:.1f}s", flush=True)
-        seconds, cpu, peak = run_floe(config("timed"))
+        seconds, cpu, peak = run_floe(config("timed"), args.profile)
         con = duckdb.connect(str(args.work / "timed.duckdb"), read_only=True)
         rows = con.execute("SELECT count(*) FROM fs.events").fetchone()[0]  # type: ignore[index]
         con.close()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import orjson
 import pyarrow as pa
+from isal import isal_zlib
 import pyarrow.compute as pc
 import pyarrow.json as pj
 
@@ -54,17 +55,19 @@ class ExportReader:
 
     # --- bytes -> event chunks ------------------------------------------------------------
     def _inflate(self, path: Path) -> Iterator[bytes]:
-        """Decompressed pieces of a gzip file (several members allowed); raises if it is cut short."""
-        inflater = zlib.decompressobj(wbits=47)
+        """Decompressed pieces of a gzip file (several members allowed); raises if it is cut short.
+
+        ISA-L's inflate (same API as zlib's) takes less than half of zlib's CPU."""
+        inflater = isal_zlib.decompressobj(wbits=47)
         ended = False  # the current member is complete (a file may hold several members)
         with path.open("rb") as f:
             while block := f.read(128 << 10):  # ~1 MB once inflated
                 while block:
                     if ended:
-                        inflater, ended = zlib.decompressobj(wbits=47), False
+                        inflater, ended = isal_zlib.decompressobj(wbits=47), False
                     try:
                         out = inflater.decompress(block)
-                    except zlib.error as exc:
+                    except (zlib.error, isal_zlib.error) as exc:
                         raise SourceError(f"export file is not valid gzip ({exc})") from None
                     if out:
                         yield out
