@@ -35,11 +35,15 @@ class Question:
 
 @dataclass
 class DemoSection:
+    """One source family in the demo.
+
+    `sources(folder)` is a context manager: it writes sample input under `folder` or starts an
+    emulator, yields the section's `sources:` entries, and keeps what they need alive (an
+    emulator) until the load is over."""
+
     name: str
-    prepare: Callable[[Path], dict[str, Any]]  # folder for its data -> `sources:` entries
+    sources: Callable[[Path], contextlib.AbstractContextManager[dict[str, Any]]]
     questions: list[Question] = field(default_factory=list)
-    # Optional: a context manager running what the sources need (an emulator) during the load.
-    serve: Callable[[Path], contextlib.AbstractContextManager[None]] | None = None
 
 
 # --- Sailthru ---------------------------------------------------------------------------------
@@ -88,17 +92,59 @@ SAILTHRU_QUESTIONS = [
 ]
 
 
-def prepare_sailthru(folder: Path) -> dict[str, Any]:
+@contextlib.contextmanager
+def sailthru_sources(folder: Path) -> Iterator[dict[str, Any]]:
     from floe.sandbox.sailthru import ExportSpec, generate
 
     # 14 daily exports of 8 blasts: 112 blasts, so some profiles pass the "more than 100" marks.
     generate(folder, ExportSpec(seed=2016, profiles=300, days=14, blasts_per_day=8, audience=0.88,
                                 transactional_per_day=40, gzip=True, client_id="4484", heavy_clickers=3))
-    return {"sailthru": {"type": "sailthru", "path": str(folder), "pii": "hash", "salt": "floe-demo-salt",
-                         "timezone": "America/New_York"}}
+    yield {"sailthru": {"type": "sailthru", "path": str(folder), "pii": "hash", "salt": "floe-demo-salt",
+                        "timezone": "America/New_York"}}
 
 
-SECTIONS: list[DemoSection] = [DemoSection("sailthru", prepare_sailthru, SAILTHRU_QUESTIONS)]
+# --- Twilio and Singular, from the local emulators ---------------------------------------------------
+
+TWILIO_QUESTIONS = [
+    Question(
+        "Calls by status",
+        "SELECT status, COUNT(*) AS calls, SUM(duration) AS seconds FROM twilio.calls "
+        "GROUP BY status ORDER BY calls DESC",
+    ),
+    Question(
+        "Messages and spend per day (last 5 days)",
+        "SELECT CAST(date_sent AS DATE) AS day, COUNT(*) AS messages, "
+        "ROUND(-SUM(CAST(price AS DOUBLE)), 2) AS spend_usd FROM twilio.messages "
+        "GROUP BY CAST(date_sent AS DATE) ORDER BY day DESC LIMIT 5",
+    ),
+]
+
+SINGULAR_QUESTIONS = [
+    Question(
+        "Spend by source, latest retrieval of each day (singular.campaign_stats_latest)",
+        "SELECT source, ROUND(SUM(adn_cost), 2) AS cost, SUM(adn_installs) AS installs "
+        "FROM singular.campaign_stats_latest GROUP BY source ORDER BY cost DESC",
+    ),
+]
+
+
+@contextlib.contextmanager
+def emulator_sources(name: str, **options: Any) -> Iterator[dict[str, Any]]:
+    """Start one floe.sandbox emulator for the duration of the load; yield its `sources:` entries."""
+    from floe.sandbox.emulators import start
+
+    running = start(name, **options)
+    try:
+        yield running.info["sources"]
+    finally:
+        running.server.stop()
+
+
+SECTIONS: list[DemoSection] = [
+    DemoSection("sailthru", sailthru_sources, SAILTHRU_QUESTIONS),
+    DemoSection("twilio", lambda _: emulator_sources("twilio", seed=7, size=2000, days=14), TWILIO_QUESTIONS),
+    DemoSection("singular", lambda _: emulator_sources("singular", seed=7, rows_per_day=30), SINGULAR_QUESTIONS),
+]
 
 
 # --- running --------------------------------------------------------------------------------------
@@ -112,19 +158,20 @@ def run_demo(directory: Path, sections: list[DemoSection] | None = None) -> int:
     for stale in (database, database.with_name(database.name + ".wal")):
         stale.unlink(missing_ok=True)  # a demo starts from scratch
     sources: dict[str, Any] = {}
-    for section in sections:
-        folder = work / section.name
-        shutil.rmtree(folder, ignore_errors=True)
-        console.print(f"[bold]{section.name}[/]: writing sample data to {folder.relative_to(directory)}/")
-        sources.update(section.prepare(folder))
-    raw: dict[str, Any] = {"sources": sources, "destinations": {"demo": {"type": "duckdb", "path": str(database)}},
-           "stage": str(directory / ".floe" / "stage")}
-    config_path = work / "floe.yml"
-    config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    config = parse_config(raw, config_path)
-    config.stage = Path(raw["stage"])
-
-    with _serving(sections, work):
+    with contextlib.ExitStack() as running:
+        for section in sections:
+            folder = work / section.name
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            console.print(f"[bold]{section.name}[/]: preparing sample data ({folder.relative_to(directory)}/)")
+            sources.update(running.enter_context(section.sources(folder)))
+        raw: dict[str, Any] = {"sources": sources,
+                               "destinations": {"demo": {"type": "duckdb", "path": str(database)}},
+                               "stage": str(directory / ".floe" / "stage")}
+        config_path = work / "floe.yml"
+        config_path.write_text(yaml.safe_dump(_without_secrets(raw), sort_keys=False))
+        config = parse_config(raw, config_path)
+        config.stage = Path(raw["stage"])
         results = runner.run(config, progress=Progress())
     from floe.cli import print_summary
 
@@ -139,13 +186,14 @@ def run_demo(directory: Path, sections: list[DemoSection] | None = None) -> int:
     return 1 if failed else 0
 
 
-@contextlib.contextmanager
-def _serving(sections: list[DemoSection], work: Path) -> Iterator[None]:
-    with contextlib.ExitStack() as stack:
-        for section in sections:
-            if section.serve:
-                stack.enter_context(section.serve(work / section.name))
-        yield
+def _without_secrets(raw: dict[str, Any]) -> dict[str, Any]:
+    """The config as written for the reader: emulator credentials shown as `${ENV}` references."""
+    secret_keys = ("auth_token", "api_key", "salt", "password", "integration_key")
+    sources = {
+        name: {k: (f"${{{name.upper()}_{k.upper()}}}" if k in secret_keys else v) for k, v in entry.items()}
+        for name, entry in raw["sources"].items()
+    }
+    return {**raw, "sources": sources}
 
 
 def print_counts(conn: duckdb.DuckDBPyConnection, schemas: list[str]) -> None:
