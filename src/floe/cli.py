@@ -28,7 +28,8 @@ state_app = typer.Typer(help="Inspect stream state.", no_args_is_help=True)
 app.add_typer(state_app, name="state")
 
 ConfigOption = Annotated[Path | None, typer.Option("-c", "--config", help="Config file (default: floe.yml).")]
-console = Console(stderr=False)
+# Off a terminal (cron, CI, pipes) rich would squeeze tables to 80 columns and cut names.
+console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)
 
 
 def fail(message: str, code: int = 1) -> None:

@@ -21,7 +21,7 @@ from floe.sources import registry as source_registry
 
 
 def context_for(config: FloeConfig, options: RunOptions | None = None) -> Context:
-    base = config.path.parent if config.path else Context().base_dir
+    base = config.path.parent.resolve() if config.path else Context().base_dir
     return Context(base_dir=base, options=options or RunOptions())
 
 
