@@ -84,6 +84,8 @@ def main() -> None:
     parser.add_argument("--skip-dlt", action="store_true")
     parser.add_argument("--emulator-rate", action="store_true", help="also time the emulator alone (raw page reads)")
     parser.add_argument("--duckdb-memory", default="128MB", help="DuckDB memory_limit of the floe destination")
+    parser.add_argument("--profile", type=Path,
+                        help="sample the floe run with py-spy into this file (collapsed stacks; CPU and RSS include py-spy)")
     args = parser.parse_args()
 
     from floe.sandbox.server import serve_in_process
@@ -117,7 +119,9 @@ def main() -> None:
             print(json.dumps(report_emulator), flush=True)
         print("floe run ...", flush=True)
         load_before = os.getloadavg()[0]
-        floe = measured([str(FLOE), "run", "-c", str(work / "floe.yml")], work)
+        prefix = (["py-spy", "record", "--format", "raw", "--threads", "--native", "-o", str(args.profile.resolve()),
+                   "--"] if args.profile else [])
+        floe = measured([*prefix, str(FLOE), "run", "-c", str(work / "floe.yml")], work)
         with duckdb.connect(str(work / "floe.duckdb"), read_only=True) as conn:
             floe_rows = conn.execute("SELECT count(*), count(DISTINCT sid) FROM twilio.calls").fetchone()
         assert floe_rows == (args.records, args.records), floe_rows
