@@ -33,7 +33,7 @@ def run_floe(config: Path, profile: Path | None = None) -> tuple[float, float, f
     """Wall seconds, CPU seconds and peak RSS (MB) of one `floe run` child process (the only child
     this process waits for: the emulator is a multiprocessing child, reaped only at exit).
     With `profile`, py-spy samples the run into that file (collapsed stacks; CPU and RSS then include py-spy)."""
-    prefix = ["py-spy", "record", "--format", "raw", "--threads", "--native", "-o", str(profile), "--"] if profile else []
+    prefix = ["py-spy", "record", "--format", "raw", "-o", str(profile), "--"] if profile else []
     started = time.monotonic()
     subprocess.run([*prefix, sys.executable, "-c", "from floe.cli import main; main()", "run", "-c", str(config)], check=True,
                    stdout=subprocess.DEVNULL, cwd=config.parent)

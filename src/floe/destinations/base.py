@@ -74,6 +74,9 @@ class Destination(ABC):
     # Checkpoints that arrive sooner than this many seconds after the previous commit are folded
     # into the next commit (the later checkpoint supersedes the earlier). 0: commit every checkpoint.
     commit_interval: float = 0.0
+    # Parquet codec of the stage files this destination loads ("zstd", "lz4", "snappy", "none"):
+    # small files for a remote stage, cheap CPU for a local one read at once.
+    stage_compression: str = "zstd"
 
     def __init__(self, name: str, config: Any, context: Context | None = None) -> None:
         self.name = name

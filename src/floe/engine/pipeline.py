@@ -82,7 +82,7 @@ async def run_stream(
     result = StreamResult(source.name, stream.name, destination.name)
     started = time.monotonic()
     queue: asyncio.Queue[_Commit | None] = asyncio.Queue(maxsize=1)
-    writer = StageWriter(stage, source.name, stream.name, new_load_id())
+    writer = StageWriter(stage, source.name, stream.name, new_load_id(), compression=destination.stage_compression)
     started_at = datetime.now(UTC)
     attempting: LoadJob | None = None  # the commit in flight, named in _floe_loads if it fails
 

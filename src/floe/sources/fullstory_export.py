@@ -16,9 +16,9 @@ from pathlib import Path
 
 import orjson
 import pyarrow as pa
-from isal import isal_zlib
 import pyarrow.compute as pc
 import pyarrow.json as pj
+from isal import isal_zlib
 
 from floe.errors import SourceError
 
@@ -145,17 +145,15 @@ class ExportReader:
             yield self.convert(self.parse(chunk))
 
     def parse(self, chunk: bytes) -> pa.Table:
-        """Parse in 1 MB blocks on pyarrow's threads; if blocks disagree on the type of a field no
-        column is declared for (e.g. a custom var that is an int in one block and a float in the
-        next), parse the chunk again as one block."""
+        """Parse the chunk as one block on this thread: the other core is loading the previous
+        window, and one block needs no reconciling of types or concatenating of chunks (about
+        20% less CPU than 1 MB blocks on pyarrow's threads)."""
         options = pj.ParseOptions(explicit_schema=self.parse_schema, unexpected_field_behavior="infer")
-        for block in (1 << 20, len(chunk) + 1):
-            try:
-                return pj.read_json(io.BytesIO(chunk), read_options=pj.ReadOptions(block_size=block),
-                                    parse_options=options, memory_pool=POOL)
-            except (pa.ArrowInvalid, pa.ArrowTypeError):
-                pass
-        return self.parse_rows(chunk)
+        try:
+            return pj.read_json(io.BytesIO(chunk), read_options=pj.ReadOptions(block_size=len(chunk) + 1,
+                                use_threads=False), parse_options=options, memory_pool=POOL)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            return self.parse_rows(chunk)
 
     def parse_rows(self, chunk: bytes) -> pa.Table:
         """The slow path, one event at a time with orjson: for chunks pyarrow cannot type (e.g. a
