@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--format", default="FORMAT_NDJSON")
     parser.add_argument("--load-every", default="window", choices=["window", "day"])
     parser.add_argument("--memory-limit", default="128MB", help="DuckDB's memory_limit")
+    parser.add_argument("--threads", type=int, default=2, help="DuckDB's threads")
     parser.add_argument("--profile", type=Path, help="sample the floe run with py-spy into this file")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "floe-fullstory-bench")
     args = parser.parse_args()
@@ -86,7 +87,7 @@ def main() -> None:
                                    "export_duration": args.duration, "format": args.format,
                                    "load_every": args.load_every}},
                 "destinations": {"w": {"type": "duckdb", "path": str(db), "memory_limit": args.memory_limit,
-                                         "threads": 2}},
+                                         "threads": args.threads}},
                 "stage": str(args.work / "stage"),
             }))
             return path
@@ -102,7 +103,7 @@ def main() -> None:
         print(json.dumps({"events": rows, "seconds": round(seconds, 2), "events_per_s": round(rows / seconds),
                           "cpu_seconds": round(cpu, 1),
                           "peak_rss_mb": round(peak), "gzip_mb": round(size / 1e6), "duration": args.duration, "load_every": args.load_every,
-                          "format": args.format}))
+                          "format": args.format, "duckdb_threads": args.threads}))
     finally:
         server.stop()
 

@@ -240,6 +240,32 @@ def test_export_files_parse_the_same_in_every_layout_and_chunking(tmp_path: Path
         {"evt_x.y_real": e["evt_x.y_real"], "page_tags": e["page_tags"]} for e in EVENTS]
 
 
+def test_known_fields_first_met_in_a_later_chunk_keep_their_declared_types(tmp_path: Path) -> None:
+    """The reader declares to the JSON parser only known fields it has met; one that shows up late,
+    in a form inference would mistype (a whole-number float, a timestamp, a small int), still gets
+    its declared type, in this file and in the next one read by the same reader."""
+    from floe.sources.fullstory_export import ExportReader
+
+    early = [{"IndvId": i, "EventType": "click"} for i in range(50)]
+    late = [{"IndvId": 50 + i, "EventCumulativeLayoutShift": 1, "UserCreated": "2024-01-01T00:00:00Z",
+             "PageNumEvents": 7, "custom_int": 3} for i in range(3)]
+    path = tmp_path / "export.gz"
+    # One gzip member per event: the reader inflates member by member, so chunks stay small.
+    path.write_bytes(b"".join(gzip.compress(orjson.dumps(e) + b"\n") for e in early + late))
+    schema = FullStorySource("fs", FullStoryConfig(api_key="k")).streams()[0].schema
+    reader = ExportReader(schema, "FORMAT_NDJSON", chunk_bytes=256)
+    for _ in range(2):
+        batches = list(reader.batches(path))
+        assert len(batches) > 2 and all(b.schema.equals(schema) for b in batches)
+        rows = [r for b in batches for r in b.to_pylist()]
+        assert [r["IndvId"] for r in rows] == list(range(53))
+        last = rows[-1]
+        assert last["EventCumulativeLayoutShift"] == 1.0 and isinstance(last["EventCumulativeLayoutShift"], float)
+        assert last["UserCreated"] == datetime(2024, 1, 1, tzinfo=UTC) and last["PageNumEvents"] == 7
+        assert orjson.loads(last["CustomVars"]) == {"custom_int": 3}
+        assert rows[0]["UserCreated"] is None and orjson.loads(rows[0]["CustomVars"]) == {}
+
+
 @pytest.mark.parametrize(("fmt", "body"), [
     ("FORMAT_JSON", b'[{"IndvId": 1},\n{"IndvId": 2}'),
     ("FORMAT_JSON", b'[{"IndvId": 1},{"IndvId": 2, "EventType": "cl'),

@@ -156,6 +156,8 @@ class EventsStream(Stream):
         self.config: FullStoryConfig = source.config
         fields = BASE_FIELDS + (MOBILE_FIELDS if self.config.include_mobile_fields else [])
         self.schema = pa.schema([pa.field(n, t) for n, t in fields] + [json_field(CUSTOM_VARS)])
+        # One reader for every window: it learns which known fields the events carry.
+        self.reader = ExportReader(self.schema, self.config.format)
 
     # --- windows -------------------------------------------------------------------------
     def sync_point(self, state: State | None) -> datetime:
@@ -233,7 +235,7 @@ class EventsStream(Stream):
 
     async def _parse(self, path: Path) -> AsyncIterator[pa.RecordBatch]:
         """Parse in a worker thread, at most two batches ahead of the consumer."""
-        reader = ExportReader(self.schema, self.config.format)
+        reader = self.reader
         out: queue.Queue[Any] = queue.Queue(maxsize=2)
         stop = threading.Event()
 

@@ -52,6 +52,9 @@ class ExportReader:
         self.chunk_bytes = chunk_bytes
         self._by_line = True
         self.parse_schema = pa.schema([pa.field(f.name, _parse_type(f.type)) for f in self.known])
+        # Known fields seen in the events so far: only these are declared to the JSON reader, since
+        # each declared field that never occurs costs time on every row (~0.5 µs/event for hauser's 58).
+        self._declared: set[str] = set()
 
     # --- bytes -> event chunks ------------------------------------------------------------
     def _inflate(self, path: Path) -> Iterator[bytes]:
@@ -148,12 +151,21 @@ class ExportReader:
         """Parse the chunk as one block on this thread: the other core is loading the previous
         window, and one block needs no reconciling of types or concatenating of chunks (about
         20% less CPU than 1 MB blocks on pyarrow's threads)."""
-        options = pj.ParseOptions(explicit_schema=self.parse_schema, unexpected_field_behavior="infer")
-        try:
-            return pj.read_json(io.BytesIO(chunk), read_options=pj.ReadOptions(block_size=len(chunk) + 1,
-                                use_threads=False), parse_options=options, memory_pool=POOL)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            return self.parse_rows(chunk)
+        while True:
+            declared = pa.schema([f for f in self.parse_schema if f.name in self._declared])
+            options = pj.ParseOptions(explicit_schema=declared, unexpected_field_behavior="infer")
+            try:
+                table = pj.read_json(io.BytesIO(chunk), read_options=pj.ReadOptions(
+                    block_size=len(chunk) + 1, use_threads=False), parse_options=options, memory_pool=POOL)
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                table = None
+            # A known field met for the first time was typed by inference: declare it and parse again,
+            # so that known columns always get their declared type (exact int64, timestamps).
+            new = {f.name for f in self.known if f.name not in self._declared} & set(
+                table.column_names if table is not None else self.known_names)
+            if not new:
+                return table if table is not None else self.parse_rows(chunk)
+            self._declared |= new
 
     def parse_rows(self, chunk: bytes) -> pa.Table:
         """The slow path, one event at a time with orjson: for chunks pyarrow cannot type (e.g. a
@@ -224,5 +236,8 @@ def custom_vars(table: pa.Table, names: list[str]) -> pa.Array:
         fragments.append(pc.binary_join_element_wise(key, _json_values(col), ""))
     if not fragments:
         return pa.array(["{}"] * n, pa.string())
-    body = pc.binary_join_element_wise(*fragments, ",", null_handling="skip")
+    if len(fragments) == 1:  # pyarrow 26 drops rows when joining a single array with null_handling="skip"
+        body = pc.fill_null(fragments[0], "")
+    else:
+        body = pc.binary_join_element_wise(*fragments, ",", null_handling="skip")
     return pc.binary_join_element_wise("{", body, "}", "")
