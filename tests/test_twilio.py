@@ -254,3 +254,39 @@ def test_account_sid_is_validated(value: str) -> None:
     with pytest.raises(ConfigError, match="sources.tw.account_sid"):
         parse_config({"sources": {"tw": {"type": "twilio", "account_sid": value, "auth_token": "secret-token",
                                          "start_date": "2026-01-01"}}})
+
+
+DATES = ["Fri, 18 Oct 2019 17:00:00 +0000", "Thu, 29 Feb 2024 23:59:59 -0530", "Mon, 01 Jan 1900 00:00:00 +1400",
+         "Sat, 31 Dec 2050 12:34:56 +0000", None]
+
+
+@pytest.mark.parametrize("extra", [[], ["Fri, 8 Oct 2019 17:00:00 +0000"], ["Tue, 18 Oct 2019 17:00:00 GMT"]],
+                         ids=["fixed-layout", "one-digit-day", "named-zone"])
+def test_rfc2822_dates_parse_like_the_email_module(extra: list[str]) -> None:
+    """The fast fixed-layout decoder and strptime (any other layout) agree with email.utils, nulls stay null."""
+    import pyarrow as pa
+
+    from floe.sources.twilio import parse_rfc2822
+
+    values = DATES + extra
+    if extra == ["Tue, 18 Oct 2019 17:00:00 GMT"]:  # strptime's %z does not read zone names: a clear error
+        from floe.errors import SourceError
+
+        with pytest.raises(SourceError, match="Twilio field date_created: unexpected date format"):
+            parse_rfc2822(pa.array(values), "date_created")
+        return
+    got = parse_rfc2822(pa.array(values).slice(0), "date_created").to_pylist()
+    assert got == [ts(v) for v in values]
+    assert parse_rfc2822(pa.array(values).slice(1, 2), "x").to_pylist() == [ts(v) for v in values[1:3]]
+
+
+@pytest.mark.parametrize("bad", ["Fri, 18 Oct 2019 24:00:00 +0000", "Fri, 18 Oct 2019 17:60:00 +0000",
+                                 "Fri, 18 Okt 2019 17:00:00 +0000", "Xyz, 18 Oct 2019 17:00:00 +0000"])
+def test_impossible_rfc2822_dates_are_errors_not_wrong_timestamps(bad: str) -> None:
+    import pyarrow as pa
+
+    from floe.errors import SourceError
+    from floe.sources.twilio import parse_rfc2822
+
+    with pytest.raises(SourceError, match="Twilio field start_time"):
+        parse_rfc2822(pa.array([DATES[0], bad]), "start_time")
