@@ -7,8 +7,9 @@ duplicates. The range is split into date windows (`window_days`) fetched concurr
 are committed oldest first and the bookmark only advances past a window once it and every
 earlier window are loaded. The last window is open-ended, so nothing newer than today is missed.
 
-Pages are parsed straight into Arrow (the JSON reader, no per-row Python); timestamps arrive in
-RFC 2822 and are parsed vectorised. Nulls stay null. Message bodies are dropped unless
+Pages are parsed with orjson and transposed into Arrow columns in C (no per-row Python code);
+joined pages are converted together (timestamps arrive in RFC 2822 and are decoded vectorised
+from the string buffer). Nulls stay null. Message bodies are dropped unless
 `include_message_body: true`; `body_length` is always kept.
 """
 
@@ -39,7 +40,7 @@ log = logging.getLogger("floe.sources.twilio")
 STREAMS = ("calls", "messages", "recordings", "incoming_phone_numbers", "pricing_phone_numbers")
 RFC2822 = "%a, %d %b %Y %H:%M:%S %z"
 TS = pa.timestamp("us", tz="UTC")
-BATCH_ROWS = 20_000  # pages are joined into batches this big: far fewer, larger Parquet row groups
+BATCH_ROWS = 10_000  # pages are joined and converted in batches this big (20k: same CPU, ~35 MB more peak RSS)
 S, I64, B = pa.string(), pa.int64(), pa.bool_()
 
 
