@@ -240,6 +240,18 @@ def test_export_files_parse_the_same_in_every_layout_and_chunking(tmp_path: Path
         {"evt_x.y_real": e["evt_x.y_real"], "page_tags": e["page_tags"]} for e in EVENTS]
 
 
+@pytest.mark.parametrize("body", [b'{"IndvId": 1}\n', gzip.compress(b'{"IndvId": 1}\n')[:10] + b"\xff" * 40])
+def test_a_file_that_is_not_gzip_is_an_error(tmp_path: Path, body: bytes) -> None:
+    from floe.errors import SourceError
+    from floe.sources.fullstory_export import ExportReader
+
+    path = tmp_path / "export.gz"
+    path.write_bytes(body)
+    reader_schema = FullStorySource("fs", FullStoryConfig(api_key="k")).streams()[0].schema
+    with pytest.raises(SourceError, match="not valid gzip"):
+        list(ExportReader(reader_schema, "FORMAT_NDJSON").batches(path))
+
+
 def test_known_fields_first_met_in_a_later_chunk_keep_their_declared_types(tmp_path: Path) -> None:
     """The reader declares to the JSON parser only known fields it has met; one that shows up late,
     in a form inference would mistype (a whole-number float, a timestamp, a small int), still gets

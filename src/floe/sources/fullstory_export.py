@@ -70,7 +70,7 @@ class ExportReader:
                         inflater, ended = isal_zlib.decompressobj(wbits=47), False
                     try:
                         out = inflater.decompress(block)
-                    except (zlib.error, isal_zlib.error) as exc:
+                    except (zlib.error, isal_zlib.error) as exc:  # type: ignore[misc]  # isal stubs: error is IsalError
                         raise SourceError(f"export file is not valid gzip ({exc})") from None
                     if out:
                         yield out
@@ -79,16 +79,20 @@ class ExportReader:
             raise SourceError("export file is truncated (the gzip stream ends early)")
 
     def _ndjson_chunks(self, path: Path) -> Iterator[bytes]:
-        pending = bytearray()
+        """Whole lines, about `chunk_bytes` at a time; pieces are joined once (no growing buffer)."""
+        pieces: list[bytes] = []
+        size = 0
         for piece in self._inflate(path):
-            pending += piece
-            if len(pending) >= self.chunk_bytes:
-                cut = pending.rfind(b"\n") + 1
-                if cut:
-                    yield bytes(pending[:cut])
-                    del pending[:cut]
-        if pending.strip():
-            yield bytes(pending) + b"\n"
+            pieces.append(piece)
+            size += len(piece)
+            if size >= self.chunk_bytes and (cut := piece.rfind(b"\n") + 1):
+                pieces[-1] = piece[:cut]
+                yield b"".join(pieces)
+                rest = piece[cut:]
+                pieces, size = ([rest] if rest else []), len(rest)
+        tail = b"".join(pieces)
+        if tail.strip():
+            yield tail + b"\n"
 
     def _array_chunks(self, path: Path) -> Iterator[bytes]:
         """FORMAT_JSON: cut the array into whole elements and hand them on one per line.
