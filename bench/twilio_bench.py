@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -153,6 +154,7 @@ def main() -> None:
         print("targets (>= 100,000 records/s, <= 400 MB):", "met" if ok else "NOT met")
     finally:
         server.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
