@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--load-every", default="window", choices=["window", "day"])
     parser.add_argument("--memory-limit", default="128MB", help="DuckDB's memory_limit")
     parser.add_argument("--threads", type=int, default=2, help="DuckDB's threads")
+    parser.add_argument("--checkpoint-threshold", help="DuckDB's checkpoint_threshold (default: floe's)")
     parser.add_argument("--profile", type=Path, help="sample the floe run with py-spy into this file")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "floe-fullstory-bench")
     args = parser.parse_args()
@@ -87,7 +88,9 @@ def main() -> None:
                                    "export_duration": args.duration, "format": args.format,
                                    "load_every": args.load_every}},
                 "destinations": {"w": {"type": "duckdb", "path": str(db), "memory_limit": args.memory_limit,
-                                         "threads": args.threads}},
+                                         "threads": args.threads,
+                                         **({"checkpoint_threshold": args.checkpoint_threshold}
+                                            if args.checkpoint_threshold else {})}},
                 "stage": str(args.work / "stage"),
             }))
             return path
