@@ -119,7 +119,9 @@ class SqlDestination(Destination):
         elif spec.disposition == "merge":
             if not spec.primary_key:
                 raise DestinationError(f"{spec.schema_name}.{spec.table}: merge needs a primary key")
-            source_rows = f"({self.deduplicated(spec, staging, order)})"
+            # De-duplicate once into a temp table that both the DELETE and the INSERT read.
+            source_rows = f"{staging}_latest"
+            statements.append(f"CREATE TEMP TABLE {source_rows} AS {self.deduplicated(spec, staging, order)}")
             keys = spec.parent_key or spec.primary_key
             match = " AND ".join(
                 self.null_safe_equals.format(a=f"{target}.{self.quote(k)}", b=f"s.{self.quote(k)}")
@@ -127,7 +129,7 @@ class SqlDestination(Destination):
             )
             deleted = source_rows
             if spec.parent_key:  # every row of a re-sent parent goes, not only the keys staged again
-                deleted = f"(SELECT DISTINCT {', '.join(self.quote(k) for k in keys)} FROM {staging})"
+                deleted = f"(SELECT DISTINCT {', '.join(self.quote(k) for k in keys)} FROM {source_rows})"
             statements.append(f"DELETE FROM {target} USING {deleted} AS s WHERE {match}")
         prefix = f"{names}, " if names else ""
         values = f"{select_cols}, " if select_cols else ""
@@ -135,6 +137,8 @@ class SqlDestination(Destination):
             f"INSERT INTO {target} ({prefix}_floe_load_id, _floe_loaded_at) "
             f"SELECT {values}{stamp} FROM {source_rows} AS s"
         )
+        if source_rows != staging:
+            statements.append(f"DROP TABLE {source_rows}")
         return statements
 
     def views_sql(self, spec: TableSpec) -> list[str]:
