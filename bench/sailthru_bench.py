@@ -29,7 +29,7 @@ EXTRA = os.environ.get("BENCH_DUCKDB_EXTRA", "")
 
 
 def prepare(size: int, files: int) -> tuple[Path, int]:
-    data = ROOT / "out" / f"sailthru-{size}"
+    data = ROOT / "out" / f"sailthru-{size}-{files}files"
     marker = data / "ROWS"
     if not marker.exists():
         shutil.rmtree(data, ignore_errors=True)
