@@ -108,7 +108,7 @@ _RAW = {"str": S, "ts": S, "int": S, "i64": I64, "bool": B,
 
 def _name_keys(names: Sequence[str]) -> np.ndarray:
     """Three-letter names as integers (one per name), to compare with bytes read from a buffer."""
-    return np.array([(ord(a) << 16) | (ord(b) << 8) | ord(c) for a, b, c in names], np.int64)
+    return np.array([(ord(n[0]) << 16) | (ord(n[1]) << 8) | ord(n[2]) for n in names], np.int64)
 
 
 def meta_fields() -> list[pa.Field]:
