@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from floe.destinations.duckdb import DuckDBDestination
@@ -136,3 +137,13 @@ def test_a_value_that_does_not_fit_the_table_rolls_back_everything(duckdb_destin
     assert not result.ok and "src.items" in (result.error or "")
     assert table(duckdb_destination) == [(1, "a")]
     assert duckdb_destination.get_state("src", "items") == {"n": 1}
+
+
+def test_files_left_in_the_stage_by_a_killed_run_are_removed_and_never_loaded(duckdb_destination, tmp_path):
+    stage = tmp_path / "stage"
+    orphan = stage / "src" / "items" / "2026" / "11" / "24" / "20261124T000000Z-dead00-00001.parquet"
+    orphan.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"id": [99], "v": ["never committed"]}), orphan)
+    load(duckdb_destination, ListStream([Batch(rows([1], ["a"]), checkpoint={})]), stage)
+    assert not orphan.exists()
+    assert table(duckdb_destination) == [(1, "a")]

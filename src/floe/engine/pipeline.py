@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from floe.destinations.base import Destination, LoadJob, TableSpec
 from floe.engine.progress import Progress
-from floe.engine.stage import StagedFile, StageWriter, new_load_id, remove_files
+from floe.engine.stage import StagedFile, StageWriter, new_load_id, remove_files, remove_leftovers
 from floe.engine.stream import Source, State, Stream
 from floe.errors import FloeError
 from floe.secrets import redact
@@ -141,6 +141,9 @@ async def run_stream(
             if on_commit:
                 on_commit(job)
 
+    if leftovers := remove_leftovers(stage, source.name, stream.name):
+        log.info("event=stage_cleaned source=%s stream=%s files=%d reason=left_by_an_interrupted_run",
+                 source.name, stream.name, leftovers)
     try:
         state = await asyncio.to_thread(destination.get_state, source.name, stream.name)
         if source.context.options.full_refresh:

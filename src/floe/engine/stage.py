@@ -89,3 +89,16 @@ class StageWriter:
 def remove_files(files: list[StagedFile]) -> None:
     for staged in files:
         staged.path.unlink(missing_ok=True)
+
+
+def remove_leftovers(stage: Path, source: str, stream: str) -> int:
+    """Delete staged files a killed run left behind for this stream; return how many.
+
+    Staged files live only until their commit, so any file present before a stream starts
+    belongs to a run that died (SIGKILL, power loss) and was never committed. One stream must
+    not be run by two processes at once (their state would race anyway)."""
+    removed = 0
+    for path in (stage / source / stream).glob("*/*/*/*.parquet"):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
