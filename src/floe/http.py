@@ -201,12 +201,16 @@ class HttpClient:
                     finally:
                         self.metrics.seconds += time.monotonic() - started
             except _Retry as retry:
-                if attempt >= self.max_retries:
-                    raise self._fail(f"{retry.reason} (gave up after {attempt + 1} attempts)", retry.status,
-                                     retry.url) from None
-                self.metrics.retries += 1
-                await asyncio.sleep(self.backoff(attempt, retry.wait))
+                await self._back_off_or_fail(attempt, retry)
                 attempt += 1
+
+    async def _back_off_or_fail(self, attempt: int, retry: _Retry) -> None:
+        """Sleep before the next attempt, or raise the final ApiError once `max_retries` are spent."""
+        if attempt >= self.max_retries:
+            raise self._fail(f"{retry.reason} (gave up after {attempt + 1} attempts)", retry.status,
+                             retry.url) from None
+        self.metrics.retries += 1
+        await asyncio.sleep(self.backoff(attempt, retry.wait))
 
     async def get_json(self, url: str, **kwargs: Any) -> Any:
         """GET and decode JSON. A body that is not valid JSON (e.g. truncated) is retried too."""
@@ -255,11 +259,7 @@ class HttpClient:
                         await response.aclose()
                         self.metrics.seconds += time.monotonic() - started
             except _Retry as retry:
-                if attempt >= self.max_retries:
-                    raise self._fail(f"{retry.reason} (gave up after {attempt + 1} attempts)", retry.status,
-                                     retry.url) from None
-                self.metrics.retries += 1
-                await asyncio.sleep(self.backoff(attempt, retry.wait))
+                await self._back_off_or_fail(attempt, retry)
                 attempt += 1
 
     async def aclose(self) -> None:
