@@ -78,7 +78,9 @@ def run(
     print_summary(results)
     failed = [r for r in results if not r.ok]
     if failed:
-        fail(f"{len(failed)} of {len(results)} streams failed")
+        reasons = list(dict.fromkeys(r.error or "" for r in failed))  # distinct, in order
+        first = f": {reasons[0]}" + (f" (and {len(reasons) - 1} other errors above)" if len(reasons) > 1 else "")
+        fail(f"{len(failed)} of {len(results)} streams failed{first}")
     if cfg.syncs and not source and not stream:
         from floe.syncs import run_syncs_cli
 
