@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
 
+import orjson
 import pyarrow as pa
 
 from floe.config import DestinationConfig
 from floe.engine.stage import StagedFile
 from floe.engine.stream import Context, Disposition, State
 
+SEQ = "_floe_seq"  # arrival order of staged rows: a later row wins a merge
 META_JSON = b"floe.json"  # field metadata key: the column holds a JSON document (jsonb, SUPER, JSON)
 
 
@@ -104,3 +106,51 @@ class Destination(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the connection."""
+
+
+def staged_column(batch: pa.RecordBatch, target: pa.Field, first_seq: int) -> tuple[pa.Array, pa.Field | None]:
+    """The column of `batch` that feeds `target` in a staged part file, before the warehouse's own casts.
+
+    `SEQ` becomes the arrival order starting at `first_seq`; a column the batch lacks becomes NULLs;
+    nested values (lists, structs, maps) become JSON text. Returns the column and the batch's own field
+    (None when the column was made up here)."""
+    if target.name == SEQ:
+        return pa.array(range(first_seq, first_seq + batch.num_rows), pa.int64()), None
+    idx = batch.schema.get_field_index(target.name)
+    if idx < 0:
+        return pa.nulls(batch.num_rows, target.type), None
+    column, source = batch.column(idx), batch.schema.field(idx)
+    if arrow_type_key(source.type) == "nested":
+        column = nested_as_json(column)
+    return column, source
+
+
+def nested_as_json(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Lists, structs and maps as JSON text (NULL stays NULL): what warehouses load into JSON columns."""
+    return pa.array([None if v is None else orjson.dumps(v, default=str).decode() for v in column.to_pylist()],
+                    pa.string())
+
+
+def arrow_type_key(t: pa.DataType) -> str:
+    """A stable name for an Arrow type, used as the key of every warehouse's type map."""
+    if pa.types.is_timestamp(t):
+        return "timestamp_tz" if t.tz else "timestamp"
+    if pa.types.is_date(t):
+        return "date"
+    if pa.types.is_boolean(t):
+        return "bool"
+    if pa.types.is_integer(t):
+        return "int64" if t.bit_width == 64 or pa.types.is_unsigned_integer(t) else "int32"
+    if pa.types.is_floating(t):
+        return "float64"
+    if pa.types.is_decimal(t):
+        return "decimal"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "string"
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return "binary"
+    if pa.types.is_time(t):
+        return "time"
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_struct(t) or pa.types.is_map(t):
+        return "nested"
+    return "string"

@@ -31,13 +31,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
-import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import field_validator
 
 from floe.config import DestinationConfig
-from floe.destinations.base import Destination, LoadJob, TableSpec, is_json
+from floe.destinations.base import SEQ, Destination, LoadJob, TableSpec, is_json, staged_column
 from floe.destinations.objectstore import GCSStore, StoreUrl
 from floe.destinations.sql import LOADS_TABLE, STATE_TABLE, arrow_type_key
 from floe.engine.stream import State
@@ -46,7 +45,6 @@ from floe.secrets import redact
 
 log = logging.getLogger("floe.bigquery")
 
-SEQ = "_floe_seq"
 API = "https://bigquery.googleapis.com"
 SCOPES = ["https://www.googleapis.com/auth/bigquery", "https://www.googleapis.com/auth/devstorage.read_write"]
 
@@ -393,17 +391,7 @@ class BigQueryDestination(Destination):
             for batch in pq.ParquetFile(staged.path).iter_batches(batch_size=65_536):
                 arrays = []
                 for f in schema:
-                    if f.name == SEQ:
-                        arrays.append(pa.array(range(seq, seq + batch.num_rows), pa.int64()))
-                        continue
-                    idx = batch.schema.get_field_index(f.name)
-                    if idx < 0:
-                        arrays.append(pa.nulls(batch.num_rows, f.type))
-                        continue
-                    column = batch.column(idx)
-                    if arrow_type_key(column.type) == "nested":
-                        column = pa.array([None if v is None else orjson.dumps(v, default=str).decode()
-                                           for v in column.to_pylist()], pa.string())
+                    column, _ = staged_column(batch, f, seq)
                     arrays.append(column if column.type == f.type else column.cast(f.type))
                 table = pa.Table.from_arrays(arrays, schema=schema)
                 seq += batch.num_rows

@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -33,13 +32,12 @@ from psycopg.copy import QueuedLibpqWriter
 
 from floe.config import DestinationConfig
 from floe.destinations import pgbinary
-from floe.destinations.base import LoadJob, TableSpec, is_json
+from floe.destinations.base import SEQ, LoadJob, TableSpec, is_json, nested_as_json
 from floe.destinations.sql import SqlDestination, arrow_type_key
 from floe.errors import DestinationError
 from floe.pgconn import PostgresConnection, connect_postgres, describe, read_batches
 
 COPY_BATCH_ROWS = 65_536
-SEQ = "_floe_seq"  # arrival order of staged rows: a later row wins a merge
 NEW = "_floe_new"  # alias of the incoming rows (a table may well be called `s`)
 
 
@@ -63,10 +61,7 @@ def csv_ready(batch: pa.RecordBatch | pa.Table) -> pa.Table:
         if pa.types.is_string(t) or pa.types.is_large_string(t):
             column = pc.replace_substring(column, "\x00", "")
         elif arrow_type_key(t) == "nested":
-            column = pa.array(
-                [None if v is None else orjson.dumps(v, default=str).decode() for v in column.to_pylist()],
-                pa.string(),
-            )
+            column = nested_as_json(column)
         elif pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
             column = pa.array([None if v is None else "\\x" + v.hex() for v in column.to_pylist()], pa.string())
         elif pa.types.is_float16(t):

@@ -27,14 +27,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from pydantic import SecretStr, field_validator, model_validator
 
-from floe.destinations.base import LoadJob, TableSpec, is_json
+from floe.destinations.base import SEQ, LoadJob, TableSpec, is_json, staged_column
 from floe.destinations.objectstore import S3Store, StoreUrl
 from floe.destinations.postgres import NEW, PostgresConfig, PostgresDestination
 from floe.destinations.sql import SqlDestination, arrow_type_key
@@ -42,7 +41,6 @@ from floe.errors import DestinationError
 from floe.pgconn import SslMode
 
 VARCHAR_MAX = 65535
-SEQ = "_floe_seq"
 
 
 class RedshiftConfig(PostgresConfig):
@@ -226,18 +224,11 @@ class RedshiftDestination(PostgresDestination):
         """The batch as exactly `schema`: missing columns NULL, JSON/nested as text, strings within limits."""
         arrays = []
         for f in schema:
-            if f.name == SEQ:
-                arrays.append(pa.array(range(first_seq, first_seq + batch.num_rows), pa.int64()))
+            column, source = staged_column(batch, f, first_seq)
+            if source is None:
+                arrays.append(column)
                 continue
-            idx = batch.schema.get_field_index(f.name)
-            if idx < 0:
-                arrays.append(pa.nulls(batch.num_rows, f.type))
-                continue
-            column, source = batch.column(idx), batch.schema.field(idx)
-            if arrow_type_key(source.type) == "nested":
-                column = pa.array([None if v is None else orjson.dumps(v, default=str).decode()
-                                   for v in column.to_pylist()], pa.string())
-            elif pa.types.is_binary(source.type) and f.type == pa.string():
+            if pa.types.is_binary(source.type) and f.type == pa.string():
                 column = pa.array([None if v is None else v.hex() for v in column.to_pylist()], pa.string())
             elif column.type != f.type:
                 column = column.cast(f.type)

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from floe.destinations.base import Destination, LoadJob, TableSpec, is_json
+from floe.destinations.base import Destination, LoadJob, TableSpec, arrow_type_key, is_json
 from floe.engine.stream import State
 from floe.errors import DestinationError
 from floe.secrets import redact
@@ -306,28 +306,3 @@ class SqlDestination(Destination):
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-
-
-def arrow_type_key(t: pa.DataType) -> str:
-    """A stable name for an Arrow type, used as the key of every warehouse's type map."""
-    if pa.types.is_timestamp(t):
-        return "timestamp_tz" if t.tz else "timestamp"
-    if pa.types.is_date(t):
-        return "date"
-    if pa.types.is_boolean(t):
-        return "bool"
-    if pa.types.is_integer(t):
-        return "int64" if t.bit_width == 64 or pa.types.is_unsigned_integer(t) else "int32"
-    if pa.types.is_floating(t):
-        return "float64"
-    if pa.types.is_decimal(t):
-        return "decimal"
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        return "string"
-    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
-        return "binary"
-    if pa.types.is_time(t):
-        return "time"
-    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_struct(t) or pa.types.is_map(t):
-        return "nested"
-    return "string"
