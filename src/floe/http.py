@@ -13,6 +13,7 @@ Contracts:
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,6 +27,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import httpx
 import orjson
 
+from floe.engine.stream import Source
 from floe.errors import SourceError
 from floe.secrets import redact
 
@@ -301,3 +303,30 @@ class PageGuard:
 
     def __len__(self) -> int:
         return len(self._seen)
+
+
+class ApiSource(Source):
+    """A source that talks to one API through one HttpClient, created on first use.
+
+    Subclasses say how to build it (`make_http`); `aclose` logs the client's metrics and closes it."""
+
+    _http: HttpClient | None = None
+
+    def make_http(self) -> HttpClient:
+        """The source's client: base URL, auth, headers, concurrency limit."""
+        return HttpClient(self.name)
+
+    @property
+    def http(self) -> HttpClient:
+        if self._http is None:
+            self._http = self.make_http()
+        return self._http
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            m = self._http.metrics
+            logging.getLogger("floe.http").info(
+                "event=http_metrics source=%s requests=%d retries=%d errors=%d seconds=%.1f by_status=%s",
+                self.name, m.requests, m.retries, m.errors, m.seconds, m.by_status)
+            await self._http.aclose()
+            self._http = None

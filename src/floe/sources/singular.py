@@ -26,9 +26,9 @@ import pyarrow as pa
 from pydantic import Field, SecretStr, field_validator
 
 from floe.config import SourceConfig
-from floe.engine.stream import Batch, Context, Source, State, Stream
+from floe.engine.stream import Batch, Context, State, Stream
 from floe.errors import SourceError
-from floe.http import HttpClient
+from floe.http import ApiSource, HttpClient
 
 DEFAULT_DIMENSIONS = ["app", "source", "os", "country_field", "adn_campaign_name"]
 DEFAULT_METRICS = ["adn_impressions", "adn_clicks", "adn_installs", "adn_cost", "custom_installs", "revenue"]
@@ -87,29 +87,21 @@ def number(value: Any) -> float | None:
         return None
 
 
-class SingularSource(Source):
+class SingularSource(ApiSource):
     Config: ClassVar[type[SingularConfig]] = SingularConfig
     config: SingularConfig
 
     def __init__(self, name: str, config: SingularConfig, context: Context | None = None) -> None:
         super().__init__(name, config, context)
         self.when_retrieved = datetime.now(UTC)
-        self._http: HttpClient | None = None
 
-    @property
-    def http(self) -> HttpClient:
-        if self._http is None:
-            self._http = HttpClient(self.name, max_concurrency=self.config.max_concurrency,
-                                    headers={"Accept": "application/json"})
-        return self._http
+    def make_http(self) -> HttpClient:
+        return HttpClient(self.name, max_concurrency=self.config.max_concurrency,
+                          headers={"Accept": "application/json"})
 
     def streams(self) -> list[Stream]:
         return [SingularReport(self)]
 
-    async def aclose(self) -> None:
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
 
 
 class SingularReport(Stream):

@@ -31,9 +31,9 @@ import pyarrow.compute as pc
 from pydantic import Field, SecretStr, field_validator
 
 from floe.config import SourceConfig
-from floe.engine.stream import Batch, Context, Source, State, Stream
+from floe.engine.stream import Batch, Context, State, Stream
 from floe.errors import SourceError
-from floe.http import HttpClient, PageGuard
+from floe.http import ApiSource, HttpClient, PageGuard
 
 log = logging.getLogger("floe.sources.twilio")
 
@@ -288,23 +288,19 @@ def _to_int(col: pa.Array, name: str) -> pa.Array:
             raise SourceError(f"Twilio field {name}: not a number ({exc})") from None
 
 
-class TwilioSource(Source):
+class TwilioSource(ApiSource):
     Config: ClassVar[type[TwilioConfig]] = TwilioConfig
     config: TwilioConfig
 
     def __init__(self, name: str, config: TwilioConfig, context: Context | None = None) -> None:
         super().__init__(name, config, context)
         self.when_retrieved = datetime.now(UTC)
-        self._http: HttpClient | None = None
 
-    @property
-    def http(self) -> HttpClient:
-        if self._http is None:
-            self._http = HttpClient(
-                self.name, auth=(self.config.account_sid, self.config.auth_token.get_secret_value()),
-                headers={"Accept": "application/json"}, max_concurrency=self.config.max_concurrency,
-            )
-        return self._http
+    def make_http(self) -> HttpClient:
+        return HttpClient(
+            self.name, auth=(self.config.account_sid, self.config.auth_token.get_secret_value()),
+            headers={"Accept": "application/json"}, max_concurrency=self.config.max_concurrency,
+        )
 
     @property
     def pricing_url(self) -> str:
@@ -325,14 +321,6 @@ class TwilioSource(Source):
             "pricing_phone_numbers": lambda: PricingPhoneNumbers(self),
         }
         return [make[name]() for name in STREAMS if name in self.config.streams]
-
-    async def aclose(self) -> None:
-        if self._http is not None:
-            m = self._http.metrics
-            log.info("event=http_metrics source=%s requests=%d retries=%d errors=%d seconds=%.1f by_status=%s",
-                     self.name, m.requests, m.retries, m.errors, m.seconds, m.by_status)
-            await self._http.aclose()
-            self._http = None
 
     def parser(self, key: str, spec: Spec) -> PageParser:
         return PageParser(key, spec, self.name, self.when_retrieved, self.config.include_message_body)
