@@ -70,6 +70,13 @@ class ObjectStore(ABC):
     @abstractmethod
     def delete_keys(self, keys: builtins.list[str]) -> None: ...
 
+    def probe_write_and_delete(self) -> str:
+        """Write and delete a small object under the prefix: proves the permissions a load needs."""
+        probe = self.url.key(".floe-check")
+        self.put_bytes(probe, b"ok")
+        self.delete_keys([probe])
+        return f"stage {self.url.uri(self.url.prefix)}: bucket reachable, write and delete allowed"
+
     @abstractmethod
     def check(self) -> str:
         """Reach the bucket and write + delete a probe object; return what was verified."""
@@ -183,10 +190,7 @@ class S3Store(ObjectStore):
             self.client.head_bucket(Bucket=self.url.bucket)
         except Exception as exc:
             raise self._error(exc, "read") from None
-        probe = self.url.key(".floe-check")
-        self.put_bytes(probe, b"ok")
-        self.delete_keys([probe])
-        return f"stage {self.url.uri(self.url.prefix)}: bucket reachable, write and delete allowed"
+        return self.probe_write_and_delete()
 
 
 # --- GCS ----------------------------------------------------------------------------------------
@@ -277,10 +281,7 @@ class GCSStore(ObjectStore):
             raise
         except Exception as exc:
             raise self._error(exc, "read") from None
-        probe = self.url.key(".floe-check")
-        self.put_bytes(probe, b"ok")
-        self.delete_keys([probe])
-        return f"stage {self.url.uri(self.url.prefix)}: bucket reachable, write and delete allowed"
+        return self.probe_write_and_delete()
 
 
 # --- local folder -------------------------------------------------------------------------------
