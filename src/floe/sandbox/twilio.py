@@ -400,6 +400,19 @@ def _json(document: Any) -> Response:
     return Response(orjson.dumps(document), media_type="application/json")
 
 
+def _paging(q: Any) -> tuple[int, int] | Response:
+    """(PageSize, Page) from a list request, or Twilio's 400 for values it refuses."""
+    try:
+        page_size, page = int(q.get("PageSize", "50")), int(q.get("Page", "0"))
+    except ValueError:
+        return _error(400, "PageSize and Page must be integers")
+    if not 1 <= page_size <= 1000:
+        return _error(400, "PageSize must be between 1 and 1000")
+    if page < 0:
+        return _error(400, "Page must be 0 or more")
+    return page_size, page
+
+
 def create_app(seed: int = 1, size: int = 1000, days: int = 30, end: str | None = None, accounts: int = 1,
                numbers: int | None = None, rate_429: float = 0.0, rate_5xx: float = 0.0, latency: float = 0.0,
                truncate_rate: float = 0.0, retry_after: float = 1.0, prerender: bool = False,
@@ -431,15 +444,10 @@ def create_app(seed: int = 1, size: int = 1000, days: int = 30, end: str | None 
             return _error(404, f"The requested resource {request.url.path} was not found")
         kind, key, date_param = KINDS[name]
         q = request.query_params
-        try:
-            page_size = int(q.get("PageSize", "50"))
-            page = int(q.get("Page", "0"))
-        except ValueError:
-            return _error(400, "PageSize and Page must be integers")
-        if not 1 <= page_size <= 1000:
-            return _error(400, "PageSize must be between 1 and 1000")
-        if page < 0:
-            return _error(400, "Page must be 0 or more")
+        paging = _paging(q)
+        if isinstance(paging, Response):
+            return paging
+        page_size, page = paging
         with sandbox.lock:
             lst = caller.lists[kind]
             lo, hi = 0, lst.count
@@ -495,13 +503,10 @@ def create_app(seed: int = 1, size: int = 1000, days: int = 30, end: str | None 
         if authenticate(request) is None:
             return _error(401)
         q = request.query_params
-        try:
-            page_size = int(q.get("PageSize", "50"))
-            page = int(q.get("Page", "0"))
-        except ValueError:
-            return _error(400, "PageSize and Page must be integers")
-        if not 1 <= page_size <= 1000:
-            return _error(400, "PageSize must be between 1 and 1000")
+        paging = _paging(q)
+        if isinstance(paging, Response):
+            return paging
+        page_size, page = paging
         base = str(request.base_url).rstrip("/") + "/v1/PhoneNumbers/Countries"
         rows = COUNTRIES[page * page_size:(page + 1) * page_size]
 
