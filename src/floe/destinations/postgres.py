@@ -225,7 +225,12 @@ class PostgresDestination(SqlDestination):
         self.copy_files(cur, job, staging)
         return "_floe_seq"
 
-    def disposition_sql(self, spec: TableSpec, staging: str, order: str, load_id: str) -> list[str]:
+    def staged_keys_unique(self, cur: Any, spec: TableSpec, staging: str) -> bool:
+        return False  # staged_sql de-duplicates in place, which costs little when no key repeats
+
+    def disposition_sql(
+        self, spec: TableSpec, staging: str, order: str, load_id: str, unique_keys: bool = False
+    ) -> list[str]:
         if self.direct_load and spec.disposition in ("append", "replace"):
             return []  # the rows went straight into the target in stage_rows
         return self.staged_sql(spec, staging, order, load_id)

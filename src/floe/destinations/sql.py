@@ -105,8 +105,23 @@ class SqlDestination(Destination):
             f"FROM {staging}) AS ranked WHERE _floe_rank = 1"
         )
 
-    def disposition_sql(self, spec: TableSpec, staging: str, order: str, load_id: str) -> list[str]:
-        """The statements that move staged rows into the target, in order."""
+    def staged_keys_unique(self, cur: Any, spec: TableSpec, staging: str) -> bool:
+        """True if a merge's staged rows hold each primary key once (NULLs group together).
+
+        Reads only the key columns; when true, the merge skips ranking every staged row."""
+        if spec.disposition != "merge" or not spec.primary_key:
+            return False
+        keys = ", ".join(self.quote(k) for k in spec.primary_key)
+        cur.execute(f"SELECT 1 FROM {staging} GROUP BY {keys} HAVING COUNT(*) > 1 LIMIT 1")
+        return cur.fetchone() is None
+
+    def disposition_sql(
+        self, spec: TableSpec, staging: str, order: str, load_id: str, unique_keys: bool = False
+    ) -> list[str]:
+        """The statements that move staged rows into the target, in order.
+
+        `unique_keys`: the caller checked that no primary key occurs twice among the staged rows,
+        so a merge reads them directly instead of first ranking every row (a full copy)."""
         target = self.qualified(spec.schema_name, spec.table)
         columns = self.insert_columns(spec)
         names = ", ".join(self.quote(c) for c in columns)
@@ -119,9 +134,9 @@ class SqlDestination(Destination):
         elif spec.disposition == "merge":
             if not spec.primary_key:
                 raise DestinationError(f"{spec.schema_name}.{spec.table}: merge needs a primary key")
-            # De-duplicate once into a temp table that both the DELETE and the INSERT read.
-            source_rows = f"{staging}_latest"
-            statements.append(f"CREATE TEMP TABLE {source_rows} AS {self.deduplicated(spec, staging, order)}")
+            if not unique_keys:  # de-duplicate once into a temp table that both the DELETE and the INSERT read
+                source_rows = f"{staging}_latest"
+                statements.append(f"CREATE TEMP TABLE {source_rows} AS {self.deduplicated(spec, staging, order)}")
             keys = spec.parent_key or spec.primary_key
             match = " AND ".join(
                 self.null_safe_equals.format(a=f"{target}.{self.quote(k)}", b=f"s.{self.quote(k)}")
@@ -218,7 +233,8 @@ class SqlDestination(Destination):
                 if job.files or spec.disposition == "replace":
                     staging = f"_floe_staging_{job.load_id.replace('-', '_')}"
                     order = self.stage_rows(cur, job, staging)
-                    for statement in self.disposition_sql(spec, staging, order, job.load_id):
+                    unique_keys = self.staged_keys_unique(cur, spec, staging)
+                    for statement in self.disposition_sql(spec, staging, order, job.load_id, unique_keys):
                         cur.execute(statement)
                     self.drop_staging(cur, staging)
                 for statement in self.views_sql(spec):
