@@ -164,6 +164,24 @@ def test_other_4xx_fail_at_once_with_the_api_message_and_no_credentials(
     assert http.metrics.requests == 1 and http.metrics.retries == 0 and http.metrics.errors == 1
 
 
+def test_a_401_is_asked_once_and_then_every_request_of_the_client_fails_with_it(server: RunningServer) -> None:
+    """Five streams starting at once with a wrong token: one request reaches the API, one error text."""
+    async def go() -> tuple[list[BaseException], int]:
+        async with client(server, auth=("ACuser", SECRET)) as http:
+            errors = await asyncio.gather(*(http.get_json(f"/401?stream={i}") for i in range(5)),
+                                          return_exceptions=True)
+            with pytest.raises(ApiError):
+                async with http.stream("GET", "/busy"):
+                    pass
+            return list(errors), http.metrics.requests
+
+    before = server.app.state.hits["/401"]
+    errors, sent = asyncio.run(go())
+    assert server.app.state.hits["/401"] - before == 1 and sent == 1
+    assert all(isinstance(e, ApiError) and e.status == 401 for e in errors)
+    assert len({str(e) for e in errors}) == 1 and "Your AccountSid or AuthToken was incorrect." in str(errors[0])
+
+
 def test_exhausted_retries_give_an_api_error_with_the_last_status(server: RunningServer) -> None:
     with pytest.raises(ApiError) as info:
         asyncio.run(_call(server, "/5xx?key=never&fail=99", max_retries=2))

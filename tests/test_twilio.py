@@ -169,6 +169,10 @@ def test_wrong_auth_token_fails_clearly_and_keeps_earlier_data_and_state(emulato
     errors = result.stderr + result.stdout
     assert "tw_main" in errors and "HTTP 401" in errors
     assert "Your AccountSid or AuthToken was incorrect." in errors
+    # One error, not one per stream: the first request alone judged the token, the rest never went out.
+    final = [line for line in errors.splitlines() if line.startswith("error: ")]
+    assert len(final) == 1 and "5 of 5 streams failed: tw_main: HTTP 401" in final[0]
+    assert "other errors" not in final[0]
     assert wrong not in errors and wrong not in str(project.query("SELECT error FROM main._floe_loads"))
     assert project.query("SELECT count(*) FROM tw_main.calls") == before_rows
     assert project.states() == before_state

@@ -7,6 +7,9 @@ Contracts:
   own message and the URL without credentials. Exhausted retries also end in an `ApiError`.
 - At most `max_concurrency` requests of one client are in flight (a semaphore per source);
   a request waiting for its backoff does not hold a slot.
+- Credentials belong to the client: its first request goes alone, and once the API answers 401
+  every later request fails with that same `ApiError` without being sent. A wrong token thus
+  gives one error (not one per stream) and never hammers the API.
 - `metrics` counts attempts, retries, final errors, seconds spent and responses per status.
 """
 
@@ -144,6 +147,9 @@ class HttpClient:
         self.backoff_max = backoff_max
         self.metrics = HttpMetrics()
         self._slots = asyncio.Semaphore(max_concurrency)
+        self._first_request = asyncio.Lock()
+        self._answered = False  # some request got an HTTP answer: the credentials were judged
+        self._rejected: tuple[str, str] | None = None  # (message, url) of the 401 every later request repeats
         basic = httpx.BasicAuth(*auth) if isinstance(auth, tuple) else auth
         self._client = httpx.AsyncClient(
             base_url=base_url,
@@ -182,11 +188,29 @@ class HttpClient:
         url = safe_url(response.request.url)
         if status in RETRY_STATUSES:
             raise _Retry(api_message(body), status, retry_after(response.headers.get("Retry-After")), url)
+        if status == 401:
+            self._rejected = (api_message(body), url)
         raise self._fail(api_message(body), status, url)
 
     # --- public API --------------------------------------------------------------------------
     async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         """Send a request and read the whole body; retry as described in the module docstring."""
+        if not self._answered:
+            async with self._first_request:  # the others wait until the credentials are judged
+                if not self._answered:
+                    try:
+                        return await self._request(method, url, **kwargs)
+                    finally:
+                        self._answered = True
+        return await self._request(method, url, **kwargs)
+
+    def _raise_if_rejected(self) -> None:
+        if self._rejected is not None:
+            message, url = self._rejected
+            raise ApiError(self.source, message, status=401, url=url)
+
+    async def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        self._raise_if_rejected()
         attempt = 0
         while True:
             started = time.monotonic()
@@ -237,6 +261,7 @@ class HttpClient:
     async def stream(self, method: str, url: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
         """A response whose body is read by the caller (`aiter_bytes`...). Failures before the body
         is handed over are retried; errors while the caller reads it are the caller's to handle."""
+        self._raise_if_rejected()
         attempt = 0
         while True:
             started = time.monotonic()
