@@ -285,11 +285,17 @@ def test_a_failed_commit_job_leaves_data_and_state_as_they_were(bigquery, tmp_pa
     dest, emulator = bigquery
     dest.load(job_of(tmp_path, records=[record(1, "a")], load_id="20261124T000001Z-000001", checkpoint={"n": 1}))
     emulator.fail_next = "_commit"
-    with pytest.raises(DestinationError, match="injected failure"):
-        dest.load(job_of(tmp_path, records=[record(1, "changed"), record(5, "e")], load_id="20261124T000002Z-000002",
-                         checkpoint={"n": 2}))
+    failing = job_of(tmp_path, records=[record(1, "changed"), record(5, "e")], load_id="20261124T000002Z-000002",
+                     checkpoint={"n": 2})
+    with pytest.raises(DestinationError, match="injected failure") as info:
+        dest.load(failing)
+    dest.record_failure(failing, str(info.value))  # what the pipeline does with the error
     assert emulator.db.execute("SELECT id, name FROM raw.src_items").fetchall() == [(1, "a")]
     assert dest.get_state("src", "items") == {"n": 1}
+    loads = emulator.db.execute("SELECT load_id, status, rows, error LIKE '%injected failure%' FROM raw._floe_loads "
+                                "ORDER BY load_id").fetchall()
+    assert loads == [("20261124T000001Z-000001", "committed", 1, None),
+                     ("20261124T000002Z-000002", "failed", 2, True)]
     assert list(dest.store.list("floe/")) == []
     dest.load(job_of(tmp_path, records=[record(1, "changed")], load_id="20261124T000003Z-000003",
                      checkpoint={"n": 3}))

@@ -98,6 +98,12 @@ TYPE_MAP: dict[str, str] = {
 STAGE_TYPE = {**TYPE_MAP, "nested": "STRING"}
 
 
+def param(name: str, kind: str, value: Any) -> dict[str, Any]:
+    """A named query parameter of the jobs API."""
+    return {"name": name, "parameterType": {"type": kind},
+            "parameterValue": {"value": None if value is None else str(value)}}
+
+
 def quote(identifier: str) -> str:
     return "`" + identifier.replace("\\", "\\\\").replace("`", "\\`") + "`"
 
@@ -319,17 +325,16 @@ class BigQueryDestination(Destination):
             f"INSERT INTO {state} (source, stream, version, state, load_id, committed_at) "
             f"SELECT @source, @stream, COALESCE(MAX(version), 0) + 1, @state, @load_id, CURRENT_TIMESTAMP() "
             f"FROM {state} WHERE source = @source AND stream = @stream",
-            f"INSERT INTO {self.ref(LOADS_TABLE)} (load_id, source, stream, destination, rows, started_at, "
-            "finished_at, status, error, details) VALUES (@load_id, @source, @stream, @destination, @rows, "
-            "@started_at, CURRENT_TIMESTAMP(), 'committed', NULL, @details)",
+            self.load_row_sql("'committed'", "NULL"),
         ]
+
+    def load_row_sql(self, status: str, error: str) -> str:
+        return (f"INSERT INTO {self.ref(LOADS_TABLE)} (load_id, source, stream, destination, rows, started_at, "
+                "finished_at, status, error, details) VALUES (@load_id, @source, @stream, @destination, @rows, "
+                f"@started_at, CURRENT_TIMESTAMP(), {status}, {error}, @details)")
 
     @staticmethod
     def parameters(job: LoadJob, destination: str) -> list[dict[str, Any]]:
-        def param(name: str, kind: str, value: Any) -> dict[str, Any]:
-            return {"name": name, "parameterType": {"type": kind},
-                    "parameterValue": {"value": None if value is None else str(value)}}
-
         return [
             param("source", "STRING", job.source), param("stream", "STRING", job.stream),
             param("state", "STRING", json.dumps(job.checkpoint, sort_keys=True)),
@@ -459,6 +464,16 @@ class BigQueryDestination(Destination):
                 self.api.query(statement)
             except DestinationError as exc:
                 log.warning("event=bigquery_after_commit_failed destination=%s error=%s", self.name, exc)
+
+    def record_failure(self, job: LoadJob, error: str) -> None:
+        """Best effort: a `failed` row in `_floe_loads` (nothing of the failed load was committed)."""
+        params = [p for p in self.parameters(job, self.name) if p["name"] != "state"]
+        params.append(param("error", "STRING", redact(error)[:4000]))
+        try:
+            self.ensure_meta()
+            self.api.query(self.load_row_sql("'failed'", "@error"), params)
+        except Exception as exc:  # noqa: BLE001 - bookkeeping must never hide the original error
+            log.warning("event=bigquery_record_failure_failed destination=%s error=%s", self.name, redact(str(exc)))
 
     def ensure_meta(self) -> None:
         if not self._meta_ready:
