@@ -43,7 +43,7 @@ def make(bucket: str = "bucket", **extra: Any) -> BigQueryDestination:
 
 def job_of(folder: Path, disposition: str = "merge", rows: int = 3, parent: tuple[str, ...] = (),
            records: list[dict[str, Any]] | None = None, load_id: str = "20261124T000000Z-abc123",
-           checkpoint: dict[str, Any] | None = None) -> LoadJob:
+           checkpoint: dict[str, Any] | None = None, pk: tuple[str, ...] | None = None) -> LoadJob:
     table = pa.Table.from_pylist(records or [
         {"id": i % 2, "name": f"n{i}", "amount": None, "created_at": datetime(2024, 1, 1, tzinfo=UTC),
          "props": '{"a": 1}', "tags": ["x", "y"]} for i in range(rows)
@@ -51,7 +51,8 @@ def job_of(folder: Path, disposition: str = "merge", rows: int = 3, parent: tupl
     rows = table.num_rows
     path = folder / f"staged-{load_id}.parquet"
     pq.write_table(table, path)
-    pk = ("id",) if disposition == "merge" else ()
+    if pk is None:
+        pk = ("id",) if disposition == "merge" else ()
     spec = TableSpec("src", "items", SCHEMA, pk, disposition, parent)  # type: ignore[arg-type]
     return LoadJob(load_id, "src", "items", spec, [StagedFile(path, rows, SCHEMA)],
                    checkpoint or {"cursor": "2024-01-02"}, datetime.now(UTC), {"pages": 2})
@@ -279,6 +280,17 @@ def test_merge_loads_end_to_end_commit_data_and_state_together(bigquery, tmp_pat
     queries = [j["configuration"]["query"]["query"] for j in emulator.jobs.values() if "query" in j["configuration"]]
     assert sum("CREATE TABLE IF NOT EXISTS `proj.raw._floe_state`" in q for q in queries) == 1  # once per run
     assert sum("CREATE TABLE IF NOT EXISTS `proj.raw.src_items`" in q for q in queries) == 1  # only while missing
+
+
+def test_a_child_merge_replaces_re_sent_sets_and_markers_are_not_stored(bigquery, tmp_path):
+    dest, emulator = bigquery
+    child = {"pk": ("id", "name"), "parent": ("id",)}
+    dest.load(job_of(tmp_path, records=[record(1, "a"), record(1, "b"), record(2, "c"), record(3, "d")],
+                     load_id="20261124T000001Z-000001", **child))
+    dest.load(job_of(tmp_path, records=[record(1, "z"), record(2, None), record(4, None)],
+                     load_id="20261124T000002Z-000002", **child))
+    rows = emulator.db.execute("SELECT id, name FROM raw.src_items ORDER BY id").fetchall()
+    assert rows == [(1, "z"), (3, "d")]
 
 
 def test_a_failed_commit_job_leaves_data_and_state_as_they_were(bigquery, tmp_path):

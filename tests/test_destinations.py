@@ -64,7 +64,7 @@ class Loader:
         self.dest, self.folder, self.count = dest, folder, 0
 
     def job(self, tables: list[pa.Table], disposition: str = "append", pk: tuple[str, ...] = (),
-            checkpoint: dict[str, Any] | None = None) -> LoadJob:
+            checkpoint: dict[str, Any] | None = None, parent: tuple[str, ...] = ()) -> LoadJob:
         self.count += 1
         files = []
         for i, table in enumerate(tables):
@@ -74,7 +74,8 @@ class Loader:
         fields: dict[str, pa.Field] = {}
         for table in tables:
             fields.update({f.name: f for f in table.schema})
-        spec = TableSpec("src", "items", pa.schema(list(fields.values())), pk, disposition)  # type: ignore[arg-type]
+        spec = TableSpec("src", "items", pa.schema(list(fields.values())), pk, disposition,  # type: ignore[arg-type]
+                         parent_key=parent)
         return LoadJob(f"load-{self.count:04d}", "src", "items", spec, files,
                        checkpoint if checkpoint is not None else {"n": self.count}, datetime.now(UTC))
 
@@ -125,6 +126,15 @@ def test_merge_across_staged_files_keeps_the_row_of_the_later_file(dest, load):
     # A commit spans several staged files when the schema changes mid-load: the later file wins.
     load(t([1, 2], ["old", "b"]), t([1], ["new"], x=pa.array([7], pa.int64())), disposition="merge", pk=("id",))
     assert rows(dest) == [(1, "new"), (2, "b")]
+
+
+def test_a_child_merge_replaces_each_re_sent_parents_set_and_a_marker_empties_it(dest, load):
+    # Child rows keyed (id, v) under parent id: a re-sent parent's rows are replaced as a set;
+    # a marker row (v NULL) says "this parent now has no rows" and is not stored itself.
+    child = {"disposition": "merge", "pk": ("id", "v"), "parent": ("id",)}
+    load(t([1, 1, 2, 3], ["a", "b", "c", "d"]), **child)
+    load(t([1, 2, 4], ["z", None, None]), **child)
+    assert rows(dest) == [(1, "z"), (3, "d")]
 
 
 def test_merge_on_a_compound_key_with_a_null_part(dest, load):

@@ -193,6 +193,23 @@ def test_resent_profile_replaces_its_child_rows(sailthru_project: Factory) -> No
     assert got == {pid: set(doc["vars"]) for pid, doc in latest.items() if doc["vars"]}
     assert all("var_0" not in got[pid] for pid in resent)  # a var removed upstream is gone here too
 
+    # A later export re-sends one profile with an empty vars map and no browser map: its rows go.
+    emptied = next(pid for pid, doc in latest.items() if doc["vars"] and doc.get("browser") and doc.get("geo"))
+    later = max(project.export.glob("profile.*.json")).with_name("profile.20991231.json")
+    later.write_bytes(orjson.dumps({**latest[emptied], "vars": {}, "browser": None}) + b"\n")
+    before = {t: project.query(f"SELECT count(*) FROM sailthru.{t} WHERE id <> ?", (emptied,))
+              for t in ("profile_vars", "profile_browser", "profile_geo")}
+    assert project.cli("run").exit_code == 0
+    for table in ("profile_vars", "profile_browser"):
+        assert project.query(f"SELECT count(*) FROM sailthru.{table} WHERE id = ?", (emptied,)) == [(0,)], table
+    assert project.query("SELECT count(*) FROM sailthru.profile_geo WHERE id = ?", (emptied,)) != [(0,)]
+    for table, count in before.items():  # other profiles keep theirs; no marker row is stored
+        assert project.query(f"SELECT count(*) FROM sailthru.{table} WHERE id <> ?", (emptied,)) == count, table
+    for table in ("profile_vars", "profile_browser", "profile_geo", "profile_lists_signup"):
+        key = {"profile_vars": "var", "profile_browser": "browser", "profile_geo": "label",
+               "profile_lists_signup": "list"}[table]
+        assert project.query(f"SELECT count(*) FROM sailthru.{table} WHERE {key} IS NULL") == [(0,)], table
+
 
 # --- exactly once under SIGKILL -----------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ state, or the new data and new state.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
@@ -44,11 +45,25 @@ class TableSpec:
     disposition: Disposition = "append"
     # merge only: target rows whose parent_key matches a staged row are all deleted first, so a
     # child table (e.g. one row per profile var) is replaced as a set when its parent is re-sent.
+    # A staged row whose other key columns (`marker_columns`) are all NULL is a parent marker: it
+    # empties its parent's set and is not inserted itself (a parent re-sent with no children).
     parent_key: tuple[str, ...] = ()
     # Optional views recreated with every load, in the same transaction: (name, SELECT template).
     # The template may use {table} (the qualified target) and {columns} (its quoted column list);
     # keep it portable SQL with double-quoted identifiers. Destinations without views ignore it.
     views: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def marker_columns(self) -> tuple[str, ...]:
+        """The primary-key columns that are not the parent key; all NULL in a parent marker row."""
+        return tuple(k for k in self.primary_key if k not in self.parent_key) if self.parent_key else ()
+
+    def not_marker_sql(self, column: Callable[[str], str]) -> str | None:
+        """SQL true for every row that is not a parent marker (None when there are no markers);
+        `column(name)` renders a column reference."""
+        if not self.marker_columns:
+            return None
+        return "NOT (" + " AND ".join(f"{column(k)} IS NULL" for k in self.marker_columns) + ")"
 
 
 @dataclass(frozen=True)

@@ -309,7 +309,8 @@ class BigQueryDestination(Destination):
             return [
                 f"DELETE FROM {target} AS T WHERE EXISTS (SELECT 1 FROM {self.ref(staging)} AS S "
                 f"WHERE {match(spec.parent_key)})",
-                f"INSERT INTO {target} ({names}) SELECT {values} FROM ({self.dedup_sql(spec, staging)}) AS S",
+                f"INSERT INTO {target} ({names}) SELECT {values} FROM ({self.dedup_sql(spec, staging)}) AS S "
+                f"WHERE {spec.not_marker_sql(lambda k: f'S.{quote(k)}') or 'TRUE'}",
             ]
         updates = ", ".join([*(f"{quote(f.name)} = {self.value_sql(f)}" for f in fields),
                              "_floe_load_id = @load_id", "_floe_loaded_at = CURRENT_TIMESTAMP()"])

@@ -274,9 +274,11 @@ class PostgresDestination(SqlDestination):
                 f"DELETE FROM {target} USING (SELECT * FROM {deleted} AS d WHERE {any_null}) AS {NEW} "
                 f"WHERE {null_safe}",
             ]
+        real_rows = spec.not_marker_sql(lambda k: f"{NEW}.{self.quote(k)}")
         statements.append(
             f"INSERT INTO {target} ({names}_floe_load_id, _floe_loaded_at) "
             f"SELECT {values}'{load_id}', CURRENT_TIMESTAMP FROM {staging} AS {NEW}"
+            + (f" WHERE {real_rows}" if real_rows else "")
         )
         return statements
 

@@ -148,9 +148,10 @@ class SqlDestination(Destination):
             statements.append(f"DELETE FROM {target} USING {deleted} AS s WHERE {match}")
         prefix = f"{names}, " if names else ""
         values = f"{select_cols}, " if select_cols else ""
+        real_rows = spec.not_marker_sql(lambda k: f"s.{self.quote(k)}")
         statements.append(
             f"INSERT INTO {target} ({prefix}_floe_load_id, _floe_loaded_at) "
-            f"SELECT {values}{stamp} FROM {source_rows} AS s"
+            f"SELECT {values}{stamp} FROM {source_rows} AS s" + (f" WHERE {real_rows}" if real_rows else "")
         )
         if source_rows != staging:
             statements.append(f"DROP TABLE {source_rows}")

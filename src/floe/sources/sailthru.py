@@ -410,7 +410,8 @@ class ProfileStream(SailthruStream):
 class ProfileChildStream(SailthruStream):
     """Rows of one of a profile's maps. When a profile is re-sent, all its earlier rows here are
     deleted and replaced by the new set (delete by parent `id`, then insert), so a removed key
-    does not linger. The set is replaced only if the new profile has at least one row here."""
+    does not linger. A profile with an empty or missing map yields one parent marker row (only
+    `id` set, see `TableSpec.parent_key`), which empties its set and is not stored."""
 
     table = "profile"
     parent_key = ("id",)
@@ -425,8 +426,10 @@ class ProfileChildStream(SailthruStream):
         names = list(self.kinds)
         for records in read_records(f, self.source.config.profile_lines):
             columns: list[list[Any]] = [[] for _ in names]
+            marker_tail = (None,) * (len(names) - 1)
             for r in records:
-                for row in self.rows_of(r):
+                rows = list(self.rows_of(r)) or [(r.get("id"), *marker_tail)]
+                for row in rows:
                     for column, value in zip(columns, row, strict=True):
                         column.append(value)
             yield _columns_batch(dict(zip(names, columns, strict=True)), self.kinds, self.zone)
