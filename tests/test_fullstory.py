@@ -278,6 +278,26 @@ def test_known_fields_first_met_in_a_later_chunk_keep_their_declared_types(tmp_p
         assert rows[0]["UserCreated"] is None and orjson.loads(rows[0]["CustomVars"]) == {}
 
 
+@pytest.mark.parametrize("path_taken", ["vectorised", "row by row"])
+def test_known_fields_match_case_insensitively_like_hauser(tmp_path: Path, path_taken: str) -> None:
+    """`pageurl` is the PageUrl column and `EVENTSTART` the EventStart one, not custom vars."""
+    from floe.sources.fullstory_export import ExportReader
+
+    extra = {"page_mixed": ["a", 1]} if path_taken == "row by row" else {}  # pyarrow cannot type this list
+    events = [{"IndvId": 1, "pageurl": "https://a.example/x", "EVENTSTART": "2024-01-01T00:00:00.5Z",
+               "user_plan_str": "pro", **extra},
+              {"IndvId": 2, "PageUrl": "https://a.example/y", "EventStart": "2024-01-01T00:00:01Z", **extra}]
+    path = tmp_path / "export.gz"
+    path.write_bytes(gzip.compress(b"".join(orjson.dumps(e) + b"\n" for e in events)))
+    schema = FullStorySource("fs", FullStoryConfig(api_key="k")).streams()[0].schema
+    rows = [r for b in ExportReader(schema, "FORMAT_NDJSON").batches(path) for r in b.to_pylist()]
+    assert [r["PageUrl"] for r in rows] == ["https://a.example/x", "https://a.example/y"]
+    assert [r["EventStart"] for r in rows] == [datetime(2024, 1, 1, 0, 0, 0, 500000, tzinfo=UTC),
+                                               datetime(2024, 1, 1, 0, 0, 1, tzinfo=UTC)]
+    assert orjson.loads(rows[0]["CustomVars"]) == {"user_plan_str": "pro", **extra}
+    assert orjson.loads(rows[1]["CustomVars"]) == extra
+
+
 @pytest.mark.parametrize(("fmt", "body"), [
     ("FORMAT_JSON", b'[{"IndvId": 1},\n{"IndvId": 2}'),
     ("FORMAT_JSON", b'[{"IndvId": 1},{"IndvId": 2, "EventType": "cl'),

@@ -48,6 +48,8 @@ class ExportReader:
         self.schema = schema
         self.known = [f for f in schema if f.name != CUSTOM_VARS]
         self.known_names = {f.name for f in self.known}
+        # hauser matches field names case-insensitively: `pageurl` is the PageUrl column, not a custom var.
+        self.known_by_lower = {f.name.lower(): f.name for f in self.known}
         self.fmt = fmt
         self.chunk_bytes = chunk_bytes
         self._by_line = True
@@ -178,6 +180,7 @@ class ExportReader:
             events = [orjson.loads(line) for line in chunk.splitlines() if line.strip()]
         except orjson.JSONDecodeError as exc:
             raise SourceError(f"export file: cannot parse events: {exc}") from None
+        events = [{self.canonical(k): v for k, v in e.items()} for e in events]
         columns: dict[str, pa.Array] = {}
         for f in self.parse_schema:
             values = [e.get(f.name) for e in events]
@@ -193,22 +196,33 @@ class ExportReader:
                          option=orjson.OPT_SORT_KEYS).decode() for e in events], pa.string())
         return pa.table(columns)
 
+    def canonical(self, key: str) -> str:
+        """The known column a field name stands for, matched case-insensitively; else the name itself."""
+        return key if key in self.known_names else self.known_by_lower.get(key.lower(), key)
+
     def convert(self, table: pa.Table) -> pa.RecordBatch:
         table = table.combine_chunks()
         n = table.num_rows
+        columns: dict[str, list[str]] = {}  # known column -> the parsed columns holding it
+        for name in table.column_names:
+            columns.setdefault(self.canonical(name), []).append(name)
         arrays: list[pa.Array] = []
         for f in self.known:
-            if f.name in table.column_names:
-                col = table[f.name].combine_chunks() if table[f.name].num_chunks else pa.nulls(n, f.type)
+            parts = []
+            for name in columns.get(f.name, []):
+                col = table[name].combine_chunks() if table[name].num_chunks else pa.nulls(n, f.type)
                 if not col.type.equals(f.type):
-                    col = pc.cast(col, f.type, safe=not pa.types.is_timestamp(f.type))
-                arrays.append(col)
-            else:
-                arrays.append(pa.nulls(n, f.type))
+                    try:
+                        col = pc.cast(col, f.type, safe=not pa.types.is_timestamp(f.type))
+                    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                        raise SourceError(f"export file: field {name} is not a {f.type}: {exc}") from None
+                parts.append(col)
+            arrays.append(pc.coalesce(*parts) if len(parts) > 1 else parts[0] if parts else pa.nulls(n, f.type))
         if CUSTOM_VARS in table.column_names:  # built by parse_rows
             arrays.append(table[CUSTOM_VARS].combine_chunks())
         else:
-            arrays.append(custom_vars(table, sorted(c for c in table.column_names if c not in self.known_names)))
+            arrays.append(custom_vars(table, sorted(c for c in table.column_names if self.canonical(c) not in
+                                                    self.known_names)))
         return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
 
 
