@@ -15,6 +15,7 @@ from typing import Any
 
 import duckdb
 import pytest
+import yaml
 
 from floe.config import load_config
 from floe.engine.serve import Server, parse_schedule
@@ -194,3 +195,28 @@ def test_a_source_with_nothing_due_of_its_own_runs_on_its_schedule(fullstory_con
     assert clock.sleeps == [900, 900]
     assert [sum(r.commits for r in c.results) for c in server.history] == [2, 0, 0]
     assert rows(tmp_path / "w.duckdb") == 2 * 600
+
+
+def test_a_source_failing_before_any_stream_starts_backs_off_and_keeps_serving(
+    tmp_path: Path, webhook: tuple[str, list[dict[str, Any]]]
+) -> None:
+    # A SQL source lists its tables when asked for streams: with its database down that fails
+    # before any stream runs. serve reports it, backs off, and keeps going.
+    url, received = webhook
+    path = tmp_path / "floe.yml"
+    path.write_text(yaml.safe_dump({
+        "sources": {"db": {"type": "sql", "url": "postgresql://reader:hunter2-secret@127.0.0.1:1/app",
+                           "schedule": "15m"}},
+        "destinations": {"w": {"type": "duckdb", "path": "w.duckdb"}},
+        "stage": "stage",
+        "notify": {"webhook": url},
+    }))
+    clock = FakeClock(T0)
+    server = Server(load_config(path), clock=clock, backoff_base=30)
+    asyncio.run(server.run(max_cycles=3))
+    assert clock.sleeps == [30, 60]
+    assert server.schedules["db"].failures == 3 and server.history[-1].results == []
+    assert [(m["event"], m["source"], m["stream"]) for m in received] == [("failed", "db", "*")] * 3
+    assert "127.0.0.1" in received[0]["error"]
+    assert all("hunter2-secret" not in str(m) for m in received)
+    assert "hunter2-secret" not in (server.schedules["db"].last_error or "")
