@@ -148,7 +148,7 @@ class HttpClient:
         self.metrics = HttpMetrics()
         self._slots = asyncio.Semaphore(max_concurrency)
         self._first_request = asyncio.Lock()
-        self._answered = False  # some request got an HTTP answer: the credentials were judged
+        self._answered = False  # the first request is over: the credentials were judged (or the API is down)
         self._rejected: tuple[str, str] | None = None  # (message, url) of the 401 every later request repeats
         basic = httpx.BasicAuth(*auth) if isinstance(auth, tuple) else auth
         self._client = httpx.AsyncClient(
