@@ -210,25 +210,8 @@ class HttpClient:
             raise ApiError(self.source, message, status=401, url=url)
 
     async def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        self._raise_if_rejected()
-        attempt = 0
-        while True:
-            started = time.monotonic()
-            try:
-                async with self._slots:
-                    self.metrics.requests += 1
-                    try:
-                        response = await self._client.request(method, url, **kwargs)
-                        self._count(response.status_code)
-                        await self._check(response)
-                        return response
-                    except httpx.TransportError as exc:  # connection, timeout, body cut short
-                        raise _Retry(_transport_message(exc), None, None, self._url(url)) from exc
-                    finally:
-                        self.metrics.seconds += time.monotonic() - started
-            except _Retry as retry:
-                await self._back_off_or_fail(attempt, retry)
-                attempt += 1
+        async with self._attempts(method, url, read_body=True, **kwargs) as response:
+            return response
 
     async def _back_off_or_fail(self, attempt: int, retry: _Retry) -> None:
         """Sleep before the next attempt, or raise the final ApiError once `max_retries` are spent."""
@@ -261,6 +244,13 @@ class HttpClient:
     async def stream(self, method: str, url: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
         """A response whose body is read by the caller (`aiter_bytes`...). Failures before the body
         is handed over are retried; errors while the caller reads it are the caller's to handle."""
+        async with self._attempts(method, url, read_body=False, **kwargs) as response:
+            yield response
+
+    @asynccontextmanager
+    async def _attempts(self, method: str, url: str, read_body: bool, **kwargs: Any) -> AsyncIterator[httpx.Response]:
+        """The retry loop both `request` and `stream` use: yields the first successful response,
+        with its body already read when `read_body` (a body cut short is then retried too)."""
         self._raise_if_rejected()
         attempt = 0
         while True:
@@ -271,14 +261,16 @@ class HttpClient:
                     try:
                         request = self._client.build_request(method, url, **kwargs)
                         response = await self._client.send(request, stream=True)
-                    except httpx.TransportError as exc:
+                    except httpx.TransportError as exc:  # connection, timeout
                         self.metrics.seconds += time.monotonic() - started
                         raise _Retry(_transport_message(exc), None, None, self._url(url)) from exc
                     try:
                         self._count(response.status_code)
                         try:
                             await self._check(response)
-                        except httpx.TransportError as exc:
+                            if read_body:
+                                await response.aread()
+                        except httpx.TransportError as exc:  # the body was cut short
                             raise _Retry(_transport_message(exc), None, None, self._url(url)) from exc
                         yield response
                         return
