@@ -18,6 +18,7 @@ import asyncio
 import os
 import threading
 import zoneinfo
+from abc import abstractmethod
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -168,8 +169,9 @@ class SailthruStream(Stream):
         self.source = source
         self.zone: str = source.config.timezone
 
+    @abstractmethod
     def batches(self, f: ExportFile) -> Iterator[pa.RecordBatch]:
-        raise NotImplementedError
+        """The rows of one export file of this stream's collection."""
 
     def _scrubbed(self, f: ExportFile) -> Iterator[pa.RecordBatch]:
         pii = self.source.pii
@@ -416,11 +418,12 @@ class ProfileChildStream(SailthruStream):
     table = "profile"
     parent_key = ("id",)
 
+    kinds: ClassVar[dict[str, str]]
+
     @staticmethod
+    @abstractmethod
     def rows_of(r: dict[str, Any]) -> Iterator[tuple[Any, ...]]:
         """The rows (in `kinds` order) of one profile."""
-        raise NotImplementedError
-    kinds: ClassVar[dict[str, str]]
 
     def batches(self, f: ExportFile) -> Iterator[pa.RecordBatch]:
         names = list(self.kinds)
