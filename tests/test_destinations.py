@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from floe.destinations.base import LoadJob, TableSpec, json_field
@@ -28,14 +27,15 @@ from floe.destinations.duckdb import DuckDBConfig, DuckDBDestination
 from floe.destinations.postgres import PostgresConfig, PostgresDestination
 from floe.destinations.sql import SqlDestination
 from floe.engine.pipeline import run_stream
-from floe.engine.stage import StagedFile
+from floe.engine.stage import StagedFile, StageWriter
 from floe.engine.stream import Batch, Context, Source, State, Stream
 from floe.errors import DestinationError
+from tests.fixtures.core import staged_files
 
 
 def settings_for(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> dict[str, Any]:
-    if kind == "duckdb":
-        return {"type": "duckdb", "path": str(tmp_path / "w.duckdb")}
+    if kind.startswith("duckdb"):  # duckdb stages Arrow files; duckdb-parquet, Parquet ones
+        return {"type": "duckdb", "path": str(tmp_path / "w.duckdb"), "stage_format": kind.partition("-")[2] or "arrow"}
     return request.getfixturevalue("postgres_db").config()
 
 
@@ -45,7 +45,7 @@ def make_destination(settings: dict[str, Any], tmp_path: Path) -> SqlDestination
     return PostgresDestination("warehouse", PostgresConfig.model_validate(settings), Context(tmp_path))
 
 
-@pytest.fixture(params=["duckdb", "postgres"])
+@pytest.fixture(params=["duckdb", "duckdb-parquet", "postgres"])
 def settings(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
     return settings_for(request.param, tmp_path, request)
 
@@ -65,12 +65,14 @@ class Loader:
 
     def job(self, tables: list[pa.Table], disposition: str = "append", pk: tuple[str, ...] = (),
             checkpoint: dict[str, Any] | None = None, parent: tuple[str, ...] = ()) -> LoadJob:
+        """One stage file per table, in the destination's stage format, in arrival order."""
         self.count += 1
-        files = []
-        for i, table in enumerate(tables):
-            path = self.folder / f"load{self.count}-{i}.parquet"
-            pq.write_table(table, path)
-            files.append(StagedFile(path, table.num_rows, table.schema))
+        writer = StageWriter(self.folder, "src", "items", f"load{self.count}", format=self.dest.stage_format)
+        files: list[StagedFile] = []
+        for table in tables:
+            for batch in table.to_batches() or [pa.RecordBatch.from_pylist([], schema=table.schema)]:
+                writer.write(batch)
+            files += writer.flush()
         fields: dict[str, pa.Field] = {}
         for table in tables:
             fields.update({f.name: f for f in table.schema})
@@ -158,8 +160,9 @@ def test_replace_swaps_the_whole_table(dest, load):
 
 def test_a_new_column_is_added_and_old_rows_read_null(dest, load):
     load(t([1], ["a"]))
-    load(t([2], ["b"], extra=pa.array([7], pa.int64())), t([3], ["c"]))  # two files, two schemas, one load
-    assert rows(dest, "id, v, extra") == [(1, "a", None), (2, "b", 7), (3, "c", None)]
+    # Three files, three schemas, one load: `extra` all null (so typed null), then int64, then absent.
+    load(t([4], ["d"], extra=pa.nulls(1)), t([2], ["b"], extra=pa.array([7], pa.int64())), t([3], ["c"]))
+    assert rows(dest, "id, v, extra") == [(1, "a", None), (2, "b", 7), (3, "c", None), (4, "d", None)]
 
 
 def test_types_round_trip_through_read_batches(dest, load):
@@ -311,7 +314,48 @@ def test_commit_interval_folds_checkpoints_into_one_commit(duckdb_destination, t
     assert duckdb_destination.get_state("src", "items") == {"next": expected}
     assert duckdb_destination.query("SELECT COUNT(*) FROM src.items")[0][0] == expected
     assert (result.error is None) == (fail_at is None)
-    assert not list((tmp_path / "stage").rglob("*.parquet"))  # no staged file left behind
+    assert not staged_files(tmp_path / "stage")  # no staged file left behind
+
+
+@pytest.mark.parametrize(("settings", "commits"), [
+    ({}, 1),  # DuckDB's defaults: a commit holds a million rows or ten seconds' worth
+    ({"commit_rows": 2}, 3),  # after rows 2 and 4, then the rest
+    ({"commit_wait_seconds": 0}, 5),
+])
+def test_duckdb_folds_checkpoints_until_commit_rows_or_commit_wait(tmp_path, settings, commits):
+    dest = DuckDBDestination("w", DuckDBConfig(path=str(tmp_path / "w.duckdb"), **settings), Context(tmp_path))
+    stream = CountingStream(5)
+    try:
+        result = asyncio.run(run_stream(OneStream(stream), stream, dest, tmp_path / "stage"))
+        assert result.ok and result.commits == commits and result.rows == 5
+        assert dest.get_state("src", "items") == {"next": 5}
+        assert dest.query("SELECT COUNT(*), COUNT(DISTINCT id) FROM src.items")[0] == (5, 5)
+    finally:
+        dest.close()
+
+
+class ResentParentStream(Stream):
+    """Child rows (id, v) of parent `id`: parent 1 sent with {a, b}, then again with {c}."""
+
+    name = "items"
+    schema = pa.schema([("id", pa.int64()), ("v", pa.string())])
+    primary_key, parent_key, disposition = ("id", "v"), ("id",), "merge"
+
+    async def read(self, state: State | None) -> AsyncIterator[Batch]:
+        yield Batch(t([1, 1, 2], ["a", "b", "x"]).to_batches()[0], checkpoint={"file": 1})
+        yield Batch(t([1], ["c"]).to_batches()[0], checkpoint={"file": 2})
+
+
+def test_checkpoints_of_a_child_stream_are_never_folded(tmp_path):
+    # Folded into one commit, parent 1 would keep a, b and c: its last set must replace the first.
+    dest = DuckDBDestination("w", DuckDBConfig(path=str(tmp_path / "w.duckdb")), Context(tmp_path))
+    stream = ResentParentStream()
+    try:
+        result = asyncio.run(run_stream(OneStream(stream), stream, dest, tmp_path / "stage"))
+        assert result.ok and result.commits == 2
+        assert rows(dest) == [(1, "c"), (2, "x")]
+    finally:
+        dest.close()
 
 
 # --- floe check on PostgreSQL ---------------------------------------------------------------------

@@ -14,6 +14,7 @@ from floe.destinations.duckdb import DuckDBDestination
 from floe.engine.pipeline import run_stream
 from floe.engine.stream import Batch, Disposition, Source, State, Stream
 from floe.errors import SourceError
+from tests.fixtures.core import staged_files
 
 
 class ListStream(Stream):
@@ -86,7 +87,7 @@ def test_a_failure_keeps_earlier_commits_and_state_and_is_recorded(duckdb_destin
     assert duckdb_destination.get_state("src", "items") == {"n": 1}
     assert duckdb_destination.query("SELECT status FROM _floe_loads ORDER BY finished_at") == [
         ("committed",), ("failed",)]
-    assert not list((tmp_path / "stage").rglob("*.parquet")), "staged files of the failed load are removed"
+    assert not staged_files(tmp_path / "stage"), "staged files of the failed load are removed"
 
 
 def test_the_next_run_reads_from_the_committed_state(duckdb_destination, tmp_path):

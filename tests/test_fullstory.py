@@ -157,12 +157,15 @@ def test_sigkill_mid_window_then_restart_loses_and_duplicates_nothing(
     proc = subprocess.Popen([sys.executable, "-c", "from floe.cli import main; main()", "run", "-c", str(config)],
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
-    while emu.downloads < downloads + 3 and time.monotonic() < deadline and proc.poll() is None:
+    while emu.downloads < downloads + 4 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    partial = query(tmp_path / "w.duckdb", "SELECT count(*) FROM fs.events")[0][0]
+    try:
+        partial = query(tmp_path / "w.duckdb", "SELECT count(*) FROM fs.events")[0][0]
+    except duckdb.CatalogException:  # on a loaded machine the kill can come before the first commit
+        partial = 0
     assert partial < 6 * 20000 and partial % 20000 == 0  # whole windows only
     assert floe_cli(config).returncode == 0
     assert table(tmp_path / "w.duckdb") == table(tmp_path / "clean.duckdb")

@@ -21,6 +21,7 @@ from floe.destinations.duckdb import DuckDBDestination
 from floe.errors import SourceError
 from floe.singer.schema import json_schema_to_arrow
 from floe.singer.target import SingerTarget
+from tests.fixtures.core import staged_files
 
 FLOE = [str(Path(sys.executable).parent / "floe")]
 
@@ -160,7 +161,7 @@ def test_a_record_violating_its_schema_fails_naming_stream_and_record_and_commit
     assert f"stream users, record 3: {problem}" in str(error.value)
     assert rows(duckdb_destination, "SELECT id FROM singer.users") == [(1,)]
     assert [orjson.loads(x) for x in out.getvalue().splitlines()] == [{"n": 1}]
-    assert not list((tmp_path / "stage").rglob("*.parquet"))
+    assert not staged_files(tmp_path / "stage")
 
 
 @pytest.mark.parametrize(("schema", "expected"), [

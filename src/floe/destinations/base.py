@@ -88,17 +88,27 @@ class Destination(ABC):
     """A configured destination. `name` is its key in floe.yml; it owns its connection."""
 
     Config: ClassVar[type[DestinationConfig]]
-    # Checkpoints that arrive sooner than this many seconds after the previous commit are folded
-    # into the next commit (the later checkpoint supersedes the earlier). 0: commit every checkpoint.
+    # A checkpoint is folded into the next commit (the later checkpoint supersedes the earlier)
+    # while it comes sooner than `commit_interval` seconds after the previous commit, or while
+    # fewer than `commit_rows` rows wait, for at most `commit_wait` seconds after the previous
+    # commit. The defaults commit every checkpoint.
     commit_interval: float = 0.0
-    # Parquet codec of the stage files this destination loads ("zstd", "lz4", "snappy", "none"):
-    # small files for a remote stage, cheap CPU for a local one read at once.
+    commit_rows: int = 0
+    commit_wait: float = 10.0
+    # The stage files this destination loads: "parquet" (what bulk loaders read) or "arrow"
+    # (Arrow IPC, for a loader in this process), and Parquet's codec ("zstd", "lz4", "snappy",
+    # "none"): small files for a remote stage, cheap CPU for a local one read at once.
+    stage_format: str = "parquet"
     stage_compression: str = "zstd"
 
     def __init__(self, name: str, config: Any, context: Context | None = None) -> None:
         self.name = name
         self.config = config
         self.context = context or Context()
+
+    def commit_due(self, rows: int, seconds: float) -> bool:
+        """Whether `rows` staged since the previous commit, `seconds` ago, are committed now."""
+        return seconds >= self.commit_interval and (rows >= self.commit_rows or seconds >= self.commit_wait)
 
     @abstractmethod
     def check(self) -> list[str]:

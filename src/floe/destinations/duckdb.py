@@ -1,4 +1,5 @@
-"""DuckDB: the embedded default warehouse. Staged Parquet is read directly by `read_parquet`."""
+"""DuckDB: the embedded default warehouse. Stage files are Arrow IPC, streamed into the load by
+pyarrow; Parquet stage files (a `stage_format: parquet` setting) are read by `read_parquet`."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from typing import Any, ClassVar, Literal
 
 import duckdb
 import pyarrow as pa
+from pydantic import Field
 
 from floe.config import DestinationConfig
 from floe.destinations.base import LoadJob
 from floe.destinations.sql import SqlDestination
+from floe.engine.stage import SEQ_COLUMN, SUFFIXES
 from floe.errors import DestinationError
 
 
@@ -24,8 +27,13 @@ class DuckDBConfig(DestinationConfig):
     # nearly every load of ~100k wide rows, recompressing the table's last, partly filled row group
     # each time (about half the CPU of such loads); a larger WAL is replayed on open after a crash.
     checkpoint_threshold: str | None = "64MB"
-    # Stage files are local and read once, at once: lz4 costs less CPU than zstd to write and read.
-    stage_compression: Literal["zstd", "lz4", "snappy", "none"] = "lz4"
+    # Each commit leaves partly filled row groups that DuckDB later merges and recompresses, so
+    # checkpoints are folded into commits of at least this many rows, or this many seconds' worth.
+    commit_rows: int = Field(default=1_000_000, ge=0)
+    commit_wait_seconds: float = Field(default=10.0, ge=0)
+    # Stage files are local and read once, at once: Arrow IPC costs almost nothing to write and read.
+    stage_format: Literal["arrow", "parquet"] = "arrow"
+    stage_compression: Literal["zstd", "lz4", "snappy", "none"] = "lz4"  # of Parquet stage files
 
 
 class DuckDBDestination(SqlDestination):
@@ -47,9 +55,10 @@ class DuckDBDestination(SqlDestination):
     meta_schema = "main"
     placeholder = "?"
 
-    @property
-    def stage_compression(self) -> str:  # type: ignore[override]
-        return str(self.config.stage_compression)
+    def __init__(self, name: str, config: Any, context: Any = None) -> None:
+        super().__init__(name, config, context)
+        self.commit_rows, self.commit_wait = config.commit_rows, config.commit_wait_seconds
+        self.stage_format, self.stage_compression = config.stage_format, config.stage_compression
 
     @property
     def path(self) -> Path:
@@ -58,7 +67,9 @@ class DuckDBDestination(SqlDestination):
     def connect(self) -> Any:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # No network in most deployments: never try to download extensions (json, parquet, icu are built in).
-        settings: dict[str, Any] = {"autoinstall_known_extensions": False}
+        # Inserts run on every thread when rows need not keep their arrival order (which SQL never
+        # promises without ORDER BY; merges order by the staged arrival number instead).
+        settings: dict[str, Any] = {"autoinstall_known_extensions": False, "preserve_insertion_order": False}
         if self.config.memory_limit:
             settings["memory_limit"] = self.config.memory_limit
         if self.config.threads:
@@ -116,9 +127,20 @@ class DuckDBDestination(SqlDestination):
                 for f in job.table.columns if (t := self.column_type(f)) is not None
             )
             cur.execute(f"CREATE TEMP VIEW {staging} AS SELECT {cols or '1 AS _floe_empty'}, "
-                        "0 AS _floe_seq LIMIT 0")
-            return "_floe_seq"
-        files = ", ".join("'" + str(f.path).replace("'", "''") + "'" for f in job.files)
+                        f"0 AS {SEQ_COLUMN} LIMIT 0")
+            return SEQ_COLUMN
+        paths = [f.path for f in job.files]
+        if all(p.suffix == SUFFIXES["arrow"] for p in paths):
+            rows = staged_arrow(paths, job.table.columns.append(pa.field(SEQ_COLUMN, pa.int64())))
+            if job.table.disposition != "merge":  # read once, by the INSERT, straight from the files
+                cur.register(staging, rows)
+                return SEQ_COLUMN
+            # A merge reads its rows several times: once into a temp table (spilled to disk past memory_limit).
+            cur.register(f"{staging}_files", rows)
+            cur.execute(f"CREATE TEMP TABLE {staging} AS SELECT * FROM {staging}_files")
+            cur.unregister(f"{staging}_files")
+            return SEQ_COLUMN
+        files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths)
         # A view, not a table: the merge streams from Parquet instead of first copying every staged
         # row into memory (a commit can be a whole export file).
         cur.execute(
@@ -128,7 +150,10 @@ class DuckDBDestination(SqlDestination):
         return "filename, file_row_number"
 
     def drop_staging(self, cur: Any, staging: str) -> None:
-        cur.execute(f"DROP VIEW IF EXISTS {staging}")
+        cur.unregister(staging)  # the Arrow stream of an append, if it was one
+        cur.execute("SELECT count(*) FROM duckdb_tables() WHERE temporary AND table_name = ?", [staging])
+        kind = "TABLE" if cur.fetchone()[0] else "VIEW"
+        cur.execute(f"DROP {kind} IF EXISTS {staging}")
 
     def deduplicated(self, spec: Any, staging: str, order: str) -> str:
         # The last row to arrive per key, also across several staged files: every part of `order`
@@ -136,3 +161,29 @@ class DuckDBDestination(SqlDestination):
         keys = ", ".join(self.quote(k) for k in spec.primary_key)
         latest = ", ".join(f"{part.strip()} DESC" for part in order.split(","))
         return f"SELECT * FROM {staging} QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {latest}) = 1"
+
+
+def staged_arrow(paths: list[Path], schema: pa.Schema) -> pa.RecordBatchReader:
+    """The rows of Arrow stage files as one stream of `schema`, one batch in memory at a time."""
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for path in paths:
+            with pa.OSFile(str(path)) as f:
+                reader = pa.ipc.open_file(f)
+                for i in range(reader.num_record_batches):
+                    yield conform(reader.get_batch(i), schema)
+
+    return pa.RecordBatchReader.from_batches(schema, batches())
+
+
+def conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """`batch` with `schema`'s columns: one it lacks (it appeared in a later file) is all nulls,
+    one of another type (e.g. null while every value was missing) is cast."""
+    if batch.schema.equals(schema):
+        return batch
+    columns = []
+    for field in schema:
+        i = batch.schema.get_field_index(field.name)
+        column = batch.column(i) if i >= 0 else pa.nulls(batch.num_rows, field.type)
+        columns.append(column if column.type.equals(field.type) else column.cast(field.type))
+    return pa.RecordBatch.from_arrays(columns, schema=schema)

@@ -1,4 +1,4 @@
-"""Runs streams into destinations: read -> stage Parquet -> load + state in one transaction.
+"""Runs streams into destinations: read -> stage files -> load + state in one transaction.
 
 Reading and loading overlap: the reader stages batches while the previous checkpoint's files
 are being committed in a worker thread. The queue between them holds at most one pending
@@ -82,7 +82,8 @@ async def run_stream(
     result = StreamResult(source.name, stream.name, destination.name)
     started = time.monotonic()
     queue: asyncio.Queue[_Commit | None] = asyncio.Queue(maxsize=1)
-    writer = StageWriter(stage, source.name, stream.name, new_load_id(), compression=destination.stage_compression)
+    writer = StageWriter(stage, source.name, stream.name, new_load_id(), compression=destination.stage_compression,
+                         format=destination.stage_format)
     started_at = datetime.now(UTC)
     attempting: LoadJob | None = None  # the commit in flight, named in _floe_loads if it fails
 
@@ -101,7 +102,10 @@ async def run_stream(
                     if stream.disposition != "replace":
                         files = (grouped.files if grouped else []) + writer.flush()
                         grouped = _Commit(files, batch.checkpoint, writer.load_id)
-                        if time.monotonic() - last_commit >= destination.commit_interval:
+                        # A child table's commit replaces each staged parent's rows: folded into one
+                        # commit, a parent staged in two checkpoints would keep both sets.
+                        if stream.parent_key or destination.commit_due(sum(f.rows for f in files),
+                                                                       time.monotonic() - last_commit):
                             await queue.put(grouped)
                             writer.load_id, pending_checkpoint, grouped = new_load_id(), None, None
                             last_commit = time.monotonic()

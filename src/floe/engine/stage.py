@@ -1,9 +1,15 @@
-"""Staging: batches become Parquet files under `<stage>/<source>/<stream>/<YYYY>/<MM>/<DD>/<load_id>-<n>.parquet`.
+"""Staging: batches become files under `<stage>/<source>/<stream>/<YYYY>/<MM>/<DD>/<load_id>-<n>.<format>`.
 
 A `StageWriter` owns the files of one load of one stream. It rolls to a new file when the
 schema of the incoming batch changes or the file grows past `rows_per_file`, and hands the
 finished files to the loader at each checkpoint. Files are the loader's input and are deleted
 once their data is committed.
+
+Two formats, chosen by the destination (`Destination.stage_format`): Parquet, which every
+warehouse's bulk loader reads, and Arrow IPC for a loader in this process (DuckDB), which costs
+almost nothing to write or read. Arrow files carry one extra column, `_floe_seq`: each row's
+arrival number within the writer, so that a merge can keep the last row of a key (Parquet
+readers get the same from the file name and row number).
 """
 
 from __future__ import annotations
@@ -13,8 +19,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+SEQ_COLUMN = "_floe_seq"
+SUFFIXES = {"parquet": ".parquet", "arrow": ".arrow"}
 
 
 def new_load_id(now: datetime | None = None) -> str:
@@ -41,9 +51,11 @@ class StageWriter:
     stream: str
     load_id: str
     rows_per_file: int = 2_000_000
-    compression: str = "zstd"
+    compression: str = "zstd"  # Parquet's codec
+    format: str = "parquet"  # or "arrow" (see the module docstring)
     _day: datetime = field(default_factory=lambda: datetime.now(UTC))
-    _writer: pq.ParquetWriter | None = None
+    _writer: pq.ParquetWriter | pa.ipc.RecordBatchFileWriter | None = None
+    _seq: int = 0
     _current: StagedFile | None = None
     _finished: list[StagedFile] = field(default_factory=list)
     _count: int = 0
@@ -59,13 +71,22 @@ class StageWriter:
             self._count += 1
             directory = stage_dir(self.stage, self.source, self.stream, self._day)
             directory.mkdir(parents=True, exist_ok=True)
-            path = directory / f"{self.load_id}-{self._count:05d}.parquet"
-            # No dictionary encoding: stage files live minutes, and trying dictionaries on
-            # high-cardinality columns costs more CPU than the rest of the write (zstd still compresses).
-            self._writer = pq.ParquetWriter(path, batch.schema, compression=self.compression, use_dictionary=False)
+            path = directory / f"{self.load_id}-{self._count:05d}{SUFFIXES[self.format]}"
+            if self.format == "arrow":
+                self._writer = pa.ipc.new_file(path, batch.schema.append(pa.field(SEQ_COLUMN, pa.int64())))
+            else:
+                # No dictionary encoding: stage files live minutes, and trying dictionaries on
+                # high-cardinality columns costs more CPU than the rest of the write (zstd still compresses).
+                self._writer = pq.ParquetWriter(path, batch.schema, compression=self.compression,
+                                                use_dictionary=False)
             self._current = StagedFile(path, 0, batch.schema)
         assert self._writer is not None
-        self._writer.write_batch(batch)
+        if self.format == "arrow":
+            seq = pa.array(np.arange(self._seq, self._seq + batch.num_rows, dtype=np.int64))
+            self._writer.write_batch(batch.append_column(SEQ_COLUMN, seq))
+            self._seq += batch.num_rows
+        else:
+            self._writer.write_batch(batch)
         self._current.rows += batch.num_rows
 
     def _close_file(self) -> None:
@@ -98,7 +119,8 @@ def remove_leftovers(stage: Path, source: str, stream: str) -> int:
     belongs to a run that died (SIGKILL, power loss) and was never committed. One stream must
     not be run by two processes at once (their state would race anyway)."""
     removed = 0
-    for path in (stage / source / stream).glob("*/*/*/*.parquet"):
-        path.unlink(missing_ok=True)
-        removed += 1
+    for suffix in SUFFIXES.values():
+        for path in (stage / source / stream).glob(f"*/*/*/*{suffix}"):
+            path.unlink(missing_ok=True)
+            removed += 1
     return removed

@@ -11,7 +11,9 @@ from __future__ import annotations
 import io
 import re
 import zlib
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import orjson
@@ -44,7 +46,7 @@ def _parse_type(t: pa.DataType) -> pa.DataType:
 class ExportReader:
     """Reads one export file into Arrow batches of `schema` (its last field is CustomVars)."""
 
-    def __init__(self, schema: pa.Schema, fmt: str, chunk_bytes: int = 2 << 20) -> None:
+    def __init__(self, schema: pa.Schema, fmt: str, chunk_bytes: int = 2 << 20, workers: int = 2) -> None:
         self.schema = schema
         self.known = [f for f in schema if f.name != CUSTOM_VARS]
         self.known_names = {f.name for f in self.known}
@@ -52,6 +54,7 @@ class ExportReader:
         self.known_by_lower = {f.name.lower(): f.name for f in self.known}
         self.fmt = fmt
         self.chunk_bytes = chunk_bytes
+        self.workers = workers
         self._by_line = True
         self.parse_schema = pa.schema([pa.field(f.name, _parse_type(f.type)) for f in self.known])
         # Known fields seen in the events so far: only these are declared to the JSON reader, since
@@ -149,9 +152,25 @@ class ExportReader:
 
     # --- event chunks -> batches -------------------------------------------------------
     def batches(self, path: Path) -> Iterator[pa.RecordBatch]:
+        """The file's batches in file order. Chunks are cut on this thread and parsed on `workers`
+        threads (pyarrow releases the GIL while parsing), at most `workers` chunks ahead."""
         chunks = self._ndjson_chunks(path) if self.fmt == "FORMAT_NDJSON" else self._array_chunks(path)
-        for chunk in chunks:
-            yield self.convert(self.parse(chunk))
+        if self.workers == 1:
+            for chunk in chunks:
+                yield self.convert(self.parse(chunk))
+            return
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="fullstory-parse") as pool:
+            pending: deque[Future[pa.RecordBatch]] = deque()
+            try:
+                for chunk in chunks:
+                    pending.append(pool.submit(lambda c: self.convert(self.parse(c)), chunk))
+                    if len(pending) > self.workers:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:
+                for future in pending:
+                    future.cancel()
 
     def parse(self, chunk: bytes) -> pa.Table:
         """Parse the chunk as one block on this thread: the other core is loading the previous
@@ -171,7 +190,7 @@ class ExportReader:
                 table.column_names if table is not None else self.known_names)
             if not new:
                 return table if table is not None else self.parse_rows(chunk)
-            self._declared |= new
+            self._declared = self._declared | new  # a new set: other workers may be reading the old one
 
     def parse_rows(self, chunk: bytes) -> pa.Table:
         """The slow path, one event at a time with orjson: for chunks pyarrow cannot type (e.g. a
