@@ -213,9 +213,11 @@ def test_windows_align_to_the_duration_and_next_due_adds_the_delay() -> None:
         2024, 1, 2, tzinfo=UTC)
 
 
+# Strings that need escaping, in a known column (EventTargetText) and in a custom var (user_label_str).
 EVENTS = [{"IndvId": 2**62 + i, "EventStart": f"2024-01-01T00:00:0{i}.123456789Z", "EventType": "click",
-           "EventTargetText": t, "evt_x.y_real": i / 2, "page_tags": ["a", i], "user_note": None}
-          for i, t in enumerate(['a "quoted" },{ brace', "line\nbreak", "{json-ish}", "plain", "tab\there"])]
+           "EventTargetText": t, "evt_x.y_real": i / 2, "page_tags": ["a", i], "user_note": None, "user_label_str": t}
+          for i, t in enumerate(['a "quoted" },{ brace', "line\nbreak", "{json-ish}", "plain", "tab\there",
+                                 "back\\slash é ✓"])]
 
 
 @pytest.mark.parametrize("layout", ["ndjson", "array per line", "array minified", "array pretty"])
@@ -240,7 +242,8 @@ def test_export_files_parse_the_same_in_every_layout_and_chunking(tmp_path: Path
     assert [r["EventTargetText"] for r in rows] == [e["EventTargetText"] for e in EVENTS]
     assert rows[0]["EventStart"].microsecond == 123456  # nanoseconds truncated to microseconds
     assert [orjson.loads(r["CustomVars"]) for r in rows] == [
-        {"evt_x.y_real": e["evt_x.y_real"], "page_tags": e["page_tags"]} for e in EVENTS]
+        {"evt_x.y_real": e["evt_x.y_real"], "page_tags": e["page_tags"], "user_label_str": e["user_label_str"]}
+        for e in EVENTS]
 
 
 @pytest.mark.parametrize("body", [b'{"IndvId": 1}\n', gzip.compress(b'{"IndvId": 1}\n')[:10] + b"\xff" * 40])

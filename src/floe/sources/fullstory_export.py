@@ -245,20 +245,20 @@ class ExportReader:
         return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
 
 
-def _json_values(col: pa.Array) -> pa.Array:
-    """Each value as JSON text (null stays null), vectorised for scalars."""
+def _fragment(key: str, col: pa.Array) -> pa.Array:
+    """`key` followed by each value as JSON text (`key` is `"name":`); null where the value is null.
+    Vectorised for scalars; strings that need escaping and nested values go through orjson."""
     t = col.type
     if pa.types.is_string(t) or pa.types.is_large_string(t):
-        if pc.any(pc.match_substring_regex(col, r"[\x00-\x1f]")).as_py():
-            return pa.array([None if v is None else orjson.dumps(v).decode() for v in col.to_pylist()], pa.string())
-        escaped = pc.replace_substring(pc.replace_substring(col, "\\", "\\\\"), '"', '\\"')
-        return pc.binary_join_element_wise('"', escaped, '"', "")
-    if pa.types.is_boolean(t) or pa.types.is_integer(t) or pa.types.is_floating(t):
-        return pc.cast(col, pa.string())
-    if pa.types.is_timestamp(t):
-        return pc.binary_join_element_wise('"', pc.strftime(col, "%Y-%m-%dT%H:%M:%S.%fZ"), '"', "")
-    return pa.array([None if v is None else orjson.dumps(v, default=str).decode() for v in col.to_pylist()],
-                    pa.string())
+        if not pc.any(pc.match_substring_regex(col, r'[\x00-\x1f"\\]')).as_py():  # nothing to escape
+            return pc.binary_join_element_wise(key + '"', col, '"', "")
+    elif pa.types.is_boolean(t) or pa.types.is_integer(t) or pa.types.is_floating(t):
+        return pc.binary_join_element_wise(key, pc.cast(col, pa.string()), "")
+    elif pa.types.is_timestamp(t):
+        return pc.binary_join_element_wise(key + '"', pc.strftime(col, "%Y-%m-%dT%H:%M:%S.%fZ"), '"', "")
+    values = pa.array([None if v is None else orjson.dumps(v, default=str).decode() for v in col.to_pylist()],
+                      pa.string())
+    return pc.binary_join_element_wise(key, values, "")
 
 
 def custom_vars(table: pa.Table, names: list[str]) -> pa.Array:
@@ -269,8 +269,7 @@ def custom_vars(table: pa.Table, names: list[str]) -> pa.Array:
         col = table[name].combine_chunks()
         if pa.types.is_null(col.type) or col.null_count == n:
             continue
-        key = orjson.dumps(name).decode() + ":"
-        fragments.append(pc.binary_join_element_wise(key, _json_values(col), ""))
+        fragments.append(_fragment(orjson.dumps(name).decode() + ":", col))
     if not fragments:
         return pa.array(["{}"] * n, pa.string())
     if len(fragments) == 1:  # pyarrow 26 drops rows when joining a single array with null_handling="skip"
