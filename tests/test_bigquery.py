@@ -5,6 +5,7 @@ that answers like the BigQuery jobs API. BigQuery itself cannot be reached from 
 
 from __future__ import annotations
 
+import asyncio
 import io
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,10 +25,12 @@ from floe.config import validate_model
 from floe.destinations.base import LoadJob, TableSpec, json_field
 from floe.destinations.bigquery import BigQueryApi, BigQueryConfig, BigQueryDestination
 from floe.destinations.objectstore import GCSStore, StoreUrl
+from floe.engine.pipeline import run_stream
 from floe.engine.stage import StagedFile
 from floe.errors import DestinationError
 from floe.sandbox.server import serve_in_thread
 from tests.bigquery_emulator import BigQueryEmulator
+from tests.fixtures.core import OneStreamSource, ResentParentStream
 
 SCHEMA = pa.schema([
     ("id", pa.int64()), ("name", pa.string()), ("amount", pa.decimal128(12, 2)),
@@ -291,6 +294,15 @@ def test_a_child_merge_replaces_re_sent_sets_and_markers_are_not_stored(bigquery
                      load_id="20261124T000002Z-000002", **child))
     rows = emulator.db.execute("SELECT id, name FROM raw.src_items ORDER BY id").fetchall()
     assert rows == [(1, "z"), (3, "d")]
+
+
+def test_checkpoints_of_a_child_stream_are_never_folded(bigquery, tmp_path):
+    # commit_interval folds checkpoints; folded into one commit, parent 1 would keep a, b and c.
+    dest, emulator = bigquery
+    stream = ResentParentStream()
+    result = asyncio.run(run_stream(OneStreamSource(stream), stream, dest, tmp_path / "stage"))
+    assert result.ok and result.commits == 2
+    assert emulator.db.execute("SELECT id, v FROM raw.src_items ORDER BY id, v").fetchall() == [(1, "c"), (2, "x")]
 
 
 def test_a_failed_commit_job_leaves_data_and_state_as_they_were(bigquery, tmp_path):

@@ -28,9 +28,9 @@ from floe.destinations.postgres import PostgresConfig, PostgresDestination
 from floe.destinations.sql import SqlDestination
 from floe.engine.pipeline import run_stream
 from floe.engine.stage import StagedFile, StageWriter
-from floe.engine.stream import Batch, Context, Source, State, Stream
+from floe.engine.stream import Batch, Context, State, Stream
 from floe.errors import DestinationError
-from tests.fixtures.core import staged_files
+from tests.fixtures.core import OneStreamSource, ResentParentStream, staged_files
 
 
 def settings_for(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> dict[str, Any]:
@@ -67,7 +67,8 @@ class Loader:
             checkpoint: dict[str, Any] | None = None, parent: tuple[str, ...] = ()) -> LoadJob:
         """One stage file per table, in the destination's stage format, in arrival order."""
         self.count += 1
-        writer = StageWriter(self.folder, "src", "items", f"load{self.count}", format=self.dest.stage_format)
+        writer = StageWriter(self.folder, "src", "items", f"load{self.count}",
+                             format=self.dest.stage_format(disposition))  # type: ignore[arg-type]
         files: list[StagedFile] = []
         for table in tables:
             for batch in table.to_batches() or [pa.RecordBatch.from_pylist([], schema=table.schema)]:
@@ -295,20 +296,11 @@ class CountingStream(Stream):
             yield Batch(pa.record_batch({"id": pa.array([i], pa.int64())}), checkpoint={"next": i + 1})
 
 
-class OneStream(Source):
-    def __init__(self, stream: Stream) -> None:
-        super().__init__("src", None)
-        self.stream = stream
-
-    def streams(self) -> list[Stream]:
-        return [self.stream]
-
-
 @pytest.mark.parametrize("fail_at", [None, 3])
 def test_commit_interval_folds_checkpoints_into_one_commit(duckdb_destination, tmp_path, fail_at):
     duckdb_destination.commit_interval = 3600.0
     stream = CountingStream(5, fail_at)
-    result = asyncio.run(run_stream(OneStream(stream), stream, duckdb_destination, tmp_path / "stage"))
+    result = asyncio.run(run_stream(OneStreamSource(stream), stream, duckdb_destination, tmp_path / "stage"))
     expected = 5 if fail_at is None else fail_at  # whole checkpoints before a failure still commit
     assert result.commits == 1 and result.rows == expected
     assert duckdb_destination.get_state("src", "items") == {"next": expected}
@@ -326,7 +318,7 @@ def test_duckdb_folds_checkpoints_until_commit_rows_or_commit_wait(tmp_path, set
     dest = DuckDBDestination("w", DuckDBConfig(path=str(tmp_path / "w.duckdb"), **settings), Context(tmp_path))
     stream = CountingStream(5)
     try:
-        result = asyncio.run(run_stream(OneStream(stream), stream, dest, tmp_path / "stage"))
+        result = asyncio.run(run_stream(OneStreamSource(stream), stream, dest, tmp_path / "stage"))
         assert result.ok and result.commits == commits and result.rows == 5
         assert dest.get_state("src", "items") == {"next": 5}
         assert dest.query("SELECT COUNT(*), COUNT(DISTINCT id) FROM src.items")[0] == (5, 5)
@@ -334,24 +326,12 @@ def test_duckdb_folds_checkpoints_until_commit_rows_or_commit_wait(tmp_path, set
         dest.close()
 
 
-class ResentParentStream(Stream):
-    """Child rows (id, v) of parent `id`: parent 1 sent with {a, b}, then again with {c}."""
-
-    name = "items"
-    schema = pa.schema([("id", pa.int64()), ("v", pa.string())])
-    primary_key, parent_key, disposition = ("id", "v"), ("id",), "merge"
-
-    async def read(self, state: State | None) -> AsyncIterator[Batch]:
-        yield Batch(t([1, 1, 2], ["a", "b", "x"]).to_batches()[0], checkpoint={"file": 1})
-        yield Batch(t([1], ["c"]).to_batches()[0], checkpoint={"file": 2})
-
-
-def test_checkpoints_of_a_child_stream_are_never_folded(tmp_path):
-    # Folded into one commit, parent 1 would keep a, b and c: its last set must replace the first.
+def test_duckdb_commits_each_checkpoint_of_a_merge(tmp_path):
+    # A merge's transaction holds the rows it deletes and inserts in memory: no folding.
     dest = DuckDBDestination("w", DuckDBConfig(path=str(tmp_path / "w.duckdb")), Context(tmp_path))
     stream = ResentParentStream()
     try:
-        result = asyncio.run(run_stream(OneStream(stream), stream, dest, tmp_path / "stage"))
+        result = asyncio.run(run_stream(OneStreamSource(stream), stream, dest, tmp_path / "stage"))
         assert result.ok and result.commits == 2
         assert rows(dest) == [(1, "c"), (2, "x")]
     finally:

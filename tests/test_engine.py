@@ -12,9 +12,9 @@ import pytest
 
 from floe.destinations.duckdb import DuckDBDestination
 from floe.engine.pipeline import run_stream
-from floe.engine.stream import Batch, Disposition, Source, State, Stream
+from floe.engine.stream import Batch, Disposition, State, Stream
 from floe.errors import SourceError
-from tests.fixtures.core import staged_files
+from tests.fixtures.core import OneStreamSource, staged_files
 
 
 class ListStream(Stream):
@@ -36,15 +36,6 @@ class ListStream(Stream):
             if i == self.fail_at:
                 raise SourceError(f"broken input at batch {i}")
             yield batch
-
-
-class OneStreamSource(Source):
-    def __init__(self, stream: Stream) -> None:
-        super().__init__("src", None)
-        self.stream = stream
-
-    def streams(self) -> list[Stream]:
-        return [self.stream]
 
 
 def rows(ids: list[int], values: list[str], **extra: list[object]) -> pa.RecordBatch:

@@ -95,10 +95,8 @@ class Destination(ABC):
     commit_interval: float = 0.0
     commit_rows: int = 0
     commit_wait: float = 10.0
-    # The stage files this destination loads: "parquet" (what bulk loaders read) or "arrow"
-    # (Arrow IPC, for a loader in this process), and Parquet's codec ("zstd", "lz4", "snappy",
-    # "none"): small files for a remote stage, cheap CPU for a local one read at once.
-    stage_format: str = "parquet"
+    # Parquet codec of the stage files ("zstd", "lz4", "snappy", "none"): small files for a
+    # remote stage, cheap CPU for a local one read at once.
     stage_compression: str = "zstd"
 
     def __init__(self, name: str, config: Any, context: Context | None = None) -> None:
@@ -106,9 +104,15 @@ class Destination(ABC):
         self.config = config
         self.context = context or Context()
 
-    def commit_due(self, rows: int, seconds: float) -> bool:
-        """Whether `rows` staged since the previous commit, `seconds` ago, are committed now."""
+    def commit_due(self, disposition: Disposition, rows: int, seconds: float) -> bool:
+        """Whether a stream's checkpoints staged since its previous commit (`rows` rows; the commit
+        was `seconds` ago) are committed now rather than folded into the next commit."""
         return seconds >= self.commit_interval and (rows >= self.commit_rows or seconds >= self.commit_wait)
+
+    def stage_format(self, disposition: Disposition) -> str:
+        """The format of a stream's stage files: "parquet", which bulk loaders read, or "arrow"
+        (Arrow IPC) for a loader in this process."""
+        return "parquet"
 
     @abstractmethod
     def check(self) -> list[str]:

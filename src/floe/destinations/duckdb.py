@@ -1,5 +1,5 @@
-"""DuckDB: the embedded default warehouse. Stage files are Arrow IPC, streamed into the load by
-pyarrow; Parquet stage files (a `stage_format: parquet` setting) are read by `read_parquet`."""
+"""DuckDB: the embedded default warehouse. An append's stage files are Arrow IPC, streamed into
+the table by pyarrow; a merge's are Parquet, read (several times) by `read_parquet`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from floe.config import DestinationConfig
 from floe.destinations.base import LoadJob
 from floe.destinations.sql import SqlDestination
 from floe.engine.stage import SEQ_COLUMN, SUFFIXES
+from floe.engine.stream import Disposition
 from floe.errors import DestinationError
 
 
@@ -27,13 +28,15 @@ class DuckDBConfig(DestinationConfig):
     # nearly every load of ~100k wide rows, recompressing the table's last, partly filled row group
     # each time (about half the CPU of such loads); a larger WAL is replayed on open after a crash.
     checkpoint_threshold: str | None = "64MB"
-    # Each commit leaves partly filled row groups that DuckDB later merges and recompresses, so
-    # checkpoints are folded into commits of at least this many rows, or this many seconds' worth.
+    # Each commit leaves partly filled row groups that DuckDB later merges and recompresses, so an
+    # append stream's checkpoints are folded into commits of at least `commit_rows` rows, or of
+    # `commit_wait_seconds` seconds' worth when rows come slower.
     commit_rows: int = Field(default=1_000_000, ge=0)
     commit_wait_seconds: float = Field(default=10.0, ge=0)
-    # Stage files are local and read once, at once: Arrow IPC costs almost nothing to write and read.
+    # Stage files are local and read once, at once: appends stage Arrow IPC, which costs almost
+    # nothing to write and read; merges stage Parquet (lz4: less CPU than zstd).
     stage_format: Literal["arrow", "parquet"] = "arrow"
-    stage_compression: Literal["zstd", "lz4", "snappy", "none"] = "lz4"  # of Parquet stage files
+    stage_compression: Literal["zstd", "lz4", "snappy", "none"] = "lz4"
 
 
 class DuckDBDestination(SqlDestination):
@@ -58,7 +61,16 @@ class DuckDBDestination(SqlDestination):
     def __init__(self, name: str, config: Any, context: Any = None) -> None:
         super().__init__(name, config, context)
         self.commit_rows, self.commit_wait = config.commit_rows, config.commit_wait_seconds
-        self.stage_format, self.stage_compression = config.stage_format, config.stage_compression
+        self.stage_compression = config.stage_compression
+
+    def commit_due(self, disposition: Disposition, rows: int, seconds: float) -> bool:
+        # A merge's transaction holds the rows it deletes and inserts in memory: it commits each checkpoint.
+        return disposition == "merge" or super().commit_due(disposition, rows, seconds)
+
+    def stage_format(self, disposition: Disposition) -> str:
+        # A merge reads its staged rows several times, which read_parquet does from the files; an
+        # Arrow stream is read once, straight into the table.
+        return "parquet" if disposition == "merge" else self.config.stage_format
 
     @property
     def path(self) -> Path:
@@ -130,15 +142,10 @@ class DuckDBDestination(SqlDestination):
                         f"0 AS {SEQ_COLUMN} LIMIT 0")
             return SEQ_COLUMN
         paths = [f.path for f in job.files]
-        if all(p.suffix == SUFFIXES["arrow"] for p in paths):
-            rows = staged_arrow(paths, job.table.columns.append(pa.field(SEQ_COLUMN, pa.int64())))
-            if job.table.disposition != "merge":  # read once, by the INSERT, straight from the files
-                cur.register(staging, rows)
-                return SEQ_COLUMN
-            # A merge reads its rows several times: once into a temp table (spilled to disk past memory_limit).
-            cur.register(f"{staging}_files", rows)
-            cur.execute(f"CREATE TEMP TABLE {staging} AS SELECT * FROM {staging}_files")
-            cur.unregister(f"{staging}_files")
+        if any(p.suffix == SUFFIXES["arrow"] for p in paths):
+            if job.table.disposition == "merge":  # stage_format() gives merges Parquet
+                raise DestinationError(f"{self.name}: Arrow stage files cannot be merged (they are read once)")
+            cur.register(staging, staged_arrow(paths, job.table.columns.append(pa.field(SEQ_COLUMN, pa.int64()))))
             return SEQ_COLUMN
         files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths)
         # A view, not a table: the merge streams from Parquet instead of first copying every staged

@@ -83,7 +83,7 @@ async def run_stream(
     started = time.monotonic()
     queue: asyncio.Queue[_Commit | None] = asyncio.Queue(maxsize=1)
     writer = StageWriter(stage, source.name, stream.name, new_load_id(), compression=destination.stage_compression,
-                         format=destination.stage_format)
+                         format=destination.stage_format(stream.disposition))
     started_at = datetime.now(UTC)
     attempting: LoadJob | None = None  # the commit in flight, named in _floe_loads if it fails
 
@@ -104,8 +104,8 @@ async def run_stream(
                         grouped = _Commit(files, batch.checkpoint, writer.load_id)
                         # A child table's commit replaces each staged parent's rows: folded into one
                         # commit, a parent staged in two checkpoints would keep both sets.
-                        if stream.parent_key or destination.commit_due(sum(f.rows for f in files),
-                                                                       time.monotonic() - last_commit):
+                        rows, seconds = sum(f.rows for f in files), time.monotonic() - last_commit
+                        if stream.parent_key or destination.commit_due(stream.disposition, rows, seconds):
                             await queue.put(grouped)
                             writer.load_id, pending_checkpoint, grouped = new_load_id(), None, None
                             last_commit = time.monotonic()

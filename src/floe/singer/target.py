@@ -194,8 +194,7 @@ class SingerTarget:
             old.stream, old.columns = stream, buf_columns
             old.converter = Converter(name, buf_columns)
         else:
-            writer = StageWriter(self.stage, self.schema, name, new_load_id(), compression="lz4",
-                                 format=self.destination.stage_format)
+            writer = StageWriter(self.stage, self.schema, name, new_load_id(), compression="lz4")
             self.buffers[name] = _Buffer(stream, buf_columns, Converter(name, buf_columns), writer)
 
     @staticmethod
