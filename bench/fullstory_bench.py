@@ -74,7 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     events_per_hour = args.events // args.hours
     args.work.mkdir(parents=True, exist_ok=True)
-    cache = args.work / f"cache-{events_per_hour}"
+    cache = args.work / f"cache-{events_per_hour}-{args.duration}-{args.format}"  # gzip_mb sums this run's files
     server = serve_in_process(create_app, events_per_hour=events_per_hour, cache_dir=str(cache))
     try:
         def config(name: str) -> Path:
