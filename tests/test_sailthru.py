@@ -30,9 +30,11 @@ Factory = Callable[..., Project]
 
 
 def message_keys(paths: list[Path]) -> set[tuple[Any, ...]]:
-    """A plain-Python reading of message_blast files: the natural key of every row they explode to."""
-    keys = set()
-    for path in paths:
+    """A plain-Python reading of message_blast files: the natural key of every row they explode to.
+    Files are read in load order (by date, a day's `_update` after its base file), and a message
+    sent again replaces its rows: an update holds its activity so far."""
+    latest: dict[tuple[str, int], list[tuple[Any, ...]]] = {}
+    for path in sorted(paths, key=lambda p: (re.findall(r"\d{8}", p.name), "_update" in p.name)):
         data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
         for line in data.splitlines():
             if not line.strip():
@@ -40,9 +42,8 @@ def message_keys(paths: list[Path]) -> set[tuple[Any, ...]]:
             doc = orjson.loads(line)
             actions = [("open", o["ts"]["$date"], None) for o in doc.get("opens", [])]
             actions += [("click", c["ts"]["$date"], c["url"]) for c in doc.get("clicks", [])]
-            for action in actions or [(None, None, None)]:
-                keys.add((doc["profile_id"], doc["blast_id"], *action))
-    return keys
+            latest[doc["profile_id"], doc["blast_id"]] = actions or [(None, None, None)]
+    return {(*message, *action) for message, actions in latest.items() for action in actions}
 
 
 def table_keys(project: Project) -> list[tuple[Any, ...]]:
@@ -172,7 +173,13 @@ def test_update_file_adds_new_activity_without_duplicates(sailthru_project: Fact
     assert set(keys) == message_keys(loaded)
     added = set(keys) - keys_before
     assert added and added <= message_keys([update]), "only the update's new activity is added"
-    assert set(before["message_blast"]) <= set(after["message_blast"])
+    # A message that gained its first actions loses its NULL-action row; every other row stays.
+    gone = keys_before - set(keys)
+    assert gone and all(k[2] is None and (k[0], k[1]) in {(a[0], a[1]) for a in added} for k in gone)
+    messages = {}
+    for p, b, action, *_ in keys:
+        messages.setdefault((p, b), set()).add(action)
+    assert not any(None in actions and len(actions) > 1 for actions in messages.values())
     assert len(after["exports"]) == len(before["exports"]) + 1
     for table in set(TABLES) - {"message_blast", "exports"}:
         assert after[table] == before[table], table

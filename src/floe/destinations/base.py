@@ -45,9 +45,11 @@ class TableSpec:
     disposition: Disposition = "append"
     # merge only: target rows whose parent_key matches a staged row are all deleted first, so a
     # child table (e.g. one row per profile var) is replaced as a set when its parent is re-sent.
-    # A staged row whose other key columns (`marker_columns`) are all NULL is a parent marker: it
-    # empties its parent's set and is not inserted itself (a parent re-sent with no children).
+    # With `parent_markers`, a staged row whose other key columns (`marker_columns`) are all NULL
+    # is a parent marker: it empties its parent's set and is not inserted itself (a parent re-sent
+    # with no children). Without, such a row is an ordinary row (a Sailthru message without actions).
     parent_key: tuple[str, ...] = ()
+    parent_markers: bool = True
     # Optional views recreated with every load, in the same transaction: (name, SELECT template).
     # The template may use {table} (the qualified target) and {columns} (its quoted column list);
     # keep it portable SQL with double-quoted identifiers. Destinations without views ignore it.
@@ -56,7 +58,9 @@ class TableSpec:
     @property
     def marker_columns(self) -> tuple[str, ...]:
         """The primary-key columns that are not the parent key; all NULL in a parent marker row."""
-        return tuple(k for k in self.primary_key if k not in self.parent_key) if self.parent_key else ()
+        if not (self.parent_key and self.parent_markers):
+            return ()
+        return tuple(k for k in self.primary_key if k not in self.parent_key)
 
     def not_marker_sql(self, column: Callable[[str], str]) -> str | None:
         """SQL true for every row that is not a parent marker (None when there are no markers);

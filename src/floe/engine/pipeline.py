@@ -54,7 +54,7 @@ def table_spec(source: str, stream: Stream, files: list[StagedFile]) -> TableSpe
                 fields[f.name] = f if known is None or not known.metadata else f.with_metadata(known.metadata)
     return TableSpec(
         source, stream.name, pa.schema(list(fields.values())), stream.primary_key, stream.disposition,
-        parent_key=stream.parent_key, views=tuple(stream.views),
+        parent_key=stream.parent_key, parent_markers=stream.parent_markers, views=tuple(stream.views),
     )
 
 

@@ -65,6 +65,7 @@ class Stream(ABC):
     cursor_field: str | None = None
     disposition: Disposition = "append"
     parent_key: tuple[str, ...] = ()  # merge: replace all rows of a parent (see TableSpec.parent_key)
+    parent_markers: bool = True  # see TableSpec.parent_markers
     views: tuple[tuple[str, str], ...] = ()  # (view name, SQL template) kept beside the table (see TableSpec.views)
 
     @abstractmethod

@@ -218,7 +218,10 @@ def message_schema(base_fields: list[pa.Field]) -> pa.Schema:
 
 class MessageStream(SailthruStream):
     """One row per open or click (action_name/action_ts/action_url), or one row with null
-    action fields for a message without any."""
+    action fields for a message without any. A re-sent message (an `_update` file holds its
+    activity so far) replaces its rows as a set: its NULL-action row goes once actions arrive."""
+
+    parent_markers = False  # the NULL-action row of a message without actions is a real row
 
     base_fields: ClassVar[list[pa.Field]]  # as read from JSON (send_time naive, localised later)
     scrubs_itself = True  # before exploding: fewer rows to scan
@@ -321,6 +324,7 @@ class MessageBlastStream(MessageStream):
         pa.field("message_revenue", pa.float64()), pa.field("delivery_status", pa.string()),
     ]
     primary_key = ("profile_id", "blast_id", "action_name", "action_ts", "action_url")
+    parent_key = ("profile_id", "blast_id")
     schema = message_schema(base_fields)
 
 
@@ -333,6 +337,7 @@ class MessageTransactionalStream(MessageStream):
         pa.field("message_revenue", pa.float64()), pa.field("delivery_status", pa.string()),
     ]
     primary_key = ("id", "action_name", "action_ts", "action_url")
+    parent_key = ("id",)
     schema = message_schema(base_fields)
 
 
