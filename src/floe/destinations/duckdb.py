@@ -166,10 +166,8 @@ class DuckDBDestination(SqlDestination):
                 *super().disposition_sql(spec, staging, order, load_id, unique_keys)]
 
     def drop_staging(self, cur: Any, staging: str) -> None:
-        cur.unregister(staging)  # the Arrow stream of an append, if it was one
-        cur.execute("SELECT count(*) FROM duckdb_tables() WHERE temporary AND table_name = ?", [staging])
-        kind = "TABLE" if cur.fetchone()[0] else "VIEW"
-        cur.execute(f"DROP {kind} IF EXISTS {staging}")
+        cur.unregister(staging)  # an append's Arrow stream (a no-op for a view)
+        cur.execute(f"DROP VIEW IF EXISTS {staging}")
 
     def deduplicated(self, spec: Any, staging: str, order: str) -> str:
         # The last row to arrive per key, also across several staged files: every part of `order`

@@ -155,15 +155,11 @@ class ExportReader:
         """The file's batches in file order. Chunks are cut on this thread and parsed on `workers`
         threads (pyarrow releases the GIL while parsing), at most `workers` chunks ahead."""
         chunks = self._ndjson_chunks(path) if self.fmt == "FORMAT_NDJSON" else self._array_chunks(path)
-        if self.workers == 1:
-            for chunk in chunks:
-                yield self.convert(self.parse(chunk))
-            return
         with ThreadPoolExecutor(self.workers, thread_name_prefix="fullstory-parse") as pool:
             pending: deque[Future[pa.RecordBatch]] = deque()
             try:
                 for chunk in chunks:
-                    pending.append(pool.submit(lambda c: self.convert(self.parse(c)), chunk))
+                    pending.append(pool.submit(self.batch, chunk))
                     if len(pending) > self.workers:
                         yield pending.popleft().result()
                 while pending:
@@ -172,10 +168,14 @@ class ExportReader:
                 for future in pending:
                     future.cancel()
 
+    def batch(self, chunk: bytes) -> pa.RecordBatch:
+        """One chunk of whole events as one batch of `schema`."""
+        return self.convert(self.parse(chunk))
+
     def parse(self, chunk: bytes) -> pa.Table:
-        """Parse the chunk as one block on this thread: the other core is loading the previous
-        window, and one block needs no reconciling of types or concatenating of chunks (about
-        20% less CPU than 1 MB blocks on pyarrow's threads)."""
+        """Parse the chunk as one block without pyarrow's own threads (`batches` runs chunks side
+        by side instead): one block needs no reconciling of types or concatenating of chunks
+        (about 20% less CPU than 1 MB blocks on pyarrow's threads). Safe on several threads."""
         while True:
             declared = pa.schema([f for f in self.parse_schema if f.name in self._declared])
             options = pj.ParseOptions(explicit_schema=declared, unexpected_field_behavior="infer")
