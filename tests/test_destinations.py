@@ -172,26 +172,29 @@ def test_types_round_trip_through_read_batches(dest, load):
         "id": pa.array([1, 2], pa.int64()),
         "flag": [True, None],
         "amount": pa.array([Decimal("12.34"), None], pa.decimal128(10, 2)),
+        "wide": pa.array([Decimal("1234567890123456789012345678.0123456789"), None], pa.decimal128(38, 10)),
         "ratio": [0.5, None],
         "day": [date(2024, 5, 6), None],
         "seen_at": pa.array([ts, None], pa.timestamp("us", "UTC")),
         "doc": pa.array(['{"a": [1, 2]}', None], pa.string()),
         "text": ["comma, \"quote\"\nnewline", ""],
     }).cast(pa.schema([
-        ("id", pa.int64()), ("flag", pa.bool_()), ("amount", pa.decimal128(10, 2)), ("ratio", pa.float64()),
+        ("id", pa.int64()), ("flag", pa.bool_()), ("amount", pa.decimal128(10, 2)),
+        ("wide", pa.decimal128(38, 10)), ("ratio", pa.float64()),
         ("day", pa.date32()), ("seen_at", pa.timestamp("us", "UTC")), json_field("doc"), ("text", pa.string()),
     ]))
     load(table)
     batches = list(dest.read_batches(
-        "SELECT id, flag, amount, ratio, day, seen_at, doc, text FROM src.items ORDER BY id", batch_size=1))
+        "SELECT id, flag, amount, wide, ratio, day, seen_at, doc, text FROM src.items ORDER BY id", batch_size=1))
     assert [b.num_rows for b in batches] == [1, 1]
     got = pa.Table.from_batches(batches).to_pylist()
     assert got[0]["flag"] is True and got[0]["ratio"] == 0.5
-    assert Decimal(str(got[0]["amount"])) == Decimal("12.34")  # exact NUMERIC on PostgreSQL
+    # Exact decimals (DECIMAL(p,s) on DuckDB, NUMERIC(p,s) on PostgreSQL), up to 38 digits.
+    assert (got[0]["amount"], got[0]["wide"]) == (Decimal("12.34"), Decimal("1234567890123456789012345678.0123456789"))
     assert got[0]["day"] == date(2024, 5, 6) and got[0]["seen_at"] == ts
     assert json.loads(got[0]["doc"]) == {"a": [1, 2]}
     assert got[0]["text"] == "comma, \"quote\"\nnewline"
-    assert got[1] == {"id": 2, "flag": None, "amount": None, "ratio": None, "day": None, "seen_at": None,
+    assert got[1] == {"id": 2, "flag": None, "amount": None, "wide": None, "ratio": None, "day": None, "seen_at": None,
                       "doc": None, "text": ""}
 
 

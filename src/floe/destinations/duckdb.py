@@ -63,6 +63,11 @@ class DuckDBDestination(SqlDestination):
         self.commit_rows, self.commit_wait = config.commit_rows, config.commit_wait_seconds
         self.stage_compression = config.stage_compression
 
+    def column_type(self, f: pa.Field) -> str | None:
+        if pa.types.is_decimal(f.type) and f.type.precision <= 38:  # DuckDB's widest DECIMAL
+            return f"DECIMAL({f.type.precision},{f.type.scale})"
+        return super().column_type(f)
+
     def commit_due(self, disposition: Disposition, rows: int, seconds: float) -> bool:
         # A merge's transaction holds the rows it deletes and inserts in memory: it commits each checkpoint.
         return disposition == "merge" or super().commit_due(disposition, rows, seconds)
