@@ -68,7 +68,7 @@ class Loader:
         """One stage file per table, in the destination's stage format, in arrival order."""
         self.count += 1
         writer = StageWriter(self.folder, "src", "items", f"load{self.count}",
-                             format=self.dest.stage_format(disposition))  # type: ignore[arg-type]
+                             format=self.dest.stage_format(disposition))
         files: list[StagedFile] = []
         for table in tables:
             for batch in table.to_batches() or [pa.RecordBatch.from_pylist([], schema=table.schema)]:
@@ -312,13 +312,13 @@ def test_commit_interval_folds_checkpoints_into_one_commit(duckdb_destination, t
     assert not staged_files(tmp_path / "stage")  # no staged file left behind
 
 
-@pytest.mark.parametrize(("settings", "commits"), [
+@pytest.mark.parametrize(("config", "commits"), [
     ({}, 1),  # DuckDB's defaults: a commit holds a million rows or ten seconds' worth
     ({"commit_rows": 2}, 3),  # after rows 2 and 4, then the rest
     ({"commit_wait_seconds": 0}, 5),
 ])
-def test_duckdb_folds_checkpoints_until_commit_rows_or_commit_wait(tmp_path, settings, commits):
-    dest = DuckDBDestination("w", DuckDBConfig(path=str(tmp_path / "w.duckdb"), **settings), Context(tmp_path))
+def test_duckdb_folds_checkpoints_until_commit_rows_or_commit_wait(tmp_path, config, commits):
+    dest = DuckDBDestination("w", DuckDBConfig(path=str(tmp_path / "w.duckdb"), **config), Context(tmp_path))
     stream = CountingStream(5)
     try:
         result = asyncio.run(run_stream(OneStreamSource(stream), stream, dest, tmp_path / "stage"))
