@@ -81,6 +81,16 @@ def test_a_failure_keeps_earlier_commits_and_state_and_is_recorded(duckdb_destin
     assert not staged_files(tmp_path / "stage"), "staged files of the failed load are removed"
 
 
+@pytest.mark.parametrize("suffix", [".parquet", ".arrow"])
+def test_stage_files_of_a_killed_run_are_removed_when_the_stream_next_runs(duckdb_destination, tmp_path, suffix):
+    day = tmp_path / "stage" / "src" / "items" / "2026" / "11" / "20"
+    day.mkdir(parents=True)
+    (day / f"20261120T000000Z-dead00-00001{suffix}").write_bytes(b"half written")
+    result = load(duckdb_destination, ListStream([Batch(rows([1], ["a"]), checkpoint={"n": 1})]), tmp_path / "stage")
+    assert result.ok and table(duckdb_destination) == [(1, "a")]
+    assert not staged_files(tmp_path / "stage")
+
+
 def test_the_next_run_reads_from_the_committed_state(duckdb_destination, tmp_path):
     load(duckdb_destination, ListStream([Batch(rows([1], ["a"]), checkpoint={"n": 7})]), tmp_path / "s")
     second = ListStream([Batch(checkpoint={"n": 8})])
