@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
 
+import numpy as np
 import orjson
 import pyarrow as pa
 
 from floe.config import DestinationConfig
 from floe.engine.stage import StagedFile
-from floe.engine.stream import Context, Disposition, State
+from floe.engine.stream import Context, Disposition, State, Stream
 
 SEQ = "_floe_seq"  # arrival order of staged rows: a later row wins a merge
 META_JSON = b"floe.json"  # field metadata key: the column holds a JSON document (jsonb, SUPER, JSON)
@@ -108,9 +109,11 @@ class Destination(ABC):
         self.config = config
         self.context = context or Context()
 
-    def commit_due(self, disposition: Disposition, rows: int, seconds: float) -> bool:
+    def commit_due(self, stream: Stream, rows: int, seconds: float) -> bool:
         """Whether a stream's checkpoints staged since its previous commit (`rows` rows; the commit
         was `seconds` ago) are committed now rather than folded into the next commit."""
+        if stream.parent_key:  # a child table's commit replaces each staged parent's rows: folded into
+            return True  # one commit, a parent staged in two checkpoints would keep both sets
         return seconds >= self.commit_interval and (rows >= self.commit_rows or seconds >= self.commit_wait)
 
     def stage_format(self, disposition: Disposition) -> str:
@@ -148,7 +151,7 @@ def staged_column(batch: pa.RecordBatch, target: pa.Field, first_seq: int) -> tu
     nested values (lists, structs, maps) become JSON text. Returns the column and the batch's own field
     (None when the column was made up here)."""
     if target.name == SEQ:
-        return pa.array(range(first_seq, first_seq + batch.num_rows), pa.int64()), None
+        return pa.array(np.arange(first_seq, first_seq + batch.num_rows, dtype=np.int64)), None
     idx = batch.schema.get_field_index(target.name)
     if idx < 0:
         return pa.nulls(batch.num_rows, target.type), None

@@ -12,10 +12,10 @@ import pyarrow as pa
 from pydantic import Field
 
 from floe.config import DestinationConfig
-from floe.destinations.base import LoadJob, TableSpec
+from floe.destinations.base import SEQ, LoadJob, TableSpec, staged_column
 from floe.destinations.sql import SqlDestination
-from floe.engine.stage import SEQ_COLUMN, SUFFIXES
-from floe.engine.stream import Disposition
+from floe.engine.stage import SUFFIXES
+from floe.engine.stream import Disposition, Stream
 from floe.errors import DestinationError
 
 
@@ -68,9 +68,9 @@ class DuckDBDestination(SqlDestination):
             return f"DECIMAL({f.type.precision},{f.type.scale})"
         return super().column_type(f)
 
-    def commit_due(self, disposition: Disposition, rows: int, seconds: float) -> bool:
+    def commit_due(self, stream: Stream, rows: int, seconds: float) -> bool:
         # A merge's transaction holds the rows it deletes and inserts in memory: it commits each checkpoint.
-        return disposition == "merge" or super().commit_due(disposition, rows, seconds)
+        return stream.disposition == "merge" or super().commit_due(stream, rows, seconds)
 
     def stage_format(self, disposition: Disposition) -> str:
         # A merge reads its staged rows several times, which read_parquet does from the files; an
@@ -142,14 +142,14 @@ class DuckDBDestination(SqlDestination):
                 for f in job.table.columns if (t := self.column_type(f)) is not None
             )
             cur.execute(f"CREATE TEMP VIEW {staging} AS SELECT {cols or '1 AS _floe_empty'}, "
-                        f"0 AS {SEQ_COLUMN} LIMIT 0")
-            return SEQ_COLUMN
+                        f"0 AS {SEQ} LIMIT 0")
+            return SEQ
         paths = [f.path for f in job.files]
         if any(p.suffix == SUFFIXES["arrow"] for p in paths):
             if job.table.disposition == "merge":  # stage_format() gives merges Parquet
                 raise DestinationError(f"{self.name}: Arrow stage files cannot be merged (they are read once)")
-            cur.register(staging, staged_arrow(paths, job.table.columns.append(pa.field(SEQ_COLUMN, pa.int64()))))
-            return SEQ_COLUMN
+            cur.register(staging, staged_arrow(paths, job.table.columns.append(pa.field(SEQ, pa.int64()))))
+            return SEQ
         files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths)
         # A view, not a table: the merge streams from Parquet instead of first copying every staged
         # row into memory (a commit can be a whole export file).
@@ -183,26 +183,31 @@ class DuckDBDestination(SqlDestination):
 
 
 def staged_arrow(paths: list[Path], schema: pa.Schema) -> pa.RecordBatchReader:
-    """The rows of Arrow stage files as one stream of `schema`, one batch in memory at a time."""
+    """The rows of Arrow stage files, in write order, as one stream of `schema` (whose last column
+    is `SEQ`, the arrival order), one batch in memory at a time."""
 
     def batches() -> Iterator[pa.RecordBatch]:
+        seq = 0
         for path in paths:
             with pa.OSFile(str(path)) as f:
                 reader = pa.ipc.open_file(f)
                 for i in range(reader.num_record_batches):
-                    yield conform(reader.get_batch(i), schema)
+                    batch = reader.get_batch(i)
+                    yield conform(batch, schema, seq)
+                    seq += batch.num_rows
 
     return pa.RecordBatchReader.from_batches(schema, batches())
 
 
-def conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
-    """`batch` with `schema`'s columns: one it lacks (it appeared in a later file) is all nulls,
-    one of another type (e.g. null while every value was missing) is cast."""
-    if batch.schema.equals(schema):
-        return batch
+def conform(batch: pa.RecordBatch, schema: pa.Schema, first_seq: int) -> pa.RecordBatch:
+    """`batch` with `schema`'s columns: `SEQ` and any column it lacks (one that appeared in a later
+    file) come from `staged_column`; one of another type (e.g. null while every value was missing) is
+    cast. Nested values stay nested: DuckDB casts them to JSON itself."""
+    if batch.schema.equals(pa.schema(list(schema)[:-1])):  # the usual case: just number the rows
+        return batch.append_column(schema.field(SEQ), staged_column(batch, schema.field(SEQ), first_seq)[0])
     columns = []
     for field in schema:
         i = batch.schema.get_field_index(field.name)
-        column = batch.column(i) if i >= 0 else pa.nulls(batch.num_rows, field.type)
+        column = staged_column(batch, field, first_seq)[0] if i < 0 or field.name == SEQ else batch.column(i)
         columns.append(column if column.type.equals(field.type) else column.cast(field.type))
     return pa.RecordBatch.from_arrays(columns, schema=schema)

@@ -221,9 +221,9 @@ class PostgresDestination(SqlDestination):
             return ""
         names = ", ".join(self.quote(c) for c in self.insert_columns(spec))
         cur.execute(f"CREATE TEMP TABLE {staging} ON COMMIT DROP AS SELECT {names} FROM {target} WITH NO DATA")
-        cur.execute(f"ALTER TABLE {staging} ADD COLUMN _floe_seq BIGINT GENERATED ALWAYS AS IDENTITY")
+        cur.execute(f"ALTER TABLE {staging} ADD COLUMN {SEQ} BIGINT GENERATED ALWAYS AS IDENTITY")
         self.copy_files(cur, job, staging)
-        return "_floe_seq"
+        return SEQ
 
     def staged_keys_unique(self, cur: Any, spec: TableSpec, staging: str) -> bool:
         return False  # staged_sql de-duplicates in place, which costs little when no key repeats

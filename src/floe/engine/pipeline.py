@@ -102,10 +102,8 @@ async def run_stream(
                     if stream.disposition != "replace":
                         files = (grouped.files if grouped else []) + writer.flush()
                         grouped = _Commit(files, batch.checkpoint, writer.load_id)
-                        # A child table's commit replaces each staged parent's rows: folded into one
-                        # commit, a parent staged in two checkpoints would keep both sets.
                         rows, seconds = sum(f.rows for f in files), time.monotonic() - last_commit
-                        if stream.parent_key or destination.commit_due(stream.disposition, rows, seconds):
+                        if destination.commit_due(stream, rows, seconds):
                             await queue.put(grouped)
                             writer.load_id, pending_checkpoint, grouped = new_load_id(), None, None
                             last_commit = time.monotonic()

@@ -7,9 +7,7 @@ once their data is committed.
 
 Two formats, chosen by the destination (`Destination.stage_format`): Parquet, which every
 warehouse's bulk loader reads, and Arrow IPC for a loader in this process (DuckDB), which costs
-almost nothing to write or read. Arrow files carry one extra column, `_floe_seq`: each row's
-arrival number within the writer, so that a merge can keep the last row of a key (Parquet
-readers get the same from the file name and row number).
+almost nothing to write or read. Either way a loader reads the files in write order.
 """
 
 from __future__ import annotations
@@ -19,11 +17,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SEQ_COLUMN = "_floe_seq"
 SUFFIXES = {"parquet": ".parquet", "arrow": ".arrow"}
 
 
@@ -55,7 +51,6 @@ class StageWriter:
     format: str = "parquet"  # or "arrow" (see the module docstring)
     _day: datetime = field(default_factory=lambda: datetime.now(UTC))
     _writer: pq.ParquetWriter | pa.ipc.RecordBatchFileWriter | None = None
-    _seq: int = 0
     _current: StagedFile | None = None
     _finished: list[StagedFile] = field(default_factory=list)
     _count: int = 0
@@ -73,7 +68,7 @@ class StageWriter:
             directory.mkdir(parents=True, exist_ok=True)
             path = directory / f"{self.load_id}-{self._count:05d}{SUFFIXES[self.format]}"
             if self.format == "arrow":
-                self._writer = pa.ipc.new_file(path, batch.schema.append(pa.field(SEQ_COLUMN, pa.int64())))
+                self._writer = pa.ipc.new_file(path, batch.schema)
             else:
                 # No dictionary encoding: stage files live minutes, and trying dictionaries on
                 # high-cardinality columns costs more CPU than the rest of the write (zstd still compresses).
@@ -81,12 +76,7 @@ class StageWriter:
                                                 use_dictionary=False)
             self._current = StagedFile(path, 0, batch.schema)
         assert self._writer is not None
-        if self.format == "arrow":
-            seq = pa.array(np.arange(self._seq, self._seq + batch.num_rows, dtype=np.int64))
-            self._writer.write_batch(batch.append_column(SEQ_COLUMN, seq))
-            self._seq += batch.num_rows
-        else:
-            self._writer.write_batch(batch)
+        self._writer.write_batch(batch)
         self._current.rows += batch.num_rows
 
     def _close_file(self) -> None:
