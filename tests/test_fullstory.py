@@ -256,6 +256,17 @@ def test_export_files_parse_the_same_in_every_layout_and_chunking(tmp_path: Path
         for e in EVENTS]
 
 
+def test_a_known_field_that_does_not_fit_its_column_is_an_error_naming_it(tmp_path: Path) -> None:
+    from floe.errors import SourceError
+    from floe.sources.fullstory_export import ExportReader
+
+    path = tmp_path / "export.gz"
+    path.write_bytes(gzip.compress(b'{"IndvId": 1, "PageNumEvents": 1099511627776}\n'))  # 2**40: not an int32
+    reader_schema = FullStorySource("fs", FullStoryConfig(api_key="k")).streams()[0].schema
+    with pytest.raises(SourceError, match="field PageNumEvents is not a int32"):
+        list(ExportReader(reader_schema, "FORMAT_NDJSON").batches(path))
+
+
 @pytest.mark.parametrize("body", [b'{"IndvId": 1}\n', gzip.compress(b'{"IndvId": 1}\n')[:10] + b"\xff" * 40])
 def test_a_file_that_is_not_gzip_is_an_error(tmp_path: Path, body: bytes) -> None:
     from floe.errors import SourceError
