@@ -3,22 +3,35 @@
 `POST /api/v2.0/create_async_report` (form-encoded; `api_key` parameter or a raw `Authorization`
 header) -> `{"status":0,"substatus":0,"value":{"report_id":…}}`; `GET /api/v2.0/get_report_status`
 walks QUEUED -> STARTED -> DONE (or FAILED for a share `fail_rate` of reports), one step per poll;
-on DONE, `download_url` is a pre-signed-looking URL served without auth: `{"results":[row…]}`.
+on DONE, `download_url` is a pre-signed-looking URL served without auth: `{"results":[row…]}`
+(`envelope="value"`: the older `{"status":0,"value":{"results":[…]}}`; any other `envelope` is a
+fault: `"list"` serves a bare array, a name like `"data"` serves `{"data": [...]}`).
+`GET /api/cohort_metrics` lists the cohort metrics and periods.
+
+Measures go in the parameter the official client's params.py gives them: `metrics`, `discrepancy_metrics`
+(adn_/tracker_ clicks and installs) or `cohort_metrics`, which needs `cohort_periods`; a measure in
+the wrong one, an unknown name or period is HTTP 400 with a non-zero envelope `status`. Cohort values
+come nested by period (`"revenue": {"1d": 12.3, "actual": 88.5}`); a period longer than the day's age
+is absent. At most `max_running` reports (Singular's documented 100) run at once; one more is
+HTTP 429 (status and body inferred). The sandbox records what it saw: the most reports running at
+once (`max_seen_running`) and every status poll's time (`min_poll_gap()`).
 
 Data is a pure function of (seed, rows_per_day, day, retrieval): every day has `rows_per_day`
 dimension combinations; spend for the last `settle_days` days before `today` is not golden yet:
 it shrinks a little with every report created for that day, as networks remove fraudulent clicks.
-Quirks real clients meet: some numbers sent as strings, `""` for missing values, `"N/A"` dimension values.
+It is at least as irregular as what real clients meet: numbers sent as strings or `""`, whole numbers
+as floats, `"N/A"` dimension and ratio values, metrics missing from some rows, fields nobody asked for.
 """
 
 from __future__ import annotations
 
 import secrets as _random
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from itertools import product
+from itertools import pairwise, product
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -47,10 +60,19 @@ DIMENSIONS: dict[str, tuple[str, ...]] = {
     "adn_creative_name": ("video_15s", "banner_320x50", "playable_v2"),
     "data_source_name": ("Facebook API", "AdWords API", "Tracker"),
 }
-METRICS = ("adn_impressions", "adn_clicks", "adn_installs", "adn_cost", "adn_original_cost", "custom_clicks",
-           "custom_installs", "custom_impressions", "tracker_installs", "revenue", "ad_revenue", "ctr", "cvr",
-           "ecpi", "ecpm")
+PARAMETER: dict[str, str] = {  # measure -> the create_async_report parameter it must be sent in
+    **dict.fromkeys(("adn_impressions", "adn_cost", "adn_original_cost", "custom_clicks", "custom_installs",
+                     "custom_impressions", "ctr", "cvr", "ecpi", "ecpm"), "metrics"),
+    **dict.fromkeys(("adn_clicks", "adn_installs", "tracker_clicks", "tracker_installs"), "discrepancy_metrics"),
+    **dict.fromkeys(("revenue", "ad_revenue", "unified_revenue", "retained_users", "retention_rate"),
+                    "cohort_metrics"),
+}
+COHORT_PERIODS = {"1d": 1, "3d": 3, "7d": 7, "14d": 14, "30d": 30, "actual": 0}  # period -> days (0: no limit)
+REVENUE_SHARE = {1: 0.35, 3: 0.5, 7: 0.7, 14: 0.85, 30: 0.95, 0: 1.0}  # of the actual value, by period length
+RETAINED_SHARE = {1: 0.4, 3: 0.3, 7: 0.2, 14: 0.12, 30: 0.07, 0: 0.05}  # of installs, by period length
+RATIOS = ("ctr", "cvr", "ecpi", "ecpm", "retention_rate")
 STATUS_FLOW = ("QUEUED", "STARTED", "DONE")
+MISSING = object()  # a measure the row does not carry at all
 
 
 @dataclass
@@ -59,9 +81,11 @@ class Report:
     start: date
     end: date
     dimensions: list[str]
-    metrics: list[str]
+    metrics: list[str]  # sent one value per row: metrics and discrepancy_metrics
     versions: dict[date, int]  # the retrieval number of each day, fixed when the report was created
-    polls: int = 0
+    cohort_metrics: list[str] = field(default_factory=list)
+    cohort_periods: list[str] = field(default_factory=list)
+    polls: list[float] = field(default_factory=list)  # time.monotonic() of each status poll
     failed: bool = False
 
 
@@ -74,9 +98,14 @@ class SingularSandbox:
     api_key: str = "sandbox-singular-api-key"
     fail_rate: float = 0.0
     polls_to_done: int = 2  # polls answered QUEUED/STARTED before DONE
+    envelope: str = "results"
+    max_running: int = 100
     reports: dict[str, Report] = field(default_factory=dict)
     retrievals: Counter[date] = field(default_factory=Counter)
     created: int = 0
+    running: set[str] = field(default_factory=set)  # created, and DONE or FAILED not yet answered
+    max_seen_running: int = 0
+    refused_busy: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def combinations(self, dimensions: list[str]) -> list[tuple[str, ...]]:
@@ -87,9 +116,12 @@ class SingularSandbox:
         every.sort(key=lambda combo: mix(salt ^ hash_kind("|".join(combo))))
         return every[: self.rows_per_day]
 
-    def value(self, metric: str, day: date, combo: tuple[str, ...], version: int) -> Any:
-        """One metric of one row: deterministic, shrinking per retrieval while the day is not golden."""
-        h = mix(self.seed ^ hash_kind(f"{day}|{'|'.join(combo)}"))  # one row's metrics stay consistent
+    def _row_hash(self, day: date, combo: tuple[str, ...]) -> int:
+        return mix(self.seed ^ hash_kind(f"{day}|{'|'.join(combo)}"))  # one row's measures stay consistent
+
+    def measures(self, day: date, combo: tuple[str, ...], version: int) -> dict[str, Any]:
+        """The true numbers of one row (cohort metrics: their `actual` value), before Singular's quirks."""
+        h = self._row_hash(day, combo)
         impressions = 1000 + h % 50000
         clicks = impressions // (20 + (h >> 20) % 30)
         installs = clicks // (5 + (h >> 30) % 10)
@@ -98,25 +130,60 @@ class SingularSandbox:
         if 0 <= age < self.settle_days:  # not golden: fraud is still being removed, more each retrieval
             keep = 1 - 0.04 * min(version, 5) - 0.01 * (self.settle_days - age)
             clicks, installs, cost = int(clicks * keep), int(installs * keep), round(cost * keep, 2)
-        base: dict[str, Any] = {
+        return {
             "adn_impressions": impressions, "adn_clicks": clicks, "adn_installs": installs, "adn_cost": cost,
             "adn_original_cost": cost, "custom_clicks": clicks, "custom_installs": installs,
-            "custom_impressions": impressions, "tracker_installs": installs,
+            "custom_impressions": impressions, "tracker_clicks": clicks - clicks // 50,
+            "tracker_installs": installs - installs // 20,
             "revenue": round(installs * 1.7, 2), "ad_revenue": round(installs * 0.3, 2),
+            "unified_revenue": round(installs * 2.0, 2), "retained_users": installs,
+            "retention_rate": 1.0 if installs else None,
             "ctr": round(clicks / impressions, 6), "cvr": round(installs / clicks, 6) if clicks else None,
             "ecpi": round(cost / installs, 4) if installs else None,
             "ecpm": round(1000 * cost / impressions, 4),
         }
-        value = base[metric]
-        h = mix(h ^ hash_kind(metric))
+
+    def _as_sent(self, value: Any, h: int, metric: str) -> Any:
+        """One value the way Singular may send it: sometimes a string, `""`, `"N/A"`, a float, or absent."""
         quirk = (h >> 50) % 25
         if quirk == 0:
             return str(float(value)) if value is not None else ""  # a number sent as a string
         if quirk == 1 and metric not in ("adn_impressions", "adn_cost"):
             return ""  # missing
-        if quirk == 2 and metric in ("ctr", "cvr", "ecpi", "ecpm"):
+        if quirk == 2 and metric in RATIOS:
             return "N/A"
+        if quirk == 3 and metric != "adn_impressions":
+            return MISSING  # the row does not carry the measure
         return float(value) if isinstance(value, int) and (h >> 45) % 2 else value
+
+    def cell(self, metric: str, day: date, combo: tuple[str, ...], version: int) -> Any:
+        """One flat measure of one row as sent (MISSING: the key is absent)."""
+        h = mix(self._row_hash(day, combo) ^ hash_kind(metric))
+        return self._as_sent(self.measures(day, combo, version)[metric], h, metric)
+
+    def cohort_cell(self, metric: str, periods: list[str], day: date, combo: tuple[str, ...], version: int) -> Any:
+        """One cohort measure of one row as sent: `{period: value}` (periods not reached yet are absent), or MISSING."""
+        h = mix(self._row_hash(day, combo) ^ hash_kind(metric))
+        if (h >> 50) % 25 == 3:
+            return MISSING
+        measures = self.measures(day, combo, version)
+        installs, actual = measures["adn_installs"], measures[metric]
+        age = (self.today - day).days
+        nested: dict[str, Any] = {}
+        for period in periods:
+            days = COHORT_PERIODS[period]
+            if days > age:
+                continue  # the cohort is not that old yet
+            if metric == "retained_users":
+                value: Any = round(installs * RETAINED_SHARE[days])
+            elif metric == "retention_rate":
+                value = round(RETAINED_SHARE[days], 4) if installs else None
+            else:
+                value = round(actual * REVENUE_SHARE[days], 2)
+            sent = self._as_sent(value, mix(h ^ hash_kind(period)), metric)
+            if sent is not MISSING:
+                nested[period] = sent
+        return nested
 
     def rows(self, report: Report) -> list[dict[str, Any]]:
         combos = self.combinations(report.dimensions)
@@ -127,13 +194,20 @@ class SingularSandbox:
             for combo in combos:
                 row: dict[str, Any] = dict(zip(report.dimensions, combo, strict=True))
                 row["start_date"] = row["end_date"] = day.isoformat()
-                for metric in report.metrics:
-                    row[metric] = self.value(metric, day, combo, version)
+                cells = [(m, self.cell(m, day, combo, version)) for m in report.metrics]
+                cells += [(m, self.cohort_cell(m, report.cohort_periods, day, combo, version))
+                          for m in report.cohort_metrics]
+                row.update((m, v) for m, v in cells if v is not MISSING)
+                h = self._row_hash(day, combo)
+                row["data_connector_id"] = 4000 + h % 9  # fields nobody asked for
+                if h % 3 == 0:
+                    row["last_updated_utc"] = f"{day.isoformat()}T0{h % 10}:15:00"
                 out.append(row)
             day += timedelta(days=1)
         return out
 
-    def create(self, start: date, end: date, dimensions: list[str], metrics: list[str]) -> Report:
+    def create(self, start: date, end: date, dimensions: list[str], metrics: list[str],
+               cohort_metrics: list[str] | None = None, cohort_periods: list[str] | None = None) -> Report:
         versions: dict[date, int] = {}
         day = start
         while day <= end:
@@ -142,9 +216,17 @@ class SingularSandbox:
             day += timedelta(days=1)
         self.created += 1
         failed = self.fail_rate > 0 and (mix(self.seed * 7 + self.created) % 10_000) / 10_000 < self.fail_rate
-        report = Report(_random.token_hex(16), start, end, dimensions, metrics, versions, failed=failed)
+        report = Report(_random.token_hex(16), start, end, dimensions, metrics, versions,
+                        list(cohort_metrics or []), list(cohort_periods or []), failed=failed)
         self.reports[report.report_id] = report
+        self.running.add(report.report_id)
+        self.max_seen_running = max(self.max_seen_running, len(self.running))
         return report
+
+    def min_poll_gap(self) -> float | None:
+        """The shortest time between two status polls of one report (None: no report was polled twice)."""
+        gaps = [b - a for report in self.reports.values() for a, b in pairwise(report.polls)]
+        return min(gaps) if gaps else None
 
 
 def _envelope(value: Any, status: int = 0, http: int = 200) -> Response:
@@ -163,12 +245,12 @@ def singular_error(status: int) -> dict[str, Any]:
 
 def create_app(seed: int = 1, rows_per_day: int = 40, settle_days: int = 7, today: str | None = None,
                api_key: str = "sandbox-singular-api-key", fail_rate: float = 0.0, polls_to_done: int = 2,
-               rate_429: float = 0.0, rate_5xx: float = 0.0, latency: float = 0.0, truncate_rate: float = 0.0,
-               retry_after: float = 1.0) -> Any:
+               envelope: str = "results", max_running: int = 100, rate_429: float = 0.0, rate_5xx: float = 0.0,
+               latency: float = 0.0, truncate_rate: float = 0.0, retry_after: float = 1.0) -> Any:
     """The Singular emulator as an ASGI app; `app.state.singular` is the `SingularSandbox`."""
     sandbox = SingularSandbox(seed, rows_per_day, settle_days,
                               date.fromisoformat(today) if today else datetime.now(UTC).date(),
-                              api_key, fail_rate, polls_to_done)
+                              api_key, fail_rate, polls_to_done, envelope, max_running)
     faults = Faults(rate_429, rate_5xx, truncate_rate, latency, retry_after, seed)
 
     async def params(request: Request) -> dict[str, str]:
@@ -181,6 +263,24 @@ def create_app(seed: int = 1, rows_per_day: int = 40, settle_days: int = 7, toda
     def authorised(request: Request, values: dict[str, str]) -> bool:
         key = values.get("api_key") or request.headers.get("authorization", "")
         return key == sandbox.api_key
+
+    def measures_refused(lists: dict[str, list[str]]) -> str | None:
+        """Why Singular would refuse these metric parameters (None: it would not)."""
+        for parameter in ("metrics", "discrepancy_metrics", "cohort_metrics"):
+            for name in lists[parameter]:
+                home = PARAMETER.get(name)
+                if home is None:
+                    return f"Unknown metric {name!r} in {parameter}"
+                if home != parameter:
+                    return f"{name!r} is not a valid value for {parameter}; send it in {home}"
+        if bool(lists["cohort_metrics"]) != bool(lists["cohort_periods"]):
+            return "cohort_metrics must be used with cohort_periods"
+        unknown = [p for p in lists["cohort_periods"] if p not in COHORT_PERIODS]
+        if unknown:
+            return f"Unknown cohort_periods: {', '.join(unknown)} (available: {', '.join(COHORT_PERIODS)})"
+        if not (lists["metrics"] or lists["discrepancy_metrics"] or lists["cohort_metrics"]):
+            return "No metrics requested"
+        return None
 
     async def create_report(request: Request) -> Response:
         values = await params(request)
@@ -195,14 +295,21 @@ def create_app(seed: int = 1, rows_per_day: int = 40, settle_days: int = 7, toda
         if values.get("format", "json") != "json":
             return _error("this emulator serves format=json only", 400)
         dimensions = [d for d in values.get("dimensions", "app,os,source").split(",") if d]
-        metrics = [m for m in values.get("metrics", "adn_cost,adn_impressions").split(",") if m]
-        unknown = [d for d in dimensions if d not in DIMENSIONS] + [m for m in metrics if m not in METRICS]
-        if unknown:
-            return _error(f"Unknown dimensions or metrics: {', '.join(unknown)}", 400)
+        if unknown := [d for d in dimensions if d not in DIMENSIONS]:
+            return _error(f"Unknown dimensions: {', '.join(unknown)}", 400)
+        lists = {name: [m for m in values.get(name, default).split(",") if m] for name, default in (
+            ("metrics", "adn_cost,adn_impressions"), ("discrepancy_metrics", ""), ("cohort_metrics", ""),
+            ("cohort_periods", ""))}
+        if refused := measures_refused(lists):
+            return _error(refused, 400)
         if values.get("time_breakdown", "all") not in ("all", "day"):
             return _error("time_breakdown must be all or day in this emulator", 400)
         with sandbox.lock:
-            report = sandbox.create(start, end, dimensions, metrics)
+            if len(sandbox.running) >= sandbox.max_running:
+                sandbox.refused_busy += 1
+                return _error(f"Too many concurrent async reports (limit {sandbox.max_running})", 429)
+            report = sandbox.create(start, end, dimensions, lists["metrics"] + lists["discrepancy_metrics"],
+                                    lists["cohort_metrics"], lists["cohort_periods"])
         return _envelope({"report_id": report.report_id})
 
     async def report_status(request: Request) -> Response:
@@ -213,8 +320,10 @@ def create_app(seed: int = 1, rows_per_day: int = 40, settle_days: int = 7, toda
         if report is None:
             return _error("Report not found", 404)
         with sandbox.lock:
-            report.polls += 1
-            step = min(report.polls - 1, sandbox.polls_to_done)
+            report.polls.append(time.monotonic())
+            step = min(len(report.polls) - 1, sandbox.polls_to_done)
+            if step == sandbox.polls_to_done:
+                sandbox.running.discard(report.report_id)
         value: dict[str, Any] = {"report_id": report.report_id}
         if step < sandbox.polls_to_done:
             value["status"] = STATUS_FLOW[min(step, 1)]
@@ -231,11 +340,25 @@ def create_app(seed: int = 1, rows_per_day: int = 40, settle_days: int = 7, toda
         report = sandbox.reports.get(request.path_params["report_id"])
         if report is None or report.failed:
             return Response(b"<Error><Code>NoSuchKey</Code></Error>", 404, media_type="application/xml")
-        return Response(orjson.dumps({"results": sandbox.rows(report)}), media_type="application/json")
+        rows = sandbox.rows(report)
+        document: Any = {
+            "results": {"results": rows},
+            "value": {"status": 0, "substatus": 0, "value": {"results": rows, "report_id": report.report_id}},
+            "list": rows,
+        }.get(sandbox.envelope, {sandbox.envelope: rows})
+        return Response(orjson.dumps(document), media_type="application/json")
+
+    async def cohort_metrics(request: Request) -> Response:
+        if not authorised(request, await params(request)):
+            return _error("Invalid API key", 401)
+        names = [m for m, parameter in PARAMETER.items() if parameter == "cohort_metrics"]
+        return _envelope({"periods": list(COHORT_PERIODS), "metrics": [
+            {"name": m, "display_name": m.replace("_", " ").title()} for m in names]})
 
     app = Starlette(routes=[
         Route("/api/v2.0/create_async_report", create_report, methods=["POST"]),
         Route("/api/v2.0/get_report_status", report_status),
+        Route("/api/cohort_metrics", cohort_metrics),
         Route("/singular-reports-results/{report_id}", download),
     ])
     wrapped = FaultMiddleware(app, faults, singular_error)
