@@ -61,6 +61,7 @@ HOME = {**dict.fromkeys(PLAIN_METRICS, "metrics"), **dict.fromkeys(DISCREPANCY_M
 COUNT_WORDS = ("impressions", "clicks", "installs", "reengagements", "retained_users")
 IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
 PERIOD = r"^[A-Za-z0-9_]+$"
+FIXED_COLUMNS = ("channel_name", "when_retrieved", "reporting_date")
 NOT_A_NUMBER = frozenset({"", "N/A", "n/a", "NA", "-", "null"})
 
 
@@ -119,9 +120,9 @@ class SingularConfig(SourceConfig):
     def _measures(self) -> SingularConfig:
         if self.cohort_metrics and not self.cohort_periods:
             raise ValueError("cohort_metrics needs cohort_periods (e.g. 1d, 7d, 14d, 30d, actual)")
-        columns = [*self.dimensions, *self.flat_metrics, *(c for _, _, c in self.cohort_columns)]
         if not self.flat_metrics and not self.cohort_metrics:
             raise ValueError("no metric requested: set metrics, discrepancy_metrics or cohort_metrics")
+        columns = [*FIXED_COLUMNS, *self.dimensions, *self.flat_metrics, *(c for _, _, c in self.cohort_columns)]
         twice = sorted({c for c in columns if columns.count(c) > 1})
         if twice:
             raise ValueError(f"column named twice: {', '.join(twice)}")
@@ -252,7 +253,7 @@ class SingularReport(Stream):
                 return status
             if state not in ("QUEUED", "STARTED"):
                 raise SourceError(f"{where}: unexpected report status {state!r}")
-            if time.monotonic() + config.poll_interval > deadline:
+            if time.monotonic() > deadline:
                 raise SourceError(f"{where} still {state} after {config.report_timeout:.0f}s (report_timeout)")
             await asyncio.sleep(config.poll_interval)
 
@@ -269,9 +270,8 @@ class SingularReport(Stream):
         columns += [_text([r.get(d) for r in rows]) for d in self.dimensions]
         columns += [_numbers([r.get(m) for r in rows], m, where) for m in config.flat_metrics]
         for metric in config.cohort_metrics:
-            cells = [r.get(metric) for r in rows]
-            by_period = _by_period(cells, config.cohort_periods, f"{where}: {metric}")
-            columns += [_numbers(by_period(p), metric, where) for p in config.cohort_periods]
+            by_period = _by_period([r.get(metric) for r in rows], config.cohort_periods, f"{where}: {metric}")
+            columns += [_numbers(values, metric, where) for values in by_period]
         return pa.RecordBatch.from_arrays(columns, schema=self.schema)
 
     async def read(self, state: State | None) -> AsyncIterator[Batch]:
@@ -316,18 +316,14 @@ def _kind(value: Any) -> str:
     return {dict: "an object", str: "a string", type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def _by_period(cells: list[Any], periods: list[str], where: str) -> Any:
-    """For one cohort metric's cells (`{"7d": …, "actual": …}` per row): period -> that period's values.
+def _by_period(cells: list[Any], periods: list[str], where: str) -> list[list[Any]]:
+    """One cohort metric's cells (`{"7d": …, "actual": …}` per row) -> one list of values per period.
 
     A value not keyed by period is the only requested period's; with several periods it is an error."""
     flat = [c for c in cells if c.__class__ is not dict and c is not None and c != ""]
     if flat and len(periods) > 1:
         raise SourceError(f"{where} came as one value ({flat[0]!r}), not keyed by period ({', '.join(periods)})")
-
-    def values(period: str) -> list[Any]:
-        return [c.get(period) if c.__class__ is dict else c for c in cells]
-
-    return values
+    return [[c.get(period) if c.__class__ is dict else c for c in cells] for period in periods]
 
 
 def _text(values: list[Any]) -> pa.Array:
