@@ -120,7 +120,7 @@ class SingularSandbox:
         return mix(self.seed ^ hash_kind(f"{day}|{'|'.join(combo)}"))  # one row's measures stay consistent
 
     def measures(self, day: date, combo: tuple[str, ...], version: int) -> dict[str, Any]:
-        """The true numbers of one row (cohort metrics: their `actual` value), before Singular's quirks."""
+        """The true numbers of one row (revenues: their `actual` value), before Singular's quirks."""
         h = self._row_hash(day, combo)
         impressions = 1000 + h % 50000
         clicks = impressions // (20 + (h >> 20) % 30)
@@ -136,8 +136,7 @@ class SingularSandbox:
             "custom_impressions": impressions, "tracker_clicks": clicks - clicks // 50,
             "tracker_installs": installs - installs // 20,
             "revenue": round(installs * 1.7, 2), "ad_revenue": round(installs * 0.3, 2),
-            "unified_revenue": round(installs * 2.0, 2), "retained_users": installs,
-            "retention_rate": 1.0 if installs else None,
+            "unified_revenue": round(installs * 2.0, 2),
             "ctr": round(clicks / impressions, 6), "cvr": round(installs / clicks, 6) if clicks else None,
             "ecpi": round(cost / installs, 4) if installs else None,
             "ecpm": round(1000 * cost / impressions, 4),
@@ -167,7 +166,7 @@ class SingularSandbox:
         if (h >> 50) % 25 == 3:
             return MISSING
         measures = self.measures(day, combo, version)
-        installs, actual = measures["adn_installs"], measures[metric]
+        installs = measures["adn_installs"]
         age = (self.today - day).days
         nested: dict[str, Any] = {}
         for period in periods:
@@ -179,7 +178,7 @@ class SingularSandbox:
             elif metric == "retention_rate":
                 value = round(RETAINED_SHARE[days], 4) if installs else None
             else:
-                value = round(actual * REVENUE_SHARE[days], 2)
+                value = round(measures[metric] * REVENUE_SHARE[days], 2)
             sent = self._as_sent(value, mix(h ^ hash_kind(period)), metric)
             if sent is not MISSING:
                 nested[period] = sent
