@@ -73,10 +73,29 @@ def test_a_missing_or_wrong_integration_key_is_a_401(server):
         assert response.status_code == 401
 
 
-def test_schema_lists_fields_and_types_by_group(client):
+def type_of(entry: dict[str, Any]) -> Any:
+    """The type of a schema entry, whichever casing the emulator chose."""
+    return entry.get("type", entry.get("Type"))
+
+
+def test_schema_lists_fields_and_types_by_group_in_mixed_casing(client):
     schema = client.get("/api/v1/metadata/schema/account").json()
-    assert schema["custom"]["seats"]["type"] == "integer" and schema["custom"]["renewal_date"]["type"] == "time"
-    assert schema["agent"]["name"]["type"] == "string" and schema["auto"]["lastupdated"]["type"] == "time"
+    assert type_of(schema["custom"]["seats"]) == "integer" and type_of(schema["custom"]["renewal_date"]) == "time"
+    assert type_of(schema["agent"]["name"]) == "string" and type_of(schema["auto"]["lastupdated"]) == "time"
+    entries = [entry for group in schema.values() for entry in group.values()]
+    assert {"type", "displayName"} <= entries[0].keys()  # real answers vary: both casings appear
+    assert any({"Type", "DisplayName"} <= e.keys() for e in entries) and any("type" in e for e in entries)
+
+
+@pytest.mark.parametrize(("casing", "key"), [("camel", "type"), ("pascal", "Type")])
+def test_schema_casing_knob_and_a_field_without_type(casing, key):
+    schema = {"account": {"custom": {"plan": "string", "notes": None}}}
+    with serve_in_thread(create_app(integration_key=None, schema=schema, schema_casing=casing)) as running:
+        answer = httpx.get(running.url + "/api/v1/metadata/schema/account",
+                           headers={"x-pendo-integration-key": "any"}).json()
+    assert all(key in entry for entry in answer["auto"].values())
+    assert answer["custom"]["plan"][key] == "string"
+    assert not {"type", "Type"} & answer["custom"]["notes"].keys()
 
 
 def test_aggregation_lists_filters_selects_sorts_and_counts(client):

@@ -410,3 +410,116 @@ def test_failed_syncs_and_rejected_rows_are_reported_through_notify(tmp_path):
     finally:
         webhook.stop()
         server.stop()
+
+
+# --- the metadata schema as Pendo spells it ----------------------------------------------------
+
+def duckdb_accounts(tmp_path: Path) -> Warehouse:
+    wh = Warehouse({"type": "duckdb", "path": str(tmp_path / "w.duckdb")}, tmp_path)
+    wh.execute("CREATE SCHEMA analytics", "CREATE TABLE analytics.accounts (account_id TEXT, plan TEXT, "
+               "seats INTEGER, mrr DOUBLE, active BOOLEAN, renewal_date DATE)",
+               f"INSERT INTO analytics.accounts VALUES {account_rows(ROWS)}")
+    wh.dest.close()
+    return wh
+
+
+@pytest.mark.parametrize("casing", ["camel", "pascal", "mixed"])
+def test_field_types_are_checked_whatever_the_casing_of_the_schema(tmp_path, casing):
+    wh = duckdb_accounts(tmp_path)
+    server = start_pendo(schema_casing=casing)
+    try:
+        for column in FIELDS:  # each field in turn gets a column of the wrong type
+            wrong = "active" if column != "active" else "plan"
+            result = sync(config_for(wh, server, tmp_path, fields={wrong: FIELDS[column]}))
+            assert not result.ok and f"does not fit Pendo account custom field '{column}'" in result.error, column
+        assert store_of(server).calls == 0
+        assert sync(config_for(wh, server, tmp_path)).updated == ROWS  # the right mapping goes through
+    finally:
+        server.stop()
+
+
+def write_cli_config(tmp_path: Path, wh: Warehouse, server: RunningServer, **sync_entry: Any) -> str:
+    entry = {"from": "warehouse", "table": "analytics.accounts", "key": {"account_id": "accountId"},
+             "fields": {"plan": "plan", "seats": "seats"},
+             "to": {"type": "pendo", "integration_key": KEY, "kind": "account", "base_url": server.url,
+                    "backoff_base": 0.01}, **sync_entry}
+    path = tmp_path / "floe.yml"
+    path.write_text(yaml.safe_dump({"destinations": {"warehouse": wh.settings}, "stage": str(tmp_path / "stage"),
+                                    "syncs": {"accounts": entry}}))
+    return str(path)
+
+
+def test_a_field_whose_type_pendo_does_not_give_is_a_warning_naming_it(tmp_path):
+    wh = duckdb_accounts(tmp_path)
+    schema = {"account": {"custom": {"plan": "string", "seats": None, "tier": "list"}}}
+    server = start_pendo(schema=schema)
+    try:
+        config = write_cli_config(tmp_path, wh, server, fields={"plan": "plan", "seats": "seats", "mrr": "tier"})
+        result = CliRunner().invoke(cli_app, ["sync", "-c", config])
+        assert result.exit_code == 0, result.output
+        warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: syncs.accounts.fields.")]
+        assert len(warnings) == 2 and all("sent without a type check" in w for w in warnings)
+        assert any("seats: Pendo's metadata schema gives no type for account custom field 'seats'" in w
+                   for w in warnings)
+        assert any("mrr: Pendo's metadata schema gives the type 'list', which floe does not know, for "
+                   "account custom field 'tier'" in w for w in warnings)
+        held = store_of(server).values("account")
+        assert held["acct-0007"] == {"plan": "pro", "seats": 7, "tier": 17.5}
+    finally:
+        server.stop()
+
+
+# --- a sync in which Pendo accepts nothing ---------------------------------------------------------
+
+def error_lines(result: Any) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def test_a_sync_whose_every_row_is_rejected_fails_with_a_one_line_reason_and_partial_rejections_warn(tmp_path):
+    wh = duckdb_accounts(tmp_path)
+    server = start_pendo(accounts=[])  # mode update: none of the warehouse's accounts exists in Pendo
+    runner = CliRunner()
+    try:
+        config = write_cli_config(tmp_path, wh, server)
+        for _ in range(2):  # nothing was ever accepted: every run fails
+            result = runner.invoke(cli_app, ["sync", "-c", config])
+            assert result.exit_code == 1, result.output
+            reason, total = error_lines(result)
+            assert reason.startswith(f"error: syncs.accounts: Pendo accepted none of the {ROWS} rows "
+                                     f"sent ({ROWS} missing, 0 errors); none of these accounts exists in Pendo "
+                                     "(mode: update creates none, mode: upsert does)")
+            assert reason.endswith("see _floe_sync_failures") and total == "error: 1 of 1 syncs failed"
+        assert wh.rows("SELECT status, rows FROM _floe_loads ORDER BY started_at") == [("failed", 0)] * 2
+        assert wh.rows("SELECT COUNT(*) FROM _floe_sync_failures WHERE outcome = 'missing'") == [(ROWS,)]
+
+        store_of(server).add("account", [f"acct-{i:04d}" for i in range(ROWS - 5)])
+        partial = runner.invoke(cli_app, ["sync", "-c", config])
+        assert partial.exit_code == 0 and not error_lines(partial), partial.output
+        assert "warning: 5 rows were rejected by Pendo" in partial.stderr
+        # Next run: only the 5 still-missing rows are retried and rejected again. The sync has
+        # had rows accepted and these were failing already: a warning, not a failure, run after run.
+        retried = runner.invoke(cli_app, ["sync", "-c", config])
+        assert retried.exit_code == 0 and "warning: 5 rows were rejected by Pendo" in retried.stderr
+        details = json.loads(wh.rows("SELECT details FROM _floe_loads ORDER BY started_at DESC LIMIT 1")[0][0])
+        assert (details["sent"], details["missing"]) == (5, 5)
+
+        # A new row rejected with nothing accepted is a failure again (say a wrong id column).
+        wh.execute("INSERT INTO analytics.accounts VALUES ('acct-new', 'pro', 1, 1.0, TRUE, NULL)")
+        wh.dest.close()
+        fresh = runner.invoke(cli_app, ["sync", "-c", config])
+        assert fresh.exit_code == 1 and "Pendo accepted none of the 6 rows sent (6 missing" in fresh.stderr
+    finally:
+        server.stop()
+
+
+def test_rows_rejected_with_errors_only_fail_the_sync_too(tmp_path):
+    wh = duckdb_accounts(tmp_path)
+    server = start_pendo(reject={f"acct-{i:04d}": "value too long" for i in range(ROWS)})
+    try:
+        result = CliRunner().invoke(cli_app, ["sync", "-c", write_cli_config(tmp_path, wh, server)])
+        assert result.exit_code == 1
+        (reason, _) = error_lines(result)
+        assert f"Pendo accepted none of the {ROWS} rows sent (0 missing, {ROWS} errors); see _floe_sync_failures" \
+            in reason
+    finally:
+        server.stop()

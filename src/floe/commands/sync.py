@@ -55,7 +55,8 @@ def notify_failures(config: FloeConfig, results: list[SyncResult]) -> None:
 
 def run_and_report(config: FloeConfig, names: list[str] | None = None, *, dry_run: bool = False,
                    full: bool = False) -> list[SyncResult]:
-    """Run syncs, print the summary, notify; exit non-zero if a sync failed (rejected rows only warn)."""
+    """Run syncs, print the summary, notify; exit non-zero if a sync failed (one line per failed sync
+    on stderr). A sync fails when Pendo accepted none of its rows; some rows rejected only warn."""
     try:
         results = asyncio.run(run_syncs(config, names, dry_run=dry_run, full=full))
     except FloeError as exc:
@@ -63,8 +64,15 @@ def run_and_report(config: FloeConfig, names: list[str] | None = None, *, dry_ru
         raise typer.Exit(1) from None
     print_summary(results)
     notify_failures(config, results)
+    for r in results:
+        for warning in r.warnings:
+            typer.echo(f"warning: syncs.{r.name}.{warning}", err=True)
     failed = [r for r in results if not r.ok]
     if failed:
+        for r in failed:  # one line each, naming the sync (the summary table wraps long reasons)
+            reason = " ".join(str(r.error).split())
+            where = "" if reason.startswith(f"syncs.{r.name}") else f"syncs.{r.name}: "
+            typer.echo(f"error: {where}{reason}", err=True)
         typer.echo(f"error: {len(failed)} of {len(results)} syncs failed", err=True)
         raise typer.Exit(1)
     rejected = sum(r.failed for r in results)

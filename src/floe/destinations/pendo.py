@@ -46,17 +46,14 @@ class PendoClient:
         )
         self.path = f"/api/v1/metadata/{target.kind}/{target.group}/value"
 
-    async def schema(self) -> dict[str, dict[str, str]]:
-        """`{group: {field: type}}` of the target kind, from `GET /api/v1/metadata/schema/{kind}`."""
+    async def schema(self) -> dict[str, dict[str, str | None]]:
+        """`{group: {field: type}}` of the target kind, from `GET /api/v1/metadata/schema/{kind}`
+        (see `field_type`; None where Pendo gives no type)."""
         data = await self.http.get_json(f"/api/v1/metadata/schema/{self.target.kind}")
         if not isinstance(data, dict):
             raise PendoError(f"pendo: metadata schema of {self.target.kind} is not a JSON object")
-        out: dict[str, dict[str, str]] = {}
-        for group, fields in data.items():
-            if isinstance(fields, dict):
-                out[group] = {name: str((attrs or {}).get("type", "")) if isinstance(attrs, dict) else ""
-                              for name, attrs in fields.items()}
-        return out
+        return {group: {name: field_type(attrs) for name, attrs in fields.items()}
+                for group, fields in data.items() if isinstance(fields, dict)}
 
     async def update(self, body: bytes, create: bool) -> Outcome:
         """POST one JSON array of records; raises ApiError (status 408 included) when Pendo refuses it."""
@@ -74,6 +71,16 @@ class PendoClient:
 
     async def aclose(self) -> None:
         await self.http.aclose()
+
+
+def field_type(attrs: Any) -> str | None:
+    """A schema entry's type, lower-cased, its key read case-insensitively (`type`, `Type`: Pendo's
+    casing is not documented and answers vary); None when it has no non-empty text type."""
+    if isinstance(attrs, dict):
+        for key, value in attrs.items():
+            if isinstance(key, str) and key.lower() == "type" and isinstance(value, str) and value.strip():
+                return value.strip().lower()
+    return None
 
 
 def parse_outcome(data: dict[str, Any], id_field: str) -> Outcome:

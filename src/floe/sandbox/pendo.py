@@ -7,7 +7,10 @@ Endpoints (all need the `x-pendo-integration-key` header):
   `failed = len(missing) + len(errors)`. Unknown ids are `missing` unless `create=true`; a value of
   the wrong type is an entry `{"id", "error"}` in `errors` (the row is not applied). Malformed JSON or
   a field absent from the schema ("Data Mappings") is a 400 and nothing is applied.
-- `GET /api/v1/metadata/schema/{kind}`: `{group: {field: {"type": ..., ...}}}`.
+- `GET /api/v1/metadata/schema/{kind}`: `{group: {field: {"type": ..., ...}}}`. Pendo's key casing
+  is not documented and answers vary: with `schema_casing="mixed"` (the default) every other field
+  is spelled `{"Type": ..., "DisplayName": ...}`; "camel" and "pascal" use one casing throughout. A
+  field whose type is None in `schema` is answered without a type.
 - `POST /api/v1/aggregation`: a small subset of pipelines over visitors/accounts (source, identified,
   filter, select, sort, limit, count).
 
@@ -30,7 +33,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from starlette.applications import Starlette
@@ -43,7 +46,8 @@ GROUPS = ("agent", "custom")
 ID_KEYS = {"visitor": "visitorId", "account": "accountId"}
 PENDO_TYPES = ("string", "boolean", "integer", "float", "time")
 
-DEFAULT_SCHEMA: dict[str, dict[str, dict[str, str]]] = {
+Schema = dict[str, dict[str, dict[str, str | None]]]  # kind -> group -> field -> type (None: not given)
+DEFAULT_SCHEMA: Schema = {
     "account": {
         "agent": {"name": "string", "planlevel": "string"},
         "custom": {"plan": "string", "seats": "integer", "mrr": "float", "active": "boolean",
@@ -81,7 +85,7 @@ class PendoStore:
     """What the emulator holds: records per kind (`{id: {"auto"|"agent"|"custom": {...}}}`), the
     metadata schema, queued faults and call statistics."""
 
-    schema: dict[str, dict[str, dict[str, str]]]
+    schema: Schema
     records: dict[str, dict[str, dict[str, dict[str, Any]]]] = field(
         default_factory=lambda: {k: {} for k in KINDS})
     faults: deque[tuple[int, float]] = field(default_factory=deque)
@@ -120,7 +124,8 @@ class PendoStore:
 def create_app(
     *,
     integration_key: str | None = "sandbox-pendo-key",
-    schema: dict[str, dict[str, dict[str, str]]] | None = None,
+    schema: Schema | None = None,
+    schema_casing: Literal["camel", "pascal", "mixed"] = "mixed",
     accounts: list[str] | None = None,
     visitors: list[str] | None = None,
     latency: float = 0.0,
@@ -194,7 +199,7 @@ def create_app(
         if seconds_per_record and len(records) * seconds_per_record > time_limit:
             return _text("The call took too long and timed out.", 408)
         id_key, fields = ID_KEYS[kind], store.schema[kind][group]
-        allowed = {name: _TYPES.get(t, _ANY) for name, t in fields.items()}
+        allowed = {name: _TYPES.get(t or "", _ANY) for name, t in fields.items()}
         bad: dict[int, list[str]] = {}  # record index -> type errors
         # Pass 1 validates everything (a 400 applies nothing); a tight loop: this is the hot path.
         for i, rec in enumerate(records):
@@ -243,9 +248,14 @@ def create_app(
         kind = request.path_params["kind"]
         if kind not in KINDS:
             return _text(f"Not Found: no metadata kind {kind}", 404)
-        out: dict[str, Any] = {"auto": {"id": _field("string"), "lastupdated": _field("time")}}
-        for group, fields in store.schema[kind].items():
-            out[group] = {name: _field(kind_) for name, kind_ in fields.items()}
+        auto: dict[str, str | None] = {"id": "string", "lastupdated": "time"}
+        groups = {"auto": auto, **store.schema[kind]}
+        out: dict[str, dict[str, Any]] = {}
+        for group, fields in groups.items():
+            out[group] = {}
+            for i, (name, type_) in enumerate(fields.items()):
+                pascal = schema_casing == "pascal" or (schema_casing == "mixed" and i % 2 == 1)
+                out[group][name] = _field(type_, pascal)
         return _json(out)
 
     async def aggregation(request: Request) -> Response:
@@ -288,11 +298,14 @@ def describe(app: Any, url: str) -> dict[str, Any]:
     return {"credentials": {"base_url": url, "integration_key": key or "(any non-empty key)"}, "sources": {}}
 
 
-def _field(kind: str) -> dict[str, Any]:
-    """A schema entry with the attributes tap-pendo reads (raw casing assumed camelCase)."""
-    return {"type": kind, "displayName": "", "elementType": "", "elementFormat": "", "dirty": False,
-            "isHidden": False, "isDeleted": False, "isCalculated": False, "isPerApp": False,
-            "neverIndex": False}
+def _field(kind: str | None, pascal: bool) -> dict[str, Any]:
+    """A schema entry with the attributes tap-pendo reads, camelCase or PascalCase; no type if None."""
+    entry = {"type": kind, "displayName": "", "elementType": "", "elementFormat": "", "dirty": False,
+             "isHidden": False, "isDeleted": False, "isCalculated": False, "isPerApp": False,
+             "neverIndex": False}
+    if kind is None:
+        del entry["type"]
+    return {key[0].upper() + key[1:]: value for key, value in entry.items()} if pascal else entry
 
 
 _FILTER = re.compile(r'^\s*(len\(\s*)?([A-Za-z_][\w.]*)\s*\)?\s*(==|!=|>=|<=|>|<)\s*("(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?|true|false)\s*$')

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 
 from floe.config import FloeConfig
 from floe.destinations.base import LoadJob
-from floe.destinations.pendo import Outcome, PendoClient
+from floe.destinations.pendo import PENDO_TYPES, Outcome, PendoClient
 from floe.destinations.sql import SqlDestination
 from floe.engine.stage import StagedFile, StageWriter, new_load_id, remove_files
 from floe.errors import ConfigError, FloeError
@@ -71,6 +71,8 @@ class SyncResult:
     error: str | None = None
     dry_run: bool = False
     samples: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # e.g. a field whose type Pendo did not give
+    fresh: int = 0  # changed rows that were not already failing before this run
 
     @property
     def failed(self) -> int:
@@ -231,18 +233,23 @@ class SyncRun:
                 where = "key" if column == self.sync.key_column else f"fields.{column}"
                 problems.append(f"{where}: no column {column!r} in the rows (columns: {', '.join(known)})")
         for column, name in self.sync.fields.items():
+            kind = pendo.get(name)
             if name not in pendo:
                 problems.append(f"fields.{column}: Pendo has no {target.kind} {target.group} field {name!r} "
                                 f"(fields: {', '.join(sorted(pendo)) or 'none'}; create it in Data Mappings)")
-            elif column in known and not compatible(known[column].type, pendo[name]):
+            elif kind not in PENDO_TYPES:
+                said = "no type" if kind is None else f"the type {kind!r}, which floe does not know,"
+                self.warn(f"fields.{column}: Pendo's metadata schema gives {said} for {target.kind} {target.group} "
+                          f"field {name!r}; its values are sent without a type check")
+            elif column in known and not compatible(known[column].type, kind):
                 hint = (" (text holding numbers, e.g. a PostgreSQL numeric without precision: cast it in the "
                         "query)" if pa.types.is_string(known[column].type) else "")
                 problems.append(f"fields.{column}: column type {known[column].type} does not fit Pendo "
-                                f"{target.kind} {target.group} field {name!r} of type {pendo[name]}{hint}")
+                                f"{target.kind} {target.group} field {name!r} of type {kind}{hint}")
         if problems:
             raise SyncError(f"{self.where}: mapping does not match Pendo's metadata schema, nothing sent: "
                             + "; ".join(problems))
-        self.types = [pendo[n] for n in self.names]
+        self.types = [pendo[n] or "" for n in self.names]
         key = self.dest.quote(self.sync.key_column)
         total, non_null, distinct = (await asyncio.to_thread(
             self._query, f"SELECT COUNT(*), COUNT(src.{key}), COUNT(DISTINCT src.{key}) "
@@ -340,6 +347,8 @@ class SyncRun:
             sql = store.diff_sql(self.dest, self.name, self.sync.relation(self.dest.quote), self.sync.key_column,
                                  self.columns, self.signature(), full=self.full, snapshot_exists=exists)
             failure = await self._stream(sql, outcomes)
+            if failure is None and not self.dry_run:
+                failure = await self._rejected_all()
         except Exception as exc:  # noqa: BLE001 - reported in the result; other syncs go on
             failure = exc
         finally:
@@ -381,6 +390,7 @@ class SyncRun:
                     # files are taken here, on the loop: sends finishing meanwhile write new ones
                     await asyncio.to_thread(self._commit, *outcomes.files(), outcomes.committed, False)
                 self.result.changed += batch.num_rows
+                self.result.fresh += batch.num_rows - (pc.sum(batch.column(store.RETRY).cast(pa.int64())).as_py() or 0)
                 for piece in self.pieces(batch):
                     if self.dry_run:
                         self.result.requests += 1
@@ -401,6 +411,26 @@ class SyncRun:
             if inflight:
                 await asyncio.gather(*list(inflight), return_exceptions=True)
         return errors[0] if errors else None
+
+    async def _rejected_all(self) -> SyncError | None:
+        """A run in which Pendo accepted none of the rows sent fails. Not when every row sent was
+        already failing before (say ids missing in Pendo, retried each run) and earlier runs had
+        rows accepted: that is the warning of partial rejections, run after run."""
+        r, target = self.result, self.sync.to
+        if not r.sent or r.failed < r.sent:
+            return None
+        if not r.fresh and (await asyncio.to_thread(self._query, store.accepted_sql(self.dest, self.name)))[0][0]:
+            return None
+        hint = ""
+        if r.missing == r.sent and self.sync.mode == "update":
+            hint = (f"; none of these {target.kind}s exists in Pendo (mode: update creates none, mode: upsert does), "
+                    f"or {self.sync.key_column} holds other ids than {target.id_field}")
+        return SyncError(f"{self.where}: Pendo accepted none of the {r.sent:,} rows sent ({r.missing:,} missing, "
+                         f"{r.errors:,} errors){hint}; see {store.FAILURES}")
+
+    def warn(self, message: str) -> None:
+        self.result.warnings.append(message)
+        log.info("event=sync_warning sync=%s %s", self.name, message)
 
     def _commit(self, accepted: list[StagedFile], failed: list[StagedFile], total: int, final: bool) -> None:
         """Commit staged outcomes (runs in a worker thread); the final commit also writes the

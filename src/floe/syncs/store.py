@@ -28,7 +28,7 @@ from floe.engine.stage import StagedFile
 SNAPSHOT = "_floe_sync_snapshot"
 FAILURES = "_floe_sync_failures"
 SYNC_SOURCE = "_floe_sync"  # the `source` of a sync's row in _floe_loads
-KEY, HASH = "_floe_key", "_floe_hash"  # columns of the diff query besides the mapped values
+KEY, HASH, RETRY = "_floe_key", "_floe_hash", "_floe_retry"  # diff query columns besides the mapped values
 
 SNAPSHOT_SCHEMA = pa.schema([("sync", pa.string()), ("key", pa.string()), ("hash", pa.string())])
 FAILURES_SCHEMA = pa.schema([("sync", pa.string()), ("key", pa.string()), ("outcome", pa.string()),
@@ -65,18 +65,28 @@ def hash_sql(dest: SqlDestination, signature: str, columns: list[str]) -> str:
 
 def diff_sql(dest: SqlDestination, sync: str, relation: str, key: str, columns: list[str], signature: str,
              *, full: bool, snapshot_exists: bool = True) -> str:
-    """Rows to send: `_floe_key`, `_floe_hash`, then `_floe_v<i>` per mapped column. Without `full`,
-    only rows whose hash differs from the snapshot's."""
+    """Rows to send: `_floe_key`, `_floe_hash`, `_floe_v<i>` per mapped column, then `_floe_retry`
+    (the key's last attempt failed). Without `full`, only rows whose hash differs from the snapshot's."""
     t = dest.text_type
     values = "".join(f", src.{dest.quote(c)} AS {value_alias(i)}" for i, c in enumerate(columns))
     rows = (f"SELECT CAST(src.{dest.quote(key)} AS {t}) AS {KEY}, {hash_sql(dest, signature, columns)} "
             f"AS {HASH}{values} FROM {relation} AS src")
-    if full or not snapshot_exists:
-        return rows
+    if not snapshot_exists:  # (nor the failures: both are created together)
+        return f"SELECT r.*, FALSE AS {RETRY} FROM ({rows}) AS r"
+    failures, snapshot = dest.qualified(dest.meta_schema, FAILURES), dest.qualified(dest.meta_schema, SNAPSHOT)
+    flagged = (f"WITH floe_rows AS ({rows}) SELECT r.*, fail.{dest.quote('key')} IS NOT NULL AS {RETRY} "
+               f"FROM floe_rows AS r LEFT JOIN {failures} AS fail "
+               f"ON fail.sync = {literal(sync)} AND fail.{dest.quote('key')} = r.{KEY}")
+    if full:
+        return flagged
+    return (f"{flagged} LEFT JOIN {snapshot} AS snap ON snap.sync = {literal(sync)} AND "
+            f"snap.{dest.quote('key')} = r.{KEY} WHERE snap.hash IS NULL OR snap.hash <> r.{HASH}")
+
+
+def accepted_sql(dest: SqlDestination, sync: str) -> str:
+    """One row counting 1 if the snapshot holds any row Pendo accepted for `sync`, else 0."""
     snapshot = dest.qualified(dest.meta_schema, SNAPSHOT)
-    return (f"WITH floe_rows AS ({rows}) SELECT r.* FROM floe_rows AS r LEFT JOIN {snapshot} AS snap "
-            f"ON snap.sync = {literal(sync)} AND snap.{dest.quote('key')} = r.{KEY} "
-            f"WHERE snap.hash IS NULL OR snap.hash <> r.{HASH}")
+    return f"SELECT COUNT(*) FROM (SELECT 1 AS one FROM {snapshot} WHERE sync = {literal(sync)} LIMIT 1) AS s"
 
 
 def ensure_tables(dest: SqlDestination) -> None:
