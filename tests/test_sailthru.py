@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import re
 import shutil
@@ -11,7 +12,7 @@ import signal
 import time
 import zipfile
 from collections.abc import Callable
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,9 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from typer.testing import CliRunner
 
+from floe.cli import app as cli_app
 from floe.sources.sailthru_files import parse_name
 from tests.fixtures.core import read_staged, staged_files
 from tests.fixtures.sailthru import SALT, TABLES, Project
@@ -134,10 +137,245 @@ def test_reference_shapes_become_rows(tmp_path: Path) -> None:
     assert project.query("SELECT list, epoch(signup_time) FROM sailthru.profile_lists_signup") == [
         ("Daily", 1420167845.0 + 5 * 3600)]  # January: EST
     assert project.query("SELECT name, collection, export_date, rows FROM sailthru.exports ORDER BY name") == [
-        ("message_blast.20160401.json", "message_blast", date(2016, 4, 1), 3),
+        ("message_blast.20160401.json", "message_blast", date(2016, 4, 1), 2),  # a blank line is no record
         ("message_transactional.20160401.json", "message_transactional", date(2016, 4, 1), 1),
         ("profile.20160401.json", "profile", date(2016, 4, 1), 1),
     ]
+
+
+# --- time zones ---------------------------------------------------------------------------------
+
+NAIVE_TIMES = {  # exported time (no zone) -> UTC when read as US Eastern, DST included
+    "send_time": ("2016-03-31T08:00:03.018", "2016-03-31T12:00:03.018"),  # the reference sample's; EDT
+    "signup_time": ("2015-01-02T03:04:05.123", "2015-01-02T08:04:05.123"),  # EST
+    "create_date": ("2015-07-02T03:04:05", "2015-07-02T07:04:05"),  # EDT
+    "last_open": ("2016-03-13T01:30:00", "2016-03-13T06:30:00"),  # just before spring forward: EST
+    "last_click": ("2016-03-13T03:30:00", "2016-03-13T07:30:00"),  # just after: EDT
+    "last_pageview": ("2016-11-06T01:30:00", "2016-11-06T05:30:00"),  # the repeated hour: its first (EDT)
+    "optout_time": ("2016-03-30T10:00:00", "2016-03-30T14:00:00"),
+    "list_signup": ("2015-12-31T23:59:59", "2016-01-01T04:59:59"),
+}
+
+
+def utc(text: str) -> float:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+
+
+@pytest.mark.parametrize("zone", [None, "UTC"])
+def test_times_without_a_zone_are_read_as_us_eastern_by_default(tmp_path: Path, zone: str | None) -> None:
+    export = tmp_path / "export"
+    export.mkdir()
+    local = {name: exported for name, (exported, _) in NAIVE_TIMES.items()}
+    (export / "message_blast.20160401.json").write_text(
+        f'{{ "profile_id" : "a1", "send_time" : "{local["send_time"]}", '
+        '"opens" : [ { "ts" : { "$date" : 1459431708000 } } ], "blast_id" : 6364286, "message_id" : 4 }\n')
+    profile = {k: local[k] for k in ("signup_time", "create_date", "last_open", "last_click", "last_pageview",
+                                     "optout_time")}
+    (export / "profile.20160401.json").write_bytes(orjson.dumps(
+        {"id": "a1", "lists_signup": {"Daily": local["list_signup"]}, **profile}) + b"\n")
+    project = Project(tmp_path, export)
+    project.write_config(extra=f"    timezone: {zone}" if zone else "")
+    result = project.cli("run")
+    assert result.exit_code == 0, result.output
+
+    got = dict(zip(["send_time", "action_ts"], project.query(
+        "SELECT epoch(send_time), epoch(action_ts) FROM sailthru.message_blast")[0], strict=True))
+    columns = ", ".join(f"epoch({c})" for c in profile)
+    got.update(zip(profile, project.query(f"SELECT {columns} FROM sailthru.profile")[0], strict=True))
+    got["list_signup"] = project.query("SELECT epoch(signup_time) FROM sailthru.profile_lists_signup")[0][0]
+    assert got.pop("action_ts") == 1459431708.0  # `$date` is epoch ms: UTC whatever the zone
+    want = {name: utc(exported if zone == "UTC" else eastern) for name, (exported, eastern) in NAIVE_TIMES.items()}
+    assert got == pytest.approx(want)
+
+
+def test_the_shipped_example_loads_and_its_times_fit_us_eastern(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                 ) -> None:
+    """examples/sailthru.yml as shipped (no `timezone:`) on examples/sailthru/: with send_time read as
+    UTC every first open would come 4 h or more after its send, as in the public sample."""
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    shutil.copytree(examples / "sailthru", tmp_path / "examples" / "sailthru")
+    config = tmp_path / "examples" / "sailthru.yml"
+    shutil.copy(examples / "sailthru.yml", config)
+    assert "\n    timezone:" not in config.read_text()  # the default is what is proven here
+    monkeypatch.setenv("FLOE_PII_SALT", SALT)
+    result = CliRunner().invoke(cli_app, ["run", "-c", str(config)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+    with duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True) as conn:
+        gaps = [r[0] for r in conn.execute(
+            "SELECT epoch(MIN(action_ts)) - epoch(MIN(send_time)) FROM sailthru.message_blast "
+            "WHERE action_name IS NOT NULL GROUP BY profile_id, blast_id").fetchall()]
+        counts = dict(conn.execute("SELECT name, rows FROM sailthru.exports").fetchall())
+        messages = conn.execute("SELECT COUNT(*) FROM (SELECT DISTINCT profile_id, blast_id "
+                                "FROM sailthru.message_blast) AS m").fetchall()[0][0]
+    assert len(gaps) >= 20 and min(gaps) >= 0 and min(gaps) < 3600
+    records = {p.name: sum(1 for line in p.read_bytes().splitlines() if line.strip())
+               for p in (tmp_path / "examples" / "sailthru").glob("*.json")}
+    assert counts == records
+    assert messages == len({(d["profile_id"], d["blast_id"]) for p in (tmp_path / "examples" / "sailthru").glob(
+        "message_blast*.json") for d in map(orjson.loads, p.read_bytes().splitlines())})
+
+
+# --- keys floe does not read ------------------------------------------------------------------------
+
+ACTION_KEYS = {"opens": {"ts"}, "clicks": {"ts", "url"}}
+READ_KEYS = {  # what docs/sailthru.md lists as read, per collection
+    "blast": {"id", "name", "day"},
+    "message_blast": {"profile_id", "send_time", "blast_id", "message_id", "device", "message_revenue",
+                      "delivery_status", "id", *ACTION_KEYS},
+    "message_transactional": {"id", "profile_id", "template", "send_time", "device", "message_revenue",
+                              "delivery_status", *ACTION_KEYS},
+    "profile": {"id", "email", "optout_reason", "optout_time", "signup_time", "create_date", "total_opens",
+                "total_clicks", "total_unique_opens", "total_unique_clicks", "total_pageviews", "total_messages",
+                "last_open", "last_click", "last_pageview", "geo", "browser", "lists_signup", "vars"},
+}
+KEYS_OF = {"blast": ("id",), "message_blast": ("profile_id", "blast_id"), "message_transactional": ("id",),
+           "profile": ("id",)}
+
+
+def expected_extra(collection: str, doc: dict[str, Any]) -> dict[str, Any] | None:
+    """A plain reading of the docs: every non-null value at a key not read, and an action list
+    whose actions carry such values."""
+    extra = {k: v for k, v in doc.items() if k not in READ_KEYS[collection] and v is not None}
+    for name, keys in ACTION_KEYS.items():
+        def unread(values: dict[str, Any], read: set[str]) -> bool:
+            return any(v is not None for k, v in values.items() if k not in read)
+        if any(unread(a, keys) or unread(a.get("ts", {}), {"$date"}) for a in doc.get(name, [])):
+            extra[name] = doc[name]
+    return extra or None
+
+
+def test_keys_floe_does_not_read_are_kept_in_extra_and_a_message_keeps_its_id(sailthru_project: Factory) -> None:
+    project = sailthru_project(days=3, profiles=80)
+    project.write_config(pii="keep")  # compare the kept values verbatim
+    result = project.cli("run")
+    assert result.exit_code == 0, result.output
+    for collection, key in KEYS_OF.items():
+        want: dict[tuple[Any, ...], Any] = {}
+        ids: dict[tuple[Any, ...], Any] = {}
+        for path in sorted(project.export.glob(f"{collection}*.json"), key=lambda p: (p.name.split(".")[1], p.name)):
+            for line in path.read_bytes().splitlines():
+                doc = orjson.loads(line)
+                want[tuple(doc[k] for k in key)] = expected_extra(collection, doc)  # a later file wins
+                ids[tuple(doc[k] for k in key)] = doc.get("id")
+        rows = project.query(f"SELECT DISTINCT {', '.join(key)}, CAST(extra AS VARCHAR), id FROM sailthru.{collection}")
+        got = {tuple(r[:-2]): json.loads(r[-2]) if r[-2] is not None else None for r in rows}
+        assert len(rows) == len(got), f"{collection}: the rows of one message disagree"
+        assert got == want, collection
+        assert sum(v is not None for v in want.values()) >= 3, f"the generator puts unknown keys into {collection}"
+        assert {tuple(r[:-2]): r[-1] for r in rows} == ids, collection
+    opened = project.query("SELECT COUNT(*) FROM sailthru.message_blast WHERE json_extract(extra, '$.opens') "
+                           "IS NOT NULL AND action_name = 'open'")[0][0]
+    assert opened > 0, "opens carrying a key floe does not read are kept whole in extra"
+    assert project.query("SELECT COUNT(DISTINCT id) FROM sailthru.message_blast")[0][0] > 10
+
+
+MESSAGE = ('{ "profile_id" : "%s", "send_time" : "2016-03-31T08:00:03.018", "blast_id" : 6364286, '
+           '"message_id" : 4%s }')
+
+
+@pytest.mark.parametrize("varying_types", [False, True])  # True: pyarrow cannot type the unread key
+def test_unread_values_of_message_lines_are_kept_and_nulls_are_not(tmp_path: Path, varying_types: bool) -> None:
+    lines = {
+        "plain": "",
+        "number": ', "x" : 1',
+        "null": ', "y" : null',
+        "nested": ', "opens" : [ { "ts" : { "$date" : 1459431708000 }, "ip" : "192.0.2.1", "z" : null } ]',
+        "own id": ', "id" : "5a1b2c3d4e5f60718293a4b5"',
+        **({"text": ', "x" : "one"'} if varying_types else {}),
+    }
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "message_blast.20160401.json").write_text("".join(MESSAGE % kv + "\n" for kv in lines.items()))
+    project = Project(tmp_path, export)
+    project.write_config(pii="keep")
+    assert project.cli("run").exit_code == 0
+    got = {p: (json.loads(e) if e else None, i) for p, e, i in project.query(
+        "SELECT profile_id, CAST(extra AS VARCHAR), id FROM sailthru.message_blast")}
+    assert got.pop("plain") == got.pop("null") == (None, None)
+    assert got.pop("own id") == (None, "5a1b2c3d4e5f60718293a4b5")
+    assert got.pop("number") == ({"x": 1}, None)
+    assert got.pop("nested") == ({"opens": [{"ts": {"$date": 1459431708000}, "ip": "192.0.2.1", "z": None}]}, None)
+    assert got == ({"text": ({"x": "one"}, None)} if varying_types else {})
+
+
+# --- records, not lines -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", [
+    b'{"id": 1}\n{"id": 2}\n',
+    b'{"id": 1}\n{"id": 2}\n\n',  # a blank line at the end
+    b'{"id": 1}\n\n\n{"id": 2}\n   \n\t\n',  # blank and whitespace-only lines inside
+    b'\n{"id": 1}\r\n\r\n{"id": 2}\r\n',  # CRLF, a blank first line
+    b'{"id": 1}\n{"id": 2}',  # no final newline
+    b'',
+])
+@pytest.mark.parametrize("size", [3, 7, 1 << 20])  # chunk sizes that split lines and newlines
+def test_records_are_counted_not_lines(text: bytes, size: int) -> None:
+    from floe.sources.sailthru_files import count_records
+
+    records, total = count_records(io.BytesIO(text), size)
+    assert (records, total) == (sum(1 for line in text.split(b"\n") if line.strip()), len(text))
+
+
+def test_the_exports_table_counts_the_records_each_file_loaded(tmp_path: Path) -> None:
+    export = tmp_path / "export"
+    export.mkdir()
+    files = {"blast.20160401.json": b'{ "id" : 1, "name" : "a", "day" : "2016-03-31" }\n\n',
+             "blast.20160402.json": b'\n{ "id" : 2, "name" : "b", "day" : "2016-04-01" }\r\n\r\n'
+                                    b'{ "id" : 3, "name" : "c", "day" : "2016-04-01" }\r\n  \n',
+             "blast.20160403.json.gz": gzip.compress(b'{ "id" : 4, "name" : "d", "day" : "2016-04-02" }\n\n\n')}
+    for name, data in files.items():
+        (export / name).write_bytes(data)
+    project = Project(tmp_path, export)
+    project.write_config()
+    assert project.cli("run").exit_code == 0
+    counted = dict(project.query("SELECT name, rows FROM sailthru.exports"))
+    assert counted == {"blast.20160401.json": 1, "blast.20160402.json": 2, "blast.20160403.json.gz": 1}
+    assert sum(counted.values()) == project.query("SELECT COUNT(*) FROM sailthru.blast")[0][0]
+
+
+# --- a value that does not fit its column ------------------------------------------------------------
+
+TEMPLATES = {
+    "blast": '{ "name" : "Campaign %d", "day" : "2016-03-31", "id" : %d }',
+    "message_blast": '{ "profile_id" : "p%05d", "send_time" : "2016-03-31T08:00:03.018", "opens" : '
+                     '[ { "ts" : { "$date" : 1459431708000 } } ], "blast_id" : 6364286, "message_id" : %d, '
+                     '"device" : "Firefox", "message_revenue" : null, "delivery_status" : null }',
+    "message_transactional": '{ "profile_id" : "p%05d", "template" : "X BX Welcome", "send_time" : '
+                             '"2016-03-31T00:00:12.686", "clicks" : [], "opens" : [ { "ts" : { "$date" : '
+                             '1459431708000 } } ], "device" : null, "id" : "t%d" }',
+    "profile": '{ "id" : "p%05d", "lists_signup" : { "Daily" : "2015-01-02T03:04:05" }, "total_opens" : %d, '
+               '"signup_time" : "2015-01-02T03:04:05.123" }',
+}
+
+
+@pytest.mark.parametrize(("collection", "old", "new", "expected"), [
+    ("message_blast", '"blast_id" : 6364286', '"blast_id" : "6364286x"', "field blast_id: expected number, got string"),
+    ("message_blast", '"message_id" : ', '"message_id" : 2.5, "x" : ', "field message_id: expected int64, got 2.5"),
+    ("message_transactional", '{ "$date" : 1459431708000 }', "5", "field opens[].ts: expected object, got number"),
+    ("blast", '"id" : ', '"id" : "x", "y" : ', "field id: Could not convert 'x'"),
+    ("profile", '"total_opens" : ', '"total_opens" : "many", "t" : ', "field total_opens: Could not convert 'many'"),
+    ("profile", '"Daily" : "2015-01-02T03:04:05"', '"Daily" : "soon"', "field signup_time: Failed to parse string: 'soon'"),
+])
+@pytest.mark.parametrize(("lines", "bad"), [(89, 45), (3000, 2500)])  # one chunk; many chunks and batches
+def test_a_value_that_does_not_fit_names_the_file_and_the_line_as_counted(
+    tmp_path: Path, collection: str, old: str, new: str, expected: str, lines: int, bad: int
+) -> None:
+    export = tmp_path / "export"
+    export.mkdir()
+    text = [TEMPLATES[collection] % (n, n) for n in range(1, lines + 1)]
+    text[2] = text[19] = ""  # blank lines: pyarrow's row numbers skip them, people's line numbers do not
+    assert old in text[bad - 1]
+    text[bad - 1] = text[bad - 1].replace(old, new, 1)
+    name = f"{collection}.20160401.json"
+    (export / name).write_text("\n".join(text) + "\n")
+    project = Project(tmp_path, export)
+    project.write_config(extra="    block_bytes: 65536\n    profile_lines: 100")
+    result = project.cli("run")
+    assert result.exit_code != 0
+    output = result.output + result.stderr
+    assert f"{name}:{bad}: {expected}" in output, output
+    assert " row " not in output.split(f"{name}:{bad}:")[1].splitlines()[0]
 
 
 # --- idempotence and updates ----------------------------------------------------------------------

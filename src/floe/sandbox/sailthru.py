@@ -10,6 +10,11 @@ A file dated D holds what happened on day D-1 (the exporter runs after midnight 
 day, with all their activity so far. About 20% of messages are opened (1-4 opens each) and a
 fifth of the opened ones clicked; some click URLs carry the recipient's address (`email=`),
 as real tracking links do, and some profiles have an address in a var: PII hides everywhere.
+
+With `unknown_keys` (the default), some lines carry keys floe does not read, as a newer exporter
+may send (invented names, not from Sailthru's docs): `subject`/`labels` on blasts, `ab_variant` and
+a nested `channel` on messages (some of their opens also carry a `device`), `optout_email` and a
+`keys` object holding the address on profiles. A share of message_blast lines carries its own `id`.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import json
 import random
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -54,7 +59,7 @@ class ExportSpec:
     open_rate: float = 0.2
     click_rate: float = 0.2  # of opened messages
     heavy_clickers: int = 0  # the first N profiles open and click (1-3 times) every message
-    extra: dict[str, Any] = field(default_factory=dict)
+    unknown_keys: bool = True  # some lines carry keys floe does not read (see the module docstring)
 
 
 def dumps(doc: dict[str, Any]) -> str:
@@ -80,11 +85,13 @@ class Message:
     doc: dict[str, Any]
     actions: list[tuple[datetime, str | None]]  # (when, url or None for an open)
     email_n: int
+    open_device: bool = False  # its opens carry a `device` key floe does not read
 
     def upto(self, moment: datetime, transactional: bool) -> dict[str, Any]:
         """The message as exported at `moment`: the actions that happened before it."""
         doc = dict(self.doc)
-        opens = [{"ts": _ms(t)} for t, url in self.actions if url is None and t < moment]
+        opens = [{"ts": _ms(t), **({"device": "iPhone"} if self.open_device else {})}
+                 for t, url in self.actions if url is None and t < moment]
         clicks = [{"url": url, "ts": _ms(t)} for t, url in self.actions if url is not None and t < moment]
         if transactional or opens:
             doc["opens"] = opens
@@ -123,6 +130,14 @@ class Generator:
         self.blast_id = 6364286
         self.messages: list[tuple[date, Message]] = []  # (send day, message) for updates
         self.profile_state: dict[int, dict[str, Any]] = {}
+        self.odd = random.Random(spec.seed + 7919)  # its own draws: the rest stays as without unknown keys
+
+    def unknown(self, doc: dict[str, Any], keys: dict[str, Any], share: float = 0.15) -> dict[str, Any]:
+        """`doc` with `keys` spliced in after its first key, for a `share` of lines."""
+        if not self.spec.unknown_keys or self.odd.random() >= share:
+            return doc
+        first, *rest = doc.items()
+        return dict([first, *keys.items(), *rest])
 
     def file_name(self, collection: str, day: date | None) -> str:
         prefix = f"{self.spec.client_id}_" if self.spec.client_id else ""
@@ -143,8 +158,10 @@ class Generator:
             for _ in range(s.blasts_per_day):
                 self.blast_id += 1
                 sent = begin + timedelta(hours=self.rng.randint(6, 18), minutes=self.rng.randint(0, 59))
-                blasts.append({"name": f"Newsletter {self.blast_id} {sent:%b %d}", "day": f"{begin.astimezone(EASTERN):%Y-%m-%d}",
-                               "id": self.blast_id})
+                blast = {"name": f"Newsletter {self.blast_id} {sent:%b %d}", "day": f"{begin.astimezone(EASTERN):%Y-%m-%d}",
+                         "id": self.blast_id}
+                blasts.append(self.unknown(blast, {"subject": f"Your news for {sent:%A}", "labels": ["news", "daily"]},
+                                           share=0.5))
                 sends.append((self.blast_id, sent))
             yield self.file_name("blast", file_day), [dumps(b) for b in blasts]
             todays: list[Message] = []
@@ -157,7 +174,10 @@ class Generator:
                            "message_revenue": None, "delivery_status": None}
                     heavy = n < s.heavy_clickers
                     actions = make_actions(self.rng, at, n, 1.0 if heavy else s.open_rate, 1.0 if heavy else s.click_rate)
-                    todays.append(Message(doc, actions, n))
+                    if s.unknown_keys and self.odd.random() < 0.3:
+                        doc["id"] = _hex24(self.odd)
+                    todays.append(Message(self.unknown(doc, self.odd_message_keys()), actions, n,
+                                          open_device=self.odd.random() < 0.1 and s.unknown_keys))
             yield self.file_name("message_blast", file_day), [
                 dumps(m.upto(end, False)) for m in todays]
             if s.updates and file_day > s.start:
@@ -171,6 +191,9 @@ class Generator:
             wanted = range(s.profiles) if file_day == s.start else active
             yield self.file_name("profile", file_day), [dumps(self.profile(n, begin)) for n in wanted]
 
+    def odd_message_keys(self) -> dict[str, Any]:
+        return {"ab_variant": self.odd.choice("AB"), "channel": {"type": "email", "pool": self.odd.choice(["a", "b"])}}
+
     def transactional(self, begin: datetime) -> dict[str, Any]:
         n = self.rng.randrange(self.spec.profiles)
         at = begin + timedelta(seconds=self.rng.randint(0, 86399), milliseconds=self.rng.randint(0, 999))
@@ -181,7 +204,7 @@ class Generator:
         doc = m.upto(at + timedelta(days=3), True)
         doc["clicks"], doc["opens"] = doc.pop("clicks"), doc.pop("opens")
         doc["id"] = doc.pop("id")
-        return doc
+        return self.unknown(doc, self.odd_message_keys())
 
     def profile(self, n: int, day: datetime) -> dict[str, Any]:
         rng = self.rng
@@ -220,7 +243,7 @@ class Generator:
             "total_messages": state["opens"] * 3 + 10, "last_open": _eastern(day, ms=False),
             "last_click": _eastern(day - timedelta(days=1), ms=False), "last_pageview": _eastern(day, ms=False),
         })
-        return doc
+        return self.unknown(doc, {"optout_email": "none", "keys": {"email": email_of(n), "cookie": f"{n:032x}"}})
 
 
 def encode(lines: list[str], gzipped: bool) -> bytes:

@@ -6,10 +6,10 @@ files before it stay loaded. State per stream: `{"files": {name: sha256}}`. A fi
 loaded is skipped; a file whose content changed under a known name is an error unless
 `floe run --reprocess` is given.
 
-Message files are read in chunks of whole lines, each parsed by pyarrow's JSON reader (in C,
-multi-threaded) with an explicit schema and exploded into one row per action with Arrow compute
-kernels: no per-row Python, and memory bounded by the chunk size whatever the file size.
-Profiles and blasts are parsed with orjson line by line (their rows are few and irregular).
+Message files go through `sailthru_messages` (pyarrow's JSON reader, Arrow kernels: no per-row
+Python while their lines hold only known keys). Profiles and blasts are parsed with orjson line
+by line (their rows are few and irregular). Keys floe does not read land in each table's `extra`
+JSON column; times written without a zone are read in `timezone` (US Eastern by default).
 """
 
 from __future__ import annotations
@@ -19,15 +19,13 @@ import os
 import threading
 import zoneinfo
 from abc import abstractmethod
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.json as pj
 from pydantic import Field, SecretStr, field_validator
 
 from floe import secrets
@@ -35,11 +33,11 @@ from floe.config import SourceConfig
 from floe.engine.stream import Batch, Context, Source, State, Stream
 from floe.errors import ConfigError, FloeError, SourceError
 from floe.pii import Pii
-from floe.sources.sailthru_files import ExportFile, discover, iter_lines
+from floe.sources.sailthru_files import ExportFile, count_records, discover, iter_lines
+from floe.sources.sailthru_messages import EXTRA, POOL, TS, MessageReader, localize, message_schema
 
 SALT_ENV = "FLOE_PII_SALT"
-TS = pa.timestamp("ms", "UTC")
-POOL = pa.system_memory_pool()
+EASTERN = "America/New_York"
 
 
 class SailthruConfig(SourceConfig):
@@ -47,7 +45,8 @@ class SailthruConfig(SourceConfig):
     path: str = Field(description="A folder of export files (and/or .zip files), one .zip, or one file.")
     pii: Literal["hash", "drop", "keep"] = Field("hash", description="What to do with e-mail addresses.")
     salt: SecretStr | None = Field(None, description=f"Salt for hashing e-mails (default: env {SALT_ENV}).")
-    timezone: str = Field("UTC", description="Zone of times written without one (send_time, signup_time, ...).")
+    timezone: str = Field(EASTERN, description="Zone of times written without one (send_time, signup_time, ...); "
+                                              "Sailthru's exporter works in US Eastern time.")
     client_id: str | None = Field(None, description="Only files of this client id (unprefixed files too).")
     block_bytes: int = Field(4 << 20, ge=1 << 16, description="Bytes of message JSON parsed per batch.")
     profile_lines: int = Field(1000, ge=1, description="Profiles parsed per batch.")
@@ -69,13 +68,6 @@ class SailthruConfig(SourceConfig):
 
 # --- conversions ----------------------------------------------------------------------------
 
-def localize(values: pa.Array, zone: str) -> pa.Array:
-    """Naive timestamps read in `zone` -> UTC timestamps."""
-    if pa.types.is_timestamp(values.type) and values.type.tz is None and zone != "UTC":
-        values = pc.assume_timezone(values, zone, ambiguous="earliest", nonexistent="earliest")
-    return values.cast(TS)
-
-
 def time_column(values: list[Any], zone: str) -> pa.Array:
     """ISO strings without zone (read in `zone`) or Mongo `{"$date": ms}` (UTC) -> UTC timestamps."""
     if any(isinstance(v, dict) for v in values):
@@ -93,28 +85,46 @@ def as_text(value: Any) -> str | None:
     return orjson.dumps(value).decode()
 
 
+def unread(records: list[dict[str, Any]], known: Collection[str]) -> list[str | None]:
+    """Per record: its non-null values at keys not in `known`, as one JSON object (None: none)."""
+    return [orjson.dumps(rest).decode() if (rest := {k: v for k, v in r.items() if k not in known and v is not None})
+            else None for r in records]
+
+
 KINDS: dict[str, pa.DataType] = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
+_REFUSED = (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, KeyError, OverflowError)
 
 
-def build_batch(records: list[dict[str, Any]], fields: dict[str, str], zone: str, extras: bool) -> pa.RecordBatch:
-    """Columns of `fields` (name -> kind) from records; with `extras`, other scalar keys as text."""
-    arrays: dict[str, pa.Array] = {}
-    for name, kind in fields.items():
-        values = [r.get(name) for r in records]
+def schema_of(kinds: dict[str, str]) -> pa.Schema:
+    """The Arrow schema of columns named with kinds (str, int, float, bool, ts, date, json)."""
+    types = {**KINDS, "ts": TS, "date": pa.date32()}
+    return pa.schema([EXTRA if kind == "json" else pa.field(name, types[kind]) for name, kind in kinds.items()])
+
+
+def typed(values: list[Any], kind: str, zone: str) -> pa.Array:
+    if kind == "ts":
+        return time_column(values, zone)
+    if kind == "date":
+        return pa.array(values, pa.string()).cast(pa.date32())
+    return pa.array(values, pa.string() if kind == "json" else KINDS[kind])
+
+
+def typed_batch(data: dict[str, list[Any]], kinds: dict[str, str], zone: str, file: str,
+                lines: Sequence[int]) -> pa.RecordBatch:
+    """Columns of `kinds` from `data`; a value that does not fit its column is a SourceError
+    naming `file:line` (`lines[i]`: the line that row i came from) and the field."""
+    arrays = []
+    for name, kind in kinds.items():
         try:
-            if kind == "ts":
-                arrays[name] = time_column(values, zone)
-            elif kind == "date":
-                arrays[name] = pa.array(values, pa.string()).cast(pa.date32())
-            else:
-                arrays[name] = pa.array(values, KINDS[kind])
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, KeyError) as exc:
-            raise SourceError(f"field {name}: {exc}") from None
-    if extras:
-        other = sorted({k for r in records for k in r} - fields.keys())
-        for name in other:
-            arrays[name] = pa.array([as_text(r.get(name)) for r in records], pa.string())
-    return pa.RecordBatch.from_pydict(arrays)
+            arrays.append(typed(data[name], kind, zone))
+        except _REFUSED as exc:
+            for i, value in enumerate(data[name]):  # find the row at fault, for its line and its error
+                try:
+                    typed([value], kind, zone)
+                except _REFUSED as own:
+                    raise SourceError(f"{file}:{lines[i]}: field {name}: {own}") from None
+            raise SourceError(f"{file}: field {name}: {exc}") from None
+    return pa.RecordBatch.from_arrays(arrays, schema=schema_of(kinds))
 
 
 # --- the source ---------------------------------------------------------------------------------
@@ -203,18 +213,7 @@ class SailthruStream(Stream):
             yield Batch(checkpoint={"files": dict(done)})
 
 
-# --- messages: pyarrow JSON reader + vectorised explode -------------------------------------
-
-_DATE = pa.struct([pa.field("$date", pa.int64())])
-_OPENS = pa.list_(pa.struct([pa.field("ts", _DATE)]))
-_CLICKS = pa.list_(pa.struct([pa.field("url", pa.string()), pa.field("ts", _DATE)]))
-ACTION_FIELDS = [pa.field("action_name", pa.string()), pa.field("action_ts", TS), pa.field("action_url", pa.string())]
-
-
-def message_schema(base_fields: list[pa.Field]) -> pa.Schema:
-    """The table's columns: the message fields (send_time in UTC) plus the action fields."""
-    return pa.schema([f.with_type(TS) if f.name == "send_time" else f for f in base_fields] + ACTION_FIELDS)
-
+# --- messages: pyarrow JSON reader + vectorised explode (sailthru_messages) ---------------------
 
 class MessageStream(SailthruStream):
     """One row per open or click (action_name/action_ts/action_url), or one row with null
@@ -227,92 +226,9 @@ class MessageStream(SailthruStream):
     scrubs_itself = True  # before exploding: fewer rows to scan
 
     def batches(self, f: ExportFile) -> Iterator[pa.RecordBatch]:
-        schema = pa.schema([*self.base_fields, pa.field("opens", _OPENS), pa.field("clicks", _CLICKS)])
-        parse = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
-        read = pj.ReadOptions(block_size=max(1 << 16, self.source.config.block_bytes // 4))
-        # Whole-line chunks parsed one at a time (pyarrow's streaming reader grew to ~100 MB more
-        # within a large file); the chunk's first line number makes errors exact without re-reading.
-        with f.arrow_stream() as stream:
-            for first_line, chunk in line_chunks(stream, self.source.config.block_bytes):
-                try:
-                    table = pj.read_json(pa.py_buffer(chunk), read_options=read, parse_options=parse,
-                                         memory_pool=POOL)
-                except pa.ArrowInvalid as exc:
-                    raise locate_bad_line(f.name, first_line, chunk, exc) from None
-                for batch in table.combine_chunks().to_batches():
-                    yield from explode(batch, self.zone, self.schema, self.source.pii).to_batches()
-
-
-def line_chunks(stream: Any, size: int) -> Iterator[tuple[int, bytes]]:
-    """(number of the first line, bytes of whole lines) of about `size` bytes; blank-only chunks skipped."""
-    carry = b""
-    line = 1
-    while data := stream.read(size):
-        data = carry + data
-        cut = data.rfind(b"\n") + 1
-        if not cut:
-            carry = data
-            continue
-        chunk, carry = data[:cut], data[cut:]
-        if chunk.strip():
-            yield line, chunk
-        line += chunk.count(b"\n")
-    if carry.strip():
-        yield line, carry
-
-
-def explode(batch: pa.RecordBatch, zone: str, schema: pa.Schema, pii: Pii) -> pa.Table:
-    """Message lines -> one row per action (or one bare row), send_time in UTC, addresses scrubbed."""
-    names = [n for n in batch.schema.names if n not in ("opens", "clicks")]
-    columns = [
-        localize(batch.column(n), zone) if n == "send_time"
-        else pii.scrub_array(batch.column(n)) if pa.types.is_string(batch.schema.field(n).type) and pii.mode != "keep"
-        else batch.column(n)
-        for n in names
-    ]
-    base = pa.Table.from_arrays(columns, names=names)
-    parts: list[pa.Table] = []
-    for action, column in (("open", "opens"), ("click", "clicks")):
-        lists = batch.column(column)
-        flat = pc.list_flatten(lists)
-        n = len(flat)
-        if not n:
-            continue
-        ts = pc.struct_field(pc.struct_field(flat, "ts"), "$date").cast(TS)
-        url = pc.struct_field(flat, "url") if action == "click" else pa.nulls(n, pa.string())
-        if action == "click" and pii.mode != "keep":
-            url = pii.scrub_array(url)
-        rows = base.take(pc.list_parent_indices(lists))
-        parts.append(
-            rows.append_column("action_name", pa.repeat(pa.scalar(action), n))
-            .append_column("action_ts", ts).append_column("action_url", url)
-        )
-    bare = pc.and_(
-        pc.equal(pc.fill_null(pc.list_value_length(batch.column("opens")), 0), 0),
-        pc.equal(pc.fill_null(pc.list_value_length(batch.column("clicks")), 0), 0),
-    )
-    rows = base.filter(bare)
-    n = rows.num_rows
-    if n or not parts:
-        parts.append(
-            rows.append_column("action_name", pa.nulls(n, pa.string()))
-            .append_column("action_ts", pa.nulls(n, TS)).append_column("action_url", pa.nulls(n, pa.string()))
-        )
-    return pa.concat_tables(parts).cast(schema)
-
-
-def locate_bad_line(name: str, first_line: int, chunk: bytes, error: Exception) -> SourceError:
-    """Name the first line of `chunk` that is not a JSON object (or pass on pyarrow's message)."""
-    for number, line in enumerate(chunk.split(b"\n"), first_line):
-        if not line.strip():
-            continue
-        try:
-            value = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            return SourceError(f"{name}:{number}: not valid JSON ({exc})")
-        if not isinstance(value, dict):
-            return SourceError(f"{name}:{number}: expected a JSON object, got {type(value).__name__}")
-    return SourceError(f"{name}:{first_line}-{number}: {str(error).removeprefix('JSON parse error: ')}")
+        config = self.source.config
+        reader = MessageReader(self.base_fields, self.schema, self.zone, self.source.pii, config.block_bytes)
+        return reader.batches(f)
 
 
 class MessageBlastStream(MessageStream):
@@ -322,6 +238,7 @@ class MessageBlastStream(MessageStream):
         pa.field("profile_id", pa.string()), pa.field("send_time", pa.timestamp("ms")),
         pa.field("blast_id", pa.int64()), pa.field("message_id", pa.int64()), pa.field("device", pa.string()),
         pa.field("message_revenue", pa.float64()), pa.field("delivery_status", pa.string()),
+        pa.field("id", pa.string()),  # absent from the reference sample; Sailthru's own id when present
     ]
     primary_key = ("profile_id", "blast_id", "action_name", "action_ts", "action_url")
     parent_key = ("profile_id", "blast_id")
@@ -343,8 +260,9 @@ class MessageTransactionalStream(MessageStream):
 
 # --- blasts and profiles: orjson line by line -----------------------------------------------
 
-def read_records(f: ExportFile, chunk: int) -> Iterator[list[dict[str, Any]]]:
-    """Parsed lines in chunks; a bad line raises SourceError naming `file:line`."""
+def read_records(f: ExportFile, chunk: int) -> Iterator[tuple[list[int], list[dict[str, Any]]]]:
+    """(line numbers, parsed lines) in chunks; a bad line raises SourceError naming `file:line`."""
+    lines: list[int] = []
     records: list[dict[str, Any]] = []
     for number, line in iter_lines(f):
         try:
@@ -353,32 +271,36 @@ def read_records(f: ExportFile, chunk: int) -> Iterator[list[dict[str, Any]]]:
             raise SourceError(f"{f.name}:{number}: not valid JSON ({exc})") from None
         if not isinstance(value, dict):
             raise SourceError(f"{f.name}:{number}: expected a JSON object, got {type(value).__name__}")
+        lines.append(number)
         records.append(value)
         if len(records) >= chunk:
-            yield records
-            records = []
+            yield lines, records
+            lines, records = [], []
     if records:
-        yield records
+        yield lines, records
 
 
 class BlastStream(SailthruStream):
     name = "blast"
     table = "blast"
     primary_key = ("id",)
-    fields: ClassVar[dict[str, str]] = {"id": "int", "name": "str", "day": "date"}
-    schema = pa.schema([("id", pa.int64()), ("name", pa.string()), ("day", pa.date32())])
+    kinds: ClassVar[dict[str, str]] = {"id": "int", "name": "str", "day": "date", "extra": "json"}
+    schema = schema_of(kinds)
 
     def batches(self, f: ExportFile) -> Iterator[pa.RecordBatch]:
-        for records in read_records(f, 10_000):
-            yield build_batch(records, self.fields, self.zone, extras=True)
+        read = ("id", "name", "day")
+        for lines, records in read_records(f, 10_000):
+            data = {name: [r.get(name) for r in records] for name in read}
+            yield typed_batch({**data, "extra": unread(records, read)}, self.kinds, self.zone, f.name, lines)
 
 
-PROFILE_MAPS = ("geo", "browser", "lists_signup", "vars")
+PROFILE_MAPS = ("geo", "browser", "lists_signup", "vars")  # read by the child streams
 PROFILE_FIELDS: dict[str, str] = {
     "id": "str", "optout_reason": "str", "optout_time": "ts", "signup_time": "ts", "create_date": "ts",
     "total_opens": "int", "total_clicks": "int", "total_unique_opens": "int", "total_unique_clicks": "int",
     "total_pageviews": "int", "total_messages": "int", "last_open": "ts", "last_click": "ts", "last_pageview": "ts",
 }
+PROFILE_READ = frozenset({*PROFILE_FIELDS, *PROFILE_MAPS, "email"})
 
 
 class ProfileStream(SailthruStream):
@@ -390,28 +312,20 @@ class ProfileStream(SailthruStream):
 
     def __init__(self, source: SailthruSource) -> None:
         super().__init__(source)
-        mode = source.config.pii
-        self.email_column = {"hash": "email_hash", "keep": "email", "drop": None}[mode]
-        fields = [pa.field(n, TS if k == "ts" else KINDS[k]) for n, k in PROFILE_FIELDS.items()]
-        fields.insert(1, pa.field("geo_count", pa.int64()))
-        if self.email_column:
-            fields.insert(1, pa.field(self.email_column, pa.string()))
-        self.schema = pa.schema(fields)
+        self.email_column = {"hash": "email_hash", "keep": "email", "drop": None}[source.config.pii]
+        email = {self.email_column: "str"} if self.email_column else {}
+        self.kinds = {"id": "str", **email, "geo_count": "int", **PROFILE_FIELDS, "extra": "json"}
+        self.schema = schema_of(self.kinds)
 
     def batches(self, f: ExportFile) -> Iterator[pa.RecordBatch]:
         pii = self.source.pii
-        for records in read_records(f, self.source.config.profile_lines):
-            flat = []
-            for r in records:
-                row = {k: v for k, v in r.items() if k not in PROFILE_MAPS and k != "email"}
-                row["geo_count"] = (r.get("geo") or {}).get("count")
-                if self.email_column:
-                    row[self.email_column] = pii.email(r.get("email"))
-                flat.append(row)
-            fields = dict(PROFILE_FIELDS, geo_count="int")
+        for lines, records in read_records(f, self.source.config.profile_lines):
+            data = {name: [r.get(name) for r in records] for name in PROFILE_FIELDS}
+            data["geo_count"] = [_mapping(r.get("geo")).get("count") for r in records]
             if self.email_column:
-                fields[self.email_column] = "str"
-            yield build_batch(flat, fields, self.zone, extras=True)
+                data[self.email_column] = [pii.email(r.get("email")) for r in records]
+            data["extra"] = unread(records, PROFILE_READ)
+            yield typed_batch(data, self.kinds, self.zone, f.name, lines)
 
 
 class ProfileChildStream(SailthruStream):
@@ -432,25 +346,17 @@ class ProfileChildStream(SailthruStream):
 
     def batches(self, f: ExportFile) -> Iterator[pa.RecordBatch]:
         names = list(self.kinds)
-        for records in read_records(f, self.source.config.profile_lines):
+        for lines, records in read_records(f, self.source.config.profile_lines):
             columns: list[list[Any]] = [[] for _ in names]
+            origin: list[int] = []  # the line of each row
             marker_tail = (None,) * (len(names) - 1)
-            for r in records:
+            for line, r in zip(lines, records, strict=True):
                 rows = list(self.rows_of(r)) or [(r.get("id"), *marker_tail)]
+                origin.extend([line] * len(rows))
                 for row in rows:
                     for column, value in zip(columns, row, strict=True):
                         column.append(value)
-            yield _columns_batch(dict(zip(names, columns, strict=True)), self.kinds, self.zone)
-
-
-def _columns_batch(data: dict[str, list[Any]], kinds: dict[str, str], zone: str) -> pa.RecordBatch:
-    arrays = {}
-    for name, kind in kinds.items():
-        try:
-            arrays[name] = time_column(data[name], zone) if kind == "ts" else pa.array(data[name], KINDS[kind])
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, KeyError) as exc:
-            raise SourceError(f"field {name}: {exc}") from None
-    return pa.RecordBatch.from_pydict(arrays)
+            yield typed_batch(dict(zip(names, columns, strict=True)), self.kinds, self.zone, f.name, origin)
 
 
 def _mapping(value: Any) -> dict[str, Any]:
@@ -484,7 +390,7 @@ class ProfileGeoStream(ProfileChildStream):
     primary_key = ("id", "scope", "label")
     kinds: ClassVar[dict[str, str]] = {"id": "str", "scope": "str", "label": "str", "quantity": "int"}
     rows_of = staticmethod(_geo_rows)
-    schema = pa.schema([("id", pa.string()), ("scope", pa.string()), ("label", pa.string()), ("quantity", pa.int64())])
+    schema = schema_of(kinds)
 
 
 class ProfileBrowserStream(ProfileChildStream):
@@ -492,7 +398,7 @@ class ProfileBrowserStream(ProfileChildStream):
     primary_key = ("id", "browser")
     kinds: ClassVar[dict[str, str]] = {"id": "str", "browser": "str", "quantity": "int"}
     rows_of = staticmethod(_browser_rows)
-    schema = pa.schema([("id", pa.string()), ("browser", pa.string()), ("quantity", pa.int64())])
+    schema = schema_of(kinds)
 
 
 class ProfileListsSignupStream(ProfileChildStream):
@@ -500,7 +406,7 @@ class ProfileListsSignupStream(ProfileChildStream):
     primary_key = ("id", "list")
     kinds: ClassVar[dict[str, str]] = {"id": "str", "list": "str", "signup_time": "ts"}
     rows_of = staticmethod(_list_rows)
-    schema = pa.schema([("id", pa.string()), ("list", pa.string()), ("signup_time", TS)])
+    schema = schema_of(kinds)
 
 
 class ProfileVarsStream(ProfileChildStream):
@@ -508,14 +414,14 @@ class ProfileVarsStream(ProfileChildStream):
     primary_key = ("id", "var")
     kinds: ClassVar[dict[str, str]] = {"id": "str", "var": "str", "value": "str"}
     rows_of = staticmethod(_var_rows)
-    schema = pa.schema([("id", pa.string()), ("var", pa.string()), ("value", pa.string())])
+    schema = schema_of(kinds)
 
 
 # --- exports: the freshness table -------------------------------------------------------------
 
 class ExportsStream(SailthruStream):
-    """One row per file floe has read: its name, collection, export date (from the name), lines
-    and when it was ingested. Dashboards show `MAX(export_date)` as the data's freshness."""
+    """One row per file floe has read: its name, collection, export date (from the name), records
+    (non-blank lines) and when it was ingested. Dashboards show `MAX(export_date)` as the data's freshness."""
 
     name = "exports"
     table = ""
@@ -527,18 +433,11 @@ class ExportsStream(SailthruStream):
     ])
 
     def batches(self, f: ExportFile) -> Iterator[pa.RecordBatch]:
-        lines = size = 0
-        last = b"\n"
         with f.arrow_stream() as stream:
-            while chunk := stream.read(1 << 20):
-                lines += chunk.count(b"\n")
-                size += len(chunk)
-                last = chunk[-1:]
-        if last != b"\n":
-            lines += 1
+            records, size = count_records(stream)
         yield pa.RecordBatch.from_pylist([{
             "name": f.name, "collection": f.info.collection, "client_id": f.info.client_id,
-            "export_date": f.info.export_date, "rows": lines, "bytes": size, "sha256": self.source.checksum(f),
+            "export_date": f.info.export_date, "rows": records, "bytes": size, "sha256": self.source.checksum(f),
             "ingested_at": datetime.now(UTC),
         }], schema=self.schema)
 

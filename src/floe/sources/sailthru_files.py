@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import IO, cast
+from typing import IO, Any, cast
 
 import pyarrow as pa
 
@@ -201,3 +201,43 @@ def iter_lines(f: ExportFile) -> Iterator[tuple[int, bytes]]:
         for number, line in enumerate(stream, 1):
             if line.strip():
                 yield number, line
+
+
+def line_chunks(stream: Any, size: int) -> Iterator[tuple[int, bytes]]:
+    """(number of the first line, bytes of whole lines) of about `size` bytes; blank-only chunks skipped."""
+    carry = b""
+    line = 1
+    while data := stream.read(size):
+        data = carry + data
+        cut = data.rfind(b"\n") + 1
+        if not cut:
+            carry = data
+            continue
+        chunk, carry = data[:cut], data[cut:]
+        if chunk.strip():
+            yield line, chunk
+        line += chunk.count(b"\n")
+    if carry.strip():
+        yield line, carry
+
+
+# A blank line of a chunk of whole lines starts it or follows a newline (JSON whitespace: " \t\r").
+_BLANK_START = (b" ", b"\t", b"\r", b"\n")
+_MAYBE_BLANK = (b"\n\n", b"\n\r", b"\n ", b"\n\t")
+
+
+def count_records(stream: Any, size: int = 1 << 20) -> tuple[int, int]:
+    """(records, bytes) of JSON Lines text. A record is a line holding more than whitespace, so
+    blank lines (inside or at the end) are not counted; counted in C unless a chunk may hold one."""
+    records = total = 0
+    carry = b""
+    while data := stream.read(size):
+        total += len(data)
+        data = carry + data
+        cut = data.rfind(b"\n") + 1
+        chunk, carry = data[:cut], data[cut:]
+        if chunk[:1] in _BLANK_START or any(p in chunk for p in _MAYBE_BLANK):
+            records += sum(1 for line in chunk.split(b"\n") if line.strip())
+        else:
+            records += chunk.count(b"\n")
+    return records + bool(carry.strip()), total
