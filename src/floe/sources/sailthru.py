@@ -30,11 +30,12 @@ from pydantic import Field, SecretStr, field_validator
 
 from floe import secrets
 from floe.config import SourceConfig
+from floe.destinations.base import json_field
 from floe.engine.stream import Batch, Context, Source, State, Stream
 from floe.errors import ConfigError, FloeError, SourceError
 from floe.pii import Pii
 from floe.sources.sailthru_files import ExportFile, count_records, discover, iter_lines
-from floe.sources.sailthru_messages import EXTRA, POOL, TS, MessageReader, localize, message_schema
+from floe.sources.sailthru_messages import POOL, TS, MessageReader, localize, message_schema
 
 SALT_ENV = "FLOE_PII_SALT"
 EASTERN = "America/New_York"
@@ -98,7 +99,7 @@ _REFUSED = (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, KeyError,
 def schema_of(kinds: dict[str, str]) -> pa.Schema:
     """The Arrow schema of columns named with kinds (str, int, float, bool, ts, date, json)."""
     types = {**KINDS, "ts": TS, "date": pa.date32()}
-    return pa.schema([EXTRA if kind == "json" else pa.field(name, types[kind]) for name, kind in kinds.items()])
+    return pa.schema([json_field(name) if kind == "json" else pa.field(name, types[kind]) for name, kind in kinds.items()])
 
 
 def typed(values: list[Any], kind: str, zone: str) -> pa.Array:
