@@ -3,7 +3,8 @@
 `load(job)` is the exactly-once point: in ONE transaction it creates or evolves the target table,
 moves the staged rows in by the write disposition, writes the stream's new state version into
 `_floe_state` and a row into `_floe_loads`. A crash anywhere leaves either the old data and old
-state, or the new data and new state.
+state, or the new data and new state. `load_group(jobs)` commits several streams' jobs; on a
+destination with `atomic_groups` they share that one transaction.
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ class Destination(ABC):
     # Parquet codec of the stage files ("zstd", "lz4", "snappy", "none"): small files for a
     # remote stage, cheap CPU for a local one read at once.
     stage_compression: str = "zstd"
+    # Whether `load_group` commits all its jobs in ONE transaction (else one after the other).
+    atomic_groups: ClassVar[bool] = False
 
     def __init__(self, name: str, config: Any, context: Context | None = None) -> None:
         self.name = name
@@ -132,6 +135,13 @@ class Destination(ABC):
     @abstractmethod
     def load(self, job: LoadJob) -> None:
         """Commit `job` atomically (data + state + load row), or raise and commit nothing."""
+
+    def load_group(self, jobs: list[LoadJob]) -> None:
+        """Commit the jobs of several streams (one job per stream). With `atomic_groups`, in ONE
+        transaction: all of them, or raise and commit none. Without, one after the other in order:
+        a failure leaves the jobs before it committed."""
+        for job in jobs:
+            self.load(job)
 
     def record_failure(self, job: LoadJob, error: str) -> None:  # noqa: B027 - optional hook
         """Best effort: note a failed load in `_floe_loads` (outside the failed transaction)."""

@@ -154,12 +154,16 @@ class PostgresDestination(SqlDestination):
             return spec
         return dataclasses.replace(spec, schema_name=schema)
 
-    def load(self, job: LoadJob) -> None:
+    def load_group(self, jobs: list[LoadJob]) -> None:
+        super().load_group([self._named(job) for job in jobs])
+
+    def _named(self, job: LoadJob) -> LoadJob:
+        """The job with its table in the schema this destination uses for the source."""
         spec = self._spec(job.table)
-        if spec is not job.table:
-            job = LoadJob(job.load_id, job.source, job.stream, spec, job.files, job.checkpoint, job.started_at,
-                          job.details)
-        super().load(job)
+        if spec is job.table:
+            return job
+        return LoadJob(job.load_id, job.source, job.stream, spec, job.files, job.checkpoint, job.started_at,
+                       job.details)
 
     def ensure_table(self, cur: Any, spec: TableSpec) -> None:
         super().ensure_table(cur, spec)

@@ -324,16 +324,21 @@ class RedshiftDestination(PostgresDestination):
         self.store.put_bytes(manifest_key, json.dumps({"entries": entries}, indent=1).encode())
         return prefix, self.store.uri(manifest_key)
 
-    def load(self, job: LoadJob) -> None:
-        prefix = ""
+    def load_group(self, jobs: list[LoadJob]) -> None:
+        """Upload every job's parts, then COPY and commit them all in one transaction."""
+        prefixes: list[str] = []
         try:
-            if job.files:
-                prefix, self._manifests[job.load_id] = self.upload(job)
-            super().load(job)
+            for job in jobs:
+                if job.files:
+                    prefix, self._manifests[job.load_id] = self.upload(job)
+                    prefixes.append(prefix)
+            super().load_group(jobs)
         finally:
-            self._manifests.pop(job.load_id, None)
-            if prefix and not self.config.keep_staged_files:
-                self.store.delete_prefix(prefix)
+            for job in jobs:
+                self._manifests.pop(job.load_id, None)
+            if not self.config.keep_staged_files:
+                for prefix in prefixes:
+                    self.store.delete_prefix(prefix)
 
     def stage_rows(self, cur: Any, job: LoadJob, staging: str) -> str:
         cur.execute(self.staging_ddl(job.table, staging))

@@ -225,30 +225,46 @@ class SqlDestination(Destination):
             if f.name not in existing and self.column_type(f) is not None:
                 cur.execute(self.add_column_sql(spec, f))
 
+    atomic_groups = True
+
     def load(self, job: LoadJob) -> None:
-        spec = job.table
+        self.load_group([job])
+
+    def load_group(self, jobs: list[LoadJob]) -> None:
+        """Every job's `load_step` in ONE transaction: all of them are committed, or none."""
+        current: LoadJob | None = None
         try:
             with self.transaction() as cur:
                 self.ensure_meta(cur)
-                self.ensure_table(cur, spec)
-                if job.files or spec.disposition == "replace":
-                    staging = f"_floe_staging_{job.load_id.replace('-', '_')}"
-                    order = self.stage_rows(cur, job, staging)
-                    unique_keys = self.staged_keys_unique(cur, spec, staging)
-                    for statement in self.disposition_sql(spec, staging, order, job.load_id, unique_keys):
-                        cur.execute(statement)
-                    self.drop_staging(cur, staging)
-                for statement in self.views_sql(spec):
-                    cur.execute(statement)
-                self.write_state(cur, job)
-                self.write_load_row(cur, job, "committed", None, datetime.now(UTC))
+                for current in jobs:
+                    self.load_step(cur, current)
+                current = None  # a failure from here on is the commit's
         except DestinationError:
             raise
         except Exception as exc:
+            names = [f"{j.table.schema_name}.{j.table.table}" for j in jobs]
+            failed = f"{current.table.schema_name}.{current.table.table}" if current else ", ".join(names)
+            others = [n for n in names if n != failed] if current else []
+            held = f" (nor of {', '.join(others)}: the same transaction)" if others else ""
             raise DestinationError(
-                f"{self.name}: loading {spec.schema_name}.{spec.table} failed, nothing committed: "
-                f"{redact(str(exc)).strip()}"
+                f"{self.name}: loading {failed} failed, nothing committed{held}: {redact(str(exc)).strip()}"
             ) from exc
+
+    def load_step(self, cur: Any, job: LoadJob) -> None:
+        """One job inside the caller's transaction: table, rows by the disposition, views, state, load row."""
+        spec = job.table
+        self.ensure_table(cur, spec)
+        if job.files or spec.disposition == "replace":
+            staging = f"_floe_staging_{job.load_id.replace('-', '_')}"
+            order = self.stage_rows(cur, job, staging)
+            unique_keys = self.staged_keys_unique(cur, spec, staging)
+            for statement in self.disposition_sql(spec, staging, order, job.load_id, unique_keys):
+                cur.execute(statement)
+            self.drop_staging(cur, staging)
+        for statement in self.views_sql(spec):
+            cur.execute(statement)
+        self.write_state(cur, job)
+        self.write_load_row(cur, job, "committed", None, datetime.now(UTC))
 
     def drop_staging(self, cur: Any, staging: str) -> None:
         cur.execute(f"DROP TABLE IF EXISTS {staging}")

@@ -2,42 +2,47 @@
 
 Per stream, RECORDs are gathered into chunks, converted to Arrow in bulk (`convert.Converter`),
 and staged as Parquet exactly like `floe run` stages a source's batches. A commit hands every
-stream's staged files to `Destination.load` (data + state + load row in one transaction per
-table) and only then writes the latest STATE to stdout, so every STATE a consumer sees covers
-committed data only. Commits happen when `batch_rows` records are pending and a STATE arrives,
-when `max_seconds` passed since the last commit and a STATE arrives, on ACTIVATE_VERSION, on a
-key change, and at the end of input.
+stream's staged files to `Destination.load_group` (data + state + load row of every table in ONE
+transaction where the destination has `atomic_groups`) and only then writes the latest STATE to
+stdout, so every STATE a consumer sees covers committed data only. Commits happen when
+`batch_rows` records are pending and a STATE arrives, when `max_seconds` passed since the last
+commit and a STATE arrives, on ACTIVATE_VERSION, on a key change, and at the end of input.
 
 Tables: `<schema>.<stream>` (schema `singer` by default), merged on `key_properties`, appended
 when there are none. Records that carry a `version` store it in `_sdc_table_version`;
 ACTIVATE_VERSION deletes the rows of older versions (and unversioned rows) of that table.
 The destination keeps the STATE committed with each table under `_floe_state`
-(source = the schema, stream = the Singer stream) as `{"singer_state": ...}`.
+(source = the schema, stream = the Singer stream) as `{"singer_state": ..., "state_messages": n,
+"records_after_state": r}`: the last STATE the commit covered, how many STATE messages the commit
+covered since the last STATE written out before it, and how many of the table's records followed
+that STATE (records after the last STATE, at the end of input).
+
+Replays (see `Replay`): an orchestrator that lost the STATE of the target's last commit (the
+target died between committing and writing it) feeds the tap again from an earlier STATE, and a
+deterministic tap sends again what the destination already holds. For a table without key
+properties the target then drops those records instead of appending them twice.
 """
 
 from __future__ import annotations
 
-import gzip
 import logging
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any, NoReturn
-from urllib.parse import unquote, urlparse
 
 import orjson
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from floe.destinations.base import Destination, LoadJob
 from floe.engine.pipeline import table_spec
-from floe.engine.stage import StageWriter, new_load_id, remove_files
+from floe.engine.stage import StageWriter, new_load_id, remove_files, remove_leftovers
 from floe.engine.stream import Batch, Disposition, State, Stream
 from floe.errors import FloeError, SourceError
+from floe.singer.batch import batch_rows
 from floe.singer.convert import Converter
 from floe.singer.messages import message_type
 from floe.singer.schema import Column, json_schema_columns
@@ -62,15 +67,47 @@ class SingerStream(Stream):
 
 
 @dataclass
+class Replay:
+    """Where the records an append table already holds may start again in this input.
+
+    The table's last commit covered the input up to its STATE `state` plus `skip` records after
+    it, and `state` was the n-th STATE message since the last STATE line written before that
+    commit. An orchestrator that lost that commit's STATE line feeds the tap from the earlier one,
+    so `state` comes again as the n-th STATE of this input (n+1-th for a tap that first repeats the
+    state it was given). Until the `window_end`-th STATE, every STATE equal to `state` marks the
+    table's records before it as already loaded. Otherwise the input was started from `state`
+    itself, and only its first `skip` records of the table are already loaded."""
+
+    state: Any
+    window_end: int
+    skip: int
+
+    @classmethod
+    def of(cls, committed: State | None) -> Replay | None:
+        """From the table's committed state; None when its commit saw no STATE (a tap without state)."""
+        if not isinstance(committed, dict) or committed.get("singer_state") is None:
+            return None
+        return cls(committed["singer_state"], int(committed.get("state_messages", 1)) + 1,
+                   int(committed.get("records_after_state", 0)))
+
+
+@dataclass
 class _Buffer:
     stream: SingerStream
     columns: list[Column]
     converter: Converter
     writer: StageWriter
     rows: list[dict[str, Any]] = field(default_factory=list)
-    records: int = 0  # records of this stream converted so far (record numbers continue from here)
+    records: int = 0  # records of this stream taken from `rows` so far (record numbers continue from here)
     staged: int = 0  # rows staged since the last commit
     versioned: bool = False
+    at_state: int = 0  # records of this stream received before the latest STATE
+    skip: int = 0  # records still to drop before staging: the destination holds them (see Replay)
+    replay: Replay | None = None  # while its window is open: records may be a replay; they are not committed
+
+    @property
+    def received(self) -> int:
+        return self.records + len(self.rows)
 
 
 class SingerTarget:
@@ -85,11 +122,14 @@ class SingerTarget:
         self.buffers: dict[str, _Buffer] = {}
         self.state: Any = None
         self.state_unsent = False
+        self.states_received = 0  # STATE messages read so far
+        self.state_written = 0  # the number (in states_received) of the last STATE written out
         self.last_commit = time.monotonic()
         self.started_at = datetime.now(UTC)
         self.committed_rows = 0
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="floe-target-load")
-        self._inflight: tuple[Future[int], tuple[Any] | None] | None = None
+        self._inflight: tuple[Future[int], tuple[Any, int] | None] | None = None
+        self._replays: list[_Buffer] = []  # streams whose replay window is open
 
     # --- input ---------------------------------------------------------------------------------
     def run(self, lines: Iterable[bytes]) -> int:
@@ -116,6 +156,9 @@ class SingerTarget:
                             self._stage(buf)
                         continue
                 self._other(message, lineno)
+            for buf in self._replays:  # the input ended: what they hold is new
+                buf.replay = None
+            self._replays = []
             self.commit(wait=True)
         except BaseException:
             self.abort()
@@ -141,6 +184,11 @@ class SingerTarget:
             if "value" not in message:
                 raise SourceError(f"{where}: STATE message has no `value`")
             self.state, self.state_unsent = message["value"], True
+            self.states_received += 1
+            for buf in self.buffers.values():
+                buf.at_state = buf.received
+            if self._replays and self._look_for_replay():
+                return  # a stream in its replay window holds records: nothing commits yet
             if self._inflight is not None and self._inflight[0].done():
                 self._settle()
             due = self._pending_rows() >= self.batch_rows or time.monotonic() - self.last_commit >= self.max_seconds
@@ -194,8 +242,49 @@ class SingerTarget:
             old.stream, old.columns = stream, buf_columns
             old.converter = Converter(name, buf_columns)
         else:
+            if leftovers := remove_leftovers(self.stage, self.schema, name):
+                log.info("removed %d stage files of %s left by an interrupted run", leftovers, name)
             writer = StageWriter(self.stage, self.schema, name, new_load_id(), compression="lz4")
-            self.buffers[name] = _Buffer(stream, buf_columns, Converter(name, buf_columns), writer)
+            buf = self.buffers[name] = _Buffer(stream, buf_columns, Converter(name, buf_columns), writer)
+            if not keys:  # merged tables take a replay as it comes: the merge is idempotent
+                self._watch_for_replay(buf)
+
+    # --- replays -------------------------------------------------------------------------------
+    def _watch_for_replay(self, buf: _Buffer) -> None:
+        replay = Replay.of(self.destination.get_state(self.schema, buf.stream.name))
+        if replay is None:
+            return
+        buf.skip = replay.skip
+        if self.states_received < replay.window_end:
+            buf.replay = replay
+            self._replays.append(buf)
+
+    def _look_for_replay(self) -> bool:
+        """At a STATE: drop the records of each watched stream that this STATE shows are loaded
+        already, close the windows that end here; True while an open window holds records."""
+        held = False
+        for buf in list(self._replays):
+            replay = buf.replay
+            assert replay is not None
+            if self.state == replay.state:
+                self._drop(buf)
+                buf.skip = replay.skip
+            if self.states_received >= replay.window_end:
+                self._end_replay(buf)
+            elif buf.rows or buf.staged:
+                held = True
+        return held
+
+    def _end_replay(self, buf: _Buffer) -> None:
+        if buf.replay is not None:
+            buf.replay = None
+            self._replays.remove(buf)
+
+    def _drop(self, buf: _Buffer) -> None:
+        """Forget the stream's records since its last commit (the destination holds them)."""
+        remove_files(buf.writer.flush())
+        buf.records += len(buf.rows)
+        buf.rows, buf.staged = [], 0
 
     @staticmethod
     def _with_version(columns: list[Column], versioned: bool) -> list[Column]:
@@ -213,10 +302,14 @@ class SingerTarget:
         """Convert the buffered records of `buf` to Arrow (validating them) and stage them."""
         if not buf.rows:
             return
-        batch = buf.converter.batch(buf.rows, buf.records + 1)
-        buf.writer.write(batch)
+        rows, first = buf.rows, buf.records + 1
+        if buf.skip:  # the destination holds these already (a replay)
+            dropped = min(buf.skip, len(rows))
+            rows, first, buf.skip = rows[dropped:], first + dropped, buf.skip - dropped
+        if rows:
+            buf.writer.write(buf.converter.batch(rows, first))
+            buf.staged += len(rows)
         buf.records += len(buf.rows)
-        buf.staged += len(buf.rows)
         buf.rows = []
 
     def _pending_rows(self) -> int:
@@ -226,14 +319,15 @@ class SingerTarget:
         return any(b.rows or b.staged for b in self.buffers.values())
 
     # --- commits -------------------------------------------------------------------------------
-    def _checkpoint(self) -> State:
-        return {"singer_state": self.state}
+    def _checkpoint(self, buf: _Buffer) -> State:
+        return {"singer_state": self.state, "state_messages": self.states_received - self.state_written,
+                "records_after_state": buf.received - buf.at_state}
 
     def _load(self, buf: _Buffer, details: dict[str, Any] | None = None) -> LoadJob:
         files = buf.writer.flush()
         job = LoadJob(
             load_id=buf.writer.load_id, source=self.schema, stream=buf.stream.name,
-            table=table_spec(self.schema, buf.stream, files), files=files, checkpoint=self._checkpoint(),
+            table=table_spec(self.schema, buf.stream, files), files=files, checkpoint=self._checkpoint(buf),
             started_at=self.started_at, details=details or {},
         )
         buf.writer.load_id = new_load_id()
@@ -245,38 +339,41 @@ class SingerTarget:
         The loads run in a worker thread while reading goes on; one commit is in flight at a time,
         and its STATE is written only after all of its loads succeeded."""
         self._settle()
+        if only is not None:  # what it holds commits now, so it is taken as new
+            self._end_replay(only)
         jobs = []
         for buf in [only] if only else list(self.buffers.values()):
             self._stage(buf)
             if buf.staged:
                 jobs.append(self._load(buf))
                 buf.staged = 0
-        state: tuple[Any] | None = None
+        state: tuple[Any, int] | None = None
         if only is None:
             self.last_commit = time.monotonic()
             if self.state_unsent:
-                state, self.state_unsent = (self.state,), False
+                state, self.state_unsent = (self.state, self.states_received), False
         if jobs:
             self._inflight = (self._worker.submit(self._apply, jobs), state)
             if wait or only is not None:
                 self._settle()
         elif state is not None:
-            self._write_state(state[0])
+            self._write_state(*state)
 
     def _apply(self, jobs: list[LoadJob]) -> int:
-        rows = 0
+        """Commit the jobs: in one transaction where the destination can, else table by table."""
+        groups = [jobs] if self.destination.atomic_groups else [[job] for job in jobs]
         try:
-            for job in jobs:
+            for group in groups:
                 try:
-                    self.destination.load(job)
+                    self.destination.load_group(group)
                 except Exception as exc:
-                    self.destination.record_failure(job, str(exc))
+                    for job in group:
+                        self.destination.record_failure(job, str(exc))
                     raise
-                rows += job.rows
         finally:
             for job in jobs:
                 remove_files(job.files)
-        return rows
+        return sum(job.rows for job in jobs)
 
     def _settle(self) -> None:
         """Wait for the commit in flight (raising its error), then write its STATE."""
@@ -286,11 +383,12 @@ class SingerTarget:
         self._inflight = None
         self.committed_rows += future.result()
         if state is not None:
-            self._write_state(state[0])
+            self._write_state(*state)
 
-    def _write_state(self, value: Any) -> None:
+    def _write_state(self, value: Any, number: int) -> None:
         self.out.write(orjson.dumps(value) + b"\n")
         self.out.flush()
+        self.state_written = number
 
     def abort(self) -> None:
         if self._inflight is not None:  # let a running transaction finish; its STATE is not written
@@ -324,71 +422,9 @@ class SingerTarget:
         buf = self.buffers.get(name)  # type: ignore[arg-type]
         if buf is None:
             raise SourceError(f"{where}: BATCH for stream {name!r} before its SCHEMA")
-        encoding = message.get("encoding") or {}
-        fmt = (encoding.get("format") or "jsonl").lower()
-        compression = (encoding.get("compression") or "none").lower()
-        manifest = message.get("manifest") or []
-        if fmt not in ("jsonl", "parquet"):
-            raise SourceError(f"{where}: BATCH format {fmt!r} is not supported (jsonl, parquet)")
-        for uri in manifest:
-            path = _local_path(uri, where)
-            for rows in (_jsonl_rows(path, compression, where) if fmt == "jsonl" else _parquet_rows(path)):
-                for row in rows:
-                    if type(row) is not dict:
-                        raise SourceError(f"{where}: BATCH file {path}: every line must be a JSON object")
-                buf.rows.extend(rows)
-                self._stage(buf)
-
-
-def _local_path(uri: Any, where: str) -> Path:
-    if not isinstance(uri, str):
-        raise SourceError(f"{where}: BATCH manifest entries must be strings")
-    parsed = urlparse(uri)
-    if parsed.scheme in ("", "file"):
-        return Path(unquote(parsed.path) if parsed.scheme else uri)
-    raise SourceError(f"{where}: BATCH file {uri}: only local files (file://) are supported")
-
-
-def _jsonl_rows(path: Path, compression: str, where: str) -> Iterator[list[Any]]:
-    opener = gzip.open if compression == "gzip" else open
-    try:
-        with opener(path, "rb") as handle:  # type: ignore[operator]
-            rows: list[Any] = []
-            for n, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(orjson.loads(line))
-                except orjson.JSONDecodeError as exc:
-                    raise SourceError(f"{path}:{n}: not JSON ({exc.msg})") from None
-                if len(rows) >= CHUNK_ROWS:
-                    yield rows
-                    rows = []
-            yield rows
-    except OSError as exc:
-        raise SourceError(f"{where}: BATCH file {path}: {exc.strerror or exc}") from None
-
-
-def _parquet_rows(path: Path) -> Iterator[list[Any]]:
-    try:
-        parquet = pq.ParquetFile(path)
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise SourceError(f"BATCH file {path}: {exc}") from None
-    for batch in parquet.iter_batches(CHUNK_ROWS):
-        yield _jsonable(batch.to_pylist())
-
-
-def _jsonable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Parquet values as the JSON values a jsonl batch would hold (timestamps as RFC 3339 text)."""
-    for row in rows:
-        for key, value in row.items():
-            if isinstance(value, datetime):
-                row[key] = (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
-            elif hasattr(value, "isoformat"):
-                row[key] = value.isoformat()
-            elif isinstance(value, Decimal):
-                row[key] = float(value)
-    return rows
+        for rows in batch_rows(message, where, CHUNK_ROWS):
+            buf.rows.extend(rows)
+            self._stage(buf)
 
 
 def _delete_older_versions(destination: Any, job: LoadJob, version: int) -> None:
