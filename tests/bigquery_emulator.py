@@ -12,6 +12,7 @@ the unit tests).
 
 from __future__ import annotations
 
+import re
 import tempfile
 import threading
 from pathlib import Path
@@ -115,7 +116,7 @@ class BigQueryEmulator:
                     in_transaction = False
                     continue
                 for sql in self.translate(statement):
-                    used = {k: v for k, v in values.items() if f"${k}" in sql}
+                    used = {k: v for k, v in values.items() if re.search(rf"\${k}\b", sql)}
                     sql = sql.replace("information_schema.columns WHERE", f"information_schema.columns WHERE "
                                       f"table_schema = '{self.dataset}' AND")
                     cursor = self.db.execute(sql, used or None)

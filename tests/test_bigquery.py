@@ -6,6 +6,7 @@ that answers like the BigQuery jobs API. BigQuery itself cannot be reached from 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 from datetime import UTC, datetime
 from pathlib import Path
@@ -343,3 +344,22 @@ def test_missing_google_credentials_are_named(monkeypatch, tmp_path):
         dest.check()
     with pytest.raises(DestinationError, match=r"destinations.bq.stage: no Google Cloud credentials in the environment"):
         _ = dest.store
+
+
+def test_a_group_of_streams_commits_in_one_transaction_script_or_not_at_all(bigquery, tmp_path):
+    dest, emulator = bigquery
+
+    def job(stream: str, load_id: str, n: int, name: str | None) -> LoadJob:
+        base = job_of(tmp_path, "append", records=[record(n, name)], load_id=load_id, checkpoint={"n": n})
+        return dataclasses.replace(base, stream=stream, table=dataclasses.replace(base.table, table=stream))
+
+    dest.load_group([job("items", "20261124T000001Z-000001", 1, "a"), job("other", "20261124T000001Z-000002", 1, "b")])
+    emulator.db.execute("ALTER TABLE raw.src_other ALTER COLUMN name SET NOT NULL")
+    with pytest.raises(DestinationError, match="loading src.items, src.other failed, nothing committed"):
+        dest.load_group([job("items", "20261124T000002Z-000003", 2, "c"),
+                         job("other", "20261124T000002Z-000004", 2, None)])  # fails in the second table
+    for table in ("src_items", "src_other"):
+        assert emulator.db.execute(f"SELECT id FROM raw.{table}").fetchall() == [(1,)]
+    assert dest.get_state("src", "items") == dest.get_state("src", "other") == {"n": 1}
+    commits = [j for j in emulator.jobs.values() if j["jobReference"]["jobId"].endswith("_commit")]
+    assert len(commits) == 2 and all("`proj.raw.src_other`" in j["configuration"]["query"]["query"] for j in commits)

@@ -131,6 +131,21 @@ def test_activate_version_removes_rows_of_older_versions(sql_destination: Any, t
         ("a", 2), ("d", 2)]
 
 
+@pytest.mark.parametrize("group_size", [None, 2])
+def test_the_tables_of_one_state_commit_in_one_transaction_of_at_most_group_size_tables(
+    sql_destination: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, group_size: int | None
+) -> None:
+    if group_size:
+        monkeypatch.setattr(type(sql_destination), "group_size", group_size)
+    names = ["a", "b", "c"]
+    run_target(sql_destination, tmp_path, [*(schema_msg(n, {"x": {"type": "integer"}}) for n in names),
+                                           *(record(n, {"x": 1}) for n in names), state({"n": 1})])
+    committed = {s["stream"]: s["committed_at"] for s in sql_destination.states()}  # a transaction's start time
+    assert sorted(committed) == names
+    together = [committed[n] == committed["a"] for n in names]
+    assert together == ([True, True, False] if group_size else [True, True, True])
+
+
 def test_schema_changes_mid_stream_add_columns(duckdb_destination: DuckDBDestination, tmp_path: Path) -> None:
     wider = {**USERS, "plan": {"type": ["string", "null"]}, "since": {"type": ["string", "null"], "format": "date"}}
     messages = [schema_msg("users", USERS, ["id"]), record("users", {"id": 1, "name": "ann"}),

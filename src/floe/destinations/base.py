@@ -3,8 +3,8 @@
 `load(job)` is the exactly-once point: in ONE transaction it creates or evolves the target table,
 moves the staged rows in by the write disposition, writes the stream's new state version into
 `_floe_state` and a row into `_floe_loads`. A crash anywhere leaves either the old data and old
-state, or the new data and new state. `load_group(jobs)` commits several streams' jobs; on a
-destination with `atomic_groups` they share that one transaction.
+state, or the new data and new state. `load_group(jobs)` commits several streams' jobs; up to
+`group_size` of them share that one transaction.
 """
 
 from __future__ import annotations
@@ -104,8 +104,8 @@ class Destination(ABC):
     # Parquet codec of the stage files ("zstd", "lz4", "snappy", "none"): small files for a
     # remote stage, cheap CPU for a local one read at once.
     stage_compression: str = "zstd"
-    # Whether `load_group` commits all its jobs in ONE transaction (else one after the other).
-    atomic_groups: ClassVar[bool] = False
+    # How many jobs `load_group` commits in ONE transaction (1: each job in its own).
+    group_size: ClassVar[int] = 1
 
     def __init__(self, name: str, config: Any, context: Context | None = None) -> None:
         self.name = name
@@ -137,9 +137,9 @@ class Destination(ABC):
         """Commit `job` atomically (data + state + load row), or raise and commit nothing."""
 
     def load_group(self, jobs: list[LoadJob]) -> None:
-        """Commit the jobs of several streams (one job per stream). With `atomic_groups`, in ONE
-        transaction: all of them, or raise and commit none. Without, one after the other in order:
-        a failure leaves the jobs before it committed."""
+        """Commit the jobs of several streams (one job per stream, at most `group_size` of them) in
+        ONE transaction: all of them, or raise and commit none. With a `group_size` of 1, one after
+        the other in order: a failure leaves the jobs before it committed."""
         for job in jobs:
             self.load(job)
 

@@ -9,7 +9,8 @@ A load of one stream:
 3. one load job (`WRITE_TRUNCATE`, job id derived from the load id, so a retried insert is not
    run twice) fills the staging table from the parts;
 4. one query job runs `BEGIN TRANSACTION; <append | replace | MERGE>; INSERT _floe_state;
-   INSERT _floe_loads; COMMIT TRANSACTION;` with the state passed as query parameters;
+   INSERT _floe_loads; COMMIT TRANSACTION;` with the state passed as query parameters (a group of
+   streams, `load_group`: every stream's statements in that one transaction, parameters suffixed);
 5. the staging table is dropped and the GCS objects are deleted (paginated), committed or not.
 
 Quotas: every load job writes its own staging table, so the target table never takes a load job
@@ -117,9 +118,18 @@ class LoadPlan:
     uris: list[str]
     ddl: list[str]
     load_job: dict[str, Any]
-    script: str
+    body: list[str]  # the statements inside the transaction: rows, state, load row
     parameters: list[dict[str, Any]]
     after: list[str] = field(default_factory=list)
+
+    @property
+    def script(self) -> str:
+        return transaction_script([self])
+
+
+def transaction_script(plans: list[LoadPlan]) -> str:
+    """One query job committing every plan's rows, state and load row together (or none of them)."""
+    return ";\n".join(["BEGIN TRANSACTION", *(s for plan in plans for s in plan.body), "COMMIT TRANSACTION"]) + ";"
 
 
 class BigQueryApi:
@@ -290,11 +300,12 @@ class BigQueryDestination(Destination):
         return (f"SELECT * EXCEPT (_floe_rank) FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY {keys} "
                 f"ORDER BY {SEQ} DESC) AS _floe_rank FROM {self.ref(staging)}) WHERE _floe_rank = 1")
 
-    def disposition_sql(self, spec: TableSpec, staging: str) -> list[str]:
+    def disposition_sql(self, spec: TableSpec, staging: str, suffix: str = "") -> list[str]:
+        """`suffix` ends the names of the job's query parameters (each job of a group has its own)."""
         target = self.ref(self.table_name(spec))
         fields = self.fields(spec)
         names = ", ".join([*(quote(f.name) for f in fields), "_floe_load_id", "_floe_loaded_at"])
-        values = ", ".join([*(self.value_sql(f) for f in fields), "@load_id", "CURRENT_TIMESTAMP()"])
+        values = ", ".join([*(self.value_sql(f) for f in fields), f"@load_id{suffix}", "CURRENT_TIMESTAMP()"])
         if spec.disposition in ("append", "replace"):
             insert = f"INSERT INTO {target} ({names}) SELECT {values} FROM {self.ref(staging)} AS S"
             return ([f"DELETE FROM {target} WHERE TRUE"] if spec.disposition == "replace" else []) + [insert]
@@ -313,36 +324,37 @@ class BigQueryDestination(Destination):
                 f"WHERE {spec.not_marker_sql(lambda k: f'S.{quote(k)}') or 'TRUE'}",
             ]
         updates = ", ".join([*(f"{quote(f.name)} = {self.value_sql(f)}" for f in fields),
-                             "_floe_load_id = @load_id", "_floe_loaded_at = CURRENT_TIMESTAMP()"])
+                             f"_floe_load_id = @load_id{suffix}", "_floe_loaded_at = CURRENT_TIMESTAMP()"])
         return [
             f"MERGE {target} AS T USING ({self.dedup_sql(spec, staging)}) AS S ON {match(spec.primary_key)} "
             f"WHEN MATCHED THEN UPDATE SET {updates} "
             f"WHEN NOT MATCHED THEN INSERT ({names}) VALUES ({values})"
         ]
 
-    def state_sql(self) -> list[str]:
-        state = self.ref(STATE_TABLE)
+    def state_sql(self, suffix: str = "") -> list[str]:
+        state, x = self.ref(STATE_TABLE), suffix
         return [
             f"INSERT INTO {state} (source, stream, version, state, load_id, committed_at) "
-            f"SELECT @source, @stream, COALESCE(MAX(version), 0) + 1, @state, @load_id, CURRENT_TIMESTAMP() "
-            f"FROM {state} WHERE source = @source AND stream = @stream",
-            self.load_row_sql("'committed'", "NULL"),
+            f"SELECT @source{x}, @stream{x}, COALESCE(MAX(version), 0) + 1, @state{x}, @load_id{x}, CURRENT_TIMESTAMP() "
+            f"FROM {state} WHERE source = @source{x} AND stream = @stream{x}",
+            self.load_row_sql("'committed'", "NULL", suffix),
         ]
 
-    def load_row_sql(self, status: str, error: str) -> str:
+    def load_row_sql(self, status: str, error: str, suffix: str = "") -> str:
+        x = suffix
         return (f"INSERT INTO {self.ref(LOADS_TABLE)} (load_id, source, stream, destination, rows, started_at, "
-                "finished_at, status, error, details) VALUES (@load_id, @source, @stream, @destination, @rows, "
-                f"@started_at, CURRENT_TIMESTAMP(), {status}, {error}, @details)")
+                f"finished_at, status, error, details) VALUES (@load_id{x}, @source{x}, @stream{x}, @destination{x}, "
+                f"@rows{x}, @started_at{x}, CURRENT_TIMESTAMP(), {status}, {error}, @details{x})")
 
     @staticmethod
-    def parameters(job: LoadJob, destination: str) -> list[dict[str, Any]]:
-        return [
-            param("source", "STRING", job.source), param("stream", "STRING", job.stream),
-            param("state", "STRING", json.dumps(job.checkpoint, sort_keys=True)),
-            param("load_id", "STRING", job.load_id), param("destination", "STRING", destination),
-            param("rows", "INT64", job.rows), param("started_at", "TIMESTAMP", job.started_at.isoformat()),
-            param("details", "STRING", json.dumps(job.details, sort_keys=True) if job.details else None),
-        ]
+    def parameters(job: LoadJob, destination: str, suffix: str = "") -> list[dict[str, Any]]:
+        return [param(name + suffix, kind, value) for name, kind, value in [
+            ("source", "STRING", job.source), ("stream", "STRING", job.stream),
+            ("state", "STRING", json.dumps(job.checkpoint, sort_keys=True)),
+            ("load_id", "STRING", job.load_id), ("destination", "STRING", destination),
+            ("rows", "INT64", job.rows), ("started_at", "TIMESTAMP", job.started_at.isoformat()),
+            ("details", "STRING", json.dumps(job.details, sort_keys=True) if job.details else None),
+        ]]
 
     def views_sql(self, spec: TableSpec) -> list[str]:
         """The stream's views, transpiled from their portable (PostgreSQL) SQL to BigQuery."""
@@ -357,20 +369,21 @@ class BigQueryDestination(Destination):
             statements.append(f"CREATE OR REPLACE VIEW {self.ref(view)} AS {body}")
         return statements
 
-    def plan(self, job: LoadJob, uris: list[str], existing: set[str], meta_ready: bool = False) -> LoadPlan:
-        """The load's statements; DDL known to be done already (meta tables, an existing table) is left out."""
+    def plan(self, job: LoadJob, uris: list[str], existing: set[str], meta_ready: bool = False,
+             suffix: str = "") -> LoadPlan:
+        """The load's statements; DDL known to be done already (meta tables, an existing table) is left out.
+        `suffix` ends its query parameters' names (each job of a group has its own)."""
         spec = job.table
         staging = f"_floe_staging_{job.load_id.replace('-', '_')}"
         ddl = [*([] if meta_ready else self.meta_ddl()), *([] if existing else [self.create_table_sql(spec)]),
                *self.add_columns_sql(spec, existing)]
-        body = self.disposition_sql(spec, staging) if uris or spec.disposition == "replace" else []
+        body = self.disposition_sql(spec, staging, suffix) if uris or spec.disposition == "replace" else []
         if uris or spec.disposition == "replace":
             ddl.append(self.staging_ddl(spec, staging))
-        script = ";\n".join(["BEGIN TRANSACTION", *body, *self.state_sql(), "COMMIT TRANSACTION"]) + ";"
         return LoadPlan(
             table=f"{self.config.project}.{self.config.dataset}.{self.table_name(spec)}", staging=staging,
             uris=uris, ddl=ddl, load_job=self.load_job_config(spec, staging, uris),
-            script=script, parameters=self.parameters(job, self.name),
+            body=[*body, *self.state_sql(suffix)], parameters=self.parameters(job, self.name, suffix),
             after=[*self.views_sql(spec), f"DROP TABLE IF EXISTS {self.ref(staging)}"],
         )
 
@@ -438,29 +451,43 @@ class BigQueryDestination(Destination):
         )
         return {r[0] for r in rows}
 
+    group_size = 98  # a transaction changes at most 100 tables, and _floe_state and _floe_loads are two
+
     def load(self, job: LoadJob) -> None:
-        prefix = ""
+        self.load_group([job])
+
+    def load_group(self, jobs: list[LoadJob]) -> None:
+        """Every job's rows, state and load row in ONE transaction script (BigQuery's transactions span
+        tables); each job's DDL, staging table and load job come before it."""
+        prefixes: list[str] = []
+        plans: list[LoadPlan] = []
         try:
-            uris: list[str] = []
-            if job.files:
-                prefix, uris = self.upload(job)
-            plan = self.plan(job, uris, self.existing_columns(job.table), self._meta_ready)
+            for n, job in enumerate(jobs):
+                uris: list[str] = []
+                if job.files:
+                    prefix, uris = self.upload(job)
+                    prefixes.append(prefix)
+                plans.append(self.plan(job, uris, self.existing_columns(job.table), self._meta_ready or n > 0,
+                                       f"_{n + 1}" if n else ""))
             with self._lock:
-                for statement in plan.ddl:
-                    self.api.query(statement)
-                self._meta_ready = True
-                if uris:
-                    self.api.run_job(self.job_id(job, "load"), plan.load_job)
-                self.api.query(plan.script, plan.parameters, job_id=self.job_id(job, "commit"))
+                for job, plan in zip(jobs, plans, strict=True):
+                    for statement in plan.ddl:
+                        self.api.query(statement)
+                    self._meta_ready = True
+                    if plan.uris:
+                        self.api.run_job(self.job_id(job, "load"), plan.load_job)
+                self.api.query(transaction_script(plans), [p for plan in plans for p in plan.parameters],
+                               job_id=self.job_id(jobs[0], "commit"))
         except DestinationError as exc:
-            raise DestinationError(f"{self.name}: loading {job.table.schema_name}.{job.table.table} failed, "
-                                   f"nothing committed: {exc}") from None
+            tables = ", ".join(f"{j.table.schema_name}.{j.table.table}" for j in jobs)
+            raise DestinationError(f"{self.name}: loading {tables} failed, nothing committed: {exc}") from None
         finally:
-            if prefix and not self.config.keep_staged_files:
-                self.store.delete_prefix(prefix)
-        # Committed. Views and the staging table's removal are tidying: a failure is logged, not raised
-        # (the staging table expires by itself).
-        for statement in plan.after:
+            if not self.config.keep_staged_files:
+                for prefix in prefixes:
+                    self.store.delete_prefix(prefix)
+        # Committed. Views and the staging tables' removal are tidying: a failure is logged, not raised
+        # (staging tables expire by themselves).
+        for statement in (s for plan in plans for s in plan.after):
             try:
                 self.api.query(statement)
             except DestinationError as exc:

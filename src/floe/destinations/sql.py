@@ -225,7 +225,7 @@ class SqlDestination(Destination):
             if f.name not in existing and self.column_type(f) is not None:
                 cur.execute(self.add_column_sql(spec, f))
 
-    atomic_groups = True
+    group_size = 100  # tables per transaction (PostgreSQL's max_locks_per_transaction bounds how many)
 
     def load(self, job: LoadJob) -> None:
         self.load_group([job])

@@ -3,7 +3,7 @@
 Per stream, RECORDs are gathered into chunks, converted to Arrow in bulk (`convert.Converter`),
 and staged as Parquet exactly like `floe run` stages a source's batches. A commit hands every
 stream's staged files to `Destination.load_group` (data + state + load row of every table in ONE
-transaction where the destination has `atomic_groups`) and only then writes the latest STATE to
+transaction, up to the destination's `group_size` tables) and only then writes the latest STATE to
 stdout, so every STATE a consumer sees covers committed data only. Commits happen when
 `batch_rows` records are pending and a STATE arrives, when `max_seconds` passed since the last
 commit and a STATE arrives, on ACTIVATE_VERSION, on a key change, and at the end of input.
@@ -360,8 +360,9 @@ class SingerTarget:
             self._write_state(*state)
 
     def _apply(self, jobs: list[LoadJob]) -> int:
-        """Commit the jobs: in one transaction where the destination can, else table by table."""
-        groups = [jobs] if self.destination.atomic_groups else [[job] for job in jobs]
+        """Commit the jobs in transactions of `group_size` tables (all of them, where the destination can)."""
+        size = self.destination.group_size
+        groups = [jobs[start:start + size] for start in range(0, len(jobs), size)]
         try:
             for group in groups:
                 try:
