@@ -74,7 +74,8 @@ def test_merges_on_key_properties_and_appends_without_them(duckdb_destination: D
     assert rows(duckdb_destination, "SELECT count(*) FROM singer.clicks") == [(2,)]
     assert states == [{"bookmarks": {"users": 1}}, {"bookmarks": {"users": 2}}]
     stored = duckdb_destination.get_state("singer", "users")
-    assert stored == {"singer_state": {"bookmarks": {"users": 2}}, "state_messages": 1, "records_after_state": 0}
+    assert stored == {"singer_state": {"bookmarks": {"users": 2}}, "state_messages": 1, "records": 1,
+                      "records_after_state": 0}
 
 
 def test_each_state_is_written_only_after_the_data_before_it_is_committed(

@@ -182,6 +182,18 @@ def test_records_after_the_last_state_are_committed_and_not_appended_again_on_re
     assert_each_record_once(any_warehouse, 6)
 
 
+def test_a_tap_whose_state_never_moves_still_gets_its_new_records_loaded(any_warehouse: Warehouse,
+                                                                         tmp_path: Path) -> None:
+    """Same STATE value, different records before it: not a replay (the record count differs)."""
+    def snapshot(rows: int) -> list[dict[str, Any]]:
+        return [*tap(0, 0), *({"type": "RECORD", "stream": "events", "record": {"pos": 0, "i": i, "n": i}}
+                              for i in range(rows)), {"type": "STATE", "value": {"done": True}}]
+
+    feed(any_warehouse, tmp_path, snapshot(3))
+    feed(any_warehouse, tmp_path, snapshot(5))  # the source grew; the tap sends it whole, as before
+    assert any_warehouse.read("events") == sorted([(0, i) for i in range(3)] + [(0, i) for i in range(5)])
+
+
 @pytest.mark.parametrize("kind", ["duckdb", "postgres"])
 def test_a_table_with_key_properties_merges_a_replay_so_a_record_changed_since_is_updated(
     request: pytest.FixtureRequest, tmp_path: Path, kind: str

@@ -12,10 +12,10 @@ Tables: `<schema>.<stream>` (schema `singer` by default), merged on `key_propert
 when there are none. Records that carry a `version` store it in `_sdc_table_version`;
 ACTIVATE_VERSION deletes the rows of older versions (and unversioned rows) of that table.
 The destination keeps the STATE committed with each table under `_floe_state`
-(source = the schema, stream = the Singer stream) as `{"singer_state": ..., "state_messages": n,
-"records_after_state": r}`: the last STATE the commit covered, how many STATE messages the commit
-covered since the last STATE written out before it, and how many of the table's records followed
-that STATE (records after the last STATE, at the end of input).
+(source = the schema, stream = the Singer stream) as `{"singer_state": S, "state_messages": n,
+"records": c, "records_after_state": r}`: the last STATE the commit covered, how many STATE
+messages and how many of the table's records came after the last STATE written out before the
+commit and up to S, and how many of the table's records followed S (at the end of input).
 
 Replays (see `Replay`): an orchestrator that lost the STATE of the target's last commit (the
 target died between committing and writing it) feeds the tap again from an earlier STATE, and a
@@ -71,24 +71,40 @@ class Replay:
     """Where the records an append table already holds may start again in this input.
 
     The table's last commit covered the input up to its STATE `state` plus `skip` records after
-    it, and `state` was the n-th STATE message since the last STATE line written before that
-    commit. An orchestrator that lost that commit's STATE line feeds the tap from the earlier one,
-    so `state` comes again as the n-th STATE of this input (n+1-th for a tap that first repeats the
-    state it was given). Until the `window_end`-th STATE, every STATE equal to `state` marks the
-    table's records before it as already loaded. Otherwise the input was started from `state`
-    itself, and only its first `skip` records of the table are already loaded."""
+    it; `state` was the n-th STATE message, and `records` the number of the table's records, since
+    the last STATE line written before that commit. An orchestrator that lost that commit's STATE
+    line feeds the tap from the earlier one, so a deterministic tap sends `state` again as the n-th
+    STATE of this input (n+1-th if it first repeats the state it was given), after that many of the
+    table's records. Until the `window_end`-th STATE, such a STATE marks the table's records before
+    it as loaded already. Otherwise the input was started from `state` itself, and only its first
+    `skip` records of the table are loaded already."""
 
     state: Any
     window_end: int
+    records: int
     skip: int
 
     @classmethod
     def of(cls, committed: State | None) -> Replay | None:
         """From the table's committed state; None when its commit saw no STATE (a tap without state)."""
-        if not isinstance(committed, dict) or committed.get("singer_state") is None:
+        if not isinstance(committed, dict) or committed.get("singer_state") is None or "records" not in committed:
             return None
-        return cls(committed["singer_state"], int(committed.get("state_messages", 1)) + 1,
-                   int(committed.get("records_after_state", 0)))
+        return cls(committed["singer_state"], int(committed.get("state_messages", 0)) + 1,
+                   int(committed["records"]), int(committed.get("records_after_state", 0)))
+
+    def marked_by(self, state: Any, received: int) -> bool:
+        """Whether a STATE, after `received` records of the table, is where the committed records end."""
+        return received == self.records and state == self.state
+
+
+@dataclass(frozen=True)
+class _StateLine:
+    """A STATE to write out once its commit is done: its value, its number among the STATE messages
+    read, and how many records of each stream came before it."""
+
+    value: Any
+    number: int
+    received: dict[str, int]
 
 
 @dataclass
@@ -102,6 +118,7 @@ class _Buffer:
     staged: int = 0  # rows staged since the last commit
     versioned: bool = False
     at_state: int = 0  # records of this stream received before the latest STATE
+    at_output: int = 0  # records of this stream received before the last STATE written out
     skip: int = 0  # records still to drop before staging: the destination holds them (see Replay)
     replay: Replay | None = None  # while its window is open: records may be a replay; they are not committed
 
@@ -128,7 +145,7 @@ class SingerTarget:
         self.started_at = datetime.now(UTC)
         self.committed_rows = 0
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="floe-target-load")
-        self._inflight: tuple[Future[int], tuple[Any, int] | None] | None = None
+        self._inflight: tuple[Future[int], _StateLine | None] | None = None
         self._replays: list[_Buffer] = []  # streams whose replay window is open
 
     # --- input ---------------------------------------------------------------------------------
@@ -266,7 +283,7 @@ class SingerTarget:
         for buf in list(self._replays):
             replay = buf.replay
             assert replay is not None
-            if self.state == replay.state:
+            if replay.marked_by(self.state, buf.at_state):
                 self._drop(buf)
                 buf.skip = replay.skip
             if self.states_received >= replay.window_end:
@@ -321,7 +338,7 @@ class SingerTarget:
     # --- commits -------------------------------------------------------------------------------
     def _checkpoint(self, buf: _Buffer) -> State:
         return {"singer_state": self.state, "state_messages": self.states_received - self.state_written,
-                "records_after_state": buf.received - buf.at_state}
+                "records": buf.at_state - buf.at_output, "records_after_state": buf.received - buf.at_state}
 
     def _load(self, buf: _Buffer, details: dict[str, Any] | None = None) -> LoadJob:
         files = buf.writer.flush()
@@ -347,17 +364,18 @@ class SingerTarget:
             if buf.staged:
                 jobs.append(self._load(buf))
                 buf.staged = 0
-        state: tuple[Any, int] | None = None
+        state: _StateLine | None = None
         if only is None:
             self.last_commit = time.monotonic()
             if self.state_unsent:
-                state, self.state_unsent = (self.state, self.states_received), False
+                received = {name: b.at_state for name, b in self.buffers.items()}
+                state, self.state_unsent = _StateLine(self.state, self.states_received, received), False
         if jobs:
             self._inflight = (self._worker.submit(self._apply, jobs), state)
             if wait or only is not None:
                 self._settle()
         elif state is not None:
-            self._write_state(*state)
+            self._write_state(state)
 
     def _apply(self, jobs: list[LoadJob]) -> int:
         """Commit the jobs in transactions of `group_size` tables (all of them, where the destination can)."""
@@ -384,12 +402,14 @@ class SingerTarget:
         self._inflight = None
         self.committed_rows += future.result()
         if state is not None:
-            self._write_state(*state)
+            self._write_state(state)
 
-    def _write_state(self, value: Any, number: int) -> None:
-        self.out.write(orjson.dumps(value) + b"\n")
+    def _write_state(self, line: _StateLine) -> None:
+        self.out.write(orjson.dumps(line.value) + b"\n")
         self.out.flush()
-        self.state_written = number
+        self.state_written = line.number
+        for name, received in line.received.items():
+            self.buffers[name].at_output = received
 
     def abort(self) -> None:
         if self._inflight is not None:  # let a running transaction finish; its STATE is not written
