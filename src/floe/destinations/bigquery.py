@@ -199,6 +199,7 @@ class BigQueryApi:
 
 class BigQueryDestination(Destination):
     Config: ClassVar[type[BigQueryConfig]] = BigQueryConfig
+    group_size = 98  # a transaction changes at most 100 tables, and _floe_state and _floe_loads are two
 
     def __init__(self, name: str, config: Any, context: Any = None) -> None:
         super().__init__(name, config, context)
@@ -332,19 +333,21 @@ class BigQueryDestination(Destination):
         ]
 
     def state_sql(self, suffix: str = "") -> list[str]:
-        state, x = self.ref(STATE_TABLE), suffix
+        state = self.ref(STATE_TABLE)
+        source, stream = f"@source{suffix}", f"@stream{suffix}"
         return [
             f"INSERT INTO {state} (source, stream, version, state, load_id, committed_at) "
-            f"SELECT @source{x}, @stream{x}, COALESCE(MAX(version), 0) + 1, @state{x}, @load_id{x}, CURRENT_TIMESTAMP() "
-            f"FROM {state} WHERE source = @source{x} AND stream = @stream{x}",
+            f"SELECT {source}, {stream}, COALESCE(MAX(version), 0) + 1, @state{suffix}, @load_id{suffix}, "
+            f"CURRENT_TIMESTAMP() FROM {state} WHERE source = {source} AND stream = {stream}",
             self.load_row_sql("'committed'", "NULL", suffix),
         ]
 
     def load_row_sql(self, status: str, error: str, suffix: str = "") -> str:
-        x = suffix
+        values = ", ".join(f"@{name}{suffix}" for name in ("load_id", "source", "stream", "destination", "rows",
+                                                            "started_at"))
         return (f"INSERT INTO {self.ref(LOADS_TABLE)} (load_id, source, stream, destination, rows, started_at, "
-                f"finished_at, status, error, details) VALUES (@load_id{x}, @source{x}, @stream{x}, @destination{x}, "
-                f"@rows{x}, @started_at{x}, CURRENT_TIMESTAMP(), {status}, {error}, @details{x})")
+                f"finished_at, status, error, details) VALUES ({values}, CURRENT_TIMESTAMP(), {status}, {error}, "
+                f"@details{suffix})")
 
     @staticmethod
     def parameters(job: LoadJob, destination: str, suffix: str = "") -> list[dict[str, Any]]:
@@ -450,8 +453,6 @@ class BigQueryDestination(Destination):
               "parameterValue": {"value": self.table_name(spec)}}],
         )
         return {r[0] for r in rows}
-
-    group_size = 98  # a transaction changes at most 100 tables, and _floe_state and _floe_loads are two
 
     def load(self, job: LoadJob) -> None:
         self.load_group([job])

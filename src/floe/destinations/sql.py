@@ -38,6 +38,7 @@ class SqlDestination(Destination):
     meta_schema: ClassVar[str] = "main"  # where _floe_state and _floe_loads live
     null_safe_equals: ClassVar[str] = "{a} IS NOT DISTINCT FROM {b}"
     placeholder: ClassVar[str] = "?"
+    group_size = 100  # tables per transaction (PostgreSQL's max_locks_per_transaction bounds how many)
 
     def __init__(self, name: str, config: Any, context: Any = None) -> None:
         super().__init__(name, config, context)
@@ -225,8 +226,6 @@ class SqlDestination(Destination):
             if f.name not in existing and self.column_type(f) is not None:
                 cur.execute(self.add_column_sql(spec, f))
 
-    group_size = 100  # tables per transaction (PostgreSQL's max_locks_per_transaction bounds how many)
-
     def load(self, job: LoadJob) -> None:
         self.load_group([job])
 
@@ -245,7 +244,7 @@ class SqlDestination(Destination):
             names = [f"{j.table.schema_name}.{j.table.table}" for j in jobs]
             failed = f"{current.table.schema_name}.{current.table.table}" if current else ", ".join(names)
             others = [n for n in names if n != failed] if current else []
-            held = f" (nor of {', '.join(others)}: the same transaction)" if others else ""
+            held = f" (nor of {', '.join(others)}, in the same transaction)" if others else ""
             raise DestinationError(
                 f"{self.name}: loading {failed} failed, nothing committed{held}: {redact(str(exc)).strip()}"
             ) from exc

@@ -198,19 +198,7 @@ class SingerTarget:
         if kind == "SCHEMA":
             self._schema(message, where)
         elif kind == "STATE":
-            if "value" not in message:
-                raise SourceError(f"{where}: STATE message has no `value`")
-            self.state, self.state_unsent = message["value"], True
-            self.states_received += 1
-            for buf in self.buffers.values():
-                buf.at_state = buf.received
-            if self._replays and self._look_for_replay():
-                return  # a stream in its replay window holds records: nothing commits yet
-            if self._inflight is not None and self._inflight[0].done():
-                self._settle()
-            due = self._pending_rows() >= self.batch_rows or time.monotonic() - self.last_commit >= self.max_seconds
-            if due or not self._has_pending():
-                self.commit()
+            self._state(message, where)
         elif kind == "ACTIVATE_VERSION":
             self._activate(message, where)
         elif kind == "BATCH":
@@ -219,6 +207,22 @@ class SingerTarget:
             raise SourceError(f"{where}: not a Singer message (no `type`)")
         else:
             log.debug("ignoring %s message at %s", kind, where)
+
+    def _state(self, message: dict[str, Any], where: str) -> None:
+        """Commit what came before the STATE once a commit is due; with nothing pending, write it out."""
+        if "value" not in message:
+            raise SourceError(f"{where}: STATE message has no `value`")
+        self.state, self.state_unsent = message["value"], True
+        self.states_received += 1
+        for buf in self.buffers.values():
+            buf.at_state = buf.received
+        if self._replays and self._look_for_replay():
+            return  # a stream in its replay window holds records: nothing commits yet
+        if self._inflight is not None and self._inflight[0].done():
+            self._settle()
+        due = self._pending_rows() >= self.batch_rows or time.monotonic() - self.last_commit >= self.max_seconds
+        if due or not self._has_pending():
+            self.commit()
 
     def _other_record(self, message: dict[str, Any], lineno: int) -> None:
         buf = self.buffers.get(message.get("stream"))  # type: ignore[arg-type]
