@@ -335,6 +335,7 @@ def kill_while_clicks_waits_for_a_lock(wh: Warehouse, request: pytest.FixtureReq
         proc.kill()
         out, _ = proc.communicate(timeout=30)
         holder.rollback()
+        holder.autocommit = True  # each query its own transaction: pg_stat_activity is read once per transaction
         deadline = time.monotonic() + 30
         while holder.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (backend,)).fetchone():
             assert time.monotonic() < deadline, "the killed target's session never ended"
