@@ -4,7 +4,9 @@ The same input also goes through a published Meltano SDK target (meltanolabs-tar
 by scripts/test-deps.sh into .venv-singer/target-csv) for comparison. Each target runs as a child
 process reading the file on stdin; we report wall time, records/s and the child's peak RSS.
 
-    .venv/bin/python bench/singer_target_bench.py [--records 1000000] [--skip-sdk]
+    .venv/bin/python bench/singer_target_bench.py [--records 1000000] [--skip-sdk] [--append]
+
+`--append` sends the stream without key properties (appended, not merged).
 """
 
 from __future__ import annotations
@@ -42,10 +44,11 @@ SCHEMA = {
 }
 
 
-def write_input(path: Path, records: int) -> None:
+def write_input(path: Path, records: int, append: bool = False) -> None:
     plans = ["free", "team", "business", "enterprise"]
+    keys = [] if append else ["id"]
     with path.open("wb") as out:
-        out.write(orjson.dumps({"type": "SCHEMA", "stream": "accounts", "schema": SCHEMA, "key_properties": ["id"]}) + b"\n")
+        out.write(orjson.dumps({"type": "SCHEMA", "stream": "accounts", "schema": SCHEMA, "key_properties": keys}) + b"\n")
         for i in range(records):
             record = {
                 "id": i, "email": f"user{i}@example.com", "name": f"User {i}", "plan": plans[i % 4],
@@ -79,10 +82,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--skip-sdk", action="store_true")
+    parser.add_argument("--append", action="store_true", help="no key properties: the table is appended to")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="floe-singer-bench-"))
     data = work / "records.jsonl"
-    write_input(data, args.records)
+    write_input(data, args.records, args.append)
     print(f"input: {args.records:,} RECORD messages, {data.stat().st_size / 1e6:.0f} MB")
     floe = ROOT / ".venv" / "bin" / "floe"
     (work / "target.json").write_text(json.dumps({"path": str(work / "bench.duckdb")}))
