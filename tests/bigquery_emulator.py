@@ -4,7 +4,8 @@ It speaks the REST surface floe uses (jobs.insert with a caller-chosen job id an
 jobs.get, jobs.getQueryResults, datasets.get) and runs what floe sends: query jobs are parsed in
 sqlglot's BigQuery dialect and executed on DuckDB (tables `project.dataset.t` -> schema `dataset`;
 PARTITION BY / CLUSTER BY / OPTIONS dropped; named @parameters bound; a script's
-BEGIN/COMMIT TRANSACTION is a real DuckDB transaction, rolled back on any error); load jobs read
+BEGIN/COMMIT TRANSACTION is a real DuckDB transaction, rolled back on any error; INFORMATION_SCHEMA
+column types are given BigQuery's names); load jobs read
 the Parquet objects named in `sourceUris` from the GCS emulator. It checks floe's orchestration and
 transaction, not BigQuery's own SQL semantics (the SQL is also parsed in the BigQuery dialect by
 the unit tests).
@@ -121,10 +122,22 @@ class BigQueryEmulator:
                                       f"table_schema = '{self.dataset}' AND")
                     cursor = self.db.execute(sql, used or None)
                     rows = [list(r) for r in cursor.fetchall()] if cursor.description else []
+                    if cursor.description and "information_schema" in sql:
+                        rows = self.bigquery_types(rows, [d[0] for d in cursor.description])
         except Exception:
             if in_transaction:
                 self.db.execute("ROLLBACK")
             raise
+        return rows
+
+    @staticmethod
+    def bigquery_types(rows: list[list[Any]], names: list[str]) -> list[list[Any]]:
+        """INFORMATION_SCHEMA.COLUMNS rows with `data_type` as BigQuery names it (DuckDB's BIGINT is INT64)."""
+        if "data_type" not in names:
+            return rows
+        i = names.index("data_type")
+        for row in rows:
+            row[i] = exp.DataType.build(row[i], dialect="duckdb").sql("bigquery")
         return rows
 
     def run_load(self, load: dict[str, Any]) -> None:

@@ -72,7 +72,7 @@ def column_types(create: exp.Expression) -> dict[str, str]:
 
 def test_target_ddl_has_bigquery_types_day_partitions_and_clustering(tmp_path):
     dest = make()
-    plan = dest.plan(job_of(tmp_path), ["gs://bucket/floe/x/part-00000.parquet"], existing=set())
+    plan = dest.plan(job_of(tmp_path), ["gs://bucket/floe/x/part-00000.parquet"], existing={})
     create = next(sqlglot.parse_one(s, read="bigquery") for s in plan.ddl if "`proj.raw.src_items`" in s)
     assert isinstance(create, exp.Create)
     types = column_types(create)
@@ -90,7 +90,7 @@ def test_target_ddl_has_bigquery_types_day_partitions_and_clustering(tmp_path):
 def test_new_columns_are_added_only_when_missing(tmp_path):
     dest = make()
     spec = job_of(tmp_path).table
-    assert dest.add_columns_sql(spec, existing=set()) == []  # a new table gets them from CREATE TABLE
+    assert dest.add_columns_sql(spec, existing={}) == []  # a new table gets them from CREATE TABLE
     [alter] = dest.add_columns_sql(spec, existing={"id", "name", "amount", "created_at"})
     parsed = sqlglot.parse_one(alter, read="bigquery")
     assert isinstance(parsed, exp.Alter)
@@ -100,7 +100,7 @@ def test_new_columns_are_added_only_when_missing(tmp_path):
 def test_load_job_configuration_names_the_uploaded_uris_and_the_staging_table(tmp_path):
     dest = make()
     uris = [f"gs://bucket/floe/bq/src/items/l1/part-{i:05d}.parquet" for i in range(2)]
-    plan = dest.plan(job_of(tmp_path), uris, existing=set())
+    plan = dest.plan(job_of(tmp_path), uris, existing={})
     load = plan.load_job["load"]
     assert load["sourceUris"] == uris and load["sourceFormat"] == "PARQUET"
     assert load["destinationTable"] == {"projectId": "proj", "datasetId": "raw", "tableId": plan.staging}
@@ -114,7 +114,7 @@ def test_load_job_configuration_names_the_uploaded_uris_and_the_staging_table(tm
 ])
 def test_the_transaction_script_parses_and_holds_data_and_state_together(tmp_path, disposition, parent, statement):
     dest = make()
-    plan = dest.plan(job_of(tmp_path, disposition, parent=parent), ["gs://bucket/x.parquet"], existing=set())
+    plan = dest.plan(job_of(tmp_path, disposition, parent=parent), ["gs://bucket/x.parquet"], existing={})
     parsed = parse_all(plan.script)
     assert isinstance(parsed[0], exp.Transaction) and isinstance(parsed[-1], exp.Commit)
     assert isinstance(parsed[1], statement)

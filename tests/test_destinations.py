@@ -407,7 +407,8 @@ def test_postgres_a_value_too_large_for_an_existing_column_names_the_column(post
     try:
         load = Loader(dest, tmp_path)
         load(pa.table({"n": pa.array([1], pa.int32())}))  # creates n INTEGER
-        with pytest.raises(DestinationError, match=r"nothing committed: column 'n': .*3000000000"):
+        with pytest.raises(DestinationError, match=r"nothing committed: column 'n' is INTEGER in the warehouse and "
+                                                   r"the new values are int64"):
             load(pa.table({"n": pa.array([3_000_000_000], pa.int64())}))
         assert dest.query("SELECT n FROM src.items") == [(1,)]
     finally:

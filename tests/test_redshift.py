@@ -9,6 +9,7 @@ COPYs them into the same staging table, so objects, manifest and SQL are all exe
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import json
@@ -38,6 +39,8 @@ class RedshiftOnPostgres(RedshiftDestination):
     json_type = "JSONB"
     json_parse = "CAST({} AS JSONB)"
     stage_json_type = "TEXT"
+    column_rules = dataclasses.replace(RedshiftDestination.column_rules, holds={
+        **RedshiftDestination.column_rules.holds, "JSONB": frozenset({"json", "nested"}), "BYTEA": frozenset({"binary"})})
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -9,6 +9,7 @@ state, or the new data and new state. `load_group(jobs)` commits several streams
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import pyarrow as pa
 
 from floe.config import DestinationConfig
 from floe.engine.stage import StagedFile
-from floe.engine.stream import Context, Disposition, State, Stream
+from floe.engine.stream import Context, Disposition, RefreshScope, State, Stream
 
 SEQ = "_floe_seq"  # arrival order of staged rows: a later row wins a merge
 META_JSON = b"floe.json"  # field metadata key: the column holds a JSON document (jsonb, SUPER, JSON)
@@ -84,6 +85,9 @@ class LoadJob:
     checkpoint: State
     started_at: datetime
     details: dict[str, Any] = field(default_factory=dict)  # extra counts kept in _floe_loads.details
+    # A commit of a full refresh: the rows go into the table's refresh copy, the state stays as it is
+    # (see Destination.finish_refresh).
+    refresh: bool = False
 
     @property
     def rows(self) -> int:
@@ -143,6 +147,17 @@ class Destination(ABC):
         for job in jobs:
             self.load(job)
 
+    @abstractmethod
+    def begin_refresh(self, table: TableSpec) -> None:
+        """Before a full refresh of `table`: discard what an interrupted refresh of it left behind."""
+
+    @abstractmethod
+    def finish_refresh(self, job: LoadJob, scope: RefreshScope | None = None) -> None:
+        """Commit a full refresh atomically: the rows its `refresh` jobs loaded replace the table's rows
+        (only those whose `scope.column` >= `scope.start`, with a scope), and `job.checkpoint` becomes the
+        state. `job.files` are every file the refresh staged (already loaded, gone from the stage):
+        `job.rows` counts them, their schemas are the columns' types. Raise and commit nothing on failure."""
+
     def record_failure(self, job: LoadJob, error: str) -> None:  # noqa: B027 - optional hook
         """Best effort: note a failed load in `_floe_loads` (outside the failed transaction)."""
 
@@ -152,6 +167,14 @@ class Destination(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the connection."""
+
+
+REFRESH_PREFIX = "_floe_refresh_"
+
+
+def refresh_copy(spec: TableSpec) -> TableSpec:
+    """The table a full refresh of `spec` fills before it replaces `spec`'s rows: same columns, no views."""
+    return dataclasses.replace(spec, table=REFRESH_PREFIX + spec.table, views=())
 
 
 def staged_column(batch: pa.RecordBatch, target: pa.Field, first_seq: int) -> tuple[pa.Array, pa.Field | None]:

@@ -21,14 +21,16 @@ interval: a stream run all day long uses at most 288 load jobs, against 100,000 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,10 +39,12 @@ import pyarrow.parquet as pq
 from pydantic import field_validator
 
 from floe.config import DestinationConfig
-from floe.destinations.base import SEQ, Destination, LoadJob, TableSpec, is_json, staged_column
+from floe.destinations.base import SEQ, Destination, LoadJob, TableSpec, is_json, refresh_copy, staged_column
+from floe.destinations.column_types import ColumnRules, narrowing_message, refused
 from floe.destinations.objectstore import GCSStore, StoreUrl
 from floe.destinations.sql import LOADS_TABLE, STATE_TABLE, arrow_type_key
-from floe.engine.stream import State
+from floe.engine.stage import StagedFile
+from floe.engine.stream import RefreshScope, State
 from floe.errors import DestinationError
 from floe.secrets import redact
 
@@ -97,12 +101,38 @@ TYPE_MAP: dict[str, str] = {
 }
 # The load job's schema for the staging table: JSON arrives as text and is parsed in the transaction.
 STAGE_TYPE = {**TYPE_MAP, "nested": "STRING"}
+# What BigQuery's implicit coercions from the staging table's types keep exactly (INT64 -> NUMERIC,
+# BIGNUMERIC, FLOAT64; NUMERIC -> BIGNUMERIC; DATE -> DATETIME); NUMERIC is NUMERIC(38, 9).
+COLUMN_RULES = ColumnRules(
+    holds={
+        "BOOL": frozenset({"bool"}), "INT64": frozenset({"int32", "int64"}), "FLOAT64": frozenset({"float64", "int32"}),
+        "STRING": frozenset({"string"}), "BYTES": frozenset({"binary"}), "DATE": frozenset({"date"}),
+        "TIME": frozenset({"time"}), "DATETIME": frozenset({"timestamp", "date"}),
+        "TIMESTAMP": frozenset({"timestamp_tz"}), "JSON": frozenset({"json", "nested"}),
+    },
+    decimals={"NUMERIC": (38, 9), "BIGNUMERIC": (76, 38)},
+    aliases={"INTEGER": "INT64", "INT": "INT64", "FLOAT": "FLOAT64", "BOOLEAN": "BOOL", "DECIMAL": "NUMERIC",
+             "BIGDECIMAL": "BIGNUMERIC"},
+)
 
 
 def param(name: str, kind: str, value: Any) -> dict[str, Any]:
     """A named query parameter of the jobs API."""
     return {"name": name, "parameterType": {"type": kind},
             "parameterValue": {"value": None if value is None else str(value)}}
+
+
+def scalar_type(value: Any) -> str:
+    """The query parameter type of a Python value (a refresh scope's start)."""
+    if isinstance(value, datetime):
+        return "TIMESTAMP" if value.tzinfo else "DATETIME"
+    if isinstance(value, date):
+        return "DATE"
+    if isinstance(value, bool):
+        return "BOOL"
+    if isinstance(value, int):
+        return "INT64"
+    return "FLOAT64" if isinstance(value, float) else "STRING"
 
 
 def quote(identifier: str) -> str:
@@ -255,7 +285,7 @@ class BigQueryDestination(Destination):
             sql += " CLUSTER BY " + ", ".join(quote(c) for c in self.config.cluster_by[key])
         return sql
 
-    def add_columns_sql(self, spec: TableSpec, existing: set[str]) -> list[str]:
+    def add_columns_sql(self, spec: TableSpec, existing: Collection[str]) -> list[str]:
         missing = [f for f in self.fields(spec) if f.name not in existing]
         if not missing or not existing:
             return []
@@ -332,7 +362,10 @@ class BigQueryDestination(Destination):
             f"WHEN NOT MATCHED THEN INSERT ({names}) VALUES ({values})"
         ]
 
-    def state_sql(self, suffix: str = "") -> list[str]:
+    def state_sql(self, suffix: str = "", refresh: bool = False) -> list[str]:
+        """The new state version and the load row; a full refresh's commits to its copy write no state."""
+        if refresh:
+            return [self.load_row_sql("'refreshing'", "NULL", suffix)]
         state = self.ref(STATE_TABLE)
         source, stream = f"@source{suffix}", f"@stream{suffix}"
         return [
@@ -372,11 +405,22 @@ class BigQueryDestination(Destination):
             statements.append(f"CREATE OR REPLACE VIEW {self.ref(view)} AS {body}")
         return statements
 
-    def plan(self, job: LoadJob, uris: list[str], existing: set[str], meta_ready: bool = False,
+    def refuse_narrowing(self, spec: TableSpec, files: list[StagedFile], existing: Mapping[str, str]) -> None:
+        """Raise DestinationError if a column would not hold the spec's or a staged file's values exactly."""
+        planned = {f.name: t for f in spec.columns if (t := self.column_type(f)) is not None}
+        refusals = refused(COLUMN_RULES, {**planned, **existing}, spec.columns, [f.schema for f in files],
+                           self.column_type)
+        if refusals:
+            raise DestinationError(narrowing_message(refusals))
+
+    def plan(self, job: LoadJob, uris: list[str], existing: Mapping[str, str], meta_ready: bool = False,
              suffix: str = "") -> LoadPlan:
         """The load's statements; DDL known to be done already (meta tables, an existing table) is left out.
-        `suffix` ends its query parameters' names (each job of a group has its own)."""
+        `suffix` ends its query parameters' names (each job of a group has its own). `existing`: the
+        target's columns and their BigQuery types; raises DestinationError if one of them would not
+        hold the staged values exactly."""
         spec = job.table
+        self.refuse_narrowing(spec, job.files, existing)
         staging = f"_floe_staging_{job.load_id.replace('-', '_')}"
         ddl = [*([] if meta_ready else self.meta_ddl()), *([] if existing else [self.create_table_sql(spec)]),
                *self.add_columns_sql(spec, existing)]
@@ -386,7 +430,7 @@ class BigQueryDestination(Destination):
         return LoadPlan(
             table=f"{self.config.project}.{self.config.dataset}.{self.table_name(spec)}", staging=staging,
             uris=uris, ddl=ddl, load_job=self.load_job_config(spec, staging, uris),
-            body=[*body, *self.state_sql(suffix)], parameters=self.parameters(job, self.name, suffix),
+            body=[*body, *self.state_sql(suffix, job.refresh)], parameters=self.parameters(job, self.name, suffix),
             after=[*self.views_sql(spec), f"DROP TABLE IF EXISTS {self.ref(staging)}"],
         )
 
@@ -445,14 +489,15 @@ class BigQueryDestination(Destination):
     def job_id(self, job: LoadJob, step: str) -> str:
         return f"floe_{self.name}_{job.source}_{job.stream}_{job.load_id}_{step}".replace("-", "_")[:1024]
 
-    def existing_columns(self, spec: TableSpec) -> set[str]:
+    def existing_columns(self, spec: TableSpec) -> dict[str, str]:
+        """The table's columns (none: no table) and their types as BigQuery names them (`NUMERIC(12, 2)`)."""
         rows = self.api.query(
-            f"SELECT column_name FROM {quote(f'{self.config.project}.{self.config.dataset}')}.INFORMATION_SCHEMA.COLUMNS "
-            "WHERE table_name = @table",
+            f"SELECT column_name, data_type FROM {quote(f'{self.config.project}.{self.config.dataset}')}"
+            ".INFORMATION_SCHEMA.COLUMNS WHERE table_name = @table",
             [{"name": "table", "parameterType": {"type": "STRING"},
               "parameterValue": {"value": self.table_name(spec)}}],
         )
-        return {r[0] for r in rows}
+        return {r[0]: r[1] for r in rows}
 
     def load(self, job: LoadJob) -> None:
         self.load_group([job])
@@ -460,6 +505,8 @@ class BigQueryDestination(Destination):
     def load_group(self, jobs: list[LoadJob]) -> None:
         """Every job's rows, state and load row in ONE transaction script (BigQuery's transactions span
         tables); each job's DDL, staging table and load job come before it."""
+        # A full refresh's rows wait in the table's refresh copy until finish_refresh.
+        jobs = [dataclasses.replace(job, table=refresh_copy(job.table)) if job.refresh else job for job in jobs]
         prefixes: list[str] = []
         plans: list[LoadPlan] = []
         try:
@@ -489,6 +536,50 @@ class BigQueryDestination(Destination):
         # Committed. Views and the staging tables' removal are tidying: a failure is logged, not raised
         # (staging tables expire by themselves).
         for statement in (s for plan in plans for s in plan.after):
+            try:
+                self.api.query(statement)
+            except DestinationError as exc:
+                log.warning("event=bigquery_after_commit_failed destination=%s error=%s", self.name, exc)
+
+    # --- full refresh: rows wait in a copy of the table, which replaces its rows in one transaction ---
+    def begin_refresh(self, table: TableSpec) -> None:
+        self.api.query(f"DROP TABLE IF EXISTS {self.ref(self.table_name(refresh_copy(table)))}")
+
+    def refresh_plan(self, job: LoadJob, existing: Mapping[str, str], copied: Collection[str],
+                     scope: RefreshScope | None, meta_ready: bool = False) -> LoadPlan:
+        """The statements that swap a full refresh in: `existing` are the target's columns and types,
+        `copied` the refresh copy's columns. Raises DestinationError if a column would narrow a value."""
+        spec = job.table
+        self.refuse_narrowing(spec, job.files, existing)
+        target, copy = self.ref(self.table_name(spec)), self.ref(self.table_name(refresh_copy(spec)))
+        ddl = [*([] if meta_ready else self.meta_ddl()), *([] if existing else [self.create_table_sql(spec)]),
+               *self.add_columns_sql(spec, existing)]
+        names = "".join(f"{quote(c)}, " for c in copied if c not in ("_floe_load_id", "_floe_loaded_at"))
+        parameters = self.parameters(job, self.name)
+        delete = f"DELETE FROM {target} WHERE TRUE"
+        if scope is not None:
+            delete = f"DELETE FROM {target} WHERE {quote(scope.column)} >= @refresh_start"
+            parameters.append(param("refresh_start", scalar_type(scope.start), scope.start))
+        body = [delete, f"INSERT INTO {target} ({names}_floe_load_id, _floe_loaded_at) "
+                        f"SELECT {names}@load_id, CURRENT_TIMESTAMP() FROM {copy}"]
+        return LoadPlan(table=f"{self.config.project}.{self.config.dataset}.{self.table_name(spec)}",
+                        staging=self.table_name(refresh_copy(spec)), uris=[], ddl=ddl, load_job={},
+                        body=[*body, *self.state_sql()], parameters=parameters,
+                        after=[*self.views_sql(spec), f"DROP TABLE IF EXISTS {copy}"])
+
+    def finish_refresh(self, job: LoadJob, scope: RefreshScope | None = None) -> None:
+        try:
+            plan = self.refresh_plan(job, self.existing_columns(job.table),
+                                     self.existing_columns(refresh_copy(job.table)), scope, self._meta_ready)
+            with self._lock:
+                for statement in plan.ddl:
+                    self.api.query(statement)
+                self._meta_ready = True
+                self.api.query(plan.script, plan.parameters, job_id=self.job_id(job, "commit"))
+        except DestinationError as exc:
+            raise DestinationError(f"{self.name}: replacing {job.table.schema_name}.{job.table.table} by its full "
+                                   f"refresh failed, nothing committed: {exc}") from None
+        for statement in plan.after:
             try:
                 self.api.query(statement)
             except DestinationError as exc:

@@ -13,6 +13,7 @@ from pydantic import Field
 
 from floe.config import DestinationConfig
 from floe.destinations.base import SEQ, LoadJob, TableSpec, staged_column
+from floe.destinations.column_types import SPELLED_OUT, TEXT_KEYS, ColumnRules
 from floe.destinations.sql import SqlDestination
 from floe.engine.stage import SUFFIXES
 from floe.engine.stream import Disposition, Stream
@@ -55,6 +56,17 @@ class DuckDBDestination(SqlDestination):
         "timestamp_tz": "TIMESTAMPTZ",
         "nested": "JSON",
     }
+    # DuckDB's casts keep these exactly (a date becomes midnight UTC: sessions run in UTC).
+    column_rules: ClassVar[ColumnRules] = ColumnRules(
+        holds={
+            "BOOLEAN": frozenset({"bool"}), "INTEGER": frozenset({"int32"}), "BIGINT": frozenset({"int32", "int64"}),
+            "DOUBLE": frozenset({"float64", "int32"}), "VARCHAR": TEXT_KEYS, "BLOB": frozenset({"binary"}),
+            "DATE": frozenset({"date"}), "TIME": frozenset({"time"}), "TIMESTAMP": frozenset({"timestamp", "date"}),
+            "TIMESTAMPTZ": frozenset({"timestamp_tz", "timestamp", "date"}), "JSON": frozenset({"json", "nested"}),
+        },
+        decimals={"DECIMAL": (18, 3)},
+        aliases={**SPELLED_OUT, "NUMERIC": "DECIMAL"},
+    )
     meta_schema = "main"
     placeholder = "?"
 

@@ -30,9 +30,9 @@ import pyarrow.parquet as pq
 from pydantic import SecretStr
 
 from floe.config import DestinationConfig
-from floe.destinations.base import Destination, LoadJob
+from floe.destinations.base import Destination, LoadJob, TableSpec
 from floe.destinations.objectstore import GCSStore, LocalStore, ObjectStore, S3Store, StoreUrl
-from floe.engine.stream import State
+from floe.engine.stream import RefreshScope, State
 from floe.errors import DestinationError
 
 STATE_DIR = "_floe_state"
@@ -63,6 +63,8 @@ class FilesDestination(Destination):
         except ValueError as exc:
             raise DestinationError(f"{self.where}.path: {exc}") from None
         self._store: ObjectStore | None = None
+        # (source, stream) -> load id -> the objects each commit of a full refresh under way wrote
+        self._refreshing: dict[tuple[str, str], dict[str, list[str]]] = {}
 
     @property
     def store(self) -> ObjectStore:
@@ -119,13 +121,17 @@ class FilesDestination(Destination):
         return rows
 
     # --- data -----------------------------------------------------------------------------------
-    def _sweep(self, job: LoadJob, latest: dict[str, Any] | None, committed: set[str]) -> None:
-        """Delete data objects no commit owns: those of crashed loads, and old snapshots of replace streams.
+    def _sweep(self, job: LoadJob, latest: dict[str, Any] | None, committed: set[str],
+               refreshing: frozenset[str] = frozenset()) -> None:
+        """Delete data objects no commit owns: those of crashed loads, and what a snapshot (a replace
+        stream's commit, a full refresh) replaced. Objects of the load ids in `refreshing` (the full
+        refresh under way) stay.
 
         Only objects from the second of the last commit onwards are candidates (load ids start with
         the UTC time); among them, those of a load id in `committed` (recent commits) stay."""
         base = self.key(job.source, job.stream)
-        keep = set(latest["files"]) if latest and job.table.disposition == "replace" else None
+        snapshot = latest is not None and (job.table.disposition == "replace" or latest.get("full_refresh", False))
+        keep = set(latest["files"]) if latest and snapshot else None
         if latest is None or keep is not None:
             prefixes = [base + "/"]
         else:
@@ -141,6 +147,8 @@ class FilesDestination(Destination):
                 if f"/{STATE_DIR}/" in f"/{key}":
                     continue
                 load_id = key.rsplit("/", 1)[-1].rsplit("-", 1)[0]
+                if load_id in refreshing:
+                    continue
                 if keep is not None:
                     if key not in keep:
                         doomed.append(key)
@@ -178,9 +186,9 @@ class FilesDestination(Destination):
         versions = self._versions(job.source, job.stream)
         latest = json.loads(self.store.get_bytes(versions[-1][1]) or b"null") if versions else None
         recent = latest["recent_load_ids"] if latest else []
-        self._sweep(job, latest, set(recent))
+        refreshing = self._refreshing.setdefault((job.source, job.stream), {}) if job.refresh else {}
+        self._sweep(job, latest, set(recent), frozenset(refreshing))
         now = datetime.now(UTC)
-        ext = EXTENSIONS[self.config.format] + (".gz" if self.config.gzip and self.config.format != "parquet" else "")
         keys: list[str] = []
         with tempfile.TemporaryDirectory(prefix="floe-files-") as tmp:
             uploads = []
@@ -189,12 +197,15 @@ class FilesDestination(Destination):
                 table = table.append_column("_floe_load_id", pa.array([job.load_id] * table.num_rows, pa.string()))
                 table = table.append_column("_floe_loaded_at", pa.array([now] * table.num_rows,
                                                                         pa.timestamp("us", "UTC")))
-                local = Path(tmp) / f"{job.load_id}-{n:05d}.{ext}"
+                local = Path(tmp) / f"{job.load_id}-{n:05d}.{self.extension}"
                 self._write(table, local)
                 key = self.key(job.source, job.stream, f"{now:%Y/%m/%d}", local.name)
                 uploads.append((key, local))
                 keys.append(key)
             self.store.put_files(uploads)
+        if job.refresh:  # no state object: the objects wait for finish_refresh's commit
+            refreshing[job.load_id] = keys
+            return
         version = (latest["version"] if latest else 0) + 1
         record = {
             "version": version, "state": job.checkpoint, "load_id": job.load_id, "files": keys, "rows": job.rows,
@@ -209,6 +220,79 @@ class FilesDestination(Destination):
             self._sweep(job, record, {job.load_id})
         old = [*versions, (version, state_key)][:-KEEP_STATE_VERSIONS]
         self.store.delete_keys([key for _, key in old])
+
+    @property
+    def extension(self) -> str:
+        return EXTENSIONS[self.config.format] + (".gz" if self.config.gzip and self.config.format != "parquet" else "")
+
+    # --- full refresh: objects written without a state object, committed by one snapshot state object ---
+    def begin_refresh(self, table: TableSpec) -> None:
+        # What an interrupted refresh wrote is swept by the first load, like any uncommitted objects.
+        self._refreshing[(table.schema_name, table.table)] = {}
+
+    def finish_refresh(self, job: LoadJob, scope: RefreshScope | None = None) -> None:
+        try:
+            self._finish_refresh(job, scope)
+        except DestinationError:
+            raise
+        except Exception as exc:
+            raise DestinationError(f"{self.name}: replacing {job.source}.{job.stream} by its full refresh failed, "
+                                   f"nothing committed: {exc}") from exc
+
+    def _finish_refresh(self, job: LoadJob, scope: RefreshScope | None) -> None:
+        """Write the snapshot state object listing the refresh's objects (and, with a scope, the rows
+        before it: objects wholly before it, and the before-part of any object that straddles it),
+        then delete every other object of the stream."""
+        written = self._refreshing.pop((job.source, job.stream), {})
+        keys = [key for load_keys in written.values() for key in load_keys]
+        if scope is not None:
+            keys += self._rows_before(job, scope, set(written))
+        versions = self._versions(job.source, job.stream)
+        version = (versions[-1][0] if versions else 0) + 1
+        record = {
+            "version": version, "state": job.checkpoint, "load_id": job.load_id, "files": keys, "rows": job.rows,
+            "format": self.config.format, "disposition": job.table.disposition, "full_refresh": True,
+            "primary_key": list(job.table.primary_key), "started_at": job.started_at.isoformat(),
+            "committed_at": datetime.now(UTC).isoformat(), "details": job.details,
+            "recent_load_ids": [*written, job.load_id][-KEEP_STATE_VERSIONS:],
+        }
+        state_key = self.key(job.source, job.stream, STATE_DIR, f"v{version:08d}.json")
+        self.store.put_bytes(state_key, json.dumps(record, indent=1, sort_keys=True).encode())  # the commit
+        self._sweep(job, record, {job.load_id})
+        old = [*versions, (version, state_key)][:-KEEP_STATE_VERSIONS]
+        self.store.delete_keys([key for _, key in old])
+
+    def _rows_before(self, job: LoadJob, scope: RefreshScope, refreshing: set[str]) -> list[str]:
+        """The objects holding the stream's rows before `scope`: those wholly before it as they are,
+        and for each object that straddles it a new object (of this load) with its rows before it."""
+        kept: list[str] = []
+        reader = {"parquet": "read_parquet", "jsonl": "read_json_auto", "csv": "read_csv_auto"}[self.config.format]
+        before = f'NOT ("{scope.column}" >= $start) OR "{scope.column}" IS NULL'
+        con = duckdb.connect()
+        try:
+            con.execute("SET TimeZone = 'UTC'")
+            with tempfile.TemporaryDirectory(prefix="floe-files-") as tmp:
+                for key, _ in list(self.store.list(self.key(job.source, job.stream) + "/")):
+                    if f"/{STATE_DIR}/" in f"/{key}" or key.rsplit("/", 1)[-1].rsplit("-", 1)[0] in refreshing:
+                        continue
+                    local = Path(tmp) / key.rsplit("/", 1)[-1]
+                    local.write_bytes(self.store.get_bytes(key) or b"")
+                    rows = f"{reader}('{str(local).replace(chr(39), chr(39) * 2)}')"
+                    total, kept_rows = con.execute(f"SELECT count(*), count(*) FILTER (WHERE {before}) FROM {rows}",
+                                                   {"start": scope.start}).fetchall()[0]
+                    if kept_rows == total:
+                        kept.append(key)
+                    elif kept_rows:
+                        part = con.execute(f"SELECT * FROM {rows} WHERE {before}", {"start": scope.start}).to_arrow_table()
+                        out = Path(tmp) / f"{job.load_id}-{len(kept) + 1:05d}.{self.extension}"
+                        self._write(part, out)
+                        new_key = self.key(job.source, job.stream, f"{datetime.now(UTC):%Y/%m/%d}", out.name)
+                        self.store.put_file(new_key, out)
+                        kept.append(new_key)
+                    local.unlink()
+        finally:
+            con.close()
+        return kept
 
     def check(self) -> list[str]:
         return [self.store.check()]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -33,7 +33,9 @@ from psycopg.copy import QueuedLibpqWriter
 from floe.config import DestinationConfig
 from floe.destinations import pgbinary
 from floe.destinations.base import SEQ, LoadJob, TableSpec, is_json, nested_as_json
+from floe.destinations.column_types import SPELLED_OUT, TEXT_KEYS, ColumnRules
 from floe.destinations.sql import SqlDestination, arrow_type_key
+from floe.engine.stage import StagedFile
 from floe.errors import DestinationError
 from floe.pgconn import PostgresConnection, connect_postgres, describe, read_batches
 
@@ -96,6 +98,18 @@ class PostgresDestination(SqlDestination):
         "timestamp_tz": "TIMESTAMPTZ",
         "nested": "JSONB",
     }
+    # What PostgreSQL's input conversions (COPY) keep exactly; NUMERIC without (p,s) is unbounded.
+    column_rules: ClassVar[ColumnRules] = ColumnRules(
+        holds={
+            "BOOLEAN": frozenset({"bool"}), "INTEGER": frozenset({"int32"}), "BIGINT": frozenset({"int32", "int64"}),
+            "DOUBLE PRECISION": frozenset({"float64", "int32"}), "TEXT": TEXT_KEYS, "VARCHAR": TEXT_KEYS,
+            "BYTEA": frozenset({"binary"}), "DATE": frozenset({"date"}), "TIME": frozenset({"time"}),
+            "TIMESTAMP": frozenset({"timestamp", "date"}), "TIMESTAMPTZ": frozenset({"timestamp_tz", "timestamp", "date"}),
+            "JSONB": frozenset({"json", "nested"}), "JSON": frozenset({"json", "nested"}),
+        },
+        decimals={"NUMERIC": None},
+        aliases={**SPELLED_OUT, "DECIMAL": "NUMERIC"},
+    )
     json_type = "JSONB"
     text_type = "TEXT"
     timestamp_tz_type = "TIMESTAMPTZ"
@@ -147,8 +161,7 @@ class PostgresDestination(SqlDestination):
             return f"NUMERIC({f.type.precision},{f.type.scale})"
         return super().column_type(f)
 
-    def _spec(self, spec: TableSpec) -> TableSpec:
-        """The spec with the schema name this destination uses for the source."""
+    def located(self, spec: TableSpec) -> TableSpec:
         schema = self.table_schema(spec.schema_name)
         if schema == spec.schema_name:
             return spec
@@ -159,14 +172,11 @@ class PostgresDestination(SqlDestination):
 
     def _named(self, job: LoadJob) -> LoadJob:
         """The job with its table in the schema this destination uses for the source."""
-        spec = self._spec(job.table)
-        if spec is job.table:
-            return job
-        return LoadJob(job.load_id, job.source, job.stream, spec, job.files, job.checkpoint, job.started_at,
-                       job.details)
+        spec = self.located(job.table)
+        return job if spec is job.table else dataclasses.replace(job, table=spec)
 
-    def ensure_table(self, cur: Any, spec: TableSpec) -> None:
-        super().ensure_table(cur, spec)
+    def ensure_table(self, cur: Any, spec: TableSpec, staged: Sequence[StagedFile] = ()) -> None:
+        super().ensure_table(cur, spec, staged)
         if spec.disposition == "merge" and spec.primary_key:
             digest = hashlib.sha1(f"{spec.schema_name}.{spec.table}".encode()).hexdigest()[:10]
             keys = ", ".join(self.quote(k) for k in spec.primary_key)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -34,9 +35,11 @@ import pyarrow.parquet as pq
 from pydantic import SecretStr, field_validator, model_validator
 
 from floe.destinations.base import SEQ, LoadJob, TableSpec, is_json, staged_column
+from floe.destinations.column_types import SPELLED_OUT, ColumnRules
 from floe.destinations.objectstore import S3Store, StoreUrl
 from floe.destinations.postgres import NEW, PostgresConfig, PostgresDestination
 from floe.destinations.sql import SqlDestination, arrow_type_key
+from floe.engine.stage import StagedFile
 from floe.errors import DestinationError
 from floe.pgconn import SslMode
 
@@ -110,6 +113,21 @@ class RedshiftDestination(PostgresDestination):
         "timestamp_tz": "TIMESTAMPTZ",
         "nested": "SUPER",
     }
+    # Redshift's implicit conversions from the staging table's types that keep every value (VARCHAR
+    # takes numbers, dates and timestamps as their text; JSON goes through JSON_PARSE into SUPER only).
+    column_rules: ClassVar[ColumnRules] = ColumnRules(
+        holds={
+            "BOOLEAN": frozenset({"bool"}), "INTEGER": frozenset({"int32"}), "BIGINT": frozenset({"int32", "int64"}),
+            "DOUBLE PRECISION": frozenset({"float64", "int32"}),
+            "VARCHAR": frozenset({"string", "int32", "int64", "decimal", "date", "timestamp"}),
+            "VARBYTE": frozenset({"binary"}), "DATE": frozenset({"date"}), "TIME": frozenset({"time"}),
+            "TIMESTAMP": frozenset({"timestamp", "date"}), "TIMESTAMPTZ": frozenset({"timestamp_tz", "timestamp", "date"}),
+            "SUPER": frozenset({"json", "nested"}),
+        },
+        decimals={"NUMERIC": (18, 0)},
+        aliases={**SPELLED_OUT, "DECIMAL": "NUMERIC", "BINARY VARYING": "VARBYTE", "VARBINARY": "VARBYTE",
+                 "TEXT": "VARCHAR", "CHARACTER": "CHAR", "BPCHAR": "CHAR"},
+    )
     json_type = "SUPER"
     text_type = f"VARCHAR({VARCHAR_MAX})"
     timestamp_tz_type = "TIMESTAMPTZ"
@@ -165,8 +183,8 @@ class RedshiftDestination(PostgresDestination):
         value = f"{NEW}.{self.quote(f.name)}"
         return self.json_parse.format(value) if self.column_type(f) == self.json_type else value
 
-    def ensure_table(self, cur: Any, spec: TableSpec) -> None:
-        SqlDestination.ensure_table(self, cur, spec)  # Redshift has no indexes
+    def ensure_table(self, cur: Any, spec: TableSpec, staged: Sequence[StagedFile] = ()) -> None:
+        SqlDestination.ensure_table(self, cur, spec, staged)  # Redshift has no indexes
 
     # --- SQL (pure) ------------------------------------------------------------------------------
     def stage_fields(self, spec: TableSpec) -> list[pa.Field]:

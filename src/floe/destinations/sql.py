@@ -8,18 +8,21 @@ every warehouse, so it is tested for real on DuckDB and PostgreSQL.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from abc import abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from floe.destinations.base import Destination, LoadJob, TableSpec, arrow_type_key, is_json
-from floe.engine.stream import State
+from floe.destinations.base import Destination, LoadJob, TableSpec, arrow_type_key, is_json, refresh_copy
+from floe.destinations.column_types import ColumnRules, narrowing_message, refused
+from floe.engine.stage import StagedFile
+from floe.engine.stream import RefreshScope, State
 from floe.errors import DestinationError
 from floe.secrets import redact
 
@@ -32,6 +35,7 @@ class SqlDestination(Destination):
 
     # --- per-warehouse data -------------------------------------------------------------
     type_map: ClassVar[dict[str, str]]  # keys: see `arrow_type_key`
+    column_rules: ClassVar[ColumnRules]  # which column types hold which staged types exactly
     json_type: ClassVar[str] = "JSON"
     text_type: ClassVar[str] = "VARCHAR"
     timestamp_tz_type: ClassVar[str] = "TIMESTAMPTZ"
@@ -57,17 +61,28 @@ class SqlDestination(Destination):
         Returns the SQL expression that orders staged rows by arrival (later rows win a merge)."""
 
     def existing_columns(self, cur: Any, schema: str, table: str) -> dict[str, str]:
+        """Each column of the table (none: no table) with its type as the warehouse reports it,
+        a decimal's precision and scale included (`NUMERIC(12,2)`)."""
         cur.execute(
-            "SELECT column_name, data_type FROM information_schema.columns "
+            "SELECT column_name, data_type, numeric_precision, numeric_scale FROM information_schema.columns "
             f"WHERE table_schema = {self.placeholder} AND table_name = {self.placeholder}",
             (schema, table),
         )
-        return {row[0]: row[1] for row in cur.fetchall()}
+        columns = {}
+        for name, data_type, precision, scale in cur.fetchall():
+            exact = data_type.lower() in ("numeric", "decimal") and precision is not None
+            columns[name] = f"{data_type}({precision},{scale or 0})" if exact else data_type
+        return columns
 
     # --- SQL building (pure, testable) ----------------------------------------------------
     @staticmethod
     def quote(identifier: str) -> str:
         return '"' + identifier.replace('"', '""') + '"'
+
+    def located(self, spec: TableSpec) -> TableSpec:
+        """The spec with the schema this destination puts the source's tables in (see PostgreSQL's
+        `schema_prefix`)."""
+        return spec
 
     def schema_ref(self, schema: str) -> str:
         """A schema as named in CREATE SCHEMA (DuckDB adds its catalog)."""
@@ -215,10 +230,17 @@ class SqlDestination(Destination):
         for statement in self.meta_ddl():
             cur.execute(statement)
 
-    def ensure_table(self, cur: Any, spec: TableSpec) -> None:
-        """Create the table, or add the columns it lacks. Never drops or narrows a column."""
+    def ensure_table(self, cur: Any, spec: TableSpec, staged: Sequence[StagedFile] = ()) -> None:
+        """Create the table, or add the columns it lacks. Never drops or narrows a column: raises
+        DestinationError if a column would not hold the spec's or a staged file's values exactly."""
         cur.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema_ref(spec.schema_name)}")
         existing = self.existing_columns(cur, spec.schema_name, spec.table)
+        planned = {f.name: t for f in spec.columns if (t := self.column_type(f)) is not None}
+        refusals = refused(self.column_rules, {**planned, **existing}, spec.columns, [f.schema for f in staged],
+                           self.column_type)
+        if refusals:
+            raise DestinationError(f"{self.name}: loading {spec.schema_name}.{spec.table} failed, nothing committed: "
+                                   f"{narrowing_message(refusals)}")
         if not existing:
             cur.execute(self.create_table_sql(spec))
             return
@@ -250,9 +272,13 @@ class SqlDestination(Destination):
             ) from exc
 
     def load_step(self, cur: Any, job: LoadJob) -> None:
-        """One job inside the caller's transaction: table, rows by the disposition, views, state, load row."""
+        """One job inside the caller's transaction: table, rows by the disposition, views, state, load row.
+
+        A full refresh's job (`job.refresh`) loads into the table's refresh copy and writes no state."""
+        if job.refresh:  # its rows wait in the refresh copy until finish_refresh
+            job = dataclasses.replace(job, table=refresh_copy(job.table))
         spec = job.table
-        self.ensure_table(cur, spec)
+        self.ensure_table(cur, spec, job.files)
         if job.files or spec.disposition == "replace":
             staging = f"_floe_staging_{job.load_id.replace('-', '_')}"
             order = self.stage_rows(cur, job, staging)
@@ -262,8 +288,47 @@ class SqlDestination(Destination):
             self.drop_staging(cur, staging)
         for statement in self.views_sql(spec):
             cur.execute(statement)
-        self.write_state(cur, job)
-        self.write_load_row(cur, job, "committed", None, datetime.now(UTC))
+        if not job.refresh:
+            self.write_state(cur, job)
+        self.write_load_row(cur, job, "refreshing" if job.refresh else "committed", None, datetime.now(UTC))
+
+    # --- full refresh: rows wait in a copy of the table, which replaces its rows in one commit -----
+    def begin_refresh(self, spec: TableSpec) -> None:
+        copy = refresh_copy(self.located(spec))
+        with self.transaction() as cur:
+            cur.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema_ref(copy.schema_name)}")
+            cur.execute(f"DROP TABLE IF EXISTS {self.qualified(copy.schema_name, copy.table)}")
+
+    def finish_refresh(self, job: LoadJob, scope: RefreshScope | None = None) -> None:
+        spec = self.located(job.table)
+        copy = refresh_copy(spec)
+        target, rows = self.qualified(spec.schema_name, spec.table), self.qualified(copy.schema_name, copy.table)
+        try:
+            with self.transaction() as cur:
+                self.ensure_meta(cur)
+                self.ensure_table(cur, spec, job.files)
+                names = [c for c in self.existing_columns(cur, copy.schema_name, copy.table)
+                         if c not in ("_floe_load_id", "_floe_loaded_at")]
+                columns = "".join(f"{self.quote(c)}, " for c in names)
+                if scope is None:
+                    cur.execute(f"DELETE FROM {target}")
+                else:
+                    cur.execute(f"DELETE FROM {target} WHERE {self.quote(scope.column)} >= {self.placeholder}",
+                                (scope.start,))
+                cur.execute(f"INSERT INTO {target} ({columns}_floe_load_id, _floe_loaded_at) "
+                            f"SELECT {columns}'{job.load_id}', CURRENT_TIMESTAMP FROM {rows}")
+                cur.execute(f"DROP TABLE {rows}")
+                for statement in self.views_sql(spec):
+                    cur.execute(statement)
+                self.write_state(cur, job)
+                self.write_load_row(cur, job, "committed", None, datetime.now(UTC))
+        except DestinationError:
+            raise
+        except Exception as exc:
+            raise DestinationError(
+                f"{self.name}: replacing {spec.schema_name}.{spec.table} by its full refresh failed, nothing "
+                f"committed: {redact(str(exc)).strip()}"
+            ) from exc
 
     def drop_staging(self, cur: Any, staging: str) -> None:
         cur.execute(f"DROP TABLE IF EXISTS {staging}")

@@ -86,6 +86,10 @@ async def run_stream(
                          format=destination.stage_format(stream.disposition))
     started_at = datetime.now(UTC)
     attempting: LoadJob | None = None  # the commit in flight, named in _floe_loads if it fails
+    # A full refresh of an append or merge stream loads into the table's refresh copy, which replaces
+    # the table's rows in one last commit (a replace stream already commits once, at its end).
+    refresh = source.context.options.full_refresh and stream.disposition != "replace"
+    refreshed: list[StagedFile] = []  # every file the refresh committed to the copy
 
     async def produce(state: State | None) -> None:
         pending_checkpoint: State | None = None
@@ -127,7 +131,7 @@ async def run_stream(
             job = LoadJob(
                 load_id=commit.load_id, source=source.name, stream=stream.name,
                 table=table_spec(source.name, stream, commit.files), files=commit.files,
-                checkpoint=commit.checkpoint, started_at=started_at,
+                checkpoint=commit.checkpoint, started_at=started_at, refresh=refresh,
             )
             attempting = job
             try:
@@ -135,6 +139,7 @@ async def run_stream(
             finally:
                 remove_files(commit.files)
             attempting = None
+            refreshed.extend(commit.files if refresh else [])
             result.rows += job.rows
             result.commits += 1
             result.state = commit.checkpoint
@@ -150,6 +155,8 @@ async def run_stream(
         state = await asyncio.to_thread(destination.get_state, source.name, stream.name)
         if source.context.options.full_refresh:
             state = None
+        if refresh:
+            await asyncio.to_thread(destination.begin_refresh, table_spec(source.name, stream, []))
         producer = asyncio.create_task(produce(state))
         consumer = asyncio.create_task(consume())
         await asyncio.wait({producer, consumer}, return_when=asyncio.FIRST_EXCEPTION)
@@ -163,6 +170,14 @@ async def run_stream(
             await consumer
             raise producer.exception()  # type: ignore[misc]
         await consumer
+        if refresh and result.state is not None:
+            attempting = LoadJob(
+                load_id=new_load_id(), source=source.name, stream=stream.name,
+                table=table_spec(source.name, stream, refreshed), files=refreshed, checkpoint=result.state,
+                started_at=started_at, details={"full_refresh": True},
+            )
+            await asyncio.to_thread(destination.finish_refresh, attempting, stream.refresh_scope())
+            attempting = None
     except FloeError as exc:
         result.error = redact(str(exc))
     except Exception as exc:  # noqa: BLE001 - reported per stream; the run goes on with other streams

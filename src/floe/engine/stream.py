@@ -33,6 +33,14 @@ class Batch:
 
 
 @dataclass(frozen=True)
+class RefreshScope:
+    """What a full refresh of an append stream reads again: the rows whose `column` >= `start`."""
+
+    column: str
+    start: Any
+
+
+@dataclass(frozen=True)
 class RunOptions:
     """Options of one `floe run` that sources may honour."""
 
@@ -71,6 +79,11 @@ class Stream(ABC):
     @abstractmethod
     def read(self, state: State | None) -> AsyncIterator[Batch]:
         """Yield batches starting from `state` (None: never loaded before)."""
+
+    def refresh_scope(self) -> RefreshScope | None:
+        """What `read(None)` reads of the table, when a full refresh must keep the rows before it
+        (an append stream read from a configured start time). None: the whole table."""
+        return None
 
     def describe(self) -> str:
         return self.name

@@ -454,10 +454,7 @@ class SingerTarget:
 
 def _delete_older_versions(destination: Any, job: LoadJob, version: int) -> None:
     """In one transaction: ensure the table, delete rows of versions older than `version`, write state."""
-    spec = job.table
-    to_spec = getattr(destination, "_spec", None)
-    if to_spec is not None:
-        spec = to_spec(spec)
+    spec = destination.located(job.table)
     table = destination.qualified(spec.schema_name, spec.table)
     try:
         with destination.transaction() as cur:

@@ -33,7 +33,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from floe.config import SourceConfig
 from floe.destinations.base import json_field
-from floe.engine.stream import Batch, Context, Source, State, Stream
+from floe.engine.stream import Batch, Context, RefreshScope, Source, State, Stream
 from floe.errors import SourceError
 from floe.http import ApiError, HttpClient
 from floe.sources.fullstory_export import CUSTOM_VARS, POOL, ExportReader
@@ -158,14 +158,24 @@ class EventsStream(Stream):
         self.schema = pa.schema([pa.field(n, t) for n, t in fields] + [json_field(CUSTOM_VARS)])
         # One reader for every window: it learns which known fields the events carry.
         self.reader = ExportReader(self.schema, self.config.format)
+        self._first_start: datetime | None = None
 
     # --- windows -------------------------------------------------------------------------
     def sync_point(self, state: State | None) -> datetime:
         if state and state.get("sync_point"):
             return parse_rfc3339(state["sync_point"])
-        if self.config.start_time:
-            return _utc(self.config.start_time)
-        return self.source.now() - timedelta(days=30)
+        return self.first_start()
+
+    def first_start(self) -> datetime:
+        """Where reading starts without a sync point: `start_time`, else 30 days before it was first asked."""
+        if self._first_start is None:
+            start = self.config.start_time
+            self._first_start = _utc(start) if start else self.source.now() - timedelta(days=30)
+        return self._first_start
+
+    def refresh_scope(self) -> RefreshScope:
+        # Windows are cut by event time: a full refresh reads every event from the first start on again.
+        return RefreshScope("EventStart", self.first_start())
 
     def windows(self, state: State | None, now: datetime) -> list[tuple[datetime, datetime]]:
         """Every window ready now: it ends before `now - export_delay` (and before `end_time`)."""
