@@ -363,3 +363,31 @@ def test_a_group_of_streams_commits_in_one_transaction_script_or_not_at_all(bigq
     assert dest.get_state("src", "items") == dest.get_state("src", "other") == {"n": 1}
     commits = [j for j in emulator.jobs.values() if j["jobReference"]["jobId"].endswith("_commit")]
     assert len(commits) == 2 and all("`proj.raw.src_other`" in j["configuration"]["query"]["query"] for j in commits)
+
+def test_the_plan_refuses_staged_values_a_column_would_not_hold_exactly(tmp_path):
+    dest = make()
+    job = job_of(tmp_path)  # amount is decimal(12, 2)
+    existing = {"id": "INT64", "name": "STRING", "amount": "INT64", "created_at": "TIMESTAMP", "props": "JSON",
+                "tags": "JSON"}
+    with pytest.raises(DestinationError, match=r"column 'amount' is INT64 in the warehouse and the new values are "
+                                               r"decimal128\(12, 2\), .*would have to become NUMERIC\(21,2\) first"):
+        dest.plan(job, ["gs://bucket/x.parquet"], existing=existing)
+    widened = dest.plan(job, ["gs://bucket/x.parquet"], existing={**existing, "amount": "NUMERIC(14, 2)"})
+    assert widened.script.startswith("BEGIN TRANSACTION")  # NUMERIC(14, 2) holds every decimal(12, 2)
+
+
+def test_a_type_change_end_to_end_commits_nothing_and_names_the_column(bigquery, tmp_path):
+    dest, emulator = bigquery
+    dest.load(job_of(tmp_path, records=[record(1, "a")], load_id="20261124T000001Z-000001", checkpoint={"n": 1}))
+    table = pa.table({"id": pa.array([2], pa.float64()), "name": ["b"]})
+    path = tmp_path / "changed.parquet"
+    pq.write_table(table, path)
+    spec = TableSpec("src", "items", table.schema, ("id",), "merge")
+    changed = LoadJob("20261124T000002Z-000002", "src", "items", spec, [StagedFile(path, 1, table.schema)], {"n": 2},
+                      datetime.now(UTC))
+    with pytest.raises(DestinationError, match=r"bq: loading src.items failed, nothing committed: column 'id' is "
+                                               r"INT64 in the warehouse and the new values are double"):
+        dest.load(changed)
+    assert emulator.db.execute("SELECT id, name FROM raw.src_items").fetchall() == [(1, "a")]
+    assert dest.get_state("src", "items") == {"n": 1}
+    assert list(dest.store.list("floe/")) == []

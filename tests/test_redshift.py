@@ -14,6 +14,7 @@ import gzip
 import io
 import json
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -339,3 +340,15 @@ def test_timestamps_dates_and_decimals_survive_the_staged_files(redshift, tmp_pa
     redshift.load(job_of(tmp_path, 1, table, disposition="append", pk=()))
     assert redshift.query("SELECT at, day, amount FROM src.items ORDER BY id") == [
         (at, date(2024, 2, 29), Decimal("-12.50")), (None, None, None)]
+
+
+def test_a_type_change_that_would_change_values_commits_nothing(redshift, tmp_path):
+    # The shared SQL load path with Redshift's rule: NUMERIC(12,2) values into an INTEGER column refused.
+    redshift.load(job_of(tmp_path, 1, pa.table({"id": pa.array([1]), "n": pa.array([7], pa.int32())})))
+    changed = pa.table({"id": pa.array([2]), "n": pa.array([Decimal("12.75")], pa.decimal128(12, 2))})
+    with pytest.raises(DestinationError, match=r"rs: loading src.items failed, nothing committed: column 'n' is "
+                                               r"INTEGER in the warehouse and the new values are decimal128\(12, 2\)"):
+        redshift.load(job_of(tmp_path, 2, changed))
+    assert redshift.query("SELECT id, n FROM src.items") == [(1, 7)]
+    assert redshift.get_state("src", "items") == {"n": 1}
+    assert list(redshift.store.list("floe/")) == []

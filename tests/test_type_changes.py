@@ -1,0 +1,329 @@
+"""No load narrows, rounds or truncates a value.
+
+When a staged column's type differs from the table's column, the load either stores every value
+exactly or fails with one line naming the table, the column, the warehouse type and the staged
+type, committing nothing (data and state stay; the bookmark does not move). The rule is each
+destination's data (`column_rules`); these tests hold it against the real engines for every pair
+of staged types (DuckDB, PostgreSQL), against the SQL source and a Singer stream whose types change
+between runs, and against each destination's own type map (also Redshift and BigQuery).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, date, datetime, time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+import pyarrow as pa
+import pytest
+
+from floe.destinations.base import LoadJob, TableSpec, json_field
+from floe.destinations.bigquery import COLUMN_RULES as BIGQUERY_RULES
+from floe.destinations.bigquery import BigQueryDestination
+from floe.destinations.column_types import ColumnRules, compare
+from floe.destinations.duckdb import DuckDBDestination
+from floe.destinations.postgres import PostgresDestination
+from floe.destinations.redshift import RedshiftDestination
+from floe.destinations.sql import SqlDestination
+from floe.engine.stage import StageWriter, new_load_id
+from floe.errors import DestinationError
+from tests.test_destinations import make_destination, settings_for
+
+FLOE = str(Path(sys.executable).parent / "floe")
+
+# Two values of each staged type key, the extremes where a type has them.
+SAMPLES: dict[str, pa.Array] = {
+    "bool": pa.array([True, False]),
+    "int32": pa.array([-(2**31), 2**31 - 1], pa.int32()),
+    "int64": pa.array([-(2**63), 2**63 - 1], pa.int64()),
+    "float64": pa.array([0.1, -1.5e300]),
+    "decimal": pa.array([Decimal("9999999999.99"), Decimal("-0.01")], pa.decimal128(12, 2)),
+    "string": pa.array(['a, "b"', ""]),
+    "json": pa.array(['{"a": [1, 2]}', "[]"]),
+    "nested": pa.array([[1, 2], []], pa.list_(pa.int64())),
+    "binary": pa.array([b"\x00\xff", b""]),
+    "date": pa.array([date(2026, 3, 1), date(1970, 1, 1)]),
+    "time": pa.array([time(17, 45, 0, 123456), time(0, 0)]),
+    "timestamp": pa.array([datetime(2026, 3, 1, 17, 45, 0, 123456), datetime(1970, 1, 1)], pa.timestamp("us")),
+    "timestamp_tz": pa.array([datetime(2026, 3, 1, 17, 45, tzinfo=UTC), datetime(1970, 1, 1, tzinfo=UTC)],
+                             pa.timestamp("us", "UTC")),
+}
+
+
+def sample_field(key: str) -> pa.Field:
+    return json_field("v") if key == "json" else pa.field("v", SAMPLES[key].type)
+
+
+def exactly(got: Any, want: Any, key: str) -> bool:
+    """Whether a value read back is the staged value `want` (of type key `key`), unchanged."""
+    if key in ("json", "nested"):
+        return (json.loads(got) if isinstance(got, str) else got) == (json.loads(want) if key == "json" else want)
+    if isinstance(got, str) and key != "string":  # a text column holds the value's text
+        parse = {"bool": lambda s: {"true": True, "false": False}[s.lower()], "int32": int, "int64": int,
+                 "float64": float, "decimal": Decimal, "date": date.fromisoformat, "time": time.fromisoformat,
+                 "timestamp": datetime.fromisoformat}[key]
+        return bool(parse(got) == want)
+    if key == "date" and isinstance(got, datetime):  # midnight (UTC, where the column has a zone)
+        return got == datetime.combine(want, time(), UTC if got.tzinfo else None)
+    if key == "timestamp" and isinstance(got, datetime) and got.tzinfo:
+        return got == want.replace(tzinfo=UTC)
+    return bool(got == want)
+
+
+# --- the rule, per destination, as data -----------------------------------------------------------
+def bigquery_type(f: pa.Field) -> str | None:
+    return BigQueryDestination.column_type(f)
+
+
+def sql_type(cls: type[SqlDestination]) -> Any:
+    return lambda f: cls.column_type(cls.__new__(cls), f)
+
+
+RULES: dict[str, tuple[ColumnRules, Any]] = {
+    "duckdb": (DuckDBDestination.column_rules, sql_type(DuckDBDestination)),
+    "postgres": (PostgresDestination.column_rules, sql_type(PostgresDestination)),
+    "redshift": (RedshiftDestination.column_rules, sql_type(RedshiftDestination)),
+    "bigquery": (BIGQUERY_RULES, bigquery_type),
+}
+
+
+@pytest.mark.parametrize("destination", list(RULES))
+@pytest.mark.parametrize("key", list(SAMPLES))
+def test_the_column_a_destination_creates_holds_its_values(destination, key):
+    rules, create = RULES[destination]
+    created = create(sample_field(key))
+    assert compare(rules, created, sample_field(key), create).lossless, created
+
+
+def field(t: pa.DataType) -> pa.Field:
+    return pa.field("v", t)
+
+
+DEC = pa.decimal128
+TZ = pa.timestamp("us", "UTC")
+
+
+@pytest.mark.parametrize(("destination", "old", "new", "verdict"), [
+    # the measured cases: int -> numeric(12,2), integer -> number, date -> timestamptz
+    ("duckdb", "INTEGER", field(DEC(12, 2)), "DECIMAL(12,2)"),
+    ("duckdb", "BIGINT", field(pa.float64()), None),
+    ("duckdb", "DATE", field(TZ), "TIMESTAMPTZ"),
+    ("postgres", "integer", field(DEC(12, 2)), "NUMERIC(12,2)"),
+    ("postgres", "bigint", field(pa.float64()), None),
+    ("postgres", "date", field(TZ), "TIMESTAMPTZ"),
+    ("redshift", "integer", field(DEC(12, 2)), "NUMERIC(12,2)"),
+    ("redshift", "date", field(TZ), "TIMESTAMPTZ"),
+    ("bigquery", "INT64", field(DEC(12, 2)), "NUMERIC(21,2)"),  # BigQuery's INT64 is 19 digits
+    ("bigquery", "INT64", field(pa.float64()), None),
+    ("bigquery", "DATE", field(TZ), None),  # BigQuery coerces DATE to DATETIME only
+    # exact: wider integers, more digits, text for numbers, midnight UTC for a date
+    ("duckdb", "BIGINT", field(pa.int32()), "lossless"),
+    ("duckdb", "DECIMAL(12,2)", field(DEC(10, 2)), "lossless"),
+    ("duckdb", "DECIMAL(12,2)", field(DEC(12, 4)), "DECIMAL(14,4)"),
+    ("duckdb", "TIMESTAMP WITH TIME ZONE", field(pa.date32()), "lossless"),
+    ("duckdb", "VARCHAR", field(pa.int64()), "lossless"),
+    ("duckdb", "BIGINT", field(DEC(12, 2)), "DECIMAL(21,2)"),
+    ("postgres", "numeric", field(pa.decimal256(60, 20)), "lossless"),  # NUMERIC without (p,s) is unbounded
+    ("postgres", "numeric(12,2)", field(pa.int64()), "NUMERIC(21,2)"),
+    ("postgres", "text", field(pa.bool_()), "lossless"),
+    ("postgres", "jsonb", field(pa.string()), "TEXT"),  # text is not a JSON document; text holds both
+    ("postgres", "timestamp without time zone", field(TZ), "TIMESTAMPTZ"),  # the zone would be dropped
+    ("redshift", "numeric", field(DEC(20, 2)), "NUMERIC(20,2)"),  # Redshift's NUMERIC is NUMERIC(18,0)
+    ("redshift", "character varying", field(pa.int64()), "lossless"),
+    ("redshift", "character varying", field(TZ), None),
+    ("redshift", "super", field(pa.string()), None),
+    ("redshift", "double precision", field(pa.int32()), "lossless"),
+    ("bigquery", "NUMERIC(12, 2)", field(DEC(12, 4)), "NUMERIC(14,4)"),
+    ("bigquery", "NUMERIC", field(DEC(38, 10)), "BIGNUMERIC"),  # NUMERIC holds 9 fraction digits
+    ("bigquery", "FLOAT64", field(pa.int32()), "lossless"),
+    ("bigquery", "DATETIME", field(pa.date32()), "lossless"),
+    ("bigquery", "STRING", field(pa.int64()), None),  # no implicit INT64 -> STRING
+    ("bigquery", "TIMESTAMP", field(pa.timestamp("us")), None),
+])
+def test_a_type_change_is_lossless_a_widening_or_incompatible(destination, old, new, verdict):
+    rules, create = RULES[destination]
+    got = compare(rules, old, new, create)
+    assert ("lossless" if got.lossless else got.widen_to) == verdict
+    assert got.incompatible == (verdict is None)
+
+
+def load_values(dest: SqlDestination, folder: Path, table: str, ids: list[int], key: str,
+                checkpoint: dict[str, Any]) -> None:
+    """Stage (id, v) rows with `v` of type key `key` and commit them to src.<table>, as the pipeline would."""
+    batch = pa.RecordBatch.from_arrays([pa.array(ids, pa.int64()), SAMPLES[key]],
+                                       schema=pa.schema([pa.field("id", pa.int64()), sample_field(key)]))
+    writer = StageWriter(folder, "src", table, new_load_id(), format=dest.stage_format("append"))
+    writer.write(batch)
+    files = writer.flush()
+    spec = TableSpec("src", table, batch.schema)
+    dest.load(LoadJob(writer.load_id, "src", table, spec, files, checkpoint, datetime.now(UTC)))
+
+
+@pytest.mark.parametrize("kind", ["duckdb", "postgres"])
+def test_every_type_change_loads_exactly_or_fails_naming_both_types(kind, tmp_path, request):
+    """For every pair of staged types: a table made by the first, then values of the second.
+
+    What the destination's rule calls lossless must come back exactly; everything else must fail with
+    the table, column and both types named, leaving the table's rows and its state as they were."""
+    dest = make_destination(settings_for(kind, tmp_path, request), tmp_path)
+    rules: ColumnRules = dest.column_rules
+    wrong: list[str] = []
+    try:
+        for old in SAMPLES:
+            table = f"from_{old}"
+            load_values(dest, tmp_path, table, [0, 1], old, {"n": 0})
+            with dest.transaction() as cur:
+                column = dest.existing_columns(cur, "src", table)["v"]
+            before = ([(2,)], {"n": 0})  # the table's row count and state
+            for n, new in enumerate(SAMPLES, start=1):
+                verdict = compare(rules, column, sample_field(new), dest.column_type)
+                try:
+                    load_values(dest, tmp_path, table, [2 * n, 2 * n + 1], new, {"n": n})
+                except DestinationError as exc:
+                    staged = "JSON text" if new == "json" else str(SAMPLES[new].type)
+                    named = (f"loading src.{table} failed, nothing committed: column 'v' is {rules.parse(column)} "
+                             f"in the warehouse and the new values are {staged}")
+                    if verdict.lossless:
+                        wrong.append(f"{old} -> {new} ({column}): called lossless, but the load failed: {exc}")
+                    elif named not in str(exc):
+                        wrong.append(f"{old} -> {new}: the error does not name table, column and types: {exc}")
+                    if (dest.query(f'SELECT count(*) FROM src."{table}"'), dest.get_state("src", table)) != before:
+                        wrong.append(f"{old} -> {new}: the failed load changed the table or its state")
+                    continue
+                before = ([(before[0][0][0] + 2,)], {"n": n})
+                if not verdict.lossless:
+                    wrong.append(f"{old} -> {new} ({column}): loaded although the rule refuses it")
+                    continue
+                got = [r[0] for r in dest.query(f'SELECT v FROM src."{table}" WHERE id IN ({2 * n}, {2 * n + 1}) ORDER BY id')]
+                if not all(exactly(g, w, new) for g, w in zip(got, SAMPLES[new].to_pylist(), strict=True)):
+                    wrong.append(f"{old} -> {new} ({column}): stored {got!r} for {SAMPLES[new].to_pylist()!r}")
+    finally:
+        dest.close()
+    assert wrong == []
+
+
+# --- through the CLI: a source's column types change between runs ---------------------------------
+@pytest.fixture(params=["duckdb", "postgres"])
+def warehouse(request, tmp_path, postgres_server):
+    """Settings of a DuckDB file or of a PostgreSQL database of its own (the source has another)."""
+    if request.param == "duckdb":
+        yield {"type": "duckdb", "path": str(tmp_path / "w.duckdb")}
+        return
+    db = postgres_server.create_database()
+    yield db.config()
+    postgres_server.drop_database(db.database)
+
+
+def warehouse_rows(settings: dict[str, Any], tmp_path: Path, sql: str) -> list[tuple[Any, ...]]:
+    dest = make_destination(settings, tmp_path)
+    try:
+        return dest.query(sql)
+    finally:
+        dest.close()
+
+
+def warehouse_state(settings: dict[str, Any], tmp_path: Path, source: str, stream: str) -> Any:
+    dest = make_destination(settings, tmp_path)
+    try:
+        return dest.get_state(source, stream)
+    finally:
+        dest.close()
+
+
+ORDERS = """
+CREATE SCHEMA app;
+CREATE TABLE app.orders (id integer PRIMARY KEY, updated_at timestamptz NOT NULL, amount integer, due date);
+CREATE TABLE app.plans (id integer PRIMARY KEY, updated_at timestamptz NOT NULL, seats bigint, code text);
+INSERT INTO app.orders SELECT i, timestamptz '2026-03-01 00:00+00' + i * interval '1 minute', 9900 + i,
+       date '2026-03-01' FROM generate_series(0, 10) AS i;
+INSERT INTO app.plans VALUES (1, '2026-03-01 00:00+00', 5, 'a');
+"""
+# What the measured runs did: int -> numeric(12,2) and date -> timestamptz (11 changed rows), and two
+# changes that stay exact (bigint -> integer, text -> integer) in another table.
+CHANGES = """
+ALTER TABLE app.orders ALTER COLUMN amount TYPE numeric(12,2), ALTER COLUMN due TYPE timestamptz;
+UPDATE app.orders SET amount = amount + 10.25, due = timestamptz '2026-03-01 17:45:00+00',
+       updated_at = updated_at + interval '1 day';
+ALTER TABLE app.plans ALTER COLUMN seats TYPE integer, ALTER COLUMN code TYPE integer USING 7;
+UPDATE app.plans SET seats = 2147483647, updated_at = updated_at + interval '1 day';
+"""
+
+
+def floe_run(tmp_path: Path, source_url: str, settings: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    config = {"sources": {"shop": {"type": "sql", "url": "${SHOP_URL}", "schema": "app",
+                                   "tables": [{"name": "orders", "replication_key": "updated_at"},
+                                              {"name": "plans", "replication_key": "updated_at"}]}},
+              "destinations": {"warehouse": settings}}
+    (tmp_path / "floe.yml").write_text(json.dumps(config))  # JSON is YAML
+    return subprocess.run([FLOE, "run", "-c", "floe.yml"], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "SHOP_URL": source_url}, timeout=120, check=False)
+
+
+def test_floe_run_refuses_a_source_type_change_that_would_change_values(postgres_db, warehouse, tmp_path):
+    with psycopg.connect(postgres_db.dsn, autocommit=True) as conn:
+        conn.execute(ORDERS)
+    first = floe_run(tmp_path, postgres_db.url, warehouse)
+    assert first.returncode == 0, first.stderr + first.stdout
+    loaded = warehouse_rows(warehouse, tmp_path, "SELECT id, amount, due FROM shop.orders ORDER BY id")
+    bookmark = warehouse_state(warehouse, tmp_path, "shop", "orders")
+    with psycopg.connect(postgres_db.dsn, autocommit=True) as conn:
+        conn.execute(CHANGES)
+
+    second = floe_run(tmp_path, postgres_db.url, warehouse)
+    assert second.returncode == 1
+    error = second.stderr.replace("\n", " ")
+    assert "loading shop.orders failed, nothing committed: column 'amount' is INTEGER in the warehouse and " \
+           "the new values are decimal128(12, 2)" in error
+    assert "column 'due' is DATE in the warehouse and the new values are timestamp[us, tz=UTC]" in error
+    # Nothing was rounded or cut, and the bookmark did not move past the changed rows.
+    assert warehouse_rows(warehouse, tmp_path, "SELECT id, amount, due FROM shop.orders ORDER BY id") == loaded
+    assert warehouse_state(warehouse, tmp_path, "shop", "orders") == bookmark
+    # The lossless changes of the other table loaded exactly.
+    assert warehouse_rows(warehouse, tmp_path, "SELECT seats, code FROM shop.plans") == [(2147483647, "7")]
+
+
+def floe_target(tmp_path: Path, settings: dict[str, Any], messages: list[dict[str, Any]]) -> subprocess.CompletedProcess[bytes]:
+    (tmp_path / "target.json").write_text(json.dumps(settings))
+    return subprocess.run([FLOE, "target", settings["type"], "--config", "target.json"], capture_output=True,
+                          input=b"".join(orjson.dumps(m) + b"\n" for m in messages), cwd=tmp_path, timeout=120,
+                          check=False)
+
+
+def singer_stream(properties: dict[str, Any], rows: list[dict[str, Any]], bookmark: int) -> list[dict[str, Any]]:
+    return [{"type": "SCHEMA", "stream": "payments", "key_properties": ["id"],
+             "schema": {"type": "object", "properties": {"id": {"type": "integer"}, **properties}}},
+            *({"type": "RECORD", "stream": "payments", "record": r} for r in rows),
+            {"type": "STATE", "value": {"bookmark": bookmark}}]
+
+
+def test_floe_target_refuses_a_property_type_change_that_would_change_values(warehouse, tmp_path):
+    first = floe_target(tmp_path, warehouse, singer_stream(
+        {"amount": {"type": "integer"}, "day": {"type": "string", "format": "date"}, "code": {"type": "string"}},
+        [{"id": 1, "amount": 10, "day": "2026-03-01", "code": "x"}], 1))
+    assert first.returncode == 0, first.stderr.decode()
+    assert first.stdout.splitlines() == [b'{"bookmark":1}']
+
+    changed = floe_target(tmp_path, warehouse, singer_stream(
+        {"amount": {"type": "number"}, "day": {"type": "string", "format": "date-time"}},
+        [{"id": 2, "amount": 10.75, "day": "2026-03-01T17:45:00+00:00"}, {"id": 3, "amount": 0.4}], 2))
+    assert changed.returncode == 1 and changed.stdout == b""  # the STATE is not passed on
+    error = changed.stderr.decode().replace("\n", " ")
+    assert "loading singer.payments failed, nothing committed: column 'amount' is BIGINT in the warehouse and " \
+           "the new values are double" in error
+    assert "column 'day' is DATE in the warehouse and the new values are timestamp[us, tz=UTC]" in error
+    assert warehouse_rows(warehouse, tmp_path, "SELECT id, amount, day FROM singer.payments") == [
+        (1, 10, date(2026, 3, 1))]
+    assert warehouse_state(warehouse, tmp_path, "singer", "payments") == {"singer_state": {"bookmark": 1}}
+
+    exact = floe_target(tmp_path, warehouse, singer_stream(  # string -> integer: text holds integers exactly
+        {"code": {"type": "integer"}}, [{"id": 4, "code": 2**62}], 3))
+    assert exact.returncode == 0, exact.stderr.decode()
+    assert exact.stdout.splitlines() == [b'{"bookmark":3}']
+    assert warehouse_rows(warehouse, tmp_path, "SELECT code FROM singer.payments WHERE id = 4") == [(str(2**62),)]
