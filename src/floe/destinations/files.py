@@ -36,6 +36,7 @@ from floe.engine.stream import RefreshScope, State
 from floe.errors import DestinationError
 
 STATE_DIR = "_floe_state"
+REFRESH_DIR = "_floe_refresh"  # where a full refresh's objects wait for its commit
 KEEP_STATE_VERSIONS = 50
 EXTENSIONS = {"parquet": "parquet", "jsonl": "jsonl", "csv": "csv"}
 
@@ -63,8 +64,6 @@ class FilesDestination(Destination):
         except ValueError as exc:
             raise DestinationError(f"{self.where}.path: {exc}") from None
         self._store: ObjectStore | None = None
-        # (source, stream) -> load id -> the objects each commit of a full refresh under way wrote
-        self._refreshing: dict[tuple[str, str], dict[str, list[str]]] = {}
 
     @property
     def store(self) -> ObjectStore:
@@ -121,11 +120,9 @@ class FilesDestination(Destination):
         return rows
 
     # --- data -----------------------------------------------------------------------------------
-    def _sweep(self, job: LoadJob, latest: dict[str, Any] | None, committed: set[str],
-               refreshing: frozenset[str] = frozenset()) -> None:
+    def _sweep(self, job: LoadJob, latest: dict[str, Any] | None, committed: set[str]) -> None:
         """Delete data objects no commit owns: those of crashed loads, and what a snapshot (a replace
-        stream's commit, a full refresh) replaced. Objects of the load ids in `refreshing` (the full
-        refresh under way) stay.
+        stream's commit, a full refresh) replaced.
 
         Only objects from the second of the last commit onwards are candidates (load ids start with
         the UTC time); among them, those of a load id in `committed` (recent commits) stay."""
@@ -144,11 +141,9 @@ class FilesDestination(Destination):
         doomed = []
         for prefix in prefixes:
             for key, _ in self.store.list(prefix):
-                if f"/{STATE_DIR}/" in f"/{key}":
+                if not self._is_data(key):
                     continue
                 load_id = key.rsplit("/", 1)[-1].rsplit("-", 1)[0]
-                if load_id in refreshing:
-                    continue
                 if keep is not None:
                     if key not in keep:
                         doomed.append(key)
@@ -186,8 +181,8 @@ class FilesDestination(Destination):
         versions = self._versions(job.source, job.stream)
         latest = json.loads(self.store.get_bytes(versions[-1][1]) or b"null") if versions else None
         recent = latest["recent_load_ids"] if latest else []
-        refreshing = self._refreshing.setdefault((job.source, job.stream), {}) if job.refresh else {}
-        self._sweep(job, latest, set(recent), frozenset(refreshing))
+        if not job.refresh:
+            self._sweep(job, latest, set(recent))
         now = datetime.now(UTC)
         keys: list[str] = []
         with tempfile.TemporaryDirectory(prefix="floe-files-") as tmp:
@@ -199,12 +194,13 @@ class FilesDestination(Destination):
                                                                         pa.timestamp("us", "UTC")))
                 local = Path(tmp) / f"{job.load_id}-{n:05d}.{self.extension}"
                 self._write(table, local)
-                key = self.key(job.source, job.stream, f"{now:%Y/%m/%d}", local.name)
+                # A full refresh's objects wait where readers do not look until finish_refresh.
+                folder = REFRESH_DIR if job.refresh else f"{now:%Y/%m/%d}"
+                key = self.key(job.source, job.stream, folder, local.name)
                 uploads.append((key, local))
                 keys.append(key)
             self.store.put_files(uploads)
-        if job.refresh:  # no state object: the objects wait for finish_refresh's commit
-            refreshing[job.load_id] = keys
+        if job.refresh:  # no state object: finish_refresh commits the refresh
             return
         version = (latest["version"] if latest else 0) + 1
         record = {
@@ -225,10 +221,13 @@ class FilesDestination(Destination):
     def extension(self) -> str:
         return EXTENSIONS[self.config.format] + (".gz" if self.config.gzip and self.config.format != "parquet" else "")
 
-    # --- full refresh: objects written without a state object, committed by one snapshot state object ---
+    def _is_data(self, key: str) -> bool:
+        """A data object in the stream's layout (not a state object, not a refresh's waiting object)."""
+        return f"/{STATE_DIR}/" not in f"/{key}" and f"/{REFRESH_DIR}/" not in f"/{key}"
+
+    # --- full refresh: objects wait under _floe_refresh/, one snapshot state object commits them ------
     def begin_refresh(self, table: TableSpec) -> None:
-        # What an interrupted refresh wrote is swept by the first load, like any uncommitted objects.
-        self._refreshing[(table.schema_name, table.table)] = {}
+        self.store.delete_prefix(self.key(table.schema_name, table.table, REFRESH_DIR) + "/")
 
     def finish_refresh(self, job: LoadJob, scope: RefreshScope | None = None) -> None:
         try:
@@ -240,21 +239,28 @@ class FilesDestination(Destination):
                                    f"nothing committed: {exc}") from exc
 
     def _finish_refresh(self, job: LoadJob, scope: RefreshScope | None) -> None:
-        """Write the snapshot state object listing the refresh's objects (and, with a scope, the rows
-        before it: objects wholly before it, and the before-part of any object that straddles it),
-        then delete every other object of the stream."""
-        written = self._refreshing.pop((job.source, job.stream), {})
-        keys = [key for load_keys in written.values() for key in load_keys]
-        if scope is not None:
-            keys += self._rows_before(job, scope, set(written))
+        """Move the refresh's objects into the layout, write the snapshot state object listing them (and,
+        with a scope, the rows before it), then delete every other object of the stream."""
         versions = self._versions(job.source, job.stream)
+        latest = json.loads(self.store.get_bytes(versions[-1][1]) or b"null") if versions else None
+        self._sweep(job, latest, set(latest["recent_load_ids"] if latest else []))  # crashed loads' objects
+        moves = []
+        for key, _ in self.store.list(self.key(job.source, job.stream, REFRESH_DIR) + "/"):
+            name = key.rsplit("/", 1)[-1]
+            day = f"{name[:4]}/{name[4:6]}/{name[6:8]}"  # the day of its load id
+            moves.append((key, self.key(job.source, job.stream, day, name)))
+        keys = [target for _, target in moves]
+        if scope is not None:
+            keys += self._rows_before(job, scope)
+        self.store.move_keys(moves)
         version = (versions[-1][0] if versions else 0) + 1
+        load_ids = list(dict.fromkeys(k.rsplit("/", 1)[-1].rsplit("-", 1)[0] for k in keys))
         record = {
             "version": version, "state": job.checkpoint, "load_id": job.load_id, "files": keys, "rows": job.rows,
             "format": self.config.format, "disposition": job.table.disposition, "full_refresh": True,
             "primary_key": list(job.table.primary_key), "started_at": job.started_at.isoformat(),
             "committed_at": datetime.now(UTC).isoformat(), "details": job.details,
-            "recent_load_ids": [*written, job.load_id][-KEEP_STATE_VERSIONS:],
+            "recent_load_ids": [*load_ids, job.load_id][-KEEP_STATE_VERSIONS:],
         }
         state_key = self.key(job.source, job.stream, STATE_DIR, f"v{version:08d}.json")
         self.store.put_bytes(state_key, json.dumps(record, indent=1, sort_keys=True).encode())  # the commit
@@ -262,18 +268,18 @@ class FilesDestination(Destination):
         old = [*versions, (version, state_key)][:-KEEP_STATE_VERSIONS]
         self.store.delete_keys([key for _, key in old])
 
-    def _rows_before(self, job: LoadJob, scope: RefreshScope, refreshing: set[str]) -> list[str]:
+    def _rows_before(self, job: LoadJob, scope: RefreshScope) -> list[str]:
         """The objects holding the stream's rows before `scope`: those wholly before it as they are,
         and for each object that straddles it a new object (of this load) with its rows before it."""
         kept: list[str] = []
         reader = {"parquet": "read_parquet", "jsonl": "read_json_auto", "csv": "read_csv_auto"}[self.config.format]
-        before = f'NOT ("{scope.column}" >= $start) OR "{scope.column}" IS NULL'
+        before = f'NOT ({self.quote(scope.column)} >= $start) OR {self.quote(scope.column)} IS NULL'
         con = duckdb.connect()
         try:
             con.execute("SET TimeZone = 'UTC'")
             with tempfile.TemporaryDirectory(prefix="floe-files-") as tmp:
                 for key, _ in list(self.store.list(self.key(job.source, job.stream) + "/")):
-                    if f"/{STATE_DIR}/" in f"/{key}" or key.rsplit("/", 1)[-1].rsplit("-", 1)[0] in refreshing:
+                    if not self._is_data(key):
                         continue
                     local = Path(tmp) / key.rsplit("/", 1)[-1]
                     local.write_bytes(self.store.get_bytes(key) or b"")
@@ -283,16 +289,19 @@ class FilesDestination(Destination):
                     if kept_rows == total:
                         kept.append(key)
                     elif kept_rows:
-                        part = con.execute(f"SELECT * FROM {rows} WHERE {before}", {"start": scope.start}).to_arrow_table()
+                        part = con.sql(f"SELECT * FROM {rows} WHERE {before}", params={"start": scope.start})
                         out = Path(tmp) / f"{job.load_id}-{len(kept) + 1:05d}.{self.extension}"
-                        self._write(part, out)
-                        new_key = self.key(job.source, job.stream, f"{datetime.now(UTC):%Y/%m/%d}", out.name)
-                        self.store.put_file(new_key, out)
-                        kept.append(new_key)
+                        self._write(part.to_arrow_table(), out)
+                        kept.append(self.key(job.source, job.stream, f"{datetime.now(UTC):%Y/%m/%d}", out.name))
+                        self.store.put_file(kept[-1], out)
                     local.unlink()
         finally:
             con.close()
         return kept
+
+    @staticmethod
+    def quote(identifier: str) -> str:
+        return '"' + identifier.replace('"', '""') + '"'
 
     def check(self) -> list[str]:
         return [self.store.check()]

@@ -70,6 +70,17 @@ class ObjectStore(ABC):
     @abstractmethod
     def delete_keys(self, keys: builtins.list[str]) -> None: ...
 
+    @abstractmethod
+    def copy(self, source: str, target: str) -> None:
+        """Copy one object to another key, inside the store (no download)."""
+
+    def move_keys(self, pairs: builtins.list[tuple[str, str]]) -> None:
+        """Move objects to other keys (copies, then the originals are deleted)."""
+        with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+            list(pool.map(lambda pair: self.copy(*pair), pairs))
+        for start in range(0, len(pairs), DELETE_CHUNK):
+            self.delete_keys([source for source, _ in pairs[start : start + DELETE_CHUNK]])
+
     def probe_write_and_delete(self) -> str:
         """Write and delete a small object under the prefix: proves the permissions a load needs."""
         probe = self.url.key(".floe-check")
@@ -148,6 +159,12 @@ class S3Store(ObjectStore):
             self.client.put_object(Bucket=self.url.bucket, Key=key, Body=data)
         except Exception as exc:
             raise self._error(exc, "write") from None
+
+    def copy(self, source: str, target: str) -> None:
+        try:  # the managed copy: multipart above 5 GB
+            self.client.copy({"Bucket": self.url.bucket, "Key": source}, self.url.bucket, target)
+        except Exception as exc:
+            raise self._error(exc, "copy") from None
 
     def get_bytes(self, key: str) -> bytes | None:
         from botocore.exceptions import ClientError
@@ -241,6 +258,12 @@ class GCSStore(ObjectStore):
         except Exception as exc:
             raise self._error(exc, "write") from None
 
+    def copy(self, source: str, target: str) -> None:
+        try:
+            self.bucket.copy_blob(self.bucket.blob(source), self.bucket, target)
+        except Exception as exc:
+            raise self._error(exc, "copy") from None
+
     def get_bytes(self, key: str) -> bytes | None:
         from google.api_core import exceptions as gexc
 
@@ -318,6 +341,14 @@ class LocalStore(ObjectStore):
     def get_bytes(self, key: str) -> bytes | None:
         path = self._path(key)
         return path.read_bytes() if path.exists() else None
+
+    def copy(self, source: str, target: str) -> None:
+        self.put_file(target, self._path(source))
+
+    def move_keys(self, pairs: builtins.list[tuple[str, str]]) -> None:
+        for source, target in pairs:  # renames: nothing is copied
+            self._path(target).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self._path(source), self._path(target))
 
     def list(self, prefix: str) -> Iterator[tuple[str, int]]:
         base = self._path(prefix)

@@ -1,0 +1,293 @@
+"""`floe run --full-refresh` is exactly once: the refreshed rows replace the old ones in one last commit.
+
+Until that commit the table keeps its old rows and the stream its old state, whatever happens to the
+refresh (a source failure midway, SIGKILL of the process); once it is made, each row is there once
+and the state is the refresh's last. On DuckDB, PostgreSQL, the BigQuery emulator and the files
+destination, for append, merge and child (parent_key) streams, and for a stream that re-reads only
+from a start time (FullStory), whose earlier rows stay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from floe.config import validate_model
+from floe.destinations import registry
+from floe.destinations.base import Destination
+from floe.destinations.bigquery import BigQueryConfig, BigQueryDestination
+from floe.destinations.files import FilesDestination
+from floe.engine.pipeline import StreamResult, run_stream
+from floe.engine.stream import Batch, Context, RefreshScope, RunOptions, State, Stream
+from floe.sandbox.server import serve_in_thread
+from tests.bigquery_emulator import BigQueryEmulator
+from tests.fixtures.core import OneStreamSource, ResentParentStream, staged_files
+
+T = datetime(2026, 3, 1, 12, tzinfo=UTC)
+
+
+class Rows(Stream):
+    """Rows (id, v, at) with v = `<version>-<id>` and `at` an hour apart, one checkpoint per batch of
+    `per_batch`; read from the state's `next`. Raises when it reaches row `fail_at`."""
+
+    name = "items"
+    schema = pa.schema([("id", pa.int64()), ("v", pa.string()), ("at", pa.timestamp("us", "UTC"))])
+
+    def __init__(self, ids: range, version: str, disposition: str = "append", fail_at: int | None = None,
+                 per_batch: int = 2, scope: RefreshScope | None = None) -> None:
+        self.ids, self.version, self.fail_at, self.per_batch, self.scope = ids, version, fail_at, per_batch, scope
+        self.disposition = disposition  # type: ignore[assignment]
+        self.primary_key = ("id",) if disposition == "merge" else ()
+
+    async def read(self, state: State | None) -> AsyncIterator[Batch]:
+        ids = [i for i in self.ids if i >= (state or {}).get("next", self.ids.start)]
+        for start in range(0, len(ids), self.per_batch):
+            chunk = ids[start : start + self.per_batch]
+            if self.fail_at is not None and self.fail_at in chunk:
+                raise RuntimeError("the source broke")
+            yield Batch(pa.record_batch({
+                "id": pa.array(chunk, pa.int64()), "v": [f"{self.version}-{i}" for i in chunk],
+                "at": pa.array([T + timedelta(hours=i) for i in chunk], pa.timestamp("us", "UTC"))},
+                schema=self.schema), checkpoint={"next": chunk[-1] + 1})
+
+    def refresh_scope(self) -> RefreshScope | None:
+        return self.scope
+
+
+@dataclass
+class Warehouse:
+    """A destination under test and how to read back what it holds."""
+
+    dest: Destination
+    rows: Any  # () -> sorted [(id, v)]
+    child_rows: Any = None  # the same, read as a child table (files: per parent, its latest load)
+
+    def state(self) -> Any:
+        return self.dest.get_state("src", "items")
+
+
+def files_rows(dest: FilesDestination, latest_per: str | None = None) -> list[tuple[Any, ...]]:
+    """(id, v) of every row in the stream's data objects (`<YYYY>/<MM>/<DD>/` under the stream, as
+    docs/destinations.md has readers read them); with `latest_per`, read as a child table: per parent
+    key, the rows of its latest `_floe_loaded_at`."""
+    base = dest.key("src", "items") + "/"
+    keys = [k for k, _ in dest.store.list(base) if re.fullmatch(r"\d{4}/\d{2}/\d{2}/[^/]+", k[len(base):])]
+    reader = {"parquet": "read_parquet", "jsonl": "read_json_auto", "csv": "read_csv_auto"}[dest.config.format]
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for n, key in enumerate(keys):
+            local = Path(tmp) / f"{n}-{key.rsplit('/', 1)[1]}"
+            local.write_bytes(dest.store.get_bytes(key) or b"")
+            paths.append(f"'{local}'")
+        if not paths:
+            return []
+        latest = (f" QUALIFY _floe_loaded_at = max(_floe_loaded_at) OVER (PARTITION BY {latest_per})"
+                  if latest_per else "")
+        return sorted(duckdb.sql(f"SELECT id, v FROM {reader}([{', '.join(paths)}], union_by_name = true)"
+                                 f"{latest}").fetchall())
+
+
+@pytest.fixture
+def bigquery_emulator(gcs_server, gcs_bucket) -> Iterator[tuple[dict[str, Any], BigQueryEmulator]]:
+    """Settings of a BigQuery destination served by the emulator (over HTTP: other processes reach it too)."""
+    emulator = BigQueryEmulator("raw", "US", gcs_server.client())
+    with serve_in_thread(emulator.app) as server:
+        yield {"type": "bigquery", "project": "proj", "dataset": "raw", "stage": f"gs://{gcs_bucket}/floe",
+               "api_endpoint": server.url, "commit_interval_seconds": 0}, emulator
+
+
+@pytest.fixture
+def bigquery(bigquery_emulator) -> Iterator[tuple[BigQueryDestination, BigQueryEmulator]]:
+    settings, emulator = bigquery_emulator
+    dest = BigQueryDestination("bq", validate_model(BigQueryConfig, settings, "destinations.bq"))
+    yield dest, emulator
+    dest.close()
+
+
+def settings_of(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """floe.yml settings of a destination kind (every checkpoint its own commit, to see each)."""
+    if kind == "duckdb":
+        return {"type": "duckdb", "path": str(tmp_path / "w.duckdb"), "commit_rows": 0}
+    if kind == "postgres":
+        return request.getfixturevalue("postgres_db").config()
+    if kind.startswith("files"):
+        return {"type": "files", "path": str(tmp_path / "out"), "format": kind.partition("-")[2] or "parquet"}
+    raise ValueError(kind)
+
+
+def make(settings: dict[str, Any], tmp_path: Path) -> Destination:
+    cls = registry.load(settings["type"])
+    return cls("warehouse", validate_model(cls.Config, settings, "destinations.warehouse"), Context(tmp_path))
+
+
+@pytest.fixture(params=["duckdb", "postgres", "bigquery", "files"])
+def warehouse(request, tmp_path) -> Iterator[Warehouse]:
+    if request.param == "bigquery":
+        dest, emulator = request.getfixturevalue("bigquery")
+        yield Warehouse(dest, lambda: sorted(emulator.db.execute("SELECT id, v FROM raw.src_items").fetchall()))
+        return
+    dest = make(settings_of(request.param, tmp_path, request), tmp_path)
+    if isinstance(dest, FilesDestination):
+        yield Warehouse(dest, lambda: files_rows(dest), lambda: files_rows(dest, latest_per="id"))
+    else:
+        yield Warehouse(dest, lambda: sorted(dest.query("SELECT id, v FROM src.items")))  # type: ignore[attr-defined]
+    dest.close()
+
+
+def run(dest: Destination, stream: Stream, stage: Path, full_refresh: bool = False) -> StreamResult:
+    source = OneStreamSource(stream)
+    source.context = Context(options=RunOptions(full_refresh=full_refresh))
+    return asyncio.run(run_stream(source, stream, dest, stage))
+
+
+def version(v: str, ids: range) -> list[tuple[int, str]]:
+    return [(i, f"{v}-{i}") for i in ids]
+
+
+@pytest.mark.parametrize("disposition", ["append", "merge"])
+def test_a_finished_full_refresh_leaves_each_row_once_and_its_state(warehouse, tmp_path, disposition):
+    stage = tmp_path / "stage"
+    assert run(warehouse.dest, Rows(range(5), "v1", disposition), stage).ok
+    refreshed = run(warehouse.dest, Rows(range(6), "v2", disposition), stage, full_refresh=True)
+    assert refreshed.ok, refreshed.error
+    assert refreshed.commits == 3 and refreshed.rows == 6
+    assert warehouse.rows() == version("v2", range(6))  # each row once: the refresh's, not the old ones too
+    assert warehouse.state() == {"next": 6}
+    assert run(warehouse.dest, Rows(range(8), "v3", disposition), stage).ok  # and the stream goes on from there
+    assert warehouse.rows() == version("v2", range(6)) + version("v3", range(6, 8))
+    assert not staged_files(stage)
+
+
+def test_a_full_refresh_that_fails_midway_keeps_the_old_rows_and_state(warehouse, tmp_path):
+    stage = tmp_path / "stage"
+    assert run(warehouse.dest, Rows(range(5), "v1"), stage).ok
+    failed = run(warehouse.dest, Rows(range(6), "v2", fail_at=4), stage, full_refresh=True)
+    assert failed.error == "RuntimeError: the source broke"
+    assert failed.commits == 2  # the checkpoints before the failure went to the refresh copy...
+    assert warehouse.rows() == version("v1", range(5))  # ...and none of them into the table
+    assert warehouse.state() == {"next": 5}
+    assert run(warehouse.dest, Rows(range(6), "v3"), stage, full_refresh=True).ok  # the next refresh starts afresh
+    assert warehouse.rows() == version("v3", range(6))
+    assert warehouse.state() == {"next": 6}
+
+
+def test_a_child_stream_refreshed_keeps_each_parents_last_set(warehouse, tmp_path):
+    stream = ResentParentStream()
+    assert run(warehouse.dest, stream, tmp_path / "stage").ok
+    assert run(warehouse.dest, stream, tmp_path / "stage", full_refresh=True).ok
+    # Parent 1 arrives twice within the refresh, as in a normal run: its later set replaces the earlier.
+    assert (warehouse.child_rows or warehouse.rows)() == [(1, "c"), (2, "x")]
+    assert warehouse.state() == {"file": 2}
+
+
+@pytest.fixture(params=["duckdb", "postgres", "bigquery", "files", "files-jsonl", "files-csv"])
+def scoped(request, tmp_path) -> Iterator[Warehouse]:
+    if request.param == "bigquery":
+        dest, emulator = request.getfixturevalue("bigquery")
+        yield Warehouse(dest, lambda: sorted(emulator.db.execute("SELECT id, v FROM raw.src_items").fetchall()))
+        return
+    dest = make(settings_of(request.param, tmp_path, request), tmp_path)
+    if isinstance(dest, FilesDestination):
+        yield Warehouse(dest, lambda: files_rows(dest))
+    else:
+        yield Warehouse(dest, lambda: sorted(dest.query("SELECT id, v FROM src.items")))  # type: ignore[attr-defined]
+    dest.close()
+
+
+def test_a_refresh_from_a_start_time_replaces_the_rows_from_then_on_and_keeps_the_earlier(scoped, tmp_path):
+    # Rows are an hour apart from T; the refresh re-reads from T + 3h, like FullStory from `start_time`.
+    stage = tmp_path / "stage"
+    assert run(scoped.dest, Rows(range(6), "v1", per_batch=4), stage).ok  # rows 0-3 in one commit: 3h falls inside it
+    scope = RefreshScope("at", T + timedelta(hours=3))
+    refreshed = run(scoped.dest, Rows(range(3, 8), "v2", scope=scope), stage, full_refresh=True)
+    assert refreshed.ok, refreshed.error
+    assert scoped.rows() == version("v1", range(3)) + version("v2", range(3, 8))
+    assert scoped.state() == {"next": 8}
+
+
+# --- SIGKILL of a real process in the middle of a refresh ---------------------------------------------
+CHILD = textwrap.dedent("""
+    import asyncio, json, sys, time
+    from pathlib import Path
+    from floe.config import validate_model
+    from floe.destinations import registry
+    from floe.engine.pipeline import run_stream
+    from floe.engine.stream import Context, RunOptions
+    from tests.fixtures.core import OneStreamSource
+    from tests.test_full_refresh import Rows
+
+    settings, folder = json.loads(sys.argv[1]), Path(sys.argv[2])
+    cls = registry.load(settings["type"])
+    dest = cls("warehouse", validate_model(cls.Config, settings, "destinations.warehouse"), Context(folder))
+
+    class Slow(Rows):
+        async def read(self, state):
+            async for batch in super().read(state):
+                yield batch
+                await asyncio.sleep(0.05)
+
+    stream = Slow(range(10_000), "v2")
+    source = OneStreamSource(stream)
+    source.context = Context(options=RunOptions(full_refresh=True))
+    asyncio.run(run_stream(source, stream, dest, folder / "stage", on_commit=lambda job: print("commit", flush=True)))
+""")
+
+
+def stored_rows(dest: Destination, emulator: BigQueryEmulator | None) -> list[tuple[Any, ...]]:
+    if emulator is not None:
+        return sorted(emulator.db.execute("SELECT id, v FROM raw.src_items").fetchall())
+    if isinstance(dest, FilesDestination):
+        return files_rows(dest)
+    return sorted(dest.query("SELECT id, v FROM src.items"))  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("kind", ["duckdb", "postgres", "bigquery", "files"])
+def test_a_full_refresh_killed_midway_keeps_the_old_rows_and_state(kind, tmp_path, request):
+    emulator = None
+    if kind == "bigquery":
+        settings, emulator = request.getfixturevalue("bigquery_emulator")
+    else:
+        settings = settings_of(kind, tmp_path, request)
+    dest = make(settings, tmp_path)
+    try:
+        assert run(dest, Rows(range(5), "v1"), tmp_path / "stage").ok
+    finally:
+        dest.close()
+    child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(settings), str(tmp_path)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                             cwd=Path(__file__).parent.parent, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert child.stdout is not None
+    commits = 0
+    for line in child.stdout:
+        commits += line.strip() == "commit"
+        if commits == 3:  # three checkpoints are in the refresh copy, more on the way
+            break
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    assert commits == 3, child.stderr.read() if child.stderr else ""
+
+    dest = make(settings, tmp_path)
+    try:
+        assert stored_rows(dest, emulator) == version("v1", range(5))
+        assert dest.get_state("src", "items") == {"next": 5}
+        assert run(dest, Rows(range(7), "v3"), tmp_path / "stage", full_refresh=True).ok  # then a whole refresh
+        assert stored_rows(dest, emulator) == version("v3", range(7))
+        assert dest.get_state("src", "items") == {"next": 7}
+    finally:
+        dest.close()
