@@ -342,6 +342,7 @@ def test_timestamps_dates_and_decimals_survive_the_staged_files(redshift, tmp_pa
         (at, date(2024, 2, 29), Decimal("-12.50")), (None, None, None)]
 
 
+@pytest.mark.parametrize("redshift", ["parquet"], indirect=True)
 def test_a_type_change_that_would_change_values_commits_nothing(redshift, tmp_path):
     # The shared SQL load path with Redshift's rule: NUMERIC(12,2) values into an INTEGER column refused.
     redshift.load(job_of(tmp_path, 1, pa.table({"id": pa.array([1]), "n": pa.array([7], pa.int32())})))
@@ -351,4 +352,18 @@ def test_a_type_change_that_would_change_values_commits_nothing(redshift, tmp_pa
         redshift.load(job_of(tmp_path, 2, changed))
     assert redshift.query("SELECT id, n FROM src.items") == [(1, 7)]
     assert redshift.get_state("src", "items") == {"n": 1}
+    assert list(redshift.store.list("floe/")) == []
+
+
+@pytest.mark.parametrize("redshift", ["parquet"], indirect=True)  # the refresh is SQL: one file format will do
+def test_a_full_refresh_through_s3_replaces_the_rows_in_its_last_commit(redshift, tmp_path):
+    from tests.test_full_refresh import Rows, run, version
+
+    assert run(redshift, Rows(range(5), "v1"), tmp_path / "stage").ok
+    failed = run(redshift, Rows(range(6), "v2", fail_at=4), tmp_path / "stage", full_refresh=True)
+    assert failed.commits == 2 and failed.error  # two commits into the refresh copy, then the source broke
+    assert redshift.query("SELECT id, v FROM src.items ORDER BY id") == version("v1", range(5))
+    assert run(redshift, Rows(range(6), "v3"), tmp_path / "stage", full_refresh=True).ok
+    assert redshift.query("SELECT id, v FROM src.items ORDER BY id") == version("v3", range(6))
+    assert redshift.get_state("src", "items") == {"next": 6}
     assert list(redshift.store.list("floe/")) == []
