@@ -60,7 +60,8 @@ def run(
     source: Annotated[list[str] | None, typer.Option("--source", "-s", help="Only this source (repeatable).")] = None,
     stream: Annotated[list[str] | None, typer.Option("--stream", help="Only this stream (repeatable).")] = None,
     reprocess: Annotated[bool, typer.Option(help="Re-read inputs already processed (e.g. changed files).")] = False,
-    full_refresh: Annotated[bool, typer.Option(help="Ignore saved state; start from the beginning.")] = False,
+    full_refresh: Annotated[bool, typer.Option(
+        help="Read every stream again from its start; its rows replace the table's in one commit at the end.")] = False,
 ) -> None:
     """Load every source into its destinations (then run syncs, if any)."""
     from floe.engine import runner

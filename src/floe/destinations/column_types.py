@@ -188,8 +188,8 @@ class Refusal:
 
     def describe(self) -> str:
         staged = "JSON text" if type_key(self.new) == "json" else str(self.new.type)
-        hint = (f"the column would have to become {self.verdict.widen_to} first" if self.verdict.widen_to
-                else "no column type holds both exactly")
+        hint = (f"it would have to become {self.verdict.widen_to} first" if self.verdict.widen_to
+                else "no column type holds both")
         return (f"column {self.column!r} is {self.old} in the warehouse and the new values are {staged}, "
                 f"which it cannot hold exactly ({hint})")
 
@@ -219,5 +219,5 @@ def refused(rules: ColumnRules, columns: Mapping[str, str], spec_columns: pa.Sch
 
 def narrowing_message(refusals: list[Refusal]) -> str:
     """What the load refused, in one line, for the destination's error."""
-    return "; ".join(r.describe() for r in refusals) + " (a load never narrows, rounds or truncates a value)"
+    return "; ".join(r.describe() for r in refusals) + "; a load never narrows, rounds or truncates a value"
 

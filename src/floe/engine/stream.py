@@ -45,7 +45,7 @@ class RunOptions:
     """Options of one `floe run` that sources may honour."""
 
     reprocess: bool = False  # re-read inputs already recorded as processed (e.g. changed files)
-    full_refresh: bool = False  # ignore saved state and start from the configured beginning
+    full_refresh: bool = False  # read from the configured beginning; the rows replace the table's (pipeline)
 
 
 @dataclass
