@@ -391,3 +391,25 @@ def test_a_type_change_end_to_end_commits_nothing_and_names_the_column(bigquery,
     assert emulator.db.execute("SELECT id, name FROM raw.src_items").fetchall() == [(1, "a")]
     assert dest.get_state("src", "items") == {"n": 1}
     assert list(dest.store.list("floe/")) == []
+
+
+def test_the_full_refresh_swap_is_one_transaction_that_parses(tmp_path):
+    from floe.engine.stream import RefreshScope
+
+    dest = make()
+    job = job_of(tmp_path, "append")
+    existing = {"id": "INT64", "name": "STRING", "amount": "NUMERIC(12, 2)", "created_at": "TIMESTAMP",
+                "props": "JSON", "tags": "JSON"}
+    scope = RefreshScope("created_at", datetime(2024, 1, 1, tzinfo=UTC))
+    plan = dest.refresh_plan(job, existing, [*existing, "_floe_load_id", "_floe_loaded_at"], scope, meta_ready=True)
+    parsed = parse_all(plan.script)
+    assert isinstance(parsed[0], exp.Transaction) and isinstance(parsed[-1], exp.Commit)
+    delete, insert, state = parsed[1], parsed[2], parsed[3]
+    assert isinstance(delete, exp.Delete) and "`created_at` >= @refresh_start" in delete.sql("bigquery")
+    assert isinstance(insert, exp.Insert) and "FROM `proj.raw.src__floe_refresh_items`" in insert.sql("bigquery")
+    assert isinstance(state, exp.Insert) and state.find(exp.Table).name == "_floe_state"
+    start = next(p for p in plan.parameters if p["name"] == "refresh_start")
+    assert start["parameterType"]["type"] == "TIMESTAMP"
+    assert plan.ddl == [] and plan.after == ["DROP TABLE IF EXISTS `proj.raw.src__floe_refresh_items`"]
+    whole = dest.refresh_plan(job, existing, list(existing), None, meta_ready=True)
+    assert "DELETE FROM `proj.raw.src_items` WHERE TRUE" in whole.script  # without a scope: every row

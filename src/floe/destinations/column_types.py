@@ -185,11 +185,14 @@ class Refusal:
     old: str  # the warehouse type
     new: pa.Field  # the staged field
     verdict: Verdict
+    known: bool = True  # whether the rule knows what the warehouse type holds
 
     def describe(self) -> str:
         staged = "JSON text" if type_key(self.new) == "json" else str(self.new.type)
-        hint = (f"it would have to become {self.verdict.widen_to} first" if self.verdict.widen_to
-                else "no column type holds both")
+        if self.verdict.widen_to:
+            hint = f"it would have to become {self.verdict.widen_to} first"
+        else:
+            hint = "no column type holds both" if self.known else f"floe does not know what {self.old} holds"
         return (f"column {self.column!r} is {self.old} in the warehouse and the new values are {staged}, "
                 f"which it cannot hold exactly ({hint})")
 
@@ -213,7 +216,9 @@ def refused(rules: ColumnRules, columns: Mapping[str, str], spec_columns: pa.Sch
                 f = f.with_metadata(spec_field.metadata)  # as table_spec does: the declared JSON flag holds
             verdict = compare(rules, old, f, create)
             if not verdict.lossless:
-                out.append(Refusal(f.name, str(rules.parse(old)), f, verdict))
+                column = rules.parse(old)
+                known = column.name in rules.holds or column.name in rules.decimals
+                out.append(Refusal(f.name, str(column), f, verdict, known))
     return out
 
 

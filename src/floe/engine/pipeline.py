@@ -139,7 +139,8 @@ async def run_stream(
             finally:
                 remove_files(commit.files)
             attempting = None
-            refreshed.extend(commit.files if refresh else [])
+            if refresh:
+                refreshed.extend(commit.files)
             result.rows += job.rows
             result.commits += 1
             result.state = commit.checkpoint
@@ -178,6 +179,7 @@ async def run_stream(
             )
             await asyncio.to_thread(destination.finish_refresh, attempting, stream.refresh_scope())
             attempting = None
+            result.commits += 1
     except FloeError as exc:
         result.error = redact(str(exc))
     except Exception as exc:  # noqa: BLE001 - reported per stream; the run goes on with other streams
