@@ -18,14 +18,13 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import duckdb
-import pyarrow as pa
 import pytest
 
 from floe.config import validate_model
@@ -34,40 +33,10 @@ from floe.destinations.base import Destination
 from floe.destinations.bigquery import BigQueryConfig, BigQueryDestination
 from floe.destinations.files import FilesDestination
 from floe.engine.pipeline import StreamResult, run_stream
-from floe.engine.stream import Batch, Context, RefreshScope, RunOptions, State, Stream
+from floe.engine.stream import Context, RefreshScope, RunOptions, Stream
 from floe.sandbox.server import serve_in_thread
 from tests.bigquery_emulator import BigQueryEmulator
-from tests.fixtures.core import OneStreamSource, ResentParentStream, staged_files
-
-T = datetime(2026, 3, 1, 12, tzinfo=UTC)
-
-
-class Rows(Stream):
-    """Rows (id, v, at) with v = `<version>-<id>` and `at` an hour apart, one checkpoint per batch of
-    `per_batch`; read from the state's `next`. Raises when it reaches row `fail_at`."""
-
-    name = "items"
-    schema = pa.schema([("id", pa.int64()), ("v", pa.string()), ("at", pa.timestamp("us", "UTC"))])
-
-    def __init__(self, ids: range, version: str, disposition: str = "append", fail_at: int | None = None,
-                 per_batch: int = 2, scope: RefreshScope | None = None) -> None:
-        self.ids, self.version, self.fail_at, self.per_batch, self.scope = ids, version, fail_at, per_batch, scope
-        self.disposition = disposition  # type: ignore[assignment]
-        self.primary_key = ("id",) if disposition == "merge" else ()
-
-    async def read(self, state: State | None) -> AsyncIterator[Batch]:
-        ids = [i for i in self.ids if i >= (state or {}).get("next", self.ids.start)]
-        for start in range(0, len(ids), self.per_batch):
-            chunk = ids[start : start + self.per_batch]
-            if self.fail_at is not None and self.fail_at in chunk:
-                raise RuntimeError("the source broke")
-            yield Batch(pa.record_batch({
-                "id": pa.array(chunk, pa.int64()), "v": [f"{self.version}-{i}" for i in chunk],
-                "at": pa.array([T + timedelta(hours=i) for i in chunk], pa.timestamp("us", "UTC"))},
-                schema=self.schema), checkpoint={"next": chunk[-1] + 1})
-
-    def refresh_scope(self) -> RefreshScope | None:
-        return self.scope
+from tests.fixtures.core import OneStreamSource, ResentParentStream, T, VersionedRows, staged_files
 
 
 @dataclass
@@ -163,26 +132,26 @@ def version(v: str, ids: range) -> list[tuple[int, str]]:
 @pytest.mark.parametrize("disposition", ["append", "merge"])
 def test_a_finished_full_refresh_leaves_each_row_once_and_its_state(warehouse, tmp_path, disposition):
     stage = tmp_path / "stage"
-    assert run(warehouse.dest, Rows(range(5), "v1", disposition), stage).ok
-    refreshed = run(warehouse.dest, Rows(range(6), "v2", disposition), stage, full_refresh=True)
+    assert run(warehouse.dest, VersionedRows(range(5), "v1", disposition), stage).ok
+    refreshed = run(warehouse.dest, VersionedRows(range(6), "v2", disposition), stage, full_refresh=True)
     assert refreshed.ok, refreshed.error
     assert refreshed.commits == 4 and refreshed.rows == 6  # three checkpoints into the copy, then the swap
     assert warehouse.rows() == version("v2", range(6))  # each row once: the refresh's, not the old ones too
     assert warehouse.state() == {"next": 6}
-    assert run(warehouse.dest, Rows(range(8), "v3", disposition), stage).ok  # and the stream goes on from there
+    assert run(warehouse.dest, VersionedRows(range(8), "v3", disposition), stage).ok  # and the stream goes on from there
     assert warehouse.rows() == version("v2", range(6)) + version("v3", range(6, 8))
     assert not staged_files(stage)
 
 
 def test_a_full_refresh_that_fails_midway_keeps_the_old_rows_and_state(warehouse, tmp_path):
     stage = tmp_path / "stage"
-    assert run(warehouse.dest, Rows(range(5), "v1"), stage).ok
-    failed = run(warehouse.dest, Rows(range(6), "v2", fail_at=4), stage, full_refresh=True)
+    assert run(warehouse.dest, VersionedRows(range(5), "v1"), stage).ok
+    failed = run(warehouse.dest, VersionedRows(range(6), "v2", fail_at=4), stage, full_refresh=True)
     assert failed.error == "RuntimeError: the source broke"
     assert failed.commits == 2  # the checkpoints before the failure went to the refresh copy...
     assert warehouse.rows() == version("v1", range(5))  # ...and none of them into the table
     assert warehouse.state() == {"next": 5}
-    assert run(warehouse.dest, Rows(range(6), "v3"), stage, full_refresh=True).ok  # the next refresh starts afresh
+    assert run(warehouse.dest, VersionedRows(range(6), "v3"), stage, full_refresh=True).ok  # the next refresh starts afresh
     assert warehouse.rows() == version("v3", range(6))
     assert warehouse.state() == {"next": 6}
 
@@ -213,9 +182,9 @@ def scoped(request, tmp_path) -> Iterator[Warehouse]:
 def test_a_refresh_from_a_start_time_replaces_the_rows_from_then_on_and_keeps_the_earlier(scoped, tmp_path):
     # Rows are an hour apart from T; the refresh re-reads from T + 3h, like FullStory from `start_time`.
     stage = tmp_path / "stage"
-    assert run(scoped.dest, Rows(range(6), "v1", per_batch=4), stage).ok  # rows 0-3 in one commit: 3h falls inside it
+    assert run(scoped.dest, VersionedRows(range(6), "v1", per_batch=4), stage).ok  # rows 0-3 in one commit: 3h falls inside it
     scope = RefreshScope("at", T + timedelta(hours=3))
-    refreshed = run(scoped.dest, Rows(range(3, 8), "v2", scope=scope), stage, full_refresh=True)
+    refreshed = run(scoped.dest, VersionedRows(range(3, 8), "v2", scope=scope), stage, full_refresh=True)
     assert refreshed.ok, refreshed.error
     assert scoped.rows() == version("v1", range(3)) + version("v2", range(3, 8))
     assert scoped.state() == {"next": 8}
@@ -230,13 +199,13 @@ CHILD = textwrap.dedent("""
     from floe.engine.pipeline import run_stream
     from floe.engine.stream import Context, RunOptions
     from tests.fixtures.core import OneStreamSource
-    from tests.test_full_refresh import Rows
+    from tests.fixtures.core import VersionedRows
 
     settings, folder = json.loads(sys.argv[1]), Path(sys.argv[2])
     cls = registry.load(settings["type"])
     dest = cls("warehouse", validate_model(cls.Config, settings, "destinations.warehouse"), Context(folder))
 
-    class Slow(Rows):
+    class Slow(VersionedRows):
         async def read(self, state):
             async for batch in super().read(state):
                 yield batch
@@ -266,7 +235,7 @@ def test_a_full_refresh_killed_midway_keeps_the_old_rows_and_state(kind, tmp_pat
         settings = settings_of(kind, tmp_path, request)
     dest = make(settings, tmp_path)
     try:
-        assert run(dest, Rows(range(5), "v1"), tmp_path / "stage").ok
+        assert run(dest, VersionedRows(range(5), "v1"), tmp_path / "stage").ok
     finally:
         dest.close()
     child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(settings), str(tmp_path)],
@@ -286,7 +255,7 @@ def test_a_full_refresh_killed_midway_keeps_the_old_rows_and_state(kind, tmp_pat
     try:
         assert stored_rows(dest, emulator) == version("v1", range(5))
         assert dest.get_state("src", "items") == {"next": 5}
-        assert run(dest, Rows(range(7), "v3"), tmp_path / "stage", full_refresh=True).ok  # then a whole refresh
+        assert run(dest, VersionedRows(range(7), "v3"), tmp_path / "stage", full_refresh=True).ok  # then a whole refresh
         assert stored_rows(dest, emulator) == version("v3", range(7))
         assert dest.get_state("src", "items") == {"next": 7}
     finally:

@@ -31,6 +31,7 @@ from floe.destinations.postgres import csv_bytes, csv_ready
 from floe.destinations.redshift import VARCHAR_MAX, RedshiftConfig, RedshiftDestination, fit_strings
 from floe.engine.stage import StagedFile
 from floe.errors import DestinationError
+from tests.fixtures.core import VersionedRows
 
 SECRET = "wJalrXUtnFEMI-secret-for-tests"
 
@@ -357,13 +358,13 @@ def test_a_type_change_that_would_change_values_commits_nothing(redshift, tmp_pa
 
 @pytest.mark.parametrize("redshift", ["parquet"], indirect=True)  # the refresh is SQL: one file format will do
 def test_a_full_refresh_through_s3_replaces_the_rows_in_its_last_commit(redshift, tmp_path):
-    from tests.test_full_refresh import Rows, run, version
+    from tests.test_full_refresh import run, version
 
-    assert run(redshift, Rows(range(5), "v1"), tmp_path / "stage").ok
-    failed = run(redshift, Rows(range(6), "v2", fail_at=4), tmp_path / "stage", full_refresh=True)
+    assert run(redshift, VersionedRows(range(5), "v1"), tmp_path / "stage").ok
+    failed = run(redshift, VersionedRows(range(6), "v2", fail_at=4), tmp_path / "stage", full_refresh=True)
     assert failed.commits == 2 and failed.error  # two commits into the refresh copy, then the source broke
     assert redshift.query("SELECT id, v FROM src.items ORDER BY id") == version("v1", range(5))
-    assert run(redshift, Rows(range(6), "v3"), tmp_path / "stage", full_refresh=True).ok
+    assert run(redshift, VersionedRows(range(6), "v3"), tmp_path / "stage", full_refresh=True).ok
     assert redshift.query("SELECT id, v FROM src.items ORDER BY id") == version("v3", range(6))
     assert redshift.get_state("src", "items") == {"next": 6}
     assert list(redshift.store.list("floe/")) == []
