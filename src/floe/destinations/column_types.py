@@ -26,7 +26,7 @@ from floe.destinations.base import arrow_type_key, is_json, json_field
 
 # What a text column holds exactly, on warehouses whose cast to text writes the value itself.
 TEXT_KEYS = frozenset({"string", "json", "bool", "int32", "int64", "decimal", "date", "time", "timestamp"})
-# The time zone names information_schema spells out.
+# Type names as information_schema spells them out.
 SPELLED_OUT = {
     "TIMESTAMP WITH TIME ZONE": "TIMESTAMPTZ", "TIMESTAMP WITHOUT TIME ZONE": "TIMESTAMP",
     "TIME WITHOUT TIME ZONE": "TIME", "CHARACTER VARYING": "VARCHAR",
@@ -142,8 +142,8 @@ def decimal_supertype(old: SqlType, new: pa.DataType, rules: ColumnRules) -> pa.
         if bounds is None:
             return None
         old_digits, old_scale = bounds[0] - bounds[1], bounds[1]
-    elif rules.holds.get(old.name, frozenset()) <= {"int32", "int64"} and rules.holds.get(old.name):
-        old_digits, old_scale = (19 if "int64" in rules.holds[old.name] else 10), 0
+    elif rules.holds.get(old.name) and rules.holds[old.name] <= {"int32", "int64"}:  # an integer column
+        old_digits, old_scale = integer_digits(pa.int64() if "int64" in rules.holds[old.name] else pa.int32()), 0
     else:
         return None
     if pa.types.is_decimal(new):
