@@ -131,3 +131,15 @@ def test_check_and_bad_paths_say_what_is_wrong(s3_server, tmp_path):
     with pytest.raises(DestinationError, match=r"destinations.out.path: .*unsupported scheme 'ftp'"):
         make({"type": "files", "path": "ftp://host/x"}, tmp_path)
     assert make({"type": "files", "path": "ok"}, tmp_path).check() == [f"folder {tmp_path / 'ok'}: writable"]
+
+
+def test_a_full_refresh_moves_its_objects_into_the_layout_in_every_store(files_settings, tmp_path):
+    from tests.fixtures.core import VersionedRows
+    from tests.test_full_refresh import files_rows, run, version
+
+    dest = make(files_settings, tmp_path)
+    assert run(dest, VersionedRows(range(3), "v1"), tmp_path / "stage").ok
+    assert run(dest, VersionedRows(range(4), "v2"), tmp_path / "stage", full_refresh=True).ok
+    assert files_rows(dest) == version("v2", range(4))  # moved (S3, GCS: copied) into the day folders
+    assert list(dest.store.list(dest.key("src", "items", "_floe_refresh") + "/")) == []
+    assert dest.get_state("src", "items") == {"next": 4}
