@@ -10,19 +10,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 import pyarrow as pa
 
 from floe.destinations.base import Destination, LoadJob, TableSpec
 from floe.engine.progress import Progress
 from floe.engine.stage import StagedFile, StageWriter, new_load_id, remove_files, remove_leftovers
-from floe.engine.stream import Source, State, Stream
+from floe.engine.stream import Batch, Source, State, Stream
 from floe.errors import FloeError
 from floe.secrets import redact
+from floe.threads import in_thread
 
 log = logging.getLogger("floe.pipeline")
 
@@ -92,11 +94,14 @@ async def run_stream(
     refreshed: list[StagedFile] = []  # every file the refresh committed to the copy
 
     async def produce(state: State | None) -> None:
+        """Stage the stream's batches and queue each commit; the queue always ends with None,
+        unless cancelled (the consumer failed and reads no more)."""
         pending_checkpoint: State | None = None
         grouped: _Commit | None = None  # checkpoints folded together (destination.commit_interval)
         last_commit = time.monotonic()
+        batches = cast(AsyncGenerator[Batch, None], stream.read(state))  # see Stream.read
         try:
-            async for batch in stream.read(state):
+            async for batch in batches:
                 if batch.records is not None and batch.records.num_rows:
                     writer.write(batch.records)
                     if progress:
@@ -118,7 +123,10 @@ async def run_stream(
         except Exception:
             if grouped is not None:  # whole checkpoints read before the failure still commit
                 await queue.put(grouped)
+            await queue.put(None)
             raise
+        finally:
+            await batches.aclose()  # the source's `finally` blocks run now: connections, threads, temp files
         if grouped is not None:
             await queue.put(grouped)
         elif stream.disposition == "replace" and pending_checkpoint is not None:
@@ -135,7 +143,7 @@ async def run_stream(
             )
             attempting = job
             try:
-                await asyncio.to_thread(destination.load, job)
+                await in_thread(destination.load, job)
             finally:
                 remove_files(commit.files)
             attempting = None
@@ -153,31 +161,29 @@ async def run_stream(
         log.info("event=stage_cleaned source=%s stream=%s files=%d reason=left_by_an_interrupted_run",
                  source.name, stream.name, leftovers)
     try:
-        state = await asyncio.to_thread(destination.get_state, source.name, stream.name)
+        state = await in_thread(destination.get_state, source.name, stream.name)
         if source.context.options.full_refresh:
             state = None
         if refresh:
-            await asyncio.to_thread(destination.begin_refresh, table_spec(source.name, stream, []))
+            await in_thread(destination.begin_refresh, table_spec(source.name, stream, []))
         producer = asyncio.create_task(produce(state))
         consumer = asyncio.create_task(consume())
         await asyncio.wait({producer, consumer}, return_when=asyncio.FIRST_EXCEPTION)
-        if consumer.done() and consumer.exception():
+        if not consumer.done():  # the producer ended (maybe failing): its last commits still go in
+            await asyncio.wait({consumer})
+        if consumer.exception():  # the producer may wait on the queue for good: stop it
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
             raise consumer.exception()  # type: ignore[misc]
         if producer.exception():
-            # Checkpoints completed before the failure are whole: let them commit, then report.
-            await queue.put(None)
-            await consumer
             raise producer.exception()  # type: ignore[misc]
-        await consumer
         if refresh and result.state is not None:
             attempting = LoadJob(
                 load_id=new_load_id(), source=source.name, stream=stream.name,
                 table=table_spec(source.name, stream, refreshed), files=refreshed, checkpoint=result.state,
                 started_at=started_at, details={"full_refresh": True},
             )
-            await asyncio.to_thread(destination.finish_refresh, attempting, stream.refresh_scope())
+            await in_thread(destination.finish_refresh, attempting, stream.refresh_scope())
             attempting = None
             result.commits += 1
     except FloeError as exc:
@@ -196,7 +202,7 @@ async def run_stream(
             load_id=writer.load_id, source=source.name, stream=stream.name,
             table=table_spec(source.name, stream, []), files=[], checkpoint={}, started_at=started_at,
         )
-        await asyncio.to_thread(destination.record_failure, failed, result.error)
+        await in_thread(destination.record_failure, failed, result.error)
         log.error("event=stream_failed source=%s stream=%s destination=%s error=%s",
                   source.name, stream.name, destination.name, result.error)
     result.seconds = time.monotonic() - started

@@ -32,6 +32,7 @@ from floe.engine.runner import context_for, make_destination, make_source, selec
 from floe.errors import ConfigError
 from floe.notify import Notice, Notifier, report
 from floe.secrets import redact
+from floe.threads import in_thread
 
 log = logging.getLogger("floe.serve")
 DEFAULT_INTERVAL = timedelta(hours=1)
@@ -159,7 +160,7 @@ class Server:
                         result = await run_stream(source, stream, dest, self.config.stage)
                         results.append(result)
                         if not states.get(stream.name):
-                            states[stream.name] = result.state or await asyncio.to_thread(
+                            states[stream.name] = result.state or await in_thread(
                                 dest.get_state, source.name, stream.name)
                 finally:
                     await source.aclose()

@@ -78,7 +78,10 @@ class Stream(ABC):
 
     @abstractmethod
     def read(self, state: State | None) -> AsyncIterator[Batch]:
-        """Yield batches starting from `state` (None: never loaded before)."""
+        """Yield batches starting from `state` (None: never loaded before).
+
+        Write it as an async generator: the engine closes it (`aclose`) as soon as it stops
+        reading, done or failed, so its `finally` blocks release threads, tasks and files at once."""
 
     def refresh_scope(self) -> RefreshScope | None:
         """What `read(None)` reads of the table, when a full refresh must keep the rows before it

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import re
 import shutil
 import tempfile
-import threading
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import httpx
 import pyarrow as pa
@@ -37,6 +35,7 @@ from floe.engine.stream import Batch, Context, RefreshScope, Source, State, Stre
 from floe.errors import SourceError
 from floe.http import ApiError, HttpClient
 from floe.sources.fullstory_export import CUSTOM_VARS, POOL, ExportReader
+from floe.threads import iterate_in_thread
 
 log = logging.getLogger("floe.sources.fullstory")
 
@@ -246,43 +245,12 @@ class EventsStream(Stream):
     async def _parse(self, path: Path) -> AsyncIterator[pa.RecordBatch]:
         """Parse in a worker thread, at most two batches ahead of the consumer."""
         reader = self.reader
-        out: queue.Queue[Any] = queue.Queue(maxsize=2)
-        stop = threading.Event()
-
-        def work() -> None:
-            try:
-                for batch in reader.batches(path):
-                    while not stop.is_set():
-                        try:
-                            out.put(batch, timeout=0.2)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
-                out.put(None)
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-                out.put(exc)
-
-        thread = threading.Thread(target=work, daemon=True, name="fullstory-parse")
-        thread.start()
         try:
-            while True:
-                item = await asyncio.to_thread(out.get)
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    if isinstance(item, SourceError):
-                        raise SourceError(f"{self.source.name}: {item}") from None
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while thread.is_alive():
-                try:
-                    out.get_nowait()
-                except queue.Empty:
-                    await asyncio.sleep(0.01)
+            async with iterate_in_thread(lambda: reader.batches(path), ahead=2, name="fullstory-parse") as batches:
+                async for batch in batches:
+                    yield batch
+        except SourceError as exc:
+            raise SourceError(f"{self.source.name}: {exc}") from None
 
 
 class FullStorySource(Source):

@@ -21,6 +21,7 @@ import zoneinfo
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -36,6 +37,7 @@ from floe.errors import ConfigError, FloeError, SourceError
 from floe.pii import Pii
 from floe.sources.sailthru_files import ExportFile, count_records, discover, iter_lines
 from floe.sources.sailthru_messages import POOL, TS, MessageReader, localize, message_schema
+from floe.threads import iterate_in_thread
 
 SALT_ENV = "FLOE_PII_SALT"
 EASTERN = "America/New_York"
@@ -207,9 +209,9 @@ class SailthruStream(Stream):
                     f"{f.name}: changed since it was loaded (sha256 {known[:12]}... is now {digest[:12]}...); "
                     "run `floe run --reprocess` to load it again"
                 )
-            batches = self._scrubbed(f)
-            while (batch := await asyncio.to_thread(next, batches, None)) is not None:
-                yield Batch(batch)
+            async with iterate_in_thread(partial(self._scrubbed, f), name=f"sailthru:{f.name}") as batches:
+                async for batch in batches:
+                    yield Batch(batch)
             done[f.name] = digest
             yield Batch(checkpoint={"files": dict(done)})
 

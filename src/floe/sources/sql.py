@@ -12,7 +12,6 @@ Timestamps with time zone arrive as UTC, dates as dates; types without an Arrow 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Generator
 from datetime import date, datetime
@@ -30,6 +29,7 @@ from floe.destinations.base import json_field
 from floe.engine.stream import Batch, Context, Source, State, Stream
 from floe.errors import ConfigError, SourceError
 from floe.pgconn import PostgresConnection, connect_postgres, describe, read_batches
+from floe.threads import iterate_in_thread
 
 
 class SqlTable(Model):
@@ -135,9 +135,8 @@ class SqlStream(Stream):
         sql, params = self.query(state)
         key = self.cursor_field
         bookmark = (state or {}).get("replication_key_value") if key and (state or {}).get("replication_key") == key else None
-        batches = self.source.batches(sql, params)
-        try:
-            while (batch := await asyncio.to_thread(next, batches, None)) is not None:
+        async with iterate_in_thread(lambda: self.source.batches(sql, params), name=f"sql:{self.name}") as batches:
+            async for batch in batches:
                 if key is None:
                     yield Batch(batch)
                     continue
@@ -146,8 +145,6 @@ class SqlStream(Stream):
                     if top is not None:
                         bookmark = _json_value(top)
                 yield Batch(batch, {"replication_key": key, "replication_key_value": bookmark})
-        finally:
-            await asyncio.to_thread(batches.close)
         if key is None:
             yield Batch(checkpoint={"full_table": True})
 

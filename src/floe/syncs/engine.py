@@ -38,6 +38,7 @@ from floe.secrets import redact
 from floe.syncs import store
 from floe.syncs.config import SyncConfig
 from floe.syncs.values import compatible, convert
+from floe.threads import in_thread
 
 log = logging.getLogger("floe.sync")
 READ_BATCH_ROWS = 20_000
@@ -225,7 +226,7 @@ class SyncRun:
         """Raise SyncError naming every problem with the mapping; nothing has been sent yet."""
         target = self.sync.to
         pendo = (await self.client.schema()).get(target.group, {})
-        columns = await asyncio.to_thread(self._probe)
+        columns = await in_thread(self._probe)
         known = {f.name: f for f in columns}
         problems = []
         for column in [self.sync.key_column, *self.columns]:
@@ -251,7 +252,7 @@ class SyncRun:
                             + "; ".join(problems))
         self.types = [pendo[n] or "" for n in self.names]
         key = self.dest.quote(self.sync.key_column)
-        total, non_null, distinct = (await asyncio.to_thread(
+        total, non_null, distinct = (await in_thread(
             self._query, f"SELECT COUNT(*), COUNT(src.{key}), COUNT(DISTINCT src.{key}) "
                          f"FROM {self.sync.relation(self.dest.quote)} AS src"))[0]
         if non_null != total:
@@ -340,9 +341,9 @@ class SyncRun:
             await self.check()
             checked = True
             if self.dry_run:
-                exists = await asyncio.to_thread(store.snapshot_exists, self.dest)
+                exists = await in_thread(store.snapshot_exists, self.dest)
             else:
-                await asyncio.to_thread(store.ensure_tables, self.dest)
+                await in_thread(store.ensure_tables, self.dest)
                 exists = True
             sql = store.diff_sql(self.dest, self.name, self.sync.relation(self.dest.quote), self.sync.key_column,
                                  self.columns, self.signature(), full=self.full, snapshot_exists=exists)
@@ -359,7 +360,7 @@ class SyncRun:
             if self.dry_run or not checked:
                 outcomes.abort()
             else:
-                await asyncio.to_thread(self._commit, *outcomes.files(), outcomes.committed, True)
+                await in_thread(self._commit, *outcomes.files(), outcomes.committed, True)
         r.seconds = time.monotonic() - started
         return r
 
@@ -380,7 +381,7 @@ class SyncRun:
         try:
             while not errors:
                 try:
-                    batch = await asyncio.to_thread(next, batches, None)
+                    batch = await in_thread(next, batches, None)
                 except Exception as exc:  # noqa: BLE001
                     raise SyncError(f"{self.where}: reading changed rows from {self.sync.source!r} failed: "
                                     f"{redact(str(exc)).strip().splitlines()[0]}") from None
@@ -388,7 +389,7 @@ class SyncRun:
                     break
                 if outcomes.pending >= COMMIT_ROWS:  # in-flight requests go on meanwhile
                     # files are taken here, on the loop: sends finishing meanwhile write new ones
-                    await asyncio.to_thread(self._commit, *outcomes.files(), outcomes.committed, False)
+                    await in_thread(self._commit, *outcomes.files(), outcomes.committed, False)
                 self.result.changed += batch.num_rows
                 self.result.fresh += batch.num_rows - (pc.sum(batch.column(store.RETRY).cast(pa.int64())).as_py() or 0)
                 for piece in self.pieces(batch):
@@ -407,7 +408,7 @@ class SyncRun:
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
         finally:
-            await asyncio.to_thread(batches.close)  # type: ignore[attr-defined]
+            await in_thread(batches.close)  # type: ignore[attr-defined]
             if inflight:
                 await asyncio.gather(*list(inflight), return_exceptions=True)
         return errors[0] if errors else None

@@ -1,0 +1,127 @@
+"""Blocking work off the event loop, on threads that can always be abandoned.
+
+floe never waits for a thread it cannot stop. Both helpers run their work on daemon threads of
+their own, never on an executor: `asyncio.run` ends by joining its default executor's threads,
+so a single call stuck there (a queue nobody feeds, a socket that never answers) would keep a
+failed run alive forever.
+
+- `in_thread(fn, *args)` is `asyncio.to_thread`: cancelling the await abandons the call.
+- `iterate_in_thread(make)` pulls a blocking iterator on one thread, up to `ahead` items ahead
+  of the consumer. Leaving the `async with` block, by the end, an error or a cancellation, stops
+  the thread at its next item and closes the iterator on that thread (so its `finally` runs
+  where its work ran); the block waits `grace` seconds for that at most, then abandons it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+log = logging.getLogger("floe.threads")
+_ITEM, _END, _ERROR = 0, 1, 2
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> bool:
+    """`loop.call_soon_threadsafe` from a worker; False once the loop is closed (nobody listens)."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        return False
+    return True
+
+
+async def in_thread(fn: Callable[..., T], /, *args: Any) -> T:
+    """`fn(*args)` on a daemon thread of its own; its result or exception comes back here."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():  # the caller was cancelled and has moved on
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def work() -> None:
+        try:
+            result = context.run(fn, *args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            _call_soon(loop, settle, None, exc)
+        else:
+            _call_soon(loop, settle, result, None)
+
+    threading.Thread(target=work, name=f"floe:{getattr(fn, '__name__', 'call')}", daemon=True).start()
+    return await future
+
+
+@asynccontextmanager
+async def iterate_in_thread(
+    make: Callable[[], Iterator[T]], *, ahead: int = 1, name: str = "floe-iterate", grace: float = 5.0
+) -> AsyncIterator[AsyncIterator[T]]:
+    """`async with iterate_in_thread(lambda: blocking_iterator()) as items: async for item in items: ...`
+
+    `make` runs on the worker thread too (opening a file or a cursor is blocking work as well).
+    An exception of the iterator is raised to the consumer at its place in the sequence."""
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()  # bounded by `room`, not by the queue
+    room = threading.Semaphore(ahead)
+    stop = threading.Event()
+    finished = asyncio.Event()
+
+    def hand(kind: int, value: Any) -> bool:
+        if stop.is_set() or not _call_soon(loop, items.put_nowait, (kind, value)):
+            stop.set()
+            return False
+        return True
+
+    def work() -> None:
+        iterator: Iterator[T] | None = None
+        try:
+            iterator = make()
+            for item in iterator:
+                room.acquire()
+                if not hand(_ITEM, item):
+                    return
+            hand(_END, None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            hand(_ERROR, exc)
+        finally:
+            close = getattr(iterator, "close", None)  # generators: run their `finally` here, on their thread
+            if close is not None:
+                try:
+                    close()
+                except Exception:  # noqa: BLE001 - the consumer has its answer already
+                    log.debug("closing %s failed", name, exc_info=True)
+            _call_soon(loop, finished.set)
+
+    async def consume() -> AsyncGenerator[T, None]:
+        while True:
+            kind, value = await items.get()
+            if kind == _END:
+                return
+            if kind == _ERROR:
+                raise value
+            room.release()
+            yield value
+
+    thread = threading.Thread(target=work, name=name, daemon=True)
+    thread.start()
+    consumer = consume()
+    try:
+        yield consumer
+    finally:
+        stop.set()
+        room.release()  # a worker waiting for room wakes up, sees `stop` and ends
+        await consumer.aclose()
+        try:
+            await asyncio.wait_for(finished.wait(), grace)
+        except TimeoutError:
+            log.warning("event=thread_abandoned thread=%s reason=still_busy_after_%.0fs", name, grace)
