@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from floe import logs
+from floe import logs, signals
 from floe.config import FloeConfig, load_config
 from floe.engine.pipeline import StreamResult
 from floe.engine.progress import Progress
@@ -165,6 +165,8 @@ def demo(
 
 
 def main() -> None:
+    if sys.argv[1:2] != ["serve"]:  # `floe serve` stops cleanly on SIGTERM; the others die of it
+        signals.release_sigterm()
     try:
         app()
     except KeyboardInterrupt:

@@ -17,3 +17,7 @@ class SourceError(FloeError):
 
 class DestinationError(FloeError):
     """A destination refused a load or could not be reached."""
+
+
+class StageError(FloeError):
+    """A stage file could not be written (full disk, no permission). The message names the file and `stage:`."""

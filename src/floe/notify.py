@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -49,11 +50,26 @@ class Notice:
 
 
 class Notifier:
-    """Sends notices to the configured channels; does nothing without a `notify:` section."""
+    """Sends notices to the configured channels; does nothing without a `notify:` section.
 
-    def __init__(self, config: NotifyConfig | None) -> None:
+    Sending is bounded: a channel gets `timeout` seconds per message, and one that did not answer
+    is skipped (the notice logged instead) for `pause` seconds, so ten failed streams and a dead
+    webhook cost one timeout, not ten."""
+
+    def __init__(self, config: NotifyConfig | None, timeout: float = 10.0, pause: float = 300.0) -> None:
         self.config = config
+        self.timeout = timeout
+        self.pause = pause
         self.sent: list[Notice] = []
+        self._unreachable: dict[str, float] = {}  # channel -> when it last failed to answer (monotonic)
+
+    def _reachable(self, channel: str, notice: Notice) -> bool:
+        failed = self._unreachable.get(channel)
+        if failed is None or time.monotonic() - failed >= self.pause:
+            return True
+        log.warning("event=notify_skipped channel=%s reason=unreachable_%.0fs_ago kind=%s source=%s stream=%s",
+                    channel, time.monotonic() - failed, notice.event, notice.source, notice.stream)
+        return False
 
     @property
     def enabled(self) -> bool:
@@ -63,20 +79,29 @@ class Notifier:
         if not self.enabled or self.config is None:
             return
         body = json.loads(redact(json.dumps(notice.payload(), default=str)))
-        if self.config.webhook:
+        if self.config.webhook and self._reachable("webhook", notice):
             try:
-                response = httpx.post(self.config.webhook, json=body, timeout=10.0)
+                response = httpx.post(self.config.webhook, json=body, timeout=self.timeout)
                 response.raise_for_status()
             except httpx.HTTPError as exc:
-                log.warning("event=notify_failed channel=webhook error=%s", redact(str(exc)))
-        if self.config.sns_topic_arn:
-            try:
-                import boto3
+                if isinstance(exc, httpx.TransportError):
+                    self._unreachable["webhook"] = time.monotonic()
+                log.warning("event=notify_failed channel=webhook error=%s", redact(str(exc) or type(exc).__name__))
+        if self.config.sns_topic_arn and self._reachable("sns", notice):
+            import boto3
+            from botocore.config import Config
+            from botocore.exceptions import ConnectionError as NoAnswer
+            from botocore.exceptions import ReadTimeoutError
 
-                client = boto3.client("sns", region_name=self.config.region)
+            try:
+                client = boto3.client("sns", region_name=self.config.region, config=Config(
+                    connect_timeout=self.timeout, read_timeout=self.timeout,
+                    retries={"max_attempts": 2, "mode": "standard"}))
                 client.publish(TopicArn=self.config.sns_topic_arn, Subject=body["text"][:99],
                                Message=json.dumps(body))
             except Exception as exc:  # noqa: BLE001 - a notification must never fail the run
+                if isinstance(exc, NoAnswer | ReadTimeoutError):  # connect failures and timeouts
+                    self._unreachable["sns"] = time.monotonic()
                 log.warning("event=notify_failed channel=sns error=%s", redact(str(exc)))
         self.sent.append(notice)
         log.info("event=notified kind=%s source=%s stream=%s destination=%s", notice.event, notice.source,

@@ -13,6 +13,7 @@ from floe import logs
 from floe.config import load_config
 from floe.errors import FloeError
 from floe.secrets import redact
+from floe.signals import sigterm_held
 
 
 def serve_command(
@@ -40,6 +41,8 @@ def serve_command(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.stop)
+        if sigterm_held():  # it came while floe was starting up
+            server.stop()
         await server.run()
 
     asyncio.run(main())

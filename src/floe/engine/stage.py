@@ -12,6 +12,9 @@ almost nothing to write or read. Either way a loader reads the files in write or
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import secrets as _random
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,6 +22,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from floe.errors import StageError
 
 SUFFIXES = {"parquet": ".parquet", "arrow": ".arrow"}
 
@@ -56,6 +61,7 @@ class StageWriter:
     _count: int = 0
 
     def write(self, batch: pa.RecordBatch) -> None:
+        """Append `batch` to the current file; a StageError (naming the file) if it cannot be written."""
         if batch.num_rows == 0 and self._current is not None:
             return
         if self._current is not None and (
@@ -63,25 +69,38 @@ class StageWriter:
         ):
             self._close_file()
         if self._current is None:
-            self._count += 1
-            directory = stage_dir(self.stage, self.source, self.stream, self._day)
+            self._open(batch.schema)
+        assert self._writer is not None and self._current is not None
+        try:
+            self._writer.write_batch(batch)
+        except OSError as exc:
+            raise stage_error(self._current.path, exc) from None
+        self._current.rows += batch.num_rows
+
+    def _open(self, schema: pa.Schema) -> None:
+        self._count += 1
+        directory = stage_dir(self.stage, self.source, self.stream, self._day)
+        path = directory / f"{self.load_id}-{self._count:05d}{SUFFIXES[self.format]}"
+        try:
             directory.mkdir(parents=True, exist_ok=True)
-            path = directory / f"{self.load_id}-{self._count:05d}{SUFFIXES[self.format]}"
             if self.format == "arrow":
-                self._writer = pa.ipc.new_file(path, batch.schema)
+                self._writer = pa.ipc.new_file(path, schema)
             else:
                 # No dictionary encoding: stage files live minutes, and trying dictionaries on
                 # high-cardinality columns costs more CPU than the rest of the write (zstd still compresses).
-                self._writer = pq.ParquetWriter(path, batch.schema, compression=self.compression,
-                                                use_dictionary=False)
-            self._current = StagedFile(path, 0, batch.schema)
-        assert self._writer is not None
-        self._writer.write_batch(batch)
-        self._current.rows += batch.num_rows
+                self._writer = pq.ParquetWriter(path, schema, compression=self.compression, use_dictionary=False)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+            raise stage_error(path, exc) from None
+        self._current = StagedFile(path, 0, schema)
 
     def _close_file(self) -> None:
         if self._writer is not None and self._current is not None:
-            self._writer.close()
+            try:
+                self._writer.close()
+            except OSError as exc:
+                raise stage_error(self._current.path, exc) from None
             self._finished.append(self._current)
         self._writer, self._current = None, None
 
@@ -92,9 +111,23 @@ class StageWriter:
         return files
 
     def abort(self) -> None:
-        """Close and delete every file not yet flushed (on failure)."""
+        """Close and delete every file not yet flushed (on failure; never raises for the files)."""
+        if self._writer is not None and self._current is not None:
+            with contextlib.suppress(OSError):  # e.g. the disk is still full: the file goes anyway
+                self._writer.close()
+            self._finished.append(self._current)
+        self._writer, self._current = None, None
         for staged in self.flush():
-            staged.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                staged.path.unlink(missing_ok=True)
+
+
+def stage_error(path: Path, exc: OSError) -> StageError:
+    """One line for an OSError while staging: the file, the reason, and the config key to change."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    hint = "free some space there or point `stage:` at a folder with room" if exc.errno == errno.ENOSPC \
+        else "check that floe may write there, or point `stage:` at another folder"
+    return StageError(f"stage: cannot write {path}: {reason}; {hint}")
 
 
 def remove_files(files: list[StagedFile]) -> None:
