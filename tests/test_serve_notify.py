@@ -220,3 +220,29 @@ def test_a_source_failing_before_any_stream_starts_backs_off_and_keeps_serving(
     assert "127.0.0.1" in received[0]["error"]
     assert all("hunter2-secret" not in str(m) for m in received)
     assert "hunter2-secret" not in (server.schedules["db"].last_error or "")
+
+
+def sigterm_caught(pid: int) -> bool:
+    """Whether the process has a handler for SIGTERM (Linux: the SigCgt mask in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False
+
+
+@pytest.mark.parametrize(("command", "code"), [("serve", 0), ("run", -signal.SIGTERM)])
+def test_sigterm_while_floe_starts_stops_serve_cleanly_and_kills_other_commands(
+    fullstory_config: Any, tmp_path: Path, command: str, code: int
+) -> None:
+    config = fullstory_config()
+    proc = subprocess.Popen([sys.executable, "-m", "floe", command, "-c", str(config)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not sigterm_caught(proc.pid) and time.monotonic() < deadline:  # the very first line of floe
+        time.sleep(0.001)
+    os.kill(proc.pid, signal.SIGTERM)  # floe is still importing its command line
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr
+    if command == "serve":
+        assert "floe serve: stopped" in stderr and "event=serve_stopped cycles=0" in stderr
+    assert not (tmp_path / "w.duckdb").exists()  # nothing was loaded

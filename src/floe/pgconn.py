@@ -23,6 +23,11 @@ from floe.errors import DestinationError, FloeError
 from floe.secrets import redact
 
 SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+# A server that vanishes without closing the connection (host down, network cut) is noticed within
+# about a minute instead of never: TCP keepalives while waiting for an answer, and a limit on data
+# left unacknowledged while sending (COPY). A live server, however slow, is never cut off.
+DEAD_PEER_DETECTION = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
+                       "tcp_user_timeout": 60_000}
 
 
 class PostgresConnection(Model):
@@ -72,7 +77,7 @@ def connect_postgres(
     params: dict[str, Any] = {
         "host": settings.host, "port": settings.port, "dbname": settings.database, "user": settings.user,
         "sslmode": settings.sslmode, "connect_timeout": settings.connect_timeout,
-        "application_name": application_name,
+        "application_name": application_name, **DEAD_PEER_DETECTION,
     }
     if settings.password is not None:
         params["password"] = settings.password.get_secret_value()

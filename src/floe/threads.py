@@ -121,7 +121,10 @@ async def iterate_in_thread(
         stop.set()
         room.release()  # a worker waiting for room wakes up, sees `stop` and ends
         await consumer.aclose()
-        try:
-            await asyncio.wait_for(finished.wait(), grace)
-        except TimeoutError:
+        ended = asyncio.ensure_future(finished.wait())
+        try:  # not wait_for: on Python 3.11 it can swallow a cancellation that comes as the thread ends
+            done, _ = await asyncio.wait({ended}, timeout=grace)
+        finally:
+            ended.cancel()
+        if not done:
             log.warning("event=thread_abandoned thread=%s reason=still_busy_after_%.0fs", name, grace)

@@ -60,6 +60,10 @@ def table_spec(source: str, stream: Stream, files: list[StagedFile]) -> TableSpe
     )
 
 
+class _ConsumerStopped(Exception):
+    """The committing task has ended (with an error): staged work has nowhere to go."""
+
+
 @dataclass
 class _Commit:
     files: list[StagedFile]
@@ -93,9 +97,19 @@ async def run_stream(
     refresh = source.context.options.full_refresh and stream.disposition != "replace"
     refreshed: list[StagedFile] = []  # every file the refresh committed to the copy
 
+    async def hand_over(commit: _Commit | None) -> None:
+        """Queue `commit` (None: the end) for the consumer. Once the consumer has stopped (it
+        failed), nobody takes it any more: raise instead of waiting for good."""
+        putting = asyncio.ensure_future(queue.put(commit))
+        await asyncio.wait({putting, consumer}, return_when=asyncio.FIRST_COMPLETED)
+        if not putting.done():
+            putting.cancel()
+            if commit is not None:
+                remove_files(commit.files)
+            raise _ConsumerStopped
+
     async def produce(state: State | None) -> None:
-        """Stage the stream's batches and queue each commit; the queue always ends with None,
-        unless cancelled (the consumer failed and reads no more)."""
+        """Stage the stream's batches and queue each commit; the queue ends with None."""
         pending_checkpoint: State | None = None
         grouped: _Commit | None = None  # checkpoints folded together (destination.commit_interval)
         last_commit = time.monotonic()
@@ -113,7 +127,7 @@ async def run_stream(
                         grouped = _Commit(files, batch.checkpoint, writer.load_id)
                         rows, seconds = sum(f.rows for f in files), time.monotonic() - last_commit
                         if destination.commit_due(stream, rows, seconds):
-                            await queue.put(grouped)
+                            await hand_over(grouped)
                             writer.load_id, pending_checkpoint, grouped = new_load_id(), None, None
                             last_commit = time.monotonic()
         except asyncio.CancelledError:
@@ -122,16 +136,16 @@ async def run_stream(
             raise
         except Exception:
             if grouped is not None:  # whole checkpoints read before the failure still commit
-                await queue.put(grouped)
-            await queue.put(None)
+                await hand_over(grouped)
+            await hand_over(None)
             raise
         finally:
             await batches.aclose()  # the source's `finally` blocks run now: connections, threads, temp files
         if grouped is not None:
-            await queue.put(grouped)
+            await hand_over(grouped)
         elif stream.disposition == "replace" and pending_checkpoint is not None:
-            await queue.put(_Commit(writer.flush(), pending_checkpoint, writer.load_id))
-        await queue.put(None)
+            await hand_over(_Commit(writer.flush(), pending_checkpoint, writer.load_id))
+        await hand_over(None)
 
     async def consume() -> None:
         nonlocal attempting
@@ -166,12 +180,12 @@ async def run_stream(
             state = None
         if refresh:
             await in_thread(destination.begin_refresh, table_spec(source.name, stream, []))
-        producer = asyncio.create_task(produce(state))
         consumer = asyncio.create_task(consume())
+        producer = asyncio.create_task(produce(state))
         await asyncio.wait({producer, consumer}, return_when=asyncio.FIRST_EXCEPTION)
         if not consumer.done():  # the producer ended (maybe failing): its last commits still go in
             await asyncio.wait({consumer})
-        if consumer.exception():  # the producer may wait on the queue for good: stop it
+        if consumer.exception():  # stop reading at once (the producer would stop at its next commit anyway)
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
             raise consumer.exception()  # type: ignore[misc]

@@ -4,6 +4,8 @@
 control endpoints and never faulted) draws from a seeded RNG: with probability `rate_429` it gets
 a 429 with `Retry-After`, with `rate_5xx` a 500/502/503, with `truncate_rate` a body cut in half
 (Content-Length still promising the full body), and every request waits `latency` seconds first.
+With `refuse_after` N (>= 0), every request after the first N is refused for good: a 403 with the
+API's error body, as when a token is revoked or a plan runs out in the middle of a run.
 The knobs can be changed while the server runs (`POST /_sandbox/faults` with a JSON object).
 """
 
@@ -30,9 +32,11 @@ class Faults:
     retry_after: float = 1.0  # seconds sent in Retry-After with each injected 429
     seed: int = 0
     injected: Counter[str] = field(default_factory=Counter)
+    refuse_after: float = -1  # API requests served before every later one is refused (-1: never)
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
+        self._requests = 0
 
     def update(self, values: dict[str, Any]) -> None:
         names = {f.name for f in fields(self)} - {"injected"}
@@ -42,9 +46,14 @@ class Faults:
             setattr(self, key, float(value) if key != "seed" else int(value))
         if "seed" in values:
             self._rng = random.Random(self.seed)
+        if "refuse_after" in values:  # counted from now
+            self._requests = 0
 
     def draw(self) -> str | None:
         """Which fault (if any) the next request gets."""
+        self._requests += 1
+        if 0 <= self.refuse_after < self._requests:
+            return "refuse"
         r = self._rng.random()
         if r < self.rate_429:
             return "429"
@@ -57,7 +66,7 @@ class Faults:
     def as_dict(self) -> dict[str, Any]:
         return {"rate_429": self.rate_429, "rate_5xx": self.rate_5xx, "truncate_rate": self.truncate_rate,
                 "latency": self.latency, "retry_after": self.retry_after, "seed": self.seed,
-                "injected": dict(self.injected)}
+                "refuse_after": self.refuse_after, "injected": dict(self.injected)}
 
 
 ErrorBody = Callable[[int], dict[str, Any]]  # HTTP status -> the API's own error document
@@ -89,7 +98,9 @@ class FaultMiddleware:
             await self.app(scope, receive, send)
             return
         faults.injected[fault] += 1
-        if fault == "429":
+        if fault == "refuse":
+            await _send(send, 403, self.error_body(403), [])
+        elif fault == "429":
             await _send(send, 429, self.error_body(429), [(b"retry-after", str(faults.retry_after).encode())])
         elif fault == "5xx":
             await _send(send, faults._rng.choice((500, 502, 503)), self.error_body(500), [])
