@@ -18,7 +18,7 @@ import asyncio
 import contextvars
 import logging
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -94,10 +94,9 @@ async def iterate_in_thread(
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             hand(_ERROR, exc)
         finally:
-            close = getattr(iterator, "close", None)  # generators: run their `finally` here, on their thread
-            if close is not None:
+            if isinstance(iterator, Generator):  # its `finally` blocks run here, on the thread that ran it
                 try:
-                    close()
+                    iterator.close()
                 except Exception:  # noqa: BLE001 - the consumer has its answer already
                     log.debug("closing %s failed", name, exc_info=True)
             _call_soon(loop, finished.set)

@@ -98,14 +98,18 @@ async def run_stream(
     refreshed: list[StagedFile] = []  # every file the refresh committed to the copy
 
     async def hand_over(commit: _Commit | None) -> None:
-        """Queue `commit` (None: the end) for the consumer. Once the consumer has stopped (it
-        failed), nobody takes it any more: raise instead of waiting for good."""
+        """Queue `commit` (None: the end) for the consumer, or remove its files. Once the consumer
+        has stopped (it failed), nobody takes it any more: raise instead of waiting for good."""
         putting = asyncio.ensure_future(queue.put(commit))
-        await asyncio.wait({putting, consumer}, return_when=asyncio.FIRST_COMPLETED)
-        if not putting.done():
-            putting.cancel()
-            if commit is not None:
-                remove_files(commit.files)
+        try:
+            await asyncio.wait({putting, consumer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            queued = putting.done()
+            if not queued:
+                putting.cancel()
+                if commit is not None:
+                    remove_files(commit.files)
+        if not queued:
             raise _ConsumerStopped
 
     async def produce(state: State | None) -> None:
