@@ -7,9 +7,11 @@ import itertools
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+import floe
 from floe.threads import in_thread, iterate_in_thread
 
 
@@ -78,3 +80,13 @@ def test_threads_blocked_for_good_never_keep_asyncio_run_waiting() -> None:
         assert time.monotonic() - started < 3
     finally:
         never.set()  # let the abandoned threads end
+
+
+def test_floe_never_runs_blocking_work_on_asyncios_default_executor() -> None:
+    """`asyncio.run` ends by joining that executor's threads: one call stuck there keeps a failed run
+    alive. (The emulators run in their own servers' loops and may.)"""
+    root = Path(floe.__file__).parent
+    offenders = [f"{path.relative_to(root)}:{number}" for path in sorted(root.rglob("*.py")) if path.parent.name != "sandbox"
+                 for number, line in enumerate(path.read_text().splitlines(), 1)
+                 if "to_thread(" in line and "in_thread(" not in line or "run_in_executor(None" in line]
+    assert offenders == [], "use floe.threads.in_thread / iterate_in_thread"

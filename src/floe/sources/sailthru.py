@@ -14,7 +14,6 @@ JSON column; times written without a zone are read in `timezone` (US Eastern by 
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 import zoneinfo
@@ -37,7 +36,7 @@ from floe.errors import ConfigError, FloeError, SourceError
 from floe.pii import Pii
 from floe.sources.sailthru_files import ExportFile, count_records, discover, iter_lines
 from floe.sources.sailthru_messages import POOL, TS, MessageReader, localize, message_schema
-from floe.threads import iterate_in_thread
+from floe.threads import in_thread, iterate_in_thread
 
 SALT_ENV = "FLOE_PII_SALT"
 EASTERN = "America/New_York"
@@ -199,8 +198,8 @@ class SailthruStream(Stream):
 
     async def read(self, state: State | None) -> AsyncIterator[Batch]:
         done: dict[str, str] = dict((state or {}).get("files", {}))
-        for f in await asyncio.to_thread(self.source.files, self.table):
-            digest = await asyncio.to_thread(self.source.checksum, f)
+        for f in await in_thread(self.source.files, self.table):
+            digest = await in_thread(self.source.checksum, f)
             known = done.get(f.name)
             if known == digest:
                 continue

@@ -420,7 +420,7 @@ class SyncRun:
         r, target = self.result, self.sync.to
         if not r.sent or r.failed < r.sent:
             return None
-        if not r.fresh and (await asyncio.to_thread(self._query, store.accepted_sql(self.dest, self.name)))[0][0]:
+        if not r.fresh and (await in_thread(self._query, store.accepted_sql(self.dest, self.name)))[0][0]:
             return None
         hint = ""
         if r.missing == r.sent and self.sync.mode == "update":
