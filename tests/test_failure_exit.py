@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from floe.sandbox import twilio as twilio_emulator
 from floe.sandbox.fullstory import DEFAULT_API_KEY, Export, FullStoryEmulator, create_app
 from floe.sandbox.sailthru import ExportSpec, generate
 from floe.sandbox.server import RunningServer, serve_in_thread
-from floe.testing.postgres import PostgresServer
+from floe.testing.postgres import PostgresDatabase, PostgresServer
 
 EXIT_WITHIN = 30.0
 STAGES = ["source", "mid-read", "stage", "load", "state"]
@@ -80,7 +80,6 @@ class Subject:
     settings: Callable[[Path], dict[str, Any]]
     broken: dict[str, Callable[[Path, dict[str, Any]], str]]  # stage -> edit settings, return the expected error
     reset: Callable[[], None] = lambda: None
-    notes: list[str] = field(default_factory=list)
 
 
 @pytest.fixture(scope="module")
@@ -217,14 +216,16 @@ def sql(postgres_server: PostgresServer) -> Iterator[Subject]:
 
 # --- the project: floe.yml, and faults at the stages floe owns ----------------------------------
 
-def project(root: Path, subject: Subject, stage: str = "source-ok", **extra: Any) -> tuple[Path, str | None]:
-    """Write floe.yml for `subject` broken at `stage`; returns its path and the expected error text."""
-    settings = subject.settings(root)
+def project(root: Path, subject: Subject, stage: str = "none", *, source: dict[str, Any] | None = None,
+            destination: dict[str, Any] | None = None, **extra: Any) -> tuple[Path, str | None]:
+    """Write floe.yml for `subject` (its settings updated by `source`) broken at `stage`, loading into
+    DuckDB (or `destination`); returns its path and the text the error must hold."""
+    settings = {**subject.settings(root), **(source or {})}
     expected = subject.broken[stage](root, settings) if stage in subject.broken else None
     db = root / "w.duckdb"
     config: dict[str, Any] = {
         "sources": {subject.name: settings},
-        "destinations": {"w": {"type": "duckdb", "path": str(db), "commit_rows": 0}},
+        "destinations": {"w": destination or {"type": "duckdb", "path": str(db), "commit_rows": 0}},
         "stage": str(root / "stage"), **extra,
     }
     if stage == "stage":  # a folder under a file: creating it fails (whoever runs the tests, root too)
@@ -242,7 +243,7 @@ def project(root: Path, subject: Subject, stage: str = "source-ok", **extra: Any
     elif stage == "state":
         with duckdb.connect(str(db)) as conn:
             conn.execute("CREATE TABLE _floe_state (source VARCHAR)")
-        expected = "state"
+        expected = "w: cannot read the state of"
     path = root / "floe.yml"
     path.write_text(yaml.safe_dump(config))
     return path, expected
@@ -301,10 +302,7 @@ def test_a_webhook_that_never_answers_delays_the_failed_exit_by_one_timeout(
 ) -> None:
     fullstory_emulator.app.state.fullstory.faults.fail_operations = 1000
     try:
-        config, _ = project(tmp_path, fullstory, notify={"webhook": silent_webhook})
-        settings = yaml.safe_load(config.read_text())
-        settings["sources"]["fs"]["export_attempts"] = 1
-        config.write_text(yaml.safe_dump(settings))
+        config, _ = project(tmp_path, fullstory, source={"export_attempts": 1}, notify={"webhook": silent_webhook})
         result = floe_run(config)
     finally:
         fullstory.reset()
@@ -312,19 +310,11 @@ def test_a_webhook_that_never_answers_delays_the_failed_exit_by_one_timeout(
     assert "notify_failed channel=webhook" in result.stderr
 
 
-def pg_events(db: Any) -> int:
-    with psycopg.connect(db.dsn) as conn:
-        return int(conn.execute("SELECT count(*) FROM fs.events").fetchone()[0])  # type: ignore[index]
-
-
 @pytest.mark.parametrize("fault", ["bad value", "server goes away"])
 def test_a_postgres_load_failing_mid_copy_ends_the_run(
-    fault: str, fullstory: Subject, postgres_db: Any, tmp_path: Path
+    fault: str, fullstory: Subject, postgres_db: PostgresDatabase, tmp_path: Path
 ) -> None:
-    config, _ = project(tmp_path, fullstory)
-    settings = yaml.safe_load(config.read_text())
-    settings["destinations"] = {"w": postgres_db.config()}
-    config.write_text(yaml.safe_dump(settings))
+    config, _ = project(tmp_path, fullstory, destination=postgres_db.config())
     stop = threading.Event()
     killed: list[int] = []
     if fault == "bad value":
@@ -374,21 +364,16 @@ def user_namespaces() -> bool:
 @pytest.mark.skipif(not user_namespaces(), reason="needs `unshare` with user namespaces to mount a small tmpfs")
 @pytest.mark.parametrize("destination", ["duckdb", "postgres"])
 def test_a_full_stage_folder_fails_naming_the_file_and_key_and_commits_nothing_more(
-    destination: str, fullstory: Subject, postgres_server: PostgresServer, tmp_path: Path
+    destination: str, fullstory: Subject, postgres_db: PostgresDatabase, tmp_path: Path
 ) -> None:
-    config, _ = project(tmp_path, fullstory)
-    settings = yaml.safe_load(config.read_text())
-    settings["sources"]["fs"]["end_time"] = "2024-01-01T01:00:00Z"
-    if destination == "postgres":
-        db = postgres_server.create_database()
-        settings["destinations"] = {"w": db.config()}
-    config.write_text(yaml.safe_dump(settings))
+    warehouse = postgres_db if destination == "postgres" else tmp_path / "w.duckdb"
+    load_into = postgres_db.config() if destination == "postgres" else None
+    config, _ = project(tmp_path, fullstory, source={"end_time": "2024-01-01T01:00:00Z"}, destination=load_into)
     assert floe_run(config).code == 0  # the first window, staged on a disk with room
-    committed = committed_rows(settings, destination)
+    before = committed(warehouse)
 
-    settings["sources"]["fs"]["end_time"] = f"2024-01-01T{WINDOWS:02d}:00:00Z"
-    config.write_text(yaml.safe_dump(settings))
-    stage = Path(settings["stage"])
+    config, _ = project(tmp_path, fullstory, destination=load_into)  # and the next windows
+    stage = tmp_path / "stage"
     started = time.monotonic()
     proc = subprocess.run([*small_tmpfs(stage, "64k"), sys.executable, "-m", "floe", "run", "-c", str(config)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=EXIT_WITHIN)
@@ -398,25 +383,20 @@ def test_a_full_stage_folder_fails_naming_the_file_and_key_and_commits_nothing_m
     assert f"stage: cannot write {stage}/fs/events/" in line and "No space left on device" in line, line
     assert "`stage:`" in line
     assert "left=0" in proc.stdout  # the partial stage file was removed
-    assert committed_rows(settings, destination) == committed  # data and state as the first run left them
-    if destination == "postgres":
-        postgres_server.drop_database(db.database)
+    assert committed(warehouse) == before  # data and state as the first run left them
 
 
-def committed_rows(settings: dict[str, Any], destination: str) -> tuple[int, Any]:
-    """(rows in fs.events, the latest state) of the warehouse in `settings`."""
-    if destination == "postgres":
-        w = settings["destinations"]["w"]
-        dsn = f"host={w['host']} port={w['port']} user={w['user']} password={w['password']} dbname={w['database']}"
-        with psycopg.connect(dsn) as conn:
-            rows = conn.execute("SELECT count(*) FROM fs.events").fetchone()[0]  # type: ignore[index]
-            state = conn.execute("SELECT state FROM _floe_state ORDER BY version DESC LIMIT 1").fetchone()
+def committed(warehouse: PostgresDatabase | Path) -> tuple[int, Any]:
+    """(rows in fs.events, the latest state) of a PostgreSQL database or a DuckDB file."""
+    queries = ("SELECT count(*) FROM fs.events", "SELECT state FROM _floe_state ORDER BY version DESC LIMIT 1")
+    if isinstance(warehouse, Path):
+        with duckdb.connect(str(warehouse), read_only=True) as conn:
+            rows, state = (conn.execute(q).fetchone()[0] for q in queries)  # type: ignore[index]
     else:
-        with duckdb.connect(settings["destinations"]["w"]["path"], read_only=True) as conn:
-            rows = conn.execute("SELECT count(*) FROM fs.events").fetchone()[0]  # type: ignore[index]
-            state = conn.execute("SELECT state FROM _floe_state ORDER BY version DESC LIMIT 1").fetchone()
+        with psycopg.connect(warehouse.dsn) as conn:
+            rows, state = (conn.execute(q).fetchone()[0] for q in queries)  # type: ignore[index]
     assert rows and state
-    return rows, state[0]
+    return rows, state
 
 
 def test_a_stage_file_that_cannot_be_written_is_one_line_naming_it_and_the_key(tmp_path: Path) -> None:

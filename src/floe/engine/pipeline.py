@@ -22,7 +22,7 @@ from floe.destinations.base import Destination, LoadJob, TableSpec
 from floe.engine.progress import Progress
 from floe.engine.stage import StagedFile, StageWriter, new_load_id, remove_files, remove_leftovers
 from floe.engine.stream import Batch, Source, State, Stream
-from floe.errors import FloeError
+from floe.errors import DestinationError, FloeError
 from floe.secrets import redact
 from floe.threads import in_thread
 
@@ -58,6 +58,17 @@ def table_spec(source: str, stream: Stream, files: list[StagedFile]) -> TableSpe
         source, stream.name, pa.schema(list(fields.values())), stream.primary_key, stream.disposition,
         parent_key=stream.parent_key, parent_markers=stream.parent_markers, views=tuple(stream.views),
     )
+
+
+async def read_state(destination: Destination, source: str, stream: str) -> State | None:
+    """The stream's saved state; a failure to read it names the destination and the stream."""
+    try:
+        return await in_thread(destination.get_state, source, stream)
+    except FloeError:
+        raise
+    except Exception as exc:
+        raise DestinationError(f"{destination.name}: cannot read the state of {source}.{stream} from "
+                               f"_floe_state: {type(exc).__name__}: {redact(str(exc))}") from None
 
 
 class _ConsumerStopped(Exception):
@@ -179,7 +190,7 @@ async def run_stream(
         log.info("event=stage_cleaned source=%s stream=%s files=%d reason=left_by_an_interrupted_run",
                  source.name, stream.name, leftovers)
     try:
-        state = await in_thread(destination.get_state, source.name, stream.name)
+        state = await read_state(destination, source.name, stream.name)
         if source.context.options.full_refresh:
             state = None
         if refresh:
