@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.fixtures.sailthru",
     "tests.fixtures.apis",
     "tests.fixtures.fullstory",
+    "tests.fixtures.destinations",
 ]

@@ -1,17 +1,12 @@
 """Redshift: S3 staging against moto's S3 server, SQL checked in sqlglot's Redshift dialect, and the
 load transaction (staging table, merge, state) executed for real on PostgreSQL.
 
-Redshift itself cannot be reached. `RedshiftOnPostgres` is the Redshift destination with the few
-per-warehouse data items PostgreSQL lacks swapped out (SUPER -> JSONB, JSON_PARSE -> a cast) and
-COPY replayed from the manifest: it reads the manifest and every listed object back from S3 and
-COPYs them into the same staging table, so objects, manifest and SQL are all exercised.
+Redshift itself cannot be reached: `RedshiftOnPostgres` (tests/fixtures/redshift.py) replays it on
+PostgreSQL, COPY included (from the manifest and the objects on S3).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import gzip
-import io
 import json
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -27,53 +22,11 @@ from sqlglot import exp
 from floe.config import validate_model
 from floe.destinations.base import LoadJob, TableSpec, json_field
 from floe.destinations.objectstore import S3Store, StoreUrl
-from floe.destinations.postgres import csv_bytes, csv_ready
 from floe.destinations.redshift import VARCHAR_MAX, RedshiftConfig, RedshiftDestination, fit_strings
 from floe.engine.stage import StagedFile
 from floe.errors import DestinationError
 from tests.fixtures.core import VersionedRows
-
-SECRET = "wJalrXUtnFEMI-secret-for-tests"
-
-
-class RedshiftOnPostgres(RedshiftDestination):
-    type_map = {**RedshiftDestination.type_map, "binary": "BYTEA", "nested": "JSONB"}
-    json_type = "JSONB"
-    json_parse = "CAST({} AS JSONB)"
-    stage_json_type = "TEXT"
-    column_rules = dataclasses.replace(RedshiftDestination.column_rules, holds={
-        **RedshiftDestination.column_rules.holds, "JSONB": frozenset({"json", "nested"}), "BYTEA": frozenset({"binary"})})
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.copies: list[str] = []
-        self.manifests: list[dict[str, Any]] = []
-        self.listed_during_copy: list[str] = []
-
-    def run_copy(self, cur: Any, staging: str, spec: TableSpec, manifest_uri: str) -> None:
-        self.copies.append(self.copy_sql(staging, spec, manifest_uri))
-        bucket = f"s3://{self.stage_url.bucket}/"
-        manifest = json.loads(self.store.get_bytes(manifest_uri.removeprefix(bucket)) or b"null")
-        self.manifests.append(manifest)
-        self.listed_during_copy = [k for k, _ in self.store.list(self.stage_url.prefix)]
-        names = ", ".join(self.quote(f.name) for f in self.part_schema(spec))
-        for entry in manifest["entries"]:
-            data = self.store.get_bytes(entry["url"].removeprefix(bucket))
-            assert data is not None and len(data) == entry["meta"]["content_length"]
-            if self.config.file_format == "parquet":
-                payload = csv_bytes(csv_ready(pq.read_table(io.BytesIO(data))))
-            else:
-                payload = gzip.decompress(data)
-            with cur.copy(f"COPY {staging} ({names}) FROM STDIN (FORMAT csv)") as copy:
-                copy.write(payload)
-
-
-def redshift_settings(db: Any, s3: Any, bucket: str, **extra: Any) -> dict[str, Any]:
-    return {
-        **db.config(), "type": "redshift", "stage": f"s3://{bucket}/floe/stage", "slices": 4,
-        "aws_access_key_id": "AKIDTESTING", "aws_secret_access_key": SECRET, "endpoint_url": s3.endpoint_url,
-        "region": s3.region, **extra,
-    }
+from tests.fixtures.redshift import SECRET, RedshiftOnPostgres, redshift_settings
 
 
 @pytest.fixture(params=["parquet", "csv"])
@@ -368,3 +321,16 @@ def test_a_full_refresh_through_s3_replaces_the_rows_in_its_last_commit(redshift
     assert redshift.query("SELECT id, v FROM src.items ORDER BY id") == version("v3", range(6))
     assert redshift.get_state("src", "items") == {"next": 6}
     assert list(redshift.store.list("floe/")) == []
+
+
+def test_lease_and_stamp_statements_parse_as_redshift_and_use_getdate():
+    # CURRENT_TIMESTAMP runs on Redshift's leader node only: a statement that reads a table may not use it.
+    dest = pure()
+    spec = TableSpec("src", "items", ALL_TYPES, ("id",), "merge")
+    statements = [*dest.staged_sql(spec, "_floe_staging_x", "_floe_seq", "l1"), dest.renew_lease_sql(),
+                  dest.release_lease_sql()]
+    for statement in statements:
+        assert "CURRENT_TIMESTAMP" not in statement.upper()
+        parse(statement.replace("%s", "'x'"))
+    assert "GETDATE() + INTERVAL '60 seconds'" in dest.renew_lease_sql()
+    assert dest.lock_state_sql == "LOCK {table}" and isinstance(parse("LOCK public._floe_state"), exp.Expression)

@@ -46,6 +46,19 @@ class DestinationConfig(Model):
     """Keys every destination accepts, whatever its type."""
 
     type: str
+    lease_wait_seconds: float = Field(
+        default=15.0, ge=0,
+        description="How long a run waits for another run of the same stream to finish before that stream fails.",
+    )
+
+
+class ExpiringLeaseConfig(Model):
+    """For destinations whose leases expire unless renewed (Redshift, BigQuery, files)."""
+
+    lease_expiry_seconds: float = Field(
+        default=60.0, ge=1,
+        description="A run renews its lease every quarter of this; a killed run's lease is free after it.",
+    )
 
 
 class NotifyConfig(Model):

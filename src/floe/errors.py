@@ -21,3 +21,16 @@ class DestinationError(FloeError):
 
 class StageError(FloeError):
     """A stage file could not be written (full disk, no permission). The message names the file and `stage:`."""
+
+
+class LeaseHeldError(DestinationError):
+    """Another run holds the lease of a (source, stream) in a destination, past the configured wait."""
+
+
+class LeaseLostError(DestinationError):
+    """A run's lease expired or was taken over while it ran: it stops before committing anything more."""
+
+
+class StateConflictError(DestinationError):
+    """A commit started from a state version that is no longer the latest: another run committed first.
+    Nothing of the commit is kept."""

@@ -137,8 +137,8 @@ def mark_recovered(destination: Destination, result: StreamResult, started: date
                   table=TableSpec(result.source, result.stream, pa.schema([])), files=[], checkpoint={},
                   started_at=datetime.now(UTC))
     try:
+        destination.prepare_meta()  # type: ignore[attr-defined]
         with transaction() as cur:
-            destination.ensure_meta(cur)  # type: ignore[attr-defined]
             destination.write_load_row(cur, job, "recovered", None, datetime.now(UTC))  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001 - bookkeeping only
         log.debug("could not record recovery", exc_info=True)

@@ -5,6 +5,11 @@ moves the staged rows in by the write disposition, writes the stream's new state
 `_floe_state` and a row into `_floe_loads`. A crash anywhere leaves either the old data and old
 state, or the new data and new state. `load_group(jobs)` commits several streams' jobs; up to
 `group_size` of them share that one transaction.
+
+Overlapping runs: a run first takes the stream's lease in the destination (`acquire_lease`), so
+that two runs never load one stream at once, and every commit names the state version it builds
+on (`LoadJob.base_version`): if another run committed since, the commit is refused whole
+(`StateConflictError`), so state versions stay unique and no rows are loaded twice.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ import orjson
 import pyarrow as pa
 
 from floe.config import DestinationConfig
+from floe.destinations.leases import Holder, Lease, wait_for_lease
 from floe.engine.stage import StagedFile
 from floe.engine.stream import Context, Disposition, RefreshScope, State, Stream
+from floe.errors import StateConflictError
 
 SEQ = "_floe_seq"  # arrival order of staged rows: a later row wins a merge
 META_JSON = b"floe.json"  # field metadata key: the column holds a JSON document (jsonb, SUPER, JSON)
@@ -88,10 +95,38 @@ class LoadJob:
     # A commit of a full refresh: the rows go into the table's refresh copy, the state stays as it is
     # (see Destination.finish_refresh).
     refresh: bool = False
+    # The state version this commit builds on (the stream's latest when its run read the state, plus
+    # the run's own commits since). The commit is refused (StateConflictError) unless that is still the
+    # latest version. None: not checked (the commit goes on top of whatever is latest).
+    base_version: int | None = None
+    lease: Lease | None = None  # the run's lease of the stream, checked right before the commit point
 
     @property
     def rows(self) -> int:
         return sum(f.rows for f in self.files)
+
+    def check_lease(self) -> None:
+        """Raise LeaseLostError if the run lost its lease (called right before the commit point)."""
+        if self.lease is not None:
+            self.lease.check()
+
+
+def state_conflict(destination: str, job: LoadJob, latest: int | None) -> StateConflictError:
+    """The error of a commit whose base version is no longer the latest (`latest`, when known)."""
+    newer = f"version {latest}" if latest is not None else f"version {(job.base_version or 0) + 1}"
+    return StateConflictError(
+        f"{job.source}.{job.stream} -> {destination}: another run committed state {newer} after this run "
+        f"started from version {job.base_version}; this commit was rolled back and nothing of it is kept "
+        "(the next run goes on from the newer state)"
+    )
+
+
+@dataclass(frozen=True)
+class CommittedState:
+    """A stream's latest committed state and its version (0 and None: never loaded)."""
+
+    version: int = 0
+    state: State | None = None
 
 
 class Destination(ABC):
@@ -133,8 +168,27 @@ class Destination(ABC):
         """Reach the destination (and its stage); return what was verified. Raise DestinationError saying exactly what is wrong."""
 
     @abstractmethod
+    def read_state(self, source: str, stream: str) -> CommittedState:
+        """The latest committed state of (source, stream) and its version."""
+
     def get_state(self, source: str, stream: str) -> State | None:
         """The latest committed state of (source, stream), or None if never loaded."""
+        return self.read_state(source, stream).state
+
+    def lease_name(self, source: str, stream: str) -> str:
+        return f"{source}.{stream} -> {self.name}"
+
+    @abstractmethod
+    def try_lease(self, source: str, stream: str) -> Lease | Holder:
+        """Take the lease of (source, stream) in this destination now, or say who holds it; never waits."""
+
+    def acquire_lease(self, source: str, stream: str) -> Lease:
+        """The lease of (source, stream), waiting up to `lease_wait_seconds` for a holder to finish;
+        renewed in the background until released. Raises LeaseHeldError naming the holder."""
+        lease = wait_for_lease(lambda: self.try_lease(source, stream), self.lease_name(source, stream),
+                               self.config.lease_wait_seconds, f"destinations.{self.name}.lease_wait_seconds")
+        lease.start()
+        return lease
 
     @abstractmethod
     def load(self, job: LoadJob) -> None:

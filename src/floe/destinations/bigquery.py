@@ -11,7 +11,12 @@ A load of one stream:
 4. one query job runs `BEGIN TRANSACTION; <append | replace | MERGE>; INSERT _floe_state;
    INSERT _floe_loads; COMMIT TRANSACTION;` with the state passed as query parameters (a group of
    streams, `load_group`: every stream's statements in that one transaction, parameters suffixed);
+   each stream's state version check fails the script (which rolls the transaction back) unless the
+   version the commit builds on is still the stream's latest;
 5. the staging table is dropped and the GCS objects are deleted (paginated), committed or not.
+
+A stream's lease is an object in the stage bucket (`<stage>/_floe_leases/<project>.<dataset>/
+<source>/<stream>.json`), taken and renewed with `ifGenerationMatch` (see `leases.py`).
 
 Quotas: every load job writes its own staging table, so the target table never takes a load job
 (its changes are DML, which the daily table-modification limit does not count), and
@@ -24,8 +29,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import tempfile
 import threading
+import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,20 +43,36 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import field_validator
 
-from floe.config import DestinationConfig
-from floe.destinations.base import SEQ, Destination, LoadJob, TableSpec, is_json, refresh_copy, staged_column
+from floe.config import DestinationConfig, ExpiringLeaseConfig
+from floe.destinations.base import (
+    SEQ,
+    CommittedState,
+    Destination,
+    LoadJob,
+    TableSpec,
+    is_json,
+    refresh_copy,
+    staged_column,
+    state_conflict,
+)
 from floe.destinations.bigquery_api import API, BigQueryApi, param, scalar_type
 from floe.destinations.column_types import ColumnRules, narrowing_message, refused
+from floe.destinations.leases import Holder, Lease, take_object_lease
 from floe.destinations.objectstore import GCSStore, StoreUrl
 from floe.destinations.sql import LOADS_TABLE, STATE_TABLE, arrow_type_key
 from floe.engine.stage import StagedFile
-from floe.engine.stream import RefreshScope, State
+from floe.engine.stream import RefreshScope
 from floe.errors import DestinationError
 from floe.secrets import redact
 
 log = logging.getLogger("floe.bigquery")
+# The version check's error: "floe_state_conflict <source>.<stream>: latest version <n>".
+CONFLICT = "floe_state_conflict"
+# BigQuery's answers to two jobs changing one table's schema at once: wait and run the DDL again.
+DDL_RACES = ("concurrent update", "Exceeded rate limits", "rateLimitExceeded", "Already Exists")
+DDL_RETRIES = 5
 
-class BigQueryConfig(DestinationConfig):
+class BigQueryConfig(DestinationConfig, ExpiringLeaseConfig):
     type: str = "bigquery"
     project: str
     dataset: str
@@ -273,13 +296,23 @@ class BigQueryDestination(Destination):
             f"WHEN NOT MATCHED THEN INSERT ({names}) VALUES ({values})"
         ]
 
-    def state_sql(self, suffix: str = "", refresh: bool = False) -> list[str]:
-        """The new state version and the load row; a full refresh's commits to its copy write no state."""
+    def version_check_sql(self, suffix: str = "") -> str:
+        """Fails the script (ERROR) unless the stream's latest state version is still @base_version."""
+        source, stream = f"@source{suffix}", f"@stream{suffix}"
+        latest = f"COALESCE((SELECT MAX(version) FROM {self.ref(STATE_TABLE)} WHERE source = {source} AND " \
+                 f"stream = {stream}), 0)"
+        return (f"SELECT IF({latest} = @base_version{suffix}, 0, ERROR(CONCAT('{CONFLICT} ', {source}, '.', "
+                f"{stream}, ': latest version ', CAST({latest} AS STRING))))")
+
+    def state_sql(self, suffix: str = "", refresh: bool = False, checked: bool = False) -> list[str]:
+        """The new state version (`checked`: after the version check) and the load row; a full
+        refresh's commits to its copy write no state."""
         if refresh:
             return [self.load_row_sql("'refreshing'", "NULL", suffix)]
         state = self.ref(STATE_TABLE)
         source, stream = f"@source{suffix}", f"@stream{suffix}"
         return [
+            *([self.version_check_sql(suffix)] if checked else []),
             f"INSERT INTO {state} (source, stream, version, state, load_id, committed_at) "
             f"SELECT {source}, {stream}, COALESCE(MAX(version), 0) + 1, @state{suffix}, @load_id{suffix}, "
             f"CURRENT_TIMESTAMP() FROM {state} WHERE source = {source} AND stream = {stream}",
@@ -301,6 +334,7 @@ class BigQueryDestination(Destination):
             ("load_id", "STRING", job.load_id), ("destination", "STRING", destination),
             ("rows", "INT64", job.rows), ("started_at", "TIMESTAMP", job.started_at.isoformat()),
             ("details", "STRING", json.dumps(job.details, sort_keys=True) if job.details else None),
+            *([("base_version", "INT64", job.base_version)] if job.base_version is not None else []),
         ]]
 
     def views_sql(self, spec: TableSpec) -> list[str]:
@@ -341,7 +375,8 @@ class BigQueryDestination(Destination):
         return LoadPlan(
             table=f"{self.config.project}.{self.config.dataset}.{self.table_name(spec)}", staging=staging,
             uris=uris, ddl=ddl, load_job=self.load_job_config(spec, staging, uris),
-            body=[*body, *self.state_sql(suffix, job.refresh)], parameters=self.parameters(job, self.name, suffix),
+            body=[*body, *self.state_sql(suffix, job.refresh, job.base_version is not None)],
+            parameters=self.parameters(job, self.name, suffix),
             after=[*self.views_sql(spec), f"DROP TABLE IF EXISTS {self.ref(staging)}"],
         )
 
@@ -431,13 +466,16 @@ class BigQueryDestination(Destination):
             with self._lock:
                 for job, plan in zip(jobs, plans, strict=True):
                     for statement in plan.ddl:
-                        self.api.query(statement)
+                        self.run_ddl(statement)
                     self._meta_ready = True
                     if plan.uris:
                         self.api.run_job(self.job_id(job, "load"), plan.load_job)
+                for job in jobs:
+                    job.check_lease()
                 self.api.query(transaction_script(plans), [p for plan in plans for p in plan.parameters],
                                job_id=self.job_id(jobs[0], "commit"))
         except DestinationError as exc:
+            self.raise_conflict(exc, jobs)
             tables = ", ".join(f"{j.table.schema_name}.{j.table.table}" for j in jobs)
             raise DestinationError(f"{self.name}: loading {tables} failed, nothing committed: {exc}") from None
         finally:
@@ -475,7 +513,7 @@ class BigQueryDestination(Destination):
                         f"SELECT {names}@load_id, CURRENT_TIMESTAMP() FROM {copy}"]
         return LoadPlan(table=f"{self.config.project}.{self.config.dataset}.{self.table_name(spec)}",
                         staging=self.table_name(refresh_copy(spec)), uris=[], ddl=ddl, load_job={},
-                        body=[*body, *self.state_sql()], parameters=parameters,
+                        body=[*body, *self.state_sql(checked=job.base_version is not None)], parameters=parameters,
                         after=[*self.views_sql(spec), f"DROP TABLE IF EXISTS {copy}"])
 
     def finish_refresh(self, job: LoadJob, scope: RefreshScope | None = None) -> None:
@@ -484,10 +522,12 @@ class BigQueryDestination(Destination):
                                      self.existing_columns(refresh_copy(job.table)), scope, self._meta_ready)
             with self._lock:
                 for statement in plan.ddl:
-                    self.api.query(statement)
+                    self.run_ddl(statement)
                 self._meta_ready = True
+                job.check_lease()
                 self.api.query(plan.script, plan.parameters, job_id=self.job_id(job, "commit"))
         except DestinationError as exc:
+            self.raise_conflict(exc, [job])
             raise DestinationError(f"{self.name}: replacing {job.table.schema_name}.{job.table.table} by its full "
                                    f"refresh failed, nothing committed: {exc}") from None
         for statement in plan.after:
@@ -506,21 +546,45 @@ class BigQueryDestination(Destination):
         except Exception as exc:  # noqa: BLE001 - bookkeeping must never hide the original error
             log.warning("event=bigquery_record_failure_failed destination=%s error=%s", self.name, redact(str(exc)))
 
+    def raise_conflict(self, exc: DestinationError, jobs: list[LoadJob]) -> None:
+        """Raise StateConflictError if `exc` is the version check of one of `jobs` failing."""
+        for job in jobs:
+            if found := re.search(rf"{CONFLICT} {re.escape(f'{job.source}.{job.stream}')}: latest version (\d+)",
+                                  str(exc)):
+                raise state_conflict(self.name, job, int(found[1])) from None
+
+    def run_ddl(self, statement: str) -> None:
+        """Run a DDL statement, again (after a pause) while BigQuery refuses it because another job is
+        changing the same table."""
+        for attempt in range(DDL_RETRIES):
+            try:
+                self.api.query(statement)
+                return
+            except DestinationError as exc:
+                if attempt + 1 == DDL_RETRIES or not any(race in str(exc) for race in DDL_RACES):
+                    raise
+                log.info("event=ddl_race destination=%s attempt=%d error=%s", self.name, attempt + 1, exc)
+                time.sleep(2**attempt)
+
     def ensure_meta(self) -> None:
         if not self._meta_ready:
             for statement in self.meta_ddl():
-                self.api.query(statement)
+                self.run_ddl(statement)
             self._meta_ready = True
 
-    def get_state(self, source: str, stream: str) -> State | None:
+    def read_state(self, source: str, stream: str) -> CommittedState:
         self.ensure_meta()
         rows = self.api.query(
-            f"SELECT state FROM {self.ref(STATE_TABLE)} WHERE source = @source AND stream = @stream "
+            f"SELECT version, state FROM {self.ref(STATE_TABLE)} WHERE source = @source AND stream = @stream "
             "ORDER BY version DESC LIMIT 1",
-            [{"name": n, "parameterType": {"type": "STRING"}, "parameterValue": {"value": v}}
-             for n, v in (("source", source), ("stream", stream))],
+            [param("source", "STRING", source), param("stream", "STRING", stream)],
         )
-        return json.loads(rows[0][0]) if rows else None
+        return CommittedState(int(rows[0][0]), json.loads(rows[0][1])) if rows else CommittedState()
+
+    def try_lease(self, source: str, stream: str) -> Lease | Holder:
+        key = self.stage_url.key("_floe_leases", f"{self.config.project}.{self.config.dataset}", source,
+                                 f"{stream}.json")
+        return take_object_lease(self.store, key, self.lease_name(source, stream), self.config.lease_expiry_seconds)
 
     def states(self) -> list[dict[str, Any]]:
         self.ensure_meta()

@@ -1,8 +1,14 @@
 """DuckDB: the embedded default warehouse. An append's stage files are Arrow IPC, streamed into
-the table by pyarrow; a merge's are Parquet, read (several times) by `read_parquet`."""
+the table by pyarrow; a merge's are Parquet, read (several times) by `read_parquet`.
+
+Leases: DuckDB lets one process at a time open a database file for writing, so the file lock is
+the lease between processes (a second process is told which pid holds it); runs within one
+process take a lease per stream among themselves."""
 
 from __future__ import annotations
 
+import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -14,6 +20,7 @@ from pydantic import Field
 from floe.config import DestinationConfig
 from floe.destinations.base import SEQ, LoadJob, TableSpec, staged_column
 from floe.destinations.column_types import SPELLED_OUT, TEXT_KEYS, ColumnRules
+from floe.destinations.leases import Holder, Lease, process_started, take_process_lease
 from floe.destinations.sql import SqlDestination
 from floe.engine.stage import SUFFIXES
 from floe.engine.stream import Disposition, Stream
@@ -38,6 +45,18 @@ class DuckDBConfig(DestinationConfig):
     # nothing to write and read; merges stage Parquet (lz4: less CPU than zstd).
     stage_format: Literal["arrow", "parquet"] = "arrow"
     stage_compression: Literal["zstd", "lz4", "snappy", "none"] = "lz4"
+
+
+# DuckDB's error when another process has the file open: "... Conflicting lock is held in <program> (PID n) ..."
+LOCK_HELD = re.compile(r"Conflicting lock is held in (?P<program>.+?) \(PID (?P<pid>\d+)\)")
+
+
+class DatabaseFileLocked(DestinationError):
+    """Another process has the DuckDB file open; `holder` says which."""
+
+    def __init__(self, message: str, holder: Holder) -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 class DuckDBDestination(SqlDestination):
@@ -106,7 +125,13 @@ class DuckDBDestination(SqlDestination):
         try:
             conn = duckdb.connect(str(self.path), config=settings)
         except duckdb.Error as exc:
-            raise DestinationError(f"destinations.{self.name}: cannot open {self.path}: {exc}") from None
+            message = f"destinations.{self.name}: cannot open {self.path}: {exc}"
+            if held := LOCK_HELD.search(str(exc)):
+                pid = int(held["pid"])
+                raise DatabaseFileLocked(message, Holder(
+                    socket.gethostname(), pid, process_started(pid),
+                    how=f"DuckDB's lock on {self.path} ({held['program']})")) from None
+            raise DestinationError(message) from None
         conn.execute("SET TimeZone = 'UTC'")
         self._catalog = conn.execute("SELECT current_database()").fetchall()[0][0]
         return conn
@@ -128,6 +153,24 @@ class DuckDBDestination(SqlDestination):
 
     def rollback(self, cur: Any) -> None:
         cur.execute("ROLLBACK")
+
+    def try_lease(self, source: str, stream: str) -> Lease | Holder:
+        try:
+            with self._lock:
+                self.conn  # noqa: B018 - opening the file takes DuckDB's lock against other processes
+        except DatabaseFileLocked as exc:
+            return exc.holder
+        return take_process_lease(f"{self.path.resolve()}\0{source}\0{stream}", self.lease_name(source, stream))
+
+    def is_ddl_race(self, exc: Exception) -> bool:
+        return isinstance(exc, duckdb.TransactionException) and "write-write conflict" in str(exc)
+
+    def is_state_conflict(self, exc: Exception, job: LoadJob) -> bool:
+        # The unique index is checked when the transaction commits: "... constraint violation: duplicate key
+        # "<source>, <stream>, <version>"" (the only unique index floe creates).
+        text = str(exc)
+        return (isinstance(exc, (duckdb.TransactionException, duckdb.ConstraintException))
+                and "duplicate key" in text and f"{job.source}, {job.stream}, " in text)
 
     def check(self) -> list[str]:
         self.query("SELECT 1")

@@ -4,12 +4,16 @@ Layout under `path`:
 
     <source>/<stream>/<YYYY>/<MM>/<DD>/<load_id>-<n>.<parquet|jsonl|csv>[.gz]
     <source>/<stream>/_floe_state/v<version:08d>.json
+    <source>/<stream>/_floe_state/lease.json
 
 A load writes its data objects first and its state object last. The state object (one per commit,
 never overwritten) holds the stream's state, the load id and the files of the load; its existence
-is the commit. Objects left by a load that crashed before its state object are swept before the
-next load of the stream: their load ids sort after the last committed one (load ids start with
-the UTC time), so only the day folders since that commit are listed. `replace` streams keep only
+is the commit. It is written only if no object of that version exists yet (a conditional write),
+so two runs never both commit one version; `lease.json` is the stream's lease (`leases.py`).
+Objects left by a load that crashed before its state object are swept when the next load of the
+stream has committed (not before: until then another load of that version could still commit):
+their load ids sort after the previous commit's (load ids start with the UTC time), so only the
+day folders since that commit are listed. `replace` streams keep only
 the files of the latest commit. `merge` streams are written as a change log: readers keep, per
 primary key, the row with the latest `_floe_loaded_at`.
 
@@ -29,11 +33,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import SecretStr
 
-from floe.config import DestinationConfig
-from floe.destinations.base import Destination, LoadJob, TableSpec
+from floe.config import DestinationConfig, ExpiringLeaseConfig
+from floe.destinations.base import CommittedState, Destination, LoadJob, TableSpec, state_conflict
+from floe.destinations.leases import Holder, Lease, take_object_lease
 from floe.destinations.objectstore import GCSStore, LocalStore, ObjectStore, S3Store, StoreUrl
-from floe.engine.stream import RefreshScope, State
-from floe.errors import DestinationError
+from floe.engine.stream import RefreshScope
+from floe.errors import DestinationError, LeaseLostError
 
 STATE_DIR = "_floe_state"
 REFRESH_DIR = "_floe_refresh"  # where a full refresh's objects wait for its commit
@@ -41,7 +46,7 @@ KEEP_STATE_VERSIONS = 50
 EXTENSIONS = {"parquet": "parquet", "jsonl": "jsonl", "csv": "csv"}
 
 
-class FilesConfig(DestinationConfig):
+class FilesConfig(DestinationConfig, ExpiringLeaseConfig):
     type: str = "files"
     path: str  # s3://bucket/prefix | gs://bucket/prefix | a folder
     format: Literal["parquet", "jsonl", "csv"] = "parquet"
@@ -99,9 +104,13 @@ class FilesDestination(Destination):
         data = self.store.get_bytes(versions[-1][1])
         return json.loads(data) if data else None
 
-    def get_state(self, source: str, stream: str) -> State | None:
+    def read_state(self, source: str, stream: str) -> CommittedState:
         latest = self._latest(source, stream)
-        return latest["state"] if latest else None
+        return CommittedState(latest["version"], latest["state"]) if latest else CommittedState()
+
+    def try_lease(self, source: str, stream: str) -> Lease | Holder:
+        return take_object_lease(self.store, self.key(source, stream, STATE_DIR, "lease.json"),
+                                 self.lease_name(source, stream), self.config.lease_expiry_seconds)
 
     def states(self) -> list[dict[str, Any]]:
         out = []
@@ -124,7 +133,7 @@ class FilesDestination(Destination):
         """Delete data objects no commit owns: those of crashed loads, and what a snapshot (a replace
         stream's commit, a full refresh) replaced.
 
-        Only objects from the second of the last commit onwards are candidates (load ids start with
+        Only objects from the second of `latest`'s commit onwards are candidates (load ids start with
         the UTC time); among them, those of a load id in `committed` (recent commits) stay."""
         base = self.key(job.source, job.stream)
         snapshot = latest is not None and (job.table.disposition == "replace" or latest.get("full_refresh", False))
@@ -145,7 +154,7 @@ class FilesDestination(Destination):
                     continue
                 load_id = key.rsplit("/", 1)[-1].rsplit("-", 1)[0]
                 if keep is not None:
-                    if key not in keep:
+                    if key not in keep and load_id not in committed:
                         doomed.append(key)
                 elif load_id >= since and load_id not in committed:
                     doomed.append(key)
@@ -178,11 +187,8 @@ class FilesDestination(Destination):
                                    f"{exc}") from exc
 
     def _load(self, job: LoadJob) -> None:
-        versions = self._versions(job.source, job.stream)
-        latest = json.loads(self.store.get_bytes(versions[-1][1]) or b"null") if versions else None
+        versions, latest = self._base(job)
         recent = latest["recent_load_ids"] if latest else []
-        if not job.refresh:
-            self._sweep(job, latest, set(recent))
         now = datetime.now(UTC)
         keys: list[str] = []
         with tempfile.TemporaryDirectory(prefix="floe-files-") as tmp:
@@ -210,12 +216,40 @@ class FilesDestination(Destination):
             "committed_at": datetime.now(UTC).isoformat(), "details": job.details,
             "recent_load_ids": [*recent, job.load_id][-KEEP_STATE_VERSIONS:],
         }
-        state_key = self.key(job.source, job.stream, STATE_DIR, f"v{version:08d}.json")
-        self.store.put_bytes(state_key, json.dumps(record, indent=1, sort_keys=True).encode())  # the commit
+        state_key = self._commit(job, record, keys)
+        # Only now, committed: the objects of another load of this version (a run that lost its lease)
+        # may be deleted, as that load can no longer commit.
         if job.table.disposition == "replace":
             self._sweep(job, record, {job.load_id})
+        else:
+            self._sweep(job, latest, {*recent, job.load_id})
         old = [*versions, (version, state_key)][:-KEEP_STATE_VERSIONS]
         self.store.delete_keys([key for _, key in old])
+
+    def _base(self, job: LoadJob) -> tuple[list[tuple[int, str]], dict[str, Any] | None]:
+        """The stream's state versions and latest state record; StateConflictError if that is not the
+        version the job builds on."""
+        versions = self._versions(job.source, job.stream)
+        latest = json.loads(self.store.get_bytes(versions[-1][1]) or b"null") if versions else None
+        if job.base_version is not None and (latest["version"] if latest else 0) != job.base_version:
+            raise state_conflict(self.name, job, latest["version"] if latest else 0)
+        return versions, latest
+
+    def _commit(self, job: LoadJob, record: dict[str, Any], written: list[str]) -> str:
+        """Write the state object of `record`'s version (the commit) unless another run wrote one first:
+        then delete `written` (this load's own objects) and raise StateConflictError. Its key."""
+        state_key = self.key(job.source, job.stream, STATE_DIR, f"v{record['version']:08d}.json")
+        try:
+            job.check_lease()
+        except LeaseLostError:
+            self.store.delete_keys(written)
+            raise
+        if self.store.put_if_absent(state_key, json.dumps(record, indent=1, sort_keys=True).encode()) is None:
+            existing = json.loads(self.store.get_bytes(state_key) or b"{}")
+            if existing.get("load_id") != job.load_id:  # not a retried write of this very commit
+                self.store.delete_keys(written)
+                raise state_conflict(self.name, job, record["version"])
+        return state_key
 
     @property
     def extension(self) -> str:
@@ -241,8 +275,7 @@ class FilesDestination(Destination):
     def _finish_refresh(self, job: LoadJob, scope: RefreshScope | None) -> None:
         """Move the refresh's objects into the layout, write the snapshot state object listing them (and,
         with a scope, the rows before it), then delete every other object of the stream."""
-        versions = self._versions(job.source, job.stream)
-        latest = json.loads(self.store.get_bytes(versions[-1][1]) or b"null") if versions else None
+        versions, latest = self._base(job)
         self._sweep(job, latest, set(latest["recent_load_ids"] if latest else []))  # crashed loads' objects
         moves = []
         for key, _ in self.store.list(self.key(job.source, job.stream, REFRESH_DIR) + "/"):
@@ -262,8 +295,8 @@ class FilesDestination(Destination):
             "committed_at": datetime.now(UTC).isoformat(), "details": job.details,
             "recent_load_ids": [*load_ids, job.load_id][-KEEP_STATE_VERSIONS:],
         }
-        state_key = self.key(job.source, job.stream, STATE_DIR, f"v{version:08d}.json")
-        self.store.put_bytes(state_key, json.dumps(record, indent=1, sort_keys=True).encode())  # the commit
+        written = [k for k in keys if k.rsplit("/", 1)[-1].startswith(job.load_id)] + [t for _, t in moves]
+        state_key = self._commit(job, record, written)
         self._sweep(job, record, {job.load_id})
         old = [*versions, (version, state_key)][:-KEEP_STATE_VERSIONS]
         self.store.delete_keys([key for _, key in old])

@@ -4,12 +4,19 @@ One small interface over S3, GCS and a local folder: put, get, list (paginated) 
 prefix (paginated, in chunks: S3's DeleteObjects takes at most 1,000 keys and one listing page
 holds at most 1,000 keys, the limit behind Huskimo's bug #18). `check` says exactly what is
 wrong: missing bucket, denied access, unreachable endpoint.
+
+Conditional writes (leases, the files destination's state versions): `put_if_absent` and
+`put_if_version` succeed only if the object is missing, or is still the version read before;
+S3 sends `If-None-Match: *` / `If-Match: <ETag>`, GCS `ifGenerationMatch`, and a local folder
+compares under an `flock` of a lock file beside the object, then replaces the object atomically.
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
+import fcntl
+import hashlib
 import os
 import shutil
 from abc import ABC, abstractmethod
@@ -80,6 +87,18 @@ class ObjectStore(ABC):
             list(pool.map(lambda pair: self.copy(*pair), pairs))
         for start in range(0, len(pairs), DELETE_CHUNK):
             self.delete_keys([source for source, _ in pairs[start : start + DELETE_CHUNK]])
+
+    @abstractmethod
+    def get_versioned(self, key: str) -> tuple[bytes, str] | None:
+        """The object's content and version (S3 ETag, GCS generation), or None when it does not exist."""
+
+    @abstractmethod
+    def put_if_absent(self, key: str, data: bytes) -> str | None:
+        """Create the object only if it does not exist: its version, or None if it existed."""
+
+    @abstractmethod
+    def put_if_version(self, key: str, data: bytes, version: str) -> str | None:
+        """Replace the object only if it is still `version`: the new version, or None if it changed or is gone."""
 
     def probe_write_and_delete(self) -> str:
         """Write and delete a small object under the prefix: proves the permissions a load needs."""
@@ -167,16 +186,42 @@ class S3Store(ObjectStore):
             raise self._error(exc, "copy") from None
 
     def get_bytes(self, key: str) -> bytes | None:
+        found = self.get_versioned(key)
+        return found[0] if found else None
+
+    def get_versioned(self, key: str) -> tuple[bytes, str] | None:
         from botocore.exceptions import ClientError
 
         try:
-            return bytes(self.client.get_object(Bucket=self.url.bucket, Key=key)["Body"].read())
+            answer = self.client.get_object(Bucket=self.url.bucket, Key=key)
+            return bytes(answer["Body"].read()), str(answer["ETag"])
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
             raise self._error(exc, "read") from None
         except Exception as exc:
             raise self._error(exc, "read") from None
+
+    def _put_conditional(self, key: str, data: bytes, **condition: str) -> str | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            answer = self.client.put_object(Bucket=self.url.bucket, Key=key, Body=data, **condition)
+        except ClientError as exc:
+            # 412: the condition failed; 409: a concurrent conditional write won; 404: If-Match on a missing key.
+            if exc.response.get("Error", {}).get("Code") in (
+                    "PreconditionFailed", "412", "ConditionalRequestConflict", "409", "NoSuchKey"):
+                return None
+            raise self._error(exc, "write") from None
+        except Exception as exc:
+            raise self._error(exc, "write") from None
+        return str(answer["ETag"])
+
+    def put_if_absent(self, key: str, data: bytes) -> str | None:
+        return self._put_conditional(key, data, IfNoneMatch="*")
+
+    def put_if_version(self, key: str, data: bytes, version: str) -> str | None:
+        return self._put_conditional(key, data, IfMatch=version)
 
     def list(self, prefix: str) -> Iterator[tuple[str, int]]:
         try:
@@ -276,6 +321,45 @@ class GCSStore(ObjectStore):
         except Exception as exc:
             raise self._error(exc, "read") from None
 
+    def get_versioned(self, key: str) -> tuple[bytes, str] | None:
+        from google.api_core import exceptions as gexc
+
+        try:
+            for _ in range(5):
+                blob = self.bucket.get_blob(key)
+                if blob is None:
+                    return None
+                generation = blob.generation  # (a download sets it anew from the response headers)
+                with contextlib.suppress(gexc.PreconditionFailed):  # rewritten in between: read again
+                    return bytes(blob.download_as_bytes(if_generation_match=generation)), str(generation)
+        except gexc.NotFound:
+            return None
+        except Exception as exc:
+            raise self._error(exc, "read") from None
+        raise DestinationError(f"{self.where}: gs://{self.url.bucket}/{key} keeps changing while being read")
+
+    def _put_conditional(self, key: str, data: bytes, generation: int) -> str | None:
+        from google.api_core import exceptions as gexc
+
+        blob = self.bucket.blob(key)
+        try:
+            blob.upload_from_string(data, if_generation_match=generation)
+        except gexc.PreconditionFailed:
+            return None
+        except gexc.NotFound:
+            if generation and self.bucket.exists():
+                return None  # the object is gone
+            raise self._error(gexc.NotFound("bucket"), "write") from None
+        except Exception as exc:
+            raise self._error(exc, "write") from None
+        return str(blob.generation)
+
+    def put_if_absent(self, key: str, data: bytes) -> str | None:
+        return self._put_conditional(key, data, 0)  # generation 0: only if no live object exists
+
+    def put_if_version(self, key: str, data: bytes, version: str) -> str | None:
+        return self._put_conditional(key, data, int(version))
+
     def list(self, prefix: str) -> Iterator[tuple[str, int]]:
         try:
             for blob in self.client.list_blobs(self.url.bucket, prefix=prefix, page_size=self.page_size):
@@ -309,7 +393,8 @@ class GCSStore(ObjectStore):
 
 # --- local folder -------------------------------------------------------------------------------
 class LocalStore(ObjectStore):
-    """A folder on disk; keys are relative paths. Writes are atomic (temp file + rename)."""
+    """A folder on disk; keys are relative paths. Writes are atomic (temp file + rename); names
+    starting with a dot (temp and lock files) are not listed."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -350,6 +435,38 @@ class LocalStore(ObjectStore):
             self._path(target).parent.mkdir(parents=True, exist_ok=True)
             os.replace(self._path(source), self._path(target))
 
+    @staticmethod
+    def _version(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    @contextlib.contextmanager
+    def _locked(self, key: str) -> Iterator[Path]:
+        """Hold an exclusive flock on a lock file beside the object (released when closed, also by a
+        process that dies); yields the object's path."""
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.with_name(f".{target.name}.lock"), "ab") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield target
+
+    def get_versioned(self, key: str) -> tuple[bytes, str] | None:
+        data = self.get_bytes(key)  # replaced atomically: never half written
+        return None if data is None else (data, self._version(data))
+
+    def put_if_absent(self, key: str, data: bytes) -> str | None:
+        with self._locked(key) as target:
+            if target.exists():
+                return None
+            self.put_bytes(key, data)
+        return self._version(data)
+
+    def put_if_version(self, key: str, data: bytes, version: str) -> str | None:
+        with self._locked(key) as target:
+            if not target.exists() or self._version(target.read_bytes()) != version:
+                return None
+            self.put_bytes(key, data)
+        return self._version(data)
+
     def list(self, prefix: str) -> Iterator[tuple[str, int]]:
         base = self._path(prefix)
         if base.is_file():
@@ -358,7 +475,7 @@ class LocalStore(ObjectStore):
         if not base.is_dir():
             return
         for path in sorted(base.rglob("*")):
-            if path.is_file() and not path.name.endswith(".tmp"):
+            if path.is_file() and not path.name.startswith("."):  # temp and lock files
                 yield path.relative_to(self.root).as_posix(), path.stat().st_size
 
     def delete_keys(self, keys: builtins.list[str]) -> None:

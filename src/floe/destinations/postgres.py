@@ -13,6 +13,11 @@ Loads: `append` and `replace` COPY straight into the target table inside the tra
 arrival-order column `_floe_seq`, keeps the last row per primary key, deletes the matching target
 rows (hash join on `=`, plus a null-safe pass for keys holding NULL) and inserts. Merge tables get
 a plain index on the primary key. `_floe_state` and `_floe_loads` are written in the same transaction.
+
+Leases: a session-level advisory lock per stream, held on a connection of its own for the whole
+run; the server releases it when that session ends, so a killed run frees its streams at once
+(server-side TCP keepalives notice a vanished machine within about a minute). A `_floe_leases`
+row names the holder (host, pid, since) for the message a waiting run ends with.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
+import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -34,13 +41,54 @@ from floe.config import DestinationConfig
 from floe.destinations import pgbinary
 from floe.destinations.base import SEQ, LoadJob, TableSpec, is_json, nested_as_json
 from floe.destinations.column_types import SPELLED_OUT, TEXT_KEYS, ColumnRules
-from floe.destinations.sql import SqlDestination, arrow_type_key
+from floe.destinations.leases import Holder, Lease
+from floe.destinations.sql import LEASES_TABLE, STATE_TABLE, SqlDestination, arrow_type_key
 from floe.engine.stage import StagedFile
-from floe.errors import DestinationError
+from floe.errors import DestinationError, LeaseLostError
 from floe.pgconn import PostgresConnection, connect_postgres, describe, read_batches
 
 COPY_BATCH_ROWS = 65_536
 NEW = "_floe_new"  # alias of the incoming rows (a table may well be called `s`)
+LEASE_LOCKS = 0x666C6F65  # "floe": the first key of floe's advisory locks; the second names the stream
+T = TypeVar("T")
+# Errors of two sessions creating the same object at once: duplicate schema, table, object, column;
+# deadlock and serialization failures roll the whole transaction back too (so it can be run again).
+RACE_SQLSTATES = {"42P06", "42P07", "42710", "42701", "40P01", "40001"}
+CATALOG_INDEXES = {"pg_namespace_nspname_index", "pg_type_typname_nsp_index", "pg_class_relname_nsp_index"}
+
+
+def advisory_key(*parts: str) -> int:
+    """A stable signed 32-bit advisory lock key naming `parts`."""
+    return int.from_bytes(hashlib.blake2b("\0".join(parts).encode(), digest_size=4).digest(), "big", signed=True)
+
+
+class AdvisoryLease(Lease):
+    """A session-level advisory lock on the destination's lease connection."""
+
+    def __init__(self, owner: PostgresDestination, conn: Any, key: int, source: str, stream: str) -> None:
+        super().__init__(owner.lease_name(source, stream), None)
+        self.owner, self.conn, self.key, self.source, self.stream = owner, conn, key, source, stream
+
+    def _renew(self) -> None:
+        try:
+            held = self.owner.lease_session(lambda conn: self.conn.execute(
+                "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid::bigint = %s AND objid::bigint = %s "
+                "AND objsubid = 2 AND pid = pg_backend_pid() AND granted",
+                (LEASE_LOCKS, self.key & 0xFFFFFFFF)).fetchone())
+        except Exception as exc:  # noqa: BLE001 - the session is gone, and the lock with it
+            raise LeaseLostError(f"{self.what}: the lease's database session was lost ({exc})") from None
+        if held is None:
+            raise LeaseLostError(f"{self.what}: the advisory lock is no longer held")
+
+    def _release(self) -> None:
+        def unlock(_: Any) -> None:
+            self.owner.held_leases.discard(self.key)
+            with self.conn.transaction():
+                self.conn.execute(f"DELETE FROM {self.owner.qualified(self.owner.meta_schema, LEASES_TABLE)} "
+                                  "WHERE source = %s AND stream = %s", (self.source, self.stream))
+                self.conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LEASE_LOCKS, self.key))
+
+        self.owner.lease_session(unlock)
 
 
 class PostgresConfig(DestinationConfig, PostgresConnection):
@@ -117,13 +165,78 @@ class PostgresDestination(SqlDestination):
     direct_load: ClassVar[bool] = True  # append/replace COPY straight into the target (in the transaction)
     binary_copy: ClassVar[bool] = True  # binary COPY where every column maps exactly (else CSV)
 
+    # The lease connection's session: the server probes an idle client every 10 s after 30 s of
+    # silence and ends the session (releasing its advisory locks) after 3 probes go unanswered.
+    lease_session_sql: ClassVar[tuple[str, ...]] = (
+        "SET tcp_keepalives_idle = 30", "SET tcp_keepalives_interval = 10", "SET tcp_keepalives_count = 3")
+
     def __init__(self, name: str, config: Any, context: Any = None) -> None:
         super().__init__(name, config, context)
         self.meta_schema = config.state_schema  # type: ignore[misc]  # per instance: it is a config key here
+        self._lease_conn: Any = None
+        self._lease_lock = threading.Lock()
+        self.held_leases: set[int] = set()  # advisory keys held by this instance's lease session
 
     # --- connection ------------------------------------------------------------------------------
     def connect(self) -> Any:
         return connect_postgres(self.config, where=f"destinations.{self.name}")
+
+    def lease_session(self, work: Callable[[Any], T]) -> T:
+        """`work(connection)` on the lease connection (autocommit; opened when first needed), one at a time."""
+        with self._lease_lock:
+            if self._lease_conn is None or self._lease_conn.closed:
+                self.held_leases.clear()  # a new session holds nothing
+                self._lease_conn = connect_postgres(self.config, where=f"destinations.{self.name}", autocommit=True,
+                                                    application_name="floe lease")
+                for statement in self.lease_session_sql:
+                    self._lease_conn.execute(statement)
+            return work(self._lease_conn)
+
+    def meta_ddl(self) -> list[str]:
+        t, ts = self.text_type, self.timestamp_tz_type
+        return [*super().meta_ddl(),
+                f"CREATE TABLE IF NOT EXISTS {self.qualified(self.meta_schema, LEASES_TABLE)} (source {t}, "
+                f"stream {t}, destination {t}, host {t}, pid BIGINT, since {ts}, expires_at {ts}, token {t})"]
+
+    def try_lease(self, source: str, stream: str) -> Lease | Holder:
+        self.prepare_meta()
+        key = advisory_key(self.meta_schema, source, stream)
+        leases = self.qualified(self.meta_schema, LEASES_TABLE)
+
+        def take(conn: Any) -> Lease | Holder:
+            if key in self.held_leases:  # advisory locks nest within a session: refuse a second holder here
+                me = Holder.me()
+                return Holder(me.host, me.pid, None, how="another run in this process")
+            if not conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (LEASE_LOCKS, key)).fetchone()[0]:
+                row = conn.execute(f"SELECT host, pid, since FROM {leases} WHERE source = %s AND stream = %s "
+                                   "ORDER BY since DESC LIMIT 1", (source, stream)).fetchone()
+                return Holder(*row) if row else Holder(None, None, None, how="a session that left no lease row")
+            me = Holder.me()
+            try:
+                with conn.transaction():
+                    conn.execute(f"DELETE FROM {leases} WHERE source = %s AND stream = %s", (source, stream))
+                    conn.execute(f"INSERT INTO {leases} (source, stream, destination, host, pid, since) "
+                                 "VALUES (%s, %s, %s, %s, %s, %s)", (source, stream, self.name, me.host, me.pid, me.since))
+            except BaseException:
+                conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LEASE_LOCKS, key))
+                raise
+            self.held_leases.add(key)
+            return AdvisoryLease(self, conn, key, source, stream)
+
+        return self.lease_session(take)
+
+    def is_ddl_race(self, exc: Exception) -> bool:
+        if not isinstance(exc, psycopg.Error):
+            return False
+        if exc.sqlstate in RACE_SQLSTATES:
+            return True
+        if exc.sqlstate == "23505":  # a unique violation on a catalog index: CREATE ... IF NOT EXISTS raced
+            return exc.diag.constraint_name in CATALOG_INDEXES
+        return exc.sqlstate == "XX000" and "tuple concurrently updated" in str(exc)
+
+    def is_state_conflict(self, exc: Exception, job: LoadJob) -> bool:
+        return (isinstance(exc, psycopg.Error) and exc.sqlstate == "23505"
+                and exc.diag.constraint_name == f"{STATE_TABLE}_version")
 
     def rollback(self, cur: Any) -> None:
         if not self.conn.closed:
@@ -291,10 +404,17 @@ class PostgresDestination(SqlDestination):
         real_rows = spec.not_marker_sql(lambda k: f"{NEW}.{self.quote(k)}")
         statements.append(
             f"INSERT INTO {target} ({names}_floe_load_id, _floe_loaded_at) "
-            f"SELECT {values}'{load_id}', CURRENT_TIMESTAMP FROM {staging} AS {NEW}"
+            f"SELECT {values}'{load_id}', {self.now_sql} FROM {staging} AS {NEW}"
             + (f" WHERE {real_rows}" if real_rows else "")
         )
         return statements
 
     def drop_staging(self, cur: Any, staging: str) -> None:
         cur.execute(f"DROP TABLE IF EXISTS {staging}")
+
+    def close(self) -> None:
+        super().close()
+        with self._lease_lock:
+            if self._lease_conn is not None:
+                self._lease_conn.close()  # ends the session: the server releases its advisory locks
+                self._lease_conn = None

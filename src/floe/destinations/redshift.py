@@ -12,6 +12,12 @@ A load of one stream:
    `_floe_loads`;
 4. the load's S3 objects are deleted, whether the transaction committed or not.
 
+Leases and versions: Redshift has neither advisory locks nor enforced unique constraints. A
+stream's lease is a `_floe_leases` row with an expiry, taken, renewed and released in short
+transactions that first `LOCK` the table; the load transaction `LOCK`s `_floe_state` right before
+it checks that the version it builds on is still the latest. Statements use `GETDATE()` (Redshift
+runs `CURRENT_TIMESTAMP` on the leader node only, not in statements that read tables).
+
 Type limits: text is VARCHAR(65535) (bytes). `long_strings: fail` (default) refuses a load holding a
 longer value and names the column; `truncate` cuts such values at 65,535 bytes (on a UTF-8 character
 boundary) and counts them in `_floe_loads.details`. JSON goes into SUPER via JSON_PARSE, so a JSON
@@ -21,7 +27,9 @@ document may not exceed 65,535 bytes either (a truncated document would be inval
 from __future__ import annotations
 
 import json
+import logging
 import math
+import secrets
 import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -34,19 +42,37 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from pydantic import SecretStr, field_validator, model_validator
 
+from floe.config import ExpiringLeaseConfig
 from floe.destinations.base import SEQ, LoadJob, TableSpec, is_json, staged_column
 from floe.destinations.column_types import SPELLED_OUT, ColumnRules
+from floe.destinations.leases import Holder, Lease
 from floe.destinations.objectstore import S3Store, StoreUrl
 from floe.destinations.postgres import NEW, PostgresConfig, PostgresDestination
-from floe.destinations.sql import SqlDestination, arrow_type_key
+from floe.destinations.sql import LEASES_TABLE, SqlDestination, arrow_type_key
 from floe.engine.stage import StagedFile
-from floe.errors import DestinationError
+from floe.errors import DestinationError, LeaseLostError
 from floe.pgconn import SslMode
 
 VARCHAR_MAX = 65535
+log = logging.getLogger("floe.redshift")
 
 
-class RedshiftConfig(PostgresConfig):
+class RowLease(Lease):
+    """A `_floe_leases` row with an expiry, renewed while held."""
+
+    def __init__(self, owner: RedshiftDestination, source: str, stream: str, token: str, expiry: float) -> None:
+        super().__init__(owner.lease_name(source, stream), expiry)
+        self.owner, self.source, self.stream, self.token = owner, source, stream, token
+
+    def _renew(self) -> None:
+        if not self.owner.lease_sql(self.owner.renew_lease_sql(), (self.source, self.stream, self.token)):
+            raise LeaseLostError(f"{self.what}: the lease expired and another run took it over")
+
+    def _release(self) -> None:
+        self.owner.lease_sql(self.owner.release_lease_sql(), (self.source, self.stream, self.token))
+
+
+class RedshiftConfig(PostgresConfig, ExpiringLeaseConfig):
     type: str = "redshift"
     port: int = 5439
     sslmode: SslMode = "verify-full"
@@ -135,6 +161,10 @@ class RedshiftDestination(PostgresDestination):
     direct_load = False  # every disposition goes through the COPYed staging table
     json_parse: ClassVar[str] = "JSON_PARSE({})"
     stage_json_type: ClassVar[str] = f"VARCHAR({VARCHAR_MAX})"
+    now_sql = "GETDATE()"
+    unique_state_versions = False  # Redshift does not enforce unique constraints
+    lock_state_sql = "LOCK {table}"
+    lease_session_sql = ()  # Redshift's sessions take no keepalive settings (its leases expire instead)
 
     def __init__(self, name: str, config: Any, context: Any = None) -> None:
         super().__init__(name, config, context)
@@ -165,6 +195,57 @@ class RedshiftDestination(PostgresDestination):
         if self._slices is None:
             self._slices = int(self.query("SELECT COUNT(*) FROM stv_slices")[0][0]) or 1
         return self._slices
+
+    # --- leases ------------------------------------------------------------------------------------
+    def lease_sql(self, statement: str, params: tuple[Any, ...]) -> int:
+        """Run `statement` in a transaction that first locks `_floe_leases`; return the rows it touched."""
+        def run(conn: Any) -> int:
+            with conn.transaction():
+                conn.execute(f"LOCK {self.qualified(self.meta_schema, LEASES_TABLE)}")
+                return int(conn.execute(statement, params).rowcount)
+
+        return self.lease_session(run)
+
+    def _expires_sql(self) -> str:
+        return f"{self.now_sql} + INTERVAL '{int(self.config.lease_expiry_seconds)} seconds'"
+
+    def renew_lease_sql(self) -> str:
+        """Params: source, stream, token. Touches no row once the lease expired or went to another run."""
+        return (f"UPDATE {self.qualified(self.meta_schema, LEASES_TABLE)} SET expires_at = {self._expires_sql()} "
+                f"WHERE source = %s AND stream = %s AND token = %s AND expires_at > {self.now_sql}")
+
+    def release_lease_sql(self) -> str:
+        return (f"DELETE FROM {self.qualified(self.meta_schema, LEASES_TABLE)} "
+                "WHERE source = %s AND stream = %s AND token = %s")
+
+    def try_lease(self, source: str, stream: str) -> Lease | Holder:
+        self.prepare_meta()
+        me, token = Holder.me(), secrets.token_hex(8)
+        leases = self.qualified(self.meta_schema, LEASES_TABLE)
+
+        def take(conn: Any) -> Holder | None:
+            with conn.transaction():  # under LOCK: nobody else reads or writes the row in between
+                conn.execute(f"LOCK {leases}")
+                row = conn.execute(
+                    f"SELECT host, pid, since, expires_at, CASE WHEN expires_at > {self.now_sql} THEN 1 ELSE 0 END "
+                    f"FROM {leases} WHERE source = %s AND stream = %s ORDER BY expires_at DESC LIMIT 1",
+                    (source, stream)).fetchone()
+                if row and row[4]:
+                    return Holder(*row[:4])
+                conn.execute(f"DELETE FROM {leases} WHERE source = %s AND stream = %s", (source, stream))
+                conn.execute(f"INSERT INTO {leases} (source, stream, destination, host, pid, since, expires_at, token) "
+                             f"VALUES (%s, %s, %s, %s, %s, {self.now_sql}, {self._expires_sql()}, %s)",
+                             (source, stream, self.name, me.host, me.pid, token))
+            if row:
+                log.warning("event=lease_taken_over lease=%r expired_holder=%r", self.lease_name(source, stream),
+                            Holder(*row[:4]).describe())
+            return None
+
+        return self.lease_session(take) or RowLease(self, source, stream, token, self.config.lease_expiry_seconds)
+
+    def is_ddl_race(self, exc: Exception) -> bool:
+        # Redshift aborts one of two transactions that would not be serializable (error 1023): run it again.
+        return super().is_ddl_race(exc) or "Serializable isolation violation" in str(exc)
 
     # --- types -------------------------------------------------------------------------------------
     def column_type(self, f: pa.Field) -> str | None:

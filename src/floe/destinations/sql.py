@@ -4,30 +4,51 @@ A SQL destination subclasses `SqlDestination` and supplies data (its type map, q
 capability flags) plus three hooks: `connect`, `stage_rows` (bulk-load the job's files into a
 staging relation) and, if needed, `existing_columns`. The transaction in `load` is the same for
 every warehouse, so it is tested for real on DuckDB and PostgreSQL.
+
+Concurrent runs: `_floe_state` versions are unique per stream (a unique index where the warehouse
+has one), and a commit checks inside its transaction that the version it builds on is still the
+latest. floe's own tables and a source's schema are created in short transactions of their own;
+two sessions creating the same object at once (`is_ddl_race`) retry instead of failing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import random
 import threading
+import time
 from abc import abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import pyarrow as pa
 
-from floe.destinations.base import Destination, LoadJob, TableSpec, arrow_type_key, is_json, refresh_copy
+from floe.destinations.base import (
+    CommittedState,
+    Destination,
+    LoadJob,
+    TableSpec,
+    arrow_type_key,
+    is_json,
+    refresh_copy,
+    state_conflict,
+)
 from floe.destinations.column_types import ColumnRules, narrowing_message, refused
 from floe.engine.stage import StagedFile
-from floe.engine.stream import RefreshScope, State
+from floe.engine.stream import RefreshScope
 from floe.errors import DestinationError
 from floe.secrets import redact
 
 STATE_TABLE = "_floe_state"
 LOADS_TABLE = "_floe_loads"
+LEASES_TABLE = "_floe_leases"
+RACE_RETRIES = 5
+log = logging.getLogger("floe.sql")
+T = TypeVar("T")
 
 
 class SqlDestination(Destination):
@@ -43,11 +64,16 @@ class SqlDestination(Destination):
     null_safe_equals: ClassVar[str] = "{a} IS NOT DISTINCT FROM {b}"
     placeholder: ClassVar[str] = "?"
     group_size = 100  # tables per transaction (PostgreSQL's max_locks_per_transaction bounds how many)
+    now_sql: ClassVar[str] = "CURRENT_TIMESTAMP"  # the server's clock, in statements that read tables
+    unique_state_versions: ClassVar[bool] = True  # a unique index on _floe_state (source, stream, version)
+    lock_state_sql: ClassVar[str | None] = None  # run before the version check ({table}: _floe_state)
 
     def __init__(self, name: str, config: Any, context: Any = None) -> None:
         super().__init__(name, config, context)
         self._conn: Any = None
         self._lock = threading.Lock()  # one load at a time per connection
+        self._meta_ready = False
+        self._schemas: set[str] = set()  # created (or found) by this instance
 
     # --- hooks ---------------------------------------------------------------------------
     @abstractmethod
@@ -59,6 +85,16 @@ class SqlDestination(Destination):
         """Bulk-load the job's files into a staging relation named `staging`.
 
         Returns the SQL expression that orders staged rows by arrival (later rows win a merge)."""
+
+    def is_ddl_race(self, exc: Exception) -> bool:
+        """True if `exc` says another session created the same schema, table or column at the same
+        time (the transaction is rolled back and run again)."""
+        return False
+
+    def is_state_conflict(self, exc: Exception, job: LoadJob) -> bool:
+        """True if `exc` is the unique index on `_floe_state` refusing `job`'s version: another run
+        committed it first."""
+        return False
 
     def existing_columns(self, cur: Any, schema: str, table: str) -> dict[str, str]:
         """Each column of the table (none: no table) with its type as the warehouse reports it,
@@ -142,7 +178,7 @@ class SqlDestination(Destination):
         columns = self.insert_columns(spec)
         names = ", ".join(self.quote(c) for c in columns)
         select_cols = ", ".join(f"s.{self.quote(c)}" for c in columns)
-        stamp = f"'{load_id}', CURRENT_TIMESTAMP"
+        stamp = f"'{load_id}', {self.now_sql}"
         source_rows = staging
         statements: list[str] = []
         if spec.disposition == "replace":
@@ -216,6 +252,76 @@ class SqlDestination(Destination):
             finally:
                 cur.close()
 
+    def retrying_races(self, work: Callable[[], T]) -> T:
+        """`work()`, run again (up to RACE_RETRIES times) while it fails on a DDL race."""
+        for attempt in range(RACE_RETRIES):
+            try:
+                return work()
+            except Exception as exc:
+                if attempt + 1 == RACE_RETRIES or not self.is_ddl_race(exc):
+                    raise
+                log.info("event=ddl_race destination=%s attempt=%d error=%s", self.name, attempt + 1,
+                         redact(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__)
+                time.sleep(0.05 * 2**attempt * (1 + random.random()))
+        raise AssertionError("unreachable")
+
+    def prepare_meta(self) -> None:
+        """Create `_floe_state` (with its unique version index), `_floe_loads` and the warehouse's
+        other meta tables once per instance, each in a short transaction of its own."""
+        if self._meta_ready:
+            return
+
+        def create() -> None:
+            with self.transaction() as cur:
+                cur.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema_ref(self.meta_schema)}")
+                for statement in self.meta_ddl():
+                    cur.execute(statement)
+
+        self.retrying_races(create)
+        self._schemas.add(self.meta_schema)
+        if self.unique_state_versions:
+            self.retrying_races(self._index_state_versions)
+        self._meta_ready = True
+
+    def _index_state_versions(self) -> None:
+        table = self.qualified(self.meta_schema, STATE_TABLE)
+        try:
+            with self.transaction() as cur:
+                cur.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS {self.quote(STATE_TABLE + '_version')} "
+                            f"ON {table} (source, stream, version)")
+        except Exception as exc:
+            if self.is_ddl_race(exc):
+                raise
+            with self.transaction() as cur:
+                cur.execute(f"SELECT source, stream, version FROM {table} GROUP BY source, stream, version "
+                            "HAVING COUNT(*) > 1 ORDER BY source, stream, version")
+                duplicates = cur.fetchall()
+            if not duplicates:
+                raise
+            streams: dict[str, list[str]] = {}
+            for source, stream, version in duplicates:
+                streams.setdefault(f"{source}.{stream}", []).append(str(version))
+            listed = "; ".join(f"{k} (versions {', '.join(v[:5])}{', ...' if len(v) > 5 else ''})"
+                               for k, v in streams.items())
+            raise DestinationError(
+                f"destinations.{self.name}: {self.meta_schema}.{STATE_TABLE} holds the same state version more "
+                f"than once for {listed}: runs that overlapped before floe took leases committed twice, so these "
+                "streams' tables may hold rows twice. Check them, then number the versions anew (docs/"
+                "destinations.md, 'Duplicate state versions') and run again"
+            ) from None
+
+    def ensure_schema(self, schema: str) -> None:
+        """Create `schema` if it is missing, in a transaction of its own (once per instance)."""
+        if schema in self._schemas:
+            return
+
+        def create() -> None:
+            with self.transaction() as cur:
+                cur.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema_ref(schema)}")
+
+        self.retrying_races(create)
+        self._schemas.add(schema)
+
     def begin(self, cur: Any) -> None:
         """Start a transaction (drivers with implicit transactions need nothing)."""
 
@@ -224,11 +330,6 @@ class SqlDestination(Destination):
 
     def rollback(self, cur: Any) -> None:
         self.conn.rollback()
-
-    def ensure_meta(self, cur: Any) -> None:
-        cur.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema_ref(self.meta_schema)}")
-        for statement in self.meta_ddl():
-            cur.execute(statement)
 
     def ensure_table(self, cur: Any, spec: TableSpec, staged: Sequence[StagedFile] = ()) -> None:
         """Create the table, or add the columns it lacks. Never drops or narrows a column: raises
@@ -252,17 +353,30 @@ class SqlDestination(Destination):
         self.load_group([job])
 
     def load_group(self, jobs: list[LoadJob]) -> None:
-        """Every job's `load_step` in ONE transaction: all of them are committed, or none."""
+        """Every job's `load_step` in ONE transaction: all of them are committed, or none.
+
+        floe's own tables and the jobs' schemas are created first, in short transactions of their own;
+        a transaction that lost a DDL race to another session is run again."""
         current: LoadJob | None = None
-        try:
+
+        def commit() -> None:
+            nonlocal current
             with self.transaction() as cur:
-                self.ensure_meta(cur)
                 for current in jobs:
                     self.load_step(cur, current)
                 current = None  # a failure from here on is the commit's
+
+        try:
+            self.prepare_meta()
+            for schema in dict.fromkeys(job.table.schema_name for job in jobs):
+                self.ensure_schema(schema)
+            self.retrying_races(commit)
         except DestinationError:
             raise
         except Exception as exc:
+            conflict = next((job for job in jobs if self.is_state_conflict(exc, job)), None)
+            if conflict is not None:
+                raise state_conflict(self.name, conflict, None) from None
             names = [f"{j.table.schema_name}.{j.table.table}" for j in jobs]
             failed = f"{current.table.schema_name}.{current.table.table}" if current else ", ".join(names)
             others = [n for n in names if n != failed] if current else []
@@ -295,8 +409,8 @@ class SqlDestination(Destination):
     # --- full refresh: rows wait in a copy of the table, which replaces its rows in one commit -----
     def begin_refresh(self, spec: TableSpec) -> None:
         copy = refresh_copy(self.located(spec))
+        self.ensure_schema(copy.schema_name)
         with self.transaction() as cur:
-            cur.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema_ref(copy.schema_name)}")
             cur.execute(f"DROP TABLE IF EXISTS {self.qualified(copy.schema_name, copy.table)}")
 
     def finish_refresh(self, job: LoadJob, scope: RefreshScope | None = None) -> None:
@@ -304,8 +418,8 @@ class SqlDestination(Destination):
         copy = refresh_copy(spec)
         target, rows = self.qualified(spec.schema_name, spec.table), self.qualified(copy.schema_name, copy.table)
         try:
+            self.prepare_meta()
             with self.transaction() as cur:
-                self.ensure_meta(cur)
                 self.ensure_table(cur, spec, job.files)
                 names = [c for c in self.existing_columns(cur, copy.schema_name, copy.table)
                          if c not in ("_floe_load_id", "_floe_loaded_at")]
@@ -316,7 +430,7 @@ class SqlDestination(Destination):
                     cur.execute(f"DELETE FROM {target} WHERE {self.quote(scope.column)} >= {self.placeholder}",
                                 (scope.start,))
                 cur.execute(f"INSERT INTO {target} ({columns}_floe_load_id, _floe_loaded_at) "
-                            f"SELECT {columns}'{job.load_id}', CURRENT_TIMESTAMP FROM {rows}")
+                            f"SELECT {columns}'{job.load_id}', {self.now_sql} FROM {rows}")
                 cur.execute(f"DROP TABLE {rows}")
                 for statement in self.views_sql(spec):
                     cur.execute(statement)
@@ -325,6 +439,8 @@ class SqlDestination(Destination):
         except DestinationError:
             raise
         except Exception as exc:
+            if self.is_state_conflict(exc, job):
+                raise state_conflict(self.name, job, None) from None
             raise DestinationError(
                 f"{self.name}: replacing {spec.schema_name}.{spec.table} by its full refresh failed, nothing "
                 f"committed: {redact(str(exc)).strip()}"
@@ -334,11 +450,22 @@ class SqlDestination(Destination):
         cur.execute(f"DROP TABLE IF EXISTS {staging}")
 
     def write_state(self, cur: Any, job: LoadJob) -> None:
+        """Insert the stream's next state version; with `job.base_version`, only if that is still the
+        latest version (else StateConflictError, and the caller's transaction rolls back)."""
         p = self.placeholder
         table = self.qualified(self.meta_schema, STATE_TABLE)
+        if job.base_version is not None:
+            if self.lock_state_sql:
+                cur.execute(self.lock_state_sql.format(table=table))
+            cur.execute(f"SELECT COALESCE(MAX(version), 0) FROM {table} WHERE source = {p} AND stream = {p}",
+                        (job.source, job.stream))
+            latest = int(cur.fetchone()[0])
+            if latest != job.base_version:
+                raise state_conflict(self.name, job, latest)
+        job.check_lease()
         cur.execute(
             f"INSERT INTO {table} (source, stream, version, state, load_id, committed_at) "
-            f"SELECT {p}, {p}, COALESCE(MAX(version), 0) + 1, {p}, {p}, CURRENT_TIMESTAMP FROM {table} "
+            f"SELECT {p}, {p}, COALESCE(MAX(version), 0) + 1, {p}, {p}, {self.now_sql} FROM {table} "
             f"WHERE source = {p} AND stream = {p}",
             (job.source, job.stream, json.dumps(job.checkpoint, sort_keys=True), job.load_id, job.source, job.stream),
         )
@@ -359,27 +486,27 @@ class SqlDestination(Destination):
 
     def record_failure(self, job: LoadJob, error: str) -> None:
         try:
+            self.prepare_meta()
             with self.transaction() as cur:
-                self.ensure_meta(cur)
                 self.write_load_row(cur, job, "failed", redact(error)[:4000], datetime.now(UTC))
         except Exception:  # noqa: BLE001 - bookkeeping must never hide the original error
             pass
 
-    def get_state(self, source: str, stream: str) -> State | None:
+    def read_state(self, source: str, stream: str) -> CommittedState:
         p = self.placeholder
+        self.prepare_meta()
         with self.transaction() as cur:
-            self.ensure_meta(cur)
             cur.execute(
-                f"SELECT state FROM {self.qualified(self.meta_schema, STATE_TABLE)} "
+                f"SELECT version, state FROM {self.qualified(self.meta_schema, STATE_TABLE)} "
                 f"WHERE source = {p} AND stream = {p} ORDER BY version DESC LIMIT 1",
                 (source, stream),
             )
             row = cur.fetchone()
-        return json.loads(row[0]) if row else None
+        return CommittedState(int(row[0]), json.loads(row[1])) if row else CommittedState()
 
     def states(self) -> list[dict[str, Any]]:
+        self.prepare_meta()
         with self.transaction() as cur:
-            self.ensure_meta(cur)
             cur.execute(
                 f"SELECT source, stream, version, state, load_id, committed_at FROM "
                 f"{self.qualified(self.meta_schema, STATE_TABLE)} s WHERE version = "

@@ -3,6 +3,11 @@
 Reading and loading overlap: the reader stages batches while the previous checkpoint's files
 are being committed in a worker thread. The queue between them holds at most one pending
 commit, so staged-but-uncommitted data is bounded by one checkpoint's worth of files.
+
+A stream runs under its lease in the destination (taken first, waiting up to the destination's
+`lease_wait_seconds`), and each commit names the state version it builds on, so an overlapping
+run of the same stream (another `floe run`, `floe serve`, another machine) neither loads the
+same rows again nor moves the state from under this one.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from typing import cast
 
 import pyarrow as pa
 
-from floe.destinations.base import Destination, LoadJob, TableSpec
+from floe.destinations.base import CommittedState, Destination, LoadJob, TableSpec
+from floe.destinations.leases import Lease
 from floe.engine.progress import Progress
 from floe.engine.stage import StagedFile, StageWriter, new_load_id, remove_files, remove_leftovers
 from floe.engine.stream import Batch, Source, State, Stream
@@ -60,10 +66,10 @@ def table_spec(source: str, stream: Stream, files: list[StagedFile]) -> TableSpe
     )
 
 
-async def read_state(destination: Destination, source: str, stream: str) -> State | None:
-    """The stream's saved state; a failure to read it names the destination and the stream."""
+async def read_state(destination: Destination, source: str, stream: str) -> CommittedState:
+    """The stream's saved state and its version; a failure to read it names the destination and the stream."""
     try:
-        return await in_thread(destination.get_state, source, stream)
+        return await in_thread(destination.read_state, source, stream)
     except FloeError:
         raise
     except Exception as exc:
@@ -90,9 +96,11 @@ async def run_stream(
     progress: Progress | None = None,
     on_commit: Callable[[LoadJob], None] | None = None,
 ) -> StreamResult:
-    """Load one stream into one destination from that destination's saved state.
+    """Load one stream into one destination from that destination's saved state, under the stream's
+    lease there.
 
-    Every checkpoint commits atomically. On any error the staged files of uncommitted work are
+    Every checkpoint commits atomically, on top of the state version read at the start (a commit
+    finding a newer version fails whole). On any error the staged files of uncommitted work are
     deleted, the failure is noted in `_floe_loads`, and the error is returned in the result;
     commits made before the error stay."""
     key = f"{source.name}.{stream.name} -> {destination.name}"
@@ -107,6 +115,8 @@ async def run_stream(
     # the table's rows in one last commit (a replace stream already commits once, at its end).
     refresh = source.context.options.full_refresh and stream.disposition != "replace"
     refreshed: list[StagedFile] = []  # every file the refresh committed to the copy
+    lease: Lease | None = None
+    version = 0  # the state version the next commit builds on
 
     async def hand_over(commit: _Commit | None) -> None:
         """Queue `commit` (None: the end) for the consumer, or remove its files. Once the consumer
@@ -163,21 +173,25 @@ async def run_stream(
         await hand_over(None)
 
     async def consume() -> None:
-        nonlocal attempting
+        nonlocal attempting, version
         while (commit := await queue.get()) is not None:
             job = LoadJob(
                 load_id=commit.load_id, source=source.name, stream=stream.name,
                 table=table_spec(source.name, stream, commit.files), files=commit.files,
-                checkpoint=commit.checkpoint, started_at=started_at, refresh=refresh,
+                checkpoint=commit.checkpoint, started_at=started_at, refresh=refresh, base_version=version,
+                lease=lease,
             )
             attempting = job
             try:
+                job.check_lease()
                 await in_thread(destination.load, job)
             finally:
                 remove_files(commit.files)
             attempting = None
-            if refresh:
+            if refresh:  # a refresh's commits write no state version (finish_refresh does)
                 refreshed.extend(commit.files)
+            else:
+                version += 1
             result.rows += job.rows
             result.commits += 1
             result.state = commit.checkpoint
@@ -186,13 +200,15 @@ async def run_stream(
             if on_commit:
                 on_commit(job)
 
-    if leftovers := remove_leftovers(stage, source.name, stream.name):
-        log.info("event=stage_cleaned source=%s stream=%s files=%d reason=left_by_an_interrupted_run",
-                 source.name, stream.name, leftovers)
     try:
-        state = await read_state(destination, source.name, stream.name)
-        if source.context.options.full_refresh:
-            state = None
+        lease = await in_thread(destination.acquire_lease, source.name, stream.name)
+        # Under the lease: no other run loads this stream into this destination now.
+        if leftovers := remove_leftovers(stage, source.name, stream.name):
+            log.info("event=stage_cleaned source=%s stream=%s files=%d reason=left_by_an_interrupted_run",
+                     source.name, stream.name, leftovers)
+        committed = await read_state(destination, source.name, stream.name)
+        version = committed.version
+        state = None if source.context.options.full_refresh else committed.state
         if refresh:
             await in_thread(destination.begin_refresh, table_spec(source.name, stream, []))
         consumer = asyncio.create_task(consume())
@@ -210,8 +226,9 @@ async def run_stream(
             attempting = LoadJob(
                 load_id=new_load_id(), source=source.name, stream=stream.name,
                 table=table_spec(source.name, stream, refreshed), files=refreshed, checkpoint=result.state,
-                started_at=started_at, details={"full_refresh": True},
+                started_at=started_at, details={"full_refresh": True}, base_version=version, lease=lease,
             )
+            attempting.check_lease()
             await in_thread(destination.finish_refresh, attempting, stream.refresh_scope())
             attempting = None
             result.commits += 1
@@ -226,6 +243,8 @@ async def run_stream(
             pending = queue.get_nowait()
             if pending is not None:
                 remove_files(pending.files)
+        if lease is not None:
+            await in_thread(lease.release)
     if result.error:
         failed = attempting or LoadJob(
             load_id=writer.load_id, source=source.name, stream=stream.name,

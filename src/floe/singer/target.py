@@ -457,8 +457,8 @@ def _delete_older_versions(destination: Any, job: LoadJob, version: int) -> None
     spec = destination.located(job.table)
     table = destination.qualified(spec.schema_name, spec.table)
     try:
+        destination.prepare_meta()
         with destination.transaction() as cur:
-            destination.ensure_meta(cur)
             destination.ensure_table(cur, spec)
             cur.execute(f"DELETE FROM {table} WHERE {VERSION_COLUMN} IS NULL OR {VERSION_COLUMN} < {int(version)}")
             destination.write_state(cur, job)

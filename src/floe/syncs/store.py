@@ -90,8 +90,8 @@ def accepted_sql(dest: SqlDestination, sync: str) -> str:
 
 
 def ensure_tables(dest: SqlDestination) -> None:
+    dest.prepare_meta()
     with dest.transaction() as cur:
-        dest.ensure_meta(cur)
         dest.ensure_table(cur, snapshot_spec(dest))
         dest.ensure_table(cur, failures_spec(dest))
 
@@ -125,8 +125,8 @@ def commit(dest: SqlDestination, sync: str, job: LoadJob, failure_files: list[St
     snap, fails = snapshot_spec(dest), failures_spec(dest)
     failures_table = dest.qualified(dest.meta_schema, FAILURES)
     key = dest.quote("key")
+    dest.prepare_meta()
     with dest.transaction() as cur:
-        dest.ensure_meta(cur)
         dest.ensure_table(cur, snap)
         dest.ensure_table(cur, fails)
         if job.files:
