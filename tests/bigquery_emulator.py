@@ -36,6 +36,8 @@ class BigQueryEmulator:
         self.jobs: dict[str, dict[str, Any]] = {}
         self.results: dict[str, list[list[Any]]] = {}
         self.fail_next: str | None = None  # a job id suffix whose next job fails (fault injection)
+        # The next N DDL query jobs fail as BigQuery fails one of two jobs changing a table at once.
+        self.ddl_races = 0
         self._lock = threading.Lock()
         base = "/bigquery/v2/projects/{project}"
         self.app = Starlette(routes=[
@@ -57,6 +59,10 @@ class BigQueryEmulator:
                 if self.fail_next and job_id.endswith(self.fail_next):
                     self.fail_next = None
                     raise RuntimeError("injected failure")
+                query = body["configuration"].get("query", {}).get("query", "")
+                if self.ddl_races and query.lstrip().upper().startswith(("CREATE", "ALTER")):
+                    self.ddl_races -= 1
+                    raise RuntimeError("Could not serialize access to table due to concurrent update")
                 config = body["configuration"]
                 if "load" in config:
                     self.run_load(config["load"])

@@ -413,3 +413,14 @@ def test_the_full_refresh_swap_is_one_transaction_that_parses(tmp_path):
     assert plan.ddl == [] and plan.after == ["DROP TABLE IF EXISTS `proj.raw.src__floe_refresh_items`"]
     whole = dest.refresh_plan(job, existing, list(existing), None, meta_ready=True)
     assert "DELETE FROM `proj.raw.src_items` WHERE TRUE" in whole.script  # without a scope: every row
+
+
+def test_ddl_refused_while_another_job_changes_the_table_is_run_again(bigquery, tmp_path):
+    dest, emulator = bigquery
+    dest.load(job_of(tmp_path, records=[record(1, "a")], load_id="20261124T000001Z-000001", checkpoint={"n": 1}))
+    emulator.ddl_races = 1  # the staging table's CREATE: BigQuery says another job is changing the dataset
+    dest.load(job_of(tmp_path, records=[record(2, "b")], load_id="20261124T000002Z-000002", checkpoint={"n": 2}))
+    assert emulator.ddl_races == 0
+    assert emulator.db.execute("SELECT id FROM raw.src_items ORDER BY id").fetchall() == [(1,), (2,)]
+    assert dest.get_state("src", "items") == {"n": 2}
+

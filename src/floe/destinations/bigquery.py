@@ -32,7 +32,6 @@ import logging
 import re
 import tempfile
 import threading
-import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -68,9 +67,6 @@ from floe.secrets import redact
 log = logging.getLogger("floe.bigquery")
 # The version check's error: "floe_state_conflict <source>.<stream>: latest version <n>".
 CONFLICT = "floe_state_conflict"
-# BigQuery's answers to two jobs changing one table's schema at once: wait and run the DDL again.
-DDL_RACES = ("concurrent update", "Exceeded rate limits", "rateLimitExceeded", "Already Exists")
-DDL_RETRIES = 5
 
 class BigQueryConfig(DestinationConfig, ExpiringLeaseConfig):
     type: str = "bigquery"
@@ -466,7 +462,7 @@ class BigQueryDestination(Destination):
             with self._lock:
                 for job, plan in zip(jobs, plans, strict=True):
                     for statement in plan.ddl:
-                        self.run_ddl(statement)
+                        self.api.ddl(statement)
                     self._meta_ready = True
                     if plan.uris:
                         self.api.run_job(self.job_id(job, "load"), plan.load_job)
@@ -522,7 +518,7 @@ class BigQueryDestination(Destination):
                                      self.existing_columns(refresh_copy(job.table)), scope, self._meta_ready)
             with self._lock:
                 for statement in plan.ddl:
-                    self.run_ddl(statement)
+                    self.api.ddl(statement)
                 self._meta_ready = True
                 job.check_lease()
                 self.api.query(plan.script, plan.parameters, job_id=self.job_id(job, "commit"))
@@ -553,23 +549,10 @@ class BigQueryDestination(Destination):
                                   str(exc)):
                 raise state_conflict(self.name, job, int(found[1])) from None
 
-    def run_ddl(self, statement: str) -> None:
-        """Run a DDL statement, again (after a pause) while BigQuery refuses it because another job is
-        changing the same table."""
-        for attempt in range(DDL_RETRIES):
-            try:
-                self.api.query(statement)
-                return
-            except DestinationError as exc:
-                if attempt + 1 == DDL_RETRIES or not any(race in str(exc) for race in DDL_RACES):
-                    raise
-                log.info("event=ddl_race destination=%s attempt=%d error=%s", self.name, attempt + 1, exc)
-                time.sleep(2**attempt)
-
     def ensure_meta(self) -> None:
         if not self._meta_ready:
             for statement in self.meta_ddl():
-                self.run_ddl(statement)
+                self.api.ddl(statement)
             self._meta_ready = True
 
     def read_state(self, source: str, stream: str) -> CommittedState:

@@ -3,6 +3,7 @@ named query parameters they take."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from datetime import date, datetime
@@ -14,7 +15,12 @@ from floe.secrets import redact
 if TYPE_CHECKING:
     from floe.destinations.bigquery import BigQueryConfig
 
+log = logging.getLogger("floe.bigquery")
+
 API = "https://bigquery.googleapis.com"
+# BigQuery's answers to two jobs changing one table's schema at once: wait and run the DDL again.
+DDL_RACES = ("concurrent update", "Exceeded rate limits", "rateLimitExceeded", "Already Exists")
+DDL_RETRIES = 5
 SCOPES = ["https://www.googleapis.com/auth/bigquery", "https://www.googleapis.com/auth/devstorage.read_write"]
 
 
@@ -100,3 +106,16 @@ class BigQueryApi:
         self.run_job(job_id, config)
         answer = self.call("GET", f"/queries/{job_id}?location={self.config.location}")
         return [[cell.get("v") for cell in row["f"]] for row in answer.get("rows", [])]
+
+    def ddl(self, statement: str) -> None:
+        """Run a DDL statement, again (after a pause) while BigQuery refuses it because another job is
+        changing the same table."""
+        for attempt in range(DDL_RETRIES):
+            try:
+                self.query(statement)
+                return
+            except DestinationError as exc:
+                if attempt + 1 == DDL_RETRIES or not any(race in str(exc) for race in DDL_RACES):
+                    raise
+                log.info("event=ddl_race where=%s attempt=%d error=%s", self.where, attempt + 1, exc)
+                time.sleep(2**attempt)
