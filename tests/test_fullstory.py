@@ -22,23 +22,30 @@ from floe.engine import runner
 from floe.errors import ConfigError
 from floe.sandbox.fullstory import DEFAULT_API_KEY
 from floe.sources.fullstory import BASE_FIELDS, FullStoryConfig, FullStorySource, window_end
-from tests.fixtures.fullstory import emulator
+from tests.fixtures.fullstory import emulator, hauser_shaped_windows
 
 KNOWN = {name for name, _ in BASE_FIELDS}
+BY_LOWER = {name.lower(): name for name in KNOWN}
 
 
-def direct_export(url: str, start: str, end: str) -> list[dict[str, Any]]:
+def direct_export(url: str, start: str, end: str, fields: list[str] | None = None) -> list[dict[str, Any]]:
     """The oracle: every event of [start, end) fetched straight from the emulator, parsed with orjson."""
     headers = {"Authorization": f"Basic {DEFAULT_API_KEY}"}
     with httpx.Client(base_url=url, headers=headers) as client:
         op = client.post("/segments/v1/exports", json={
             "segmentId": "everyone", "type": "TYPE_EVENT", "format": "FORMAT_NDJSON",
-            "timeRange": {"start": start, "end": end}}).json()["operationId"]
+            "timeRange": {"start": start, "end": end}, **({"fields": fields} if fields else {})}).json()["operationId"]
         while (status := client.get(f"/operations/v1/{op}").json())["state"] != "COMPLETED":
             time.sleep(0.02)
         location = client.get(f"/search/v1/exports/{status['results']['searchExportId']}/results").json()["location"]
         body = httpx.get(location).content
     return [orjson.loads(line) for line in gzip.decompress(body).splitlines()]
+
+
+def split(event: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An exported event as (its known fields by column name, whatever else it carries with a value)."""
+    known = {BY_LOWER[k.lower()]: v for k, v in event.items() if k.lower() in BY_LOWER}
+    return known, {k: v for k, v in event.items() if k.lower() not in BY_LOWER and v is not None}
 
 
 def table(db: Path) -> list[tuple[Any, ...]]:
@@ -67,43 +74,60 @@ def run(config: Path) -> list[Any]:
     return runner.run(load_config(config))
 
 
-@pytest.mark.parametrize(("fmt", "load_every", "commits"), [
-    ("FORMAT_NDJSON", "window", 6),
-    ("FORMAT_JSON", "window", 6),
-    ("FORMAT_NDJSON", "day", 1),
+LEGACY_AND_NEW = ["EventTargetSelectorTok", "EventFutureField"]
+
+
+@pytest.mark.parametrize(("fmt", "load_every", "commits", "extra_fields"), [
+    ("FORMAT_NDJSON", "window", 6, []),
+    ("FORMAT_JSON", "window", 6, LEGACY_AND_NEW),  # windows alternate: one element per line, one minified line
+    ("FORMAT_NDJSON", "day", 1, LEGACY_AND_NEW),
 ])
 def test_every_event_loaded_exactly_once_with_exact_ids_times_and_custom_vars(
-    fullstory_server: Any, fullstory_config: Any, tmp_path: Path, fmt: str, load_every: str, commits: int
+    fullstory_server: Any, fullstory_config: Any, tmp_path: Path, fmt: str, load_every: str, commits: int,
+    extra_fields: list[str]
 ) -> None:
-    config = fullstory_config(format=fmt, load_every=load_every)
+    config = fullstory_config(format=fmt, load_every=load_every, **({"extra_fields": extra_fields} if extra_fields else {}))
     [result] = run(config)
     assert result.error is None and result.commits == commits
     assert result.state == {"sync_point": "2024-01-01T06:00:00Z"}
 
-    # One export per window, aligned to the hour; the windows were committed in order.
+    # One export per window, aligned to the hour, each asking for hauser's fields plus the extra ones.
+    fields = FullStoryConfig(api_key="k", extra_fields=extra_fields).export_fields
+    assert {"user_*", "evt_*", "page_*", "IndvId", "PageNumEvents", *extra_fields} <= set(fields)
     created = emulator(fullstory_server).created
-    assert sorted(c["start"] for c in created) == [
-        f"2024-01-01T{h:02d}:00:00Z" for h in range(6)]
+    assert sorted(c["start"] for c in created) == [f"2024-01-01T{h:02d}:00:00Z" for h in range(6)]
+    assert all(c["fields"] == fields for c in created)
     expected = [e for h in range(6) for e in direct_export(
-        fullstory_server.url, f"2024-01-01T{h:02d}:00:00Z", f"2024-01-01T{h + 1:02d}:00:00Z")]
-    rows = table(tmp_path / "w.duckdb")
+        fullstory_server.url, f"2024-01-01T{h:02d}:00:00Z", f"2024-01-01T{h + 1:02d}:00:00Z", fields)]
+    columns = ["IndvId", "UserId", "EventStart", "EventType", "EventTargetText", "UserAppKey", "PageUrl", "ReqUrl",
+               "PageNumEvents", "CustomVars"]
+    rows = query(tmp_path / "w.duckdb", f"SELECT {', '.join(columns)} FROM fs.events ORDER BY EventStart, IndvId")
     assert len(rows) == len(expected) == 3600
-    for row, event in zip(rows, sorted(expected, key=lambda e: (e["EventStart"], e["IndvId"])), strict=True):
-        indv, start, kind, req_url, custom = row
-        assert indv == event["IndvId"] and indv > 2**53  # int64 exact: a float64 would have rounded it
-        assert start.strftime("%Y-%m-%dT%H:%M:%S.%fZ") == event["EventStart"]  # microseconds kept
-        assert kind == event["EventType"] and req_url == event.get("ReqUrl")
-        unknown = {k: v for k, v in event.items() if k not in KNOWN}
-        assert orjson.loads(custom) == unknown  # numbers compare by value (623.0 == 623)
-        assert list(orjson.loads(custom)) == sorted(unknown)  # keys sorted
+    without_vars = 0
+    for values, event in zip(rows, sorted(expected, key=lambda e: (e["EventStart"], e["IndvId"])), strict=True):
+        row = dict(zip(columns, values, strict=True))
+        known, unknown = split(event)
+        assert row["IndvId"] == known["IndvId"] and row["IndvId"] > 2**53  # exact: a float64 would round it
+        assert row["UserId"] == known["UserId"]  # also when sent as `USERID`
+        assert row["EventStart"].strftime("%Y-%m-%dT%H:%M:%S.%fZ") == known["EventStart"]  # microseconds kept
+        for name in ("EventType", "EventTargetText", "UserAppKey", "PageUrl", "ReqUrl", "PageNumEvents"):
+            assert row[name] == known.get(name), name  # '' stays '', absent and null are NULL
+        assert orjson.loads(row["CustomVars"]) == unknown  # numbers by value (623.0 == 623), big ints exact
+        assert list(orjson.loads(row["CustomVars"])) == sorted(unknown)  # keys sorted
+        without_vars += row["CustomVars"] == "{}"
+    assert without_vars > 1000  # most events carry no custom var (nor anything else unknown)
     points = [r[0] for r in query(tmp_path / "w.duckdb", "SELECT state FROM _floe_state ORDER BY version")]
     assert points == sorted(points) and len(points) == commits
-    # Fields FullStory adds later land in CustomVars (unknown) or their own column (known).
-    assert query(tmp_path / "w.duckdb", "SELECT count(*) FROM fs.events WHERE "
-                 "json_extract_string(CustomVars, '$.EventFutureField') IS NOT NULL AND EventStart < "
-                 "'2024-01-01T03:00:00Z'") == [(0,)]
-    assert query(tmp_path / "w.duckdb", "SELECT count(*) > 0 FROM fs.events WHERE "
-                 "json_extract_string(CustomVars, '$.EventFutureField') IS NOT NULL") == [(True,)]
+    # Fields asked for that no column holds land in CustomVars: the legacy selector on some events,
+    # a field FullStory adds later from 03:00 on. Fields not asked for are not exported.
+    for name in LEGACY_AND_NEW:
+        before, after = query(tmp_path / "w.duckdb", f"SELECT count(*) FILTER (WHERE EventStart < '2024-01-01T03:00:00Z'), "
+                              f"count(*) FILTER (WHERE EventStart >= '2024-01-01T03:00:00Z') FROM fs.events "
+                              f"WHERE json_extract_string(CustomVars, '$.{name}') IS NOT NULL")[0]
+        if name not in extra_fields:
+            assert before == after == 0
+        else:
+            assert after > 0 and (before > 0) == (name == "EventTargetSelectorTok")
 
 
 def test_a_second_run_loads_only_new_windows(fullstory_config: Any, tmp_path: Path) -> None:
@@ -133,11 +157,14 @@ def test_a_truncated_gzip_fails_its_window_keeps_earlier_ones_and_a_rerun_comple
 ) -> None:
     run(fullstory_config(db="clean.duckdb"))
     run(fullstory_config(end_time="2024-01-01T02:00:00Z"))
-    emulator(fullstory_server).faults.truncate_downloads = 1
+    emu = emulator(fullstory_server)
+    emu.faults.truncate_downloads = 1
     config = fullstory_config(prefetch=1)
     first = floe_cli(config)
     assert first.returncode != 0
-    assert "truncated" in first.stderr + first.stdout
+    [export] = [e for e in emu.exports.values() if e.start == datetime(2024, 1, 1, 2, tzinfo=UTC)][-1:]
+    assert (f"fs: window 2024-01-01T02:00:00Z..2024-01-01T03:00:00Z, export {export.id}: export file is truncated"
+            in first.stderr + first.stdout)
     assert DEFAULT_API_KEY not in first.stderr + first.stdout
     # The window 02:00-03:00 failed: nothing of it is committed, the two before it stay.
     assert query(tmp_path / "w.duckdb", "SELECT count(*), max(EventStart) < '2024-01-01T02:00:00Z' "
@@ -180,7 +207,8 @@ def test_reloading_from_a_time_as_docs_fullstory_md_says(fullstory_config: Any, 
 
 
 def test_known_fields_enabled_later_become_columns(fullstory_config: Any, tmp_path: Path) -> None:
-    run(fullstory_config(end_time="2024-01-01T01:00:00Z"))
+    # Asked for while not a column, AppName is kept in CustomVars; with include_mobile_fields it is a column.
+    run(fullstory_config(end_time="2024-01-01T01:00:00Z", extra_fields=["AppName"]))
     assert query(tmp_path / "w.duckdb", "SELECT count(*) FROM information_schema.columns "
                  "WHERE table_name = 'events' AND column_name = 'AppName'") == [(0,)]
     assert query(tmp_path / "w.duckdb", "SELECT count(*) > 0 FROM fs.events "
@@ -192,13 +220,40 @@ def test_known_fields_enabled_later_become_columns(fullstory_config: Any, tmp_pa
     assert rows[1][1] > 0 and rows[1][2] == 0  # later rows have the column
 
 
+def test_custom_vars_are_exported_whatever_fullstorys_default_field_set_is(
+    fullstory_server: Any, fullstory_config: Any, tmp_path: Path
+) -> None:
+    """An account whose exports hold only hauser's base fields unless asked still gets its custom vars."""
+    emulator(fullstory_server).default_fields = [name for name, _ in BASE_FIELDS]
+    run(fullstory_config(end_time="2024-01-01T01:00:00Z"))
+    [counts] = query(tmp_path / "w.duckdb", """SELECT count(*), count(*) FILTER (WHERE CustomVars <> '{}'),
+        count(json_extract(CustomVars, '$.user_plan_str')), count(json_extract(CustomVars, '$."evt_order.total_real"')),
+        count(json_extract(CustomVars, '$.page_experiment_bool')) FROM fs.events""")
+    assert counts[0] == 600 and all(n > 0 for n in counts[1:]), counts
+
+
+def test_fields_restrict_each_export_to_what_is_asked_for(
+    fullstory_server: Any, fullstory_config: Any, tmp_path: Path
+) -> None:
+    fields = ["IndvId", "EventStart", "EventType", "evt_*"]
+    run(fullstory_config(end_time="2024-01-01T01:00:00Z", fields=fields))
+    assert [c["fields"] for c in emulator(fullstory_server).created] == [fields]
+    [(rows, page_urls, other_vars, evt_vars)] = query(tmp_path / "w.duckdb", """SELECT count(*), count(PageUrl),
+        count(*) FILTER (WHERE regexp_matches(CustomVars, '"(user|page)_')),
+        count(*) FILTER (WHERE regexp_matches(CustomVars, '"evt_')) FROM fs.events""")
+    assert (rows, page_urls, other_vars) == (600, 0, 0) and evt_vars > 0
+
+
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("export_duration", "7m", "between 15m and 24h"),
     ("export_duration", "5h", "must divide 24h"),
     ("export_duration", "soon", "not a duration"),
     ("export_delay", "10m", "at least 1h"),
+    ("fields", "['Page Url']", "'Page Url' is not a field name"),
+    ("extra_fields", "['evt_*_str']", "not a field name or a prefix followed by"),
+    ("fields", "[]", "at least 1 item"),
 ])
-def test_bad_durations_are_config_errors_naming_the_key(key: str, value: str, message: str, tmp_path: Path) -> None:
+def test_bad_settings_are_config_errors_naming_the_key(key: str, value: str, message: str, tmp_path: Path) -> None:
     path = tmp_path / "floe.yml"
     path.write_text(f"sources:\n  fs:\n    type: fullstory\n    api_key: k\n    {key}: {value}\n"
                     "destinations:\n  w:\n    type: duckdb\n")
@@ -221,6 +276,20 @@ def test_windows_align_to_the_duration_and_next_due_adds_the_delay() -> None:
         2024, 1, 2, tzinfo=UTC)
 
 
+def export_body(events: list[dict[str, Any]], layout: str) -> bytes:
+    """An export file's (uncompressed) bytes in one of the layouts FullStory and other writers use."""
+    if layout == "ndjson":
+        return b"\n".join(orjson.dumps(e) for e in events) + b"\n"
+    if layout == "array per line":
+        return b"[\n" + b",\n".join(orjson.dumps(e) for e in events) + b"\n]"
+    if layout == "array minified":
+        return orjson.dumps(events)
+    return orjson.dumps(events, option=orjson.OPT_INDENT_2)
+
+
+LAYOUTS = ["ndjson", "array per line", "array minified", "array pretty"]
+
+
 # Strings that need escaping, in a known column (EventTargetText) and in a custom var (user_label_str).
 EVENTS = [{"IndvId": 2**62 + i, "EventStart": f"2024-01-01T00:00:0{i}.123456789Z", "EventType": "click",
            "EventTargetText": t, "evt_x.y_real": i / 2, "page_tags": ["a", i], "user_note": None, "user_label_str": t}
@@ -228,20 +297,13 @@ EVENTS = [{"IndvId": 2**62 + i, "EventStart": f"2024-01-01T00:00:0{i}.123456789Z
                                  "back\\slash é ✓"])]
 
 
-@pytest.mark.parametrize("layout", ["ndjson", "array per line", "array minified", "array pretty"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("chunk", [40, 1 << 20])
 def test_export_files_parse_the_same_in_every_layout_and_chunking(tmp_path: Path, layout: str, chunk: int) -> None:
     from floe.sources.fullstory_export import ExportReader
 
     reader_schema = FullStorySource("fs", FullStoryConfig(api_key="k")).streams()[0].schema
-    if layout == "ndjson":
-        body = b"\n".join(orjson.dumps(e) for e in EVENTS) + b"\n"
-    elif layout == "array per line":
-        body = b"[\n" + b",\n".join(orjson.dumps(e) for e in EVENTS) + b"\n]"
-    elif layout == "array minified":
-        body = orjson.dumps(EVENTS)
-    else:
-        body = orjson.dumps(EVENTS, option=orjson.OPT_INDENT_2)
+    body = export_body(EVENTS, layout)
     path = tmp_path / "export.gz"
     path.write_bytes(gzip.compress(body[:40]) + gzip.compress(body[40:]))  # two gzip members, as some writers do
     fmt = "FORMAT_NDJSON" if layout == "ndjson" else "FORMAT_JSON"
@@ -346,3 +408,87 @@ def test_a_wrong_api_key_fails_with_the_status_and_url_and_never_shows_the_key(
     output = result.stdout + result.stderr
     assert "HTTP 401" in output and "invalid API key" in output and "/segments/v1/exports" in output
     assert "wrong-key-123456" not in output
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_windows_shaped_like_fullstorys_test_export_load_every_event_and_give_those_without_custom_vars_an_empty_object(
+    tmp_path: Path, layout: str
+) -> None:
+    """Most events carry no custom var (keys absent or null); each var is set in a few events only."""
+    from floe.sources.fullstory_export import ExportReader
+
+    windows = hauser_shaped_windows()
+    def has_vars(event: dict[str, Any]) -> bool:
+        return any(v is not None for k, v in event.items() if k.startswith(("user_", "evt_", "page_")))
+    assert [len(events) for _, _, events in windows] == [13, 20, 27, 31, 53]  # the shape of the real export
+    assert sum(not has_vars(e) for _, _, events in windows for e in events) == 97
+    schema = FullStorySource("fs", FullStoryConfig(api_key="k")).streams()[0].schema
+    fmt = "FORMAT_NDJSON" if layout == "ndjson" else "FORMAT_JSON"
+    reader = ExportReader(schema, fmt)
+    for i, (_, _, events) in enumerate(windows):
+        path = tmp_path / f"{i}.gz"
+        path.write_bytes(gzip.compress(export_body(events, layout)))
+        rows = [r for b in reader.batches(path) for r in b.to_pylist()]
+        assert len(rows) == len(events)
+        for row, event in zip(rows, events, strict=True):
+            assert row["IndvId"] == event["IndvId"] and row["PageIp"] == "" and row["EventType"] == event["EventType"]
+            expected = {k: v for k, v in event.items() if k not in KNOWN and v is not None}
+            assert orjson.loads(row["CustomVars"]) == expected  # ints above 2**53 exact, date-like text as sent
+        assert sum(r["CustomVars"] == "{}" for r in rows) > 0
+
+
+GOOD = b'{"IndvId": 1, "EventStart": "2024-01-01T00:00:00Z", "EventType": "click"}'
+WHERE = "window 2024-01-01T02:00:00Z..2024-01-01T03:00:00Z, export e-42"
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    (b'{"IndvId": 9, "EventType": }', "line 7: not valid JSON"),
+    (b'["not", "an", "event"]', "line 7: not a JSON object"),
+    (b'{"IndvId": 9, "PageNumEvents": 1099511627776}', "line 7: field PageNumEvents is not a int32"),  # 2**40
+    (b'{"IndvId": 9223372036854775808}', "line 7: field IndvId is not a int64"),  # 2**63
+    (b'{"IndvId": "nine"}', "line 7: field IndvId is not a int64"),
+    (b'{"IndvId": 9, "EventStart": "yesterday"}', "line 7: field EventStart is not a timestamp"),
+    (b'{"IndvId": 9, "pagenumevents": 1099511627776}', "line 7: field pagenumevents is not a int32"),
+])
+@pytest.mark.parametrize("chunk", [64, 1 << 20])
+def test_a_bad_event_is_an_error_naming_the_window_export_line_and_field(
+    tmp_path: Path, bad: bytes, message: str, chunk: int
+) -> None:
+    from floe.errors import SourceError
+    from floe.sources.fullstory_export import ExportReader
+
+    path = tmp_path / "export.gz"
+    path.write_bytes(gzip.compress(b"\n".join([GOOD] * 6 + [bad] + [GOOD] * 3) + b"\n"))
+    schema = FullStorySource("fs", FullStoryConfig(api_key="k")).streams()[0].schema
+    with pytest.raises(SourceError) as caught:
+        list(ExportReader(schema, "FORMAT_NDJSON", chunk_bytes=chunk).batches(path, WHERE))
+    assert str(caught.value).startswith(WHERE + ": " + message), str(caught.value)
+
+
+@pytest.mark.parametrize("layout", ["array per line", "array minified"])
+def test_a_bad_element_of_a_json_array_is_named_by_its_place(tmp_path: Path, layout: str) -> None:
+    from floe.errors import SourceError
+    from floe.sources.fullstory_export import ExportReader
+
+    events = [{"IndvId": i, "EventType": "click"} for i in range(10)]
+    events[4]["PageNumEvents"] = 2**40
+    path = tmp_path / "export.gz"
+    path.write_bytes(gzip.compress(export_body(events, layout)))
+    schema = FullStorySource("fs", FullStoryConfig(api_key="k")).streams()[0].schema
+    with pytest.raises(SourceError, match=f"^{WHERE}: element 5: field PageNumEvents is not a int32"):
+        list(ExportReader(schema, "FORMAT_JSON").batches(path, WHERE))
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (gzip.compress((GOOD + b"\n") * 1000)[:-30], "export file is truncated"),
+    (GOOD + b"\n", "export file is not valid gzip"),
+])
+def test_a_broken_file_is_an_error_naming_the_window_and_export(tmp_path: Path, body: bytes, message: str) -> None:
+    from floe.errors import SourceError
+    from floe.sources.fullstory_export import ExportReader
+
+    path = tmp_path / "export.gz"
+    path.write_bytes(body)
+    schema = FullStorySource("fs", FullStoryConfig(api_key="k")).streams()[0].schema
+    with pytest.raises(SourceError, match=f"^{WHERE}: {message}"):
+        list(ExportReader(schema, "FORMAT_NDJSON").batches(path, WHERE))

@@ -11,11 +11,20 @@ Flow, every API call needing `Authorization: Basic <api key>` (the raw key):
 
 Events are a pure function of time: event `k` happens at `k * step + jitter(k)` microseconds since
 the Unix epoch (`step = 1 h / events_per_hour`), so any time range has the same events on every
-call. Fields absent from an event (null) are omitted, as in FullStory's own files. Every event has
-`user_*` custom vars, some `evt_*`/`page_*` ones. Exports whose window starts at or after
-`new_fields_from` also carry `ReqUrl`/`ReqMethod`/`ReqStatus` on request events and the field
-`EventFutureField`, which no client knows yet. Files are built by DuckDB (vectorised) and cached
-on disk by (range, format, fields), then streamed.
+call. They are as irregular as FullStory's own test export (hauser's testdata/raw.json): a field
+without a value is mostly left out and sometimes sent as `null`; about two events in three carry no
+custom var, and each custom var (`user_*`, `evt_*`, `page_*`, including a list `_strs`, a date-like
+text and ints above 2^53) is set on a few events only; ids are int64 above 2^53; some strings are
+empty; click and seen events may carry the legacy `EventTargetSelectorTok`; a few keys come in
+another casing (`pageUrl`, `USERID`). Exports whose window starts at or after `new_fields_from`
+also carry `ReqUrl`/`ReqMethod`/`ReqStatus` on request events and `EventFutureField`, which no
+client knows yet.
+
+A request's `fields` (names, or `prefix_*` patterns, matched case-insensitively) restricts every
+event to those fields; without `fields` an export has `default_fields` (default: every field, as
+FullStory documents). FORMAT_JSON is one element per line for windows starting on an even
+hour + day, one minified line otherwise (`json_layout` "lines" or "minified" fixes one). Files are
+built by DuckDB (vectorised) and cached on disk by (range, format, fields, layout), then streamed.
 
 Fault knobs (constructor arguments, or `POST /_sandbox/fullstory/faults` with the same names, or
 `app.state.fullstory.faults`): `rate_limit_every` (every Nth API call answers 429 with
@@ -49,7 +58,6 @@ from starlette.routing import Route
 
 DEFAULT_API_KEY = "fs-sandbox-key"
 FORMATS = {"FORMAT_JSON", "FORMAT_NDJSON"}
-_WILDCARDS = ("user_*", "evt_*", "page_*")
 
 # (field name, DuckDB expression over k (BIGINT), h (UBIGINT hash of k), us (event time, µs)).
 # A NULL omits the field from the event.
@@ -61,9 +69,9 @@ _COLUMNS: list[tuple[str, str]] = [
     ("SessionId", "6917529027641081857 + ((h >> 8) % 50000)"),
     ("PageId", "1152921504606846977 + ((h >> 16) % 500000)"),
     ("UserCreated", f"CASE WHEN h % 3 = 0 THEN {_TS.format(x='1577836800000000 + (h % 5000) * 3600000000')} END"),
-    ("UserAppKey", "CASE WHEN h % 3 = 0 THEN 'acct-' || (h % 5000)::VARCHAR END"),
+    ("UserAppKey", "CASE WHEN h % 3 = 0 THEN 'acct-' || (h % 5000)::VARCHAR WHEN h % 3 = 1 THEN '' END"),
     ("UserDisplayName", "CASE WHEN h % 3 = 0 THEN 'User ' || (h % 5000)::VARCHAR END"),
-    ("UserEmail", "CASE WHEN h % 3 = 0 THEN 'user' || (h % 5000)::VARCHAR || '@example.com' END"),
+    ("UserEmail", "CASE WHEN h % 3 = 0 THEN 'user' || (h % 5000)::VARCHAR || '@example.com' WHEN h % 3 = 1 THEN '' END"),
     ("EventStart", _TS.format(x="us")),
     ("EventType", f"{_TYPES}[1 + (h % 8)::INT]"),
     ("EventSubType", "CASE WHEN h % 8 = 1 THEN ['navigate','reload','back_forward'][1 + ((h >> 3) % 3)::INT] "
@@ -72,7 +80,11 @@ _COLUMNS: list[tuple[str, str]] = [
                         "[1 + ((h >> 3) % 3)::INT] END"),
     ("EventTargetText", "CASE WHEN h % 8 = 0 THEN ['Add to cart','Buy \"now\"','Weiter →','Line1\nLine2']"
                         "[1 + ((h >> 5) % 4)::INT] END"),
-    ("EventTargetSelector", "CASE WHEN h % 8 IN (0, 2) THEN 'div.cart > button#add-' || ((h >> 9) % 50)::VARCHAR END"),
+    ("EventTargetSelector", "CASE WHEN h % 8 = 2 OR (h % 8 = 0 AND (h >> 13) % 2 = 0) "
+                            "THEN 'div.cart > button#add-' || ((h >> 9) % 50)::VARCHAR END"),
+    # The legacy tokenised selector (hauser's v1 schema), instead of EventTargetSelector on some events.
+    ("EventTargetSelectorTok", "CASE WHEN h % 8 = 6 OR (h % 8 = 0 AND (h >> 13) % 2 = 1) "
+                               "THEN 'html body div .cart button .add%2D' || ((h >> 9) % 50)::VARCHAR END"),
     ("EventPageOffset", "(h >> 20) % 600000"),
     ("EventSessionOffset", "(h >> 20) % 3600000"),
     ("EventModFrustrated", "CASE WHEN h % 97 = 0 THEN 1 END"),
@@ -87,7 +99,8 @@ _COLUMNS: list[tuple[str, str]] = [
     ("PageUrl", "'https://shop.example.com/' || ['','p/','cart','checkout'][1 + ((h >> 16) % 4)::INT] "
                 "|| ((h >> 16) % 997)::VARCHAR"),
     ("PageRefererUrl", "CASE WHEN h % 5 = 0 THEN 'https://www.google.com/' END"),
-    ("PageIp", "'10.' || ((h >> 8) % 250)::VARCHAR || '.' || ((h >> 16) % 250)::VARCHAR || '.7'"),
+    ("PageIp", "CASE WHEN (h >> 8) % 5 = 0 THEN '' ELSE '10.' || ((h >> 8) % 250)::VARCHAR || '.' "
+               "|| ((h >> 16) % 250)::VARCHAR || '.7' END"),
     ("PageLatLong", "'52.52,13.40'"),
     ("PageUserAgent", "['Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0','Mozilla/5.0 (iPhone; CPU iPhone OS 17_1) "
                       "Safari/604.1'][1 + ((h >> 8) % 2)::INT]"),
@@ -102,11 +115,21 @@ _COLUMNS: list[tuple[str, str]] = [
     ("PageMaxScrollDepthPercent", "(h >> 12) % 101"),
     ("LoadDomContentTime", "CASE WHEN h % 8 = 1 THEN (h >> 9) % 3000 END"),
     ("LoadFirstPaintTime", "CASE WHEN h % 8 = 1 THEN (h >> 10) % 2000 END"),
-    ("user_plan_str", "['free','pro','enterprise'][1 + ((h >> 4) % 3)::INT]"),
+    # Custom vars: about two events in three carry none; each is set on a few events only.
+    ("user_plan_str", "CASE WHEN (h >> 4) % 8 = 0 THEN ['free','pro \"gold\"','enterprise'][1 + ((h >> 7) % 3)::INT] END"),
+    ("user_signup_date", "CASE WHEN (h >> 4) % 16 = 8 THEN strftime(make_timestamp((1577836800 + (h % 5000) "
+                         "* 86400)::BIGINT * 1000000), '%Y-%m-%dT%H:%M:%SZ') END"),  # date-like text
     ("evt_order.total_real", "CASE WHEN h % 8 = 3 THEN ((h >> 6) % 100000) / 100.0 END"),
     ("evt_items_int", "CASE WHEN h % 8 = 3 THEN (h >> 6) % 9 END"),
-    ("page_experiment_bool", "CASE WHEN h % 4 = 0 THEN (h >> 2) % 2 = 0 END"),
+    ("evt_orderId_int", "CASE WHEN h % 8 = 3 AND (h >> 5) % 2 = 0 THEN 4611686018427387905 + (h >> 9) % 1000000 END"),
+    ("evt_tags_strs", "CASE WHEN h % 8 = 3 AND (h >> 7) % 4 = 0 THEN ['sale', 'aisle ' || ((h >> 9) % 20)::VARCHAR] END"),
+    ("page_experiment_bool", "CASE WHEN h % 8 = 1 AND (h >> 40) % 2 = 0 THEN (h >> 41) % 2 = 0 END"),
 ]
+# Fields sent as an explicit `null` (instead of being left out) when the condition holds.
+_NULLS = {"EventSubType": "h % 8 = 0 AND (h >> 3) % 4 = 0", "user_plan_str": "(h >> 4) % 8 = 1",
+          "evt_items_int": "h % 8 = 2", "page_experiment_bool": "h % 8 = 1 AND (h >> 40) % 4 = 1"}
+# Keys sent in another casing when the condition holds.
+_SPELLINGS = {"PageUrl": ("pageUrl", "(h >> 3) % 64 = 5"), "UserId": ("USERID", "(h >> 3) % 64 = 9")}
 # Page-level fields travel on the page's navigate events only (keeps files near 600 bytes per event).
 _NAVIGATE_ONLY = {"SessionStart", "PageStart", "PageRefererUrl", "PageIp", "PageLatLong", "PageUserAgent",
                   "PageBrowser", "PageDevice", "PageOperatingSystem", "PageScreenWidth", "PageScreenHeight"}
@@ -146,11 +169,24 @@ def _us(dt: datetime) -> int:
 
 
 def _wanted(name: str, fields: list[str] | None) -> bool:
-    if not fields:
+    """Whether a request's `fields` (None: every field) ask for `name`: by name or `prefix*` pattern."""
+    if fields is None:
         return True
-    if name in fields:
-        return True
-    return any(w in fields and name.startswith(w[:-1]) for w in _WILDCARDS)
+    lower = name.lower()
+    return any(lower.startswith(f[:-1].lower()) if f.endswith("*") else lower == f.lower() for f in fields)
+
+
+def _fragment(name: str, value: str) -> str:
+    """DuckDB text `"name":<value as JSON>` for one event, in the spelling and null-ness it is sent with;
+    NULL (the field is left out) where `value` is NULL."""
+    key = _sql_str(orjson.dumps(name).decode() + ":")
+    if name in _SPELLINGS:
+        other, when = _SPELLINGS[name]
+        key = f"CASE WHEN {when} THEN {_sql_str(orjson.dumps(other).decode() + ':')} ELSE {key} END"
+    text = f"to_json({value})::VARCHAR"
+    if name in _NULLS:
+        text = f"CASE WHEN {_NULLS[name]} THEN 'null' ELSE {text} END"
+    return f"{key} || {text}"
 
 
 @dataclass
@@ -185,6 +221,8 @@ class FullStoryEmulator:
     events_per_hour: int = 3600
     seed: int = 1
     new_fields_from: datetime | None = None
+    default_fields: list[str] | None = None  # what an export without `fields` holds (None: every field)
+    json_layout: str = "mixed"  # FORMAT_JSON: "lines", "minified", or "mixed" (by window, see above)
     processing_seconds: float = 0.0  # an export stays in progress at least this long
     link_ttl_seconds: float = 600.0
     cache_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "floe-fullstory-emulator")
@@ -207,12 +245,19 @@ class FullStoryEmulator:
         cols = list(_COLUMNS) + list(_MOBILE_COLUMNS)
         if self.new_fields_from is not None and start >= self.new_fields_from:
             cols += _LATER_COLUMNS
-        return [(n, e) for n, e in cols if _wanted(n, fields) or n == "EventFutureField"]
+        fields = self.default_fields if fields is None else fields
+        return [(n, e) for n, e in cols if _wanted(n, fields)]
+
+    def minified(self, start: datetime) -> bool:
+        """Whether a FORMAT_JSON export of the window starting at `start` is one minified line."""
+        return self.json_layout == "minified" or (self.json_layout == "mixed" and (start.hour + start.day) % 2 == 1)
 
     def build(self, export: Export) -> Path:
         """Write (or reuse) the gzip file of `export`."""
+        minified = export.format == "FORMAT_JSON" and self.minified(export.start)
         key = orjson.dumps([rfc3339(export.start), rfc3339(export.end), export.format, export.fields,
-                            self.events_per_hour, str(self.new_fields_from), self.seed, 3])
+                            self.default_fields, minified, self.events_per_hour, str(self.new_fields_from),
+                            self.seed, 4])
         name = hashlib.sha1(key).hexdigest()[:20]
         path = self.cache_dir / f"{name}.{'ndjson' if export.format == 'FORMAT_NDJSON' else 'json'}.gz"
         if path.exists():
@@ -223,9 +268,7 @@ class FullStoryEmulator:
         step = self.step_us
         lo, hi = _us(export.start) // step - 1, -(-_us(export.end) // step) + 1
         # concat_ws skips NULL fragments, so fields whose value is NULL are left out of the event.
-        fragments = ", ".join(
-            f"{_sql_str(orjson.dumps(n).decode() + ':')} || to_json({e})::VARCHAR" for n, e in cols
-        )
+        fragments = ", ".join(_fragment(n, e) for n, e in cols) or "NULL"
         events = (
             f"SELECT '{{' || concat_ws(',', {fragments}) || '}}' AS line, us FROM "
             f"(SELECT k, h, k * {step} + (h % {step})::BIGINT AS us FROM "
@@ -235,16 +278,17 @@ class FullStoryEmulator:
         copy = "(FORMAT CSV, HEADER false, QUOTE '', ESCAPE '', DELIMITER '\x01', COMPRESSION GZIP)"
         con = duckdb.connect(config={"threads": 2, "autoinstall_known_extensions": False})
         try:
-            ordered = f"SELECT line FROM ({events}) ORDER BY us"
             if export.format == "FORMAT_NDJSON":
-                con.execute(f"COPY ({ordered}) TO '{tmp}' {copy}")
+                body = f"SELECT line FROM ({events}) ORDER BY us"
+            elif minified:
+                body = f"SELECT '[' || coalesce(string_agg(line, ',' ORDER BY us), '') || ']' FROM ({events})"
             else:
                 n = con.execute(f"SELECT count(*) FROM ({events})").fetchone()[0]  # type: ignore[index]
                 body = (f"SELECT CASE WHEN rn = 1 THEN '[' ELSE '' END || line || CASE WHEN rn = {n} THEN ']' "
                         f"ELSE ',' END AS line FROM (SELECT line, row_number() OVER (ORDER BY us) AS rn "
                         f"FROM ({events}))")
                 body = body if n else "SELECT '[]' AS line"
-                con.execute(f"COPY ({body}) TO '{tmp}' {copy}")
+            con.execute(f"COPY ({body}) TO '{tmp}' {copy}")
         finally:
             con.close()
         os.replace(tmp, path)
@@ -281,6 +325,8 @@ def create_app(
     seed: int = 1,
     rate_429: float = 0.0,
     rate_5xx: float = 0.0,
+    default_fields: list[str] | None = None,
+    json_layout: str = "mixed",
     **faults: int,
 ) -> Starlette:
     """The emulator as an ASGI app (a module-level factory, so it can run in another process).
@@ -295,7 +341,7 @@ def create_app(
         api_key=api_key, events_per_hour=events_per_hour,
         new_fields_from=parse_time(new_fields_from) if new_fields_from else None,
         processing_seconds=processing_seconds, link_ttl_seconds=link_ttl_seconds,
-        faults=Faults(**faults), seed=seed,
+        faults=Faults(**faults), seed=seed, default_fields=default_fields, json_layout=json_layout,
     )
     if cache_dir:
         emu.cache_dir = Path(cache_dir)
@@ -332,7 +378,10 @@ def create_app(
             return _error(400, f"unsupported format {fmt!r} (this emulator serves {', '.join(sorted(FORMATS))})")
         if end <= start:
             return _error(400, "timeRange.end must be after timeRange.start")
-        export = Export(uuid.uuid4().hex, start, end, fmt, body.get("fields") or None, time.time())
+        fields = body.get("fields") or None
+        if fields is not None and not (isinstance(fields, list) and all(isinstance(f, str) and f for f in fields)):
+            return _error(400, "fields must be a list of field names")
+        export = Export(uuid.uuid4().hex, start, end, fmt, fields, time.time())
         if emu.take("fail_operations"):
             export.failed = "export failed: internal error while building the export (injected)"
             export.done.set()
@@ -351,7 +400,7 @@ def create_app(
             emu.exports[export.id] = export
             emu.operations[operation] = export.id
             emu.created.append({"segmentId": body.get("segmentId"), "start": rfc3339(start), "end": rfc3339(end),
-                                "format": fmt})
+                                "format": fmt, "fields": export.fields})
         return JSONResponse({"operationId": operation})
 
     async def operation(request: Request) -> Response:

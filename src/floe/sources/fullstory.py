@@ -64,6 +64,9 @@ MOBILE_FIELDS: list[tuple[str, pa.DataType]] = [
     (name, _STR) for name in ("AppName", "AppPackageName", "AppDeviceModel", "AppDeviceVendor", "AppVersion",
                               "AppOsVersion", "AppViewName", "EventMobileSourceFile")
 ]
+# Custom vars by FullStory's naming: user vars, event vars, page vars (as hauser asks for them).
+CUSTOM_VAR_PATTERNS = ["user_*", "evt_*", "page_*"]
+_FIELD_PATTERN = re.compile(r"[^\s*]+\*?")  # a field name, or a prefix followed by `*`
 _DURATION = re.compile(r"(\d+)([dhms])")
 _UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 DAY = timedelta(days=1)
@@ -102,6 +105,11 @@ class FullStoryConfig(SourceConfig):
     base_url: str = "https://api.fullstory.com"
     load_every: Literal["window", "day"] = "window"
     format: Literal["FORMAT_NDJSON", "FORMAT_JSON"] = "FORMAT_NDJSON"
+    fields: list[str] | None = Field(default=None, min_length=1, description=(
+        "The fields (names or `prefix_*` patterns) each export asks for; default: hauser's list, the mobile "
+        "fields with include_mobile_fields, and user_*, evt_*, page_*."))
+    extra_fields: list[str] = Field(default_factory=list, description=(
+        "Asked for besides `fields`, e.g. EventTargetSelectorTok or a field newer than this floe."))
     poll_interval: float = Field(default=5.0, gt=0, description="Longest wait between operation polls (hauser: 5 s).")
     prefetch: int = Field(default=3, ge=1, le=16, description="Windows exported and downloaded ahead.")
     export_attempts: int = Field(default=3, ge=1, description="Exports created per window before giving up.")
@@ -114,6 +122,14 @@ class FullStoryConfig(SourceConfig):
             raise ValueError(f"{value!r} must be between 15m and 24h")
         if DAY % d:
             raise ValueError(f"{value!r} must divide 24h evenly (e.g. 15m, 30m, 1h, 2h, 3h, 6h, 12h, 24h)")
+        return value
+
+    @field_validator("fields", "extra_fields")
+    @classmethod
+    def _check_fields(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            if not _FIELD_PATTERN.fullmatch(name):
+                raise ValueError(f"{name!r} is not a field name or a prefix followed by * (like evt_*)")
         return value
 
     @field_validator("export_delay")
@@ -136,6 +152,20 @@ class FullStoryConfig(SourceConfig):
     @property
     def delay(self) -> timedelta:
         return parse_duration(self.export_delay)
+
+    @property
+    def export_fields(self) -> list[str]:
+        """What each export request asks for (`fields` plus `extra_fields`, each once, in order)."""
+        fields = self.fields
+        if fields is None:
+            known = BASE_FIELDS + (MOBILE_FIELDS if self.include_mobile_fields else [])
+            fields = [name for name, _ in known] + CUSTOM_VAR_PATTERNS
+        return list(dict.fromkeys(fields + self.extra_fields))
+
+
+def window_label(window: tuple[datetime, datetime]) -> str:
+    """How messages name a window: `window 2024-05-01T00:00:00Z..2024-05-01T01:00:00Z`."""
+    return f"window {rfc3339(window[0])}..{rfc3339(window[1])}"
 
 
 def window_end(start: datetime, duration: timedelta) -> datetime:
@@ -210,9 +240,9 @@ class EventsStream(Stream):
         log.info("event=fullstory_plan source=%s windows=%d first=%s last=%s", self.source.name, len(windows),
                  rfc3339(windows[0][0]), rfc3339(windows[-1][1]))
         tmp = Path(tempfile.mkdtemp(prefix="floe-fullstory-"))
-        tasks: list[asyncio.Task[Path]] = []
+        tasks: list[asyncio.Task[tuple[Path, str]]] = []
 
-        async def fetch(window: tuple[datetime, datetime], index: int) -> Path:
+        async def fetch(window: tuple[datetime, datetime], index: int) -> tuple[Path, str]:
             return await self.source.fetch_window(window, tmp / f"{index:06d}.gz")
 
         try:
@@ -220,9 +250,9 @@ class EventsStream(Stream):
                 # Keep `prefetch` windows in flight ahead of the one being parsed, no more.
                 while len(tasks) < min(len(windows), i + self.config.prefetch):
                     tasks.append(asyncio.create_task(fetch(windows[len(tasks)], len(tasks))))
-                path = await tasks[i]
+                path, export_id = await tasks[i]
                 rows = 0
-                async for batch in self._parse(path):
+                async for batch in self._parse(path, f"{window_label(window)}, export {export_id}"):
                     rows += batch.num_rows
                     yield Batch(records=batch)
                 path.unlink(missing_ok=True)
@@ -242,11 +272,12 @@ class EventsStream(Stream):
             await asyncio.gather(*tasks, return_exceptions=True)
             shutil.rmtree(tmp, ignore_errors=True)
 
-    async def _parse(self, path: Path) -> AsyncIterator[pa.RecordBatch]:
-        """Parse in a worker thread, at most two batches ahead of the consumer."""
+    async def _parse(self, path: Path, where: str) -> AsyncIterator[pa.RecordBatch]:
+        """Parse in a worker thread, at most two batches ahead of the consumer; errors start with `where`."""
         reader = self.reader
         try:
-            async with iterate_in_thread(lambda: reader.batches(path), ahead=2, name="fullstory-parse") as batches:
+            async with iterate_in_thread(lambda: reader.batches(path, where), ahead=2,
+                                         name="fullstory-parse") as batches:
                 async for batch in batches:
                     yield batch
         except SourceError as exc:
@@ -299,7 +330,7 @@ class FullStorySource(Source):
     async def create_export(self, start: datetime, end: datetime) -> str:
         body = {"segmentId": self.config.segment_id, "type": "TYPE_EVENT", "format": self.config.format,
                 "segmentTimeRange": {"start": "", "end": ""},
-                "timeRange": {"start": rfc3339(start), "end": rfc3339(end)}}
+                "timeRange": {"start": rfc3339(start), "end": rfc3339(end)}, "fields": self.config.export_fields}
         response = await self.api.request("POST", "/segments/v1/exports", json=body)
         operation = response.json().get("operationId")
         if not operation:
@@ -323,16 +354,16 @@ class FullStorySource(Source):
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.config.poll_interval)
 
-    async def fetch_window(self, window: tuple[datetime, datetime], target: Path) -> Path:
-        """Export one window and download its gzip file to `target`."""
+    async def fetch_window(self, window: tuple[datetime, datetime], target: Path) -> tuple[Path, str]:
+        """Export one window and download its gzip file to `target`: (target, the export's id)."""
         start, end = window
-        where = f"{self.name}: window {rfc3339(start)}..{rfc3339(end)}"
+        where = f"{self.name}: {window_label(window)}"
         failures: list[str] = []
         for _ in range(self.config.export_attempts):
             export_id, error = await self.wait_for(await self.create_export(start, end))
             if export_id:
-                await self.download(export_id, target, where)
-                return target
+                await self.download(export_id, target, f"{where}, export {export_id}")
+                return target, export_id
             failures.append(error or "")
             log.warning("event=fullstory_export_failed %s error=%s (creating it again)", where, error)
         raise SourceError(f"{where}: export FAILED {len(failures)} times: {failures[-1]}")
@@ -342,7 +373,7 @@ class FullStorySource(Source):
             info = await self.api.get_json(f"/search/v1/exports/{export_id}/results")
             location = info.get("location")
             if not location:
-                raise SourceError(f"{where}: export {export_id} results have no download location")
+                raise SourceError(f"{where}: the export's results have no download location")
             try:
                 async with self.files.stream("GET", location) as response:
                     with target.open("wb") as f:

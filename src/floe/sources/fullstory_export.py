@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pyarrow as pa
@@ -57,9 +58,12 @@ class ExportReader:
         self.workers = workers
         self._by_line = True
         self.parse_schema = pa.schema([pa.field(f.name, _parse_type(f.type)) for f in self.known])
-        # Known fields seen in the events so far: only these are declared to the JSON reader, since
-        # each declared field that never occurs costs time on every row (~0.5 µs/event for hauser's 58).
-        self._declared: set[str] = set()
+        self.unit = "line" if fmt == "FORMAT_NDJSON" else "element"  # how an error names an event's place
+        # Fields met so far that are declared to the JSON reader, by the name the events spell them with:
+        # known fields (in any casing) with their column's type, and other fields that inference would
+        # turn into timestamps as text (a custom var "2024-01-01" stays that string). Only fields met are
+        # declared, since each declared field costs time on every row (~0.5 µs/event for hauser's 58).
+        self._declared: dict[str, pa.DataType] = {}
 
     # --- bytes -> event chunks ------------------------------------------------------------
     def _inflate(self, path: Path) -> Iterator[bytes]:
@@ -151,55 +155,91 @@ class ExportReader:
             yield b"\n".join(out) + b"\n"
 
     # --- event chunks -> batches -------------------------------------------------------
-    def batches(self, path: Path) -> Iterator[pa.RecordBatch]:
+    def batches(self, path: Path, where: str = "export file") -> Iterator[pa.RecordBatch]:
         """The file's batches in file order. Chunks are cut on this thread and parsed on `workers`
-        threads (pyarrow releases the GIL while parsing), at most `workers` chunks ahead."""
+        threads (pyarrow releases the GIL while parsing), at most `workers` chunks ahead.
+
+        Every failure is a SourceError that starts with `where` (the window and export) and names the
+        line (NDJSON) or array element, and the field, when one is at fault."""
         chunks = self._ndjson_chunks(path) if self.fmt == "FORMAT_NDJSON" else self._array_chunks(path)
         with ThreadPoolExecutor(self.workers, thread_name_prefix="fullstory-parse") as pool:
             pending: deque[Future[pa.RecordBatch]] = deque()
             try:
+                first = 1  # the number of the next chunk's first line (or element)
                 for chunk in chunks:
-                    pending.append(pool.submit(self.batch, chunk))
+                    pending.append(pool.submit(self.batch, chunk, first))
+                    first += chunk.count(b"\n")
                     if len(pending) > self.workers:
                         yield pending.popleft().result()
                 while pending:
                     yield pending.popleft().result()
+            except SourceError as exc:
+                raise SourceError(f"{where}: {exc}") from None
+            except (pa.ArrowException, ValueError, TypeError, OverflowError, OSError) as exc:
+                raise SourceError(f"{where}: cannot read the export file ({type(exc).__name__}: {exc})") from None
             finally:
                 for future in pending:
                     future.cancel()
 
-    def batch(self, chunk: bytes) -> pa.RecordBatch:
-        """One chunk of whole events as one batch of `schema`."""
-        return self.convert(self.parse(chunk))
+    def batch(self, chunk: bytes, first: int = 1) -> pa.RecordBatch:
+        """One chunk of whole events (one per line; the first is line `first` of the file) as one batch."""
+        table = self.parse(chunk, first)
+        try:
+            return self.convert(table)
+        except _BadColumn as bad:
+            raise self._misfit(chunk, first, bad.name, bad.values.to_pylist(), bad.type, bad.detail) from None
 
-    def parse(self, chunk: bytes) -> pa.Table:
+    def _misfit(self, chunk: bytes, first: int, name: str, values: list[Any], target: pa.DataType,
+                detail: str) -> SourceError:
+        """The error for field `name` of a chunk whose `values` do not all convert to `target`: it names
+        the line (or element) of the first that does not (the error path, so one value at a time)."""
+        place = first + _line_of(chunk, _first_misfit(values, target))
+        return SourceError(f"{self.unit} {place}: field {name} is not a {self.schema.field(self.canonical(name)).type}: "
+                           f"{detail}")
+
+    def parse(self, chunk: bytes, first: int = 1) -> pa.Table:
         """Parse the chunk as one block without pyarrow's own threads (`batches` runs chunks side
         by side instead): one block needs no reconciling of types or concatenating of chunks
         (about 20% less CPU than 1 MB blocks on pyarrow's threads). Safe on several threads."""
         while True:
-            declared = pa.schema([f for f in self.parse_schema if f.name in self._declared])
-            options = pj.ParseOptions(explicit_schema=declared, unexpected_field_behavior="infer")
+            declared = self._declared
+            options = pj.ParseOptions(explicit_schema=pa.schema(list(declared.items())),
+                                      unexpected_field_behavior="infer")
             try:
                 table = pj.read_json(io.BytesIO(chunk), read_options=pj.ReadOptions(
                     block_size=len(chunk) + 1, use_threads=False), parse_options=options, memory_pool=POOL)
             except (pa.ArrowInvalid, pa.ArrowTypeError):
                 table = None
-            # A known field met for the first time was typed by inference: declare it and parse again,
-            # so that known columns always get their declared type (exact int64, timestamps).
-            new = {f.name for f in self.known if f.name not in self._declared} & set(
-                table.column_names if table is not None else self.known_names)
+            # A field met for the first time was typed by inference: declare it and parse again, so that
+            # known columns always get their declared type (exact int64, timestamps) and text stays text.
+            if table is None:
+                new = {f.name: f.type for f in self.parse_schema if f.name not in declared}
+            else:
+                new = {f.name: t for f in table.schema if f.name not in declared
+                       and (t := self._declared_type(f)) is not None}
             if not new:
-                return table if table is not None else self.parse_rows(chunk)
-            self._declared = self._declared | new  # a new set: other workers may be reading the old one
+                return table if table is not None else self.parse_rows(chunk, first)
+            self._declared = declared | new  # a new dict: other workers may be reading the old one
 
-    def parse_rows(self, chunk: bytes) -> pa.Table:
+    def _declared_type(self, parsed: pa.Field) -> pa.DataType | None:
+        """The type to declare a parsed field with, or None to keep what inference found."""
+        known = self.canonical(parsed.name)
+        if known in self.known_names:
+            return self.parse_schema.field(known).type
+        return pa.string() if pa.types.is_timestamp(parsed.type) else None
+
+    def parse_rows(self, chunk: bytes, first: int = 1) -> pa.Table:
         """The slow path, one event at a time with orjson: for chunks pyarrow cannot type (e.g. a
         custom var holding a list of mixed types). Returns the known columns plus CustomVars."""
-        try:
-            events = [orjson.loads(line) for line in chunk.splitlines() if line.strip()]
-        except orjson.JSONDecodeError as exc:
-            raise SourceError(f"export file: cannot parse events: {exc}") from None
-        events = [{self.canonical(k): v for k, v in e.items()} for e in events]
+        events = []
+        for i, line in enumerate(chunk.split(b"\n")):
+            if line.strip():
+                try:
+                    events.append({self.canonical(k): v for k, v in orjson.loads(line).items()})
+                except orjson.JSONDecodeError as exc:
+                    raise SourceError(f"{self.unit} {first + i}: not valid JSON ({exc})") from None
+                except AttributeError:  # .items(): a JSON value that is not an object
+                    raise SourceError(f"{self.unit} {first + i}: not a JSON object") from None
         columns: dict[str, pa.Array] = {}
         for f in self.parse_schema:
             values = [e.get(f.name) for e in events]
@@ -208,8 +248,8 @@ class ExportReader:
                     columns[f.name] = pc.cast(pa.array(values, pa.string()), f.type)
                 else:
                     columns[f.name] = pa.array(values, f.type)
-            except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-                raise SourceError(f"export file: field {f.name}: {exc}") from None
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
+                raise self._misfit(chunk, first, f.name, values, f.type, str(exc)) from None
         columns[CUSTOM_VARS] = pa.array([
             orjson.dumps({k: v for k, v in e.items() if k not in self.known_names and v is not None},
                          option=orjson.OPT_SORT_KEYS).decode() for e in events], pa.string())
@@ -234,7 +274,7 @@ class ExportReader:
                     try:
                         col = pc.cast(col, f.type, safe=not pa.types.is_timestamp(f.type))
                     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                        raise SourceError(f"export file: field {name} is not a {f.type}: {exc}") from None
+                        raise _BadColumn(name, f.type, col, str(exc)) from None
                 parts.append(col)
             arrays.append(pc.coalesce(*parts) if len(parts) > 1 else parts[0] if parts else pa.nulls(n, f.type))
         if CUSTOM_VARS in table.column_names:  # built by parse_rows
@@ -245,8 +285,40 @@ class ExportReader:
         return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
 
 
+class _BadColumn(Exception):
+    """A parsed column that does not cast to its known type (the caller finds the event at fault)."""
+
+    def __init__(self, name: str, type_: pa.DataType, values: pa.Array, detail: str) -> None:
+        super().__init__(detail)
+        self.name, self.type, self.values, self.detail = name, type_, values, detail
+
+
+def _first_misfit(values: list[Any], type_: pa.DataType) -> int:
+    """The index of the first value that does not convert to `type_` (0 if none is found alone)."""
+    for i, value in enumerate(values):
+        if value is None:
+            continue
+        try:
+            array = pa.array([value])
+            pc.cast(array, type_, safe=not (pa.types.is_timestamp(type_) and pa.types.is_timestamp(array.type)))
+        except (pa.ArrowException, ValueError, TypeError, OverflowError):
+            return i
+    return 0
+
+
+def _line_of(chunk: bytes, row: int) -> int:
+    """The line of the chunk (0-based) that holds its `row`-th event: blank lines hold none."""
+    seen = -1
+    for i, line in enumerate(chunk.split(b"\n")):
+        if line.strip():
+            seen += 1
+            if seen == row:
+                return i
+    return 0
+
+
 def _fragment(key: str, col: pa.Array) -> pa.Array:
-    """`key` followed by each value as JSON text (`key` is `"name":`); null where the value is null.
+    """`key` followed by each value as JSON text (`key` is `,"name":`); null where the value is null.
     Vectorised for scalars; strings that need escaping and nested values go through orjson."""
     t = col.type
     if pa.types.is_string(t) or pa.types.is_large_string(t):
@@ -262,18 +334,19 @@ def _fragment(key: str, col: pa.Array) -> pa.Array:
 
 
 def custom_vars(table: pa.Table, names: list[str]) -> pa.Array:
-    """`{"name": value, ...}` per row over `names` (already sorted), skipping nulls; `{}` if none."""
+    """`{"name": value, ...}` per row over `names` (already sorted), skipping nulls; `{}` if none.
+
+    Each set value becomes `,"name":value` and each null `""`; the pieces of a row are concatenated
+    and the leading comma replaced by `{`. (Joining with a separator and null_handling="skip" would
+    be shorter, but pyarrow drops the rows whose inputs are all null instead of giving them "".)"""
     n = table.num_rows
     fragments = []
     for name in names:
         col = table[name].combine_chunks()
         if pa.types.is_null(col.type) or col.null_count == n:
             continue
-        fragments.append(_fragment(orjson.dumps(name).decode() + ":", col))
+        fragments.append(pc.fill_null(_fragment("," + orjson.dumps(name).decode() + ":", col), ""))
     if not fragments:
         return pa.array(["{}"] * n, pa.string())
-    if len(fragments) == 1:  # pyarrow 26 drops rows when joining a single array with null_handling="skip"
-        body = pc.fill_null(fragments[0], "")
-    else:
-        body = pc.binary_join_element_wise(*fragments, ",", null_handling="skip")
-    return pc.binary_join_element_wise("{", body, "}", "")
+    body = pc.binary_join_element_wise(*fragments, "") if len(fragments) > 1 else fragments[0]
+    return pc.binary_join_element_wise(pc.binary_replace_slice(body, start=0, stop=1, replacement="{"), "}", "")
