@@ -35,6 +35,17 @@ _ELEMENT = re.compile(rb"\{(?:[^{}\"]|" + _STRING + rb"|" + _FLAT + rb")*\}", re
 _SEPARATORS = re.compile(rb"[\s,\[\]]*")
 
 
+def _timestamps_as_text(t: pa.DataType) -> pa.DataType:
+    """`t` with every timestamp in it (inference makes them of date-like text) replaced by string."""
+    if pa.types.is_timestamp(t):
+        return pa.string()
+    if pa.types.is_list(t):
+        return pa.list_(_timestamps_as_text(t.value_type))
+    if pa.types.is_struct(t):
+        return pa.struct([f.with_type(_timestamps_as_text(f.type)) for f in t])
+    return t
+
+
 def _parse_type(t: pa.DataType) -> pa.DataType:
     """What the JSON reader parses a column as: times in ns (any RFC3339 precision), ints as int64."""
     if pa.types.is_timestamp(t):
@@ -194,8 +205,8 @@ class ExportReader:
         """The error for field `name` of a chunk whose `values` do not all convert to `target`: it names
         the line (or element) of the first that does not (the error path, so one value at a time)."""
         place = first + _line_of(chunk, _first_misfit(values, target))
-        return SourceError(f"{self.unit} {place}: field {name} is not a {self.schema.field(self.canonical(name)).type}: "
-                           f"{detail}")
+        column_type = self.schema.field(self.canonical(name)).type
+        return SourceError(f"{self.unit} {place}: field {name} is not a {column_type}: {detail}")
 
     def parse(self, chunk: bytes, first: int = 1) -> pa.Table:
         """Parse the chunk as one block without pyarrow's own threads (`batches` runs chunks side
@@ -226,7 +237,8 @@ class ExportReader:
         known = self.canonical(parsed.name)
         if known in self.known_names:
             return self.parse_schema.field(known).type
-        return pa.string() if pa.types.is_timestamp(parsed.type) else None
+        text = _timestamps_as_text(parsed.type)
+        return None if text.equals(parsed.type) else text
 
     def parse_rows(self, chunk: bytes, first: int = 1) -> pa.Table:
         """The slow path, one event at a time with orjson: for chunks pyarrow cannot type (e.g. a
@@ -319,15 +331,16 @@ def _line_of(chunk: bytes, row: int) -> int:
 
 def _fragment(key: str, col: pa.Array) -> pa.Array:
     """`key` followed by each value as JSON text (`key` is `,"name":`); null where the value is null.
-    Vectorised for scalars; strings that need escaping and nested values go through orjson."""
+    Vectorised for scalars (`parse` never leaves a timestamp here); strings holding control characters
+    and nested values go through orjson."""
     t = col.type
     if pa.types.is_string(t) or pa.types.is_large_string(t):
-        if not pc.any(pc.match_substring_regex(col, r'[\x00-\x1f"\\]')).as_py():  # nothing to escape
+        if not pc.any(pc.match_substring_regex(col, r"[\x00-\x1f]")).as_py():  # no control characters
+            if pc.any(pc.match_substring_regex(col, r'["\\]')).as_py():
+                col = pc.replace_substring(pc.replace_substring(col, "\\", "\\\\"), '"', '\\"')
             return pc.binary_join_element_wise(key + '"', col, '"', "")
     elif pa.types.is_boolean(t) or pa.types.is_integer(t) or pa.types.is_floating(t):
         return pc.binary_join_element_wise(key, pc.cast(col, pa.string()), "")
-    elif pa.types.is_timestamp(t):
-        return pc.binary_join_element_wise(key + '"', pc.strftime(col, "%Y-%m-%dT%H:%M:%S.%fZ"), '"', "")
     values = pa.array([None if v is None else orjson.dumps(v, default=str).decode() for v in col.to_pylist()],
                       pa.string())
     return pc.binary_join_element_wise(key, values, "")
