@@ -349,17 +349,17 @@ def _fragment(key: str, col: pa.Array) -> pa.Array:
 def custom_vars(table: pa.Table, names: list[str]) -> pa.Array:
     """`{"name": value, ...}` per row over `names` (already sorted), skipping nulls; `{}` if none.
 
-    Each set value becomes `,"name":value` and each null `""`; the pieces of a row are concatenated
-    and the leading comma replaced by `{`. (Joining with a separator and null_handling="skip" would
-    be shorter, but pyarrow drops the rows whose inputs are all null instead of giving them "".)"""
+    Each set value becomes `,"name":value` and each null `""`; a row's pieces are concatenated, the
+    leading comma replaced by `{` and `}` appended. (null_handling="skip" with a "," separator would
+    be simpler, but pyarrow drops the rows whose inputs are all null instead of giving them "".)"""
     n = table.num_rows
     fragments = []
     for name in names:
         col = table[name].combine_chunks()
         if pa.types.is_null(col.type) or col.null_count == n:
             continue
-        fragments.append(pc.fill_null(_fragment("," + orjson.dumps(name).decode() + ":", col), ""))
+        fragments.append(_fragment("," + orjson.dumps(name).decode() + ":", col))
     if not fragments:
         return pa.array(["{}"] * n, pa.string())
-    body = pc.binary_join_element_wise(*fragments, "") if len(fragments) > 1 else fragments[0]
+    body = pc.binary_join_element_wise(*fragments, "", null_handling="replace", null_replacement="")
     return pc.binary_join_element_wise(pc.binary_replace_slice(body, start=0, stop=1, replacement="{"), "}", "")
