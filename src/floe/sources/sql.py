@@ -4,16 +4,20 @@ Discovery reads `information_schema` (tables, columns, primary keys) with bound 
 A table with a `replication_key` is read INCREMENTAL: `WHERE key >= bookmark ORDER BY key`, the
 bookmark being the largest key value committed; rows equal to the bookmark are read again and
 de-duplicated by the merge on the primary key (so such tables need one: discovered or configured).
-A table without one is read FULL_TABLE and replaces the previous copy. Rows stream through a
-server-side cursor in Arrow batches (`floe.pgconn.read_batches`), never a whole table in memory.
-Timestamps with time zone arrive as UTC, dates as dates; types without an Arrow equivalent
-(intervals, arrays, enums, ...) are read as their text form.
+A table without one is read FULL_TABLE and replaces the previous copy.
+
+Rows stream in Arrow batches, never a whole table in memory. PostgreSQL tables are read with
+binary COPY (`floe.pgcopy.copy_batches`), columns of types it does not decode selected as text;
+Redshift, which cannot COPY to the client, through a server-side cursor
+(`floe.pgconn.read_batches`). Both give the same batches: timestamps with time zone as UTC,
+dates as dates, numeric(p, s) as decimals, and types without an Arrow equivalent (intervals,
+arrays, enums, ...) as their text form.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Callable, Generator
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, ClassVar, Literal, cast
@@ -29,6 +33,7 @@ from floe.destinations.base import json_field
 from floe.engine.stream import Batch, Context, Source, State, Stream
 from floe.errors import ConfigError, SourceError
 from floe.pgconn import PostgresConnection, connect_postgres, describe, read_batches
+from floe.pgcopy import copy_batches
 from floe.threads import iterate_in_thread
 
 
@@ -44,6 +49,8 @@ class SqlSourceConfig(SourceConfig):
     schema_: str = Field(default="public", alias="schema")
     tables: list[SqlTable | str] | None = Field(default=None, description="Tables to read (default: all).")
     batch_rows: int = Field(default=50_000, gt=0)
+    read_with: Literal["copy", "cursor"] | None = Field(
+        default=None, description="copy (binary COPY; the default on PostgreSQL) or cursor (the only way on Redshift).")
 
 
 log = logging.getLogger("floe.sources.sql")
@@ -57,6 +64,9 @@ UDT_TYPES: dict[str, pa.DataType] = {
     "timestamptz": pa.timestamp("us", "UTC"), "bytea": pa.binary(),
 }
 JSON_UDTS = {"json", "jsonb", "super"}
+# udt_names whose binary COPY values `floe.pgcopy` decodes; COPY selects the other columns as text
+COPY_UDTS = {"bool", "int2", "int4", "int8", "oid", "float4", "float8", "text", "varchar", "bpchar", "name",
+             "date", "time", "timestamp", "timestamptz", "bytea", "json", "jsonb"}
 
 
 def connection_settings(url: str, where: str) -> PostgresConnection:
@@ -85,18 +95,20 @@ def quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
 
-def _arrow_field(name: str, udt: str, precision: int | None, scale: int | None) -> tuple[pa.Field, str]:
-    """The column's Arrow field and its SELECT expression."""
-    column = quote(name)
+def _arrow_field(name: str, udt: str, precision: int | None, scale: int | None) -> pa.Field:
     if udt in JSON_UDTS:
-        return json_field(name), column
+        return json_field(name)
     if udt == "numeric":
         if precision and precision <= 38:
-            return pa.field(name, pa.decimal128(precision, scale or 0)), column
-        return pa.field(name, pa.string()), column
-    if udt in UDT_TYPES:
-        return pa.field(name, UDT_TYPES[udt]), column
-    return pa.field(name, pa.string()), f"{column}::text AS {column}"
+            return pa.field(name, pa.decimal128(precision, scale or 0))
+        return pa.field(name, pa.string())
+    return pa.field(name, UDT_TYPES.get(udt, pa.string()))
+
+
+def _select(name: str, udt: str, copy: bool) -> str:
+    """The column's SELECT expression: as itself where the reader has a mapping for its type, else text."""
+    native = udt in COPY_UDTS if copy else (udt in UDT_TYPES or udt in JSON_UDTS or udt == "numeric")
+    return quote(name) if native else f"{quote(name)}::text AS {quote(name)}"
 
 
 def _json_value(value: Any) -> Any:
@@ -108,20 +120,20 @@ def _json_value(value: Any) -> Any:
 
 
 class SqlStream(Stream):
-    def __init__(self, source: SqlSource, table: str, schema: pa.Schema, selects: list[str],
-                 udts: dict[str, str], primary_key: tuple[str, ...], replication_key: str | None) -> None:
+    def __init__(self, source: SqlSource, table: str, schema: pa.Schema, udts: dict[str, str],
+                 primary_key: tuple[str, ...], replication_key: str | None) -> None:
         self.source = source
         self.name = table
         self.schema = schema
-        self.selects = selects
         self.udts = udts
         self.primary_key = primary_key
         self.cursor_field = replication_key
         self.disposition = ("merge" if primary_key else "append") if replication_key else "replace"
 
-    def query(self, state: State | None) -> tuple[str, list[Any]]:
+    def query(self, state: State | None, copy: bool = False) -> tuple[str, list[Any]]:
         table = f"{quote(self.source.config.schema_)}.{quote(self.name)}"
-        sql, params = f"SELECT {', '.join(self.selects)} FROM {table}", cast(list[Any], [])
+        selects = [_select(name, udt, copy) for name, udt in self.udts.items()]
+        sql, params = f"SELECT {', '.join(selects)} FROM {table}", cast(list[Any], [])
         key = self.cursor_field
         if key is None:
             return sql, params
@@ -131,11 +143,20 @@ class SqlStream(Stream):
             params.append(bookmark)
         return sql + f" ORDER BY {quote(key)}", params
 
+    def _typed(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """A COPY batch with the columns read as text but declared otherwise (numeric) cast to their type."""
+        for i, (f, wanted) in enumerate(zip(batch.schema, self.schema, strict=True)):
+            if pa.types.is_string(f.type) and pa.types.is_decimal(wanted.type):
+                batch = batch.set_column(i, wanted, batch.column(i).cast(wanted.type))
+        return batch
+
     async def read(self, state: State | None) -> AsyncIterator[Batch]:
-        sql, params = self.query(state)
+        copy = self.source.reads_with_copy
+        sql, params = self.query(state, copy)
         key = self.cursor_field
         bookmark = (state or {}).get("replication_key_value") if key and (state or {}).get("replication_key") == key else None
-        async with iterate_in_thread(lambda: self.source.batches(sql, params), name=f"sql:{self.name}") as batches:
+        convert = self._typed if copy else None
+        async with iterate_in_thread(lambda: self.source.batches(sql, params, convert), name=f"sql:{self.name}") as batches:
             async for batch in batches:
                 if key is None:
                     yield Batch(batch)
@@ -156,17 +177,28 @@ class SqlSource(Source):
         super().__init__(name, config, context)
         self.where = f"sources.{name}"
         self.connection = connection_settings(config.url.get_secret_value(), self.where)
+        self.redshift = urlparse(config.url.get_secret_value()).scheme == "redshift"
+        if self.redshift and config.read_with == "copy":
+            raise ConfigError(f"{self.where}.read_with: Redshift cannot COPY to the client; use cursor")
+        # decided by discovery: COPY unless configured otherwise or the server is Redshift (8.0.2)
+        self.reads_with_copy = config.read_with == "copy"
         self._streams: list[Stream] | None = None
 
     def connect(self) -> Any:
         return connect_postgres(self.connection, where=self.where, error=SourceError, application_name="floe-sql")
 
-    def batches(self, sql: str, params: list[Any]) -> Generator[pa.RecordBatch, None, None]:
-        """The query's rows as Arrow batches, on a connection of their own (closed when the iterator is)."""
+    def batches(self, sql: str, params: list[Any], convert: Callable[[pa.RecordBatch], pa.RecordBatch] | None = None,
+                ) -> Generator[pa.RecordBatch, None, None]:
+        """The query's rows as Arrow batches (COPY when `convert` is given, which each batch goes
+        through), on a connection of their own (closed when the iterator is)."""
         conn = self.connect()
         try:
             conn.read_only = True
-            yield from read_batches(conn, sql, params, self.config.batch_rows)
+            if convert is None:
+                yield from read_batches(conn, sql, params, self.config.batch_rows)
+            else:
+                for batch in copy_batches(conn, sql, params, self.config.batch_rows):
+                    yield convert(batch)
             conn.commit()
         except SourceError:
             raise
@@ -207,6 +239,8 @@ class SqlSource(Source):
                 for table, column in cur.fetchall():
                     keys.setdefault(table, []).append(column)
             conn.commit()
+            if self.config.read_with is None:
+                self.reads_with_copy = not self.redshift and conn.info.server_version >= 90000
         except SourceError:
             raise
         except Exception as exc:
@@ -222,12 +256,8 @@ class SqlSource(Source):
                 raise ConfigError(f"{where}: no table {table!r} in schema {schema!r} "
                                   f"(it has {', '.join(tables) or 'no tables'})")
             cols = columns.get(table, [])
-            fields, selects, udts = [], [], {}
-            for column, udt, precision, scale in cols:
-                f, select = _arrow_field(column, udt, precision, scale)
-                fields.append(f)
-                selects.append(select)
-                udts[column] = udt
+            fields = [_arrow_field(column, udt, precision, scale) for column, udt, precision, scale in cols]
+            udts = {column: udt for column, udt, _, _ in cols}
             names = {c[0] for c in cols}
             pk = tuple(spec.primary_key) if spec and spec.primary_key else tuple(keys.get(table, []))
             rk = spec.replication_key if spec else None
@@ -237,7 +267,7 @@ class SqlSource(Source):
             if rk and not pk:
                 log.warning("event=sql_no_primary_key source=%s table=%s: rows equal to the bookmark are read "
                             "again on every run and appended; set primary_key to merge them", self.name, table)
-            streams.append(SqlStream(self, table, pa.schema(fields), selects, udts, pk, rk))
+            streams.append(SqlStream(self, table, pa.schema(fields), udts, pk, rk))
         return streams
 
     def _wanted(self, tables: list[str]) -> list[tuple[str, SqlTable | None]]:

@@ -1,0 +1,136 @@
+"""Benchmark: a PostgreSQL table of 1,000,000 rows x 12 columns into DuckDB with `floe run`.
+
+    .venv/bin/python bench/sql_source_bench.py [--rows 1000000] [--repeat 2] [--read-with copy cursor] [--dlt]
+
+A throwaway PostgreSQL server is started with `floe.testing.postgres.PostgresServer` and the table
+is built in it by `generate_series`: integer ids and counters, three text columns (one of them
+NULL in a third of the rows), two doubles (one NULL in a tenth), a boolean, a timestamptz, a
+date and a smallint. Each run is the real `floe run` CLI in a child process, with the default
+config (`type: sql`, the table listed by name, a DuckDB destination) and, per `--read-with`, the
+source's `read_with` set to `copy` or `cursor`; the runs of the two alternate (A/B in the same
+minutes). Wall time, CPU seconds (user + sys) and peak RSS are the child's (wait4's rusage); the
+server's own CPU is not in them. The DuckDB table is checked to hold every row.
+`--dlt` also loads the table with dlt's `sql_database` source (pyarrow backend) from `.venv-bench`
+(`make bench-deps`; needs `sqlalchemy` and `psycopg2-binary` there too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import duckdb
+import psycopg
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOE = Path(sys.executable).parent / "floe"
+DLT_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
+
+TABLE = """
+CREATE TABLE public.events (
+  id bigint PRIMARY KEY, account_id integer NOT NULL, quantity integer, name text, email text, note text,
+  amount double precision, score double precision, active boolean, created_at timestamptz, birthday date,
+  priority smallint);
+INSERT INTO public.events
+SELECT i, i % 5000, (i * 7) % 1000, 'customer name ' || i, 'user' || i || '@example.com',
+       CASE WHEN i % 3 = 0 THEN NULL ELSE (ARRAY['open', 'closed, for now', 'pending "review"'])[1 + i % 3] END,
+       i * 1.25, CASE WHEN i % 10 = 0 THEN NULL ELSE sqrt(i) END, i % 2 = 0,
+       timestamptz '2024-01-01 00:00:00+00' + i * interval '1 second 7 ms', date '1970-01-01' + (i % 20000),
+       (i % 100)::smallint
+FROM generate_series(1, {rows}) AS i;
+"""
+
+DLT_SCRIPT = """
+import sys, dlt
+from dlt.sources.sql_database import sql_database
+url, db_path, pipelines_dir = sys.argv[1:4]
+source = sql_database(url.replace("postgresql://", "postgresql+psycopg2://"), schema="public", table_names=["events"],
+                      backend="pyarrow")
+pipeline = dlt.pipeline(pipeline_name="sql_bench", destination=dlt.destinations.duckdb(db_path),
+                        dataset_name="db", pipelines_dir=pipelines_dir)
+pipeline.run(source)
+"""
+
+
+def run_child(cmd: list[str], cwd: Path) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds (user + sys) and peak RSS (MB) of one child process."""
+    started = time.perf_counter()
+    child = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - started
+    stderr = child.stderr.read().decode() if child.stderr else ""
+    if status != 0:
+        raise SystemExit(f"{cmd[0]} failed ({status}):\n{stderr[-3000:]}")
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+
+
+def floe_run(url: str, work: Path, read_with: str) -> tuple[float, float, float, Path]:
+    run = work / f"floe-{read_with}"
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    (run / "floe.yml").write_text(
+        f"sources:\n  db:\n    type: sql\n    url: {url}\n    schema: public\n    tables: [events]\n"
+        f"    read_with: {read_with}\n"
+        "destinations:\n  warehouse:\n    type: duckdb\n    path: bench.duckdb\nstage: stage\n"
+    )
+    return (*run_child([str(FLOE), "run", "-c", "floe.yml"], run), run / "bench.duckdb")
+
+
+def dlt_run(url: str, work: Path) -> tuple[float, float, float, Path]:
+    run = work / "dlt"
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    (run / "load.py").write_text(DLT_SCRIPT)
+    db_path = run / "bench.duckdb"
+    return (*run_child([str(DLT_PYTHON), "load.py", url, str(db_path), str(run / "pipelines")], run), db_path)
+
+
+def count(db_path: Path) -> int:
+    with duckdb.connect(str(db_path), read_only=True) as conn:
+        return int(conn.execute("SELECT count(*) FROM db.events").fetchall()[0][0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--repeat", type=int, default=2, help="rounds; each runs every reader once")
+    parser.add_argument("--read-with", nargs="+", choices=["copy", "cursor"], default=["copy", "cursor"])
+    parser.add_argument("--dlt", action="store_true", help="also run dlt's sql_database (pyarrow backend)")
+    args = parser.parse_args()
+    if args.dlt and not DLT_PYTHON.exists():
+        raise SystemExit(f"--dlt needs {DLT_PYTHON} (make bench-deps)")
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from floe.testing.postgres import PostgresServer
+
+    with PostgresServer() as server, tempfile.TemporaryDirectory(prefix="floe-bench-sql-") as tmp:
+        db = server.create_database("bench")
+        started = time.perf_counter()
+        with psycopg.connect(db.dsn, autocommit=True) as conn:
+            conn.execute(TABLE.format(rows=args.rows))
+            conn.execute("VACUUM ANALYZE public.events")
+        print(f"table: {args.rows:,} rows x 12 columns built in {time.perf_counter() - started:.1f} s; "
+              f"{platform.machine()}, {os.cpu_count()} cores")
+        print(f"{'reader':>10} {'seconds':>8} {'rows/s':>9} {'CPU s':>6} {'peak RSS MB':>12} {'load':>5}")
+        runners = [(name, lambda name=name: floe_run(db.url, Path(tmp), name)) for name in args.read_with]
+        if args.dlt:
+            runners.append(("dlt", lambda: dlt_run(db.url, Path(tmp))))
+        for _ in range(args.repeat):
+            for name, runner in runners:
+                seconds, cpu, peak, db_path = runner()
+                rows = count(db_path)
+                if rows != args.rows:
+                    raise SystemExit(f"{name}: expected {args.rows} rows in db.events, found {rows}")
+                print(f"{name:>10} {seconds:>8.2f} {rows / seconds:>9,.0f} {cpu:>6.1f} {peak:>12.0f} "
+                      f"{os.getloadavg()[0]:>5.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
