@@ -35,6 +35,7 @@ import numpy as np
 import psycopg
 import pyarrow as pa
 from psycopg import pq
+from psycopg.errors import error_from_result
 
 from floe.pgconn import arrow_field
 
@@ -44,6 +45,7 @@ TRAILER = b"\xff\xff"
 EPOCH_2000_US = 946_684_800_000_000  # PostgreSQL counts timestamps from 2000-01-01
 EPOCH_2000_DAYS = 10_957
 INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
+DAY_US = 86_400_000_000
 
 # libpq's get_copy_data(async) results: no complete row buffered yet / the COPY is over
 _WAIT, _END = (0, b""), (-1, b"")
@@ -69,6 +71,10 @@ class Fixed:
     def width(self) -> int:
         return np.dtype(self.wire).itemsize
 
+    @property
+    def native(self) -> np.dtype[Any]:
+        return np.dtype(self.wire).newbyteorder("=")
+
 
 @dataclass(frozen=True)
 class Varlen:
@@ -91,13 +97,19 @@ def _date(values: np.ndarray, name: str) -> np.ndarray:
     return values + np.int32(EPOCH_2000_DAYS)
 
 
+def _time(values: np.ndarray, name: str) -> np.ndarray:
+    if values.max(initial=0) >= DAY_US:
+        raise CopyFormatError(f"column {name!r}: a time is 24:00:00, past Arrow's (and Python's) last time of day")
+    return values
+
+
 # result column type OID -> its binary COPY value, decoded into the type `pgconn.arrow_field` names
 COLUMN_TYPES: dict[int, Fixed | Varlen] = {
     16: Fixed("u1", pa.bool_()),
     21: Fixed(">i2", pa.int16()), 23: Fixed(">i4", pa.int32()), 20: Fixed(">i8", pa.int64()),
     26: Fixed(">u4", pa.int64(), lambda v, _: v.astype(np.int64)),  # oid
     700: Fixed(">f4", pa.float32()), 701: Fixed(">f8", pa.float64()),
-    1082: Fixed(">i4", pa.date32(), _date), 1083: Fixed(">i8", pa.time64("us")),
+    1082: Fixed(">i4", pa.date32(), _date), 1083: Fixed(">i8", pa.time64("us"), _time),
     1114: Fixed(">i8", pa.timestamp("us"), _timestamp), 1184: Fixed(">i8", pa.timestamp("us", "UTC"), _timestamp),
     25: Varlen(pa.string()), 1043: Varlen(pa.string()), 1042: Varlen(pa.string()), 19: Varlen(pa.string()),
     114: Varlen(pa.string()), 3802: Varlen(pa.string(), version=1), 17: Varlen(pa.binary()),
@@ -120,12 +132,65 @@ class _Buffer:
             width = np.dtype(wire).itemsize
             view = np.ndarray((max(len(self.data) - width + 1, 0),), wire, self.data, strides=(1,))
             self._views[wire] = view
-        return view[positions].astype(np.dtype(wire).newbyteorder("="))
+        picked = view[positions]
+        return picked.byteswap(inplace=True).view(picked.dtype.newbyteorder("=")) if wire[0] == ">" else picked
 
 
 def _validity(valid: np.ndarray | None) -> tuple[pa.Buffer | None, int]:
-    nulls = 0 if valid is None else len(valid) - int(np.count_nonzero(valid))
-    return (pa.py_buffer(np.packbits(valid, bitorder="little")) if nulls else None), nulls
+    """Arrow's validity bitmap of `valid` (None: no NULL) and the NULL count."""
+    if valid is None or (nulls := len(valid) - int(np.count_nonzero(valid))) == 0:
+        return None, 0
+    return pa.py_buffer(np.packbits(valid, bitorder="little")), nulls
+
+
+def _lengths(buffer: _Buffer, position: np.ndarray, ends: np.ndarray, name: str) -> np.ndarray:
+    """The length words at `position` (-1: NULL), checked to keep their values within each row."""
+    if np.any(position + 4 > ends):
+        raise CopyFormatError(f"column {name!r}: a row ends early")
+    lengths = buffer.read(position, ">i4")
+    if np.any(position + 4 + np.maximum(lengths, 0) > ends):
+        raise CopyFormatError(f"column {name!r}: a value runs past its row")
+    return lengths
+
+
+class _Run:
+    """Consecutive fixed-width columns. In the rows where none of them is NULL (their length words
+    say so) they are one block of known layout, read with one gather; rows with a NULL among
+    them are read field by field."""
+
+    def __init__(self, kinds: list[Fixed]) -> None:
+        self.kinds = kinds
+        self.starts = np.cumsum([0] + [4 + kind.width for kind in kinds])  # each field's length word
+        self.width = int(self.starts[-1])
+
+    def decode(self, buffer: _Buffer, position: np.ndarray, ends: np.ndarray,
+               names: list[str]) -> tuple[list[pa.Array], np.ndarray]:
+        """The run's columns and the positions after it."""
+        fits = position + self.width <= ends
+        block = buffer.read(np.where(fits, position, 0), f"V{self.width}").view(np.uint8).reshape(-1, self.width)
+        regular = fits
+        for start, kind in zip(self.starts[:-1], self.kinds, strict=True):
+            regular = regular & (block[:, start:start + 4].view(">i4")[:, 0] == kind.width)
+        values = [block[:, start + 4:start + 4 + kind.width].view(kind.wire)[:, 0].astype(kind.native)
+                  for start, kind in zip(self.starts[:-1], self.kinds, strict=True)]
+        valid: list[np.ndarray | None] = [None] * len(self.kinds)
+        after = position + self.width
+        irregular = np.flatnonzero(~regular)
+        if len(irregular):
+            at, row_ends = position[irregular], ends[irregular]
+            for i, kind in enumerate(self.kinds):
+                lengths = _lengths(buffer, at, row_ends, names[i])
+                present = lengths >= 0
+                if np.any(lengths[present] != kind.width):
+                    raise CopyFormatError(f"column {names[i]!r}: expected {kind.width}-byte values")
+                values[i][irregular] = buffer.read(np.where(present, at + 4, 0), kind.wire)
+                valid[i] = np.ones(len(position), bool)
+                valid[i][irregular] = present  # type: ignore[index]
+                at = at + 4 + np.maximum(lengths, 0)
+            after[irregular] = at
+        columns = [_fixed_array(kind, v, ok, name) 
+                   for kind, v, ok, name in zip(self.kinds, values, valid, names[:len(self.kinds)], strict=True)]
+        return columns, after
 
 
 def _fixed_array(kind: Fixed, values: np.ndarray, valid: np.ndarray | None, name: str) -> pa.Array:
@@ -138,48 +203,54 @@ def _fixed_array(kind: Fixed, values: np.ndarray, valid: np.ndarray | None, name
     return pa.Array.from_buffers(kind.arrow_type, len(values), [validity, pa.py_buffer(data)], nulls)
 
 
-def _varlen_array(kind: Varlen, buffer: _Buffer, starts: np.ndarray, lengths: np.ndarray, name: str) -> pa.Array:
-    n = len(lengths)
-    valid = lengths >= 0
-    validity, nulls = _validity(valid)
-    sizes = np.where(valid, lengths, 0) if nulls else lengths
-    if kind.version is not None:
-        if np.count_nonzero(buffer.bytes[starts[valid & (sizes > 0)]] == kind.version) != n - nulls:
-            raise CopyFormatError(f"column {name!r}: expected jsonb version {kind.version} values")
-        starts, sizes = starts + valid, sizes - valid
-    # 2n values alternating [value i] and [the bytes from there to value i + 1], over the whole
-    # buffer: its even values are the column.
-    offsets = np.empty(2 * n + 1, np.int64)
-    offsets[0:2 * n:2] = starts
-    offsets[1:2 * n:2] = starts + sizes
-    offsets[2 * n] = offsets[2 * n - 1] if n else 0
-    spread = pa.Array.from_buffers(pa.large_binary(), 2 * n, [None, pa.py_buffer(offsets), pa.py_buffer(buffer.data)])
-    values = spread.take(pa.array(np.arange(0, 2 * n, 2)))
-    values = pa.Array.from_buffers(pa.large_binary(), n, [validity, *values.buffers()[1:]], nulls)
-    try:
-        return values.cast(kind.arrow_type)  # to string: checks that the text is UTF-8
-    except pa.ArrowInvalid as exc:
-        raise CopyFormatError(f"column {name!r}: {exc}") from None
+class _Single:
+    """One text or bytes column: its values cut out of the buffer by Arrow's `take`."""
+
+    def __init__(self, kind: Varlen) -> None:
+        self.kind = kind
+
+    def decode(self, buffer: _Buffer, position: np.ndarray, ends: np.ndarray,
+               names: list[str]) -> tuple[list[pa.Array], np.ndarray]:
+        name, version = names[0], self.kind.version
+        lengths = _lengths(buffer, position, ends, name)
+        after = position + 4 + np.maximum(lengths, 0)
+        n = len(lengths)
+        valid = lengths >= 0
+        validity, nulls = _validity(valid)
+        starts, sizes = position + 4, (np.where(valid, lengths, 0) if nulls else lengths)
+        if version is not None:
+            if np.count_nonzero(buffer.bytes[starts[valid & (sizes > 0)]] == version) != n - nulls:
+                raise CopyFormatError(f"column {name!r}: expected jsonb version {version} values")
+            starts, sizes = starts + valid, sizes - valid
+        # 2n values alternating [value i] and [the bytes from there to value i + 1], over the whole
+        # buffer: its even values are the column.
+        offsets = np.empty(2 * n + 1, np.int64)
+        offsets[0:2 * n:2] = starts
+        offsets[1:2 * n:2] = starts + sizes
+        offsets[2 * n] = offsets[2 * n - 1] if n else 0
+        spread = pa.Array.from_buffers(pa.large_binary(), 2 * n, [None, pa.py_buffer(offsets), pa.py_buffer(buffer.data)])
+        values = spread.take(pa.array(np.arange(0, 2 * n, 2)))
+        values = pa.Array.from_buffers(pa.large_binary(), n, [validity, *values.buffers()[1:]], nulls)
+        try:
+            return [values.cast(self.kind.arrow_type)], after  # to string: checks that the text is UTF-8
+        except pa.ArrowInvalid as exc:
+            raise CopyFormatError(f"column {name!r}: {exc}") from None
 
 
 class BatchDecoder:
-    """Turns a buffer of binary COPY rows (and each row's size) into a record batch.
-
-    Consecutive fixed-width columns are read as one block per row (one gather for them all) in
-    the rows where none of them is NULL, the block's length words saying so; the rows holding a
-    NULL there are read field by field."""
+    """Turns a buffer of binary COPY rows (and each row's size) into a record batch."""
 
     def __init__(self, schema: pa.Schema, oids: list[int]) -> None:
         self.schema = schema
-        kinds = [COLUMN_TYPES[oid] for oid in oids]
-        self.groups: list[list[Fixed] | Varlen] = []  # runs of fixed-width columns, and each varlen one
-        for kind in kinds:
+        self.groups: list[_Run | _Single] = []
+        for oid in oids:
+            kind = COLUMN_TYPES[oid]
             if isinstance(kind, Varlen):
-                self.groups.append(kind)
-            elif self.groups and isinstance(self.groups[-1], list):
-                self.groups[-1].append(kind)
+                self.groups.append(_Single(kind))
+            elif self.groups and isinstance(self.groups[-1], _Run):
+                self.groups[-1] = _Run([*self.groups[-1].kinds, kind])
             else:
-                self.groups.append([kind])
+                self.groups.append(_Run([kind]))
 
     def __call__(self, data: bytes, row_sizes: np.ndarray) -> pa.RecordBatch:
         buffer = _Buffer(data)
@@ -190,57 +261,11 @@ class BatchDecoder:
         position += 2
         columns: list[pa.Array] = []
         for group in self.groups:
-            names = self.schema.names[len(columns):]
-            if isinstance(group, Varlen):
-                lengths = self._lengths(buffer, position, ends, names[0])
-                columns.append(_varlen_array(group, buffer, position + 4, lengths, names[0]))
-                position = position + 4 + np.maximum(lengths, 0)
-            else:
-                columns += self._run(buffer, group, position, ends, names)
+            decoded, position = group.decode(buffer, position, ends, self.schema.names[len(columns):])
+            columns += decoded
         if np.any(position != ends):
             raise CopyFormatError("a COPY row holds more than its fields")
         return pa.RecordBatch.from_arrays(columns, schema=self.schema)
-
-    @staticmethod
-    def _lengths(buffer: _Buffer, position: np.ndarray, ends: np.ndarray, name: str) -> np.ndarray:
-        """The length words at `position` (-1: NULL), checked to stay within each row."""
-        if np.any(position + 4 > ends):
-            raise CopyFormatError(f"column {name!r}: a row ends early")
-        lengths = buffer.read(position, ">i4")
-        if np.any(position + 4 + np.maximum(lengths, 0) > ends):
-            raise CopyFormatError(f"column {name!r}: a value runs past its row")
-        return lengths
-
-    def _run(self, buffer: _Buffer, run: list[Fixed], position: np.ndarray, ends: np.ndarray,
-             names: list[str]) -> list[pa.Array]:
-        """Decode consecutive fixed-width columns, moving `position` (in place) past them."""
-        expected = b"".join(struct.pack(">i", kind.width) + bytes(kind.width) for kind in run)
-        words = [i for i, kind in enumerate(run) for _ in range(4)]
-        offsets = np.cumsum([0] + [4 + kind.width for kind in run])
-        block_width = int(offsets[-1])
-        length_bytes = np.concatenate([np.arange(o, o + 4) for o in offsets[:-1]])
-        fits = position + block_width <= ends
-        block = buffer.read(np.where(fits, position, 0), f"V{block_width}").view(np.uint8).reshape(-1, block_width)
-        regular = fits & np.all(block[:, length_bytes] == np.frombuffer(expected, np.uint8)[length_bytes], axis=1)
-        del words
-        values = [np.ascontiguousarray(block[:, o + 4:o + 4 + k.width]).view(k.wire).ravel().astype(
-                  np.dtype(k.wire).newbyteorder("=")) for o, k in zip(offsets[:-1], run, strict=True)]
-        valid: list[np.ndarray | None] = [None] * len(run)
-        irregular = np.flatnonzero(~regular)
-        if len(irregular):  # rows with a NULL in the run: field by field
-            at = position[irregular]
-            for i, kind in enumerate(run):
-                lengths = self._lengths(buffer, at, ends[irregular], names[i])
-                present = lengths >= 0
-                if np.any(lengths[present] != kind.width):
-                    raise CopyFormatError(f"column {names[i]!r}: expected {kind.width}-byte values")
-                values[i][irregular] = buffer.read(np.where(present, at + 4, 0), kind.wire)
-                valid[i] = np.ones(len(position), bool)
-                valid[i][irregular] = present  # type: ignore[index]
-                at = at + 4 + np.maximum(lengths, 0)
-            position[irregular] = at
-        position[regular] += block_width
-        return [_fixed_array(kind, v, ok, name) for kind, v, ok, name in zip(run, values, valid, names, strict=False)]
 
 
 # --- reading the COPY stream --------------------------------------------------------------------
@@ -263,10 +288,17 @@ def _result(pgconn: pq.abc.PGconn, stop: threading.Event) -> pq.abc.PGresult | N
     return pgconn.get_result()
 
 
-def _check(result: pq.abc.PGresult | None, wanted: pq.ExecStatus) -> None:
-    if result is not None and result.status != wanted:
-        message = result.error_message.decode(errors="replace").strip()
-        raise psycopg.DatabaseError(message or f"unexpected reply to COPY: {pq.ExecStatus(result.status).name}")
+def _check(pgconn: pq.abc.PGconn, stop: threading.Event, result: pq.abc.PGresult | None,
+           wanted: pq.ExecStatus) -> None:
+    """Raise the server's error (as psycopg raises it) if `result` is not `wanted`, once the
+    connection has delivered its other results (so it can go on: roll back, close)."""
+    if result is None or result.status == wanted:
+        return
+    while _result(pgconn, stop) is not None:
+        pass
+    if result.status == pq.ExecStatus.FATAL_ERROR:
+        raise error_from_result(result)
+    raise psycopg.DatabaseError(f"unexpected reply to COPY: {pq.ExecStatus(result.status).name}")
 
 
 def _messages(pgconn: pq.abc.PGconn, stop: threading.Event) -> Iterator[list[tuple[int, memoryview]]]:
@@ -286,13 +318,13 @@ def _messages(pgconn: pq.abc.PGconn, stop: threading.Event) -> Iterator[list[tup
             pgconn.consume_input()
 
 
-def _read_copy(pgconn: pq.abc.PGconn, query: bytes, batch_rows: int,
+def _read_copy(pgconn: pq.abc.PGconn, query: bytes, batch_rows: int, batch_bytes: int,
                stop: threading.Event) -> Iterator[tuple[bytes, np.ndarray]]:
     """Run the COPY; yield each batch's rows as (one buffer of tuples, each tuple's size)."""
     pgconn.send_query(query)
     while pgconn.flush():
         _wait(pgconn, stop, write=True)
-    _check(_result(pgconn, stop), pq.ExecStatus.COPY_OUT)
+    _check(pgconn, stop, _result(pgconn, stop), pq.ExecStatus.COPY_OUT)
     parts: list[bytes] = []
     sizes = array("q")
     held = 0
@@ -311,13 +343,13 @@ def _read_copy(pgconn: pq.abc.PGconn, query: bytes, batch_rows: int,
             parts.append(b"".join(map(_data, taken)))
             sizes.extend(map(_size, taken))
             held += len(parts[-1])
-            if len(sizes) >= batch_rows or held >= BATCH_BYTES:
+            if len(sizes) >= batch_rows or held >= batch_bytes:
                 yield b"".join(parts), np.frombuffer(sizes, np.int64).copy()
                 parts, sizes, held = [], array("q"), 0
     if stop.is_set():
         return
     while (result := _result(pgconn, stop)) is not None:  # a failed query's error comes here
-        _check(result, pq.ExecStatus.COMMAND_OK)
+        _check(pgconn, stop, result, pq.ExecStatus.COMMAND_OK)
     if carry is None or bytes(carry[1]) != TRAILER:
         raise CopyFormatError("the COPY data ended without its trailer")
     if sizes:
@@ -381,9 +413,11 @@ def _in_thread(items: Iterator[T], stop: threading.Event, depth: int = 2) -> Gen
 
 
 def copy_batches(
-    conn: psycopg.Connection[Any], sql: str, params: Any = (), batch_rows: int = 50_000
+    conn: psycopg.Connection[Any], sql: str, params: Any = (), batch_rows: int = 50_000,
+    batch_bytes: int = BATCH_BYTES,
 ) -> Iterator[pa.RecordBatch]:
-    """Stream `sql`'s rows as record batches of at most `batch_rows` rows, read with binary COPY.
+    """Stream `sql`'s rows as record batches of at most `batch_rows` rows, read with binary COPY
+    (a batch is also cut once it holds `batch_bytes` of COPY data).
 
     Runs in the connection's current transaction (the columns are described first, which locks
     the tables against changes until it ends); an empty result yields one empty batch. Every
@@ -402,7 +436,7 @@ def copy_batches(
     query = psycopg.ClientCursor(conn).mogrify(sql, params or None)
     stop = threading.Event()
     chunks = _in_thread(_read_copy(conn.pgconn, f"COPY ({query}) TO STDOUT (FORMAT binary)".encode(),
-                                   batch_rows, stop), stop)
+                                   batch_rows, batch_bytes, stop), stop)
     yielded = False
     try:
         for buffer, row_sizes in chunks:
