@@ -290,3 +290,11 @@ def test_redshift_reads_with_a_cursor(db: PostgresDatabase) -> None:
     default = SqlSource("crm", SqlSourceConfig.model_validate({"type": "sql", "url": db.url, "schema": "app"}))
     default.streams()
     assert default.reads_with_copy
+
+
+def test_a_numeric_nan_fails_the_read_naming_the_column(db: PostgresDatabase) -> None:
+    execute(db, "UPDATE app.everything SET n_fixed = 'NaN' WHERE id = 3")
+    with pytest.raises(SourceError, match="sources.crm: table everything, column 'n_fixed': .*NaN"):
+        read(stream(db, "copy", "everything"))
+    with pytest.raises(SourceError, match="NaN"):  # nor can the cursor read it
+        read(stream(db, "cursor", "everything"))

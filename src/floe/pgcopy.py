@@ -331,11 +331,13 @@ def _read_copy(pgconn: pq.abc.PGconn, query: bytes, batch_rows: int, batch_bytes
     carry: tuple[int, memoryview] | None = None  # the last message seen: the trailer if it is the last
     header = True
     for messages in _messages(pgconn, stop):
-        if header:
-            messages[0] = _strip_header(messages[0])
-            header = False
+        if header:  # the header comes in front of the first row (or of the trailer)
+            first = _strip_header(messages[0])
+            messages[:1], header = [first] if first[0] else [], False
         if carry is not None:
             messages.insert(0, carry)
+        if not messages:
+            continue
         carry = messages.pop()
         while messages:
             room = batch_rows - len(sizes)
@@ -359,7 +361,7 @@ def _read_copy(pgconn: pq.abc.PGconn, query: bytes, batch_rows: int, batch_bytes
 def _strip_header(message: tuple[int, memoryview]) -> tuple[int, memoryview]:
     """The first message without the COPY header (signature, flags, extension) in front of it."""
     data = message[1]
-    if bytes(data[:11]) != SIGNATURE or len(data) < 19:
+    if len(data) < 19 or bytes(data[:11]) != SIGNATURE:
         raise CopyFormatError("the COPY data does not start with the binary COPY signature")
     flags, extension = struct.unpack_from(">ii", data, 11)
     if flags & 0x10000:

@@ -147,7 +147,10 @@ class SqlStream(Stream):
         """A COPY batch with the columns read as text but declared otherwise (numeric) cast to their type."""
         for i, (f, wanted) in enumerate(zip(batch.schema, self.schema, strict=True)):
             if pa.types.is_string(f.type) and pa.types.is_decimal(wanted.type):
-                batch = batch.set_column(i, wanted, batch.column(i).cast(wanted.type))
+                try:
+                    batch = batch.set_column(i, wanted, batch.column(i).cast(wanted.type))
+                except pa.ArrowInvalid as exc:  # NaN, Infinity
+                    raise SourceError(f"{self.source.where}: table {self.name}, column {f.name!r}: {exc}") from None
         return batch
 
     async def read(self, state: State | None) -> AsyncIterator[Batch]:
