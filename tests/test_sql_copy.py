@@ -298,3 +298,15 @@ def test_a_numeric_nan_fails_the_read_naming_the_column(db: PostgresDatabase) ->
         read(stream(db, "copy", "everything"))
     with pytest.raises(SourceError, match="NaN"):  # nor can the cursor read it
         read(stream(db, "cursor", "everything"))
+
+
+def test_a_statement_timeout_ends_the_copy_with_a_hint(db: PostgresDatabase) -> None:
+    """One COPY reads the whole table where the cursor runs a FETCH per batch, each a statement of its own."""
+    execute(db, "CREATE VIEW app.slow AS SELECT i, pg_sleep(0.002) IS NULL AS slept FROM generate_series(1, 1000) AS i")
+    execute(db, f'ALTER DATABASE "{db.database}" SET statement_timeout = 500')
+    tables = [{"name": "slow", "primary_key": ["i"]}]  # no ORDER BY: the cursor fetches as the rows come
+    with pytest.raises(SourceError, match=r"canceling statement due to statement timeout \(a table is read by one "
+                                          r"COPY statement, .* or set sources.crm.read_with: cursor\)"):
+        read(stream(db, "copy", "slow", tables=tables, batch_rows=20))
+    batches = read(stream(db, "cursor", "slow", tables=tables, batch_rows=20))
+    assert sum(b.records.num_rows for b in batches if b.records is not None) == 1000

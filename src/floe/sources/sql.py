@@ -23,6 +23,7 @@ from decimal import Decimal
 from typing import Any, ClassVar, Literal, cast
 from urllib.parse import parse_qs, unquote, urlparse
 
+import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, SecretStr
@@ -206,8 +207,12 @@ class SqlSource(Source):
         except SourceError:
             raise
         except Exception as exc:
+            hint = ""
+            if convert is not None and isinstance(exc, psycopg.errors.QueryCanceled):
+                hint = (" (a table is read by one COPY statement, which statement_timeout ends: raise it for "
+                        f"this user, or set {self.where}.read_with: cursor)")
             raise SourceError(f"{self.where}: reading from {describe(self.connection)} failed: "
-                              f"{secrets.redact(str(exc)).strip()}") from None
+                              f"{secrets.redact(str(exc)).strip()}{hint}") from None
         finally:
             conn.close()
 
