@@ -20,6 +20,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Generator
 from datetime import date, datetime
 from decimal import Decimal
+from functools import partial
 from typing import Any, ClassVar, Literal, cast
 from urllib.parse import parse_qs, unquote, urlparse
 
@@ -159,8 +160,8 @@ class SqlStream(Stream):
         sql, params = self.query(state, copy)
         key = self.cursor_field
         bookmark = (state or {}).get("replication_key_value") if key and (state or {}).get("replication_key") == key else None
-        convert = self._typed if copy else None
-        async with iterate_in_thread(lambda: self.source.batches(sql, params, convert), name=f"sql:{self.name}") as batches:
+        rows = partial(self.source.batches, self.name, sql, params, self._typed if copy else None)
+        async with iterate_in_thread(rows, name=f"sql:{self.name}") as batches:
             async for batch in batches:
                 if key is None:
                     yield Batch(batch)
@@ -191,10 +192,10 @@ class SqlSource(Source):
     def connect(self) -> Any:
         return connect_postgres(self.connection, where=self.where, error=SourceError, application_name="floe-sql")
 
-    def batches(self, sql: str, params: list[Any], convert: Callable[[pa.RecordBatch], pa.RecordBatch] | None = None,
-                ) -> Generator[pa.RecordBatch, None, None]:
-        """The query's rows as Arrow batches (COPY when `convert` is given, which each batch goes
-        through), on a connection of their own (closed when the iterator is)."""
+    def batches(self, table: str, sql: str, params: list[Any],
+                convert: Callable[[pa.RecordBatch], pa.RecordBatch] | None = None) -> Generator[pa.RecordBatch, None, None]:
+        """`table`'s rows selected by `sql` as Arrow batches (COPY when `convert` is given, which each
+        batch goes through), on a connection of their own (closed when the iterator is)."""
         conn = self.connect()
         try:
             conn.read_only = True
@@ -211,7 +212,7 @@ class SqlSource(Source):
             if convert is not None and isinstance(exc, psycopg.errors.QueryCanceled):
                 hint = (" (a table is read by one COPY statement, which statement_timeout ends: raise it for "
                         f"this user, or set {self.where}.read_with: cursor)")
-            raise SourceError(f"{self.where}: reading from {describe(self.connection)} failed: "
+            raise SourceError(f"{self.where}: reading table {table} from {describe(self.connection)} failed: "
                               f"{secrets.redact(str(exc)).strip()}{hint}") from None
         finally:
             conn.close()
