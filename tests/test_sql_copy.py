@@ -228,7 +228,8 @@ def test_values_arrow_cannot_hold_fail_the_read_naming_the_column(db: PostgresDa
 
 def test_a_server_error_in_the_middle_of_the_copy_ends_the_read_with_it(db: PostgresDatabase) -> None:
     execute(db, "CREATE VIEW app.failing AS SELECT i, 100 / (55000 - i) AS q FROM generate_series(1, 60000) AS i")
-    batches = source(db, "copy").batches("failing", 'SELECT i, q FROM "app"."failing"', [], lambda batch: batch)
+    failing = stream(db, "copy", "failing", tables=["failing"])
+    batches = failing.source.batches(failing, *failing.query(None, copy=True))
     first = next(batches)
     assert first.num_rows == 50_000
     with pytest.raises(SourceError, match="failed: division by zero"):
@@ -237,8 +238,8 @@ def test_a_server_error_in_the_middle_of_the_copy_ends_the_read_with_it(db: Post
 
 def test_stopping_early_ends_the_reader_thread_and_the_session(db: PostgresDatabase) -> None:
     execute(db, "CREATE TABLE app.big AS SELECT i, repeat('x', 100) AS pad FROM generate_series(1, 400000) AS i")
-    source_ = source(db, "copy", batch_rows=1000)
-    batches = source_.batches("big", 'SELECT i, pad FROM "app"."big"', [], lambda batch: batch)
+    big = stream(db, "copy", "big", batch_rows=1000)
+    batches = big.source.batches(big, *big.query(None, copy=True))
     assert next(batches).num_rows == 1000
     batches.close()
     assert not [t for t in threading.enumerate() if t.name == "floe-copy-reader"]

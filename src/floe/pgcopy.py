@@ -8,10 +8,10 @@ same query (`pgconn.arrow_field` of each result column), and so are the values.
 How: the server sends one COPY message per row. A thread reads them from libpq (the per-message
 calls chained in C, `itertools` style, so no Python bytecode runs per row) and joins a batch's
 rows into one buffer, remembering each row's size; meanwhile the caller's thread decodes the
-previous buffer, one column at a time for every row at once with numpy: a field is a 4-byte
-big-endian length (-1 for NULL) and the value, so each column's positions follow from the
-previous column's. Fixed-width values are gathered and byte-swapped; text and bytea values are
-cut out of the buffer by Arrow's `take`.
+previous buffer with numpy, for every row at once: a field is a 4-byte big-endian length (-1 for
+NULL) and the value, so each column's positions follow from the previous column's. Consecutive
+fixed-width columns are gathered as one block per row and byte-swapped; text and bytea values
+are cut out of the buffer by Arrow's `take`.
 
 Columns must be of a type decoded here (`DECODED_OIDS`); select the others as text
 (`column::text`). `infinity` timestamps and dates have no Arrow value and fail the read.
@@ -99,7 +99,7 @@ def _date(values: np.ndarray, name: str) -> np.ndarray:
 
 def _time(values: np.ndarray, name: str) -> np.ndarray:
     if values.max(initial=0) >= DAY_US:
-        raise CopyFormatError(f"column {name!r}: a time is 24:00:00, past Arrow's (and Python's) last time of day")
+        raise CopyFormatError(f"column {name!r}: a time is 24:00:00, past Arrow's last time of day")
     return values
 
 
@@ -110,7 +110,8 @@ COLUMN_TYPES: dict[int, Fixed | Varlen] = {
     26: Fixed(">u4", pa.int64(), lambda v, _: v.astype(np.int64)),  # oid
     700: Fixed(">f4", pa.float32()), 701: Fixed(">f8", pa.float64()),
     1082: Fixed(">i4", pa.date32(), _date), 1083: Fixed(">i8", pa.time64("us"), _time),
-    1114: Fixed(">i8", pa.timestamp("us"), _timestamp), 1184: Fixed(">i8", pa.timestamp("us", "UTC"), _timestamp),
+    1114: Fixed(">i8", pa.timestamp("us"), _timestamp),
+    1184: Fixed(">i8", pa.timestamp("us", "UTC"), _timestamp),
     25: Varlen(pa.string()), 1043: Varlen(pa.string()), 1042: Varlen(pa.string()), 19: Varlen(pa.string()),
     114: Varlen(pa.string()), 3802: Varlen(pa.string(), version=1), 17: Varlen(pa.binary()),
 }
@@ -126,7 +127,7 @@ class _Buffer:
         self._views: dict[str, np.ndarray] = {}
 
     def read(self, positions: np.ndarray, wire: str) -> np.ndarray:
-        """The values of numpy dtype `wire` (">i4", "V12", ...) at each of `positions`, in native byte order."""
+        """The values of numpy dtype `wire` (">i4", "V12", ...) at `positions`, in native byte order."""
         view = self._views.get(wire)
         if view is None:  # a value starting at every byte: one (unaligned) gather reads them all
             width = np.dtype(wire).itemsize
@@ -167,7 +168,8 @@ class _Run:
                names: list[str]) -> tuple[list[pa.Array], np.ndarray]:
         """The run's columns and the positions after it."""
         fits = position + self.width <= ends
-        block = buffer.read(np.where(fits, position, 0), f"V{self.width}").view(np.uint8).reshape(-1, self.width)
+        block = buffer.read(np.where(fits, position, 0), f"V{self.width}")
+        block = block.view(np.uint8).reshape(-1, self.width)
         regular = fits
         for start, kind in zip(self.starts[:-1], self.kinds, strict=True):
             regular = regular & (block[:, start:start + 4].view(">i4")[:, 0] == kind.width)
@@ -188,7 +190,7 @@ class _Run:
                 valid[i][irregular] = present  # type: ignore[index]
                 at = at + 4 + np.maximum(lengths, 0)
             after[irregular] = at
-        columns = [_fixed_array(kind, v, ok, name) 
+        columns = [_fixed_array(kind, v, ok, name)
                    for kind, v, ok, name in zip(self.kinds, values, valid, names[:len(self.kinds)], strict=True)]
         return columns, after
 
@@ -228,7 +230,8 @@ class _Single:
         offsets[0:2 * n:2] = starts
         offsets[1:2 * n:2] = starts + sizes
         offsets[2 * n] = offsets[2 * n - 1] if n else 0
-        spread = pa.Array.from_buffers(pa.large_binary(), 2 * n, [None, pa.py_buffer(offsets), pa.py_buffer(buffer.data)])
+        spread = pa.Array.from_buffers(pa.large_binary(), 2 * n,
+                                       [None, pa.py_buffer(offsets), pa.py_buffer(buffer.data)])
         values = spread.take(pa.array(np.arange(0, 2 * n, 2)))
         values = pa.Array.from_buffers(pa.large_binary(), n, [validity, *values.buffers()[1:]], nulls)
         try:

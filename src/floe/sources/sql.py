@@ -17,7 +17,7 @@ arrays, enums, ...) as their text form.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncIterator, Generator
 from datetime import date, datetime
 from decimal import Decimal
 from functools import partial
@@ -52,7 +52,7 @@ class SqlSourceConfig(SourceConfig):
     tables: list[SqlTable | str] | None = Field(default=None, description="Tables to read (default: all).")
     batch_rows: int = Field(default=50_000, gt=0)
     read_with: Literal["copy", "cursor"] | None = Field(
-        default=None, description="copy (binary COPY; the default on PostgreSQL) or cursor (the only way on Redshift).")
+        default=None, description="copy (binary COPY, PostgreSQL's default) or cursor (the only way on Redshift).")
 
 
 log = logging.getLogger("floe.sources.sql")
@@ -145,22 +145,21 @@ class SqlStream(Stream):
             params.append(bookmark)
         return sql + f" ORDER BY {quote(key)}", params
 
-    def _typed(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+    def typed(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         """A COPY batch with the columns read as text but declared otherwise (numeric) cast to their type."""
         for i, (f, wanted) in enumerate(zip(batch.schema, self.schema, strict=True)):
             if pa.types.is_string(f.type) and pa.types.is_decimal(wanted.type):
                 try:
                     batch = batch.set_column(i, wanted, batch.column(i).cast(wanted.type))
-                except pa.ArrowInvalid as exc:  # NaN, Infinity
+                except pa.ArrowInvalid as exc:  # NaN
                     raise SourceError(f"{self.source.where}: table {self.name}, column {f.name!r}: {exc}") from None
         return batch
 
     async def read(self, state: State | None) -> AsyncIterator[Batch]:
-        copy = self.source.reads_with_copy
-        sql, params = self.query(state, copy)
+        sql, params = self.query(state, self.source.reads_with_copy)
         key = self.cursor_field
         bookmark = (state or {}).get("replication_key_value") if key and (state or {}).get("replication_key") == key else None
-        rows = partial(self.source.batches, self.name, sql, params, self._typed if copy else None)
+        rows = partial(self.source.batches, self, sql, params)
         async with iterate_in_thread(rows, name=f"sql:{self.name}") as batches:
             async for batch in batches:
                 if key is None:
@@ -192,27 +191,26 @@ class SqlSource(Source):
     def connect(self) -> Any:
         return connect_postgres(self.connection, where=self.where, error=SourceError, application_name="floe-sql")
 
-    def batches(self, table: str, sql: str, params: list[Any],
-                convert: Callable[[pa.RecordBatch], pa.RecordBatch] | None = None) -> Generator[pa.RecordBatch, None, None]:
-        """`table`'s rows selected by `sql` as Arrow batches (COPY when `convert` is given, which each
-        batch goes through), on a connection of their own (closed when the iterator is)."""
+    def batches(self, stream: SqlStream, sql: str, params: list[Any]) -> Generator[pa.RecordBatch, None, None]:
+        """`stream`'s rows, selected by `sql`, as Arrow batches read with binary COPY or a cursor (as
+        the source reads), on a connection of their own (closed when the iterator is)."""
         conn = self.connect()
         try:
             conn.read_only = True
-            if convert is None:
-                yield from read_batches(conn, sql, params, self.config.batch_rows)
-            else:
+            if self.reads_with_copy:
                 for batch in copy_batches(conn, sql, params, self.config.batch_rows):
-                    yield convert(batch)
+                    yield stream.typed(batch)
+            else:
+                yield from read_batches(conn, sql, params, self.config.batch_rows)
             conn.commit()
         except SourceError:
             raise
         except Exception as exc:
             hint = ""
-            if convert is not None and isinstance(exc, psycopg.errors.QueryCanceled):
+            if self.reads_with_copy and isinstance(exc, psycopg.errors.QueryCanceled) and "timeout" in str(exc):
                 hint = (" (a table is read by one COPY statement, which statement_timeout ends: raise it for "
                         f"this user, or set {self.where}.read_with: cursor)")
-            raise SourceError(f"{self.where}: reading table {table} from {describe(self.connection)} failed: "
+            raise SourceError(f"{self.where}: reading table {stream.name} from {describe(self.connection)} failed: "
                               f"{secrets.redact(str(exc)).strip()}{hint}") from None
         finally:
             conn.close()
