@@ -104,7 +104,11 @@ def source(db: PostgresDatabase, read_with: str, **extra: Any) -> SqlSource:
 
 
 def stream(db: PostgresDatabase, read_with: str, table: str, **extra: Any) -> SqlStream:
-    found = next(s for s in source(db, read_with, **extra).streams() if s.name == table)
+    return stream_of(source(db, read_with, **extra), table)
+
+
+def stream_of(source: SqlSource, table: str = "everything") -> SqlStream:
+    found = next(s for s in source.streams() if s.name == table)
     assert isinstance(found, SqlStream)
     return found
 
@@ -286,11 +290,10 @@ def test_redshift_reads_with_a_cursor(db: PostgresDatabase) -> None:
     with pytest.raises(ConfigError, match="sources.crm.read_with: Redshift cannot COPY to the client"):
         SqlSource("crm", SqlSourceConfig.model_validate({"type": "sql", "url": url, "read_with": "copy"}))
     redshift = SqlSource("crm", SqlSourceConfig.model_validate({"type": "sql", "url": url, "schema": "app"}))
-    redshift.streams()
-    assert not redshift.reads_with_copy
     default = SqlSource("crm", SqlSourceConfig.model_validate({"type": "sql", "url": db.url, "schema": "app"}))
-    default.streams()
-    assert default.reads_with_copy
+    copied, cursor = (table(read(stream_of(s))) for s in (default, redshift))
+    assert default.reads_with_copy and not redshift.reads_with_copy
+    assert_same(copied, cursor)
 
 
 def test_a_numeric_nan_fails_the_read_naming_the_column(db: PostgresDatabase) -> None:
