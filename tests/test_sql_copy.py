@@ -255,6 +255,21 @@ def test_stopping_early_ends_the_reader_thread_and_the_session(db: PostgresDatab
             time.sleep(0.05)
 
 
+def test_a_session_killed_mid_copy_ends_the_read_with_an_error(db: PostgresDatabase) -> None:
+    execute(db, "CREATE TABLE app.big AS SELECT i, repeat('x', 100) AS pad FROM generate_series(1, 400000) AS i")
+    big = stream(db, "copy", "big", batch_rows=1000)
+    batches = big.source.batches(big, *big.query(None, copy=True))
+    assert next(batches).num_rows == 1000
+    execute(db, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'floe-sql' "
+                "AND datname = %s", (db.database,))
+    started = time.monotonic()
+    with pytest.raises(SourceError, match="sources.crm: reading table big from .* failed: .*server closed the connection"):
+        for _ in batches:
+            pass
+    assert time.monotonic() - started < 10
+    assert not [t for t in threading.enumerate() if t.name == "floe-copy-reader"]
+
+
 def test_wide_rows_make_smaller_batches(db: PostgresDatabase) -> None:
     execute(db, "CREATE TABLE app.wide AS SELECT i, repeat('w', 100000) AS pad FROM generate_series(1, 30) AS i")
     with psycopg.connect(db.dsn) as conn:
