@@ -241,7 +241,7 @@ def test_a_server_error_in_the_middle_of_the_copy_ends_the_read_with_it(db: Post
 
 
 def test_stopping_early_ends_the_reader_thread_and_the_session(db: PostgresDatabase) -> None:
-    execute(db, "CREATE TABLE app.big AS SELECT i, repeat('x', 100) AS pad FROM generate_series(1, 400000) AS i")
+    execute(db, "CREATE TABLE app.big AS SELECT i, repeat('x', 100) AS pad FROM generate_series(1, 100000) AS i")
     big = stream(db, "copy", "big", batch_rows=1000)
     batches = big.source.batches(big, *big.query(None, copy=True))
     assert next(batches).num_rows == 1000
@@ -256,7 +256,7 @@ def test_stopping_early_ends_the_reader_thread_and_the_session(db: PostgresDatab
 
 
 def test_a_session_killed_mid_copy_ends_the_read_with_an_error(db: PostgresDatabase) -> None:
-    execute(db, "CREATE TABLE app.big AS SELECT i, repeat('x', 100) AS pad FROM generate_series(1, 400000) AS i")
+    execute(db, "CREATE TABLE app.big AS SELECT i, repeat('x', 100) AS pad FROM generate_series(1, 100000) AS i")
     big = stream(db, "copy", "big", batch_rows=1000)
     batches = big.source.batches(big, *big.query(None, copy=True))
     assert next(batches).num_rows == 1000
