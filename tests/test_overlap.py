@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -215,34 +214,35 @@ def test_a_floe_run_that_gives_up_waiting_exits_non_zero_with_one_line_naming_th
 
 
 class KilledTrial(threading.Thread):
-    """Two `floe run` of one project started together; once one of them begins loading (it logs its
-    plan), a random moment later one or both are killed with SIGKILL."""
+    """Two `floe run` of one project started together; right after the k-th window read by either
+    (k random, before the last window, so the reader is still running), the reader and, in half of
+    the trials, the other run too are killed with SIGKILL."""
 
     def __init__(self, config: Path, rng: random.Random) -> None:
         super().__init__()
-        self.config, self.delay, self.kill_both = config, rng.uniform(0, 1.5), rng.random() < 0.5
-        self.victim = rng.randrange(2)
+        self.config, self.kill_at, self.kill_both = config, rng.randint(1, 5), rng.random() < 0.5
         self.codes: list[int] = []
 
     def run(self) -> None:
         procs = [subprocess.Popen([sys.executable, "-c", "from floe.cli import main; main()", "run", "-c",
                                    str(self.config)], cwd=self.config.parent, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True) for _ in range(2)]
-        loading = threading.Event()
+        windows_read, lock = 0, threading.Lock()
 
         def watch(proc: subprocess.Popen[str]) -> None:
+            nonlocal windows_read
             for line in proc.stderr or []:
-                if "event=fullstory_plan" in line:
-                    loading.set()
-            loading.set()  # it ended before loading anything: kill whatever is left
+                if "event=fullstory_window" not in line:
+                    continue
+                with lock:
+                    windows_read += 1
+                    if windows_read == self.kill_at:
+                        for victim in procs if self.kill_both else [proc]:
+                            victim.send_signal(signal.SIGKILL)
 
         watchers = [threading.Thread(target=watch, args=(p,)) for p in procs]
         for watcher in watchers:
             watcher.start()
-        loading.wait(timeout=120)
-        time.sleep(self.delay)
-        for proc in procs if self.kill_both else [procs[self.victim]]:
-            proc.send_signal(signal.SIGKILL)
         self.codes = [p.wait(timeout=180) for p in procs]
         for watcher in watchers:
             watcher.join()
