@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import floe
-from floe.threads import in_thread, iterate_in_thread
+from floe.threads import in_thread, iterate_in_thread, prefetch_in_thread
 
 
 def test_leaving_early_stops_the_thread_and_closes_the_generator_on_it() -> None:
@@ -90,3 +90,32 @@ def test_floe_never_runs_blocking_work_on_asyncios_default_executor() -> None:
                  for number, line in enumerate(path.read_text().splitlines(), 1)
                  if "to_thread(" in line and "in_thread(" not in line or "run_in_executor(None" in line]
     assert offenders == [], "use floe.threads.in_thread / iterate_in_thread"
+
+
+def test_prefetch_raises_the_producers_error_in_sequence_and_closing_early_joins_the_producer() -> None:
+    def failing() -> Iterator[int]:
+        yield from range(3)
+        raise OSError("disk gone")
+
+    got: list[int] = []
+    with pytest.raises(OSError, match="disk gone"):
+        for item in prefetch_in_thread(failing(), threading.Event()):
+            got.append(item)
+    assert got == [0, 1, 2]
+
+    stop = threading.Event()
+    pulled: list[int] = []
+
+    def endless() -> Iterator[int]:
+        for i in itertools.count():
+            if stop.is_set():
+                return
+            pulled.append(i)
+            yield i
+
+    before = threading.active_count()
+    items = prefetch_in_thread(endless(), stop, depth=2, name="endless")
+    assert [next(items) for _ in range(3)] == [0, 1, 2]
+    items.close()
+    assert stop.is_set() and threading.active_count() == before
+    assert len(pulled) <= 3 + 2 + 1  # consumed, `depth` queued, one in the producer's hand

@@ -19,12 +19,11 @@ Columns must be of a type decoded here (`DECODED_OIDS`); select the others as te
 
 from __future__ import annotations
 
-import queue
 import select
 import struct
 import threading
 from array import array
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from itertools import takewhile
@@ -38,6 +37,7 @@ from psycopg import pq
 from psycopg.errors import error_from_result
 
 from floe.pgconn import arrow_field
+from floe.threads import prefetch_in_thread
 
 BATCH_BYTES = 64 << 20  # COPY data per batch at most (wide rows make smaller batches)
 SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
@@ -373,50 +373,6 @@ def _strip_header(message: tuple[int, memoryview]) -> tuple[int, memoryview]:
     return message[0] - skip, data[skip:]
 
 
-def _in_thread(items: Iterator[T], stop: threading.Event, depth: int = 2) -> Generator[T, None, None]:
-    """`items`, produced by a thread of their own at most `depth` ahead of the consumer.
-
-    Closing this iterator sets `stop` and waits for the thread: `items` must return soon after."""
-    box: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
-
-    def put(entry: tuple[bool, Any]) -> bool:
-        while not stop.is_set():
-            try:
-                box.put(entry, timeout=0.5)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put((True, item)):
-                    return
-            put((False, None))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-            put((False, exc))
-
-    thread = threading.Thread(target=produce, name="floe-copy-reader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            try:
-                more, item = box.get(timeout=0.5)
-            except queue.Empty:
-                if not thread.is_alive() and box.empty():
-                    raise RuntimeError("the COPY reader stopped without a word") from None
-                continue
-            if not more:
-                if item is not None:
-                    raise item
-                return
-            yield item
-    finally:
-        stop.set()
-        thread.join()
-
-
 def copy_batches(
     conn: psycopg.Connection[Any], sql: str, params: Any = (), batch_rows: int = 50_000,
     batch_bytes: int = BATCH_BYTES,
@@ -440,8 +396,8 @@ def copy_batches(
     decode = BatchDecoder(schema, [d.type_code for d in described])
     query = psycopg.ClientCursor(conn).mogrify(sql, params or None)
     stop = threading.Event()
-    chunks = _in_thread(_read_copy(conn.pgconn, f"COPY ({query}) TO STDOUT (FORMAT binary)".encode(),
-                                   batch_rows, batch_bytes, stop), stop)
+    chunks = prefetch_in_thread(_read_copy(conn.pgconn, f"COPY ({query}) TO STDOUT (FORMAT binary)".encode(),
+                                   batch_rows, batch_bytes, stop), stop, name="floe-copy-reader")
     yielded = False
     try:
         for buffer, row_sizes in chunks:

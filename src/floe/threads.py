@@ -10,6 +10,8 @@ failed run alive forever.
   of the consumer. Leaving the `async with` block, by the end, an error or a cancellation, stops
   the thread at its next item and closes the iterator on that thread (so its `finally` runs
   where its work ran); the block waits `grace` seconds for that at most, then abandons it.
+- `prefetch_in_thread(items, stop)` is the same for a blocking consumer: a producer thread at
+  most `depth` items ahead; closing the generator sets `stop` and joins the producer.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import queue
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
 from contextlib import asynccontextmanager
@@ -127,3 +130,49 @@ async def iterate_in_thread(
             ended.cancel()
         if not done:
             log.warning("event=thread_abandoned thread=%s reason=still_busy_after_%.0fs", name, grace)
+
+
+def prefetch_in_thread(
+    items: Iterator[T], stop: threading.Event, depth: int = 2, name: str = "floe-prefetch"
+) -> Generator[T, None, None]:
+    """`items`, produced by a thread of their own at most `depth` ahead of a blocking consumer.
+
+    Closing this iterator sets `stop` and waits for the thread: `items` must return soon after."""
+    box: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
+
+    def put(entry: tuple[bool, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                box.put(entry, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+            put((False, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            put((False, exc))
+
+    thread = threading.Thread(target=produce, name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                more, item = box.get(timeout=0.5)
+            except queue.Empty:
+                if not thread.is_alive() and box.empty():
+                    raise RuntimeError(f"{name} stopped without a word") from None
+                continue
+            if not more:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
