@@ -15,7 +15,8 @@ stream has committed (not before: until then another load of that version could 
 their load ids sort after the previous commit's (load ids start with the UTC time), so only the
 day folders since that commit are listed. `replace` streams keep only
 the files of the latest commit. `merge` streams are written as a change log: readers keep, per
-primary key, the row with the latest `_floe_loaded_at`.
+primary key, the row with the latest `_floe_loaded_at` (one load writes one row per key: the last
+to arrive, as a warehouse merge keeps it).
 
 Every row carries `_floe_load_id` and `_floe_loaded_at`, as in the warehouses.
 """
@@ -24,17 +25,20 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import duckdb
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import SecretStr
 
 from floe.config import DestinationConfig, ExpiringLeaseConfig
-from floe.destinations.base import CommittedState, Destination, LoadJob, TableSpec, state_conflict
+from floe.destinations.base import SEQ, CommittedState, Destination, LoadJob, TableSpec, state_conflict
 from floe.destinations.leases import Holder, Lease, take_object_lease
 from floe.destinations.objectstore import GCSStore, LocalStore, ObjectStore, S3Store, StoreUrl
 from floe.engine.stream import RefreshScope
@@ -56,6 +60,20 @@ class FilesConfig(DestinationConfig, ExpiringLeaseConfig):
     aws_access_key_id: SecretStr | None = None
     aws_secret_access_key: SecretStr | None = None
     project: str | None = None  # GCS
+
+
+def last_per_key(tables: list[pa.Table], key: Sequence[str]) -> list[pa.Table]:
+    """`tables` (a load's staged files, in arrival order) less each row whose key comes again later
+    (NULL key values match each other)."""
+    keys = pa.concat_tables([t.select(list(key)) for t in tables], promote_options="permissive")
+    position = pa.array(np.arange(keys.num_rows, dtype=np.int64))
+    last = keys.append_column(SEQ, position).group_by(list(key), use_threads=False).aggregate([(SEQ, "max")])
+    keep = pc.is_in(position, value_set=last[f"{SEQ}_max"].combine_chunks())
+    out, start = [], 0
+    for table in tables:
+        out.append(table.filter(keep.slice(start, table.num_rows)))
+        start += table.num_rows
+    return out
 
 
 class FilesDestination(Destination):
@@ -193,8 +211,10 @@ class FilesDestination(Destination):
         keys: list[str] = []
         with tempfile.TemporaryDirectory(prefix="floe-files-") as tmp:
             uploads = []
-            for n, staged in enumerate(job.files, start=1):
-                table = pq.read_table(staged.path)
+            tables: Iterable[pa.Table] = (pq.read_table(staged.path) for staged in job.files)
+            if job.table.disposition == "merge" and job.table.primary_key:
+                tables = last_per_key(list(tables), job.table.primary_key)
+            for n, table in enumerate(tables, start=1):
                 table = table.append_column("_floe_load_id", pa.array([job.load_id] * table.num_rows, pa.string()))
                 table = table.append_column("_floe_loaded_at", pa.array([now] * table.num_rows,
                                                                         pa.timestamp("us", "UTC")))
