@@ -286,17 +286,6 @@ def test_merge_loads_end_to_end_commit_data_and_state_together(bigquery, tmp_pat
     assert sum("CREATE TABLE IF NOT EXISTS `proj.raw.src_items`" in q for q in queries) == 1  # only while missing
 
 
-def test_a_child_merge_replaces_re_sent_sets_and_markers_are_not_stored(bigquery, tmp_path):
-    dest, emulator = bigquery
-    child = {"pk": ("id", "name"), "parent": ("id",)}
-    dest.load(job_of(tmp_path, records=[record(1, "a"), record(1, "b"), record(2, "c"), record(3, "d")],
-                     load_id="20261124T000001Z-000001", **child))
-    dest.load(job_of(tmp_path, records=[record(1, "z"), record(2, None), record(4, None)],
-                     load_id="20261124T000002Z-000002", **child))
-    rows = emulator.db.execute("SELECT id, name FROM raw.src_items ORDER BY id").fetchall()
-    assert rows == [(1, "z"), (3, "d")]
-
-
 def test_checkpoints_of_a_child_stream_are_never_folded(bigquery, tmp_path):
     # commit_interval folds checkpoints; folded into one commit, parent 1 would keep a, b and c.
     dest, emulator = bigquery

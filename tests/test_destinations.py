@@ -1,18 +1,15 @@
-"""Every SQL destination keeps the same contract, on DuckDB and on a real PostgreSQL server.
+"""What the SQL destinations (DuckDB, PostgreSQL) do beyond the contract every destination keeps
+(tests/contract/test_destination_contract.py): compound keys with NULL parts, types read back,
+commit folding, `floe check` on PostgreSQL and its COPY paths.
 
 Loads are built the way the pipeline builds them (staged Parquet files + a checkpoint) and
-committed with `Destination.load`; the table, `_floe_state` and `_floe_loads` are then read back.
+committed with `Destination.load`; the table is then read back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
-import textwrap
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -97,47 +94,8 @@ def rows(dest: SqlDestination, columns: str = "id, v") -> list[tuple[Any, ...]]:
     return dest.query(f"SELECT {columns} FROM src.items ORDER BY id NULLS LAST, v")
 
 
-def versions(dest: SqlDestination) -> list[tuple[Any, ...]]:
-    return dest.query("SELECT version, state FROM _floe_state ORDER BY version")
-
-
 def t(ids: list[int | None], values: list[str | None], **extra: Any) -> pa.Table:
     return pa.table({"id": pa.array(ids, pa.int64()), "v": pa.array(values, pa.string()), **extra})
-
-
-def test_append_adds_rows_and_commits_each_state_version(dest, load):
-    load(t([1, 2], ["a", "b"]), checkpoint={"cursor": "2024-01-01"})
-    load(t([2, 3], ["b", "c"]), checkpoint={"cursor": "2024-01-02"})
-    assert rows(dest) == [(1, "a"), (2, "b"), (2, "b"), (3, "c")]
-    assert dest.get_state("src", "items") == {"cursor": "2024-01-02"}
-    assert [v for v, _ in versions(dest)] == [1, 2]
-    assert dest.query("SELECT rows, status FROM _floe_loads ORDER BY load_id") == [(2, "committed"), (2, "committed")]
-    stamped = dest.query("SELECT DISTINCT _floe_load_id FROM src.items ORDER BY 1")
-    assert stamped == [("load-0001",), ("load-0002",)]
-
-
-def test_merge_keeps_the_last_row_per_key_including_duplicates_and_null_keys(dest, load):
-    load(t([1, 2, 3], ["a", "b", "c"]), disposition="merge", pk=("id",))
-    # id 2 twice and NULL twice within one load: the later row of each wins.
-    load(t([2, None, 4, 2, None], ["b1", "n1", "d", "b2", "n2"]), disposition="merge", pk=("id",))
-    assert rows(dest) == [(1, "a"), (2, "b2"), (3, "c"), (4, "d"), (None, "n2")]
-    load(t([None, 1], ["n3", "a2"]), disposition="merge", pk=("id",))  # a NULL key matches the NULL key
-    assert rows(dest) == [(1, "a2"), (2, "b2"), (3, "c"), (4, "d"), (None, "n3")]
-
-
-def test_merge_across_staged_files_keeps_the_row_of_the_later_file(dest, load):
-    # A commit spans several staged files when the schema changes mid-load: the later file wins.
-    load(t([1, 2], ["old", "b"]), t([1], ["new"], x=pa.array([7], pa.int64())), disposition="merge", pk=("id",))
-    assert rows(dest) == [(1, "new"), (2, "b")]
-
-
-def test_a_child_merge_replaces_each_re_sent_parents_set_and_a_marker_empties_it(dest, load):
-    # Child rows keyed (id, v) under parent id: a re-sent parent's rows are replaced as a set;
-    # a marker row (v NULL) says "this parent now has no rows" and is not stored itself.
-    child = {"disposition": "merge", "pk": ("id", "v"), "parent": ("id",)}
-    load(t([1, 1, 2, 3], ["a", "b", "c", "d"]), **child)
-    load(t([1, 2, 4], ["z", None, None]), **child)
-    assert rows(dest) == [(1, "z"), (3, "d")]
 
 
 def test_merge_on_a_compound_key_with_a_null_part(dest, load):
@@ -148,22 +106,6 @@ def test_merge_on_a_compound_key_with_a_null_part(dest, load):
     load(ck([1, 2, 1], [None, "y", "x"], ["1-new", "2y", "1x-new"]), disposition="merge", pk=("a", "b"))
     got = dest.query("SELECT a, b, v FROM src.items ORDER BY a, b NULLS LAST")
     assert got == [(1, "x", "1x-new"), (1, None, "1-new"), (2, "y", "2y"), (2, None, "2-")]
-
-
-def test_replace_swaps_the_whole_table(dest, load):
-    load(t([1, 2, 3], ["a", "b", "c"]), disposition="replace")
-    load(t([9], ["z"]), disposition="replace")
-    assert rows(dest) == [(9, "z")]
-    load(disposition="replace", checkpoint={"empty": True})  # a replace with no rows empties the table
-    assert rows(dest) == []
-    assert dest.get_state("src", "items") == {"empty": True}
-
-
-def test_a_new_column_is_added_and_old_rows_read_null(dest, load):
-    load(t([1], ["a"]))
-    # Three files, three schemas, one load: `extra` all null (so typed null), then int64, then absent.
-    load(t([4], ["d"], extra=pa.nulls(1)), t([2], ["b"], extra=pa.array([7], pa.int64())), t([3], ["c"]))
-    assert rows(dest, "id, v, extra") == [(1, "a", None), (2, "b", 7), (3, "c", None), (4, "d", None)]
 
 
 def test_types_round_trip_through_read_batches(dest, load):
@@ -196,90 +138,6 @@ def test_types_round_trip_through_read_batches(dest, load):
     assert got[0]["text"] == "comma, \"quote\"\nnewline"
     assert got[1] == {"id": 2, "flag": None, "amount": None, "wide": None, "ratio": None, "day": None, "seen_at": None,
                       "doc": None, "text": ""}
-
-
-def test_a_value_that_cannot_be_cast_rolls_back_everything(dest, load):
-    load(t([1], ["a"], n=pa.array([5], pa.int64())), checkpoint={"n": 1})
-    with pytest.raises(DestinationError, match="nothing committed"):
-        load(t([2], ["b"], n=pa.array(["not a number"], pa.string()), more=pa.array([1])), checkpoint={"n": 2})
-    assert rows(dest, "id, v, n") == [(1, "a", 5)]
-    assert dest.get_state("src", "items") == {"n": 1}
-    assert len(versions(dest)) == 1
-    columns = {c[0] for c in dest.query(
-        "SELECT column_name FROM information_schema.columns WHERE table_name = 'items'")}
-    assert "more" not in columns  # the failed load's new column went with it
-    load(t([3], ["c"], n=pa.array([7], pa.int64())), checkpoint={"n": 3})  # the connection is usable again
-    assert dest.get_state("src", "items") == {"n": 3}
-
-
-# --- exactly once under SIGKILL ------------------------------------------------------------------
-CHILD = textwrap.dedent("""
-    import json, sys
-    from datetime import UTC, datetime
-    from pathlib import Path
-    import pyarrow as pa, pyarrow.parquet as pq
-    from floe.destinations import registry
-    from floe.destinations.base import LoadJob, TableSpec
-    from floe.engine.stage import StagedFile
-    from floe.engine.stream import Context
-
-    settings, folder, loads, per_load = json.loads(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    cls = registry.load(settings["type"])
-    dest = cls("warehouse", cls.Config.model_validate(settings), Context(folder))
-    start = (dest.get_state("src", "items") or {"next": 0})["next"]
-    for i in range(start, loads):
-        table = pa.table({"id": pa.array(range(i * per_load, (i + 1) * per_load), pa.int64()),
-                          "v": pa.array([f"row-{i}"] * per_load)})
-        path = folder / f"child-{i}.parquet"
-        pq.write_table(table, path)
-        spec = TableSpec("src", "items", table.schema, (), "append")
-        job = LoadJob(f"load-{i}", "src", "items", spec, [StagedFile(path, per_load, table.schema)],
-                      {"next": i + 1}, datetime.now(UTC))
-        print(f"loading {i}", flush=True)
-        dest.load(job)
-    print("done", flush=True)
-""")
-
-
-def run_child(settings: dict[str, Any], folder: Path, loads: int, per_load: int) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-c", CHILD, json.dumps(settings), str(folder), str(loads), str(per_load)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )
-
-
-def test_sigkill_during_loads_then_rerun_loads_every_row_exactly_once(settings, tmp_path):
-    loads, per_load = 8, 40_000
-    child = run_child(settings, tmp_path, loads, per_load)
-    assert child.stdout is not None
-    for line in child.stdout:
-        if line.strip() == "loading 3":  # loads 0-2 committed or committing, load 3 in flight
-            break
-    child.send_signal(signal.SIGKILL)
-    child.wait(timeout=30)
-    assert child.returncode == -signal.SIGKILL
-
-    dest = make_destination(settings, tmp_path)
-    try:
-        state = dest.get_state("src", "items")
-        committed = state["next"] if state else 0
-        assert committed < loads, "the kill came too late to test anything"
-        count, distinct = dest.query("SELECT COUNT(*), COUNT(DISTINCT id) FROM src.items")[0]
-        assert count == distinct == committed * per_load  # the state and the rows agree at the kill
-    finally:
-        dest.close()
-
-    rerun = run_child(settings, tmp_path, loads, per_load)
-    out, err = rerun.communicate(timeout=120)
-    assert rerun.returncode == 0, err
-    dest = make_destination(settings, tmp_path)
-    try:
-        count, distinct, low, high = dest.query("SELECT COUNT(*), COUNT(DISTINCT id), MIN(id), MAX(id) FROM src.items")[0]
-        assert (count, distinct, low, high) == (loads * per_load, loads * per_load, 0, loads * per_load - 1)
-        assert dest.get_state("src", "items") == {"next": loads}
-    finally:
-        dest.close()
 
 
 # --- grouping checkpoints (Destination.commit_interval) -------------------------------------------

@@ -90,12 +90,6 @@ def test_the_next_run_reads_from_the_committed_state(duckdb_destination, tmp_pat
         "SELECT version FROM _floe_state WHERE source = 'src' AND stream = 'items' ORDER BY version") == [(1,), (2,)]
 
 
-def test_merge_keeps_the_last_row_per_key_within_and_across_loads(duckdb_destination, tmp_path):
-    load(duckdb_destination, ListStream([Batch(rows([1, 1, 2], ["a", "b", "c"]), checkpoint={})]), tmp_path / "s")
-    load(duckdb_destination, ListStream([Batch(rows([2, 3], ["C", "d"]), checkpoint={})]), tmp_path / "s")
-    assert table(duckdb_destination) == [(1, "b"), (2, "C"), (3, "d")]
-
-
 @pytest.mark.parametrize(
     ("disposition", "expected"),
     [("append", [(1, "a"), (1, "a2"), (2, "b")]), ("replace", [(1, "a2"), (2, "b")])],
@@ -107,28 +101,6 @@ def test_append_and_replace(duckdb_destination, tmp_path, disposition, expected)
                         disposition)
     load(duckdb_destination, second, tmp_path / "s")
     assert table(duckdb_destination) == expected
-
-
-def test_new_columns_are_added_and_old_rows_keep_null(duckdb_destination, tmp_path):
-    load(duckdb_destination, ListStream([Batch(rows([1], ["a"]), checkpoint={})]), tmp_path / "s")
-    load(duckdb_destination, ListStream([Batch(rows([2], ["b"], score=[0.5]), checkpoint={})]), tmp_path / "s")
-    assert duckdb_destination.query("SELECT id, score FROM src.items ORDER BY id") == [(1, None), (2, 0.5)]
-
-
-def test_every_row_carries_its_load_id_and_time(duckdb_destination, tmp_path):
-    load(duckdb_destination, ListStream([Batch(rows([1], ["a"]), checkpoint={})]), tmp_path / "s")
-    [(load_id, loaded_at)] = duckdb_destination.query("SELECT _floe_load_id, _floe_loaded_at FROM src.items")
-    assert duckdb_destination.query("SELECT load_id FROM _floe_loads") == [(load_id,)]
-    assert loaded_at is not None
-
-
-def test_a_value_that_does_not_fit_the_table_rolls_back_everything(duckdb_destination, tmp_path):
-    load(duckdb_destination, ListStream([Batch(rows([1], ["a"]), checkpoint={"n": 1})]), tmp_path / "s")
-    bad = ListStream([Batch(pa.record_batch({"id": ["not-a-number"], "v": ["x"]}), checkpoint={"n": 2})])
-    result = load(duckdb_destination, bad, tmp_path / "s")
-    assert not result.ok and "src.items" in (result.error or "")
-    assert table(duckdb_destination) == [(1, "a")]
-    assert duckdb_destination.get_state("src", "items") == {"n": 1}
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "arrow"])

@@ -102,16 +102,6 @@ def test_objects_of_a_load_that_crashed_before_its_state_are_swept(files_setting
     assert orphan not in data_keys(dest)
 
 
-def test_replace_keeps_only_the_latest_snapshot(files_settings, tmp_path):
-    dest = make(files_settings, tmp_path)
-    dest.load(job_of(tmp_path, [1, 2], "replace"))
-    latest = job_of(tmp_path, [9], "replace")
-    dest.load(latest)
-    keys = data_keys(dest)
-    assert len(keys) == 1 and latest.load_id in keys[0]
-    assert [r[0] for r in read_rows(dest, keys)] == [9]
-
-
 @pytest.mark.parametrize("fmt, gzip", [("jsonl", False), ("csv", True)])
 def test_jsonl_and_csv_formats(tmp_path, fmt, gzip):
     dest = make({"type": "files", "path": "out"}, tmp_path, format=fmt, gzip=gzip)

@@ -88,14 +88,6 @@ def test_loads_go_through_split_files_a_manifest_and_one_copy_then_the_objects_a
     assert list(redshift.store.list("floe/")) == []
 
 
-def test_append_and_replace_through_s3(redshift, tmp_path):
-    redshift.load(job_of(tmp_path, 1, items([1, 2], ["a", "b"]), disposition="append", pk=()))
-    redshift.load(job_of(tmp_path, 2, items([2], ["b"]), disposition="append", pk=()))
-    assert redshift.query("SELECT id, v FROM src.items ORDER BY id") == [(1, "a"), (2, "b"), (2, "b")]
-    redshift.load(job_of(tmp_path, 3, items([7], [""]), disposition="replace", pk=()))
-    assert redshift.query("SELECT id FROM src.items") == [(7,)]
-
-
 def test_a_failed_load_commits_nothing_and_still_deletes_its_objects(redshift, tmp_path):
     redshift.load(job_of(tmp_path, 1, items([1], ["a"])))
     bad = pa.table({"id": pa.array(["not-a-number"], pa.string()), "v": ["x"]})
