@@ -1,7 +1,8 @@
 """floe.yml: loading, `${ENV_VAR}` interpolation and validation with readable errors.
 
 The top level is validated here; each source, destination and sync entry is validated by the
-config model its plugin declares (see `floe.sources.registry` / `floe.destinations.registry`),
+config model its plugin declares (see `floe.sources.registry` / `floe.destinations.registry`;
+a sync entry by `SYNC_CONFIG_MODEL`), all named as strings and imported only when used,
 so adding a plugin never touches this module. Every error names the key path, e.g.
 `sources.sailthru.pii: must be one of hash, drop, keep`.
 """
@@ -19,8 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from floe import secrets
 from floe.errors import ConfigError
+from floe.plugins import load_object
 
 DEFAULT_CONFIG = Path("floe.yml")
+# The model of one `syncs:` entry, named (as plugins are) so that reverse ETL is imported only when used.
+SYNC_CONFIG_MODEL = "floe.syncs.config:SyncConfig"
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -208,12 +212,12 @@ def _validate_syncs(raw: Any) -> dict[str, Any]:
     if not raw:
         return {}
     try:
-        from floe.syncs import SyncConfig  # reverse ETL (optional module)
+        sync_model = load_object(SYNC_CONFIG_MODEL)
     except ImportError:
         raise ConfigError("syncs: reverse ETL is not available in this build") from None
     if not isinstance(raw, dict):
         raise ConfigError("syncs: must be a mapping of names to settings")
-    return {str(n): validate_model(SyncConfig, e, f"syncs.{n}") for n, e in raw.items()}
+    return {str(n): validate_model(sync_model, e, f"syncs.{n}") for n, e in raw.items()}
 
 
 def load_config(path: Path | None = None) -> FloeConfig:

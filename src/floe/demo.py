@@ -22,6 +22,7 @@ from rich.table import Table
 
 from floe.config import parse_config
 from floe.engine import runner
+from floe.engine.pipeline import StreamResult
 from floe.engine.progress import Progress
 
 console = Console()
@@ -149,8 +150,10 @@ SECTIONS: list[DemoSection] = [
 
 # --- running --------------------------------------------------------------------------------------
 
-def run_demo(directory: Path, sections: list[DemoSection] | None = None) -> int:
-    """Generate, load and report; return the exit code (0: every stream loaded)."""
+def run_demo(directory: Path, sections: list[DemoSection] | None = None, *,
+             print_results: Callable[[list[StreamResult]], None]) -> int:
+    """Generate, load and report (the run's results through `print_results`); return the exit code
+    (0: every stream loaded)."""
     sections = SECTIONS if sections is None else sections
     directory = directory.resolve()
     work = directory / ".floe" / "demo"
@@ -173,9 +176,7 @@ def run_demo(directory: Path, sections: list[DemoSection] | None = None) -> int:
         config = parse_config(raw, config_path)
         config.stage = Path(raw["stage"])
         results = runner.run(config, progress=Progress())
-    from floe.cli import print_summary
-
-    print_summary(results)
+    print_results(results)
     console.print(f"loaded into {database.relative_to(directory)} (config: {config_path.relative_to(directory)})")
     with duckdb.connect(str(database), read_only=True) as conn:
         print_counts(conn, list(sources))

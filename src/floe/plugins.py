@@ -10,6 +10,12 @@ import importlib
 from typing import Any
 
 
+def load_object(path: str) -> Any:
+    """The object a `"module:attribute"` string names, importing its module now."""
+    module_name, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
 class Registry:
     def __init__(self, kind: str, entries: dict[str, str]) -> None:
         self.kind = kind
@@ -20,8 +26,7 @@ class Registry:
 
     def load(self, name: str) -> Any:
         """The plugin class for `name` (it has a `Config` attribute: its pydantic config model)."""
-        module_name, _, attr = self._entries[name].partition(":")
-        return getattr(importlib.import_module(module_name), attr)
+        return load_object(self._entries[name])
 
     def config_model(self, name: str) -> Any:
         return self.load(name).Config

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from floe import logs
-from floe.config import load_config
+from floe.commands._output import ConfigOption, fail, open_config
 from floe.errors import FloeError
-from floe.secrets import redact
 from floe.signals import sigterm_held
 
 
 def serve_command(
-    config: Annotated[Path | None, typer.Option("-c", "--config", help="Config file (default: floe.yml).")] = None,
+    config: ConfigOption = None,
     source: Annotated[list[str] | None, typer.Option("--source", "-s", help="Only this source (repeatable).")] = None,
     backoff: Annotated[float, typer.Option(help="Seconds before retrying a failed source (doubles each time).")] = 30.0,
     backoff_max: Annotated[float, typer.Option(help="Longest wait between retries, in seconds.")] = 3600.0,
@@ -28,14 +25,12 @@ def serve_command(
     from floe.engine.serve import Server
 
     try:
-        cfg = load_config(config)
-        logs.setup(fmt=cfg.log_format)
+        cfg = open_config(config)
         for name in source or []:
             cfg.source(name)
         server = Server(cfg, source, backoff_base=backoff, backoff_max=backoff_max)
     except FloeError as exc:
-        typer.echo(f"error: {redact(str(exc))}", err=True)
-        raise typer.Exit(1) from None
+        fail(str(exc))
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -3,38 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
+from floe.commands._output import ConfigOption, fail, open_config, print_sync_summary
 from floe.config import FloeConfig
 from floe.errors import FloeError
 from floe.secrets import redact
 from floe.syncs.engine import SyncResult, run_syncs
-
-console = Console()
-
-
-def print_summary(results: list[SyncResult]) -> None:
-    dry = any(r.dry_run for r in results)
-    table = Table(title="floe sync" + (" (dry run: nothing sent)" if dry else ""), title_justify="left")
-    numbers = ("changed", "requests") if dry else ("changed", "sent", "updated", "missing", "failed")
-    for column in ("sync", "to", *numbers, "seconds", "status"):
-        table.add_column(column, justify="right" if column in (*numbers, "seconds") else "left")
-    for r in results:
-        counts = [f"{getattr(r, c):,}" for c in numbers]
-        table.add_row(r.name, r.target, *counts, f"{r.seconds:.1f}", "ok" if r.ok else f"FAILED: {r.error}")
-    console.print(table)
-    for r in results:
-        if r.dry_run and r.samples:
-            typer.echo(f"{r.name}: first records that would be sent:")
-            for record in r.samples:
-                typer.echo("  " + redact(json.dumps(record, default=str)))
 
 
 def notify_failures(config: FloeConfig, results: list[SyncResult]) -> None:
@@ -60,9 +38,8 @@ def run_and_report(config: FloeConfig, names: list[str] | None = None, *, dry_ru
     try:
         results = asyncio.run(run_syncs(config, names, dry_run=dry_run, full=full))
     except FloeError as exc:
-        typer.echo(f"error: {redact(str(exc))}", err=True)
-        raise typer.Exit(1) from None
-    print_summary(results)
+        fail(str(exc))
+    print_sync_summary(results)
     notify_failures(config, results)
     for r in results:
         for warning in r.warnings:
@@ -84,13 +61,11 @@ def run_and_report(config: FloeConfig, names: list[str] | None = None, *, dry_ru
 
 def sync_command(
     name: Annotated[list[str] | None, typer.Argument(help="Sync(s) to run (default: all).")] = None,
-    config: Annotated[Path | None, typer.Option("-c", "--config", help="Config file (default: floe.yml).")] = None,
+    config: ConfigOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be sent; send nothing.")] = False,
     full: Annotated[bool, typer.Option("--full", help="Resend every row, not only the changed ones.")] = False,
 ) -> None:
     """Push warehouse rows to Pendo visitor/account metadata (only rows changed since the last run)."""
-    from floe.cli import fail, open_config
-
     try:
         cfg = open_config(config)
     except FloeError as exc:

@@ -1,0 +1,46 @@
+"""`floe run`: load every source into its destinations, then run the syncs (if any)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+import typer
+
+from floe.commands._output import ConfigOption, fail, open_config, print_summary
+from floe.engine.progress import Progress
+from floe.engine.stream import RunOptions
+from floe.errors import FloeError
+
+
+def run_command(
+    config: ConfigOption = None,
+    source: Annotated[list[str] | None, typer.Option("--source", "-s", help="Only this source (repeatable).")] = None,
+    stream: Annotated[list[str] | None, typer.Option("--stream", help="Only this stream (repeatable).")] = None,
+    reprocess: Annotated[bool, typer.Option(help="Re-read inputs already processed (e.g. changed files).")] = False,
+    full_refresh: Annotated[bool, typer.Option(
+        help="Read every stream again from its start; its rows replace the table's in one commit at the end.")] = False,
+) -> None:
+    """Load every source into its destinations (then run syncs, if any)."""
+    from floe.engine import runner
+
+    try:
+        cfg = open_config(config)
+        started = datetime.now(UTC)
+        results = runner.run(cfg, source, stream, RunOptions(reprocess, full_refresh), Progress())
+    except FloeError as exc:
+        fail(str(exc))
+    if cfg.notify:
+        from floe.notify import notify_run
+
+        notify_run(cfg, results, started)
+    print_summary(results)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        reasons = list(dict.fromkeys(r.error or "" for r in failed))  # distinct, in order
+        first = f": {reasons[0]}" + (f" (and {len(reasons) - 1} other errors above)" if len(reasons) > 1 else "")
+        fail(f"{len(failed)} of {len(results)} streams failed{first}")
+    if cfg.syncs and not source and not stream:
+        from floe.commands.sync import run_and_report
+
+        run_and_report(cfg)
