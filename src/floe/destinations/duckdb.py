@@ -7,6 +7,7 @@ process take a lease per stream among themselves."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import socket
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from floe.config import DestinationConfig
 from floe.destinations.base import SEQ, LoadJob, TableSpec, staged_column
 from floe.destinations.column_types import SPELLED_OUT, TEXT_KEYS, ColumnRules
 from floe.destinations.leases import Holder, Lease, process_started, take_process_lease
+from floe.destinations.merge import STANDARD
 from floe.destinations.sql import SqlDestination
 from floe.engine.stage import SUFFIXES
 from floe.engine.stream import Disposition, Stream
@@ -61,6 +63,10 @@ class DatabaseFileLocked(DestinationError):
 
 class DuckDBDestination(SqlDestination):
     Config: ClassVar[type[DuckDBConfig]] = DuckDBConfig
+    # The last row to arrive per key, also across several staged files (`order` is the file name,
+    # then the row number in it: both descending).
+    merge_style = dataclasses.replace(STANDARD, latest_rows=(
+        "SELECT * FROM {staging} QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {latest}) = 1"))
     type_map: ClassVar[dict[str, str]] = {
         "bool": "BOOLEAN",
         "int32": "INTEGER",
@@ -228,13 +234,6 @@ class DuckDBDestination(SqlDestination):
     def drop_staging(self, cur: Any, staging: str) -> None:
         cur.unregister(staging)  # an append's Arrow stream (a no-op for a view)
         cur.execute(f"DROP VIEW IF EXISTS {staging}")
-
-    def deduplicated(self, spec: Any, staging: str, order: str) -> str:
-        # The last row to arrive per key, also across several staged files: every part of `order`
-        # descending (`ORDER BY filename, file_row_number DESC` sorted the file names ascending).
-        keys = ", ".join(self.quote(k) for k in spec.primary_key)
-        latest = ", ".join(f"{part.strip()} DESC" for part in order.split(","))
-        return f"SELECT * FROM {staging} QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {latest}) = 1"
 
 
 def staged_arrow(paths: list[Path], schema: pa.Schema) -> pa.RecordBatchReader:

@@ -42,6 +42,7 @@ from floe.destinations import pgbinary
 from floe.destinations.base import SEQ, LoadJob, TableSpec, is_json, nested_as_json
 from floe.destinations.column_types import SPELLED_OUT, TEXT_KEYS, ColumnRules
 from floe.destinations.leases import Holder, Lease
+from floe.destinations.merge import RANK, MergeStyle
 from floe.destinations.sql import LEASES_TABLE, STATE_TABLE, SqlDestination, arrow_type_key
 from floe.engine.stage import StagedFile
 from floe.errors import DestinationError, LeaseLostError
@@ -49,6 +50,15 @@ from floe.pgconn import PostgresConnection, connect_postgres, describe, read_bat
 
 COPY_BATCH_ROWS = 65_536
 NEW = "_floe_new"  # alias of the incoming rows (a table may well be called `s`)
+# Merge is delete+insert joined on `=` (hashable), plus a null-safe pass for staged keys holding NULL:
+# `IS NOT DISTINCT FROM` alone cannot use a hash join or an index and turns a merge into a nested
+# loop over the whole target table. Repeated keys are dropped in place: only the (usually few)
+# earlier rows of a repeated key are deleted, instead of copying every staged row into another table.
+MERGE_STYLE = MergeStyle(
+    latest_rows=f"DELETE FROM {{staging}} WHERE {SEQ} IN (SELECT {SEQ} FROM (SELECT {SEQ}, row_number() OVER "
+                f"(PARTITION BY {{keys}} ORDER BY {{latest}}) AS {RANK} FROM {{staging}}) AS ranked WHERE {RANK} > 1)",
+    dedupe="in_place", delete="using_split_nulls", alias=NEW,
+)
 LEASE_LOCKS = 0x666C6F65  # "floe": the first key of floe's advisory locks; the second names the stream
 T = TypeVar("T")
 # Errors of two sessions creating the same object at once: duplicate schema, table, object, column;
@@ -162,6 +172,7 @@ class PostgresDestination(SqlDestination):
     text_type = "TEXT"
     timestamp_tz_type = "TIMESTAMPTZ"
     placeholder = "%s"
+    merge_style = MERGE_STYLE
     direct_load: ClassVar[bool] = True  # append/replace COPY straight into the target (in the transaction)
     binary_copy: ClassVar[bool] = True  # binary COPY where every column maps exactly (else CSV)
 
@@ -362,52 +373,9 @@ class PostgresDestination(SqlDestination):
             return []  # the rows went straight into the target in stage_rows
         return self.staged_sql(spec, staging, order, load_id)
 
-    def value_sql(self, f: pa.Field) -> str:
-        """How a staged column is read into the target (Redshift parses JSON text into SUPER here)."""
-        return f"{NEW}.{self.quote(f.name)}"
-
     def staged_sql(self, spec: TableSpec, staging: str, order: str, load_id: str) -> list[str]:
-        """Statements moving staged rows into the target by the disposition.
-
-        Merge is delete+insert joined on `=` (hashable), plus a null-safe pass for staged keys
-        holding NULL: `IS NOT DISTINCT FROM` alone cannot use a hash join or an index and turns
-        a merge into a nested loop over the whole target table."""
-        target = self.qualified(spec.schema_name, spec.table)
-        fields = [f for f in spec.columns if not pa.types.is_null(f.type)]
-        names = "".join(f"{self.quote(f.name)}, " for f in fields)
-        values = "".join(f"{self.value_sql(f)}, " for f in fields)
-        statements: list[str] = []
-        if spec.disposition == "replace":
-            statements.append(f"DELETE FROM {target}")
-        elif spec.disposition == "merge":
-            if not spec.primary_key:
-                raise DestinationError(f"{spec.schema_name}.{spec.table}: merge needs a primary key")
-            keys = [self.quote(k) for k in spec.parent_key or spec.primary_key]
-            equal = " AND ".join(f"{target}.{k} = {NEW}.{k}" for k in keys)
-            null_safe = " AND ".join(self.null_safe_equals.format(a=f"{target}.{k}", b=f"{NEW}.{k}") for k in keys)
-            any_null = " OR ".join(f"{k} IS NULL" for k in keys)
-            deleted = staging
-            if spec.parent_key:  # every row of a re-sent parent goes, not only the keys staged again
-                deleted = f"(SELECT DISTINCT {', '.join(keys)} FROM {staging})"
-            pk = ", ".join(self.quote(k) for k in spec.primary_key)
-            # Deduplicate in place: only the (usually few) earlier rows of a repeated key are
-            # deleted, instead of copying every staged row into another table.
-            losers = (f"SELECT {SEQ} FROM (SELECT {SEQ}, row_number() OVER (PARTITION BY {pk} ORDER BY {order} DESC) "
-                      f"AS _floe_rank FROM {staging}) AS ranked WHERE _floe_rank > 1")
-            statements += [
-                f"DELETE FROM {staging} WHERE {SEQ} IN ({losers})",
-                f"ANALYZE {staging}",
-                f"DELETE FROM {target} USING {deleted} AS {NEW} WHERE {equal}",
-                f"DELETE FROM {target} USING (SELECT * FROM {deleted} AS d WHERE {any_null}) AS {NEW} "
-                f"WHERE {null_safe}",
-            ]
-        real_rows = spec.not_marker_sql(lambda k: f"{NEW}.{self.quote(k)}")
-        statements.append(
-            f"INSERT INTO {target} ({names}_floe_load_id, _floe_loaded_at) "
-            f"SELECT {values}'{load_id}', {self.now_sql} FROM {staging} AS {NEW}"
-            + (f" WHERE {real_rows}" if real_rows else "")
-        )
-        return statements
+        """Statements moving staged rows into the target by the disposition (`MERGE_STYLE`)."""
+        return SqlDestination.disposition_sql(self, spec, staging, order, load_id)
 
     def drop_staging(self, cur: Any, staging: str) -> None:
         cur.execute(f"DROP TABLE IF EXISTS {staging}")

@@ -26,28 +26,26 @@ document may not exceed 65,535 bytes either (a truncated document would be inval
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import secrets
-import tempfile
 from collections.abc import Sequence
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 from pydantic import SecretStr, field_validator, model_validator
 
 from floe.config import ExpiringLeaseConfig
 from floe.destinations.base import SEQ, LoadJob, TableSpec, is_json, staged_column
 from floe.destinations.column_types import SPELLED_OUT, ColumnRules
 from floe.destinations.leases import Holder, Lease
+from floe.destinations.merge import NULL_SAFE_OR
 from floe.destinations.objectstore import S3Store, StoreUrl
-from floe.destinations.postgres import NEW, PostgresConfig, PostgresDestination
+from floe.destinations.parts import PartFormat, load_prefix, upload_parts
+from floe.destinations.postgres import MERGE_STYLE, PostgresConfig, PostgresDestination
 from floe.destinations.sql import LEASES_TABLE, SqlDestination, arrow_type_key
 from floe.engine.stage import StagedFile
 from floe.errors import DestinationError, LeaseLostError
@@ -157,7 +155,7 @@ class RedshiftDestination(PostgresDestination):
     json_type = "SUPER"
     text_type = f"VARCHAR({VARCHAR_MAX})"
     timestamp_tz_type = "TIMESTAMPTZ"
-    null_safe_equals = "({a} = {b} OR ({a} IS NULL AND {b} IS NULL))"  # no IS NOT DISTINCT FROM on Redshift
+    merge_style = dataclasses.replace(MERGE_STYLE, null_safe_equals=NULL_SAFE_OR)  # no IS NOT DISTINCT FROM
     direct_load = False  # every disposition goes through the COPYed staging table
     json_parse: ClassVar[str] = "JSON_PARSE({})"
     stage_json_type: ClassVar[str] = f"VARCHAR({VARCHAR_MAX})"
@@ -261,7 +259,7 @@ class RedshiftDestination(PostgresDestination):
         return self.stage_json_type if t == self.json_type else t
 
     def value_sql(self, f: pa.Field) -> str:
-        value = f"{NEW}.{self.quote(f.name)}"
+        value = super().value_sql(f)
         return self.json_parse.format(value) if self.column_type(f) == self.json_type else value
 
     def ensure_table(self, cur: Any, spec: TableSpec, staged: Sequence[StagedFile] = ()) -> None:
@@ -354,71 +352,25 @@ class RedshiftDestination(PostgresDestination):
         counts[name] = counts.get(name, 0) + cut
         return column
 
-    def write_parts(self, job: LoadJob, folder: Path) -> tuple[list[Path], dict[str, int]]:
-        """The job's rows as about equal parts (one per slice x files_per_slice); empty parts are skipped."""
-        schema = self.part_schema(job.table)
-        wanted = self.slice_count() * self.config.files_per_slice
-        per_part = max(1, math.ceil(job.rows / wanted))
-        suffix = ".parquet" if self.config.file_format == "parquet" else ".csv.gz"
-        paths: list[Path] = []
-        counts: dict[str, int] = {}
-        writer: Any = None
-        handle: Any = None
-        in_part = 0
-        seq = 0
-
-        def close() -> None:
-            nonlocal writer, handle
-            if writer is not None:
-                writer.close()
-            if handle is not None:
-                handle.close()
-            writer = handle = None
-
-        for staged in job.files:
-            for batch in pq.ParquetFile(staged.path).iter_batches(batch_size=65_536):
-                table = self.conform(batch, schema, seq, counts)
-                seq += table.num_rows
-                offset = 0
-                while offset < table.num_rows:
-                    if writer is None:
-                        path = folder / f"part-{len(paths):05d}{suffix}"
-                        paths.append(path)
-                        if self.config.file_format == "parquet":
-                            writer = pq.ParquetWriter(path, schema, compression="snappy")
-                        else:
-                            handle = pa.CompressedOutputStream(str(path), "gzip")
-                            writer = pacsv.CSVWriter(handle, schema, write_options=pacsv.WriteOptions(
-                                include_header=False))
-                        in_part = 0
-                    take = min(per_part - in_part, table.num_rows - offset)
-                    writer.write_table(table.slice(offset, take))
-                    offset += take
-                    in_part += take
-                    if in_part >= per_part:
-                        close()
-        close()
-        return paths, counts
-
     # --- the load ----------------------------------------------------------------------------------
     def stream_prefix(self, job: LoadJob) -> str:
         return self.stage_url.key(self.name, job.source, job.stream) + "/"
 
     def upload(self, job: LoadJob) -> tuple[str, str]:
-        """Write and upload the parts and their manifest; return (the load's key prefix, manifest URI)."""
+        """Write and upload the parts and their manifest; return (the load's key prefix, manifest URI).
+
+        About equal parts, one per slice x files_per_slice (empty parts are skipped)."""
         self.store.delete_prefix(self.stream_prefix(job))  # leftovers of loads that crashed before cleanup
-        day = datetime.now(UTC)
-        prefix = self.stage_url.key(self.name, job.source, job.stream, f"{day:%Y/%m/%d}", job.load_id) + "/"
-        with tempfile.TemporaryDirectory(prefix="floe-redshift-") as tmp:
-            paths, counts = self.write_parts(job, Path(tmp))
-            keys = [prefix + p.name for p in paths]
-            self.store.put_files(list(zip(keys, paths, strict=True)))
-            entries = [
-                {"url": self.store.uri(k), "mandatory": True, "meta": {"content_length": p.stat().st_size}}
-                for k, p in zip(keys, paths, strict=True)
-            ]
+        prefix = load_prefix(self.stage_url, self.name, job)
+        schema = self.part_schema(job.table)
+        per_part = max(1, math.ceil(job.rows / (self.slice_count() * self.config.files_per_slice)))
+        part_format = PartFormat("parquet") if self.config.file_format == "parquet" else PartFormat("csv.gz")
+        counts: dict[str, int] = {}
+        parts = upload_parts(self.store, prefix, job, schema, per_part, part_format,
+                             lambda batch, first_seq: self.conform(batch, schema, first_seq, counts))
         if counts:
             job.details["truncated_values"] = sum(counts.values())
+        entries = [{"url": p.uri, "mandatory": True, "meta": {"content_length": p.size}} for p in parts]
         manifest_key = prefix + "manifest.json"
         self.store.put_bytes(manifest_key, json.dumps({"entries": entries}, indent=1).encode())
         return prefix, self.store.uri(manifest_key)

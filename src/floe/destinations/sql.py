@@ -27,6 +27,7 @@ from typing import Any, ClassVar, TypeVar
 
 import pyarrow as pa
 
+from floe.destinations import merge
 from floe.destinations.base import (
     CommittedState,
     Destination,
@@ -38,6 +39,7 @@ from floe.destinations.base import (
     state_conflict,
 )
 from floe.destinations.column_types import ColumnRules, narrowing_message, refused
+from floe.destinations.merge import STANDARD, MergeStyle
 from floe.engine.stage import StagedFile
 from floe.engine.stream import RefreshScope
 from floe.errors import DestinationError
@@ -61,7 +63,7 @@ class SqlDestination(Destination):
     text_type: ClassVar[str] = "VARCHAR"
     timestamp_tz_type: ClassVar[str] = "TIMESTAMPTZ"
     meta_schema: ClassVar[str] = "main"  # where _floe_state and _floe_loads live
-    null_safe_equals: ClassVar[str] = "{a} IS NOT DISTINCT FROM {b}"
+    merge_style: ClassVar[MergeStyle] = STANDARD  # how the disposition statements are written
     placeholder: ClassVar[str] = "?"
     group_size = 100  # tables per transaction (PostgreSQL's max_locks_per_transaction bounds how many)
     now_sql: ClassVar[str] = "CURRENT_TIMESTAMP"  # the server's clock, in statements that read tables
@@ -149,14 +151,6 @@ class SqlDestination(Destination):
     def insert_columns(self, spec: TableSpec) -> list[str]:
         return [f.name for f in spec.columns if not pa.types.is_null(f.type)]
 
-    def deduplicated(self, spec: TableSpec, staging: str, order: str) -> str:
-        """Staged rows with one row per primary key: the last to arrive."""
-        keys = ", ".join(self.quote(k) for k in spec.primary_key)
-        return (
-            f"SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY {keys} ORDER BY {order} DESC) AS _floe_rank "
-            f"FROM {staging}) AS ranked WHERE _floe_rank = 1"
-        )
-
     def staged_keys_unique(self, cur: Any, spec: TableSpec, staging: str) -> bool:
         """True if a merge's staged rows hold each primary key once (NULLs group together).
 
@@ -167,47 +161,21 @@ class SqlDestination(Destination):
         cur.execute(f"SELECT 1 FROM {staging} GROUP BY {keys} HAVING COUNT(*) > 1 LIMIT 1")
         return cur.fetchone() is None
 
+    def value_sql(self, f: pa.Field) -> str:
+        """How a staged column is read into the target, from the incoming rows (`merge_style.alias`)."""
+        return f"{self.merge_style.alias}.{self.quote(f.name)}"
+
     def disposition_sql(
         self, spec: TableSpec, staging: str, order: str, load_id: str, unique_keys: bool = False
     ) -> list[str]:
-        """The statements that move staged rows into the target, in order.
+        """The statements that move staged rows into the target, in order (see `floe.destinations.merge`).
 
         `unique_keys`: the caller checked that no primary key occurs twice among the staged rows,
         so a merge reads them directly instead of first ranking every row (a full copy)."""
-        target = self.qualified(spec.schema_name, spec.table)
-        columns = self.insert_columns(spec)
-        names = ", ".join(self.quote(c) for c in columns)
-        select_cols = ", ".join(f"s.{self.quote(c)}" for c in columns)
-        stamp = f"'{load_id}', {self.now_sql}"
-        source_rows = staging
-        statements: list[str] = []
-        if spec.disposition == "replace":
-            statements.append(f"DELETE FROM {target}")
-        elif spec.disposition == "merge":
-            if not spec.primary_key:
-                raise DestinationError(f"{spec.schema_name}.{spec.table}: merge needs a primary key")
-            if not unique_keys:  # de-duplicate once into a temp table that both the DELETE and the INSERT read
-                source_rows = f"{staging}_latest"
-                statements.append(f"CREATE TEMP TABLE {source_rows} AS {self.deduplicated(spec, staging, order)}")
-            keys = spec.parent_key or spec.primary_key
-            match = " AND ".join(
-                self.null_safe_equals.format(a=f"{target}.{self.quote(k)}", b=f"s.{self.quote(k)}")
-                for k in keys
-            )
-            deleted = source_rows
-            if spec.parent_key:  # every row of a re-sent parent goes, not only the keys staged again
-                deleted = f"(SELECT DISTINCT {', '.join(self.quote(k) for k in keys)} FROM {source_rows})"
-            statements.append(f"DELETE FROM {target} USING {deleted} AS s WHERE {match}")
-        prefix = f"{names}, " if names else ""
-        values = f"{select_cols}, " if select_cols else ""
-        real_rows = spec.not_marker_sql(lambda k: f"s.{self.quote(k)}")
-        statements.append(
-            f"INSERT INTO {target} ({prefix}_floe_load_id, _floe_loaded_at) "
-            f"SELECT {values}{stamp} FROM {source_rows} AS s" + (f" WHERE {real_rows}" if real_rows else "")
-        )
-        if source_rows != staging:
-            statements.append(f"DROP TABLE {source_rows}")
-        return statements
+        columns = [(self.quote(f.name), self.value_sql(f)) for f in spec.columns if not pa.types.is_null(f.type)]
+        return merge.disposition_sql(
+            self.merge_style, spec, self.qualified(spec.schema_name, spec.table), staging, columns=columns,
+            order=order, load_id=f"'{load_id}'", now=self.now_sql, quote=self.quote, unique_keys=unique_keys)
 
     def views_sql(self, spec: TableSpec) -> list[str]:
         """Recreate the stream's views (TableSpec.views) over the target; drop+create so new columns show."""
