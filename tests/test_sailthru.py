@@ -24,7 +24,7 @@ import pytest
 from typer.testing import CliRunner
 
 from floe.cli import app as cli_app
-from floe.sources.sailthru_files import parse_name
+from floe.sources.sailthru.files import parse_name
 from tests.fixtures.core import read_staged, staged_files
 from tests.fixtures.sailthru import SALT, TABLES, Project
 
@@ -311,7 +311,7 @@ def test_unread_values_of_message_lines_are_kept_and_nulls_are_not(tmp_path: Pat
 ])
 @pytest.mark.parametrize("size", [3, 7, 1 << 20])  # chunk sizes that split lines and newlines
 def test_records_are_counted_not_lines(text: bytes, size: int) -> None:
-    from floe.sources.sailthru_files import count_records
+    from floe.sources.sailthru.files import count_records
 
     records, total = count_records(io.BytesIO(text), size)
     assert (records, total) == (sum(1 for line in text.split(b"\n") if line.strip()), len(text))
@@ -663,7 +663,7 @@ def test_warehouse_file_named_like_the_source(sailthru_project: Factory) -> None
 
 
 def test_client_id_keeps_that_clients_files_and_unprefixed_ones(tmp_path: Path) -> None:
-    from floe.sources.sailthru_files import discover
+    from floe.sources.sailthru.files import discover
 
     for name in ("4484_blast.20160401.json", "9999_blast.20160401.json", "blast.20160402.json",
                  "4484_blast.json", "notes.txt"):

@@ -24,7 +24,7 @@ import pyarrow.json as pj
 from floe.destinations.base import json_field
 from floe.errors import SourceError
 from floe.pii import Pii
-from floe.sources.sailthru_files import ExportFile, line_chunks
+from floe.sources.sailthru.files import ExportFile, line_chunks
 
 TS = pa.timestamp("ms", "UTC")
 POOL = pa.system_memory_pool()
