@@ -26,8 +26,8 @@ import pytest
 
 from floe.config import load_config
 from floe.destinations.base import LoadJob, TableSpec, json_field
-from floe.destinations.bigquery_sql import COLUMN_RULES as BIGQUERY_RULES
 from floe.destinations.bigquery import BigQueryDestination
+from floe.destinations.bigquery_sql import COLUMN_RULES as BIGQUERY_RULES
 from floe.destinations.column_types import ColumnRules, compare
 from floe.destinations.duckdb import DuckDBDestination
 from floe.destinations.postgres import PostgresDestination
