@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The suite spends much of its time waiting on servers and child processes: two workers.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test install lint bench clean
 
@@ -19,11 +21,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	./scripts/test-deps.sh
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy src
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_import_graph.py
 
 clean:
 	rm -rf $(VENV) .floe demo.duckdb .pytest_cache
