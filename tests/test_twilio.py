@@ -3,19 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, date, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+import httpx
+import pyarrow as pa
 import pytest
 
 from floe.config import parse_config
 from floe.engine.stream import Context
+from floe.errors import ConfigError, SourceError
 from floe.sandbox import twilio as emu
 from floe.sources.twilio import TwilioSource
+from floe.sources.twilio_records import parse_rfc2822
 
 SIZE = 1500
 DAYS = 10
+HOUR, DAY = 3600, 86400
+END = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+CURSOR = {"calls": "start_time", "messages": "date_sent", "recordings": "date_created"}
+COMPARED = {  # the columns compared with what the emulator serves now
+    "calls": ("sid", "status", "price", "duration", "start_time", "end_time", "answered_by", "queue_time",
+              "caller_name", "parent_call_sid", "date_updated"),
+    "messages": ("sid", "status", "price", "date_sent", "error_code", "num_segments", "num_media", "date_updated"),
+    "recordings": ("sid", "status", "price", "duration", "date_created", "channels", "date_updated"),
+}
+DATES = {"start_time", "end_time", "date_sent", "date_created", "date_updated"}
+COUNTS = {"duration", "queue_time", "num_segments", "num_media"}
 
 
 def start_twilio(emulator: Any, **options: Any) -> tuple[Any, emu.TwilioSandbox]:
@@ -24,9 +40,6 @@ def start_twilio(emulator: Any, **options: Any) -> tuple[Any, emu.TwilioSandbox]
     options.setdefault("end", END.isoformat())
     server = emulator(emu.create_app, **options)
     return server, server.app.state.twilio
-
-
-END = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
 
 
 def source_config(server: Any, sandbox: emu.TwilioSandbox, account: int = 0, **extra: Any) -> dict[str, Any]:
@@ -40,50 +53,53 @@ def ts(value: str | None) -> datetime | None:
     return parsedate_to_datetime(value) if value else None
 
 
-def expected_calls(sandbox: emu.TwilioSandbox, account: int = 0) -> set[tuple[Any, ...]]:
-    lst = sandbox.list(sandbox.credentials()[account][0], "calls")
-    out = set()
-    for i in range(lst.count):
-        r = lst.record(i)
-        out.add((r["sid"], r["status"], r["price"], int(r["duration"]) if r["duration"] else None,
-                 ts(r["start_time"]), ts(r["end_time"]), r["caller_name"], r["parent_call_sid"]))
-    return out
+def served_row(record: dict[str, Any], stream: str) -> tuple[Any, ...]:
+    return tuple(ts(record[c]) if c in DATES else int(record[c]) if c in COUNTS and record[c] else record[c]
+                 for c in COMPARED[stream])
 
 
-def db_calls(project: Any, schema: str = "tw") -> set[tuple[Any, ...]]:
-    rows = project.query(f'SELECT sid, status, price, duration, start_time, end_time, caller_name, parent_call_sid '
-                         f'FROM {schema}.calls')
+def truth(sandbox: emu.TwilioSandbox, stream: str, account: int = 0) -> set[tuple[Any, ...]]:
+    """Every record of a list as the emulator serves it now."""
+    lst = sandbox.list(sandbox.credentials()[account][0], stream)
+    return {served_row(record, stream) for record in lst.records()}
+
+
+def loaded(project: Any, stream: str, schema: str = "tw") -> set[tuple[Any, ...]]:
+    rows = project.query(f"SELECT {', '.join(COMPARED[stream])} FROM {schema}.{stream}")
+    assert len(rows) == len({r[0] for r in rows}), f"{stream}: a sid loaded twice"
     return set(rows)
 
 
-def test_first_run_loads_exactly_what_the_emulator_served(emulator: Any, api_project: Any) -> None:
+def without_cursor(rows: set[tuple[Any, ...]], stream: str) -> set[tuple[Any, ...]]:
+    at = COMPARED[stream].index(CURSOR[stream])
+    return {r for r in rows if r[at] is None}
+
+
+def test_first_run_loads_exactly_what_the_emulator_serves(emulator: Any, api_project: Any) -> None:
     server, sandbox = start_twilio(emulator)
     project = api_project(tw=source_config(server, sandbox))
     results = project.run()
     assert all(r.ok for r in results), [r.error for r in results]
     sid = sandbox.credentials()[0][0]
 
-    calls = db_calls(project)
-    assert len(calls) == SIZE and calls == expected_calls(sandbox)
-    in_progress = [c for c in calls if c[1] == "in-progress"]
-    assert in_progress and all(c[5] is None and c[2] is None and c[3] is None for c in in_progress)  # nulls stay null
-
-    messages = sandbox.list(sid, "messages")
-    expected_messages = {(r["sid"], len(r["body"]), int(r["num_segments"]), r["error_code"], ts(r["date_sent"]))
-                         for r in map(messages.record, range(messages.count))}
-    assert set(project.query("SELECT sid, body_length, num_segments, error_code, date_sent FROM tw.messages")) \
-        == expected_messages
+    for stream in ("calls", "messages", "recordings"):
+        assert loaded(project, stream) == truth(sandbox, stream), stream
+    calls = truth(sandbox, "calls")
+    assert {"canceled", "failed"} <= {r[1] for r in without_cursor(calls, "calls")} <= {"queued", "canceled", "failed"}
+    assert {r[1] for r in without_cursor(truth(sandbox, "messages"), "messages")} >= {"canceled", "failed"}
+    assert any(r[1] == "deleted" for r in truth(sandbox, "recordings"))  # listed with IncludeSoftDeleted
+    busy = [r for r in calls if r[1] == "busy"]
+    assert busy and all(r[2] is None and r[3] is None and r[5] is not None for r in busy)  # nulls stay null
     columns = {r[0] for r in project.query("SELECT column_name FROM information_schema.columns "
                                            "WHERE table_schema = 'tw' AND table_name = 'messages'")}
     assert "body" not in columns and "body_length" in columns  # bodies are not stored by default
 
-    assert project.query("SELECT count(*), count(DISTINCT sid) FROM tw.recordings") == [(SIZE // 2, SIZE // 2)]
     numbers = sandbox.list(sid, "incoming_phone_numbers")
     assert project.query("SELECT count(*) FROM tw.incoming_phone_numbers") == [(numbers.count,)]
     first = numbers.record(0)
-    assert project.query("SELECT phone_number, capability_mms, voice_caller_id_lookup FROM tw.incoming_phone_numbers "
-                         "WHERE sid = ?", (first["sid"],)) == [
-        (first["phone_number"], first["capabilities"]["mms"], first["voice_caller_id_lookup"])]
+    assert project.query("SELECT phone_number, capability_mms, voice_caller_id_lookup, beta, sms_application_sid "
+                         "FROM tw.incoming_phone_numbers WHERE sid = ?", (first["sid"],)) == [
+        (first["phone_number"], first["capabilities"]["mms"], first["voice_caller_id_lookup"], first["beta"], "")]
 
     # pricing: every page of countries (57 countries > the default page of 50), one row per country x number type
     expected_prices = {(iso, p["number_type"], p["base_price"], p["current_price"])
@@ -96,8 +112,8 @@ def test_first_run_loads_exactly_what_the_emulator_served(emulator: Any, api_pro
         assert project.query(f"SELECT DISTINCT channel_name FROM tw.{table}") == [("tw",)]
         assert len(project.query(f"SELECT DISTINCT when_retrieved FROM tw.{table}")) == 1
     bookmark = dict((r[1], r[3]) for r in project.states())["calls"]
-    newest = max(c[4] for c in calls)
-    assert datetime.fromisoformat(__import__("json").loads(bookmark)["bookmark"]) == newest
+    newest = max(r[4] for r in calls if r[4] is not None)
+    assert datetime.fromisoformat(json.loads(bookmark)["bookmark"]) == newest
 
 
 def test_message_bodies_are_kept_only_when_asked(emulator: Any, api_project: Any) -> None:
@@ -109,31 +125,98 @@ def test_message_bodies_are_kept_only_when_asked(emulator: Any, api_project: Any
     assert any("Zoë" in body for body, _ in rows)
 
 
+@pytest.mark.parametrize("sweep", [True, False], ids=["swept", "not-swept"])
+def test_rows_without_a_cursor_are_loaded_and_merged_once_they_get_one(emulator: Any, api_project: Any,
+                                                                       sweep: bool) -> None:
+    """Calls still queued or never started, messages scheduled or never sent: the date filters never
+    return them (the emulator, like Twilio, leaves null dates out), the sweep does; once they start or
+    are sent, the windows return them and the merge replaces the earlier row."""
+    server, sandbox = start_twilio(emulator, size=3000, days=5)
+    calls = sandbox.list(sandbox.credentials()[0][0], "calls")
+    held = next(j for j in range(calls.count, calls.count + 20_000)  # the next call queued for half an hour
+                if (calls.timeline(j)[1] or 0) - calls.time(j) > 1800)
+    sandbox.advance(calls.time(held) + 60 - sandbox.now)  # ... is in the queue now
+    project = api_project(tw=source_config(server, sandbox, streams=["calls", "messages"], null_cursor_rows=sweep))
+    assert all(r.ok for r in project.run())
+    before = {stream: without_cursor(truth(sandbox, stream), stream) for stream in ("calls", "messages")}
+    assert {r[1] for r in before["calls"]} == {"queued", "canceled", "failed"}
+    assert {r[1] for r in before["messages"]} >= {"scheduled", "canceled", "failed"}
+    for stream in ("calls", "messages"):
+        expected = truth(sandbox, stream)
+        assert loaded(project, stream) == (expected if sweep else expected - before[stream])
+
+    sandbox.advance(3 * HOUR)  # queued calls start, scheduled messages go out, new rows arrive
+    assert all(r.ok for r in project.run())
+    for stream in ("calls", "messages"):
+        now = {r[0]: r for r in truth(sandbox, stream)}
+        started = {r[0] for r in before[stream] if now[r[0]][COMPARED[stream].index(CURSOR[stream])] is not None}
+        assert started, stream
+        rows = loaded(project, stream)  # each sid once
+        if sweep:
+            assert rows == set(now.values())
+        else:
+            assert started <= {r[0] for r in rows} and rows == set(now.values()) - without_cursor(set(now.values()),
+                                                                                               stream)
+
+
+def test_a_row_pending_beyond_the_lookback_is_swept_until_it_is_final(emulator: Any, api_project: Any) -> None:
+    """A message scheduled days ahead and canceled days later (older than the re-read by then) ends
+    `canceled`: the sweep reaches back to the oldest row that was still pending."""
+    server, sandbox = start_twilio(emulator, size=6000, days=2)
+    project = api_project(tw=source_config(server, sandbox, streams=["messages"], lookback_days=0))
+    lst = sandbox.list(sandbox.credentials()[0][0], "messages")
+    assert all(r.ok for r in project.run())
+    for _ in range(4):
+        sandbox.advance(DAY)
+        assert all(r.ok for r in project.run())
+    canceled = [i for i, record in enumerate(lst.records()) if record["status"] == "canceled"]
+    late = [i for i in canceled if lst.timeline(i)[0].events[-1][0] - lst.time(i) > 2 * DAY]
+    assert late  # canceled more than two days after it was created: long out of the lookback
+    statuses = dict(project.query("SELECT sid, status FROM tw.messages"))
+    assert {statuses[lst.sid(i)] for i in canceled} == {"canceled"}
+    assert "pending_since" in json.loads(project.states()[-1][3])
+
+
+def test_the_default_lookback_catches_late_changes_that_one_day_missed(emulator: Any, api_project: Any) -> None:
+    """Prices and delivery receipts arrive hours to days later (the emulator's delays: see
+    floe.sandbox.twilio_data). Runs every two days: the default re-read catches every change,
+    `lookback_days: 1` keeps rows that changed later than that as they first were."""
+    server, sandbox = start_twilio(emulator, size=3000)
+    streams = ["calls", "messages"]
+    default = api_project(tw=source_config(server, sandbox, streams=streams))
+    one_day = api_project(tw=source_config(server, sandbox, streams=streams, lookback_days=1))
+    for step in range(5):
+        if step:
+            sandbox.advance(2 * DAY)
+        assert all(r.ok for r in default.run()) and all(r.ok for r in one_day.run())
+    for stream in streams:
+        expected = truth(sandbox, stream)
+        assert loaded(default, stream) == expected
+        stale = loaded(one_day, stream) - expected
+        price = COMPARED[stream].index("price")
+        now = {r[0]: r for r in expected}
+        assert any(r[price] is None and now[r[0]][price] is not None for r in stale), stream  # priced late
+        if stream == "messages":
+            assert any(r[1] == "sent" and now[r[0]][1] in ("delivered", "undelivered") for r in stale)
+
+
 def test_second_run_reads_only_the_lookback_and_new_records_and_merges(emulator: Any, api_project: Any) -> None:
     server, sandbox = start_twilio(emulator)
     sid = sandbox.credentials()[0][0]
     project = api_project(tw=source_config(server, sandbox, streams=["calls", "messages"]))
     assert all(r.ok for r in project.run())
     calls = sandbox.list(sid, "calls")
-    bookmark = max(calls.time(i) for i in range(calls.count))
+    bookmark = json.loads(dict((r[1], r[3]) for r in project.states())["calls"])["bookmark"]
 
-    settled = calls.settle(last=40)  # Twilio changes status, price, duration after the fact
-    assert settled
-    calls.add(25)
-    sandbox.list(sid, "messages").add(10)
+    sandbox.advance(6 * HOUR)  # new calls; existing ones end, get priced
     sandbox.reset_stats()
     assert all(r.ok for r in project.run())
-
-    since = datetime.fromtimestamp(bookmark, UTC).date() - timedelta(days=1)  # lookback_days: 1, whole days
-    since_ts = int(datetime(since.year, since.month, since.day, tzinfo=UTC).timestamp())
-    expected_served = calls.count - calls.first_at_or_after(since_ts)
-    assert sandbox.served[f"{sid}/calls"] == expected_served < calls.count / 2
-    assert project.query("SELECT count(*), count(DISTINCT sid) FROM tw.calls") == [(SIZE + 25, SIZE + 25)]
-    assert project.query("SELECT count(*), count(DISTINCT sid) FROM tw.messages") == [(SIZE + 10, SIZE + 10)]
-    assert db_calls(project) == expected_calls(sandbox)  # the settled calls carry their new status and price
-    changed = calls.record(settled[0])
-    assert project.query("SELECT status, price FROM tw.calls WHERE sid = ?", (changed["sid"],)) == [
-        ("completed", changed["price"])]
+    since = (datetime.fromisoformat(bookmark) - timedelta(days=7)).date().isoformat()  # lookback_days: 7
+    windows = [r["params"] for r in sandbox.requests if r["kind"] == "calls" and "StartTime>" in r["params"]]
+    assert windows and min(p["StartTime>"] for p in windows) == since
+    assert sandbox.served[f"{sid}/calls"] < calls.count  # the lookback, the new calls and the sweep's pages
+    for stream in ("calls", "messages"):
+        assert loaded(project, stream) == truth(sandbox, stream)
 
 
 def test_injected_429_5xx_and_truncation_leave_identical_tables(emulator: Any, api_project: Any) -> None:
@@ -186,15 +269,15 @@ def test_several_accounts_load_into_their_own_schemas_with_their_own_state(emula
     assert all(r.ok for r in project.run())
     assert project.query("SELECT DISTINCT account_sid, channel_name FROM acme.calls") == [(sid_a, "acme")]
     assert project.query("SELECT DISTINCT account_sid, channel_name FROM globex.calls") == [(sid_b, "globex")]
-    assert db_calls(project, "acme") == expected_calls(sandbox, 0)
-    assert db_calls(project, "globex") == expected_calls(sandbox, 1)
+    assert loaded(project, "calls", "acme") == truth(sandbox, "calls", 0)
+    assert loaded(project, "calls", "globex") == truth(sandbox, "calls", 1)
     states = {(r[0], r[1]) for r in project.states()}
     assert states == {("acme", "calls"), ("acme", "recordings"), ("globex", "calls"), ("globex", "recordings")}
 
-    sandbox.list(sid_b, "calls").add(7)  # only the second account gets new data
+    sandbox.advance(DAY)  # both accounts get new calls; only the second is loaded
     sandbox.reset_stats()
     assert all(r.ok for r in project.run(sources=["globex"]))
-    assert project.query("SELECT count(*) FROM globex.calls") == [(407,)]
+    assert loaded(project, "calls", "globex") == truth(sandbox, "calls", 1)
     assert project.query("SELECT count(*) FROM acme.calls") == [(400,)]
     assert set(sandbox.served) <= {f"{sid_b}/calls", f"{sid_b}/recordings"}
 
@@ -204,7 +287,7 @@ def make_source(server: Any, sandbox: emu.TwilioSandbox, **extra: Any) -> Twilio
     return TwilioSource("tw", config, Context())
 
 
-def test_backfill_windows_are_contiguous_and_end_open() -> None:
+def test_windows_are_contiguous_end_open_and_split_a_short_range_for_concurrency() -> None:
     config = parse_config({"sources": {"tw": {
         "type": "twilio", "account_sid": "AC" + "0" * 32, "auth_token": "x" * 32, "start_date": "2026-01-01",
         "window_days": 7, "lookback_days": 2}}}).sources["tw"]
@@ -213,9 +296,16 @@ def test_backfill_windows_are_contiguous_and_end_open() -> None:
     windows = stream.windows(None, today)
     assert windows[0][0] == date(2026, 1, 1) and windows[-1][1] is None
     assert all(a[1] == b[0] for a, b in zip(windows, windows[1:], strict=False))
-    assert stream.windows({"bookmark": "2026-01-29T10:00:00+00:00"}, today) == [(date(2026, 1, 27), None)]
+    assert {b - a for a, b in windows[:-1]} == {timedelta(days=7)}  # a backfill: window_days
+    # a daily run re-reads 2 days before the bookmark: one window per day, fetched at once
+    assert stream.windows({"bookmark": "2026-01-29T10:00:00+00:00"}, today) == [
+        (date(2026, 1, 27), date(2026, 1, 28)), (date(2026, 1, 28), date(2026, 1, 29)),
+        (date(2026, 1, 29), date(2026, 1, 30)), (date(2026, 1, 30), None)]
     params = stream.params(windows[0])
     assert params == {"StartTime>": "2026-01-01", "StartTime<": "2026-01-08", "PageSize": "1000"}
+    recordings = TwilioSource("tw", config).streams()[2]
+    assert recordings.params(windows[-1]) == {"DateCreated>": windows[-1][0].isoformat(), "PageSize": "1000",
+                                              "IncludeSoftDeleted": "true"}
 
 
 def test_checkpoints_never_run_ahead_of_loaded_windows(emulator: Any) -> None:
@@ -225,6 +315,7 @@ def test_checkpoints_never_run_ahead_of_loaded_windows(emulator: Any) -> None:
     source = make_source(server, sandbox, window_days=1, max_concurrency=8, page_size=50, checkpoint_rows=1000)
     stream = source.streams()[0]
     calls = sandbox.list(sandbox.credentials()[0][0], "calls")
+    cursors = {calls.sid(i): calls.meta(i)[0] for i in range(calls.count)}
 
     async def collect() -> list[tuple[set[str], str | None]]:
         yielded: set[str] = set()
@@ -244,38 +335,68 @@ def test_checkpoints_never_run_ahead_of_loaded_windows(emulator: Any) -> None:
     for yielded, bookmark in checkpoints:
         if bookmark is not None:
             limit = int(datetime.fromisoformat(bookmark).timestamp())
-            covered = {calls.sid(i) for i in range(calls.count) if calls.time(i) <= limit}
-            assert covered <= yielded
+            assert {s for s, c in cursors.items() if c is not None and c <= limit} <= yielded
     final_yielded, final_bookmark = checkpoints[-1]
-    assert len(final_yielded) == 3000
-    assert int(datetime.fromisoformat(final_bookmark).timestamp()) == max(map(calls.time, range(calls.count)))
+    assert final_yielded == set(cursors)  # the ones without a start_time too
+    assert int(datetime.fromisoformat(final_bookmark).timestamp()) == max(c for c in cursors.values() if c)
+
+
+def test_the_emulator_filters_like_twilio(emulator: Any) -> None:
+    """Null dates never match a date filter; `Status` filters calls; soft-deleted recordings need
+    IncludeSoftDeleted; `DateSent<=` includes its day, `StartTime<=` does not; a bad Status is a 400."""
+    server, sandbox = start_twilio(emulator, size=3000)
+    sid, token = sandbox.credentials()[0]
+
+    def sids(resource: str, **params: str) -> list[str]:
+        found, url = [], f"/2010-04-01/Accounts/{sid}/{resource}.json"
+        with httpx.Client(base_url=server.url, auth=(sid, token)) as client:
+            next_uri: str | None = url
+            query: dict[str, str] | None = {**params, "PageSize": "200"}
+            while next_uri:
+                page = client.get(next_uri, params=query).raise_for_status().json()
+                found += [r["sid"] for r in page[resource.lower()]]
+                next_uri, query = page["next_page_uri"], None
+        return found
+
+    calls, messages = sandbox.list(sid, "calls"), sandbox.list(sid, "messages")
+    day = (END - timedelta(days=3)).date()
+    start = int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp())
+    started = {calls.sid(i) for i in range(calls.count) if (calls.meta(i)[0] or 0) >= start}
+    assert set(sids("Calls", **{"StartTime>": day.isoformat()})) == started
+    canceled = sids("Calls", Status="canceled")
+    assert canceled and all(calls.record(calls.index_of(s) or 0)["start_time"] is None for s in canceled)
+    assert not set(canceled) & set(sids("Calls", **{"StartTime<": END.date().isoformat()}))
+    sent_that_day = {messages.sid(i) for i in range(messages.count)
+                     if start <= (messages.meta(i)[0] or 0) < start + DAY}
+    assert sent_that_day and set(sids("Messages", **{"DateSent<": day.isoformat(), "DateSent>": day.isoformat()})) \
+        == sent_that_day  # "on and before": the day itself
+    assert not set(sids("Calls", **{"StartTime<": day.isoformat(), "StartTime>": day.isoformat()}))
+    everything, listed = sids("Recordings", IncludeSoftDeleted="true"), sids("Recordings")
+    recordings = sandbox.list(sid, "recordings")
+    deleted = {s for s in everything if recordings.record(recordings.index_of(s) or 0)["status"] == "deleted"}
+    assert deleted and set(listed) == set(everything) - deleted
+    response = httpx.get(f"{server.url}/2010-04-01/Accounts/{sid}/Calls.json", params={"Status": "done"},
+                         auth=(sid, token))
+    assert response.status_code == 400 and response.json()["code"] == 20001
 
 
 @pytest.mark.parametrize("value", ["AC123", "XX" + "0" * 32])
 def test_account_sid_is_validated(value: str) -> None:
-    from floe.errors import ConfigError
-
     with pytest.raises(ConfigError, match="sources.tw.account_sid"):
         parse_config({"sources": {"tw": {"type": "twilio", "account_sid": value, "auth_token": "secret-token",
                                          "start_date": "2026-01-01"}}})
 
 
-DATES = ["Fri, 18 Oct 2019 17:00:00 +0000", "Thu, 29 Feb 2024 23:59:59 -0530", "Mon, 01 Jan 1900 00:00:00 +1400",
-         "Sat, 31 Dec 2050 12:34:56 +0000", None]
+RFC_DATES = ["Fri, 18 Oct 2019 17:00:00 +0000", "Thu, 29 Feb 2024 23:59:59 -0530", "Mon, 01 Jan 1900 00:00:00 +1400",
+             "Sat, 31 Dec 2050 12:34:56 +0000", None]
 
 
 @pytest.mark.parametrize("extra", [[], ["Fri, 8 Oct 2019 17:00:00 +0000"], ["Tue, 18 Oct 2019 17:00:00 GMT"]],
                          ids=["fixed-layout", "one-digit-day", "named-zone"])
 def test_rfc2822_dates_parse_like_the_email_module(extra: list[str]) -> None:
     """The fast fixed-layout decoder and strptime (any other layout) agree with email.utils, nulls stay null."""
-    import pyarrow as pa
-
-    from floe.sources.twilio import parse_rfc2822
-
-    values = DATES + extra
+    values = RFC_DATES + extra
     if extra == ["Tue, 18 Oct 2019 17:00:00 GMT"]:  # strptime's %z does not read zone names: a clear error
-        from floe.errors import SourceError
-
         with pytest.raises(SourceError, match="Twilio field date_created: unexpected date format"):
             parse_rfc2822(pa.array(values), "date_created")
         return
@@ -287,10 +408,5 @@ def test_rfc2822_dates_parse_like_the_email_module(extra: list[str]) -> None:
 @pytest.mark.parametrize("bad", ["Fri, 18 Oct 2019 24:00:00 +0000", "Fri, 18 Oct 2019 17:60:00 +0000",
                                  "Fri, 18 Okt 2019 17:00:00 +0000", "Xyz, 18 Oct 2019 17:00:00 +0000"])
 def test_impossible_rfc2822_dates_are_errors_not_wrong_timestamps(bad: str) -> None:
-    import pyarrow as pa
-
-    from floe.errors import SourceError
-    from floe.sources.twilio import parse_rfc2822
-
     with pytest.raises(SourceError, match="Twilio field start_time"):
-        parse_rfc2822(pa.array([DATES[0], bad]), "start_time")
+        parse_rfc2822(pa.array([RFC_DATES[0], bad]), "start_time")

@@ -1,28 +1,35 @@
 """A local Twilio emulator: REST API 2010-04-01 lists and Pricing v1 phone-number countries.
 
-Faithful to the facts in shared/reference/twilio_singular.md §2: Basic auth AccountSid:AuthToken,
-the flat v2010 envelope with a relative `next_page_uri` (`PageSize` 1..1000, default 50, `Page`,
-`PageToken`), newest first, date filters (`StartTime>=`, `StartTime<=`, `StartTime=`; `DateSent…`;
-`DateCreated…`; dates `YYYY-MM-DD` UTC, `>=` from midnight on, `<=` before midnight), RFC 2822
-dates, string durations/prices, Twilio error bodies (401 code 20003, 404 code 20404, 429 code
+Faithful to the facts in shared/reference/twilio_singular.md §2 and Twilio's OpenAPI examples:
+Basic auth AccountSid:AuthToken, the flat v2010 envelope with a relative `next_page_uri`
+(`PageSize` 1..1000, default 50, `Page`, `PageToken`), newest first, RFC 2822 dates, string
+durations/prices, Twilio error bodies (400 code 20001, 401 code 20003, 404 code 20404, 429 code
 20429), and the Pricing v1 `meta` envelope with absolute `next_page_url`.
 
-Data is a pure function of (seed, size, days, end): record `i` of a list is generated on demand,
-times increase with `i`, so a date filter is a binary search and a page is a slice. Rendered JSON
-is cached per chunk of records, so serving a million records costs one render. Records change
-after the fact: calls and messages in the last hour before `end` are still in progress (no price,
-no end time); `settle()` (or `POST /_sandbox/twilio/{sid}/{kind}/settle?last=N`) completes them,
-`add()` (or `.../add?count=N`) appends newer records.
+Filters: `StartTime`/`EndTime` (Calls), `DateSent` (Messages), `DateCreated` (Recordings), each as
+`X=day`, `X>=from` and `X<=to`, with a `YYYY-MM-DD` day or a date-time in the spellings of the
+spec's examples (`2019-06-11 22:05:25.000`, `06/11/2019 22:05:25 MST`, RFC 2822). `>=` is "on or
+after", `<=` is "before" (Calls, Recordings) or "on and before" (Messages), as the spec's parameter
+descriptions say. A date filter never returns a record whose date is null (a call that never
+started, a message never sent). Calls also filter by `Status`; Recordings list soft-deleted ones
+only with `IncludeSoftDeleted=true`. Other parameters (`To`, `From`, ...) are accepted and ignored.
+
+The data (see `twilio_data`) is a pure function of (seed, size, days, end) and of the sandbox clock,
+which starts at `end`: `TwilioSandbox.advance(seconds)` (or `POST /_sandbox/twilio/advance?seconds=N`)
+moves it on, so newer records appear and existing ones change (status, price, duration) as their
+timelines say.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import threading
 from collections import Counter
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -33,277 +40,29 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from floe.sandbox.faults import FaultMiddleware, Faults
+from floe.sandbox.twilio_data import (
+    API_VERSION,
+    CALL_STATUSES,
+    CURSOR_LAG,
+    DAY,
+    Clock,
+    ListFilter,
+    ListResource,
+    hash_kind,
+    mix,
+    rfc2822,
+)
 
-M64 = (1 << 64) - 1
-CHUNK = 1000
-API_VERSION = "2010-04-01"
-_DAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+__all__ = ["TwilioSandbox", "create_app", "describe", "hash_kind", "mix", "rfc2822"]
 
-
-def mix(x: int) -> int:
-    """splitmix64: a cheap, well-spread hash of an integer."""
-    x = (x + 0x9E3779B97F4A7C15) & M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & M64
-    return x ^ (x >> 31)
-
-
-_day_prefix: dict[int, str] = {}
-
-
-def rfc2822(ts: int | None) -> str | None:
-    """Epoch seconds -> Twilio's RFC 2822 form, e.g. 'Fri, 18 Oct 2019 17:00:00 +0000'."""
-    if ts is None:
-        return None
-    day, sec = divmod(ts, 86400)
-    prefix = _day_prefix.get(day)
-    if prefix is None:
-        d = datetime.fromtimestamp(day * 86400, UTC)
-        prefix = _day_prefix[day] = f"{_DAY_NAMES[d.weekday()]}, {d.day:02d} {_MONTHS[d.month - 1]} {d.year} "
-    h, rem = divmod(sec, 3600)
-    return f"{prefix}{h:02d}:{rem // 60:02d}:{rem % 60:02d} +0000"
-
-
-def parse_day(value: str) -> int:
-    """'YYYY-MM-DD' (or an ISO date-time) -> epoch seconds of that UTC midnight (or instant)."""
-    text = value.strip()
-    if len(text) == 10:
-        return int(datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC).timestamp())
-    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return int((dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp())
-
-
-def _phone(h: int) -> str:
-    return f"+1{415 + h % 300}555{(h >> 12) % 10000:04d}"
-
-
-def _sid(prefix: str, h: int, i: int) -> str:
-    return f"{prefix}{h & 0xFFFFFFFFFFFF:012x}{i:020x}"
-
-
-CALL_STATUSES = ("completed",) * 14 + ("busy", "failed", "no-answer", "canceled")
-CALL_DIRECTIONS = ("inbound", "outbound-api", "outbound-api", "outbound-dial")
-MSG_STATUSES = ("delivered",) * 10 + ("sent", "received", "undelivered", "failed")
-MSG_DIRECTIONS = ("inbound", "outbound-api", "outbound-api", "outbound-reply")
-BODIES = ("Your code is 123456", "See you at 5?", "Order #8812 has shipped", "Zoë says héllo 👋",
-          "Reply STOP to unsubscribe", "", "ok")
-CALLER_NAMES = (None, None, None, "JANE DOE", "Zoë Ångström", "ACME CORP")
-
-
-@dataclass
-class ListResource:
-    """One list (Calls, Messages, Recordings, IncomingPhoneNumbers) of one account."""
-
-    kind: str  # calls | messages | recordings | incoming_phone_numbers
-    account_sid: str
-    seed: int
-    base_count: int
-    start: int  # epoch seconds of the first record
-    end: int  # epoch seconds: records after end - 3600 are still in progress until settled
-    count: int = 0
-    overrides: dict[int, dict[str, Any]] = field(default_factory=dict)
-    cache: dict[int, tuple[bytes, list[int]]] = field(default_factory=dict)
-    cache_chunks: int = 2000
-
-    def __post_init__(self) -> None:
-        self.count = self.base_count
-        self.step = max(1, (self.end - self.start) // max(1, self.base_count))
-        self.salt = mix(self.seed * 7919 + hash_kind(self.kind))
-
-    # --- time axis (monotone in i) --------------------------------------------------------
-    def time(self, i: int) -> int:
-        return self.start + i * self.step + mix(self.salt ^ i) % self.step
-
-    def first_at_or_after(self, ts: int) -> int:
-        lo, hi = 0, self.count
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if self.time(mid) < ts:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo
-
-    # --- records --------------------------------------------------------------------------
-    def record(self, i: int) -> dict[str, Any]:
-        h = mix(self.salt + i)
-        t = self.time(i)
-        rec = getattr(self, f"_{self.kind}")(i, h, t, settled=t <= self.end - 3600)
-        extra = self.overrides.get(i)
-        if extra:
-            rec.update(extra)
-        return rec
-
-    def sid(self, i: int) -> str:
-        prefix = {"calls": "CA", "messages": "SM", "recordings": "RE", "incoming_phone_numbers": "PN"}[self.kind]
-        return _sid(prefix, mix(self.salt + i), i)
-
-    def index_of(self, sid: str) -> int | None:
-        try:
-            i = int(sid[14:], 16)
-        except ValueError:
-            return None
-        return i if 0 <= i < self.count and self.sid(i) == sid else None
-
-    def _uri(self, name: str, sid: str) -> str:
-        return f"/{API_VERSION}/Accounts/{self.account_sid}/{name}/{sid}.json"
-
-    def _calls(self, i: int, h: int, t: int, settled: bool) -> dict[str, Any]:
-        sid = _sid("CA", h, i)
-        direction = CALL_DIRECTIONS[(h >> 5) % 4]
-        status = CALL_STATUSES[(h >> 9) % len(CALL_STATUSES)] if settled else "in-progress"
-        answered = status == "completed"
-        duration = (h >> 14) % 900 + 1 if answered else 0
-        to, frm = _phone(h >> 20), _phone(h >> 34)
-        return {
-            "sid": sid, "date_created": rfc2822(t - 2), "date_updated": rfc2822(t + duration + 1 if settled else t),
-            "parent_call_sid": _sid("CA", h >> 3, i + 1) if direction == "outbound-dial" else None,
-            "account_sid": self.account_sid, "to": to, "to_formatted": to, "from": frm, "from_formatted": frm,
-            "phone_number_sid": _sid("PN", h >> 7, (h >> 40) % 50), "status": status,
-            "start_time": rfc2822(t), "end_time": rfc2822(t + duration) if settled else None,
-            "duration": str(duration) if settled else None,
-            "price": f"-{((h >> 24) % 400 + 1) / 1000:.5f}" if settled and answered else None,
-            "price_unit": "USD", "direction": direction,
-            "answered_by": ("human", "machine_start", None, None)[(h >> 44) % 4] if answered else None,
-            "api_version": API_VERSION, "forwarded_from": _phone(h >> 50) if (h >> 48) % 16 == 0 else None,
-            "group_sid": None, "caller_name": CALLER_NAMES[(h >> 52) % len(CALLER_NAMES)],
-            "queue_time": str((h >> 56) % 30), "trunk_sid": None, "uri": self._uri("Calls", sid),
-            "subresource_uris": {"recordings": self._uri("Calls", sid)[:-5] + "/Recordings.json"},
-        }
-
-    def _messages(self, i: int, h: int, t: int, settled: bool) -> dict[str, Any]:
-        sid = _sid("SM", h, i)
-        direction = MSG_DIRECTIONS[(h >> 5) % 4]
-        status = MSG_STATUSES[(h >> 9) % len(MSG_STATUSES)] if settled else "sent"
-        body = BODIES[(h >> 14) % len(BODIES)]
-        failed = status in ("failed", "undelivered")
-        return {
-            "body": body, "num_segments": str(1 + len(body) // 160), "direction": direction,
-            "from": _phone(h >> 20), "to": _phone(h >> 34), "date_updated": rfc2822(t + (5 if settled else 0)),
-            "price": f"-{((h >> 24) % 90 + 1) / 10000:.5f}" if settled else None,
-            "error_message": "Unknown destination handset" if failed else None,
-            "uri": self._uri("Messages", sid), "account_sid": self.account_sid,
-            "num_media": str((h >> 44) % 3 if (h >> 46) % 8 == 0 else 0), "status": status,
-            "messaging_service_sid": None, "sid": sid, "date_sent": rfc2822(t), "date_created": rfc2822(t - 1),
-            "error_code": 30006 if failed else None, "price_unit": "USD", "api_version": API_VERSION,
-            "subresource_uris": {"media": self._uri("Messages", sid)[:-5] + "/Media.json"},
-        }
-
-    def _recordings(self, i: int, h: int, t: int, settled: bool) -> dict[str, Any]:
-        sid = _sid("RE", h, i)
-        duration = (h >> 14) % 600 + 1
-        return {
-            "account_sid": self.account_sid, "api_version": API_VERSION, "call_sid": _sid("CA", h >> 3, i),
-            "conference_sid": None, "date_created": rfc2822(t), "date_updated": rfc2822(t + duration + 3),
-            "start_time": rfc2822(t - duration), "duration": str(duration), "sid": sid,
-            "price": f"-{((h >> 24) % 50 + 1) / 1000:.4f}" if settled else None, "price_unit": "USD",
-            "status": "completed" if settled else "processing", "channels": 1 + (h >> 30) % 2,
-            "source": ("DialVerb", "RecordVerb", "OutboundAPI", "StartCallRecordingAPI")[(h >> 33) % 4],
-            "error_code": None, "uri": self._uri("Recordings", sid), "encryption_details": None,
-            "subresource_uris": {}, "media_url": f"https://api.twilio.com{self._uri('Recordings', sid)[:-5]}",
-        }
-
-    def _incoming_phone_numbers(self, i: int, h: int, t: int, settled: bool) -> dict[str, Any]:
-        sid = _sid("PN", h, i)
-        number = _phone(h >> 8)
-        return {
-            "account_sid": self.account_sid, "address_requirements": ("none", "any", "local")[h % 3],
-            "address_sid": None, "api_version": API_VERSION, "beta": False,
-            "capabilities": {"voice": True, "sms": True, "mms": (h >> 3) % 2 == 0, "fax": False},
-            "date_created": rfc2822(t), "date_updated": rfc2822(t + 86400), "emergency_status": "Inactive",
-            "friendly_name": f"({number[2:5]}) {number[5:8]}-{number[8:]}", "identity_sid": None,
-            "origin": "twilio", "phone_number": number, "sid": sid, "sms_application_sid": None,
-            "sms_fallback_method": "POST", "sms_fallback_url": None, "sms_method": "POST",
-            "sms_url": f"https://example.com/sms/{i}", "status_callback": None, "status_callback_method": "POST",
-            "trunk_sid": None, "uri": self._uri("IncomingPhoneNumbers", sid), "voice_receive_mode": "voice",
-            "voice_application_sid": None, "voice_caller_id_lookup": (h >> 5) % 2 == 0,
-            "voice_fallback_method": "POST", "voice_fallback_url": None, "voice_method": "POST",
-            "voice_url": f"https://example.com/voice/{i}", "status": "in-use", "type": "local",
-        }
-
-    # --- rendering with a chunk cache -----------------------------------------------------------
-    # A chunk is CHUNK consecutive records rendered newest first into ONE bytes object plus the start
-    # offset of each record, so a page is one or two slices. (Keeping orjson's per-record bytes alive
-    # instead costs ~8x the JSON size in memory.)
-    def chunk(self, c: int) -> tuple[bytes, list[int]]:
-        cached = self.cache.get(c)
-        if cached is None:
-            first, last = c * CHUNK, min(self.count, (c + 1) * CHUNK)
-            encoded = [orjson.dumps(self.record(j)) for j in range(last - 1, first - 1, -1)]
-            starts, pos = [], 0
-            for item in encoded:
-                starts.append(pos)
-                pos += len(item) + 1
-            starts.append(pos)
-            cached = (b",".join(encoded), starts)
-            if len(self.cache) >= self.cache_chunks:
-                self.cache.pop(next(iter(self.cache)))
-            self.cache[c] = cached
-        return cached
-
-    def page_items(self, hi: int, lo: int) -> bytes:
-        """JSON array text of records hi-1 down to lo (newest first)."""
-        parts: list[bytes] = []
-        i = hi - 1
-        while i >= lo:
-            c = i // CHUNK
-            blob, starts = self.chunk(c)
-            last = min(self.count, (c + 1) * CHUNK) - 1  # the chunk's newest index, at position 0
-            first = max(lo, c * CHUNK)
-            parts.append(blob[starts[last - i]: starts[last - first + 1] - 1])
-            i = first - 1
-        return b"[" + b",".join(parts) + b"]"
-
-    def prerender(self) -> None:
-        for c in range(0, (self.count + CHUNK - 1) // CHUNK):
-            self.chunk(c)
-
-    # --- changes after the fact -------------------------------------------------------------------
-    def _invalidate(self, i: int) -> None:
-        self.cache.pop(i // CHUNK, None)
-
-    def update(self, i: int, **fields_: Any) -> None:
-        self.overrides.setdefault(i, {}).update(fields_)
-        self._invalidate(i)
-
-    def settle(self, last: int, now: int | None = None) -> list[int]:
-        """Complete the newest `last` records still in progress (status, price, duration, end time change)."""
-        changed = []
-        now = now or self.end + 7200
-        for i in range(max(0, self.count - last), self.count):
-            rec = self.record(i)
-            if self.kind == "calls" and rec["status"] == "in-progress":
-                h = mix(self.salt + i)
-                duration = (h >> 14) % 900 + 1
-                t = self.time(i)
-                self.update(i, status="completed", duration=str(duration), end_time=rfc2822(t + duration),
-                            price=f"-{((h >> 24) % 400 + 1) / 1000:.5f}", date_updated=rfc2822(now))
-                changed.append(i)
-            elif self.kind in ("messages", "recordings") and rec["price"] is None:
-                h = mix(self.salt + i)
-                status = "delivered" if self.kind == "messages" else "completed"
-                self.update(i, status=status, price=f"-{((h >> 24) % 90 + 1) / 10000:.5f}",
-                            date_updated=rfc2822(now))
-                changed.append(i)
-        return changed
-
-    def add(self, count: int) -> None:
-        """Append `count` newer records (times continue after the newest one)."""
-        self._invalidate(self.count - 1)
-        self.count += count
-
-
-def hash_kind(kind: str) -> int:
-    return int.from_bytes(hashlib.blake2b(kind.encode(), digest_size=8).digest(), "big")
-
-
-KINDS = {  # URL name -> (kind, items key, date filter parameter)
-    "Calls": ("calls", "calls", "StartTime"),
-    "Messages": ("messages", "messages", "DateSent"),
-    "Recordings": ("recordings", "recordings", "DateCreated"),
-    "IncomingPhoneNumbers": ("incoming_phone_numbers", "incoming_phone_numbers", None),
+KINDS = {  # URL name -> (kind, items key, date filter parameter, whether "X<" includes the day)
+    "Calls": ("calls", "calls", "StartTime", False),
+    "Messages": ("messages", "messages", "DateSent", True),
+    "Recordings": ("recordings", "recordings", "DateCreated", False),
+    "IncomingPhoneNumbers": ("incoming_phone_numbers", "incoming_phone_numbers", None, False),
 }
+ZONES = {"UTC": 0, "GMT": 0, "Z": 0, "EST": -5, "EDT": -4, "CST": -6, "CDT": -5, "MST": -7, "MDT": -6,
+         "PST": -8, "PDT": -7}
 
 
 @dataclass
@@ -343,7 +102,7 @@ def country_prices(seed: int, iso: str) -> list[dict[str, str]]:
 
 
 class TwilioSandbox:
-    """The emulator's state: accounts with their lists, the pricing catalogue, request statistics."""
+    """The emulator's state: accounts with their lists, the clock, the pricing catalogue, request statistics."""
 
     def __init__(self, seed: int = 1, size: int = 1000, days: int = 30, end: str | None = None,
                  accounts: int = 1, numbers: int | None = None, cache_chunks: int = 2000) -> None:
@@ -354,6 +113,7 @@ class TwilioSandbox:
         self.seed = seed
         self.end = int(end_dt.timestamp())
         self.start = int((end_dt - timedelta(days=days)).timestamp())
+        self.clock = Clock(self.end)
         self.lock = threading.Lock()
         self.accounts: dict[str, Account] = {}
         self.served: Counter[str] = Counter()  # "<account>/<kind>" -> records served
@@ -363,9 +123,18 @@ class TwilioSandbox:
         for k in range(accounts):
             digest = hashlib.sha256(f"twilio-sandbox:{seed}:{k}".encode()).hexdigest()
             sid, token = "AC" + digest[:32], digest[32:64]
-            lists = {kind: ListResource(kind, sid, seed * 1000 + k, n, self.start, self.end, cache_chunks=cache_chunks)
+            lists = {kind: ListResource(kind, sid, seed * 1000 + k, n, self.end, days, self.clock, cache_chunks)
                      for kind, n in counts.items()}
             self.accounts[sid] = Account(sid, token, lists)
+
+    @property
+    def now(self) -> int:
+        return self.clock.now
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock on: newer records appear, existing ones change as their timelines say."""
+        with self.lock:
+            self.clock.now += int(seconds)
 
     def credentials(self) -> list[tuple[str, str]]:
         return [(a.sid, a.token) for a in self.accounts.values()]
@@ -376,6 +145,39 @@ class TwilioSandbox:
     def reset_stats(self) -> None:
         self.served.clear()
         self.requests.clear()
+
+
+def parse_when(value: str) -> tuple[int, bool]:
+    """A date filter value -> (epoch seconds, whether it was a bare day). Raises ValueError."""
+    text = value.strip()
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        return int(datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC).timestamp()), True
+    match = re.fullmatch(r"(\d{2}/\d{2}/\d{4} \d{2}:\d{2}:\d{2}) ([A-Z]{1,4})", text)
+    if match and match.group(2) in ZONES:  # 06/11/2019 22:05:25 MST
+        zone = timezone(timedelta(hours=ZONES[match.group(2)]))
+        return int(datetime.strptime(match.group(1), "%m/%d/%Y %H:%M:%S").replace(tzinfo=zone).timestamp()), False
+    if text[:3].isalpha():  # Wed, 19 Jun 2019 22:04:00 -0000
+        try:
+            return int(parsedate_to_datetime(text).timestamp()), False
+        except (TypeError, ValueError, IndexError):
+            raise ValueError(text) from None
+    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))  # 2019-06-11 22:05:25.000, ISO 8601
+    return int((parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()), False
+
+
+def date_bounds(q: Any, name: str, inclusive_before: bool) -> tuple[int | None, int | None]:
+    """[from, to) epoch bounds of a date filter given as `name=`, `name>=` and `name<=` (to: exclusive)."""
+    lo = hi = None
+    if (v := q.get(name + ">")) is not None:
+        lo, _ = parse_when(v)
+    if (v := q.get(name + "<")) is not None:
+        hi, day = parse_when(v)
+        if inclusive_before:
+            hi += DAY if day else 1
+    if (v := q.get(name)) is not None:
+        day_start, _ = parse_when(v)
+        lo, hi = max(lo or day_start, day_start), min(hi or day_start + DAY, day_start + DAY)
+    return lo, hi
 
 
 def twilio_error(status: int, message: str | None = None, code: int | None = None) -> dict[str, Any]:
@@ -435,6 +237,21 @@ def create_app(seed: int = 1, size: int = 1000, days: int = 30, end: str | None 
         account = sandbox.accounts.get(user)
         return account if account is not None and account.token == password else None
 
+    def list_filter(kind: str, date_param: str | None, inclusive: bool, q: Any) -> ListFilter | Response:
+        keep = ListFilter(include_deleted=q.get("IncludeSoftDeleted", "").lower() == "true")
+        try:
+            if date_param:
+                keep.cursor_from, keep.cursor_to = date_bounds(q, date_param, inclusive)
+            if kind == "calls":
+                keep.end_from, keep.end_to = date_bounds(q, "EndTime", False)
+        except ValueError:
+            return _error(400, f"Invalid {date_param} filter: dates are YYYY-MM-DD")
+        if kind == "calls" and (status := q.get("Status")) is not None:
+            if status not in CALL_STATUSES:
+                return _error(400, f"Invalid Status {status!r}: one of {', '.join(CALL_STATUSES)}")
+            keep.status = status
+        return keep
+
     async def list_resource(request: Request) -> Response:
         caller = authenticate(request)
         if caller is None:
@@ -442,41 +259,32 @@ def create_app(seed: int = 1, size: int = 1000, days: int = 30, end: str | None 
         sid, name = request.path_params["sid"], request.path_params["resource"]
         if name not in KINDS or sid != caller.sid:
             return _error(404, f"The requested resource {request.url.path} was not found")
-        kind, key, date_param = KINDS[name]
+        kind, key, date_param, inclusive = KINDS[name]
         q = request.query_params
         paging = _paging(q)
         if isinstance(paging, Response):
             return paging
         page_size, page = paging
+        keep = list_filter(kind, date_param, inclusive, q)
+        if isinstance(keep, Response):
+            return keep
         with sandbox.lock:
             lst = caller.lists[kind]
-            lo, hi = 0, lst.count
-            try:
-                if date_param:
-                    if (v := q.get(date_param + ">")) is not None:
-                        lo = max(lo, lst.first_at_or_after(parse_day(v)))
-                    if (v := q.get(date_param + "<")) is not None:
-                        hi = min(hi, lst.first_at_or_after(parse_day(v)))
-                    if (v := q.get(date_param)) is not None:
-                        day = parse_day(v)
-                        lo = max(lo, lst.first_at_or_after(day))
-                        hi = min(hi, lst.first_at_or_after(day + 86400))
-            except ValueError:
-                return _error(400, f"Invalid {date_param} filter: dates are YYYY-MM-DD")
-            top = hi  # exclusive upper index of this page (newest first)
+            floor = 0 if keep.cursor_from is None else lst.first_at_or_after(keep.cursor_from - CURSOR_LAG[kind])
+            top = lst.count if keep.cursor_to is None else lst.first_at_or_after(keep.cursor_to)
             token = q.get("PageToken")
             if token:
                 last = lst.index_of(token[2:]) if token.startswith("PA") else None
                 if last is None:
                     return _error(400, "Invalid PageToken")
-                top = min(hi, last)
-            else:
-                top = hi - page * page_size
-            bottom = max(lo, top - page_size)
-            items = lst.page_items(top, bottom) if top > bottom else b"[]"
-            n = max(0, top - bottom)
-            more = bottom > lo
-            next_token = "PA" + lst.sid(bottom) if more else None
+                top = min(top, last)
+            else:  # a page number without a token: skip the pages before it
+                for _ in range(page):
+                    _, _, last, more = lst.page(top, floor, page_size, keep)
+                    top = last if more else floor
+            items, n, last, more = lst.page(top, floor, page_size, keep)
+            next_token = "PA" + lst.sid(last) if more else None
+            previous_token = "PB" + lst.sid(top - 1) if page > 0 and n else None
             sandbox.served[f"{caller.sid}/{kind}"] += n
             if len(sandbox.requests) < 100_000:
                 sandbox.requests.append({"account": caller.sid, "kind": kind, "params": dict(q), "records": n})
@@ -492,8 +300,8 @@ def create_app(seed: int = 1, size: int = 1000, days: int = 30, end: str | None 
         start = page * page_size
         envelope = orjson.dumps({
             "end": start + max(0, n - 1), "first_page_uri": uri(0, None),
-            "next_page_uri": uri(page + 1, next_token) if more else None, "page": page,
-            "page_size": page_size, "previous_page_uri": uri(page - 1, "PB" + lst.sid(top - 1)) if page > 0 and n else None,
+            "next_page_uri": uri(page + 1, next_token) if more else None, "page": page, "page_size": page_size,
+            "previous_page_uri": uri(page - 1, previous_token) if previous_token else None,
             "start": start, "uri": uri(page, token),
         })
         body = b'{"' + key.encode() + b'":' + items + b"," + envelope[1:]
@@ -531,20 +339,13 @@ def create_app(seed: int = 1, size: int = 1000, days: int = 30, end: str | None 
         return _json({"country": names[iso], "iso_country": iso, "phone_number_prices": country_prices(seed, iso),
                       "price_unit": "USD", "url": f"{str(request.base_url).rstrip('/')}/v1/PhoneNumbers/Countries/{iso}"})
 
-    async def control(request: Request) -> Response:
-        action = request.path_params["action"]
-        sid, kind = request.path_params["sid"], request.path_params["kind"]
-        if sid not in sandbox.accounts or kind not in sandbox.accounts[sid].lists:
-            return JSONResponse({"error": "unknown account or list"}, 404)
-        lst = sandbox.list(sid, kind)
-        with sandbox.lock:
-            if action == "add":
-                lst.add(int(request.query_params.get("count", "10")))
-                return JSONResponse({"count": lst.count})
-            if action == "settle":
-                changed = lst.settle(int(request.query_params.get("last", "100")))
-                return JSONResponse({"settled": [lst.sid(i) for i in changed]})
-        return JSONResponse({"error": f"unknown action {action}"}, 404)
+    async def advance(request: Request) -> Response:
+        try:
+            seconds = float(request.query_params.get("seconds", "3600"))
+        except ValueError:
+            return JSONResponse({"error": "seconds must be a number"}, 400)
+        sandbox.advance(seconds)
+        return JSONResponse({"now": datetime.fromtimestamp(sandbox.now, UTC).isoformat()})
 
     async def prerender_pages(request: Request) -> Response:
         """Render (and cache) every call page now, so a benchmark measures the client, not the emulator."""
@@ -554,14 +355,15 @@ def create_app(seed: int = 1, size: int = 1000, days: int = 30, end: str | None 
         return JSONResponse({"ok": True})
 
     async def stats(request: Request) -> Response:
-        return JSONResponse({"served": dict(sandbox.served), "requests": len(sandbox.requests)})
+        pages = Counter(r["kind"] for r in sandbox.requests)
+        return JSONResponse({"served": dict(sandbox.served), "requests": len(sandbox.requests), "pages": pages})
 
     app = Starlette(routes=[
         Route(f"/{API_VERSION}/Accounts/{{sid}}/{{resource}}.json", list_resource),
         Route("/v1/PhoneNumbers/Countries", countries),
         Route("/v1/PhoneNumbers/Countries/{iso}", country),
         Route("/_sandbox/twilio/prerender", prerender_pages, methods=["POST"]),
-        Route("/_sandbox/twilio/{sid}/{kind}/{action}", control, methods=["POST"]),
+        Route("/_sandbox/twilio/advance", advance, methods=["POST"]),
         Route("/_sandbox/stats", stats),
     ])
     wrapped = FaultMiddleware(app, faults, lambda status: twilio_error(status))
