@@ -112,25 +112,21 @@ def test_the_full_example_pages_load_with_their_types(emulator: Any, api_project
     # Calls: page 2 of the example repeats page 1's two calls; they land once (merge on sid).
     calls = column_types(project, "calls")
     assert {calls[c] for c in ("date_created", "date_updated", "start_time", "end_time")} == {"TIMESTAMP WITH TIME ZONE"}
-    assert (calls["duration"], calls["queue_time"], calls["price"], calls["subresource_uris"]) == (
-        "BIGINT", "BIGINT", "VARCHAR", "JSON")
+    assert (calls["duration"], calls["queue_time"], calls["price"]) == ("BIGINT", "BIGINT", "VARCHAR")
     assert project.query(
         "SELECT sid, status, start_time, end_time, duration, queue_time, price, CAST(price AS DECIMAL(10, 5)), "
-        "price_unit, to_formatted, json_extract_string(subresource_uris, '$.recordings') FROM tw.calls ORDER BY sid"
+        "price_unit, to_formatted FROM tw.calls ORDER BY sid"
     ) == [
         ("CAaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa0", "completed", utc(2019, 10, 18, 16, 2), utc(2019, 10, 18, 16, 3), 3, 1000,
-         "-0.100", Decimal("-0.1"), "JPY", "(305) 191-3580",
-         "/2010-04-01/Accounts/ACaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa/Calls/CAaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa0/Recordings.json"),
+         "-0.100", Decimal("-0.1"), "JPY", "(305) 191-3580"),
         ("CAaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "completed", utc(2019, 10, 18, 17, 2), utc(2019, 10, 18, 17, 3), 4, 1000,
-         "-0.200", Decimal("-0.2"), "USD", "(305) 191-3581",
-         "/2010-04-01/Accounts/ACaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa/Calls/CAaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa/Recordings.json"),
+         "-0.200", Decimal("-0.2"), "USD", "(305) 191-3581"),
     ]
-    keys = project.query("SELECT json_keys(subresource_uris) FROM tw.calls LIMIT 1")[0][0]
-    assert len(keys) == 9 and "user_defined_message_subscriptions" in keys  # every sub-resource, nested as sent
+    assert not {"uri", "subresource_uris"} & set(calls)  # they follow from account_sid and sid (test below)
 
     messages = column_types(project, "messages")
-    assert (messages["date_sent"], messages["error_code"], messages["num_media"], messages["subresource_uris"]) == (
-        "TIMESTAMP WITH TIME ZONE", "BIGINT", "BIGINT", "JSON")
+    assert (messages["date_sent"], messages["error_code"], messages["num_media"]) == (
+        "TIMESTAMP WITH TIME ZONE", "BIGINT", "BIGINT")
     assert project.query("SELECT sid, status, date_sent, error_code, error_message, num_media, num_segments, price, "
                          "body_length FROM tw.messages ORDER BY sid") == [
         ("MMc26223853f8c46b4ab7dfaa6abba0a26", "received", utc(2019, 5, 24, 17, 44, 49), 30004, "Message blocked", 3,
@@ -158,6 +154,27 @@ def test_the_full_example_pages_load_with_their_types(emulator: Any, api_project
                          "FROM tw.pricing_phone_numbers ORDER BY number_type") == [
         ("United States", "US", "USD", "local", "1.00", "1.00"),
         ("United States", "US", "USD", "toll free", "2.00", "2.00")]
+
+
+def test_uri_and_subresource_uris_of_the_examples_follow_from_account_and_sid() -> None:
+    """Why floe does not store them: in every example record, `uri` is
+    `/2010-04-01/Accounts/<account_sid>/<List>/<sid>.json` and each link is `uri` without `.json`, then
+    `/<Name>.json` (e.g. `.../Calls/CA…/UserDefinedMessages.json`)."""
+    checked = 0
+    for path in sorted(FIXTURES.glob("*_list_*.json")):
+        document = json.loads(path.read_text())
+        list_name = urlsplit(document.get("uri", "")).path.rsplit("/", 1)[-1].removesuffix(".json")
+        for records in document.values():
+            if not isinstance(records, list) or not list_name:
+                continue
+            for record in records:
+                assert record["uri"] == f"/2010-04-01/Accounts/{record['account_sid']}/{list_name}/{record['sid']}.json"
+                for name, link in (record.get("subresource_uris") or {}).items():
+                    base, _, leaf = link.rpartition("/")
+                    assert base == record["uri"].removesuffix(".json"), (path.name, name)
+                    assert leaf.removesuffix(".json").lower() == name.replace("_", ""), (path.name, name)
+                    checked += 1
+    assert checked == 2 * 9 * 2 + 2 * 2 + 3 * 2  # calls (two pages of two), messages, recordings
 
 
 def test_a_soft_deleted_recording_replaces_the_loaded_one(emulator: Any, api_project: Any) -> None:
