@@ -203,18 +203,27 @@ def test_the_default_lookback_catches_late_changes_that_one_day_missed(emulator:
 def test_second_run_reads_only_the_lookback_and_new_records_and_merges(emulator: Any, api_project: Any) -> None:
     server, sandbox = start_twilio(emulator)
     sid = sandbox.credentials()[0][0]
-    project = api_project(tw=source_config(server, sandbox, streams=["calls", "messages"]))
+    project = api_project(tw=source_config(server, sandbox, streams=["calls", "messages"], page_size=100))
     assert all(r.ok for r in project.run())
-    calls = sandbox.list(sid, "calls")
-    bookmark = json.loads(dict((r[1], r[3]) for r in project.states())["calls"])["bookmark"]
+    calls, messages = sandbox.list(sid, "calls"), sandbox.list(sid, "messages")
+    states = {r[1]: json.loads(r[3]) for r in project.states()}
+    bookmark = states["calls"]["bookmark"]
+    assert datetime.fromisoformat(states["messages"]["swept_to"]) == max(ts(r["date_created"]) for r in
+                                                                         messages.records())
 
     sandbox.advance(6 * HOUR)  # new calls; existing ones end, get priced
     sandbox.reset_stats()
     assert all(r.ok for r in project.run())
-    since = (datetime.fromisoformat(bookmark) - timedelta(days=7)).date().isoformat()  # lookback_days: 7
+    first_day = (datetime.fromisoformat(bookmark) - timedelta(days=7)).date().isoformat()  # lookback_days: 7
     windows = [r["params"] for r in sandbox.requests if r["kind"] == "calls" and "StartTime>" in r["params"]]
-    assert windows and min(p["StartTime>"] for p in windows) == since
+    assert windows and min(p["StartTime>"] for p in windows) == first_day
     assert sandbox.served[f"{sid}/calls"] < calls.count  # the lookback, the new calls and the sweep's pages
+    # the messages' sweep reads what arrived since the previous sweep (an hour's margin), to the first
+    # page created entirely before that
+    since = datetime.fromisoformat(states["messages"]["swept_to"]) - timedelta(hours=1)
+    arrived = sum(1 for r in messages.records() if ts(r["date_created"]) >= since)  # type: ignore[operator]
+    swept = sum(r["records"] for r in sandbox.requests if r["kind"] == "messages" and "DateSent>" not in r["params"])
+    assert arrived <= swept <= arrived + 2 * 100
     for stream in ("calls", "messages"):
         assert loaded(project, stream) == truth(sandbox, stream)
 

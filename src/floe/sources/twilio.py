@@ -10,10 +10,11 @@ The last window is open-ended, so nothing newer than today is missed.
 A date filter never returns a row whose date is null: calls that never started (no `start_time`)
 and messages never sent (no `date_sent`). Each run first sweeps for them (`null_cursor_rows`): calls
 by `Status` (queued, canceled, failed), messages (whose list has no status filter) by reading the
-newest messages down to the date the windows start. Only rows without a cursor are kept from a sweep,
-and they are staged before the windows' rows, so a row that started meanwhile ends with its later state.
-A row that still may change (e.g. a scheduled message) keeps the next sweeps reaching back to it, for
-at most `PENDING_DAYS`.
+newest messages, down to the newest row the previous sweep saw (`swept_to`, Twilio's clock; on the
+first sweep, since `start_date`). Only rows without a cursor are kept from a sweep, and they are staged
+before the windows' rows, so a row that started meanwhile ends with its later state. A row that may
+still change (e.g. a scheduled message) keeps the next sweeps reaching back to it (`pending_since`),
+for at most `PENDING_DAYS`.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ STREAMS = ("calls", "messages", "recordings", "incoming_phone_numbers", "pricing
 BATCH_ROWS = 10_000  # pages are joined and converted in batches this big (20k: same CPU, ~35 MB more peak RSS)
 # Twilio schedules a message at most 35 days ahead: no row stays pending (without a cursor, not final) longer.
 PENDING_DAYS = 35
-SWEEP_MARGIN = timedelta(hours=1)  # lists are sorted by sid, "close to" but not exactly by date_created
+# Sweeps reach this much further back: lists are sorted by sid, "close to" but not exactly by
+# date_created, and Twilio's clock is not floe's.
+SWEEP_MARGIN = timedelta(hours=1)
 
 
 class TwilioConfig(SourceConfig):
@@ -189,14 +192,17 @@ class TwilioIncremental(Stream):
             params[f"{self.list.date_filter}<"] = window[1].isoformat()
         return params
 
-    def sweep_horizon(self, state: State | None, first_day: date) -> datetime:
-        """How far back (by date_created) this run sweeps: to the day the windows start, or to the
-        oldest row the previous sweep found still pending (at most PENDING_DAYS before)."""
-        start = datetime.combine(first_day, datetime.min.time(), UTC)
+    def sweep_horizon(self, state: State | None) -> datetime:
+        """How far back (by date_created) this run sweeps: to the newest row the previous sweep saw, or
+        to the oldest row it found still pending (at most PENDING_DAYS before); never swept: to start_date."""
+        swept = _moment(state, "swept_to")
+        if swept is None:
+            return datetime.combine(self.source.config.start_date, datetime.min.time(), UTC)
+        start = swept - SWEEP_MARGIN
         pending = _moment(state, "pending_since")
         if pending is not None:
-            start = max(min(start, pending), start - timedelta(days=PENDING_DAYS))
-        return start - SWEEP_MARGIN
+            start = max(min(start, pending - SWEEP_MARGIN), start - timedelta(days=PENDING_DAYS))
+        return start
 
     async def window(self, window: tuple[date, date | None]) -> AsyncIterator[pa.RecordBatch]:
         """The raw pages of one date window."""
@@ -204,18 +210,21 @@ class TwilioIncremental(Stream):
                                              self.parser, self.name):
             yield batch
 
-    async def sweep(self, params: dict[str, str], horizon: datetime) -> AsyncIterator[pa.RecordBatch]:
+    async def sweep(self, params: dict[str, str], horizon: datetime,
+                    newest: list[datetime]) -> AsyncIterator[pa.RecordBatch]:
         """The rows without a cursor among the newest rows of the list (converted), down to the first
-        page created entirely before `horizon`."""
+        page created entirely before `horizon`; appends the newest date_created seen to `newest`."""
         query = {**params, "PageSize": str(self.source.config.page_size), **self.list.params}
         what = f"{self.name} without {self.cursor_field}" + "".join(f", {k}={v}" for k, v in params.items())
         async with aclosing(self.source.pages(self.source.list_url(self.list.resource), query, self.parser,
                                               what)) as pages:
             async for raw in pages:
                 batch = self.parser.convert(raw)
+                top = pc.max(batch.column("date_created")).as_py()
+                if top is not None and not newest:
+                    newest.append(top)
                 yield batch.filter(pc.is_null(batch.column(self.cursor_field)))
-                newest = pc.max(batch.column("date_created")).as_py()
-                if newest is not None and newest < horizon:
+                if top is not None and top < horizon:
                     return
 
     def pending_since(self, batch: pa.RecordBatch) -> datetime | None:
@@ -226,11 +235,13 @@ class TwilioIncremental(Stream):
     async def read(self, state: State | None) -> AsyncIterator[Batch]:
         config = self.source.config
         windows = self.windows(state, datetime.now(UTC).date())
-        horizon = self.sweep_horizon(state, windows[0][0])
+        horizon = self.sweep_horizon(state)
         sweeps = self.list.sweeps if config.null_cursor_rows else ()
         # Sweeps first: their rows are staged before the windows', so a row that got its cursor
         # meanwhile ends with the windows' (later) state.
-        jobs: list[Job] = [*(partial(self.sweep, p, horizon) for p in sweeps), *(partial(self.window, w) for w in windows)]
+        newest: list[list[datetime]] = [[] for _ in sweeps]  # per sweep, the newest row it saw
+        jobs: list[Job] = [*(partial(self.sweep, p, horizon, seen) for p, seen in zip(sweeps, newest, strict=True)),
+                           *(partial(self.window, w) for w in windows)]
         done = dict(state) if state else {}  # the state once every job so far is loaded
         ahead = max(1, min(len(jobs), config.max_concurrency // 2 or 1))
         queues: list[asyncio.Queue[pa.RecordBatch | BaseException | None]] = []
@@ -292,8 +303,10 @@ class TwilioIncremental(Stream):
                 if k + ahead < len(jobs):
                     start(k + ahead)
                 batch = convert() if raw else None  # the window's last rows count for its bookmark
-                if swept and k == len(sweeps) - 1:
+                if swept and k == len(sweeps) - 1:  # rows created after those seen: the next sweep's
                     done = {key: value for key, value in done.items() if key != "pending_since"}
+                    if any(newest):
+                        done["swept_to"] = min(seen[0] for seen in newest if seen).isoformat()
                     if pending is not None:
                         done["pending_since"] = pending.isoformat()
                 elif not swept and best is not None:
