@@ -213,13 +213,18 @@ class ListResource:
     cache: dict[int, Chunk] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.step = max(1, int(self.days * DAY) // max(1, self.base_count))
-        self.origin = self.end - self.base_count * self.step
+        self.n = max(1, self.base_count)
+        self.span = max(1, int(self.days * DAY))
+        self.origin = self.end - self.span
         self.salt = mix(self.seed * 7919 + hash_kind(self.kind))
 
-    # --- time axis (monotone in i) ------------------------------------------------------------
+    # --- time axis (monotone in i; base_count records in the `days` before `end`, then the same rate) ---
+    def _slot(self, i: int) -> int:
+        return self.origin + i * self.span // self.n
+
     def time(self, i: int) -> int:
-        return self.origin + i * self.step + 1 + mix(self.salt ^ i) % self.step
+        slot, following = self._slot(i), self._slot(i + 1)
+        return slot + 1 + mix(self.salt ^ i) % max(1, following - slot)
 
     @property
     def start(self) -> int:
@@ -228,8 +233,13 @@ class ListResource:
     @property
     def count(self) -> int:
         """Records created at or before the clock."""
-        k = (self.clock.now - self.origin) // self.step
-        return 0 if k < 0 else k + (1 if self.time(k) <= self.clock.now else 0)
+        now = self.clock.now
+        k = max(0, (now - self.origin) * self.n // self.span)
+        while k > 0 and self.time(k - 1) > now:
+            k -= 1
+        while self.time(k) <= now:
+            k += 1
+        return k
 
     def first_at_or_after(self, ts: int) -> int:
         lo, hi = 0, self.count
