@@ -235,91 +235,108 @@ class TwilioIncremental(Stream):
     async def read(self, state: State | None) -> AsyncIterator[Batch]:
         config = self.source.config
         windows = self.windows(state, datetime.now(UTC).date())
-        horizon = self.sweep_horizon(state)
         sweeps = self.list.sweeps if config.null_cursor_rows else ()
-        # Sweeps first: their rows are staged before the windows', so a row that got its cursor
-        # meanwhile ends with the windows' (later) state.
+        horizon = self.sweep_horizon(state)
         newest: list[list[datetime]] = [[] for _ in sweeps]  # per sweep, the newest row it saw
         jobs: list[Job] = [*(partial(self.sweep, p, horizon, seen) for p, seen in zip(sweeps, newest, strict=True)),
                            *(partial(self.window, w) for w in windows)]
-        done = dict(state) if state else {}  # the state once every job so far is loaded
+        nsweeps = len(sweeps)
         ahead = max(1, min(len(jobs), config.max_concurrency // 2 or 1))
         queues: list[asyncio.Queue[pa.RecordBatch | BaseException | None]] = []
         tasks: list[asyncio.Task[None]] = []
+        getters: dict[asyncio.Task[Any], int] = {}  # a pending queue.get() per job being read
 
         async def fetch(job: Job, queue: asyncio.Queue[Any]) -> None:
             try:
                 async for batch in job():
                     await queue.put(batch)
                 await queue.put(None)
-            except Exception as exc:  # handed to the reader, which raises it in order
+            except Exception as exc:  # handed to the reader, which raises it
                 await queue.put(exc)
 
-        def start(k: int) -> None:
-            queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=4)
-            queues.append(queue)
-            tasks.append(asyncio.create_task(fetch(jobs[k], queue)))
+        def start_next() -> None:
+            if len(queues) < len(jobs):
+                queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=4)
+                queues.append(queue)
+                tasks.append(asyncio.create_task(fetch(jobs[len(queues) - 1], queue)))
+
+        done = dict(state) if state else {}  # the state once every row read so far is loaded
+        best = _bookmark(state)  # the bookmark of the windows completed so far, all earlier ones too
+        tops: dict[int, datetime] = {}  # the largest cursor of each window's rows
+        raw: dict[int, list[pa.RecordBatch]] = {}  # window pages, converted together in ~BATCH_ROWS rows
+        finished: set[int] = set()
+        prefix = nsweeps  # the first window not yet complete
+        pending: datetime | None = None
+        since_commit = 0
+
+        def convert(k: int) -> pa.RecordBatch:
+            batch = self.parser.convert(combine(raw.pop(k)))
+            top = pc.max(batch.column(self.cursor_field)).as_py()
+            if top is not None and (k not in tops or top > tops[k]):
+                tops[k] = top
+            return batch
+
+        def checkpoint() -> State | None:
+            nonlocal since_commit
+            if since_commit < config.checkpoint_rows:
+                return None
+            since_commit = 0
+            return dict(done)
 
         try:
-            for k in range(ahead):
-                start(k)
-            best = _bookmark(state)
-            pending: datetime | None = None
-            every = config.checkpoint_rows
-            since_commit = 0
-            raw: list[pa.RecordBatch] = []  # window pages, converted together in batches of ~BATCH_ROWS rows
-            raw_rows = 0
-
-            def convert() -> pa.RecordBatch:
-                nonlocal best, raw, raw_rows
-                batch = self.parser.convert(combine(raw))
-                raw, raw_rows = [], 0
-                top = pc.max(batch.column(self.cursor_field)).as_py()
-                if top is not None and (best is None or top > best):
-                    best = top
-                return batch
-
-            for k in range(len(jobs)):
-                swept = k < len(sweeps)
-                while (item := await queues[k].get()) is not None:
+            for _ in range(ahead):
+                start_next()
+            while len(finished) < len(jobs):
+                # Sweeps first: their rows are staged before the windows', so a row that got its
+                # cursor meanwhile ends with the windows' (later) state. Windows are read as their
+                # pages arrive; the bookmark covers only windows that are complete with every earlier one.
+                readable = range(len(queues) if len(finished) >= nsweeps else min(nsweeps, len(queues)))
+                for k in readable:
+                    if k not in finished and k not in getters.values():
+                        getters[asyncio.create_task(queues[k].get())] = k
+                ready, _ = await asyncio.wait(getters, return_when=asyncio.FIRST_COMPLETED)
+                for getter in sorted(ready, key=getters.__getitem__):
+                    k, item = getters.pop(getter), getter.result()
                     if isinstance(item, BaseException):
                         raise item
-                    if not item.num_rows:
+                    if item is not None:
+                        if not item.num_rows:
+                            continue
+                        since_commit += item.num_rows
+                        if k < nsweeps:
+                            pending = _earliest(pending, self.pending_since(item))
+                            yield Batch(item)
+                            continue
+                        raw.setdefault(k, []).append(item)
+                        if sum(page.num_rows for page in raw[k]) >= BATCH_ROWS:
+                            yield Batch(convert(k), checkpoint())
                         continue
-                    since_commit += item.num_rows
-                    if swept:
-                        pending = _earliest(pending, self.pending_since(item))
-                        yield Batch(item)
+                    finished.add(k)
+                    start_next()
+                    if k < nsweeps:
+                        if len(finished) == nsweeps:  # every sweep is loaded: the next sweeps' start
+                            done = {key: value for key, value in done.items() if key != "pending_since"}
+                            if any(newest):
+                                done["swept_to"] = min(seen[0] for seen in newest if seen).isoformat()
+                            if pending is not None:
+                                done["pending_since"] = pending.isoformat()
                         continue
-                    raw.append(item)
-                    raw_rows += item.num_rows
-                    if raw_rows >= BATCH_ROWS:
-                        # A commit inside a window carries the bookmark of the windows completed before
-                        # it: older rows of this window may still be to come.
-                        checkpoint = dict(done) if since_commit >= every else None
-                        if checkpoint is not None:
-                            since_commit = 0
-                        yield Batch(convert(), checkpoint)
-                if k + ahead < len(jobs):
-                    start(k + ahead)
-                batch = convert() if raw else None  # the window's last rows count for its bookmark
-                if swept and k == len(sweeps) - 1:  # rows created after those seen: the next sweep's
-                    done = {key: value for key, value in done.items() if key != "pending_since"}
-                    if any(newest):
-                        done["swept_to"] = min(seen[0] for seen in newest if seen).isoformat()
-                    if pending is not None:
-                        done["pending_since"] = pending.isoformat()
-                elif not swept and best is not None:
-                    done = {**done, "bookmark": best.isoformat()}
-                if since_commit >= every or k == len(jobs) - 1:  # few, large transactions
-                    yield Batch(batch, dict(done))
-                    since_commit = 0
-                elif batch is not None:
-                    yield Batch(batch)
+                    batch = convert(k) if k in raw else None
+                    while prefix in finished:  # windows complete with every earlier one
+                        top = tops.get(prefix)
+                        if top is not None and (best is None or top > best):
+                            best = top
+                        prefix += 1
+                    if best is not None:
+                        done = {**done, "bookmark": best.isoformat()}
+                    commit = checkpoint()
+                    if batch is not None or commit is not None:
+                        yield Batch(batch, commit)
+            yield Batch(None, dict(done))
         finally:
-            for task in tasks:
+            for task in [*tasks, *getters]:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *getters, return_exceptions=True)
 
 
 def _earliest(a: datetime | None, b: datetime | None) -> datetime | None:
