@@ -60,11 +60,15 @@ EMPTY = {
 }
 def fixture_server(lists: dict[str, list[str]], country: str | None = None) -> Callable[..., Any]:
     """An app serving example bodies verbatim: `lists[resource]` are its pages by `Page` number (the
-    last one again for any later page); the countries list and `country` for every country fetched."""
+    last one again for any later page), or `lists[resource + "?IncludeSoftDeleted"]` if given for a
+    request with `IncludeSoftDeleted=true`; the countries list and `country` for every country fetched."""
 
     def factory() -> Starlette:
         async def list_page(request: Request) -> Response:
-            pages = lists.get(request.path_params["resource"])
+            resource = request.path_params["resource"]
+            if request.query_params.get("IncludeSoftDeleted") == "true" and f"{resource}?IncludeSoftDeleted" in lists:
+                resource += "?IncludeSoftDeleted"
+            pages = lists.get(resource)
             if request.path_params["sid"] != ACCOUNT or not pages:
                 return Response(b'{"code": 20404, "message": "not found", "status": 404}', 404)
             page = int(request.query_params.get("Page", "0"))
@@ -184,7 +188,7 @@ def test_a_soft_deleted_recording_replaces_the_loaded_one(emulator: Any, api_pro
     # window_days: the re-read starts a week before the example's 2016 date: one window, not 500
     project = api_project(tw=source(server.url, "recordings", window_days=10_000))
     assert all(r.ok for r in project.run())
-    pages["Recordings"] = [SOFT_DELETED]
+    pages.update({"Recordings": [EMPTY["recordings"][1][0]], "Recordings?IncludeSoftDeleted": [SOFT_DELETED]})
     assert all(r.ok for r in project.run())
     assert project.query("SELECT sid, status, date_created, start_time FROM tw.recordings ORDER BY sid") == [
         ("REaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "deleted", utc(2022, 2, 14, 21, 23), utc(2022, 2, 14, 21, 23)),
