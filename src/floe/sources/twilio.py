@@ -54,6 +54,7 @@ PENDING_DAYS = 35
 # Sweeps reach this much further back: lists are sorted by sid, "close to" but not exactly by
 # date_created, and Twilio's clock is not floe's.
 SWEEP_MARGIN = timedelta(hours=1)
+PATIENCE = 0.05  # seconds the oldest window may keep the others waiting for its next page
 
 
 class TwilioConfig(SourceConfig):
@@ -263,7 +264,7 @@ class TwilioIncremental(Stream):
         done = dict(state) if state else {}  # the state once every row read so far is loaded
         best = _bookmark(state)  # the bookmark of the windows completed so far, all earlier ones too
         tops: dict[int, datetime] = {}  # the largest cursor of each window's rows
-        raw: dict[int, list[pa.RecordBatch]] = {}  # window pages, converted together in ~BATCH_ROWS rows
+        raw: dict[int, list[pa.RecordBatch]] = {}  # each window's pages, converted together in ~BATCH_ROWS rows
         finished: set[int] = set()
         prefix = nsweeps  # the first window not yet complete
         pending: datetime | None = None
@@ -288,50 +289,54 @@ class TwilioIncremental(Stream):
                 start_next()
             while len(finished) < len(jobs):
                 # Sweeps first: their rows are staged before the windows', so a row that got its
-                # cursor meanwhile ends with the windows' (later) state. Windows are read as their
-                # pages arrive; the bookmark covers only windows that are complete with every earlier one.
+                # cursor meanwhile ends with the windows' (later) state. Then windows in order while
+                # pages come faster than they are converted, and any window with a page ready while the
+                # oldest one waits for Twilio. The bookmark only covers windows that are complete
+                # together with every earlier one.
                 readable = range(len(queues) if len(finished) >= nsweeps else min(nsweeps, len(queues)))
                 for k in readable:
                     if k not in finished and k not in getters.values():
                         getters[asyncio.create_task(queues[k].get())] = k
-                ready, _ = await asyncio.wait(getters, return_when=asyncio.FIRST_COMPLETED)
-                for getter in sorted(ready, key=getters.__getitem__):
-                    k, item = getters.pop(getter), getter.result()
-                    if isinstance(item, BaseException):
-                        raise item
-                    if item is not None:
-                        if not item.num_rows:
-                            continue
-                        since_commit += item.num_rows
-                        if k < nsweeps:
-                            pending = _earliest(pending, self.pending_since(item))
-                            yield Batch(item)
-                            continue
+                oldest = min(getters, key=getters.__getitem__)
+                ready, _ = await asyncio.wait({oldest}, timeout=PATIENCE)
+                if not ready:  # it waits for Twilio: take whatever window has a page
+                    ready, _ = await asyncio.wait(getters, return_when=asyncio.FIRST_COMPLETED)
+                getter = min(ready, key=getters.__getitem__)
+                k, item = getters.pop(getter), getter.result()
+                if isinstance(item, BaseException):
+                    raise item
+                if item is not None:
+                    since_commit += item.num_rows
+                    if k < nsweeps and item.num_rows:
+                        pending = _earliest(pending, self.pending_since(item))
+                        yield Batch(item)
+                    elif item.num_rows:
                         raw.setdefault(k, []).append(item)
-                        if sum(page.num_rows for page in raw[k]) >= BATCH_ROWS:
-                            yield Batch(convert(k), checkpoint())
-                        continue
-                    finished.add(k)
-                    start_next()
-                    if k < nsweeps:
-                        if len(finished) == nsweeps:  # every sweep is loaded: the next sweeps' start
-                            done = {key: value for key, value in done.items() if key != "pending_since"}
-                            if any(newest):
-                                done["swept_to"] = min(seen[0] for seen in newest if seen).isoformat()
-                            if pending is not None:
-                                done["pending_since"] = pending.isoformat()
-                        continue
-                    batch = convert(k) if k in raw else None
-                    while prefix in finished:  # windows complete with every earlier one
-                        top = tops.get(prefix)
-                        if top is not None and (best is None or top > best):
-                            best = top
-                        prefix += 1
-                    if best is not None:
-                        done = {**done, "bookmark": best.isoformat()}
-                    commit = checkpoint()
-                    if batch is not None or commit is not None:
-                        yield Batch(batch, commit)
+                        rows = {w: sum(page.num_rows for page in pages) for w, pages in raw.items()}
+                        if rows[k] >= BATCH_ROWS or sum(rows.values()) >= 2 * BATCH_ROWS:  # memory stays bounded
+                            yield Batch(convert(max(rows, key=rows.__getitem__)), checkpoint())
+                    continue
+                finished.add(k)
+                start_next()
+                if k < nsweeps:
+                    if len(finished) == nsweeps:  # every sweep is loaded: where the next sweeps start
+                        done = {key: value for key, value in done.items() if key != "pending_since"}
+                        if any(newest):
+                            done["swept_to"] = min(seen[0] for seen in newest if seen).isoformat()
+                        if pending is not None:
+                            done["pending_since"] = pending.isoformat()
+                    continue
+                batch = convert(k) if k in raw else None
+                while prefix in finished:  # windows complete with every earlier one
+                    top = tops.get(prefix)
+                    if top is not None and (best is None or top > best):
+                        best = top
+                    prefix += 1
+                if best is not None:
+                    done = {**done, "bookmark": best.isoformat()}
+                commit = checkpoint()
+                if batch is not None or commit is not None:
+                    yield Batch(batch, commit)
             yield Batch(None, dict(done))
         finally:
             for task in [*tasks, *getters]:
