@@ -29,7 +29,7 @@ class Faults:
     rate_5xx: float = 0.0
     truncate_rate: float = 0.0
     latency: float = 0.0  # seconds added to every API request
-    retry_after: float = 1.0  # seconds sent in Retry-After with each injected 429
+    retry_after: float = 1.0  # seconds sent in Retry-After with each injected 429 (negative: no header)
     seed: int = 0
     injected: Counter[str] = field(default_factory=Counter)
     refuse_after: float = -1  # API requests served before every later one is refused (-1: never)
@@ -101,7 +101,8 @@ class FaultMiddleware:
         if fault == "refuse":
             await _send(send, 403, self.error_body(403), [])
         elif fault == "429":
-            await _send(send, 429, self.error_body(429), [(b"retry-after", str(faults.retry_after).encode())])
+            hint = [(b"retry-after", str(faults.retry_after).encode())] if faults.retry_after >= 0 else []
+            await _send(send, 429, self.error_body(429), hint)
         elif fault == "5xx":
             await _send(send, faults._rng.choice((500, 502, 503)), self.error_body(500), [])
         else:

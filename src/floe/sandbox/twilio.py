@@ -217,9 +217,10 @@ def _paging(q: Any) -> tuple[int, int] | Response:
 
 def create_app(seed: int = 1, size: int = 1000, days: int = 30, end: str | None = None, accounts: int = 1,
                numbers: int | None = None, rate_429: float = 0.0, rate_5xx: float = 0.0, latency: float = 0.0,
-               truncate_rate: float = 0.0, retry_after: float = 1.0, prerender: bool = False,
+               truncate_rate: float = 0.0, retry_after: float = -1.0, prerender: bool = False,
                cache_chunks: int = 2000) -> Any:
-    """The Twilio emulator as an ASGI app. `app.state.twilio` is the `TwilioSandbox`, `app.state.faults` the knobs."""
+    """The Twilio emulator as an ASGI app. `app.state.twilio` is the `TwilioSandbox`, `app.state.faults` the knobs.
+    Its 429s carry no `Retry-After` unless `retry_after` >= 0: Twilio documents none."""
     sandbox = TwilioSandbox(seed, size, days, end, accounts, numbers, cache_chunks)
     faults = Faults(rate_429, rate_5xx, truncate_rate, latency, retry_after, seed)
     if prerender:

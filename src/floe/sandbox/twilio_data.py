@@ -25,6 +25,8 @@ Timelines (shares of records; delays in seconds; "published" = Twilio's docs, el
 `price_delay`: 85% within 2 minutes, 13% 2 minutes to 24 hours, 2% 1 to 5 days (Twilio: "up to 24
 hours in rare cases" for messages; the multi-day tail is inferred from peers re-reading 7-15 days).
 `receipt_delay`: 93% within 30 s, 6% 30 s to 24 hours, 1% 1 to 3 days (inferred).
+Sparse and unknown fields: a tenth of calls lack `group_sid` and `trunk_sid` and carry the retired
+`annotation`; a twelfth of messages lack `messaging_service_sid`; an eighth of recordings are encrypted.
 
 Records are rendered to JSON in chunks of 1,000, newest first, into one bytes object per chunk
 (with each record's offset and the fields filters look at), so a page is a few slices of cached
@@ -302,6 +304,9 @@ class ListResource:
             "caller_name": CALLER_NAMES[(h >> 52) % len(CALLER_NAMES)], "queue_time": "0", "trunk_sid": None,
             "uri": uri, "subresource_uris": {key: f"{uri[:-5]}/{name}.json" for key, name in CALL_SUBRESOURCES},
         }
+        if (h >> 56) % 10 == 0:  # an older record: keys missing, a field floe does not know
+            del record["group_sid"], record["trunk_sid"]
+            record["annotation"] = None
         timeline = Timeline(record, created)
         u = unit(h, 2)
         if u < 0.03:  # canceled while queued, or failed before dialing: never a start_time
@@ -344,6 +349,8 @@ class ListResource:
             "api_version": API_VERSION,
             "subresource_uris": {"media": f"{uri[:-5]}/Media.json", "feedback": f"{uri[:-5]}/Feedback.json"},
         }
+        if (h >> 56) % 12 == 0:
+            del record["messaging_service_sid"]
         timeline = Timeline(record, t)
         price = {"price": f"-{((h >> 24) % 90 + 1) / 10000 + 0.0075:.5f}"}
         if inbound:
@@ -387,6 +394,9 @@ class ListResource:
                                  "transcriptions": f"{uri[:-5]}/Transcriptions.json"},
             "media_url": f"https://api.twilio.com{uri[:-5]}",
         }
+        if (h >> 56) % 8 == 0:
+            record["encryption_details"] = {"encryption_public_key_sid": _sid("CR", h >> 2, 0),
+                                            "encryption_cek": f"{h:016x}", "encryption_iv": f"{h >> 8:014x}"}
         timeline = Timeline(record, t)
         timeline.events += [(t + 5 + (h >> 40) % 56, {"status": "completed"}),
                             (t + price_delay(h), {"price": f"-{((h >> 24) % 50 + 1) / 1000:.4f}"})]

@@ -114,7 +114,8 @@ class PageParser:
         self.known = frozenset(name for name, _, _ in spec) | NOT_LOADED
         self.reported: set[str] = set()  # unknown fields already warned about
         self.raw_schema = pa.schema([(name, out if raw == "obj" else _RAW[raw]) for name, raw, out in spec])
-        self.nested = [(name, frozenset(f.name for f in out)) for name, raw, out in spec if raw == "obj"]
+        self.nested = [(j, name, frozenset(f.name for f in out)) for j, (name, raw, out) in enumerate(spec)
+                       if raw == "obj"]
         self.getter = itemgetter(*(name for name, _, _ in spec))
         self.schema = output_schema(spec, set() if keep_body else {"body"})
         self.channel = pa.scalar(channel, S)
@@ -130,13 +131,13 @@ class PageParser:
             if not isinstance(page, dict):
                 raise ValueError("a Twilio list page must be a JSON object")
             items = page.get(self.key) or []
-            if items and isinstance(items[0], dict):
-                self._report_unknown(items[0])
             values: list[Sequence[Any]]
             try:  # transpose in C: one itemgetter call per record, one zip for the page
                 values = list(zip(*map(self.getter, items), strict=True)) if items else [() for _ in self.spec]
             except KeyError:  # a record without some documented field: look each value up
                 values = [[item.get(name) for item in items] for name, _, _ in self.spec]
+            if items:
+                self._report_unknown(items, values)
             columns = [self._column(v, raw, f.type)
                        for v, (_, raw, _), f in zip(values, self.spec, self.raw_schema, strict=True)]
             next_uri = page.get("next_page_uri")
@@ -151,14 +152,17 @@ class PageParser:
         raw, next_uri = self(body)
         return self.convert(raw), next_uri
 
-    def _report_unknown(self, record: dict[str, Any]) -> None:
-        """Warn (once per field) about fields of `record`, or keys of its objects, that floe does not load."""
-        if self.known.issuperset(record) and all(not isinstance(record.get(name), dict) or keys.issuperset(record[name])
-                                                 for name, keys in self.nested):
-            return
-        unknown = set(record) - self.known
-        unknown |= {f"{name}.{key}" for name, keys in self.nested if isinstance(record.get(name), dict)
-                    for key in record[name] if key not in keys}
+    def _report_unknown(self, items: list[Any], values: list[Sequence[Any]]) -> None:
+        """Warn (once per field) about fields, or keys of nested objects, that floe does not load.
+        One record (object) of each size is looked at (`dict(zip(...))` runs in C): a field that only
+        some records carry makes them a different size."""
+        def one_of_each_size(objects: Any) -> Any:
+            return dict(zip(map(len, objects), objects, strict=True)).values()
+
+        unknown = set().union(*one_of_each_size(items)) - self.known
+        for j, name, keys in self.nested:
+            objects = [v for v in values[j] if isinstance(v, dict)]
+            unknown |= {f"{name}.{key}" for key in set().union(*one_of_each_size(objects)) - keys}
         new = sorted(unknown - self.reported)
         if new:
             self.reported.update(new)
