@@ -334,6 +334,26 @@ def test_windows_are_contiguous_end_open_and_split_a_short_range_for_concurrency
                                               "IncludeSoftDeleted": "true"}
 
 
+def test_a_run_stopped_among_concurrent_windows_commits_a_bookmark_its_rows_cover(emulator: Any,
+                                                                                  api_project: Any) -> None:
+    """Every request after the first 40 is refused (403) while windows are read at once: what was
+    committed holds every row up to the committed bookmark, and the next run ends with each row once."""
+    server, sandbox = start_twilio(emulator, size=2000, days=4)
+    project = api_project(tw=source_config(server, sandbox, streams=["calls"], window_days=1, page_size=50,
+                                           checkpoint_rows=1000))
+    server.app.state.faults.update({"refuse_after": 40})
+    assert [r.ok for r in project.run()] == [False]
+    bookmark = datetime.fromisoformat(json.loads(project.states()[-1][3])["bookmark"])
+    cursors = {r[0]: r[4] for r in truth(sandbox, "calls")}
+    stored = {r[0] for r in loaded(project, "calls")}
+    assert bookmark < max(c for c in cursors.values() if c) and stored < set(cursors)  # stopped midway
+    assert {sid for sid, cursor in cursors.items() if cursor is not None and cursor <= bookmark} <= stored
+    server.app.state.faults.update({"refuse_after": -1})
+    project.sources["tw"]["page_size"] = 1000
+    assert all(r.ok for r in project.run())
+    assert loaded(project, "calls") == truth(sandbox, "calls")
+
+
 def test_checkpoints_never_run_ahead_of_loaded_windows(emulator: Any) -> None:
     """Windows are fetched concurrently, yet at every checkpoint each record at or before the bookmark
     has already been yielded: resuming from any committed state never skips a record."""
