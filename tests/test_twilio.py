@@ -126,9 +126,12 @@ def test_first_run_loads_exactly_what_the_emulator_serves(emulator: Any, api_pro
     for table in ("calls", "messages", "recordings", "incoming_phone_numbers", "pricing_phone_numbers"):
         assert project.query(f"SELECT DISTINCT channel_name FROM tw.{table}") == [("tw",)]
         assert len(project.query(f"SELECT DISTINCT when_retrieved FROM tw.{table}")) == 1
-    bookmark = dict((r[1], r[3]) for r in project.states())["calls"]
+    state = json.loads(dict((r[1], r[3]) for r in project.states())["calls"])
     newest = max(r[4] for r in calls if r[4] is not None)
-    assert datetime.fromisoformat(json.loads(bookmark)["bookmark"]) == newest
+    assert datetime.fromisoformat(state["bookmark"]) == newest
+    # the next sweeps start from the newest call any of this run's sweeps saw (not the oldest of their newest)
+    swept = [ts(r["date_created"]) for r in served if r["status"] in ("queued", "canceled", "failed")]
+    assert datetime.fromisoformat(state["swept_to"]) == max(swept)  # type: ignore[type-var]
 
 
 def test_message_bodies_are_kept_only_when_asked(emulator: Any, api_project: Any) -> None:
@@ -342,7 +345,8 @@ def test_a_run_stopped_among_concurrent_windows_commits_a_bookmark_its_rows_cove
     project = api_project(tw=source_config(server, sandbox, streams=["calls"], window_days=1, page_size=50,
                                            checkpoint_rows=1000))
     server.app.state.faults.update({"refuse_after": 40})
-    assert [r.ok for r in project.run()] == [False]
+    results = project.run()
+    assert [r.ok for r in results] == [False] and "HTTP 403: Forbidden (code 20403)" in str(results[0].error)
     bookmark = datetime.fromisoformat(json.loads(project.states()[-1][3])["bookmark"])
     cursors = {r[0]: r[4] for r in truth(sandbox, "calls")}
     stored = {r[0] for r in loaded(project, "calls")}

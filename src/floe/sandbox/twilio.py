@@ -3,8 +3,9 @@
 Faithful to the facts in shared/reference/twilio_singular.md §2 and Twilio's OpenAPI examples:
 Basic auth AccountSid:AuthToken, the flat v2010 envelope with a relative `next_page_uri`
 (`PageSize` 1..1000, default 50, `Page`, `PageToken`), newest first, RFC 2822 dates, string
-durations/prices, Twilio error bodies (400 code 20001, 401 code 20003, 404 code 20404, 429 code
-20429), and the Pricing v1 `meta` envelope with absolute `next_page_url`.
+durations/prices, Twilio error bodies (400 code 20001, 401 code 20003, 403 code 20403 for a
+suspended account (`refuse_after`), 404 code 20404, 429 code 20429 without `Retry-After`), and the
+Pricing v1 `meta` envelope with absolute `next_page_url`.
 
 Filters: `StartTime`/`EndTime` (Calls), `DateSent` (Messages), `DateCreated` (Recordings), each as
 `X=day`, `X>=from` and `X<=to`, with a `YYYY-MM-DD` day or a date-time in the spellings of the
@@ -182,7 +183,8 @@ def date_bounds(q: Any, name: str, inclusive_before: bool) -> tuple[int | None, 
 
 def twilio_error(status: int, message: str | None = None, code: int | None = None) -> dict[str, Any]:
     defaults = {
-        400: (20001, "Invalid parameter"), 401: (20003, "Authenticate"), 404: (20404, "The requested resource was not found"),
+        400: (20001, "Invalid parameter"), 401: (20003, "Authenticate"), 403: (20403, "Forbidden"),
+        404: (20404, "The requested resource was not found"),
         429: (20429, "Too Many Requests"), 500: (20500, "An internal server error has occurred"),
     }
     default_code, default_message = defaults.get(status, (20500, "An internal server error has occurred"))

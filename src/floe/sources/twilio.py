@@ -10,8 +10,9 @@ The last window is open-ended, so nothing newer than today is missed.
 A date filter never returns a row whose date is null: calls that never started (no `start_time`)
 and messages never sent (no `date_sent`). Each run first sweeps for them (`null_cursor_rows`): calls
 by `Status` (queued, canceled, failed), messages (whose list has no status filter) by reading the
-newest messages, down to the newest row the previous sweep saw (`swept_to`, Twilio's clock; on the
-first sweep, since `start_date`). Only rows without a cursor are kept from a sweep, and they are staged
+newest messages, down to the newest row the previous run's sweeps saw (`swept_to`, Twilio's clock;
+the newest of all its sweeps: a row created before it was then in one of the swept lists or had its
+cursor, so a rarely used status does not hold every sweep back; on the first sweep, since `start_date`). Only rows without a cursor are kept from a sweep, and they are staged
 before the windows' rows, so a row that started meanwhile ends with its later state. A row that may
 still change (e.g. a scheduled message) keeps the next sweeps reaching back to it (`pending_since`),
 for at most `PENDING_DAYS`.
@@ -322,7 +323,7 @@ class TwilioIncremental(Stream):
                     if len(finished) == nsweeps:  # every sweep is loaded: where the next sweeps start
                         done = {key: value for key, value in done.items() if key != "pending_since"}
                         if any(newest):
-                            done["swept_to"] = min(seen[0] for seen in newest if seen).isoformat()
+                            done["swept_to"] = max(seen[0] for seen in newest if seen).isoformat()
                         if pending is not None:
                             done["pending_since"] = pending.isoformat()
                     continue
