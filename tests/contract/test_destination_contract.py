@@ -25,11 +25,11 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from floe.destinations.base import Destination, LoadJob, TableSpec
+from floe.destinations.base import CommittedState, Destination, LoadJob, StateChange, TableSpec
 from floe.destinations.files import FilesDestination
 from floe.destinations.sql import SqlDestination
 from floe.engine.stage import StagedFile, StageWriter, new_load_id
-from floe.errors import DestinationError
+from floe.errors import DestinationError, StateConflictError
 from tests.fixtures.destinations import Place, place_of
 
 
@@ -326,3 +326,42 @@ def test_sigkill_during_a_load_then_a_rerun_loads_every_row_exactly_once(under):
     assert sorted(i for (i,) in under.rows("id")) == list(range(loads * PER_LOAD))  # each row once
     assert under.dest.get_state("src", "items") == {"next": loads}
     assert under.place.versions("src", "items") == list(range(1, loads + 1))
+
+
+# --- state changes: revert and reset -----------------------------------------------------------------
+def change(job: LoadJob, state: dict[str, Any] | None, base: int, delete_after: int | None, action: str,
+           **details: Any) -> StateChange:
+    return StateChange(new_load_id(), job.table, "src", "items", state, base, delete_after, action, details)
+
+
+@pytest.mark.parametrize("disposition", ["append", "merge"])
+def test_revert_deletes_the_rows_of_later_loads_as_a_new_version_and_reset_empties_the_stream(under, disposition):
+    pk = ("id",) if disposition == "merge" else ()
+    jobs = [under.load(t([n], [f"v{n}"]), disposition=disposition, pk=pk, checkpoint={"n": n}) for n in (1, 2, 3, 4)]
+    log = under.dest.state_log("src", "items")
+    assert [(v.version, v.load_id, v.state, v.action) for v in log] == [
+        (n, jobs[n - 1].load_id, {"n": n}, "load") for n in (4, 3, 2, 1)]
+    assert {v.rows for v in log} == {1} and all(v.committed_at is not None for v in log)
+    assert [v.version for v in under.dest.state_log("src", "items", limit=2)] == [4, 3]
+
+    assert under.dest.change_state(change(jobs[0], {"n": 2}, 4, 2, "revert", to_version=2)) == 2
+    assert under.rows(spec=jobs[0].table) == [(1, "v1"), (2, "v2")]
+    assert under.dest.read_state("src", "items") == CommittedState(5, {"n": 2})
+    [revert] = under.dest.state_log("src", "items", limit=1)
+    assert (revert.version, revert.state, revert.action) == (5, {"n": 2}, "revert")
+    assert (revert.details["to_version"], revert.details["deleted_rows"]) == (2, 2)
+    with pytest.raises(StateConflictError):  # built on version 4, which is no longer the latest
+        under.dest.change_state(change(jobs[0], {"n": 1}, 4, 1, "revert"))
+    # The re-run loads the reverted rows again: each once.
+    under.load(t([3, 4], ["v3", "v4"]), disposition=disposition, pk=pk, checkpoint={"n": 4})
+    assert under.rows(spec=jobs[0].table) == [(1, "v1"), (2, "v2"), (3, "v3"), (4, "v4")]
+
+    assert under.dest.change_state(change(jobs[0], None, 6, None, "reset", keep_rows=True)) == 0
+    assert under.dest.read_state("src", "items") == CommittedState(7, None)
+    assert len(under.rows(spec=jobs[0].table)) == 4  # kept
+    assert under.dest.change_state(change(jobs[0], None, 7, 0, "reset")) == 4
+    assert under.rows(spec=jobs[0].table) == []
+    assert under.dest.read_state("src", "items") == CommittedState(8, None)
+    assert under.place.versions("src", "items") == list(range(1, 9))  # the history keeps every change
+    under.load(t([1], ["v1"]), disposition=disposition, pk=pk, checkpoint={"n": 1})  # loads as if never loaded
+    assert under.rows(spec=jobs[0].table) == [(1, "v1")]

@@ -18,7 +18,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import numpy as np
@@ -89,7 +89,7 @@ class LoadJob:
     stream: str
     table: TableSpec
     files: list[StagedFile]
-    checkpoint: State
+    checkpoint: State | None  # None: the state of a stream never loaded (after `floe state reset`)
     started_at: datetime
     details: dict[str, Any] = field(default_factory=dict)  # extra counts kept in _floe_loads.details
     # A commit of a full refresh: the rows go into the table's refresh copy, the state stays as it is
@@ -127,6 +127,47 @@ class CommittedState:
 
     version: int = 0
     state: State | None = None
+
+
+@dataclass(frozen=True)
+class StateVersion:
+    """One committed state version of a stream, as `floe state log` shows it.
+
+    `action`: "load" (a load's commit), "full refresh", "revert" or "reset" (`Destination.change_state`);
+    `details` what the commit noted (a revert's `to_version`, the `deleted_rows` of a revert or reset)."""
+
+    version: int
+    committed_at: datetime | None
+    load_id: str
+    rows: int | None  # rows the commit loaded (None: not recorded)
+    state: State | None
+    action: str = "load"
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StateChange:
+    """A stream's state set back, by `Destination.change_state`, in ONE commit: the rows of every load
+    committed after version `delete_after` are deleted (0: every row of the table; None: no rows), and
+    `state` becomes the latest state as a new version (None: never loaded). The commit is refused
+    (StateConflictError) unless `base_version` is still the stream's latest version."""
+
+    change_id: str  # a load id: the new version's load_id and the `_floe_loads` row's
+    table: TableSpec
+    source: str
+    stream: str
+    state: State | None
+    base_version: int
+    delete_after: int | None
+    action: str  # "revert" | "reset"
+    details: dict[str, Any] = field(default_factory=dict)
+    lease: Lease | None = None  # the command's lease of the stream, checked right before the commit
+
+    def job(self, deleted_rows: int) -> LoadJob:
+        """The change as a commit without files, for the state and load-row bookkeeping loads use."""
+        return LoadJob(self.change_id, self.source, self.stream, self.table, [], self.state, datetime.now(UTC),
+                       details={"action": self.action, **self.details, "deleted_rows": deleted_rows},
+                       base_version=self.base_version, lease=self.lease)
 
 
 class Destination(ABC):
@@ -218,6 +259,16 @@ class Destination(ABC):
     def states(self) -> list[dict[str, Any]]:
         """Every (source, stream) latest state, for `floe state show`."""
         return []
+
+    @abstractmethod
+    def state_log(self, source: str, stream: str, limit: int | None = None) -> list[StateVersion]:
+        """The stream's committed state versions that the destination keeps, newest first (at most `limit`)."""
+
+    @abstractmethod
+    def change_state(self, change: StateChange) -> int:
+        """Commit `change` atomically (its rows deleted, its state as the new latest version, a row in the
+        load log) and return how many rows were deleted; or raise and change nothing. The caller holds
+        the stream's lease (`change.lease`)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the connection."""

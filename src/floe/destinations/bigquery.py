@@ -42,6 +42,8 @@ from floe.destinations.base import (
     CommittedState,
     Destination,
     LoadJob,
+    StateChange,
+    StateVersion,
     TableSpec,
     refresh_copy,
     staged_column,
@@ -59,6 +61,7 @@ from floe.destinations.leases import Holder, Lease, take_object_lease
 from floe.destinations.objectstore import GCSStore, StoreUrl
 from floe.destinations.parts import PartFormat, load_prefix, upload_parts
 from floe.destinations.sql import STATE_TABLE
+from floe.destinations.state_ops import version_of
 from floe.engine.stream import RefreshScope
 from floe.errors import DestinationError
 from floe.secrets import redact
@@ -287,6 +290,35 @@ class BigQueryDestination(BigQuerySql, Destination):
         )
         return [{"source": r[0], "stream": r[1], "version": int(r[2]), "state": json.loads(r[3]), "load_id": r[4],
                  "committed_at": r[5]} for r in rows]
+
+    def state_log(self, source: str, stream: str, limit: int | None = None) -> list[StateVersion]:
+        self.ensure_meta()
+        rows = self.api.query(self.state_log_sql(limit), [param("source", "STRING", source),
+                                                          param("stream", "STRING", stream)])
+        return [version_of(*row) for row in rows]
+
+    def change_state(self, change: StateChange) -> int:
+        """The rows to delete are counted first (the caller's lease keeps loads out until the commit)."""
+        self.ensure_meta()
+        exists = bool(self.existing_columns(change.table))
+        deleted = 0
+        if exists and change.delete_after is not None:
+            where = self.deleted_rows_where(change)
+            deleted = int(self.api.query(
+                f"SELECT COUNT(*) FROM {self.ref(self.table_name(change.table))}{where}",
+                [param("source", "STRING", change.source), param("stream", "STRING", change.stream),
+                 param("delete_after", "INT64", change.delete_after)])[0][0])
+        job = change.job(deleted)
+        script, parameters = self.change_state_script(change, job, exists)
+        try:
+            with self._lock:
+                job.check_lease()
+                self.api.query(script, parameters, job_id=self.job_id(job, change.action))
+        except DestinationError as exc:
+            self.raise_conflict(exc, [job])
+            raise DestinationError(f"{self.name}: {change.action} of {change.source}.{change.stream} failed, "
+                                   f"nothing changed: {exc}") from None
+        return deleted
 
     def check(self) -> list[str]:
         dataset = self.api.call("GET", f"/datasets/{self.config.dataset}")

@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from floe.destinations import merge
-from floe.destinations.base import SEQ, LoadJob, TableSpec, is_json
+from floe.destinations.base import SEQ, LoadJob, StateChange, TableSpec, is_json
 from floe.destinations.bigquery_api import param
 from floe.destinations.column_types import ColumnRules, narrowing_message, refused
 from floe.destinations.merge import NULL_SAFE_OR, RANK, MergeStyle
 from floe.destinations.sql import LOADS_TABLE, STATE_TABLE, arrow_type_key
+from floe.destinations.state_ops import CHANGE_STATUS
 from floe.engine.stage import StagedFile
 from floe.errors import DestinationError
 
@@ -189,9 +190,10 @@ class BigQuerySql:
         return (f"SELECT IF({latest} = @base_version{suffix}, 0, ERROR(CONCAT('{CONFLICT} ', {source}, '.', "
                 f"{stream}, ': latest version ', CAST({latest} AS STRING))))")
 
-    def state_sql(self, suffix: str = "", refresh: bool = False, checked: bool = False) -> list[str]:
-        """The new state version (`checked`: after the version check) and the load row; a full
-        refresh's commits to its copy write no state."""
+    def state_sql(self, suffix: str = "", refresh: bool = False, checked: bool = False,
+                  status: str = "committed") -> list[str]:
+        """The new state version (`checked`: after the version check) and the load row (of `status`); a
+        full refresh's commits to its copy write no state."""
         if refresh:
             return [self.load_row_sql("'refreshing'", "NULL", suffix)]
         state = self.ref(STATE_TABLE)
@@ -201,8 +203,33 @@ class BigQuerySql:
             f"INSERT INTO {state} (source, stream, version, state, load_id, committed_at) "
             f"SELECT {source}, {stream}, COALESCE(MAX(version), 0) + 1, @state{suffix}, @load_id{suffix}, "
             f"CURRENT_TIMESTAMP() FROM {state} WHERE source = {source} AND stream = {stream}",
-            self.load_row_sql("'committed'", "NULL", suffix),
+            self.load_row_sql(f"'{status}'", "NULL", suffix),
         ]
+
+    def state_log_sql(self, limit: int | None = None) -> str:
+        """A stream's state versions (@source, @stream), newest first, with their load rows (see `version_of`)."""
+        return (f"SELECT s.version, s.committed_at, s.load_id, s.state, l.rows, l.status, l.details FROM "
+                f"{self.ref(STATE_TABLE)} s LEFT JOIN {self.ref(LOADS_TABLE)} l ON l.load_id = s.load_id AND "
+                "l.source = s.source AND l.stream = s.stream AND l.status IN ('committed', 'reverted', 'reset') "
+                "WHERE s.source = @source AND s.stream = @stream ORDER BY s.version DESC"
+                + (f" LIMIT {int(limit)}" if limit else ""))
+
+    def deleted_rows_where(self, change: StateChange) -> str:
+        """The WHERE clause of the rows `change` deletes (parameters @source, @stream, @delete_after):
+        those whose load committed a version after `delete_after` (every row after version 0)."""
+        if not change.delete_after:
+            return " WHERE TRUE"
+        return (f" WHERE _floe_load_id IN (SELECT load_id FROM {self.ref(STATE_TABLE)} WHERE source = @source "
+                "AND stream = @stream AND version > @delete_after)")
+
+    def change_state_script(self, change: StateChange, job: LoadJob, table_exists: bool) -> tuple[str, list[Any]]:
+        """The one transaction of a state change (`job`: `change.job(...)`): the version check, the rows'
+        DELETE (when the table exists), the new state version and the load row; and its parameters."""
+        delete = [f"DELETE FROM {self.ref(self.table_name(change.table))}{self.deleted_rows_where(change)}"]
+        check, *bookkeeping = self.state_sql(checked=True, status=CHANGE_STATUS[change.action])
+        body = [check, *(delete if table_exists and change.delete_after is not None else []), *bookkeeping]
+        parameters = [*self.parameters(job, self.name), param("delete_after", "INT64", change.delete_after or 0)]
+        return ";\n".join(["BEGIN TRANSACTION", *body, "COMMIT TRANSACTION"]) + ";", parameters
 
     def load_row_sql(self, status: str, error: str, suffix: str = "") -> str:
         values = ", ".join(f"@{name}{suffix}" for name in ("load_id", "source", "stream", "destination", "rows",

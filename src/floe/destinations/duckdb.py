@@ -24,6 +24,7 @@ from floe.destinations.column_types import SPELLED_OUT, TEXT_KEYS, ColumnRules
 from floe.destinations.leases import Holder, Lease, process_started, take_process_lease
 from floe.destinations.merge import STANDARD
 from floe.destinations.sql import SqlDestination
+from floe.destinations.state_ops import SqlStateOps
 from floe.engine.stage import SUFFIXES
 from floe.engine.stream import Disposition, Stream
 from floe.errors import DestinationError
@@ -61,7 +62,7 @@ class DatabaseFileLocked(DestinationError):
         self.holder = holder
 
 
-class DuckDBDestination(SqlDestination):
+class DuckDBDestination(SqlStateOps, SqlDestination):
     Config: ClassVar[type[DuckDBConfig]] = DuckDBConfig
     # The last row to arrive per key, also across several staged files (`order` is the file name,
     # then the row number in it: both descending).

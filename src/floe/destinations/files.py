@@ -38,9 +38,19 @@ import pyarrow.parquet as pq
 from pydantic import SecretStr
 
 from floe.config import DestinationConfig, ExpiringLeaseConfig
-from floe.destinations.base import SEQ, CommittedState, Destination, LoadJob, TableSpec, state_conflict
+from floe.destinations.base import (
+    SEQ,
+    CommittedState,
+    Destination,
+    LoadJob,
+    StateChange,
+    StateVersion,
+    TableSpec,
+    state_conflict,
+)
 from floe.destinations.leases import Holder, Lease, take_object_lease
 from floe.destinations.objectstore import GCSStore, LocalStore, ObjectStore, S3Store, StoreUrl
+from floe.destinations.state_ops import as_utc
 from floe.engine.stream import RefreshScope
 from floe.errors import DestinationError, LeaseLostError
 
@@ -60,6 +70,17 @@ class FilesConfig(DestinationConfig, ExpiringLeaseConfig):
     aws_access_key_id: SecretStr | None = None
     aws_secret_access_key: SecretStr | None = None
     project: str | None = None  # GCS
+
+
+def load_id_of(key: str) -> str:
+    """The load id of a data object (its name is `<load_id>-<n>.<extension>`)."""
+    return key.rsplit("/", 1)[-1].rsplit("-", 1)[0]
+
+
+def own_load_ids(record: dict[str, Any]) -> set[str]:
+    """The load ids of the data objects a state object's commit wrote (a full refresh lists the older
+    objects it kept too: the caller tells those apart)."""
+    return {record["load_id"], *(load_id_of(key) for key in record.get("files", []))}
 
 
 def last_per_key(tables: list[pa.Table], key: Sequence[str]) -> list[pa.Table]:
@@ -253,7 +274,82 @@ class FilesDestination(Destination):
         latest = json.loads(self.store.get_bytes(versions[-1][1]) or b"null") if versions else None
         if job.base_version is not None and (latest["version"] if latest else 0) != job.base_version:
             raise state_conflict(self.name, job, latest["version"] if latest else 0)
+        if latest and latest.get("pending_deletes"):  # a state change committed, its deletes cut short
+            self._delete(latest["pending_deletes"])
         return versions, latest
+
+    def _delete(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):
+            self.store.delete_keys(keys[start : start + 1000])
+
+    # --- state log and changes: the state object commits, the data objects of the undone loads go next ---
+    def state_log(self, source: str, stream: str, limit: int | None = None) -> list[StateVersion]:
+        out = []
+        for _, key in reversed(self._versions(source, stream)[-limit:] if limit else self._versions(source, stream)):
+            record = json.loads(self.store.get_bytes(key) or b"{}")
+            details = record.get("details") or {}
+            action = details.get("action") or ("full refresh" if record.get("full_refresh") else "load")
+            out.append(StateVersion(record["version"], as_utc(record.get("committed_at")), record["load_id"],
+                                    record.get("rows"), record.get("state"), action, details))
+        return out
+
+    def change_state(self, change: StateChange) -> int:
+        try:
+            return self._change_state(change)
+        except DestinationError:
+            raise
+        except Exception as exc:
+            raise DestinationError(f"{self.name}: {change.action} of {change.source}.{change.stream} failed, "
+                                   f"nothing changed: {exc}") from exc
+
+    def _change_state(self, change: StateChange) -> int:
+        """Write the change's state object listing the data objects it deletes (`pending_deletes`: the
+        next load deletes them too, should this be cut short), then delete them."""
+        probe = change.job(0)
+        versions, latest = self._base(probe)
+        records = [json.loads(self.store.get_bytes(key) or b"{}") for _, key in versions]
+        data = [key for key, _ in self.store.list(self.key(change.source, change.stream) + "/") if self._is_data(key)]
+        if change.delete_after is None:
+            doomed: list[str] = []
+        elif change.delete_after == 0:
+            doomed = data
+        else:
+            kept = [r for r in records if r["version"] <= change.delete_after]
+            undone = {i for r in records if r["version"] > change.delete_after for i in own_load_ids(r)}
+            undone -= {i for r in kept for i in own_load_ids(r)}
+            since = kept[-1]["load_id"][:16] if kept else ""
+            doomed = [key for key in data if (i := load_id_of(key)) in undone and i[:16] >= since]
+        job = change.job(self._count_rows(doomed))
+        gone = {load_id_of(key) for key in doomed}
+        recent = [i for i in (latest["recent_load_ids"] if latest else []) if i not in gone]
+        version = (latest["version"] if latest else 0) + 1
+        record = {
+            "version": version, "state": change.state, "load_id": change.change_id, "files": [], "rows": 0,
+            "format": self.config.format, "disposition": change.table.disposition,
+            "primary_key": list(change.table.primary_key), "started_at": job.started_at.isoformat(),
+            "committed_at": datetime.now(UTC).isoformat(), "details": job.details,
+            "recent_load_ids": [*recent, change.change_id][-KEEP_STATE_VERSIONS:], "pending_deletes": doomed,
+        }
+        state_key = self._commit(job, record, [])
+        self._delete(doomed)
+        self._delete([key for _, key in [*versions, (version, state_key)][:-KEEP_STATE_VERSIONS]])
+        return int(job.details["deleted_rows"])
+
+    def _count_rows(self, keys: list[str]) -> int:
+        reader = {"parquet": "read_parquet", "jsonl": "read_json_auto", "csv": "read_csv_auto"}[self.config.format]
+        total = 0
+        con = duckdb.connect()
+        try:
+            with tempfile.TemporaryDirectory(prefix="floe-files-") as tmp:
+                for n, key in enumerate(keys):
+                    local = Path(tmp) / f"{n}.{self.extension}"
+                    local.write_bytes(self.store.get_bytes(key) or b"")
+                    path = str(local).replace("'", "''")
+                    total += int(con.execute(f"SELECT count(*) FROM {reader}('{path}')").fetchall()[0][0])
+                    local.unlink()
+        finally:
+            con.close()
+        return total
 
     def _commit(self, job: LoadJob, record: dict[str, Any], written: list[str]) -> str:
         """Write the state object of `record`'s version (the commit) unless another run wrote one first:

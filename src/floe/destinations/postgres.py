@@ -44,6 +44,7 @@ from floe.destinations.column_types import SPELLED_OUT, TEXT_KEYS, ColumnRules
 from floe.destinations.leases import Holder, Lease
 from floe.destinations.merge import RANK, MergeStyle
 from floe.destinations.sql import LEASES_TABLE, STATE_TABLE, SqlDestination, arrow_type_key
+from floe.destinations.state_ops import SqlStateOps
 from floe.engine.stage import StagedFile
 from floe.errors import DestinationError, LeaseLostError
 from floe.pgconn import PostgresConnection, connect_postgres, describe, read_batches
@@ -140,7 +141,7 @@ def csv_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-class PostgresDestination(SqlDestination):
+class PostgresDestination(SqlStateOps, SqlDestination):
     Config: ClassVar[type[PostgresConfig]] = PostgresConfig
     type_map: ClassVar[dict[str, str]] = {
         "bool": "BOOLEAN",

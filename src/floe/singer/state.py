@@ -31,4 +31,5 @@ def singer_state(states: dict[str, list[dict[str, Any]]], source: str | None = N
         raise ConfigError(f"--singer: source {source} has state in several destinations "
                           f"({', '.join(sorted(holders[source]))}): choose one with --destination")
     (dest,) = holders[source]
-    return {"bookmarks": {r["stream"]: r["state"] for r in states[dest] if r["source"] == source}}
+    return {"bookmarks": {r["stream"]: r["state"] for r in states[dest]
+                          if r["source"] == source and r["state"] is not None}}  # None: reset, never loaded
