@@ -107,7 +107,7 @@ def test_state_show_lists_every_stream_with_its_files(sailthru_project: Factory)
     project = sailthru_project(days=2)
     config = project.root / "floe.yml"
     assert floe(config, "run")[0] == 0
-    code, stdout, _ = floe(config, "state", "show")
+    code, stdout, _ = floe(config, "state", "show", "--json")
     assert code == 0
     rows = json.loads(stdout)["warehouse"]
     states = {r["stream"]: r["state"] for r in rows if r["source"] == "sailthru"}
