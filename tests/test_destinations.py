@@ -64,7 +64,7 @@ class Loader:
             checkpoint: dict[str, Any] | None = None, parent: tuple[str, ...] = ()) -> LoadJob:
         """One stage file per table, in the destination's stage format, in arrival order."""
         self.count += 1
-        writer = StageWriter(self.folder, "src", "items", f"load{self.count}",
+        writer = StageWriter(self.folder, f"load{self.count}",
                              format=self.dest.stage_format(disposition))
         files: list[StagedFile] = []
         for table in tables:

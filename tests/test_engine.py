@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from floe.destinations.duckdb import DuckDBDestination
 from floe.engine.pipeline import run_stream
-from floe.engine.stage import StageWriter
+from floe.engine.stage import StageRun, StageWriter
 from floe.engine.stream import Batch, Disposition, State, Stream
 from floe.errors import SourceError
 from tests.fixtures.core import OneStreamSource, staged_files
@@ -104,11 +105,14 @@ def test_append_and_replace(duckdb_destination, tmp_path, disposition, expected)
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "arrow"])
-def test_files_left_in_the_stage_by_a_killed_run_are_removed_and_never_loaded(duckdb_destination, tmp_path, fmt):
+def test_files_left_in_the_stage_by_a_dead_run_are_removed_and_never_loaded(duckdb_destination, tmp_path, fmt):
     stage = tmp_path / "stage"
-    writer = StageWriter(stage, "src", "items", "20261124T000000Z-dead00", format=fmt)
+    dead = StageRun.open(stage, "src", "items")
+    writer = StageWriter(dead.folder, "20261124T000000Z-dead00", format=fmt)
     writer.write(pa.record_batch({"id": [99], "v": ["never committed"]}))
     [orphan] = [f.path for f in writer.flush()]
+    os.close(dead._lock)  # the run dies: the operating system drops its lock
     load(duckdb_destination, ListStream([Batch(rows([1], ["a"]), checkpoint={})]), stage)
-    assert not orphan.exists()
+    assert not orphan.exists() and not dead.lock_path.exists()
     assert table(duckdb_destination) == [(1, "a")]
+    assert not list((stage / "src" / "items").iterdir())  # the run's own folder went at its end too

@@ -34,7 +34,7 @@ import yaml
 
 from floe.config import parse_config
 from floe.engine.runner import context_for, make_source
-from floe.engine.stage import StageWriter, stage_dir
+from floe.engine.stage import StageWriter
 from floe.errors import StageError
 from floe.sandbox import singular as singular_emulator
 from floe.sandbox import twilio as twilio_emulator
@@ -401,8 +401,8 @@ def committed(warehouse: PostgresDatabase | Path) -> tuple[int, Any]:
 
 def test_a_stage_file_that_cannot_be_written_is_one_line_naming_it_and_the_key(tmp_path: Path) -> None:
     """ENOSPC without filling a disk: the next stage file is /dev/full."""
-    writer = StageWriter(tmp_path, "src", "items", "L1", format="arrow")
-    target = stage_dir(tmp_path, "src", "items", writer._day) / "L1-00001.arrow"
+    writer = StageWriter(tmp_path / "src" / "items" / "run", "L1", format="arrow")
+    target = writer.folder / "L1-00001.arrow"
     target.parent.mkdir(parents=True)
     target.symlink_to("/dev/full")
     with pytest.raises(StageError) as failure:

@@ -638,7 +638,7 @@ def test_stage_files_hold_no_address(sailthru_project: Factory, tmp_path: Path) 
 
     async def stage_all() -> None:
         for stream in source.streams():
-            writer = StageWriter(tmp_path / "stage-check", "sailthru", stream.name, "t")
+            writer = StageWriter(tmp_path / "stage-check" / stream.name, "t")
             async for batch in stream.read(None):
                 if batch.records is not None:
                     writer.write(batch.records)

@@ -162,7 +162,7 @@ def load_values(dest: SqlDestination, folder: Path, table: str, ids: list[int], 
     """Stage (id, v) rows with `v` of type key `key` and commit them to src.<table>, as the pipeline would."""
     batch = pa.RecordBatch.from_arrays([pa.array(ids, pa.int64()), SAMPLES[key]],
                                        schema=pa.schema([pa.field("id", pa.int64()), sample_field(key)]))
-    writer = StageWriter(folder, "src", table, new_load_id(), format=dest.stage_format("append"))
+    writer = StageWriter(folder / table, new_load_id(), format=dest.stage_format("append"))
     writer.write(batch)
     files = writer.flush()
     spec = TableSpec("src", table, batch.schema)

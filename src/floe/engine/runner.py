@@ -1,7 +1,8 @@
 """`floe run`: every selected source into each of its destinations, each stream on its own.
 
-Each (source, destination) pair reads from that destination's own state, so destinations never
-block or corrupt each other. Streams of a source run concurrently under `max_streams`.
+A source is read once for all of its destinations (`run_source`, see `pipeline`); each destination
+keeps its own state, lease and commits, so destinations never block or corrupt each other. Streams
+of a source run concurrently under `max_streams`.
 """
 
 from __future__ import annotations
@@ -9,15 +10,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from floe.config import FloeConfig
 from floe.destinations import registry as destination_registry
 from floe.destinations.base import Destination
-from floe.engine.pipeline import StreamResult, run_stream
+from floe.engine.pipeline import StreamResult, run_stream_into
 from floe.engine.progress import Progress
 from floe.engine.stream import Context, RunOptions, Source, Stream
 from floe.errors import ConfigError
 from floe.sources import registry as source_registry
+
+MAX_STREAMS = 4  # streams of one source loaded at once
 
 
 def context_for(config: FloeConfig, options: RunOptions | None = None) -> Context:
@@ -65,33 +69,48 @@ def plan(config: FloeConfig, sources: list[str] | None, streams: list[str] | Non
     return RunPlan(names, streams)
 
 
+async def run_source(
+    source: Source,
+    streams: list[Stream],
+    destinations: list[Destination],
+    stage: Path,
+    progress: Progress | None = None,
+    max_streams: int = MAX_STREAMS,
+) -> list[StreamResult]:
+    """Every stream of `source` into each of `destinations` (see `pipeline`: one read feeds every
+    destination that is at the same state), streams concurrently, at most `max_streams` at a time.
+    One result per (stream, destination); `floe run` and `floe serve` both run sources through here."""
+    limit = asyncio.Semaphore(max_streams)
+
+    async def one(stream: Stream) -> list[StreamResult]:
+        async with limit:
+            return await run_stream_into(source, stream, destinations, stage, progress)
+
+    return [result for results in await asyncio.gather(*(one(s) for s in streams)) for result in results]
+
+
 async def run_async(
     config: FloeConfig,
     run_plan: RunPlan,
     options: RunOptions | None = None,
     progress: Progress | None = None,
-    max_streams: int = 4,
+    max_streams: int = MAX_STREAMS,
 ) -> list[StreamResult]:
     context = context_for(config, options)
     destinations: dict[str, Destination] = {}
     results: list[StreamResult] = []
-    limit = asyncio.Semaphore(max_streams)
     try:
         for source_name in run_plan.sources:
             for dest_name in config.destinations_for(source_name):
                 if dest_name not in destinations:
                     destinations[dest_name] = make_destination(config, dest_name, context)
-                source = make_source(config, source_name, context)
-                try:
-                    streams = select_streams(source, run_plan.streams)
-
-                    async def one(stream: Stream, source: Source = source, dest: str = dest_name) -> StreamResult:
-                        async with limit:
-                            return await run_stream(source, stream, destinations[dest], config.stage, progress)
-
-                    results += await asyncio.gather(*(one(s) for s in streams))
-                finally:
-                    await source.aclose()
+            source = make_source(config, source_name, context)
+            try:
+                streams = select_streams(source, run_plan.streams)
+                targets = [destinations[name] for name in config.destinations_for(source_name)]
+                results += await run_source(source, streams, targets, config.stage, progress, max_streams)
+            finally:
+                await source.aclose()
     finally:
         for destination in destinations.values():
             destination.close()

@@ -27,8 +27,8 @@ from croniter import croniter
 
 from floe.config import FloeConfig
 from floe.destinations.base import Destination
-from floe.engine.pipeline import StreamResult, run_stream
-from floe.engine.runner import context_for, make_destination, make_source, select_streams
+from floe.engine.pipeline import StreamResult
+from floe.engine.runner import context_for, make_destination, make_source, run_source, select_streams
 from floe.errors import ConfigError
 from floe.notify import Notice, Notifier, report
 from floe.secrets import redact
@@ -139,7 +139,8 @@ class Server:
         log.info("event=serve_stopped cycles=%d", cycles)
 
     async def run_source(self, sched: SourceSchedule) -> list[StreamResult]:
-        """Run every stream of one source into each of its destinations; then plan its next run."""
+        """Run every stream of one source into its destinations (one read for all, as `floe run`);
+        then plan its next run."""
         started = self.clock.now()
         wall_started = datetime.now(UTC)
         context = context_for(self.config)
@@ -149,21 +150,21 @@ class Server:
         source = None
         try:
             for dest_name in self.config.destinations_for(sched.name):
-                destinations[dest_name] = dest = make_destination(self.config, dest_name, context)
-                source = make_source(self.config, sched.name, context)
-                if hasattr(source, "clock"):
-                    source.clock = self.clock.now  # sources that decide what is ready use serve's clock
-                if hasattr(source, "should_stop"):
-                    source.should_stop = lambda: self.stopping  # long backlogs stop at a commit point
-                try:
-                    for stream in select_streams(source, None):
-                        result = await run_stream(source, stream, dest, self.config.stage)
-                        results.append(result)
-                        if not states.get(stream.name):
-                            states[stream.name] = result.state or await in_thread(
-                                dest.get_state, source.name, stream.name)
-                finally:
-                    await source.aclose()
+                destinations[dest_name] = make_destination(self.config, dest_name, context)
+            source = make_source(self.config, sched.name, context)
+            if hasattr(source, "clock"):
+                source.clock = self.clock.now  # sources that decide what is ready use serve's clock
+            if hasattr(source, "should_stop"):
+                source.should_stop = lambda: self.stopping  # long backlogs stop at a commit point
+            try:
+                results = await run_source(source, select_streams(source, None), list(destinations.values()),
+                                           self.config.stage)
+            finally:
+                await source.aclose()
+            for result in results:  # when the source is due next: from its streams' states
+                if not states.get(result.stream):
+                    states[result.stream] = result.state or await in_thread(
+                        destinations[result.destination].get_state, source.name, result.stream)
             failed = [r for r in results if not r.ok]
             self.plan_next(sched, source, states, started, failed[0].error if failed else None)
             if self.notifier is not None:

@@ -17,6 +17,12 @@ The destination keeps the STATE committed with each table under `_floe_state`
 messages and how many of the table's records came after the last STATE written out before the
 commit and up to S, and how many of the table's records followed S (at the end of input).
 
+Overlap: the target takes the lease of each stream it loads (`Destination.acquire_lease`, on the
+stream's first SCHEMA) and each commit names the state version it builds on, exactly like `floe
+run`: a second target, or a `floe run` of the same `<schema>.<stream>`, waits up to the
+destination's `lease_wait_seconds` and then fails naming the holder, and a commit on top of a state
+that another run moved meanwhile is refused whole.
+
 Replays (see `Replay`): an orchestrator that lost the STATE of the target's last commit (the
 target died between committing and writing it) feeds the tap again from an earlier STATE, and a
 deterministic tap sends again what the destination already holds. For a table without key
@@ -38,8 +44,9 @@ import orjson
 import pyarrow as pa
 
 from floe.destinations.base import Destination, LoadJob
+from floe.destinations.leases import Lease
 from floe.engine.pipeline import table_spec
-from floe.engine.stage import StageWriter, new_load_id, remove_files, remove_leftovers
+from floe.engine.stage import StageRun, StageWriter, new_load_id, remove_files, remove_leftovers
 from floe.engine.stream import Batch, Disposition, State, Stream
 from floe.errors import FloeError, SourceError
 from floe.singer.batch import batch_rows
@@ -113,6 +120,8 @@ class _Buffer:
     columns: list[Column]
     converter: Converter
     writer: StageWriter
+    lease: Lease  # the stream's lease in the destination, held until the input ends
+    version: int  # the state version the stream's next commit builds on
     rows: list[dict[str, Any]] = field(default_factory=list)
     records: int = 0  # records of this stream taken from `rows` so far (record numbers continue from here)
     staged: int = 0  # rows staged since the last commit
@@ -147,6 +156,7 @@ class SingerTarget:
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="floe-target-load")
         self._inflight: tuple[Future[int], _StateLine | None] | None = None
         self._replays: list[_Buffer] = []  # streams whose replay window is open
+        self._runs: list[StageRun] = []  # each stream's stage folder
 
     # --- input ---------------------------------------------------------------------------------
     def run(self, lines: Iterable[bytes]) -> int:
@@ -182,7 +192,15 @@ class SingerTarget:
             raise
         finally:
             self._worker.shutdown(wait=True)
+            self.close()
         return self.committed_rows
+
+    def close(self) -> None:
+        """Give the streams' leases up and delete their stage folders."""
+        for buf in self.buffers.values():
+            buf.lease.release()
+        for run in self._runs:
+            run.close()
 
     def _bad_record(self, message: dict[str, Any], lineno: int) -> NoReturn:
         stream = message.get("stream")
@@ -263,16 +281,30 @@ class SingerTarget:
             old.stream, old.columns = stream, buf_columns
             old.converter = Converter(name, buf_columns)
         else:
+            self._open_stream(stream, buf_columns)
+
+    def _open_stream(self, stream: SingerStream, columns: list[Column]) -> None:
+        """A stream's first SCHEMA: take its lease, read its committed state, open its stage folder."""
+        name = stream.name
+        lease = self.destination.acquire_lease(self.schema, name)
+        try:
+            committed = self.destination.read_state(self.schema, name)
             if leftovers := remove_leftovers(self.stage, self.schema, name):
-                log.info("removed %d stage files of %s left by an interrupted run", leftovers, name)
-            writer = StageWriter(self.stage, self.schema, name, new_load_id(), compression="lz4")
-            buf = self.buffers[name] = _Buffer(stream, buf_columns, Converter(name, buf_columns), writer)
-            if not keys:  # merged tables take a replay as it comes: the merge is idempotent
-                self._watch_for_replay(buf)
+                log.info("removed %d stage files of %s left by a dead run", leftovers, name)
+            run = StageRun.open(self.stage, self.schema, name)
+        except BaseException:
+            lease.release()
+            raise
+        self._runs.append(run)
+        writer = StageWriter(run.folder, new_load_id(), compression="lz4")
+        buf = self.buffers[name] = _Buffer(stream, columns, Converter(name, columns), writer, lease,
+                                           committed.version)
+        if not stream.primary_key:  # merged tables take a replay as it comes: the merge is idempotent
+            self._watch_for_replay(buf, committed.state)
 
     # --- replays -------------------------------------------------------------------------------
-    def _watch_for_replay(self, buf: _Buffer) -> None:
-        replay = Replay.of(self.destination.get_state(self.schema, buf.stream.name))
+    def _watch_for_replay(self, buf: _Buffer, committed: State | None) -> None:
+        replay = Replay.of(committed)
         if replay is None:
             return
         buf.skip = replay.skip
@@ -349,8 +381,9 @@ class SingerTarget:
         job = LoadJob(
             load_id=buf.writer.load_id, source=self.schema, stream=buf.stream.name,
             table=table_spec(self.schema, buf.stream, files), files=files, checkpoint=self._checkpoint(buf),
-            started_at=self.started_at, details=details or {},
+            started_at=self.started_at, details=details or {}, base_version=buf.version, lease=buf.lease,
         )
+        buf.version += 1  # should this commit fail, the target stops (nothing builds on it)
         buf.writer.load_id = new_load_id()
         return job
 

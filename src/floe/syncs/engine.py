@@ -31,7 +31,7 @@ from floe.config import FloeConfig
 from floe.destinations.base import LoadJob
 from floe.destinations.pendo import PENDO_TYPES, Outcome, PendoClient
 from floe.destinations.sql import SqlDestination
-from floe.engine.stage import StagedFile, StageWriter, new_load_id, remove_files
+from floe.engine.stage import StagedFile, StageWriter, new_load_id, remove_files, stage_dir
 from floe.errors import ConfigError, FloeError
 from floe.http import ApiError
 from floe.secrets import redact
@@ -119,8 +119,9 @@ class _Outcomes:
 
     def __init__(self, stage: Path, sync: str, load_id: str) -> None:
         self.sync = sync
-        self.accepted = StageWriter(stage, store.SYNC_SOURCE, sync, load_id)
-        self.failures = StageWriter(stage, store.SYNC_SOURCE, f"{sync}__failures", load_id)
+        today = datetime.now(UTC)
+        self.accepted = StageWriter(stage_dir(stage, store.SYNC_SOURCE, sync, today), load_id)
+        self.failures = StageWriter(stage_dir(stage, store.SYNC_SOURCE, f"{sync}__failures", today), load_id)
         self._buffer: list[pa.RecordBatch] = []
         self._buffered = 0
         self.pending = 0  # accepted rows not yet committed
