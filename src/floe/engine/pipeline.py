@@ -301,34 +301,32 @@ async def read_into(stream: Stream, state: State | None, lanes: list[_Lane], run
             await lane.add(files, checkpoint, load_id)
 
     async def produce() -> None:
-        """Stage the stream's batches and deliver each checkpoint; every lane's queue ends with None."""
+        """Stage the stream's batches and deliver each checkpoint. Every lane's queue ends with None
+        however this ends (a consumer waiting for a queue nobody ends would wait for good), and whole
+        checkpoints read before a failure still commit."""
         pending: State | None = None  # a replace stream's latest checkpoint: it commits once, at the end
         batches = cast(AsyncGenerator[Batch, None], stream.read(state))  # see Stream.read
         try:
-            async for batch in batches:
-                if batch.records is not None and batch.records.num_rows:
-                    writer.write(batch.records)
-                    if progress:
-                        for lane in lanes:
-                            if not lane.failed:
-                                progress.add(lane.key, rows=batch.records.num_rows)
-                if batch.checkpoint is not None:
-                    if stream.disposition == "replace":
-                        pending = batch.checkpoint
-                    else:
-                        await deliver(writer.flush(), batch.checkpoint)
-        except _NoDestinationLeft:
-            raise
-        except Exception:
-            for lane in lanes:  # whole checkpoints read before the failure still commit
-                await lane.end()
-            raise
+            try:
+                async for batch in batches:
+                    if batch.records is not None and batch.records.num_rows:
+                        writer.write(batch.records)
+                        if progress:
+                            for lane in lanes:
+                                if not lane.failed:
+                                    progress.add(lane.key, rows=batch.records.num_rows)
+                    if batch.checkpoint is not None:
+                        if stream.disposition == "replace":
+                            pending = batch.checkpoint
+                        else:
+                            await deliver(writer.flush(), batch.checkpoint)
+            finally:
+                await batches.aclose()  # the source's `finally` blocks run now: connections, threads, temp files
+            if pending is not None:
+                await deliver(writer.flush(), pending)
         finally:
-            await batches.aclose()  # the source's `finally` blocks run now: connections, threads, temp files
-        if pending is not None:
-            await deliver(writer.flush(), pending)
-        for lane in lanes:
-            await lane.end()
+            for lane in lanes:
+                await lane.end()
 
     for lane in lanes:
         lane.start()
