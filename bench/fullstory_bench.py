@@ -1,6 +1,9 @@
 """FullStory export -> DuckDB throughput and peak memory (emulator in its own process).
 
     .venv/bin/python bench/fullstory_bench.py [--events 2000000] [--hours 24] [--duration 1h] [--format FORMAT_NDJSON]
+                                              [--destinations 1]
+
+With `--destinations N` the source loads into N DuckDB files at once (one export read feeds them all).
 
 The emulator's events are as irregular as FullStory's (sparse custom vars, explicit nulls, odd key
 casing, ids above 2^53; see floe.sandbox.fullstory). It builds each window's gzip file once and caches
@@ -36,12 +39,14 @@ def run_floe(config: Path, profile: Path | None = None) -> tuple[float, float, f
     this process waits for: the emulator is a multiprocessing child, reaped only at exit).
     With `profile`, py-spy samples the run into that file (collapsed stacks; CPU and RSS then include py-spy)."""
     prefix = ["py-spy", "record", "--format", "raw", "-o", str(profile), "--"] if profile else []
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     subprocess.run([*prefix, sys.executable, "-c", "from floe.cli import main; main()", "run", "-c", str(config)], check=True,
                    stdout=subprocess.DEVNULL, cwd=config.parent)
     seconds = time.monotonic() - started
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+    cpu = usage.ru_utime + usage.ru_stime - before.ru_utime - before.ru_stime
+    return seconds, cpu, usage.ru_maxrss / 1024
 
 
 def warm_up(url: str, args: argparse.Namespace) -> None:
@@ -73,6 +78,7 @@ def main() -> None:
     parser.add_argument("--memory-limit", default="128MB", help="DuckDB's memory_limit")
     parser.add_argument("--threads", type=int, default=2, help="DuckDB's threads")
     parser.add_argument("--checkpoint-threshold", help="DuckDB's checkpoint_threshold (default: floe's)")
+    parser.add_argument("--destinations", type=int, default=1, help="how many DuckDB files to load at once")
     parser.add_argument("--profile", type=Path, help="sample the floe run with py-spy into this file")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "floe-fullstory-bench")
     args = parser.parse_args()
@@ -81,9 +87,11 @@ def main() -> None:
     cache = args.work / f"cache-{events_per_hour}-{args.duration}-{args.format}"  # gzip_mb sums this run's files
     server = serve_in_process(create_app, events_per_hour=events_per_hour, cache_dir=str(cache))
     try:
+        names = ["w"] if args.destinations == 1 else [f"w{i}" for i in range(1, args.destinations + 1)]
+
         def config(name: str) -> Path:
-            db = args.work / f"{name}.duckdb"
-            db.unlink(missing_ok=True)
+            for db_name in names:
+                (args.work / f"{name}-{db_name}.duckdb").unlink(missing_ok=True)
             path = args.work / f"{name}.yml"
             path.write_text(json.dumps({
                 "sources": {"fs": {"type": "fullstory", "api_key": "fs-sandbox-key", "base_url": server.url,
@@ -91,10 +99,10 @@ def main() -> None:
                                    "end_time": f"2024-03-{1 + args.hours // 24:02d}T{args.hours % 24:02d}:00:00Z",
                                    "export_duration": args.duration, "format": args.format,
                                    "load_every": args.load_every}},
-                "destinations": {"w": {"type": "duckdb", "path": str(db), "memory_limit": args.memory_limit,
-                                         "threads": args.threads,
-                                         **({"checkpoint_threshold": args.checkpoint_threshold}
-                                            if args.checkpoint_threshold else {})}},
+                "destinations": {db_name: {"type": "duckdb", "path": str(args.work / f"{name}-{db_name}.duckdb"),
+                                           "memory_limit": args.memory_limit, "threads": args.threads,
+                                           **({"checkpoint_threshold": args.checkpoint_threshold}
+                                              if args.checkpoint_threshold else {})} for db_name in names},
                 "stage": str(args.work / "stage"),
             }))
             return path
@@ -103,14 +111,19 @@ def main() -> None:
         warm_up(server.url, args)
         print(f"warm-up (emulator builds and caches files): {time.monotonic() - warm:.1f}s", flush=True)
         seconds, cpu, peak = run_floe(config("timed"), args.profile)
-        con = duckdb.connect(str(args.work / "timed.duckdb"), read_only=True)
-        rows = con.execute("SELECT count(*) FROM fs.events").fetchone()[0]  # type: ignore[index]
-        con.close()
+        loaded = []
+        for db_name in names:
+            con = duckdb.connect(str(args.work / f"timed-{db_name}.duckdb"), read_only=True)
+            loaded.append(con.execute("SELECT count(*) FROM fs.events").fetchone()[0])  # type: ignore[index]
+            con.close()
+        assert len(set(loaded)) == 1, f"the destinations hold different row counts: {loaded}"
+        rows = loaded[0]
         size = sum(p.stat().st_size for p in cache.glob("*.gz"))
         print(json.dumps({"events": rows, "seconds": round(seconds, 2), "events_per_s": round(rows / seconds),
                           "cpu_seconds": round(cpu, 1),
                           "peak_rss_mb": round(peak), "gzip_mb": round(size / 1e6), "duration": args.duration, "load_every": args.load_every,
-                          "format": args.format, "duckdb_threads": args.threads}))
+                          "format": args.format, "duckdb_threads": args.threads,
+                          "destinations": args.destinations}))
     finally:
         server.stop()
 
