@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import random
 import resource
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -118,8 +119,11 @@ def by_destination(results: list[Any]) -> dict[str, Any]:
 # --- one extraction -------------------------------------------------------------------------------------------
 def test_twilio_is_read_once_for_both_destinations_and_both_hold_the_same_rows(pair, emulator, tmp_path):
     server, sandbox = start_twilio(emulator, size=400, days=6)
-    config = two_destinations(tmp_path, {"tw": twilio_source(server, sandbox, streams=["calls", "messages"])}, pair)
+    source = twilio_source(server, sandbox, streams=["calls", "messages"])
+    alone, _ = run_alone(sandbox, source, tmp_path / "alone")
+    config = two_destinations(tmp_path, {"tw": source}, pair)
     results = run(config)
+    assert sandbox.served == alone  # two destinations cost the API what one costs
     assert [(r.stream, r.destination, r.error) for r in results] == [
         ("calls", "a", None), ("calls", "b", None), ("messages", "a", None), ("messages", "b", None)]
     sid = sandbox.credentials()[0][0]
@@ -128,7 +132,6 @@ def test_twilio_is_read_once_for_both_destinations_and_both_hold_the_same_rows(p
     a, b = pair
     for kind in ("calls", "messages"):
         count = sandbox.list(sid, kind).count
-        assert sandbox.served[f"{sid}/{kind}"] == count  # each record was sent once, for both destinations
         rows = a.rows("tw", kind, "sid", "status", "price", "when_retrieved")
         assert len(rows) == count and rows == b.rows("tw", kind, "sid", "status", "price", "when_retrieved")
         assert len({r[-1] for r in rows}) == 1  # one retrieval
@@ -151,10 +154,21 @@ def test_singular_reports_are_made_once_and_both_destinations_hold_the_same_retr
 
 
 # --- a destination that is behind ------------------------------------------------------------------------------
-def lookback_reads(calls: Any, bookmark: int) -> int:
-    """How many calls a run from `bookmark` reads: from the whole day before it on (`lookback_days: 1`)."""
-    since = datetime.fromtimestamp(bookmark, UTC).date() - timedelta(days=1)
-    return calls.count - calls.first_at_or_after(int(datetime(since.year, since.month, since.day, tzinfo=UTC).timestamp()))
+def run_alone(sandbox: Any, source: dict[str, Any], folder: Path, copy_of: Place | None = None) -> tuple[dict[str, int], int]:
+    """What the emulator serves (records per list) and how many rows load when `source` runs into one
+    DuckDB file of its own: a new one, or a copy of `copy_of`'s (so at its state). Its counters start at 0."""
+    folder.mkdir()
+    db = folder / "alone.duckdb"
+    if copy_of is not None:
+        shutil.copy(copy_of.settings["path"], db)
+    sandbox.reset_stats()
+    config = parse_config({"stage": str(folder / "stage"), "sources": {"tw": source},
+                           "destinations": {"alone": {"type": "duckdb", "path": str(db)}}}, folder / "floe.yml")
+    results = run(config)
+    assert all(r.ok for r in results), [r.error for r in results]
+    served = dict(sandbox.served)
+    sandbox.reset_stats()
+    return served, sum(r.rows for r in results)
 
 
 def test_a_destination_added_later_catches_up_in_a_read_of_its_own_while_the_other_reads_only_new_calls(
@@ -162,29 +176,29 @@ def test_a_destination_added_later_catches_up_in_a_read_of_its_own_while_the_oth
     server, sandbox = start_twilio(emulator, size=400, days=6)
     sid = sandbox.credentials()[0][0]
     calls = sandbox.list(sid, "calls")
-    source = twilio_source(server, sandbox, streams=["calls"])
+    source = twilio_source(server, sandbox, streams=["calls"], lookback_days=1)
     assert all(r.ok for r in run(two_destinations(tmp_path, {"tw": {**source, "destinations": ["a"]}}, pair)))
-    calls.add(25)
-    sandbox.reset_stats()
+    sandbox.advance(6 * 3600)  # new calls arrive; some older ones change
+    a_alone, a_rows = run_alone(sandbox, source, tmp_path / "a-alone", copy_of=pair[0])  # from a's state
+    new_alone, new_rows = run_alone(sandbox, source, tmp_path / "new-alone")  # from the start
+    assert a_alone[f"{sid}/calls"] < new_alone[f"{sid}/calls"] / 2
 
     config = two_destinations(tmp_path, {"tw": source}, pair)
     results = by_destination(run(config))
     assert results["a"].ok and results["b"].ok, [r.error for r in results.values()]
-    a_read = lookback_reads(calls, max(calls.time(i) for i in range(calls.count - 25)))
-    assert a_read < calls.count / 2
-    assert sandbox.served[f"{sid}/calls"] == a_read + calls.count  # a: only the lookback and new calls
-    assert (results["a"].rows, results["b"].rows) == (a_read, calls.count)
+    # b reads from the start; a reads from its own state, as it would alone; nothing more is asked.
+    assert sandbox.served[f"{sid}/calls"] == a_alone[f"{sid}/calls"] + new_alone[f"{sid}/calls"]
+    assert (results["a"].rows, results["b"].rows) == (a_rows, new_rows)
     a, b = pair
-    assert a.rows("tw", "calls", "sid", "status") == b.rows("tw", "calls", "sid", "status")
-    assert len(a.rows("tw", "calls", "sid")) == calls.count
+    assert a.rows("tw", "calls", "sid") == b.rows("tw", "calls", "sid") and len(set(b.rows("tw", "calls", "sid"))) == calls.count
 
     # Both are at the same state now: the next run reads once for both.
     assert a.state("tw", "calls") == b.state("tw", "calls")
-    calls.add(5)
-    sandbox.reset_stats()
+    sandbox.advance(3600)
+    again, _ = run_alone(sandbox, source, tmp_path / "again-alone", copy_of=a)
     assert all(r.ok for r in run(config))
-    assert sandbox.served[f"{sid}/calls"] == lookback_reads(calls, max(calls.time(i) for i in range(calls.count - 5)))
-    assert a.rows("tw", "calls", "sid", "status") == b.rows("tw", "calls", "sid", "status")
+    assert sandbox.served == again
+    assert a.rows("tw", "calls", "sid") == b.rows("tw", "calls", "sid") and len(set(b.rows("tw", "calls", "sid"))) == calls.count
 
 
 # --- failures --------------------------------------------------------------------------------------------------
