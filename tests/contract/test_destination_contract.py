@@ -82,7 +82,7 @@ class Under:
 
     def job(self, *tables: pa.Table, disposition: str = "append", pk: tuple[str, ...] = (),
             parent: tuple[str, ...] = (), checkpoint: dict[str, Any] | None = None) -> LoadJob:
-        writer = StageWriter(self.folder / "stage", "src", "items", new_load_id(),
+        writer = StageWriter(self.folder / "stage" / "src" / "items", new_load_id(),
                              format=self.dest.stage_format(disposition))  # type: ignore[arg-type]
         files: list[StagedFile] = []
         fields: dict[str, pa.Field] = {}
@@ -291,7 +291,7 @@ CHILD = textwrap.dedent("""
     dest = cls("w", validate_model(cls.Config, settings, "destinations.w"), Context(folder))
     for i in range((dest.get_state("src", "items") or {"next": 0})["next"], kill_at + 1):
         batch = pa.record_batch({"id": pa.array(range(i * per_load, (i + 1) * per_load), pa.int64())})
-        writer = StageWriter(folder / "stage", "src", "items", new_load_id(), format=dest.stage_format("append"))
+        writer = StageWriter(folder / "stage" / "src" / "items", new_load_id(), format=dest.stage_format("append"))
         writer.write(batch)
         job = LoadJob(writer.load_id, "src", "items", TableSpec("src", "items", batch.schema), writer.flush(),
                       {"next": i + 1}, datetime.now(UTC))
