@@ -327,7 +327,8 @@ def test_a_known_field_that_does_not_fit_its_column_is_an_error_naming_it(tmp_pa
         list(ExportReader(reader_schema, "FORMAT_NDJSON").batches(path))
 
 
-@pytest.mark.parametrize("body", [b'{"IndvId": 1}\n', gzip.compress(b'{"IndvId": 1}\n')[:10] + b"\xff" * 40])
+@pytest.mark.parametrize("body", [b'{"IndvId": 1}\n', gzip.compress(b'{"IndvId": 1}\n', mtime=0)[:10] + b"\xff" * 40],
+                         ids=["plain-json", "gzip-header-then-garbage"])
 def test_a_file_that_is_not_gzip_is_an_error(tmp_path: Path, body: bytes) -> None:
     from floe.errors import SourceError
     from floe.sources.fullstory_export import ExportReader
