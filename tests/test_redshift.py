@@ -23,7 +23,7 @@ from floe.config import validate_model
 from floe.destinations.base import LoadJob, TableSpec, json_field
 from floe.destinations.objectstore import S3Store, StoreUrl
 from floe.destinations.redshift import VARCHAR_MAX, RedshiftConfig, RedshiftDestination, fit_strings
-from floe.engine.stage import StagedFile
+from floe.engine.stage import StagedFile, new_load_id
 from floe.errors import DestinationError
 from tests.fixtures.core import VersionedRows
 from tests.fixtures.redshift import SECRET, RedshiftOnPostgres, redshift_settings
@@ -61,18 +61,22 @@ def items(ids: list[int | None], values: list[str | None], docs: list[str | None
 
 
 def test_loads_go_through_split_files_a_manifest_and_one_copy_then_the_objects_are_deleted(redshift, tmp_path):
-    redshift.store.put_bytes("floe/stage/rs/src/items/2026/11/23/crashed-load/part-00000.parquet", b"old")
+    redshift.store.put_bytes("floe/stage/rs/src/items/2026/11/23/20261123T010000Z-0c0ffe/part-00000.parquet", b"old")
+    live = f"floe/stage/rs/src/items/{datetime.now(UTC):%Y/%m/%d}/{new_load_id()}/part-00000.parquet"
+    redshift.store.put_bytes(live, b"another run's, still loading")  # younger than the lease expiry: kept
     first = items(list(range(1000)), [f"v{i}" for i in range(1000)], ['{"k": 1}'] * 1000)
     redshift.load(job_of(tmp_path, 1, first))
     manifest = redshift.manifests[0]
     assert len(manifest["entries"]) == 4  # slices (4) x files_per_slice (1)
     assert all(e["mandatory"] and e["url"].startswith(f"s3://{redshift.stage_url.bucket}/floe/stage/rs/src/items/")
                for e in manifest["entries"])
-    # While COPY ran, the stage held exactly this load's parts and manifest (the crashed load's leftovers were gone).
+    # While COPY ran, the stage held this load's parts and manifest and the live run's part; the
+    # crashed load's leftovers were gone.
     suffix = ".parquet" if redshift.config.file_format == "parquet" else ".csv.gz"
     assert sorted(k.rsplit("/", 1)[1] for k in redshift.listed_during_copy) == sorted(
-        [f"part-0000{i}{suffix}" for i in range(4)] + ["manifest.json"])
-    assert list(redshift.store.list("floe/")) == []  # cleaned up after the commit
+        [f"part-0000{i}{suffix}" for i in range(4)] + ["manifest.json", "part-00000.parquet"])
+    assert [key for key, _ in redshift.store.list("floe/")] == [live]  # this load's objects gone after the commit
+    redshift.store.delete_keys([live])
 
     copy = sqlglot.parse_one(redshift.copies[0], read="redshift")
     assert isinstance(copy, exp.Copy)

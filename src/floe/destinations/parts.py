@@ -75,6 +75,27 @@ def load_prefix(url: StoreUrl, destination: str, job: LoadJob) -> str:
     return url.key(destination, job.source, job.stream, f"{datetime.now(UTC):%Y/%m/%d}", job.load_id) + "/"
 
 
+def delete_leftover_loads(store: ObjectStore, stream_prefix: str, min_age_seconds: float) -> int:
+    """Delete the part folders under `stream_prefix` (`<YYYY/MM/DD>/<load_id>/`) of loads that started
+    at least `min_age_seconds` ago; return how many objects went.
+
+    Meant for leftovers of crashed loads. With `min_age_seconds` = the lease expiry, a folder that
+    is spared may belong to a load still running (its lease is alive) and one that goes cannot."""
+    cutoff = datetime.now(UTC).timestamp() - min_age_seconds
+    stale: list[str] = []
+    for key, _size in store.list(stream_prefix):
+        load_id = key[len(stream_prefix):].split("/")[3:4]
+        try:
+            started = datetime.strptime(load_id[0][:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC).timestamp()
+        except (IndexError, ValueError):
+            continue  # not a load folder of ours: leave it
+        if started <= cutoff:
+            stale.append(key)
+    if stale:
+        store.delete_keys(stale)
+    return len(stale)
+
+
 def write_parts(job: LoadJob, folder: Path, schema: pa.Schema, rows_per_part: int, part_format: PartFormat,
                 conform: Callable[[pa.RecordBatch, int], pa.Table]) -> list[Path]:
     """The job's staged rows as `part-00000<suffix>`, ... in `folder`, `rows_per_part` rows each (the

@@ -2,7 +2,8 @@
 
 A load of one stream:
 1. leftovers of earlier crashed loads of this stream under `<stage>/<destination>/<source>/<stream>/`
-   are deleted (paginated: any number of keys);
+   are deleted (paginated: any number of keys), those younger than the lease expiry excepted: they
+   may be another live run's;
 2. the job's rows are written as `parts` files of about equal size, `parts` = the cluster's slice
    count (`SELECT COUNT(*) FROM stv_slices`, or the `slices` key) x `files_per_slice`, as Parquet
    (default) or gzip CSV, each row carrying its arrival order `_floe_seq`, and uploaded in parallel
@@ -44,7 +45,7 @@ from floe.destinations.column_types import SPELLED_OUT, ColumnRules
 from floe.destinations.leases import Holder, Lease
 from floe.destinations.merge import NULL_SAFE_OR
 from floe.destinations.objectstore import S3Store, StoreUrl
-from floe.destinations.parts import PartFormat, load_prefix, upload_parts
+from floe.destinations.parts import PartFormat, delete_leftover_loads, load_prefix, upload_parts
 from floe.destinations.postgres import MERGE_STYLE, PostgresConfig, PostgresDestination
 from floe.destinations.sql import LEASES_TABLE, SqlDestination, arrow_type_key
 from floe.engine.stage import StagedFile
@@ -360,7 +361,7 @@ class RedshiftDestination(PostgresDestination):
         """Write and upload the parts and their manifest; return (the load's key prefix, manifest URI).
 
         About equal parts, one per slice x files_per_slice (empty parts are skipped)."""
-        self.store.delete_prefix(self.stream_prefix(job))  # leftovers of loads that crashed before cleanup
+        delete_leftover_loads(self.store, self.stream_prefix(job), self.config.lease_expiry_seconds)
         prefix = load_prefix(self.stage_url, self.name, job)
         schema = self.part_schema(job.table)
         per_part = max(1, math.ceil(job.rows / (self.slice_count() * self.config.files_per_slice)))
