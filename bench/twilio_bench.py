@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import resource
@@ -63,6 +64,12 @@ def ensure_bench_venv() -> None:
     subprocess.run([str(BENCH_VENV / "bin" / "pip"), "install", "-q", "dlt[duckdb]"], check=True)
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def emulator_rate(url: str, sid: str, token: str, records: int) -> dict:
     """Read every call page with a plain keep-alive client (no parsing): what the emulator can serve."""
     started = time.monotonic()
@@ -84,7 +91,6 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--skip-dlt", action="store_true")
     parser.add_argument("--emulator-rate", action="store_true", help="also time the emulator alone (raw page reads)")
-    parser.add_argument("--duckdb-memory", default="128MB", help="DuckDB memory_limit of the floe destination")
     parser.add_argument("--profile", type=Path,
                         help="sample the floe run with py-spy into this file (collapsed stacks; CPU and RSS include py-spy)")
     args = parser.parse_args()
@@ -108,10 +114,8 @@ def main() -> None:
         config = {
             "sources": {"twilio": {
                 "type": "twilio", "account_sid": sid, "auth_token": token, "base_url": server.url,
-                "start_date": datetime.fromordinal(start_date).date().isoformat(), "streams": ["calls"],
-                "window_days": 3, "max_concurrency": 8}},
-            "destinations": {"warehouse": {"type": "duckdb", "path": str(work / "floe.duckdb"),
-                                           "memory_limit": args.duckdb_memory}},
+                "start_date": datetime.fromordinal(start_date).date().isoformat(), "streams": ["calls"]}},
+            "destinations": {"warehouse": {"type": "duckdb", "path": str(work / "floe.duckdb")}},
             "stage": str(work / "stage"),
         }
         (work / "floe.yml").write_text(yaml.safe_dump(config))
@@ -120,9 +124,12 @@ def main() -> None:
             print(json.dumps(report_emulator), flush=True)
         print("floe run ...", flush=True)
         load_before = os.getloadavg()[0]
-        prefix = (["py-spy", "record", "--format", "raw", "--threads", "--native", "-o", str(args.profile.resolve()),
+        prefix = ([shutil.which("py-spy") or str(FLOE.with_name("py-spy")), "record", "--format", "raw", "--threads", "--native", "-o", str(args.profile.resolve()),
                    "--"] if args.profile else [])
+        emulator_pid = multiprocessing.active_children()[0].pid
+        emulator_cpu = process_cpu_seconds(emulator_pid)
         floe = measured([*prefix, str(FLOE), "run", "-c", str(work / "floe.yml")], work)
+        emulator_cpu = process_cpu_seconds(emulator_pid) - emulator_cpu
         with duckdb.connect(str(work / "floe.duckdb"), read_only=True) as conn:
             floe_rows = conn.execute("SELECT count(*), count(DISTINCT sid) FROM twilio.calls").fetchone()
         assert floe_rows == (args.records, args.records), floe_rows
@@ -131,6 +138,7 @@ def main() -> None:
                   "floe_records_per_s": round(floe_rate), "floe_peak_rss_mb": round(floe["peak_rss_mb"]),
                   "floe_cpu_seconds": round(floe["cpu_seconds"], 1),
                   "floe_records_per_cpu_s": round(args.records / floe["cpu_seconds"]),
+                  "emulator_cpu_seconds_meanwhile": round(emulator_cpu, 1),
                   "load_average_before_floe": load_before, "load_average_after_floe": os.getloadavg()[0]}
         print(json.dumps(report), flush=True)
 

@@ -33,6 +33,7 @@ import orjson
 from floe.engine.stream import Source
 from floe.errors import SourceError
 from floe.secrets import redact
+from floe.threads import in_thread
 
 T = TypeVar("T")
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504}) | frozenset(range(505, 600))
@@ -225,13 +226,16 @@ class HttpClient:
         """GET and decode JSON. A body that is not valid JSON (e.g. truncated) is retried too."""
         return await self.get_parsed(url, orjson.loads, **kwargs)
 
-    async def get_parsed(self, url: str, parse: Callable[[bytes], T], **kwargs: Any) -> T:
-        """GET and `parse(body)`; a ValueError from `parse` (a truncated or garbled body) is retried."""
+    async def get_parsed(self, url: str, parse: Callable[[bytes], T], *, parse_in_thread: bool = False,
+                         **kwargs: Any) -> T:
+        """GET and `parse(body)`; a ValueError from `parse` (a truncated or garbled body) is retried.
+        With `parse_in_thread`, `parse` (thread-safe, releasing the GIL) runs on a worker thread, so
+        the event loop goes on reading other responses meanwhile."""
         attempt = 0
         while True:
             response = await self.request("GET", url, **kwargs)
             try:
-                return parse(response.content)
+                return await in_thread(parse, response.content) if parse_in_thread else parse(response.content)
             except ValueError as exc:
                 if attempt >= self.max_retries:
                     raise self._fail(f"response could not be parsed ({str(exc)[:200]})", response.status_code,

@@ -147,7 +147,7 @@ class TwilioSource(ApiSource):
         guard = PageGuard(self.name, what)
         next_url: str | None = url
         while next_url is not None:
-            batch, next_uri = await self.http.get_parsed(next_url, parser, params=params)
+            batch, next_uri = await self.http.get_parsed(next_url, parser, params=params, parse_in_thread=True)
             params = None  # the next page URI carries every parameter
             yield batch
             next_url = urljoin(self.config.base_url + "/", next_uri) if next_uri else None
