@@ -47,12 +47,12 @@ from floe.sandbox.twilio_data import (
     CURSOR_LAG,
     DAY,
     Clock,
-    ListFilter,
     ListResource,
     hash_kind,
     mix,
     rfc2822,
 )
+from floe.sandbox.twilio_pages import ListFilter, enclose
 
 __all__ = ["TwilioSandbox", "create_app", "describe", "hash_kind", "mix", "rfc2822"]
 
@@ -307,7 +307,7 @@ def create_app(seed: int = 1, size: int = 1000, days: int = 30, end: str | None 
             "previous_page_uri": uri(page - 1, previous_token) if previous_token else None,
             "start": start, "uri": uri(page, token),
         })
-        body = b'{"' + key.encode() + b'":' + items + b"," + envelope[1:]
+        body = enclose(b'{"' + key.encode() + b'":', items, b"," + envelope[1:])
         return Response(body, media_type="application/json")
 
     async def countries(request: Request) -> Response:

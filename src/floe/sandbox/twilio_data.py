@@ -37,15 +37,15 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
+from floe.sandbox.twilio_pages import CHUNK, Chunk, ListFilter, Meta, enclose, select
+
 M64 = (1 << 64) - 1
-CHUNK = 1000
 DAY = 86400
 API_VERSION = "2010-04-01"
 _DAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
@@ -63,7 +63,6 @@ CALL_SUBRESOURCES = [(re.sub(r"(?<!^)([A-Z])", r"_\1", name).lower(), name) for 
     "Notifications", "Recordings", "Payments", "Events", "Siprec", "Streams", "Transcriptions",
     "UserDefinedMessageSubscriptions", "UserDefinedMessages")]  # (key, path name), as Twilio lists them
 
-Meta = tuple[int | None, int, str, int | None]  # (cursor, date_created, status, end_time) as epoch seconds
 
 
 def mix(x: int) -> int:
@@ -159,43 +158,6 @@ class Timeline:
             updated = when
         record["date_updated"] = rfc2822(updated)
         return record, None
-
-
-@dataclass
-class Chunk:
-    blob: bytes  # the records, newest first, joined by ","
-    starts: list[int]  # offset of each record in `blob`, plus the end
-    meta: list[Meta]  # what filters look at, per record (newest first)
-    changes: list[float]  # when each record next changes (inf: never)
-    size: int  # records in the chunk when rendered (the newest chunk grows)
-    valid_until: float  # the clock at which one of its records next changes
-
-
-@dataclass
-class ListFilter:
-    """Which records a list request returns: cursor and end time bounds [from, to), a status, soft-deleted ones."""
-
-    cursor_from: int | None = None
-    cursor_to: int | None = None
-    end_from: int | None = None
-    end_to: int | None = None
-    status: str | None = None
-    include_deleted: bool = False
-
-    def __call__(self, meta: Meta) -> bool:
-        cursor, _, status, end = meta
-        if status == "deleted" and not self.include_deleted:
-            return False
-        if self.status is not None and status != self.status:
-            return False
-        # a date filter never returns a record whose date is null
-        return _within(cursor, self.cursor_from, self.cursor_to) and _within(end, self.end_from, self.end_to)
-
-
-def _within(value: int | None, lo: int | None, hi: int | None) -> bool:
-    if lo is None and hi is None:
-        return True
-    return value is not None and (lo is None or value >= lo) and (hi is None or value < hi)
 
 
 @dataclass
@@ -463,36 +425,12 @@ class ListResource:
         """Every record as it stands now, oldest first (from the rendered chunks)."""
         out: list[dict[str, Any]] = []
         for c in range(0, (self.count + CHUNK - 1) // CHUNK):
-            out += reversed(orjson.loads(b"[" + self.chunk(c).blob + b"]"))
+            out += reversed(orjson.loads(enclose(b"", [self.chunk(c).blob], b"")))
         return out
 
-    def page(self, top: int, floor: int, size: int, keep: Callable[[Meta], bool]) -> tuple[bytes, int, int, bool]:
-        """Up to `size` records that `keep` accepts, from index `top - 1` down to `floor`, newest first:
-        (JSON array, how many, index of the last one taken, whether another one follows)."""
-        parts: list[bytes] = []
-        taken, last = 0, top
-        i = top - 1
-        while i >= floor:
-            c = i // CHUNK
-            chunk = self.chunk(c)
-            newest = c * CHUNK + chunk.size - 1
-            lowest = max(floor, c * CHUNK)
-            run = None  # position (in the chunk) where the current run of kept records began
-            for pos in range(newest - i, newest - lowest + 1):
-                if keep(chunk.meta[pos]):
-                    if taken == size:
-                        if run is not None:
-                            parts.append(chunk.blob[chunk.starts[run]:chunk.starts[pos] - 1])
-                        return b"[" + b",".join(parts) + b"]", taken, last, True
-                    run = pos if run is None else run
-                    taken, last = taken + 1, newest - pos
-                elif run is not None:
-                    parts.append(chunk.blob[chunk.starts[run]:chunk.starts[pos] - 1])
-                    run = None
-            if run is not None:
-                parts.append(chunk.blob[chunk.starts[run]:chunk.starts[newest - lowest + 1] - 1])
-            i = lowest - 1
-        return b"[" + b",".join(parts) + b"]", taken, last, False
+    def page(self, top: int, floor: int, size: int, keep: ListFilter) -> tuple[list[bytes], int, int, bool]:
+        """See `twilio_pages.select`."""
+        return select(self.chunk, top, floor, size, keep)
 
     def prerender(self) -> None:
         for c in range(0, (self.count + CHUNK - 1) // CHUNK):
