@@ -1,6 +1,9 @@
 """Benchmark: 1,000,000 Twilio call records from the emulator into DuckDB, floe vs dlt's rest_api source.
 
-    .venv/bin/python bench/twilio_bench.py [--records 1000000] [--skip-dlt]
+    .venv/bin/python bench/twilio_bench.py [--records 1000000] [--skip-dlt] [--emulator-rate]
+    .venv/bin/python bench/twilio_bench.py --latency 0.2 [--day-calls 50000]
+
+floe runs with the default config (only credentials, start_date and streams set).
 
 The emulator runs in its own process (serve_in_process) with every page pre-rendered, so the
 numbers measure the loaders, not the emulator. Each loader runs as a child process whose peak
@@ -86,14 +89,61 @@ def emulator_rate(url: str, sid: str, token: str, records: int) -> dict:
     return {"emulator_seconds": round(seconds, 1), "emulator_records_per_s": round(records / seconds)}
 
 
+def latency_main(latency: float, day_calls: int) -> None:
+    """One day holding `day_calls` calls, `latency` seconds added to every page: a daily run with the
+    default config (the day read in hour windows at once) against sequential paging (max_concurrency 1)."""
+    from floe.sandbox.server import serve_in_process
+    from floe.sandbox.twilio import TwilioSandbox, create_app
+
+    midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    sid, token = TwilioSandbox(seed=1, size=1, accounts=1).credentials()[0]
+    print(f"starting the emulator ({day_calls:,} calls in one day, {latency} s a page)...", flush=True)
+    server = serve_in_process(create_app, size=day_calls, days=1, end=midnight.isoformat(), latency=latency,
+                              prerender=True)
+    report: dict[str, object] = {"calls": day_calls, "latency_s_per_page": latency}
+    try:
+        for name, extra in (("default", {}), ("sequential", {"max_concurrency": 1})):
+            work = Path(tempfile.mkdtemp(prefix="twilio-latency-"))
+            config = {"sources": {"twilio": {
+                "type": "twilio", "account_sid": sid, "auth_token": token, "base_url": server.url,
+                "start_date": (midnight.date().fromordinal(midnight.date().toordinal() - 1)).isoformat(),
+                "streams": ["calls"], **extra}},
+                "destinations": {"warehouse": {"type": "duckdb", "path": str(work / "floe.duckdb")}},
+                "stage": str(work / "stage")}
+            (work / "floe.yml").write_text(yaml.safe_dump(config))
+            before = httpx.get(f"{server.url}/_sandbox/stats").json()["requests"]
+            load = os.getloadavg()[0]
+            result = measured([str(FLOE), "run", "-c", str(work / "floe.yml")], work)
+            pages = httpx.get(f"{server.url}/_sandbox/stats").json()["requests"] - before
+            with duckdb.connect(str(work / "floe.duckdb"), read_only=True) as conn:
+                rows = conn.execute("SELECT count(DISTINCT sid) FROM twilio.calls").fetchone()
+            assert rows == (day_calls,), rows
+            report[name] = {"seconds": round(result["seconds"], 2), "pages": pages,
+                            "cpu_seconds": round(result["cpu_seconds"], 1), "load_average": load}
+            shutil.rmtree(work, ignore_errors=True)
+            print(json.dumps({name: report[name]}), flush=True)
+    finally:
+        server.stop()
+    report["speedup_over_sequential"] = round(report["sequential"]["seconds"]  # type: ignore[index]
+                                              / report["default"]["seconds"], 1)  # type: ignore[index]
+    print(json.dumps(report, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=1_000_000)
+    parser.add_argument("--latency", type=float,
+                        help="instead: one day of --day-calls calls with this many seconds added to every page, "
+                             "the default config against sequential paging")
+    parser.add_argument("--day-calls", type=int, default=50_000)
     parser.add_argument("--skip-dlt", action="store_true")
     parser.add_argument("--emulator-rate", action="store_true", help="also time the emulator alone (raw page reads)")
     parser.add_argument("--profile", type=Path,
                         help="sample the floe run with py-spy into this file (collapsed stacks; CPU and RSS include py-spy)")
     args = parser.parse_args()
+    if args.latency is not None:
+        latency_main(args.latency, args.day_calls)
+        return
 
     from floe.sandbox.server import serve_in_process
     from floe.sandbox.twilio import create_app

@@ -316,25 +316,69 @@ def make_source(server: Any, sandbox: emu.TwilioSandbox, **extra: Any) -> Twilio
     return TwilioSource("tw", config, Context())
 
 
+def midnight(day: date) -> datetime:
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
 def test_windows_are_contiguous_end_open_and_split_a_short_range_for_concurrency() -> None:
     config = parse_config({"sources": {"tw": {
         "type": "twilio", "account_sid": "AC" + "0" * 32, "auth_token": "x" * 32, "start_date": "2026-01-01",
         "window_days": 7, "lookback_days": 2}}}).sources["tw"]
     stream = TwilioSource("tw", config).streams()[0]
-    today = date(2026, 1, 30)
-    windows = stream.windows(None, today)
-    assert windows[0][0] == date(2026, 1, 1) and windows[-1][1] is None
+    now = datetime(2026, 1, 30, 10, 20, tzinfo=UTC)
+    windows = stream.windows(None, now)
+    assert windows[0][0] == midnight(date(2026, 1, 1)) and windows[-1][1] is None
     assert all(a[1] == b[0] for a, b in zip(windows, windows[1:], strict=False))
     assert {b - a for a, b in windows[:-1]} == {timedelta(days=7)}  # a backfill: window_days
     # a daily run re-reads 2 days before the bookmark: one window per day, fetched at once
-    assert stream.windows({"bookmark": "2026-01-29T10:00:00+00:00"}, today) == [
-        (date(2026, 1, 27), date(2026, 1, 28)), (date(2026, 1, 28), date(2026, 1, 29)),
-        (date(2026, 1, 29), date(2026, 1, 30)), (date(2026, 1, 30), None)]
+    assert stream.windows({"bookmark": "2026-01-29T10:00:00+00:00"}, now) == [
+        (midnight(date(2026, 1, d)), midnight(date(2026, 1, d + 1))) for d in (27, 28, 29)] + [
+        (midnight(date(2026, 1, 30)), None)]
     params = stream.params(windows[0])
     assert params == {"StartTime>": "2026-01-01", "StartTime<": "2026-01-08", "PageSize": "1000"}
     recordings = TwilioSource("tw", config).streams()[2]
-    assert recordings.params(windows[-1]) == {"DateCreated>": windows[-1][0].isoformat(), "PageSize": "1000",
-                                              "IncludeSoftDeleted": "true"}
+    assert recordings.params(windows[-1]) == {"DateCreated>": windows[-1][0].date().isoformat(),
+                                              "PageSize": "1000", "IncludeSoftDeleted": "true"}
+
+
+def test_a_range_shorter_than_the_windows_read_at_once_is_split_by_the_hour() -> None:
+    """A daily run without lookback reads one day: in whole-hour windows, one per window read at once
+    (max_concurrency / 2), with date-time filter values in Twilio's own spelling."""
+    config = parse_config({"sources": {"tw": {
+        "type": "twilio", "account_sid": "AC" + "0" * 32, "auth_token": "x" * 32, "start_date": "2026-01-01",
+        "lookback_days": 0, "max_concurrency": 8}}}).sources["tw"]
+    stream = TwilioSource("tw", config).streams()[0]
+    now = datetime(2026, 1, 30, 23, 40, tzinfo=UTC)
+    windows = stream.windows({"bookmark": "2026-01-30T01:00:00+00:00"}, now)
+    assert [w[0].hour for w in windows] == [0, 6, 12, 18] and windows[-1][1] is None
+    assert stream.params(windows[1]) == {"StartTime>": "Fri, 30 Jan 2026 06:00:00 +0000",
+                                         "StartTime<": "Fri, 30 Jan 2026 12:00:00 +0000", "PageSize": "1000"}
+    assert stream.params(windows[0])["StartTime>"] == "2026-01-30"
+
+
+def test_a_short_range_read_in_hour_windows_loads_each_row_once(
+        emulator: Any, api_project: Any) -> None:
+    """A daily run re-reading a day and today (fewer days than windows read at once) reads them in
+    hour windows: date-time filters the emulator honours as Twilio's examples show, every row once."""
+    server, sandbox = start_twilio(emulator, size=4000, days=2)
+    project = api_project(tw=source_config(server, sandbox, streams=["calls"], page_size=100))
+    assert all(r.ok for r in project.run())
+    state = json.loads(project.states()[-1][3])
+    sandbox.advance(6 * HOUR)
+    project.sources["tw"]["lookback_days"] = 1
+    sandbox.reset_stats()
+    assert all(r.ok for r in project.run())
+    windows = [r for r in sandbox.requests if "StartTime>" in r["params"] and "Page" not in r["params"]]
+    assert len(windows) >= 4 and any(":" in r["params"]["StartTime>"] for r in windows), windows
+    pages = [r for r in sandbox.requests if "StartTime>" in r["params"]]
+    assert len(pages) > 1.5 * len(windows)  # several pages per window, windows read at once
+    bookmark = datetime.fromisoformat(state["bookmark"])
+    reread = midnight(bookmark.date() - timedelta(days=1))
+    now, served = loaded(project, "calls"), truth(sandbox, "calls")
+    assert {r[0] for r in now} == {r[0] for r in served}
+    at = COMPARED["calls"].index("start_time")
+    assert {r for r in now if r[at] and r[at] >= reread} == {r for r in served if r[at] and r[at] >= reread}
+    assert datetime.fromisoformat(json.loads(project.states()[-1][3])["bookmark"]) > bookmark
 
 
 def test_a_run_stopped_among_concurrent_windows_commits_a_bookmark_its_rows_cover(emulator: Any,

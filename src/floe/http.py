@@ -27,6 +27,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import httpcore
 import httpx
 import orjson
 
@@ -39,6 +40,10 @@ T = TypeVar("T")
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504}) | frozenset(range(505, 600))
 # Query parameters that carry credentials in some APIs (Singular's api_key, pre-signed S3 URLs).
 _SECRET_PARAMS = ("key", "token", "secret", "password", "signature", "credential", "auth", "sig")
+# Pages of list APIs are megabytes. httpcore reads a body 64 KB at a time, each piece passing through
+# h11, httpcore and httpx in Python: 1 MB reads take a quarter less CPU per page (asyncio hands
+# over at most 256 KB a time anyway, so memory does not grow).
+httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = 1 << 20
 
 
 def safe_url(url: str | httpx.URL) -> str:

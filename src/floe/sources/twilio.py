@@ -3,7 +3,7 @@
 Incremental streams keep a bookmark per stream: the largest cursor value ever loaded (never the
 list's sort order). Each run re-reads from `lookback_days` before the bookmark, because Twilio
 updates records after the fact (status, price, duration); rows merge on `sid`, so re-reading never
-duplicates. The range is split into date windows fetched concurrently; windows are committed oldest
+duplicates. The range is split into windows (days, or hours for a short range) fetched concurrently; windows are committed oldest
 first and the bookmark only advances past a window once it and every earlier window are loaded.
 The last window is open-ended, so nothing newer than today is missed.
 
@@ -25,6 +25,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from email.utils import format_datetime
 from functools import partial
 from typing import Any, ClassVar, Literal
 from urllib.parse import urljoin
@@ -171,27 +172,35 @@ class TwilioIncremental(Stream):
         self.schema = self.parser.schema
         self.final = pa.array(self.list.final, S)
 
-    def windows(self, state: State | None, today: date) -> list[tuple[date, date | None]]:
-        """[(from, to)] UTC days, `to` exclusive; the last window is open-ended (None). Windows are
+    def windows(self, state: State | None, now: datetime) -> list[tuple[datetime, datetime | None]]:
+        """[(from, to)] UTC moments, `to` exclusive; the last window is open-ended (None). Windows are
         `window_days` long, shorter when the range is short, so that a daily run's re-read is also
-        fetched concurrently."""
+        fetched concurrently: whole days while the range holds a day per window read at once, else
+        whole hours (one day of a daily run with no lookback is read as several windows at once)."""
         config = self.source.config
         bookmark = _bookmark(state)
-        first = (bookmark - timedelta(days=config.lookback_days)).date() if bookmark else config.start_date
+        day = (bookmark - timedelta(days=config.lookback_days)).date() if bookmark else config.start_date
+        first = datetime.combine(day, datetime.min.time(), UTC)
         parallel = max(1, config.max_concurrency // 2)
-        size = timedelta(days=max(1, min(config.window_days, -(-((today - first).days + 1) // parallel))))
-        windows: list[tuple[date, date | None]] = []
-        while first + size <= today:
+        days = (now.date() - day).days + 1
+        if days >= parallel:
+            size = timedelta(days=max(1, min(config.window_days, -(-days // parallel))))
+            limit = datetime.combine(now.date(), datetime.min.time(), UTC)
+        else:
+            size = timedelta(hours=max(1, -(-(now - first) // (timedelta(hours=1) * parallel))))
+            limit = now
+        windows: list[tuple[datetime, datetime | None]] = []
+        while first + size <= limit:
             windows.append((first, first + size))
             first += size
         windows.append((first, None))
         return windows
 
-    def params(self, window: tuple[date, date | None]) -> dict[str, str]:
-        params = {f"{self.list.date_filter}>": window[0].isoformat(), "PageSize": str(self.source.config.page_size),
+    def params(self, window: tuple[datetime, datetime | None]) -> dict[str, str]:
+        params = {f"{self.list.date_filter}>": _filter_value(window[0]), "PageSize": str(self.source.config.page_size),
                   **self.list.params}
         if window[1] is not None:
-            params[f"{self.list.date_filter}<"] = window[1].isoformat()
+            params[f"{self.list.date_filter}<"] = _filter_value(window[1])
         return params
 
     def sweep_horizon(self, state: State | None) -> datetime:
@@ -206,7 +215,7 @@ class TwilioIncremental(Stream):
             start = max(min(start, pending - SWEEP_MARGIN), start - timedelta(days=PENDING_DAYS))
         return start
 
-    async def window(self, window: tuple[date, date | None]) -> AsyncIterator[pa.RecordBatch]:
+    async def window(self, window: tuple[datetime, datetime | None]) -> AsyncIterator[pa.RecordBatch]:
         """The raw pages of one date window."""
         async for batch in self.source.pages(self.source.list_url(self.list.resource), self.params(window),
                                              self.parser, self.name):
@@ -236,14 +245,15 @@ class TwilioIncremental(Stream):
 
     async def read(self, state: State | None) -> AsyncIterator[Batch]:
         config = self.source.config
-        windows = self.windows(state, datetime.now(UTC).date())
+        windows = self.windows(state, datetime.now(UTC))
         sweeps = self.list.sweeps if config.null_cursor_rows else ()
         horizon = self.sweep_horizon(state)
         newest: list[list[datetime]] = [[] for _ in sweeps]  # per sweep, the newest row it saw
         jobs: list[Job] = [*(partial(self.sweep, p, horizon, seen) for p, seen in zip(sweeps, newest, strict=True)),
                            *(partial(self.window, w) for w in windows)]
         nsweeps = len(sweeps)
-        ahead = max(1, min(len(jobs), config.max_concurrency // 2 or 1))
+        # the sweeps (a page or two each, usually) do not take the windows' turns
+        ahead = min(len(jobs), nsweeps + max(1, config.max_concurrency // 2))
         queues: list[asyncio.Queue[pa.RecordBatch | BaseException | None]] = []
         tasks: list[asyncio.Task[None]] = []
         getters: dict[asyncio.Task[Any], int] = {}  # a pending queue.get() per job being read
@@ -343,6 +353,14 @@ class TwilioIncremental(Stream):
             for task in [*tasks, *getters]:
                 task.cancel()
             await asyncio.gather(*tasks, *getters, return_exceptions=True)
+
+
+def _filter_value(moment: datetime) -> str:
+    """A date filter value: `YYYY-MM-DD` at midnight (the documented form), else a date-time in
+    Twilio's own RFC 2822 spelling (one of the forms the spec's examples show it accepts)."""
+    if moment.time() == datetime.min.time():
+        return moment.date().isoformat()
+    return format_datetime(moment.astimezone(UTC))
 
 
 def _earliest(a: datetime | None, b: datetime | None) -> datetime | None:
