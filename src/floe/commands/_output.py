@@ -8,20 +8,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from floe import logs
-from floe.config import FloeConfig, load_config
 from floe.secrets import redact
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # (and imported where used: `floe --help` need not load rich, pydantic or the engine)
+    from rich.console import Console
+
+    from floe.config import FloeConfig
     from floe.engine.pipeline import StreamResult
     from floe.syncs.engine import SyncResult
 
 ConfigOption = Annotated[Path | None, typer.Option("-c", "--config", help="Config file (default: floe.yml).")]
-# Off a terminal (cron, CI, pipes) rich would squeeze tables to 80 columns and cut names.
-console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)
+
+
+def console() -> Console:
+    """The rich console for tables. Off a terminal (cron, CI, pipes) rich would squeeze tables to 80
+    columns and cut names."""
+    from rich.console import Console
+
+    return Console(stderr=False, width=None if sys.stdout.isatty() else 160)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -32,6 +37,9 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 def open_config(path: Path | None) -> FloeConfig:
     """Load floe.yml (or `path`) and set up logging the way it asks."""
+    from floe import logs
+    from floe.config import load_config
+
     config = load_config(path)
     logs.setup(fmt=config.log_format)
     return config
@@ -39,17 +47,21 @@ def open_config(path: Path | None) -> FloeConfig:
 
 def print_summary(results: list[StreamResult]) -> None:
     """One table row per stream and destination of a run: rows, commits, seconds, status."""
+    from rich.table import Table
+
     table = Table(title="floe run", title_justify="left")
     for column in ("source", "stream", "destination", "rows", "commits", "seconds", "status"):
         table.add_column(column, justify="right" if column in ("rows", "commits", "seconds") else "left")
     for r in results:
         status = "ok" if r.ok else f"FAILED: {r.error}"
         table.add_row(r.source, r.stream, r.destination, f"{r.rows:,}", str(r.commits), f"{r.seconds:.1f}", status)
-    console.print(table)
+    console().print(table)
 
 
 def print_sync_summary(results: list[SyncResult]) -> None:
     """One table row per sync; a dry run also prints the first records it would have sent."""
+    from rich.table import Table
+
     dry = any(r.dry_run for r in results)
     table = Table(title="floe sync" + (" (dry run: nothing sent)" if dry else ""), title_justify="left")
     numbers = ("changed", "requests") if dry else ("changed", "sent", "updated", "missing", "failed")
@@ -58,7 +70,7 @@ def print_sync_summary(results: list[SyncResult]) -> None:
     for r in results:
         counts = [f"{getattr(r, c):,}" for c in numbers]
         table.add_row(r.name, r.target, *counts, f"{r.seconds:.1f}", "ok" if r.ok else f"FAILED: {r.error}")
-    console.print(table)
+    console().print(table)
     for r in results:
         if r.dry_run and r.samples:
             typer.echo(f"{r.name}: first records that would be sent:")

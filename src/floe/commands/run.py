@@ -8,8 +8,6 @@ from typing import Annotated
 import typer
 
 from floe.commands._output import ConfigOption, fail, open_config, print_summary
-from floe.engine.progress import Progress
-from floe.engine.stream import RunOptions
 from floe.errors import FloeError
 
 
@@ -23,6 +21,8 @@ def run_command(
 ) -> None:
     """Load every source into its destinations (then run syncs, if any)."""
     from floe.engine import runner
+    from floe.engine.progress import Progress
+    from floe.engine.stream import RunOptions
 
     try:
         cfg = open_config(config)

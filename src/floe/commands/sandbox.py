@@ -7,10 +7,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 
 from floe.errors import FloeError
-from floe.sandbox.emulators import EMULATORS, sandbox_sources, start_all, stop_all
 
 
 def sandbox_command(
@@ -26,6 +24,8 @@ def sandbox_command(
     duration: Annotated[float | None, typer.Option(help="Stop after this many seconds (default: until Ctrl-C).")] = None,
 ) -> None:
     """Start the emulators (Twilio, Singular, ...) on 127.0.0.1 and keep them running."""
+    from floe.sandbox.emulators import EMULATORS, sandbox_sources, start_all, stop_all
+
     names = only or list(EMULATORS)
     unknown = [n for n in names if n not in EMULATORS]
     if unknown:
@@ -55,6 +55,8 @@ def sandbox_command(
                                        "salt": "sandbox-salt"}  # a fixed sandbox salt, not a secret
             config = {"sources": sources,
                       "destinations": {"warehouse": {"type": "duckdb", "path": "sandbox.duckdb"}}}
+            import yaml
+
             write_config.write_text(yaml.safe_dump(config, sort_keys=False))
             typer.echo(f"wrote {write_config}: floe run -c {write_config}")
         typer.echo("sandbox running; press Ctrl-C to stop", err=True)

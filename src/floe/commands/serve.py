@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 from typing import Annotated
 
@@ -22,6 +21,8 @@ def serve_command(
     """Keep sources loaded: catch up, sleep until the next piece of work is due, repeat.
 
     SIGTERM (or Ctrl-C) lets the load in progress commit, then exits with status 0."""
+    import asyncio
+
     from floe.engine.serve import Server
 
     try:

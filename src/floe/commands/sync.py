@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from floe.commands._output import ConfigOption, fail, open_config, print_sync_summary
-from floe.config import FloeConfig
 from floe.errors import FloeError
 from floe.secrets import redact
-from floe.syncs.engine import SyncResult, run_syncs
+
+if TYPE_CHECKING:
+    from floe.config import FloeConfig
+    from floe.syncs.engine import SyncResult
 
 
 def notify_failures(config: FloeConfig, results: list[SyncResult]) -> None:
@@ -35,6 +36,10 @@ def run_and_report(config: FloeConfig, names: list[str] | None = None, *, dry_ru
                    full: bool = False) -> list[SyncResult]:
     """Run syncs, print the summary, notify; exit non-zero if a sync failed (one line per failed sync
     on stderr). A sync fails when Pendo accepted none of its rows; some rows rejected only warn."""
+    import asyncio
+
+    from floe.syncs.engine import run_syncs
+
     try:
         results = asyncio.run(run_syncs(config, names, dry_run=dry_run, full=full))
     except FloeError as exc:

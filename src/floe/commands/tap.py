@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 from pathlib import Path
@@ -30,6 +29,8 @@ def _critical(message: str) -> None:
 
 
 def _catalog_of(source_name: str, floe_config: Path | None, settings: Path | None) -> dict[str, Any]:
+    import asyncio
+
     from floe.singer.catalog import build_catalog
     from floe.singer.setup import make_source_for
 
@@ -85,6 +86,8 @@ def tap_command(
             await SingerTap(plugin, sys.stdout.buffer).run(streams, start, selection)
         finally:
             await plugin.aclose()
+
+    import asyncio
 
     try:
         asyncio.run(main())
