@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -21,12 +21,21 @@ if TYPE_CHECKING:  # (and imported where used: `floe --help` need not load rich,
 ConfigOption = Annotated[Path | None, typer.Option("-c", "--config", help="Config file (default: floe.yml).")]
 
 
-def console() -> Console:
-    """The rich console for tables. Off a terminal (cron, CI, pipes) rich would squeeze tables to 80
-    columns and cut names."""
-    from rich.console import Console
+class _Console:
+    """rich's Console, made on first use (so that `floe --help` does not import rich)."""
 
-    return Console(stderr=False, width=None if sys.stdout.isatty() else 160)
+    _real: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._real is None:
+            from rich.console import Console
+
+            # Off a terminal (cron, CI, pipes) rich would squeeze tables to 80 columns and cut names.
+            self._real = Console(stderr=False, width=None if sys.stdout.isatty() else 160)
+        return getattr(self._real, name)
+
+
+console = _Console()
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -55,7 +64,7 @@ def print_summary(results: list[StreamResult]) -> None:
     for r in results:
         status = "ok" if r.ok else f"FAILED: {r.error}"
         table.add_row(r.source, r.stream, r.destination, f"{r.rows:,}", str(r.commits), f"{r.seconds:.1f}", status)
-    console().print(table)
+    console.print(table)
 
 
 def print_sync_summary(results: list[SyncResult]) -> None:
@@ -70,7 +79,7 @@ def print_sync_summary(results: list[SyncResult]) -> None:
     for r in results:
         counts = [f"{getattr(r, c):,}" for c in numbers]
         table.add_row(r.name, r.target, *counts, f"{r.seconds:.1f}", "ok" if r.ok else f"FAILED: {r.error}")
-    console().print(table)
+    console.print(table)
     for r in results:
         if r.dry_run and r.samples:
             typer.echo(f"{r.name}: first records that would be sent:")

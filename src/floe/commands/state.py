@@ -7,23 +7,21 @@ destination (`Destination.change_state`), written on top of the version the comm
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
 from floe.commands._output import ConfigOption, console, fail, open_config
-from floe.config import FloeConfig
-from floe.destinations.base import Destination, StateChange, StateVersion, TableSpec
-from floe.destinations.leases import Holder, Lease
-from floe.destinations.state_ops import as_utc
-from floe.engine.stage import new_load_id
 from floe.errors import ConfigError, FloeError
+
+if TYPE_CHECKING:  # the rest is imported where used: `floe --help` need not load the engine
+    from floe.config import FloeConfig
+    from floe.destinations.base import Destination, StateVersion, TableSpec
+    from floe.destinations.leases import Lease
 
 state_app = typer.Typer(help="See, revert and reset stream state.", no_args_is_help=True)
 
@@ -75,6 +73,7 @@ def state_show(
         shown = {name: [{**r, "committed_at": str(r["committed_at"])} for r in rows] for name, rows in out.items()}
         typer.echo(json.dumps(shown[destination] if destination else shown, indent=2, default=str))
         return
+    from rich.table import Table
     table = Table(title="floe state", title_justify="left")
     for column in ("destination", "source", "stream", "version", "committed_at", "state"):
         table.add_column(column, justify="right" if column == "version" else "left")
@@ -110,6 +109,7 @@ def state_log(
                                        "load_id": v.load_id, "rows": v.rows, "action": v.action,
                                        "details": v.details, "state": v.state}, default=str))
             continue
+        from rich.table import Table
         table = Table(title=f"{target} -> {name}", title_justify="left")
         for column in ("version", "committed_at", "load_id", "rows", "change", "state"):
             table.add_column(column, justify="right" if column in ("version", "rows") else "left")
@@ -153,6 +153,8 @@ def state_revert(
                 return
             if caveat:
                 confirm(f"{plan}.\nA {spec.disposition} stream: {caveat}.", yes)
+            from floe.destinations.base import StateChange
+            from floe.engine.stage import new_load_id
             deleted = dest.change_state(StateChange(
                 new_load_id(), spec, source, stream, chosen.state, latest, to, "revert", {"to_version": to}, lease))
     except FloeError as exc:
@@ -193,6 +195,8 @@ def state_reset(
                 confirm(plan, yes)
             for dest in destinations:
                 latest = dest.read_state(source, stream).version
+                from floe.destinations.base import StateChange
+                from floe.engine.stage import new_load_id
                 deleted = dest.change_state(StateChange(new_load_id(), spec, source, stream, None, latest,
                                                         0 if delete else None, "reset", {"keep_rows": not delete},
                                                         leases[dest.name]))
@@ -231,6 +235,8 @@ def open_destinations(cfg: FloeConfig, source: str, only: str | None, one: bool 
 
 def table_of(cfg: FloeConfig, source: str, stream: str) -> TableSpec:
     """The table of `source`.`stream` as the source declares it (its disposition, keys and columns)."""
+    import asyncio
+
     from floe.engine.pipeline import table_spec
     from floe.engine.runner import context_for, make_source
 
@@ -257,6 +263,7 @@ def closing(dest: Destination) -> Iterator[Destination]:
 def held(dest: Destination, source: str, stream: str) -> Iterator[Lease]:
     """The stream's lease in `dest` for the duration of the block; refused at once while a run holds it."""
     got = dest.try_lease(source, stream)
+    from floe.destinations.leases import Holder
     if isinstance(got, Holder):
         raise FloeError(f"{dest.lease_name(source, stream)}: another run is loading this stream ({got.describe()}); "
                         "nothing changed, try again once it has finished")
@@ -288,6 +295,7 @@ def confirm(message: str, yes: bool) -> None:
 
 
 def when(value: Any) -> str:
+    from floe.destinations.state_ops import as_utc
     at = as_utc(value)
     return f"{at:%Y-%m-%d %H:%M:%S} UTC" if at else ""
 
