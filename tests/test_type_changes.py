@@ -31,6 +31,7 @@ from floe.destinations.bigquery_sql import COLUMN_RULES as BIGQUERY_RULES
 from floe.destinations.column_types import ColumnRules, compare
 from floe.destinations.duckdb import DuckDBDestination
 from floe.destinations.postgres import PostgresDestination
+from floe.destinations.schema_changes import variant_name
 from floe.destinations.redshift import RedshiftDestination
 from floe.destinations.sql import SqlDestination
 from floe.engine import runner
@@ -158,41 +159,85 @@ def test_a_type_change_is_lossless_a_widening_or_incompatible(destination, old, 
 
 
 def load_values(dest: SqlDestination, folder: Path, table: str, ids: list[int], key: str,
-                checkpoint: dict[str, Any]) -> None:
+                checkpoint: dict[str, Any], policy: str = "evolve") -> None:
     """Stage (id, v) rows with `v` of type key `key` and commit them to src.<table>, as the pipeline would."""
     batch = pa.RecordBatch.from_arrays([pa.array(ids, pa.int64()), SAMPLES[key]],
                                        schema=pa.schema([pa.field("id", pa.int64()), sample_field(key)]))
     writer = StageWriter(folder / table, new_load_id(), format=dest.stage_format("append"))
     writer.write(batch)
     files = writer.flush()
-    spec = TableSpec("src", table, batch.schema)
+    spec = TableSpec("src", table, batch.schema, schema_changes=policy)  # type: ignore[arg-type]
     dest.load(LoadJob(writer.load_id, "src", table, spec, files, checkpoint, datetime.now(UTC)))
 
 
-@pytest.mark.parametrize("kind", ["duckdb", "postgres"])
-def test_every_type_change_loads_exactly_or_fails_naming_both_types(kind, tmp_path, request):
-    """For every pair of staged types: a table made by the first, then values of the second.
+def read_back(dest: SqlDestination, table: str, ids: list[int], column: str) -> list[Any] | None:
+    """The values of `column` of the rows `ids` (None: the table has no such column)."""
+    with dest.transaction() as cur:
+        if column not in dest.existing_columns(cur, "src", table):
+            return None
+    listed = ", ".join(map(str, ids))
+    return [r[0] for r in dest.query(f'SELECT "{column}" FROM src."{table}" WHERE id IN ({listed}) ORDER BY id')]
 
-    What the destination's rule calls lossless must come back exactly; everything else must fail with
-    the table, column and both types named, leaving the table's rows and its state as they were."""
+
+@pytest.mark.parametrize("kind", ["duckdb", "postgres"])
+def test_every_type_change_evolves_the_table_and_keeps_every_value_exactly(kind, tmp_path, request):
+    """For every pair of staged types: a table made by the first, then values of the second (schema_changes:
+    evolve). Each load succeeds; its values come back exactly, in the column (widened if need be) or in
+    the variant column `v__v_<type>` beside it, the other one NULL; the first rows keep their values."""
+    dest = make_destination(settings_for(kind, tmp_path, request), tmp_path)
+    wrong: list[str] = []
+    try:
+        for old in SAMPLES:
+            table = f"from_{old}"
+            load_values(dest, tmp_path, table, [0, 1], old, {"n": 0})
+            for n, new in enumerate(SAMPLES, start=1):
+                ids, want = [2 * n, 2 * n + 1], SAMPLES[new].to_pylist()
+                try:
+                    load_values(dest, tmp_path, table, ids, new, {"n": n})
+                except DestinationError as exc:
+                    wrong.append(f"{old} -> {new}: the load failed: {exc}")
+                    continue
+                in_column = read_back(dest, table, ids, "v")
+                variant = read_back(dest, table, ids, variant_name("v", sample_field(new)))
+                if in_column is not None and all(exactly(g, w, new) for g, w in zip(in_column, want, strict=True)):
+                    if variant not in (None, [None, None]):
+                        wrong.append(f"{old} -> {new}: the variant column holds {variant!r} too")
+                elif variant is None or not all(exactly(g, w, new) for g, w in zip(variant, want, strict=True)):
+                    wrong.append(f"{old} -> {new}: stored {in_column!r} / variant {variant!r} for {want!r}")
+                elif in_column != [None, None]:
+                    wrong.append(f"{old} -> {new}: the column holds {in_column!r} beside the variant")
+                first = read_back(dest, table, [0, 1], "v") or []
+                if not all(exactly(g, w, old) for g, w in zip(first, SAMPLES[old].to_pylist(), strict=True)):
+                    wrong.append(f"{old} -> {new}: the first rows now read {first!r}")
+            if dest.get_state("src", table) != {"n": len(SAMPLES)}:
+                wrong.append(f"{old}: the state is {dest.get_state('src', table)!r}")
+    finally:
+        dest.close()
+    assert wrong == []
+
+
+@pytest.mark.parametrize("kind", ["duckdb", "postgres"])
+def test_with_freeze_every_type_change_loads_exactly_or_fails_naming_both_types(kind, tmp_path, request):
+    """schema_changes: freeze. What the destination's rule calls lossless must come back exactly; everything
+    else must fail with the table, column and both types named, leaving the table's rows and state as they were."""
     dest = make_destination(settings_for(kind, tmp_path, request), tmp_path)
     rules: ColumnRules = dest.column_rules
     wrong: list[str] = []
     try:
         for old in SAMPLES:
             table = f"from_{old}"
-            load_values(dest, tmp_path, table, [0, 1], old, {"n": 0})
+            load_values(dest, tmp_path, table, [0, 1], old, {"n": 0}, "freeze")
             with dest.transaction() as cur:
                 column = dest.existing_columns(cur, "src", table)["v"]
             before = ([(2,)], {"n": 0})  # the table's row count and state
             for n, new in enumerate(SAMPLES, start=1):
                 verdict = compare(rules, column, sample_field(new), dest.column_type)
                 try:
-                    load_values(dest, tmp_path, table, [2 * n, 2 * n + 1], new, {"n": n})
+                    load_values(dest, tmp_path, table, [2 * n, 2 * n + 1], new, {"n": n}, "freeze")
                 except DestinationError as exc:
                     staged = "JSON text" if new == "json" else str(SAMPLES[new].type)
                     named = (f"loading src.{table} failed, nothing committed: column 'v' is {rules.parse(column)} "
-                             f"in the warehouse and the new values are {staged}")
+                             f"in the warehouse and the new values are {staged} and schema_changes is freeze")
                     if verdict.lossless:
                         wrong.append(f"{old} -> {new} ({column}): called lossless, but the load failed: {exc}")
                     elif named not in str(exc):

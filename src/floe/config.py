@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
@@ -34,6 +34,17 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+SchemaChanges = Literal["evolve", "freeze"]
+T = TypeVar("T")
+
+
+def per_stream(value: T | dict[str, T], stream: str, default: T) -> T:
+    """A setting given for every stream, or per stream name (`*`: every other stream)."""
+    if isinstance(value, dict):
+        return value.get(stream, value.get("*", default))
+    return value
+
+
 class SourceConfig(Model):
     """Keys every source accepts, whatever its type."""
 
@@ -44,6 +55,19 @@ class SourceConfig(Model):
     schedule: str | None = Field(
         default=None, description="For `floe serve`: an interval like `15m`/`6h` or a cron expression."
     )
+    schema_changes: SchemaChanges | dict[str, SchemaChanges] = Field(
+        default="evolve", description="What a load does when a column's values change type: `evolve` (widen "
+        "the column, or keep the values in a variant column `<column>__v_<type>`) or `freeze` (fail); one "
+        "value, or a mapping of stream names (`*`: the others) to values.",
+    )
+    widen_to_text: bool | dict[str, bool] = Field(
+        default=False, description="With `evolve`: a column may become text to hold values of another type "
+        "(else they go to a variant column); one value, or a mapping of stream names (`*`: the others).",
+    )
+
+    def schema_policy(self, stream: str) -> tuple[SchemaChanges, bool]:
+        """The `schema_changes` and `widen_to_text` of one stream."""
+        return per_stream(self.schema_changes, stream, "evolve"), per_stream(self.widen_to_text, stream, False)
 
 
 class DestinationConfig(Model):

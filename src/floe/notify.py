@@ -1,8 +1,9 @@
 """Failure and recovery notifications (top-level `notify:`): a JSON POST to `webhook`, and/or an
 SNS message to `sns_topic_arn` (boto3; region from `region` or the AWS environment).
 
-A message is sent for every (source, stream, destination) whose run failed, and once when a
-stream that failed before loads successfully again. "Failed before" is read from the
+A message is sent for every (source, stream, destination) whose run failed, once when a
+stream that failed before loads successfully again, and once for the changes a run's commits made
+to a stream's table (columns added or widened, variant columns: `schema_changes`). "Failed before" is read from the
 destination's `_floe_loads` (the last row written before this run), so recovery is known
 across separate `floe run` invocations. Messages carry the source, stream, destination, the
 (redacted) error and the last committed sync point, never a credential. Sending never raises:
@@ -22,6 +23,7 @@ import httpx
 
 from floe.config import NotifyConfig
 from floe.destinations.base import Destination, LoadJob, TableSpec
+from floe.destinations.schema_changes import Change
 from floe.engine.pipeline import StreamResult
 from floe.secrets import redact
 
@@ -30,17 +32,20 @@ log = logging.getLogger("floe.notify")
 
 @dataclass
 class Notice:
-    event: str  # "failed" | "recovered"
+    event: str  # "failed" | "recovered" | "schema_changed"
     source: str
     stream: str
     destination: str
     error: str | None
     last_sync_point: Any
     at: str
+    schema_changes: list[dict[str, Any]] | None = None  # "schema_changed": what the run changed in the table
 
     @property
     def text(self) -> str:
         where = f"{self.source}.{self.stream} -> {self.destination}"
+        if self.event == "schema_changed":
+            return f"floe: {where} table changed: " + "; ".join(Change(**c).describe() for c in self.schema_changes or [])
         if self.event == "failed":
             return f"floe: {where} FAILED: {self.error} (last good sync point: {json.dumps(self.last_sync_point)})"
         return f"floe: {where} recovered (sync point: {json.dumps(self.last_sync_point)})"
@@ -156,6 +161,11 @@ def report(
         dest = destinations.get(result.destination)
         if dest is None:
             continue
+        if result.schema_changes:  # committed: each change once, from the run that made it
+            notice = Notice("schema_changed", result.source, result.stream, result.destination, None, result.state,
+                            now, result.schema_changes)
+            notifier.send(notice)
+            notices.append(notice)
         before = previous_status(dest, result.source, result.stream, started)
         if result.ok and before != "failed":
             continue

@@ -29,7 +29,7 @@ def target_command(
 ) -> None:
     """Run as a Singer target: SCHEMA/RECORD/STATE/ACTIVATE_VERSION/BATCH on stdin, STATE out once committed."""
     from floe import logs
-    from floe.singer.setup import make_destination_for
+    from floe.singer.setup import make_destination_for, target_policy
     from floe.singer.target import SingerTarget
 
     logs.setup()
@@ -40,7 +40,8 @@ def target_command(
         target_schema = schema or own.get("schema") or own.get("default_target_schema") or "singer"
         stage = cfg.stage if cfg is not None else Path(".floe/stage")
         rows = int(batch_rows or own.get("batch_rows") or 500_000)
-        target = SingerTarget(dest, stage, sys.stdout.buffer, schema=str(target_schema), batch_rows=rows)
+        target = SingerTarget(dest, stage, sys.stdout.buffer, schema=str(target_schema), batch_rows=rows,
+                              policy=target_policy(own, str(config)))
         if input_file is not None:
             with input_file.open("rb") as handle:
                 committed = target.run(handle)

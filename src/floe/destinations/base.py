@@ -25,7 +25,7 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
-from floe.config import DestinationConfig
+from floe.config import DestinationConfig, SchemaChanges
 from floe.destinations.leases import Holder, Lease, wait_for_lease
 from floe.engine.stage import StagedFile
 from floe.engine.stream import Context, Disposition, RefreshScope, State, Stream
@@ -64,6 +64,11 @@ class TableSpec:
     # The template may use {table} (the qualified target) and {columns} (its quoted column list);
     # keep it portable SQL with double-quoted identifiers. Destinations without views ignore it.
     views: tuple[tuple[str, str], ...] = ()
+    # What a load does when staged values need a column of another type (docs/destinations.md, "Column
+    # type changes"): "evolve" widens the column, or keeps the values in a variant column; "freeze" fails.
+    # `widen_to_text`: a column may become text to hold values of another type (else a variant column).
+    schema_changes: SchemaChanges = "evolve"
+    widen_to_text: bool = False
 
     @property
     def marker_columns(self) -> tuple[str, ...]:

@@ -32,6 +32,7 @@ import logging
 import re
 import threading
 from collections.abc import Collection, Mapping
+from contextlib import ExitStack
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -58,6 +59,7 @@ from floe.destinations.bigquery_sql import (
     transaction_script,
 )
 from floe.destinations.leases import Holder, Lease, take_object_lease
+from floe.destinations.schema_changes import SchemaPlan, log_changes, routed, variant_refresh_error
 from floe.destinations.objectstore import GCSStore, StoreUrl
 from floe.destinations.parts import PartFormat, load_prefix, upload_parts
 from floe.destinations.sql import STATE_TABLE
@@ -164,14 +166,18 @@ class BigQueryDestination(BigQuerySql, Destination):
         jobs = [dataclasses.replace(job, table=refresh_copy(job.table)) if job.refresh else job for job in jobs]
         prefixes: list[str] = []
         plans: list[LoadPlan] = []
+        routing = ExitStack()
         try:
             for n, job in enumerate(jobs):
+                existing = self.existing_columns(job.table)
+                schema = self.schema_plan(job.table, job.files, existing)  # variant columns named in the parts
+                jobs[n] = job = routing.enter_context(routed(job, SchemaPlan() if schema.refusals else schema))
                 uris: list[str] = []
                 if job.files:
                     prefix, uris = self.upload(job)
                     prefixes.append(prefix)
-                plans.append(self.plan(job, uris, self.existing_columns(job.table), self._meta_ready or n > 0,
-                                       f"_{n + 1}" if n else ""))
+                plans.append(self.plan(job, uris, existing, self._meta_ready or n > 0, f"_{n + 1}" if n else ""))
+            routing.close()
             with self._lock:
                 for job, plan in zip(jobs, plans, strict=True):
                     for statement in plan.ddl:
@@ -188,9 +194,12 @@ class BigQueryDestination(BigQuerySql, Destination):
             tables = ", ".join(f"{j.table.schema_name}.{j.table.table}" for j in jobs)
             raise DestinationError(f"{self.name}: loading {tables} failed, nothing committed: {exc}") from None
         finally:
+            routing.close()
             if not self.config.keep_staged_files:
                 for prefix in prefixes:
                     self.store.delete_prefix(prefix)
+        for job in jobs:
+            log_changes(self.name, job)
         # Committed. Views and the staging tables' removal are tidying: a failure is logged, not raised
         # (staging tables expire by themselves).
         for statement in (s for plan in plans for s in plan.after):
@@ -208,10 +217,11 @@ class BigQueryDestination(BigQuerySql, Destination):
         """The statements that swap a full refresh in: `existing` are the target's columns and types,
         `copied` the refresh copy's columns. Raises DestinationError if a column would narrow a value."""
         spec = job.table
-        self.refuse_narrowing(spec, job.files, existing)
+        if self.schema_plan(spec, job.files, existing).reshaped:
+            raise variant_refresh_error(self.name, spec)
+        evolve = self.evolve_sql(spec, job.files, existing)
         target, copy = self.ref(self.table_name(spec)), self.ref(self.table_name(refresh_copy(spec)))
-        ddl = [*([] if meta_ready else self.meta_ddl()), *([] if existing else [self.create_table_sql(spec)]),
-               *self.add_columns_sql(spec, existing)]
+        ddl = [*([] if meta_ready else self.meta_ddl()), *([] if existing else [self.create_table_sql(spec)]), *evolve]
         names = "".join(f"{quote(c)}, " for c in copied if c not in ("_floe_load_id", "_floe_loaded_at"))
         parameters = self.parameters(job, self.name)
         delete = f"DELETE FROM {target} WHERE TRUE"

@@ -17,8 +17,9 @@ import pyarrow as pa
 from floe.destinations import merge
 from floe.destinations.base import SEQ, LoadJob, StateChange, TableSpec, is_json
 from floe.destinations.bigquery_api import param
-from floe.destinations.column_types import ColumnRules, narrowing_message, refused
+from floe.destinations.column_types import ColumnRules
 from floe.destinations.merge import NULL_SAFE_OR, RANK, MergeStyle
+from floe.destinations.schema_changes import SchemaPlan, Widening, plan_schema
 from floe.destinations.sql import LOADS_TABLE, STATE_TABLE, arrow_type_key
 from floe.destinations.state_ops import CHANGE_STATUS
 from floe.engine.stage import StagedFile
@@ -60,6 +61,12 @@ COLUMN_RULES = ColumnRules(
              "BIGDECIMAL": "BIGNUMERIC"},
 )
 
+# ALTER COLUMN SET DATA TYPE changes a column to a type its values coerce to (and NUMERIC's parameters up);
+# it is DDL, which BigQuery runs outside transactions: before the load's transaction, kept if that fails.
+WIDENING = Widening("ALTER TABLE {table} ALTER COLUMN {column} SET DATA TYPE {type}", becomes={
+    "INT64": frozenset({"NUMERIC", "BIGNUMERIC"}), "NUMERIC": frozenset({"NUMERIC", "BIGNUMERIC"}),
+    "BIGNUMERIC": frozenset({"BIGNUMERIC"}), "DATE": frozenset({"DATETIME"}),
+})
 
 # No DELETE ... USING and no IS NOT DISTINCT FROM; a merge without a parent key is one MERGE statement.
 MERGE_STYLE = MergeStyle(
@@ -262,13 +269,19 @@ class BigQuerySql:
             statements.append(f"CREATE OR REPLACE VIEW {self.ref(view)} AS {body}")
         return statements
 
-    def refuse_narrowing(self, spec: TableSpec, files: list[StagedFile], existing: Mapping[str, str]) -> None:
-        """Raise DestinationError if a column would not hold the spec's or a staged file's values exactly."""
-        planned = {f.name: t for f in spec.columns if (t := self.column_type(f)) is not None}
-        refusals = refused(COLUMN_RULES, {**planned, **existing}, spec.columns, [f.schema for f in files],
-                           self.column_type)
-        if refusals:
-            raise DestinationError(narrowing_message(refusals))
+    def schema_plan(self, spec: TableSpec, files: list[StagedFile], existing: Mapping[str, str]) -> SchemaPlan:
+        """What loading `files` changes in the table of columns `existing` (floe.destinations.schema_changes)."""
+        return plan_schema(COLUMN_RULES, WIDENING, spec, existing, [f.schema for f in files], self.column_type)
+
+    def evolve_sql(self, spec: TableSpec, files: list[StagedFile], existing: Mapping[str, str]) -> list[str]:
+        """The DDL adding and widening the columns `files` need (their variant columns already in `spec`);
+        raises DestinationError naming each column that would change otherwise (or at all, with freeze)."""
+        plan = self.schema_plan(spec, files, existing)
+        if plan.refusals:
+            raise DestinationError("; ".join(plan.refusals))
+        table = self.ref(self.table_name(spec))
+        return [*self.add_columns_sql(spec, existing),
+                *(s for name, t in plan.widen.items() for s in WIDENING.statements(table, quote(name), t, ""))]
 
     def plan(self, job: LoadJob, uris: list[str], existing: Mapping[str, str], meta_ready: bool = False,
              suffix: str = "") -> LoadPlan:
@@ -277,10 +290,9 @@ class BigQuerySql:
         target's columns and their BigQuery types; raises DestinationError if one of them would not
         hold the staged values exactly."""
         spec = job.table
-        self.refuse_narrowing(spec, job.files, existing)
+        evolve = self.evolve_sql(spec, job.files, existing)
         staging = f"_floe_staging_{job.load_id.replace('-', '_')}"
-        ddl = [*([] if meta_ready else self.meta_ddl()), *([] if existing else [self.create_table_sql(spec)]),
-               *self.add_columns_sql(spec, existing)]
+        ddl = [*([] if meta_ready else self.meta_ddl()), *([] if existing else [self.create_table_sql(spec)]), *evolve]
         body = self.disposition_sql(spec, staging, suffix) if uris or spec.disposition == "replace" else []
         if uris or spec.disposition == "replace":
             ddl.append(self.staging_ddl(spec, staging))

@@ -43,6 +43,7 @@ from floe.destinations.base import SEQ, LoadJob, TableSpec, is_json, nested_as_j
 from floe.destinations.column_types import SPELLED_OUT, TEXT_KEYS, ColumnRules
 from floe.destinations.leases import Holder, Lease
 from floe.destinations.merge import RANK, MergeStyle
+from floe.destinations.schema_changes import SchemaPlan, Widening
 from floe.destinations.sql import LEASES_TABLE, STATE_TABLE, SqlDestination, arrow_type_key
 from floe.destinations.state_ops import SqlStateOps
 from floe.engine.stage import StagedFile
@@ -169,6 +170,8 @@ class PostgresDestination(SqlStateOps, SqlDestination):
         decimals={"NUMERIC": None},
         aliases={**SPELLED_OUT, "DECIMAL": "NUMERIC"},
     )
+    # In the load's transaction; the USING cast is PostgreSQL's own (a date becomes midnight UTC: sessions run in UTC).
+    widening = Widening("ALTER TABLE {table} ALTER COLUMN {column} TYPE {type} USING {column}::{type}")
     json_type = "JSONB"
     text_type = "TEXT"
     timestamp_tz_type = "TIMESTAMPTZ"
@@ -300,8 +303,8 @@ class PostgresDestination(SqlStateOps, SqlDestination):
         spec = self.located(job.table)
         return job if spec is job.table else dataclasses.replace(job, table=spec)
 
-    def ensure_table(self, cur: Any, spec: TableSpec, staged: Sequence[StagedFile] = ()) -> None:
-        super().ensure_table(cur, spec, staged)
+    def ensure_table(self, cur: Any, spec: TableSpec, staged: Sequence[StagedFile] = ()) -> SchemaPlan:
+        plan = super().ensure_table(cur, spec, staged)
         if spec.disposition == "merge" and spec.primary_key:
             digest = hashlib.sha1(f"{spec.schema_name}.{spec.table}".encode()).hexdigest()[:10]
             keys = ", ".join(self.quote(k) for k in spec.primary_key)
@@ -309,6 +312,7 @@ class PostgresDestination(SqlStateOps, SqlDestination):
                 f"CREATE INDEX IF NOT EXISTS {self.quote(f'floe_pk_{digest}')} "
                 f"ON {self.qualified(spec.schema_name, spec.table)} ({keys})"
             )
+        return plan
 
     # --- loading ---------------------------------------------------------------------------------
     def column_oids(self, cur: Any, table: str) -> dict[str, int]:

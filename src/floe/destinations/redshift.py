@@ -33,6 +33,7 @@ import logging
 import math
 import secrets
 from collections.abc import Sequence
+from contextlib import ExitStack
 from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
@@ -47,6 +48,7 @@ from floe.destinations.merge import NULL_SAFE_OR
 from floe.destinations.objectstore import S3Store, StoreUrl
 from floe.destinations.parts import PartFormat, delete_leftover_loads, load_prefix, upload_parts
 from floe.destinations.postgres import MERGE_STYLE, PostgresConfig, PostgresDestination
+from floe.destinations.schema_changes import SchemaPlan, Widening, plan_schema, routed
 from floe.destinations.sql import LEASES_TABLE, SqlDestination, arrow_type_key
 from floe.engine.stage import StagedFile
 from floe.errors import DestinationError, LeaseLostError
@@ -153,6 +155,8 @@ class RedshiftDestination(PostgresDestination):
         aliases={**SPELLED_OUT, "DECIMAL": "NUMERIC", "BINARY VARYING": "VARBYTE", "VARBINARY": "VARBYTE",
                  "TEXT": "VARCHAR", "CHARACTER": "CHAR", "BPCHAR": "CHAR"},
     )
+    # ALTER COLUMN changes only a VARCHAR's length: a new column, a copy, drop and rename, in the transaction.
+    widening = Widening(alter=None)
     json_type = "SUPER"
     text_type = f"VARCHAR({VARCHAR_MAX})"
     timestamp_tz_type = "TIMESTAMPTZ"
@@ -263,8 +267,18 @@ class RedshiftDestination(PostgresDestination):
         value = super().value_sql(f)
         return self.json_parse.format(value) if self.column_type(f) == self.json_type else value
 
-    def ensure_table(self, cur: Any, spec: TableSpec, staged: Sequence[StagedFile] = ()) -> None:
-        SqlDestination.ensure_table(self, cur, spec, staged)  # Redshift has no indexes
+    def ensure_table(self, cur: Any, spec: TableSpec, staged: Sequence[StagedFile] = ()) -> SchemaPlan:
+        return SqlDestination.ensure_table(self, cur, spec, staged)  # Redshift has no indexes
+
+    def preview(self, job: LoadJob) -> SchemaPlan:
+        """The schema plan of `job` against the table as it is now: variant columns are known before the
+        parts are written (the load's transaction plans again and finds them in place)."""
+        spec = self.located(job.table)
+        with self.transaction() as cur:
+            existing = self.existing_columns(cur, spec.schema_name, spec.table)
+        plan = plan_schema(self.column_rules, self.widening, spec, existing, [f.schema for f in job.files],
+                           self.column_type)
+        return SchemaPlan() if plan.refusals else plan  # the transaction raises them
 
     # --- SQL (pure) ------------------------------------------------------------------------------
     def stage_fields(self, spec: TableSpec) -> list[pa.Field]:
@@ -380,10 +394,12 @@ class RedshiftDestination(PostgresDestination):
         """Upload every job's parts, then COPY and commit them all in one transaction."""
         prefixes: list[str] = []
         try:
-            for job in jobs:
-                if job.files:
-                    prefix, self._manifests[job.load_id] = self.upload(job)
-                    prefixes.append(prefix)
+            with ExitStack() as routing:
+                jobs = [routing.enter_context(routed(job, self.preview(job))) for job in jobs]
+                for job in jobs:
+                    if job.files:
+                        prefix, self._manifests[job.load_id] = self.upload(job)
+                        prefixes.append(prefix)
             super().load_group(jobs)
         finally:
             for job in jobs:

@@ -38,8 +38,10 @@ from floe.destinations.base import (
     refresh_copy,
     state_conflict,
 )
-from floe.destinations.column_types import ColumnRules, narrowing_message, refused
+from floe.destinations.column_types import ColumnRules
 from floe.destinations.merge import STANDARD, MergeStyle
+from floe.destinations import schema_changes
+from floe.destinations.schema_changes import SchemaPlan, Widening, log_changes, routed
 from floe.engine.stage import StagedFile
 from floe.engine.stream import RefreshScope
 from floe.errors import DestinationError
@@ -59,6 +61,7 @@ class SqlDestination(Destination):
     # --- per-warehouse data -------------------------------------------------------------
     type_map: ClassVar[dict[str, str]]  # keys: see `arrow_type_key`
     column_rules: ClassVar[ColumnRules]  # which column types hold which staged types exactly
+    widening: ClassVar[Widening] = Widening()  # how a column changes type (in the load's transaction)
     json_type: ClassVar[str] = "JSON"
     text_type: ClassVar[str] = "VARCHAR"
     timestamp_tz_type: ClassVar[str] = "TIMESTAMPTZ"
@@ -299,23 +302,12 @@ class SqlDestination(Destination):
     def rollback(self, cur: Any) -> None:
         self.conn.rollback()
 
-    def ensure_table(self, cur: Any, spec: TableSpec, staged: Sequence[StagedFile] = ()) -> None:
-        """Create the table, or add the columns it lacks. Never drops or narrows a column: raises
+    def ensure_table(self, cur: Any, spec: TableSpec, staged: Sequence[StagedFile] = ()) -> SchemaPlan:
+        """Create the table, or evolve it by the stream's `schema_changes` (floe.destinations.schema_changes):
+        add columns, widen them, plan variant columns. Never drops or narrows a column: raises
         DestinationError if a column would not hold the spec's or a staged file's values exactly."""
         cur.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema_ref(spec.schema_name)}")
-        existing = self.existing_columns(cur, spec.schema_name, spec.table)
-        planned = {f.name: t for f in spec.columns if (t := self.column_type(f)) is not None}
-        refusals = refused(self.column_rules, {**planned, **existing}, spec.columns, [f.schema for f in staged],
-                           self.column_type)
-        if refusals:
-            raise DestinationError(f"{self.name}: loading {spec.schema_name}.{spec.table} failed, nothing committed: "
-                                   f"{narrowing_message(refusals)}")
-        if not existing:
-            cur.execute(self.create_table_sql(spec))
-            return
-        for f in spec.columns:
-            if f.name not in existing and self.column_type(f) is not None:
-                cur.execute(self.add_column_sql(spec, f))
+        return schema_changes.ensure_sql_table(self, cur, spec, staged)
 
     def load(self, job: LoadJob) -> None:
         self.load_group([job])
@@ -339,6 +331,8 @@ class SqlDestination(Destination):
             for schema in dict.fromkeys(job.table.schema_name for job in jobs):
                 self.ensure_schema(schema)
             self.retrying_races(commit)
+            for job in jobs:
+                log_changes(self.name, job)
         except DestinationError:
             raise
         except Exception as exc:
@@ -359,15 +353,15 @@ class SqlDestination(Destination):
         A full refresh's job (`job.refresh`) loads into the table's refresh copy and writes no state."""
         if job.refresh:  # its rows wait in the refresh copy until finish_refresh
             job = dataclasses.replace(job, table=refresh_copy(job.table))
-        spec = job.table
-        self.ensure_table(cur, spec, job.files)
-        if job.files or spec.disposition == "replace":
-            staging = f"_floe_staging_{job.load_id.replace('-', '_')}"
-            order = self.stage_rows(cur, job, staging)
-            unique_keys = self.staged_keys_unique(cur, spec, staging)
-            for statement in self.disposition_sql(spec, staging, order, job.load_id, unique_keys):
-                cur.execute(statement)
-            self.drop_staging(cur, staging)
+        with routed(job, self.ensure_table(cur, job.table, job.files)) as job:
+            spec = job.table
+            if job.files or spec.disposition == "replace":
+                staging = f"_floe_staging_{job.load_id.replace('-', '_')}"
+                order = self.stage_rows(cur, job, staging)
+                unique_keys = self.staged_keys_unique(cur, spec, staging)
+                for statement in self.disposition_sql(spec, staging, order, job.load_id, unique_keys):
+                    cur.execute(statement)
+                self.drop_staging(cur, staging)
         for statement in self.views_sql(spec):
             cur.execute(statement)
         if not job.refresh:
@@ -388,7 +382,8 @@ class SqlDestination(Destination):
         try:
             self.prepare_meta()
             with self.transaction() as cur:
-                self.ensure_table(cur, spec, job.files)
+                if self.ensure_table(cur, spec, job.files).reshaped:
+                    raise schema_changes.variant_refresh_error(self.name, spec)
                 names = [c for c in self.existing_columns(cur, copy.schema_name, copy.table)
                          if c not in ("_floe_load_id", "_floe_loaded_at")]
                 columns = "".join(f"{self.quote(c)}, " for c in names)

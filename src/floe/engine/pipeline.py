@@ -36,7 +36,7 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pyarrow as pa
 
@@ -64,6 +64,7 @@ class StreamResult:
     error: str | None = None
     state: State | None = None
     details: dict[str, int] = field(default_factory=dict)
+    schema_changes: list[dict[str, Any]] = field(default_factory=list)  # what its commits changed in the table
 
     @property
     def ok(self) -> bool:
@@ -81,6 +82,7 @@ def table_spec(source: str, stream: Stream, files: list[StagedFile]) -> TableSpe
     return TableSpec(
         source, stream.name, pa.schema(list(fields.values())), stream.primary_key, stream.disposition,
         parent_key=stream.parent_key, parent_markers=stream.parent_markers, views=tuple(stream.views),
+        schema_changes=stream.schema_changes, widen_to_text=stream.widen_to_text,
     )
 
 
@@ -235,6 +237,7 @@ class _Lane:
                 self.version += 1
             self.result.rows += job.rows
             self.result.commits += 1
+            self.result.schema_changes += job.details.get("schema_changes", [])
             self.result.state = commit.checkpoint
             if self.progress:
                 self.progress.add(self.key, files=len(commit.files), commits=1)

@@ -41,6 +41,8 @@ def make_destination(config: FloeConfig, name: str, context: Context) -> Destina
 
 def select_streams(source: Source, names: Iterable[str] | None) -> list[Stream]:
     streams = source.streams()
+    for stream in streams:
+        stream.schema_changes, stream.widen_to_text = source.config.schema_policy(stream.name)
     if not names:
         return streams
     wanted = list(names)

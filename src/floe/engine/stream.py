@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 
-from floe.config import SourceConfig
+from floe.config import SchemaChanges, SourceConfig
 
 Disposition = Literal["append", "merge", "replace"]
 State = dict[str, Any]
@@ -75,6 +75,9 @@ class Stream(ABC):
     parent_key: tuple[str, ...] = ()  # merge: replace all rows of a parent (see TableSpec.parent_key)
     parent_markers: bool = True  # see TableSpec.parent_markers
     views: tuple[tuple[str, str], ...] = ()  # (view name, SQL template) kept beside the table (see TableSpec.views)
+    # Set from the source's `schema_changes` / `widen_to_text` keys (see TableSpec.schema_changes).
+    schema_changes: SchemaChanges = "evolve"
+    widen_to_text: bool = False
 
     @abstractmethod
     def read(self, state: State | None) -> AsyncIterator[Batch]:

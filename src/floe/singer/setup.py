@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from floe.config import FloeConfig, load_config, validate_model
+from floe.config import FloeConfig, SourceConfig, load_config, validate_model
 from floe.destinations import registry as destination_registry
 from floe.destinations.base import Destination
 from floe.engine.runner import context_for, make_destination, make_source
@@ -54,7 +54,13 @@ def make_source_for(name: str, floe_config: Path | None, settings: Path | None) 
     return registry.load(name)(name, validated, Context())
 
 
-TARGET_KEYS = ("schema", "default_target_schema", "batch_rows")  # keys the target itself reads
+TARGET_KEYS = ("schema", "default_target_schema", "batch_rows", "schema_changes", "widen_to_text")  # the target's own
+POLICY_KEYS = ("schema_changes", "widen_to_text")
+
+
+def target_policy(own: dict[str, Any], where: str) -> SourceConfig:
+    """The target's `schema_changes` and `widen_to_text` settings (see SourceConfig), validated."""
+    return validate_model(SourceConfig, {"type": "singer", **{k: own[k] for k in POLICY_KEYS if k in own}}, where)
 
 
 def make_destination_for(

@@ -43,6 +43,7 @@ from typing import IO, Any, NoReturn
 import orjson
 import pyarrow as pa
 
+from floe.config import SourceConfig
 from floe.destinations.base import Destination, LoadJob
 from floe.destinations.leases import Lease
 from floe.engine.pipeline import table_spec
@@ -138,8 +139,9 @@ class _Buffer:
 
 class SingerTarget:
     def __init__(self, destination: Destination, stage: Path, out: IO[bytes], schema: str = "singer",
-                 batch_rows: int = 500_000, max_seconds: float = 60.0) -> None:
+                 batch_rows: int = 500_000, max_seconds: float = 60.0, policy: SourceConfig | None = None) -> None:
         self.destination = destination
+        self.policy = policy or SourceConfig(type="singer")  # its `schema_changes` and `widen_to_text`
         self.stage = stage
         self.out = out
         self.schema = schema
@@ -277,6 +279,7 @@ class SingerTarget:
                 self.commit(only=old)  # rows staged under the old key merge on the old key
         buf_columns = self._with_version(columns, old.versioned if old else False)
         stream = SingerStream(name, pa.schema([c.arrow_field() for c in buf_columns]), tuple(keys))
+        stream.schema_changes, stream.widen_to_text = self.policy.schema_policy(name)
         if old is not None:
             old.stream, old.columns = stream, buf_columns
             old.converter = Converter(name, buf_columns)
