@@ -353,16 +353,33 @@ def test_a_group_of_streams_commits_in_one_transaction_script_or_not_at_all(bigq
     commits = [j for j in emulator.jobs.values() if j["jobReference"]["jobId"].endswith("_commit")]
     assert len(commits) == 2 and all("`proj.raw.src_other`" in j["configuration"]["query"]["query"] for j in commits)
 
-def test_the_plan_refuses_staged_values_a_column_would_not_hold_exactly(tmp_path):
+def test_the_plan_widens_a_column_before_the_transaction_or_refuses_with_freeze(tmp_path):
     dest = make()
     job = job_of(tmp_path)  # amount is decimal(12, 2)
     existing = {"id": "INT64", "name": "STRING", "amount": "INT64", "created_at": "TIMESTAMP", "props": "JSON",
                 "tags": "JSON"}
+    plan = dest.plan(job, ["gs://bucket/x.parquet"], existing=existing)
+    alter = "ALTER TABLE `proj.raw.src_items` ALTER COLUMN `amount` SET DATA TYPE NUMERIC(21,2)"
+    assert alter in plan.ddl and alter not in plan.script  # DDL: BigQuery runs none inside a transaction
+    assert sqlglot.parse_one(alter, read="bigquery").key == "alter"
+    frozen = dataclasses.replace(job, table=dataclasses.replace(job.table, schema_changes="freeze"))
     with pytest.raises(DestinationError, match=r"column 'amount' is INT64 in the warehouse and the new values are "
-                                               r"decimal128\(12, 2\), .*would have to become NUMERIC\(21,2\) first"):
-        dest.plan(job, ["gs://bucket/x.parquet"], existing=existing)
+                                               r"decimal128\(12, 2\) and schema_changes is freeze"):
+        dest.plan(frozen, ["gs://bucket/x.parquet"], existing=existing)
     widened = dest.plan(job, ["gs://bucket/x.parquet"], existing={**existing, "amount": "NUMERIC(14, 2)"})
-    assert widened.script.startswith("BEGIN TRANSACTION")  # NUMERIC(14, 2) holds every decimal(12, 2)
+    assert not any("ALTER" in s for s in widened.ddl)  # NUMERIC(14, 2) holds every decimal(12, 2)
+
+
+def test_a_widening_bigquery_does_not_allow_keeps_the_values_in_a_variant_column(tmp_path):
+    # DATE -> TIMESTAMP: no coercion; the instants go to `created_at__v_timestamp` (a TIMESTAMP column).
+    dest = make()
+    job = job_of(tmp_path)
+    existing = {"id": "INT64", "name": "STRING", "amount": "NUMERIC(12, 2)", "created_at": "DATE", "props": "JSON",
+                "tags": "JSON"}
+    schema = dest.schema_plan(job.table, job.files, existing)
+    assert schema.renames == [{"created_at": "created_at__v_timestamp"}] and not schema.widen
+    assert [c.describe() for c in schema.changes] == [
+        "values of column 'created_at' (DATE) that it cannot hold go to new column 'created_at__v_timestamp' TIMESTAMP"]
 
 
 def test_a_type_change_end_to_end_commits_nothing_and_names_the_column(bigquery, tmp_path):

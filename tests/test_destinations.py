@@ -260,14 +260,14 @@ def test_postgres_binary_and_csv_copy_load_identical_values(postgres_db, tmp_pat
     assert loaded[0][2][4] == 'nulinside, "quoted"\nline' and loaded[0][2][2] == float("inf")
 
 
-def test_postgres_a_value_too_large_for_an_existing_column_names_the_column(postgres_db, tmp_path):
+def test_postgres_a_value_too_large_for_an_existing_column_widens_it(postgres_db, tmp_path):
     dest = make_destination(postgres_db.config(), tmp_path)
     try:
         load = Loader(dest, tmp_path)
         load(pa.table({"n": pa.array([1], pa.int32())}))  # creates n INTEGER
-        with pytest.raises(DestinationError, match=r"nothing committed: column 'n' is INTEGER in the warehouse and "
-                                                   r"the new values are int64"):
-            load(pa.table({"n": pa.array([3_000_000_000], pa.int64())}))
-        assert dest.query("SELECT n FROM src.items") == [(1,)]
+        load(pa.table({"n": pa.array([3_000_000_000], pa.int64())}))
+        assert dest.query("SELECT n FROM src.items ORDER BY n") == [(1,), (3_000_000_000,)]
+        assert dest.query("SELECT data_type FROM information_schema.columns WHERE table_name = 'items' "
+                          "AND column_name = 'n'") == [("bigint",)]
     finally:
         dest.close()

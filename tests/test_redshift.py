@@ -293,15 +293,25 @@ def test_timestamps_dates_and_decimals_survive_the_staged_files(redshift, tmp_pa
 
 
 @pytest.mark.parametrize("redshift", ["parquet"], indirect=True)
-def test_a_type_change_that_would_change_values_commits_nothing(redshift, tmp_path):
-    # The shared SQL load path with Redshift's rule: NUMERIC(12,2) values into an INTEGER column refused.
+def test_a_type_change_widens_by_a_new_column_copy_and_rename_in_the_transaction(redshift, tmp_path):
+    # Redshift's ALTER COLUMN changes only a VARCHAR's length: INTEGER -> NUMERIC(12,2) is a new column,
+    # an UPDATE copying the values, DROP and RENAME, all in the load's transaction.
     redshift.load(job_of(tmp_path, 1, pa.table({"id": pa.array([1]), "n": pa.array([7], pa.int32())})))
     changed = pa.table({"id": pa.array([2]), "n": pa.array([Decimal("12.75")], pa.decimal128(12, 2))})
-    with pytest.raises(DestinationError, match=r"rs: loading src.items failed, nothing committed: column 'n' is "
-                                               r"INTEGER in the warehouse and the new values are decimal128\(12, 2\)"):
-        redshift.load(job_of(tmp_path, 2, changed))
-    assert redshift.query("SELECT id, n FROM src.items") == [(1, 7)]
-    assert redshift.get_state("src", "items") == {"n": 1}
+    broken = job_of(tmp_path, 2, changed)
+    redshift.fail_copy = True  # the COPY fails after the widening ran: the column keeps its type
+    with pytest.raises(DestinationError, match="rs: loading src.items failed, nothing committed"):
+        redshift.load(broken)
+    redshift.fail_copy = False
+    assert redshift.query("SELECT data_type FROM information_schema.columns WHERE table_name = 'items' "
+                          "AND column_name = 'n'") == [("integer",)]
+    redshift.load(job_of(tmp_path, 3, changed))
+    assert redshift.query("SELECT id, n FROM src.items ORDER BY id") == [(1, Decimal("7.00")), (2, Decimal("12.75"))]
+    assert redshift.query("SELECT data_type, numeric_precision, numeric_scale FROM information_schema.columns "
+                          "WHERE table_name = 'items' AND column_name = 'n'") == [("numeric", 12, 2)]
+    assert redshift.get_state("src", "items") == {"n": 3}
+    statements = redshift.widening.statements('"src"."items"', '"n"', "NUMERIC(12,2)", '"n__floe_widen"')
+    assert [sqlglot.parse_one(s, read="redshift").key for s in statements] == ["alter", "update", "alter", "alter"]
     assert list(redshift.store.list("floe/")) == []
 
 

@@ -304,8 +304,8 @@ UPDATE app.plans SET seats = 2147483647, updated_at = updated_at + interval '1 d
 """
 
 
-def floe_yml(tmp_path: Path, source_url: str, settings: dict[str, Any]) -> Path:
-    config = {"sources": {"shop": {"type": "sql", "url": source_url, "schema": "app",
+def floe_yml(tmp_path: Path, source_url: str, settings: dict[str, Any], **policy: Any) -> Path:
+    config = {"sources": {"shop": {"type": "sql", "url": source_url, "schema": "app", **policy,
                                    "tables": [{"name": "orders", "replication_key": "updated_at"},
                                               {"name": "plans", "replication_key": "updated_at"}]}},
               "destinations": {"warehouse": settings}}
@@ -313,27 +313,54 @@ def floe_yml(tmp_path: Path, source_url: str, settings: dict[str, Any]) -> Path:
     return tmp_path / "floe.yml"
 
 
-def test_floe_run_refuses_a_source_type_change_that_would_change_values(postgres_db, warehouse, tmp_path):
+def floe_run(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([FLOE, "run", "-c", str(config)], capture_output=True, text=True, cwd=config.parent,
+                          timeout=120, check=False)
+
+
+def test_floe_run_widens_the_columns_of_a_source_type_change_and_keeps_every_value(postgres_db, warehouse, tmp_path):
     with psycopg.connect(postgres_db.dsn, autocommit=True) as conn:
         conn.execute(ORDERS)
     config = floe_yml(tmp_path, postgres_db.url, warehouse)
     assert all(r.ok for r in runner.run(load_config(config)))  # the first run, in this process
+    with psycopg.connect(postgres_db.dsn, autocommit=True) as conn:
+        conn.execute(CHANGES)
+
+    second = floe_run(config)
+    assert second.returncode == 0, second.stderr
+    # int -> numeric(12,2) and date -> timestamptz: the columns were widened, each value is exact (the
+    # changed rows replaced the first ones: the tables have primary keys, so their streams merge).
+    rows = warehouse_rows(warehouse, tmp_path, "SELECT id, amount, due FROM shop.orders ORDER BY id")
+    assert rows == [(i, Decimal(9900 + i) + Decimal("10.25"), datetime(2026, 3, 1, 17, 45, tzinfo=UTC))
+                    for i in range(11)]
+    assert rows[0][1] == Decimal("9910.25")
+    assert str(warehouse_state(warehouse, tmp_path, "shop", "orders")["replication_key_value"]).startswith("2026-03-02")
+    lines = [line for line in second.stderr.splitlines() if "event=schema_change" in line and "shop.orders" in line]
+    assert len(lines) == 2 and any("column=amount old=INTEGER new=" in line for line in lines), second.stderr
+    # The lossless changes of the other table loaded exactly, into the columns as they were.
+    assert warehouse_rows(warehouse, tmp_path, "SELECT seats, code FROM shop.plans") == [(2147483647, "7")]
+
+
+def test_with_freeze_floe_run_refuses_a_source_type_change_naming_column_and_types(postgres_db, warehouse, tmp_path):
+    with psycopg.connect(postgres_db.dsn, autocommit=True) as conn:
+        conn.execute(ORDERS)
+    config = floe_yml(tmp_path, postgres_db.url, warehouse, schema_changes={"orders": "freeze"})
+    assert all(r.ok for r in runner.run(load_config(config)))
     loaded = warehouse_rows(warehouse, tmp_path, "SELECT id, amount, due FROM shop.orders ORDER BY id")
     bookmark = warehouse_state(warehouse, tmp_path, "shop", "orders")
     with psycopg.connect(postgres_db.dsn, autocommit=True) as conn:
         conn.execute(CHANGES)
 
-    second = subprocess.run([FLOE, "run", "-c", str(config)], capture_output=True, text=True, cwd=tmp_path,
-                            timeout=120, check=False)
+    second = floe_run(config)
     assert second.returncode == 1
     error = second.stderr.replace("\n", " ")
     assert "loading shop.orders failed, nothing committed: column 'amount' is INTEGER in the warehouse and " \
-           "the new values are decimal128(12, 2)" in error
+           "the new values are decimal128(12, 2) and schema_changes is freeze" in error
     assert "column 'due' is DATE in the warehouse and the new values are timestamp[us, tz=UTC]" in error
     # Nothing was rounded or cut, and the bookmark did not move past the changed rows.
     assert warehouse_rows(warehouse, tmp_path, "SELECT id, amount, due FROM shop.orders ORDER BY id") == loaded
     assert warehouse_state(warehouse, tmp_path, "shop", "orders") == bookmark
-    # The lossless changes of the other table loaded exactly.
+    # `plans` (evolve, by default) loaded exactly.
     assert warehouse_rows(warehouse, tmp_path, "SELECT seats, code FROM shop.plans") == [(2147483647, "7")]
 
 
@@ -361,23 +388,37 @@ def singer_stream(properties: dict[str, Any], rows: list[dict[str, Any]], bookma
             {"type": "STATE", "value": {"bookmark": bookmark}}]
 
 
-def test_floe_target_refuses_a_property_type_change_that_would_change_values(warehouse, tmp_path):
+def test_floe_target_widens_a_property_type_change_and_keeps_every_value(warehouse, tmp_path):
     assert in_process_target(tmp_path, warehouse, singer_stream(
         {"amount": {"type": "integer"}, "day": {"type": "string", "format": "date"}, "code": {"type": "string"}},
         [{"id": 1, "amount": 10, "day": "2026-03-01", "code": "x"}], 1)) == [b'{"bookmark":1}']
 
+    # integer -> number (BIGINT and double: no type holds both exactly): the numbers go to amount__v_double;
+    # date -> date-time: the column becomes TIMESTAMPTZ and keeps the time.
     changed = floe_target(tmp_path, warehouse, singer_stream(
         {"amount": {"type": "number"}, "day": {"type": "string", "format": "date-time"}},
         [{"id": 2, "amount": 10.75, "day": "2026-03-01T17:45:00+00:00"}, {"id": 3, "amount": 0.4}], 2))
-    assert changed.returncode == 1 and changed.stdout == b""  # the STATE is not passed on
-    error = changed.stderr.decode().replace("\n", " ")
-    assert "loading singer.payments failed, nothing committed: column 'amount' is BIGINT in the warehouse and " \
-           "the new values are double" in error
-    assert "column 'day' is DATE in the warehouse and the new values are timestamp[us, tz=UTC]" in error
-    assert warehouse_rows(warehouse, tmp_path, "SELECT id, amount, day FROM singer.payments") == [
-        (1, 10, date(2026, 3, 1))]
-    assert warehouse_state(warehouse, tmp_path, "singer", "payments")["singer_state"] == {"bookmark": 1}
+    assert changed.returncode == 0, changed.stderr
+    assert changed.stdout == b'{"bookmark":2}\n'
+    assert warehouse_rows(warehouse, tmp_path, "SELECT id, amount, amount__v_double, day FROM singer.payments "
+                                               "ORDER BY id") == [
+        (1, 10, None, datetime(2026, 3, 1, tzinfo=UTC)), (2, None, 10.75, datetime(2026, 3, 1, 17, 45, tzinfo=UTC)),
+        (3, None, 0.4, None)]
+    assert warehouse_state(warehouse, tmp_path, "singer", "payments")["singer_state"] == {"bookmark": 2}
 
     assert in_process_target(tmp_path, warehouse, singer_stream(  # string -> integer: text holds integers exactly
         {"code": {"type": "integer"}}, [{"id": 4, "code": 2**62}], 3)) == [b'{"bookmark":3}']
     assert warehouse_rows(warehouse, tmp_path, "SELECT code FROM singer.payments WHERE id = 4") == [(str(2**62),)]
+
+
+def test_floe_target_with_freeze_refuses_a_property_type_change(warehouse, tmp_path):
+    settings = {**warehouse, "schema_changes": "freeze"}
+    assert floe_target(tmp_path, settings, singer_stream({"amount": {"type": "integer"}},
+                                                         [{"id": 1, "amount": 10}], 1)).returncode == 0
+    changed = floe_target(tmp_path, settings, singer_stream({"amount": {"type": "number"}},
+                                                            [{"id": 2, "amount": 10.75}], 2))
+    assert changed.returncode == 1 and changed.stdout == b""  # the STATE is not passed on
+    assert "loading singer.payments failed, nothing committed: column 'amount' is BIGINT in the warehouse and " \
+           "the new values are double and schema_changes is freeze" in changed.stderr.decode().replace("\n", " ")
+    assert warehouse_rows(warehouse, tmp_path, "SELECT id, amount FROM singer.payments") == [(1, 10)]
+    assert warehouse_state(warehouse, tmp_path, "singer", "payments")["singer_state"] == {"bookmark": 1}

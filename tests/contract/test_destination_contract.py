@@ -18,6 +18,7 @@ import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,8 @@ class Under:
         return job
 
     def job(self, *tables: pa.Table, disposition: str = "append", pk: tuple[str, ...] = (),
-            parent: tuple[str, ...] = (), checkpoint: dict[str, Any] | None = None) -> LoadJob:
+            parent: tuple[str, ...] = (), checkpoint: dict[str, Any] | None = None,
+            schema_changes: str = "evolve") -> LoadJob:
         writer = StageWriter(self.folder / "stage" / "src" / "items", new_load_id(),
                              format=self.dest.stage_format(disposition))  # type: ignore[arg-type]
         files: list[StagedFile] = []
@@ -91,7 +93,8 @@ class Under:
                 writer.write(batch)
             files += writer.flush()
             fields.update({f.name: f for f in table.schema})
-        spec = TableSpec("src", "items", pa.schema(list(fields.values())), pk, disposition, parent)  # type: ignore[arg-type]
+        spec = TableSpec("src", "items", pa.schema(list(fields.values())), pk, disposition, parent,  # type: ignore[arg-type]
+                         schema_changes=schema_changes)  # type: ignore[arg-type]
         return LoadJob(writer.load_id, "src", "items", spec, files, checkpoint or {"load": writer.load_id},
                        datetime.now(UTC))
 
@@ -247,11 +250,26 @@ def assert_only_the_first_load(under: Under, first: LoadJob, failed: LoadJob, er
     assert under.place.versions("src", "items") == [1, 2]
 
 
+def test_a_type_change_widens_the_column_or_keeps_the_values_in_a_variant_column(typed):
+    typed.load(t([1], ["a"], n=pa.array([7], pa.int32()), amount=pa.array([10], pa.int64())), checkpoint={"n": 1})
+    # `amount` becomes decimal(12, 2): every warehouse widens the column; `n` becomes a list, which no column
+    # type holds beside integers: its values go to the variant column `n__v_json`.
+    job = typed.load(t([2], ["b"], n=pa.array([[1, 2]], pa.list_(pa.int64())),
+                       amount=pa.array([Decimal("9910.25")], pa.decimal128(12, 2))), checkpoint={"n": 2})
+    assert typed.rows("id, n, amount") == [(1, 7, Decimal("10")), (2, None, Decimal("9910.25"))]
+    assert [(i, json.loads(v) if isinstance(v, str) else v) for i, v in typed.rows("id, n__v_json")] == [
+        (1, None), (2, [1, 2])]
+    assert typed.dest.get_state("src", "items") == {"n": 2}
+    assert [c["kind"] for c in job.details["schema_changes"]] == ["variant", "widen"]
+
+
 def test_a_value_the_column_cannot_hold_rolls_back_the_whole_load(typed):
     first = typed.load(t([1], ["a"], n=pa.array([5], pa.int64())), checkpoint={"n": 1})
-    # A good file with a new column, then one whose `n` cannot be cast: none of it lands.
+    # A good file with a new column, then one whose `n` no column holds, with schema_changes: freeze:
+    # none of it lands.
     bad = typed.job(t([2], ["b"], n=pa.array([6], pa.int64()), more=pa.array([1], pa.int64())),
-                    t([3], ["b"], n=pa.array(["not a number"], pa.string())), checkpoint={"n": 2})
+                    t([3], ["b"], n=pa.array(["not a number"], pa.string())), checkpoint={"n": 2},
+                    schema_changes="freeze")
     with pytest.raises(DestinationError, match="src.items failed, nothing committed") as failed:
         typed.dest.load(bad)
     assert_only_the_first_load(typed, first, bad, str(failed.value))
