@@ -31,8 +31,8 @@ from floe.destinations.bigquery_sql import COLUMN_RULES as BIGQUERY_RULES
 from floe.destinations.column_types import ColumnRules, compare
 from floe.destinations.duckdb import DuckDBDestination
 from floe.destinations.postgres import PostgresDestination
-from floe.destinations.schema_changes import variant_name
 from floe.destinations.redshift import RedshiftDestination
+from floe.destinations.schema_changes import variant_name
 from floe.destinations.sql import SqlDestination
 from floe.engine import runner
 from floe.engine.stage import StageWriter, new_load_id

@@ -41,7 +41,7 @@ T = TypeVar("T")
 def per_stream(value: T | dict[str, T], stream: str, default: T) -> T:
     """A setting given for every stream, or per stream name (`*`: every other stream)."""
     if isinstance(value, dict):
-        return value.get(stream, value.get("*", default))
+        return value[stream] if stream in value else value.get("*", default)
     return value
 
 

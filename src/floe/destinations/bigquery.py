@@ -59,9 +59,9 @@ from floe.destinations.bigquery_sql import (
     transaction_script,
 )
 from floe.destinations.leases import Holder, Lease, take_object_lease
-from floe.destinations.schema_changes import SchemaPlan, log_changes, routed, variant_refresh_error
 from floe.destinations.objectstore import GCSStore, StoreUrl
 from floe.destinations.parts import PartFormat, load_prefix, upload_parts
+from floe.destinations.schema_changes import SchemaPlan, log_changes, routed, variant_refresh_error
 from floe.destinations.sql import STATE_TABLE
 from floe.destinations.state_ops import version_of
 from floe.engine.stream import RefreshScope

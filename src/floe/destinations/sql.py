@@ -27,7 +27,7 @@ from typing import Any, ClassVar, TypeVar
 
 import pyarrow as pa
 
-from floe.destinations import merge
+from floe.destinations import merge, schema_changes
 from floe.destinations.base import (
     CommittedState,
     Destination,
@@ -40,7 +40,6 @@ from floe.destinations.base import (
 )
 from floe.destinations.column_types import ColumnRules
 from floe.destinations.merge import STANDARD, MergeStyle
-from floe.destinations import schema_changes
 from floe.destinations.schema_changes import SchemaPlan, Widening, log_changes, routed
 from floe.engine.stage import StagedFile
 from floe.engine.stream import RefreshScope
