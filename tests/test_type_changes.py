@@ -10,10 +10,12 @@ between runs, and against each destination's own type map (also Redshift and Big
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, time
 from decimal import Decimal
 from pathlib import Path
@@ -35,9 +37,12 @@ from floe.destinations.redshift import RedshiftDestination
 from floe.destinations.schema_changes import variant_name
 from floe.destinations.sql import SqlDestination
 from floe.engine import runner
+from floe.engine.pipeline import run_stream
 from floe.engine.stage import StageWriter, new_load_id
+from floe.engine.stream import Batch, Stream
 from floe.errors import DestinationError
 from floe.singer.target import SingerTarget
+from tests.fixtures.core import OneStreamSource
 from tests.test_destinations import make_destination, settings_for
 
 FLOE = str(Path(sys.executable).parent / "floe")
@@ -304,11 +309,12 @@ UPDATE app.plans SET seats = 2147483647, updated_at = updated_at + interval '1 d
 """
 
 
-def floe_yml(tmp_path: Path, source_url: str, settings: dict[str, Any], **policy: Any) -> Path:
+def floe_yml(tmp_path: Path, source_url: str, settings: dict[str, Any], notify: str | None = None,
+             **policy: Any) -> Path:
     config = {"sources": {"shop": {"type": "sql", "url": source_url, "schema": "app", **policy,
                                    "tables": [{"name": "orders", "replication_key": "updated_at"},
                                               {"name": "plans", "replication_key": "updated_at"}]}},
-              "destinations": {"warehouse": settings}}
+              "destinations": {"warehouse": settings}, **({"notify": {"webhook": notify}} if notify else {})}
     (tmp_path / "floe.yml").write_text(json.dumps(config))  # JSON is YAML
     return tmp_path / "floe.yml"
 
@@ -318,10 +324,12 @@ def floe_run(config: Path) -> subprocess.CompletedProcess[str]:
                           timeout=120, check=False)
 
 
-def test_floe_run_widens_the_columns_of_a_source_type_change_and_keeps_every_value(postgres_db, warehouse, tmp_path):
+def test_floe_run_widens_the_columns_of_a_source_type_change_and_keeps_every_value(postgres_db, warehouse, tmp_path,
+                                                                                   webhook):
+    url, received = webhook
     with psycopg.connect(postgres_db.dsn, autocommit=True) as conn:
         conn.execute(ORDERS)
-    config = floe_yml(tmp_path, postgres_db.url, warehouse)
+    config = floe_yml(tmp_path, postgres_db.url, warehouse, notify=url)
     assert all(r.ok for r in runner.run(load_config(config)))  # the first run, in this process
     with psycopg.connect(postgres_db.dsn, autocommit=True) as conn:
         conn.execute(CHANGES)
@@ -339,6 +347,11 @@ def test_floe_run_widens_the_columns_of_a_source_type_change_and_keeps_every_val
     assert len(lines) == 2 and any("column=amount old=INTEGER new=" in line for line in lines), second.stderr
     # The lossless changes of the other table loaded exactly, into the columns as they were.
     assert warehouse_rows(warehouse, tmp_path, "SELECT seats, code FROM shop.plans") == [(2147483647, "7")]
+    # One notice for the changed table; a run that changes nothing sends none.
+    assert [(m["event"], m["stream"], [c["column"] for c in m["schema_changes"]]) for m in received] == [
+        ("schema_changed", "orders", ["amount", "due"])]
+    assert "widened column 'amount' from INTEGER to " in received[0]["text"]
+    assert floe_run(config).returncode == 0 and len(received) == 1
 
 
 def test_with_freeze_floe_run_refuses_a_source_type_change_naming_column_and_types(postgres_db, warehouse, tmp_path):
@@ -422,3 +435,40 @@ def test_floe_target_with_freeze_refuses_a_property_type_change(warehouse, tmp_p
            "the new values are double and schema_changes is freeze" in changed.stderr.decode().replace("\n", " ")
     assert warehouse_rows(warehouse, tmp_path, "SELECT id, amount FROM singer.payments") == [(1, 10)]
     assert warehouse_state(warehouse, tmp_path, "singer", "payments")["singer_state"] == {"bookmark": 1}
+
+
+class ChangingStream(Stream):
+    """Three checkpoints whose `amount` is int32, then decimal(12, 2), then a list (a struct-like value)."""
+
+    name = "payments"
+    schema = pa.schema([pa.field("id", pa.int64())])
+
+    async def read(self, state: dict[str, Any] | None) -> AsyncIterator[Batch]:
+        for n, amount in enumerate([pa.array([10], pa.int32()), pa.array([Decimal("9910.25")], pa.decimal128(12, 2)),
+                                    pa.array([[1, 2]], pa.list_(pa.int64()))]):
+            yield Batch(pa.record_batch({"id": pa.array([n], pa.int64()), "amount": amount}), {"n": n})
+
+
+@pytest.mark.parametrize("kind", ["duckdb", "postgres"])
+def test_a_type_change_in_the_middle_of_a_run_widens_then_moves_values_to_a_variant(kind, tmp_path, request):
+    dest = make_destination(settings_for(kind, tmp_path, request), tmp_path)
+    dest.commit_rows = 0  # every checkpoint commits
+    try:
+        stream = ChangingStream()
+        result = asyncio.run(run_stream(OneStreamSource(stream), stream, dest, tmp_path / "stage"))
+        assert result.ok, result.error
+        assert [c["kind"] for c in result.schema_changes] == ["widen", "variant"]
+        rows = dest.query('SELECT id, amount, amount__v_json FROM src.payments ORDER BY id')
+        assert [(i, a, json.loads(v) if isinstance(v, str) else v) for i, a, v in rows] == [
+            (0, Decimal("10"), None), (1, Decimal("9910.25"), None), (2, None, [1, 2])]
+        assert dest.get_state("src", "payments") == {"n": 2}
+        details = [json.loads(d) for (d,) in dest.query(
+            f"SELECT details FROM {dest.qualified(dest.meta_schema, '_floe_loads')} WHERE details IS NOT NULL "
+            "ORDER BY finished_at")]
+        assert details == [{"schema_changes": [{"kind": "widen", "column": "amount", "old": "INTEGER",
+                                                 "new": details[0]["schema_changes"][0]["new"]}]},
+                           {"schema_changes": [{"kind": "variant", "column": "amount__v_json", "of": "amount",
+                                                 "old": details[0]["schema_changes"][0]["new"],
+                                                 "new": "JSON" if kind == "duckdb" else "JSONB"}]}]
+    finally:
+        dest.close()

@@ -149,7 +149,7 @@ def plan_schema(rules: ColumnRules, widening: Widening, spec: TableSpec, existin
                 if frozen:
                     plan.refusals.append(f"column {f.name!r} is new ({t}) and schema_changes is freeze")
                 elif (base := f.name.rpartition("__v_")[0]) in existing:  # routed before the transaction
-                    plan.changes.append(Change("variant", f.name, existing[base], t, of=base))
+                    plan.changes.append(Change("variant", f.name, str(rules.parse(existing[base])), t, of=base))
                 else:
                     plan.changes.append(Change("add", f.name, None, t))
 
@@ -187,7 +187,8 @@ def plan_schema(rules: ColumnRules, widening: Widening, spec: TableSpec, existin
             variant = variant_name(f.name, f)
             if variant not in columns:
                 columns[variant] = create(f) or ""
-                plan.changes.append(Change("variant", variant, columns[f.name], columns[variant], of=f.name))
+                plan.changes.append(Change("variant", variant, str(rules.parse(columns[f.name])), columns[variant],
+                                           of=f.name))
             elif not widen(variant, f):
                 refuse(f, f", and its variant column {variant!r} is {columns[variant]}, which cannot hold them either")
             return variant
