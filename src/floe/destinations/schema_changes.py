@@ -138,7 +138,6 @@ def plan_schema(rules: ColumnRules, widening: Widening, spec: TableSpec, existin
     yet) makes; refusals instead, by `spec.schema_changes` (see the module docstring)."""
     plan = SchemaPlan(renames=[{} for _ in staged])
     frozen = spec.schema_changes == "freeze"
-    text = rules.parse(create(pa.field("v", pa.string())) or "").name
     columns = {f.name: t for f in spec.columns if (t := create(f)) is not None} | dict(existing)
     keys = set(spec.primary_key) | set(spec.parent_key)
     declared = {f.name: f for f in spec.columns}
@@ -155,13 +154,13 @@ def plan_schema(rules: ColumnRules, widening: Widening, spec: TableSpec, existin
 
     def widen(name: str, f: pa.Field) -> bool:
         """Widen column `name` to hold `f`'s values if the policy and the warehouse allow it."""
-        old = rules.parse(columns[name])
         verdict = compare(rules, columns[name], f, create)
         if verdict.lossless:
             return True
         if frozen or verdict.widen_to is None:
             return False
-        wider = rules.parse(verdict.widen_to)
+        old, wider = rules.parse(columns[name]), rules.parse(verdict.widen_to)
+        text = rules.parse(create(pa.field("v", pa.string())) or "").name
         if not widening.allows(old, wider) or wider.name == text and not spec.widen_to_text:
             return False
         widened_from.setdefault(name, str(old))
@@ -194,19 +193,26 @@ def plan_schema(rules: ColumnRules, widening: Widening, spec: TableSpec, existin
             return variant
         return None
 
-    decided: dict[tuple[str, str, str], str | None] = {}
+    decided: dict[tuple[str, pa.DataType, bool], str | None] = {}
+    done: list[tuple[pa.Schema, dict[str, str]]] = []  # files of one schema are routed alike (usually all)
     for schema, renames in [*zip(staged, plan.renames, strict=True), (spec.columns, None)]:
+        if renames is not None and (same := next((r for s, r in done if s.equals(schema)), None)) is not None:
+            renames.update(same)
+            continue
         for f in schema:
-            if f.name not in columns or pa.types.is_null(f.type):
-                continue
-            if (known := declared.get(f.name)) is not None and known.metadata and not f.metadata:
-                f = f.with_metadata(known.metadata)  # as table_spec does: the declared JSON flag holds
-            key = (f.name, str(f.type), type_key(f))
-            if key not in decided:
-                decided[key] = route(f, renames is not None)
-            if decided[key] is not None and renames is not None:
-                renames[f.name] = decided[key]  # type: ignore[assignment]
+            known = declared.get(f.name)
+            key = (f.name, f.type, bool(f.metadata or known is not None and known.metadata))
+            if key in decided or f.name not in columns or pa.types.is_null(f.type):
+                route_to = decided.get(key)
+            else:
+                if known is not None and known.metadata and not f.metadata:
+                    f = f.with_metadata(known.metadata)  # as table_spec does: the declared JSON flag holds
+                route_to = decided[key] = route(f, renames is not None)
+            if route_to is not None and renames is not None:
+                renames[f.name] = route_to
                 plan.dropped.add(f.name)
+        if renames is not None:
+            done.append((schema, renames))
     plan.changes += [Change("widen", name, old, plan.widen[name]) for name, old in widened_from.items()
                      if name in existing]
     return plan
