@@ -11,13 +11,13 @@ column: staged values of Arrow field `new` go into an existing column of warehou
   old values and the new ones (INTEGER -> DECIMAL(12,2), DATE -> TIMESTAMPTZ);
 * or not at all (`Verdict.incompatible`: BIGINT and double, no type holds both exactly).
 
-Loads refuse anything but lossless (`refused`, `narrowing_message`) and commit nothing.
+What a load then does (widen the column, a variant column, or fail) is `schema_changes`' plan.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -175,54 +175,3 @@ def compare(rules: ColumnRules, old: str, new: pa.Field, create: Callable[[pa.Fi
         if rules.holds_field(wider, new) and rules.holds_all(wider, column):
             return Verdict(False, str(wider))
     return Verdict(False)
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """One column whose staged values the load would have changed."""
-
-    column: str
-    old: str  # the warehouse type
-    new: pa.Field  # the staged field
-    verdict: Verdict
-    known: bool = True  # whether the rule knows what the warehouse type holds
-
-    def describe(self) -> str:
-        staged = "JSON text" if type_key(self.new) == "json" else str(self.new.type)
-        if self.verdict.widen_to:
-            hint = f"it would have to become {self.verdict.widen_to} first"
-        else:
-            hint = "no column type holds both" if self.known else f"floe does not know what {self.old} holds"
-        return (f"column {self.column!r} is {self.old} in the warehouse and the new values are {staged}, "
-                f"which it cannot hold exactly ({hint})")
-
-
-def refused(rules: ColumnRules, columns: Mapping[str, str], spec_columns: pa.Schema,
-            staged: Iterable[pa.Schema], create: Callable[[pa.Field], str | None]) -> list[Refusal]:
-    """Every column whose staged values (the spec's type and each staged file's) it would not hold exactly.
-
-    `columns`: the warehouse type of every column the table has, or will have once created."""
-    out: list[Refusal] = []
-    seen: set[tuple[str, str]] = set()
-    declared = {f.name: f for f in spec_columns}
-    for schema in [spec_columns, *staged]:
-        for f in schema:
-            old = columns.get(f.name)
-            if old is None or pa.types.is_null(f.type) or (f.name, str(f.type)) in seen:
-                continue
-            seen.add((f.name, str(f.type)))
-            spec_field = declared.get(f.name)
-            if spec_field is not None and spec_field.metadata and not f.metadata:
-                f = f.with_metadata(spec_field.metadata)  # as table_spec does: the declared JSON flag holds
-            verdict = compare(rules, old, f, create)
-            if not verdict.lossless:
-                column = rules.parse(old)
-                known = column.name in rules.holds or column.name in rules.decimals
-                out.append(Refusal(f.name, str(column), f, verdict, known))
-    return out
-
-
-def narrowing_message(refusals: list[Refusal]) -> str:
-    """What the load refused, in one line, for the destination's error."""
-    return "; ".join(r.describe() for r in refusals) + "; a load never narrows, rounds or truncates a value"
-
