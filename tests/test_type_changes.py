@@ -426,8 +426,8 @@ def test_floe_target_widens_a_property_type_change_and_keeps_every_value(warehou
 
 def test_floe_target_with_freeze_refuses_a_property_type_change(warehouse, tmp_path):
     settings = {**warehouse, "schema_changes": "freeze"}
-    assert floe_target(tmp_path, settings, singer_stream({"amount": {"type": "integer"}},
-                                                         [{"id": 1, "amount": 10}], 1)).returncode == 0
+    assert in_process_target(tmp_path, warehouse, singer_stream({"amount": {"type": "integer"}},
+                                                                [{"id": 1, "amount": 10}], 1)) == [b'{"bookmark":1}']
     changed = floe_target(tmp_path, settings, singer_stream({"amount": {"type": "number"}},
                                                             [{"id": 2, "amount": 10.75}], 2))
     assert changed.returncode == 1 and changed.stdout == b""  # the STATE is not passed on
