@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 
-from floe import signals
+from floe import __version__, signals
 from floe.commands.check import check_command
 from floe.commands.demo import demo_command
 from floe.commands.run import run_command
@@ -20,6 +21,20 @@ from floe.commands.target import target_command
 # Plain (click) help and usage errors: rich's help formatting alone costs a fifth of a second of imports.
 app = typer.Typer(help="floe: warehouse SaaS data exactly once.", no_args_is_help=True, add_completion=False,
                   rich_markup_mode=None)
+
+
+def print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"floe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def options(version: Annotated[bool, typer.Option(
+        "--version", callback=print_version, is_eager=True, help="Print floe's version and exit.")] = False) -> None:
+    """floe: warehouse SaaS data exactly once."""
+
+
 app.command("run")(run_command)
 app.command("check")(check_command)
 app.add_typer(state_app, name="state")
