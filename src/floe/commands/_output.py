@@ -18,7 +18,8 @@ if TYPE_CHECKING:  # (and imported where used: `floe --help` need not load rich,
     from floe.engine.pipeline import StreamResult
     from floe.syncs.engine import SyncResult
 
-ConfigOption = Annotated[Path | None, typer.Option("-c", "--config", help="Config file (default: floe.yml).")]
+ConfigOption = Annotated[Path | None, typer.Option(
+    "-c", "--config", metavar="PATH", help="Config file (default: floe.yml).")]
 
 
 class _Console:

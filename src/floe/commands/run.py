@@ -13,10 +13,17 @@ from floe.errors import FloeError
 
 def run_command(
     config: ConfigOption = None,
-    source: Annotated[list[str] | None, typer.Option("--source", "-s", help="Only this source (repeatable).")] = None,
-    stream: Annotated[list[str] | None, typer.Option("--stream", help="Only this stream (repeatable).")] = None,
-    reprocess: Annotated[bool, typer.Option(help="Re-read inputs already processed (e.g. changed files).")] = False,
+    source: Annotated[list[str] | None, typer.Option(
+        "--source", "-s", metavar="NAME", help="Only this source (repeatable).")] = None,
+    stream: Annotated[list[str] | None, typer.Option(
+        "--stream", metavar="[SOURCE.]STREAM",
+        help="Only this stream (repeatable); STREAM alone when only one source has it.")] = None,
+    destination: Annotated[list[str] | None, typer.Option(
+        "--destination", "-d", metavar="NAME", help="Only into this destination (repeatable).")] = None,
+    reprocess: Annotated[bool, typer.Option(
+        "--reprocess", help="Re-read inputs already processed (e.g. changed files).")] = False,
     full_refresh: Annotated[bool, typer.Option(
+        "--full-refresh",
         help="Read every stream again from its start; its rows replace the table's in one commit at the end.")] = False,
 ) -> None:
     """Load every source into its destinations (then run syncs, if any)."""
@@ -27,7 +34,7 @@ def run_command(
     try:
         cfg = open_config(config)
         started = datetime.now(UTC)
-        results = runner.run(cfg, source, stream, RunOptions(reprocess, full_refresh), Progress())
+        results = runner.run(cfg, source, stream, RunOptions(reprocess, full_refresh), Progress(), destination)
     except FloeError as exc:
         fail(str(exc))
     if cfg.notify:
@@ -40,7 +47,7 @@ def run_command(
         reasons = list(dict.fromkeys(r.error or "" for r in failed))  # distinct, in order
         first = f": {reasons[0]}" + (f" (and {len(reasons) - 1} other errors above)" if len(reasons) > 1 else "")
         fail(f"{len(failed)} of {len(results)} streams failed{first}")
-    if cfg.syncs and not source and not stream:
+    if cfg.syncs and not source and not stream and not destination:
         from floe.commands.sync import run_and_report
 
         run_and_report(cfg)

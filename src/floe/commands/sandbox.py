@@ -13,7 +13,7 @@ from floe.errors import FloeError
 
 def sandbox_command(
     only: Annotated[list[str] | None, typer.Option("--only", help="Start only this emulator (repeatable).")] = None,
-    random_ports: Annotated[bool, typer.Option(help="Use free ports instead of the fixed defaults.")] = False,
+    random_ports: Annotated[bool, typer.Option("--random-ports", help="Use free ports instead of the fixed defaults.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the generated data.")] = 1,
     size: Annotated[int, typer.Option(help="Twilio: calls and messages per account.")] = 1000,
     rate_429: Annotated[float, typer.Option(help="Share of API requests answered 429 + Retry-After.")] = 0.0,

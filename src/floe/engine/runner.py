@@ -58,17 +58,58 @@ def select_streams(source: Source, names: Iterable[str] | None) -> list[Stream]:
 @dataclass
 class RunPlan:
     sources: list[str]
-    streams: list[str] | None = None
+    streams: list[str] | None = None  # as given to `--stream`: SOURCE.STREAM, or STREAM
     destinations: list[str] | None = None
 
 
-def plan(config: FloeConfig, sources: list[str] | None, streams: list[str] | None) -> RunPlan:
+def plan(config: FloeConfig, sources: list[str] | None, streams: list[str] | None,
+         destinations: list[str] | None = None) -> RunPlan:
     names = sources or list(config.sources)
     for name in names:
         config.source(name)  # raises a ConfigError naming the unknown source
+    for name in destinations or ():
+        config.destination(name)
+    if destinations:
+        names = [n for n in names if set(config.destinations_for(n)) & set(destinations)]
+        if not names:
+            raise ConfigError(f"--destination {', '.join(destinations)}: no selected source loads into it")
     if not names:
         raise ConfigError("sources: nothing to run (no sources configured)")
-    return RunPlan(names, streams)
+    return RunPlan(names, streams, destinations)
+
+
+async def resolve_streams(config: FloeConfig, run_plan: RunPlan, context: Context) -> dict[str, list[str]] | None:
+    """The streams `--stream` selects, by source: `SOURCE.STREAM`, or `STREAM` when exactly one
+    selected source has a stream of that name. None: every stream. Raises a ConfigError before
+    anything loads when a name is unknown or ambiguous."""
+    if not run_plan.streams:
+        return None
+    qualified = {value: value.partition(".") for value in run_plan.streams}
+    named = {source for source, dot, _ in qualified.values() if dot and source in run_plan.sources}
+    plain = [v for v, (source, dot, _) in qualified.items() if not (dot and source in run_plan.sources)]
+    known: dict[str, list[str]] = {}
+    for name in run_plan.sources if plain else sorted(named):
+        source = make_source(config, name, context)
+        try:
+            known[name] = [s.name for s in source.streams()]
+        finally:
+            await source.aclose()
+    chosen: dict[str, list[str]] = {}
+    for value, (source_name, _, stream) in qualified.items():
+        if value in plain:
+            having = [name for name, streams in known.items() if value in streams]
+            if len(having) > 1:
+                raise ConfigError(f"--stream {value}: several sources have it; name one: "
+                                  + " or ".join(f"{name}.{value}" for name in having))
+            if not having:
+                every = ", ".join(f"{name}.{s}" for name, streams in known.items() for s in sorted(streams))
+                raise ConfigError(f"--stream {value}: no selected source has it (streams: {every})")
+            source_name, stream = having[0], value
+        elif stream not in known[source_name]:
+            raise ConfigError(f"--stream {value}: source {source_name} has streams "
+                              f"{', '.join(sorted(known[source_name]))}")
+        chosen.setdefault(source_name, []).append(stream)
+    return chosen
 
 
 async def run_source(
@@ -99,17 +140,22 @@ async def run_async(
     max_streams: int = MAX_STREAMS,
 ) -> list[StreamResult]:
     context = context_for(config, options)
+    selected = await resolve_streams(config, run_plan, context)
     destinations: dict[str, Destination] = {}
     results: list[StreamResult] = []
     try:
         for source_name in run_plan.sources:
-            for dest_name in config.destinations_for(source_name):
+            if selected is not None and source_name not in selected:
+                continue
+            wanted = [name for name in config.destinations_for(source_name)
+                      if not run_plan.destinations or name in run_plan.destinations]
+            for dest_name in wanted:
                 if dest_name not in destinations:
                     destinations[dest_name] = make_destination(config, dest_name, context)
             source = make_source(config, source_name, context)
             try:
-                streams = select_streams(source, run_plan.streams)
-                targets = [destinations[name] for name in config.destinations_for(source_name)]
+                streams = select_streams(source, None if selected is None else selected[source_name])
+                targets = [destinations[name] for name in wanted]
                 results += await run_source(source, streams, targets, config.stage, progress, max_streams)
             finally:
                 await source.aclose()
@@ -127,6 +173,8 @@ def run(
     streams: list[str] | None = None,
     options: RunOptions | None = None,
     progress: Progress | None = None,
+    destinations: list[str] | None = None,
 ) -> list[StreamResult]:
-    """Run the selected sources and streams; return one result per (source, stream, destination)."""
-    return asyncio.run(run_async(config, plan(config, sources, streams), options, progress))
+    """Run the selected sources, streams (`SOURCE.STREAM` or `STREAM`) and destinations; return one
+    result per (source, stream, destination)."""
+    return asyncio.run(run_async(config, plan(config, sources, streams, destinations), options, progress))
