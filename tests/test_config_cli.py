@@ -121,3 +121,46 @@ def test_state_show_lists_every_stream_with_its_files(sailthru_project: Factory)
     code, stdout, _ = floe(config, "state", "show", "--singer")
     assert code == 0
     assert json.loads(stdout)["bookmarks"] == states  # Singer's form of the one source's state
+
+
+def test_every_unset_variable_is_reported_at_once(tmp_path: Path) -> None:
+    config = write(tmp_path, "    path: ${FLOE_TEST_PATH}\n    salt: ${FLOE_TEST_SALT}\n",
+                   "    type: duckdb\n    path: ${FLOE_TEST_DB}\n")
+    code, _, stderr = floe(config, "check", env={"FLOE_TEST_PATH": None, "FLOE_TEST_SALT": None,  # type: ignore[dict-item]
+                                                  "FLOE_TEST_DB": None})
+    assert code != 0
+    assert stderr.strip() == (
+        "error: sources.sailthru.path: environment variable FLOE_TEST_PATH is not set; "
+        "sources.sailthru.salt: environment variable FLOE_TEST_SALT is not set; "
+        "destinations.warehouse.path: environment variable FLOE_TEST_DB is not set")
+
+
+@pytest.mark.parametrize(("source_lines", "message"), [
+    ("    path: x\n    pii: drop\n    tiemzone: UTC\n", "sources.sailthru.tiemzone: unknown key (did you mean timezone?)"),
+    ("    path: x\n    pii: drop\n    colour: red\n", "sources.sailthru.colour: unknown key"),
+    ("    path: x\n    pii: drop\ndestination:\n  x: {}\n", "destination: unknown key (did you mean destinations?)"),
+])
+def test_unknown_keys_suggest_the_closest_known_one(tmp_path: Path, source_lines: str, message: str) -> None:
+    code, _, stderr = floe(write(tmp_path, source_lines), "check")
+    assert code != 0
+    assert stderr.strip() == f"error: {message}"
+
+
+def test_a_dotenv_file_next_to_the_config_fills_unset_variables(sailthru_project: Factory) -> None:
+    project = sailthru_project(days=1, profiles=5)
+    config = project.write_config(salt="${FLOE_TEST_DOTENV_SALT}")
+    (project.root / ".env").write_text("# secrets\nFLOE_TEST_DOTENV_SALT=from-dotenv-1234\nexport FLOE_TEST_OTHER='x y'\n")
+    code, stdout, stderr = floe(config, "run", env={"FLOE_TEST_DOTENV_SALT": None})  # type: ignore[dict-item]
+    assert code == 0, stderr
+    from_dotenv = project.query("SELECT id, email_hash FROM sailthru.profile ORDER BY id")
+    assert "from-dotenv-1234" not in stdout + stderr
+
+    project.db.unlink()
+    code, _, stderr = floe(config, "run", env={"FLOE_TEST_DOTENV_SALT": "from-the-environment"})
+    assert code == 0, stderr
+    from_environment = project.query("SELECT id, email_hash FROM sailthru.profile ORDER BY id")
+    assert from_environment != from_dotenv  # the environment wins over .env
+    project.db.unlink()
+    project.write_config(salt="from-dotenv-1234")
+    assert floe(config, "run")[0] == 0
+    assert project.query("SELECT id, email_hash FROM sailthru.profile ORDER BY id") == from_dotenv

@@ -9,6 +9,7 @@ so adding a plugin never touches this module. Every error names the key path, e.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Mapping
@@ -126,26 +127,72 @@ class FloeConfig(Model):
         return wanted
 
 
-def interpolate(value: Any, path: str = "") -> Any:
-    """Replace `${VAR}` in every string of a parsed YAML tree. An unset variable is an error naming it."""
+def interpolate(value: Any) -> Any:
+    """Replace `${VAR}` in every string of a parsed YAML tree. Unset variables are one error naming
+    every one of them and where it is used."""
+    missing: list[str] = []
+    result = _interpolate(value, "", missing)
+    if missing:
+        raise ConfigError("; ".join(missing))
+    return result
+
+
+def _interpolate(value: Any, path: str, missing: list[str]) -> Any:
     if isinstance(value, str):
 
         def replace(match: re.Match[str]) -> str:
             var = match.group(1)
             if var not in os.environ:
-                where = f"{path}: " if path else ""
-                raise ConfigError(f"{where}environment variable {var} is not set")
+                missing.append(f"{path + ': ' if path else ''}environment variable {var} is not set")
+                return ""
             return os.environ[var]
 
         return _ENV_PATTERN.sub(replace, value)
     if isinstance(value, dict):
-        return {k: interpolate(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        return {k: _interpolate(v, f"{path}.{k}" if path else str(k), missing) for k, v in value.items()}
     if isinstance(value, list):
-        return [interpolate(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [_interpolate(v, f"{path}[{i}]", missing) for i, v in enumerate(value)]
     return value
 
 
-def _describe(error: Mapping[str, Any]) -> str:
+def read_dotenv(path: Path) -> None:
+    """Set the variables of a `.env` file that the environment does not already set (the
+    environment wins); values of credential-like names are registered as secrets."""
+    from dotenv import dotenv_values
+
+    for name, value in dotenv_values(path).items():
+        if value is None or name in os.environ:
+            continue
+        os.environ[name] = value
+        if _looks_secret(name):
+            secrets.register(value)
+
+
+def _looks_secret(name: str) -> bool:
+    return any(word in name.lower() for word in ("password", "secret", "token", "api_key", "key_id", "salt"))
+
+
+def did_you_mean(word: str, options: list[str]) -> str:
+    """`" (did you mean X?)"` when one of `options` is close to `word`, else `""`."""
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _keys_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys the model nested at `loc` (field names, through nested models) accepts."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = {f.alias or n: f for n, f in model.model_fields.items()}
+        inner = fields[part].annotation if part in fields else None
+        nested = [a for a in (inner, *getattr(inner, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not nested:
+            return []
+        model = nested[0]
+    return [f.alias or n for n, f in model.model_fields.items() if not f.exclude]
+
+
+def _describe(error: Mapping[str, Any], model: type[BaseModel] | None = None) -> str:
     """One readable phrase for one pydantic error, never echoing the input value (it may be a secret)."""
     kind = error["type"]
     ctx = error.get("ctx") or {}
@@ -155,16 +202,17 @@ def _describe(error: Mapping[str, Any]) -> str:
     if kind == "missing":
         return "is required"
     if kind == "extra_forbidden":
-        return "unknown key"
+        keys = _keys_at(model, tuple(error["loc"][:-1])) if model else []
+        return "unknown key" + did_you_mean(str(error["loc"][-1]), keys)
     msg = str(error["msg"])
     return msg[0].lower() + msg[1:] if msg else kind
 
 
-def format_validation_error(exc: ValidationError, prefix: str) -> str:
+def format_validation_error(exc: ValidationError, prefix: str, model: type[BaseModel] | None = None) -> str:
     lines = []
     for error in exc.errors():
         loc = ".".join(str(p) for p in (prefix, *error["loc"]) if p != "")
-        lines.append(f"{loc}: {_describe(error)}")
+        lines.append(f"{loc}: {_describe(error, model)}")
     return "; ".join(lines)
 
 
@@ -173,7 +221,7 @@ def validate_model(model: type[Model], data: Any, prefix: str) -> Any:
     try:
         result = model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, prefix)) from None
+        raise ConfigError(format_validation_error(exc, prefix, model)) from None
     register_secrets(result)
     return result
 
@@ -185,9 +233,7 @@ def register_secrets(model: BaseModel) -> None:
             secrets.register(value.get_secret_value())
         elif isinstance(value, BaseModel):
             register_secrets(value)
-        elif isinstance(value, str) and any(
-            word in name.lower() for word in ("password", "secret", "token", "api_key", "key_id", "salt")
-        ):
+        elif isinstance(value, str) and _looks_secret(name):
             secrets.register(value)
 
 
@@ -205,7 +251,8 @@ def _validate_plugins(raw: Any, section: str, registry: Any) -> dict[str, Any]:
         if kind is None:
             raise ConfigError(f"{where}.type: is required (one of {', '.join(registry.names())})")
         if kind not in registry.names():
-            raise ConfigError(f"{where}.type: must be one of {', '.join(registry.names())}")
+            raise ConfigError(f"{where}.type: must be one of {', '.join(registry.names())}"
+                              + did_you_mean(str(kind), registry.names()))
         validated[str(name)] = validate_model(registry.config_model(kind), entry, where)
     return validated
 
@@ -245,10 +292,13 @@ def _validate_syncs(raw: Any) -> dict[str, Any]:
 
 
 def load_config(path: Path | None = None) -> FloeConfig:
-    """Read, interpolate and validate a config file (floe.yml by default)."""
+    """Read, interpolate and validate a config file (floe.yml by default). A `.env` file next to
+    it provides the variables the environment does not set."""
     path = path or DEFAULT_CONFIG
     if not path.exists():
-        raise ConfigError(f"{path}: config file not found (use -c PATH to name another)")
+        raise ConfigError(f"{path}: config file not found (use -c PATH to name another, or `floe init`)")
+    if (path.parent / ".env").is_file():
+        read_dotenv(path.parent / ".env")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
