@@ -91,10 +91,12 @@ def test_secrets_never_appear_in_output_state_or_errors(sailthru_project: Factor
 
 
 def test_check_validates_and_reaches_the_destination(tmp_path: Path) -> None:
+    (tmp_path / "x").mkdir()  # the (empty) export folder
     code, stdout, stderr = floe(write(tmp_path, "    path: x\n    pii: drop\n"), "check")
     assert code == 0, stderr
     assert "config ok: 1 sources, 1 destinations" in stdout
-    assert "warehouse: opened DuckDB database" in stdout
+    assert "destination warehouse: ok: DuckDB database " in stdout and "w.duckdb will be created" in stdout
+    assert not (tmp_path / "w.duckdb").exists()  # a check creates nothing
 
     (tmp_path / "folder.duckdb").mkdir()  # a path DuckDB cannot open
     code, stdout, stderr = floe(write(tmp_path, "    path: x\n    pii: drop\n",

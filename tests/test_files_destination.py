@@ -120,6 +120,10 @@ def test_check_and_bad_paths_say_what_is_wrong(s3_server, tmp_path):
         make(settings, tmp_path).check()
     with pytest.raises(DestinationError, match=r"destinations.out.path: .*unsupported scheme 'ftp'"):
         make({"type": "files", "path": "ftp://host/x"}, tmp_path)
+    assert make({"type": "files", "path": "ok"}, tmp_path).check() == [
+        f"folder {tmp_path / 'ok'} will be created by the first run"]
+    assert not (tmp_path / "ok").exists()  # a check creates nothing
+    (tmp_path / "ok").mkdir()
     assert make({"type": "files", "path": "ok"}, tmp_path).check() == [f"folder {tmp_path / 'ok'}: writable"]
 
 

@@ -28,6 +28,7 @@ from floe.destinations.state_ops import SqlStateOps
 from floe.engine.stage import SUFFIXES
 from floe.engine.stream import Disposition, Stream
 from floe.errors import DestinationError
+from floe.localpaths import creatable
 
 
 class DuckDBConfig(DestinationConfig):
@@ -180,7 +181,17 @@ class DuckDBDestination(SqlStateOps, SqlDestination):
                 and "duplicate key" in text and f"{job.source}, {job.stream}, " in text)
 
     def check(self) -> list[str]:
-        self.query("SELECT 1")
+        where = f"destinations.{self.name}.path"
+        if not self.path.exists():  # a check creates nothing: the first run creates the file
+            return [f"DuckDB database {creatable(self.path)}"]
+        if not self.path.is_file():
+            raise DestinationError(f"{where}: {self.path} is not a file")
+        try:
+            duckdb.connect(str(self.path), read_only=True).close()
+        except duckdb.Error as exc:
+            if held := LOCK_HELD.search(str(exc)):
+                return [f"DuckDB database {self.path} is open in {held['program']} (PID {held['pid']}): a run is going on"]
+            raise DestinationError(f"{where}: cannot open {self.path}: {exc}") from None
         return [f"opened DuckDB database {self.path}"]
 
     def read_batches(self, sql: str, params: Any = (), batch_size: int = 50_000) -> Iterator[pa.RecordBatch]:

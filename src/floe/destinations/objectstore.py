@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from floe.errors import DestinationError
+from floe.localpaths import creatable
 
 DELETE_CHUNK = 1000  # S3 DeleteObjects limit per request
 UPLOAD_THREADS = 8
@@ -483,8 +484,9 @@ class LocalStore(ObjectStore):
             self._path(key).unlink(missing_ok=True)
 
     def check(self) -> str:
+        if not self.root.exists():  # a check creates nothing
+            return f"folder {creatable(self.root)}"
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
             self.put_bytes(".floe-check", b"ok")
             self.delete_keys([".floe-check"])
         except OSError as exc:

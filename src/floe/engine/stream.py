@@ -109,6 +109,12 @@ class Source(ABC):
     def streams(self) -> list[Stream]:
         """Every stream this source can produce (narrowed by `floe run --stream`)."""
 
+    async def check(self) -> list[str]:
+        """For `floe check`: verify what a run needs (paths, secrets, credentials by one cheap
+        authenticated request) without loading or creating anything. Return what was verified;
+        raise a FloeError saying what is wrong. By default: nothing beyond the validated config."""
+        return []
+
     def next_due(self, states: dict[str, State | None], now: datetime) -> datetime | None:
         """For `floe serve`: when new data will next be available (None: use the `schedule:` key)."""
         return None

@@ -305,6 +305,16 @@ class FullStorySource(Source):
     def next_due(self, states: dict[str, State | None], now: datetime) -> datetime | None:
         return EventsStream(self).next_due(states.get("events"), _utc(now))
 
+    async def check(self) -> list[str]:
+        # One authenticated GET that creates nothing: an operation id that cannot exist. 404 means
+        # the key was accepted (a rejected key is 401/403, raised as such).
+        try:
+            await self.api.request("GET", "/operations/v1/floe-check")
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+        return [f"API key accepted by {self.config.base_url}"]
+
     # --- HTTP --------------------------------------------------------------------------------
     @property
     def api(self) -> HttpClient:

@@ -184,6 +184,12 @@ class SingularSource(ApiSource):
     def streams(self) -> list[Stream]:
         return [SingularReport(self)]
 
+    async def check(self) -> list[str]:
+        # The cheapest authenticated call: it lists the cohort metrics, creates no report.
+        _value(await self.http.get_json(f"{self.config.base_url}/cohort_metrics", headers={
+            "Authorization": self.config.api_key.get_secret_value()}), self.name, "cohort_metrics")
+        return [f"API key accepted by {self.config.base_url}"]
+
 
 class SingularReport(Stream):
     """Append-only daily report rows; `<table>_latest` view keeps each (day, dimensions)' latest retrieval."""

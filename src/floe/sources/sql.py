@@ -16,6 +16,7 @@ arrays, enums, ...) as their text form.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Generator
 from datetime import date, datetime
@@ -286,3 +287,7 @@ class SqlSource(Source):
         if self._streams is None:
             self._streams = self.discover()
         return self._streams
+
+    async def check(self) -> list[str]:
+        streams = await asyncio.to_thread(self.streams)  # connects, reads the catalog, checks the tables and keys
+        return [f"{describe(self.connection)}: connected, {len(streams)} tables to read in schema {self.config.schema_}"]

@@ -117,6 +117,12 @@ class SailthruSource(Source):
     def streams(self) -> list[Stream]:
         return [cls(self) for cls in STREAMS]
 
+    async def check(self) -> list[str]:
+        found = self.files("")  # raises naming the path when it does not exist or is not a valid zip
+        tables = sorted({f.info.table for f in found})
+        pii = f"pii {self.config.pii}" + (" (salt set)" if self.config.pii == "hash" else "")
+        return [f"{self.root}: {len(found)} export files ({', '.join(tables) or 'none yet'}), {pii}"]
+
 
 STREAMS: list[type[SailthruStream]] = [
     BlastStream, MessageBlastStream, MessageTransactionalStream, ProfileStream, ProfileGeoStream,

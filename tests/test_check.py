@@ -1,0 +1,98 @@
+"""`floe check`: one line per source, destination and the stage, ok or FAILED with the reason; exit
+non-zero on any failure; nothing created. Credentials are checked against the emulators over HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from floe.cli import app
+from floe.sandbox.emulators import sandbox_config, stop_all
+from floe.sandbox.sailthru import ExportSpec, generate
+
+CHECKED = ["singular", "fullstory"]  # API sources whose emulators judge credentials
+
+
+@pytest.fixture(scope="module")
+def emulated() -> Iterator[dict[str, Any]]:
+    config, running = sandbox_config(CHECKED, options={"fullstory": {"events_per_hour": 1}})
+    yield config["sources"]
+    stop_all(running)
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("export") / "sailthru"
+    generate(folder, ExportSpec(days=1, profiles=3))
+    return folder
+
+
+def check(tmp_path: Path, sources: dict[str, Any], env: dict[str, str | None] | None = None) -> Any:
+    config = {"sources": sources, "stage": "stage",
+              "destinations": {"warehouse": {"type": "duckdb", "path": "sub/w.duckdb"}}}
+    (tmp_path / "floe.yml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["check", "-c", str(tmp_path / "floe.yml")], env=env, catch_exceptions=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["floe.yml"]  # neither the database nor the stage
+    return result
+
+
+def sailthru(export: Path, **extra: Any) -> dict[str, Any]:
+    return {"type": "sailthru", "path": str(export), "pii": "hash", "salt": "salt-for-check-tests", **extra}
+
+
+def test_every_source_destination_and_the_stage_is_ok(tmp_path: Path, emulated: dict[str, Any],
+                                                      export: Path) -> None:
+    result = check(tmp_path, {**emulated, "sailthru": sailthru(export)})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "config ok: 3 sources, 1 destinations"
+    ok = {line.split(": ok: ")[0].strip(): line.split(": ok: ")[1] for line in lines[1:]}
+    assert set(ok) == {"source singular", "source fullstory", "source sailthru", "destination warehouse", "stage"}
+    assert ok["source singular"].startswith("API key accepted by http://127.0.0.1:")
+    assert ok["source fullstory"].startswith("API key accepted by http://127.0.0.1:")
+    assert "export files (blast, " in ok["source sailthru"] and "pii hash (salt set)" in ok["source sailthru"]
+    assert ok["destination warehouse"].endswith("sub/w.duckdb will be created by the first run")
+    assert ok["stage"].endswith("stage will be created by the first run")
+
+
+@pytest.mark.parametrize("name", CHECKED)
+def test_a_wrong_credential_fails_its_source_only(tmp_path: Path, emulated: dict[str, Any], name: str,
+                                                  export: Path) -> None:
+    wrong = "wrong-key-for-check-0000"
+    sources = {**emulated, name: {**emulated[name], "api_key": wrong}, "sailthru": sailthru(export)}
+    result = check(tmp_path, sources)
+    assert result.exit_code == 1
+    failed = [line.strip() for line in result.stderr.splitlines() if "FAILED" in line]
+    assert len(failed) == 1 and failed[0].startswith(f"source {name}: FAILED: {name}: HTTP 401: "), result.stderr
+    assert result.stderr.splitlines()[-1] == "error: 1 of 5 checks failed"
+    assert wrong not in result.output
+    assert sum(": ok: " in line for line in result.stdout.splitlines()) == 4
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"path": "/nonexistent/sailthru-export"}, "/nonexistent/sailthru-export: no such file or folder"),
+    ({"salt": None}, "sources.sailthru.salt: is required when pii is hash (or set FLOE_PII_SALT)"),
+])
+def test_a_missing_export_folder_or_salt_fails(tmp_path: Path, export: Path, change: dict[str, Any],
+                                               reason: str) -> None:
+    source = {k: v for k, v in {**sailthru(export), **change}.items() if v is not None}
+    result = check(tmp_path, {"sailthru": source}, env={"FLOE_PII_SALT": None})
+    assert result.exit_code == 1
+    assert f"source sailthru: FAILED: {reason}" in result.stderr
+
+
+def test_an_unwritable_stage_or_database_folder_fails(tmp_path: Path, export: Path) -> None:
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    config = {"sources": {"sailthru": sailthru(export)}, "stage": "blocker/stage",
+              "destinations": {"warehouse": {"type": "duckdb", "path": "blocker/w.duckdb"}}}
+    (tmp_path / "floe.yml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["check", "-c", str(tmp_path / "floe.yml")], catch_exceptions=False)
+    assert result.exit_code == 1
+    assert "destination warehouse: FAILED: " in result.stderr and "blocker is not a writable folder" in result.stderr
+    assert "stage: FAILED: stage: " in result.stderr
+    assert result.stderr.splitlines()[-1] == "error: 2 of 3 checks failed"
