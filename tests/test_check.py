@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -96,3 +97,33 @@ def test_an_unwritable_stage_or_database_folder_fails(tmp_path: Path, export: Pa
     assert "destination warehouse: FAILED: " in result.stderr and "blocker is not a writable folder" in result.stderr
     assert "stage: FAILED: stage: " in result.stderr
     assert result.stderr.splitlines()[-1] == "error: 2 of 3 checks failed"
+
+
+def test_sql_source_and_postgres_destination_by_url(tmp_path: Path, postgres_db: Any, export: Path) -> None:
+    """`url:` works for the PostgreSQL destination as for the SQL source; a wrong password fails both checks."""
+    with psycopg.connect(postgres_db.dsn, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA app; CREATE TABLE app.people (id int PRIMARY KEY, name text)")
+    sources = {"crm": {"type": "sql", "url": postgres_db.url, "schema": "app"}, "sailthru": sailthru(export)}
+    config = {"sources": sources, "stage": str(tmp_path / "stage"),
+              "destinations": {"pg": {"type": "postgres", "url": postgres_db.url + "?sslmode=disable"}}}
+    (tmp_path / "floe.yml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["check", "-c", str(tmp_path / "floe.yml")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "source crm: ok: postgresql://" in result.stdout and "1 tables to read in schema app" in result.stdout
+    assert "destination pg: ok: connected to postgresql://" in result.stdout
+
+    run = CliRunner().invoke(app, ["run", "--stream", "blast", "-c", str(tmp_path / "floe.yml")],
+                             catch_exceptions=False)
+    assert run.exit_code == 0, run.output
+    with psycopg.connect(postgres_db.dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM sailthru.blast").fetchone()[0] > 0
+
+    wrong = postgres_db.url.replace(f":{postgres_db.password}@", ":Wr0ngPassw0rd@")
+    sources["crm"]["url"] = wrong
+    config["destinations"]["pg"]["url"] = wrong
+    (tmp_path / "floe.yml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["check", "-c", str(tmp_path / "floe.yml")], catch_exceptions=False)
+    assert result.exit_code == 1
+    assert "source crm: FAILED: sources.crm: cannot connect to postgresql://" in result.stderr
+    assert "destination pg: FAILED: destinations.pg: cannot connect to postgresql://" in result.stderr
+    assert result.stderr.count("authentication failed") == 2 and "Wr0ngPassw0rd" not in result.output

@@ -11,12 +11,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any, Literal
+from urllib.parse import parse_qs, unquote, urlparse
 
 import psycopg
 import pyarrow as pa
 from psycopg.types.string import TextLoader
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 
+from floe import secrets
 from floe.config import Model
 from floe.destinations.base import json_field
 from floe.errors import DestinationError, FloeError
@@ -41,6 +43,52 @@ class PostgresConnection(Model):
     sslmode: SslMode = "prefer"
     sslrootcert: str | None = Field(default=None, description="CA bundle for verify-ca/verify-full.")
     connect_timeout: int = 10
+
+
+URL_KEYS = ("host", "port", "database", "user", "password", "sslmode", "sslrootcert")
+
+
+def url_keys(url: str) -> dict[str, Any]:
+    """The connection keys a postgresql:// (or redshift://) URL names; ValueError saying what is wrong.
+    The password is registered as a secret."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("postgres", "postgresql", "redshift"):
+        raise ValueError("must start with postgresql:// or redshift://")
+    if not parsed.hostname or not parsed.path.strip("/") or not parsed.username:
+        raise ValueError("needs a user, a host and a database (postgresql://user:pw@host:port/db)")
+    try:
+        port = parsed.port
+    except ValueError:
+        raise ValueError("the port is not a number") from None
+    password = unquote(parsed.password) if parsed.password else None
+    secrets.register(password)
+    query = {k: v[-1] for k, v in parse_qs(parsed.query).items() if k in ("sslmode", "sslrootcert")}
+    port = port or (5439 if parsed.scheme == "redshift" else None)  # else: the config's default port
+    keys = {"host": parsed.hostname, "database": unquote(parsed.path.strip("/")), "user": unquote(parsed.username),
+            **query, "port": port, "password": password}
+    return {k: v for k, v in keys.items() if v is not None}
+
+
+class UrlConnection(PostgresConnection):
+    """Connection keys that may also be given as one `url:` (a destination's config)."""
+
+    url: SecretStr | None = Field(default=None, description=(
+        "postgresql://user:password@host:port/database?sslmode=...: instead of host, port, database, user, "
+        "password (and sslmode, sslrootcert)."))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_url(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("url"):
+            return data
+        url = data["url"].get_secret_value() if isinstance(data["url"], SecretStr) else str(data["url"])
+        try:
+            keys = url_keys(url)
+        except ValueError as exc:
+            raise ValueError(f"url: {exc}") from None
+        if both := [k for k in URL_KEYS if k in data and k in keys]:
+            raise ValueError(f"url: and {', '.join(both)}: both set; give the connection one way")
+        return {**data, **keys}
 
 
 def describe(settings: PostgresConnection) -> str:

@@ -48,7 +48,7 @@ from floe.destinations.sql import LEASES_TABLE, STATE_TABLE, SqlDestination, arr
 from floe.destinations.state_ops import SqlStateOps
 from floe.engine.stage import StagedFile
 from floe.errors import DestinationError, LeaseLostError
-from floe.pgconn import PostgresConnection, connect_postgres, describe, read_batches
+from floe.pgconn import UrlConnection, connect_postgres, describe, read_batches
 
 COPY_BATCH_ROWS = 65_536
 NEW = "_floe_new"  # alias of the incoming rows (a table may well be called `s`)
@@ -103,7 +103,7 @@ class AdvisoryLease(Lease):
         self.owner.lease_session(unlock)
 
 
-class PostgresConfig(DestinationConfig, PostgresConnection):
+class PostgresConfig(DestinationConfig, UrlConnection):
     type: str = "postgres"
     schema_prefix: str = ""  # tables of source S go into schema `<schema_prefix><S>`
     state_schema: str = "public"  # where _floe_state and _floe_loads live

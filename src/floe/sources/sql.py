@@ -23,7 +23,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from functools import partial
 from typing import Any, ClassVar, Literal, cast
-from urllib.parse import parse_qs, unquote, urlparse
+from urllib.parse import urlparse
 
 import psycopg
 import pyarrow as pa
@@ -35,7 +35,7 @@ from floe.config import Model, SourceConfig
 from floe.destinations.base import json_field
 from floe.engine.stream import Batch, Context, Source, State, Stream
 from floe.errors import ConfigError, SourceError
-from floe.pgconn import PostgresConnection, connect_postgres, describe, read_batches
+from floe.pgconn import PostgresConnection, connect_postgres, describe, read_batches, url_keys
 from floe.pgcopy import copy_batches
 from floe.threads import iterate_in_thread
 
@@ -74,24 +74,11 @@ COPY_UDTS = {"bool", "int2", "int4", "int8", "oid", "float4", "float8", "text", 
 
 def connection_settings(url: str, where: str) -> PostgresConnection:
     """Connection keys from a postgresql:// or redshift:// URL (the password is registered as a secret)."""
-    parsed = urlparse(url)
-    if parsed.scheme not in ("postgres", "postgresql", "redshift"):
-        raise ConfigError(f"{where}.url: must start with postgresql:// or redshift://")
-    if not parsed.hostname or not parsed.path.strip("/") or not parsed.username:
-        raise ConfigError(f"{where}.url: needs a user, a host and a database (postgresql://user:pw@host:port/db)")
-    password = unquote(parsed.password) if parsed.password else None
-    secrets.register(password)
-    query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
     try:
-        port = parsed.port
-    except ValueError:
-        raise ConfigError(f"{where}.url: the port is not a number") from None
-    return PostgresConnection(
-        host=parsed.hostname, port=port or (5439 if parsed.scheme == "redshift" else 5432),
-        database=unquote(parsed.path.strip("/")), user=unquote(parsed.username),
-        password=SecretStr(password) if password is not None else None,
-        sslmode=query.get("sslmode", "prefer"),  # type: ignore[arg-type]
-    )
+        keys = url_keys(url)
+    except ValueError as exc:
+        raise ConfigError(f"{where}.url: {exc}") from None
+    return PostgresConnection.model_validate(keys)
 
 
 def quote(identifier: str) -> str:
