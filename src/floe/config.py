@@ -91,20 +91,27 @@ class ExpiringLeaseConfig(Model):
 
 
 class NotifyConfig(Model):
-    webhook: str | None = None
-    sns_topic_arn: str | None = None
-    region: str | None = None
+    webhook: str | None = Field(default=None, description=(
+        "URL POSTed a JSON message when a run fails and when the next run succeeds again."))
+    sns_topic_arn: str | None = Field(default=None, description="AWS SNS topic published the same messages.")
+    region: str | None = Field(default=None, description="AWS region of the SNS topic (default: the AWS environment's).")
 
 
 class FloeConfig(Model):
     """The validated floe.yml. `sources`/`destinations` hold each plugin's own validated model."""
 
-    sources: dict[str, Any] = Field(default_factory=dict)
-    destinations: dict[str, Any] = Field(default_factory=dict)
-    syncs: dict[str, Any] = Field(default_factory=dict)
-    stage: Path = Path(".floe/stage")
-    notify: NotifyConfig | None = None
-    log_format: Literal["auto", "text", "json"] = "auto"
+    sources: dict[str, Any] = Field(default_factory=dict, description=(
+        "Where data comes from: name -> settings (`type:` and its keys). The name is the warehouse schema "
+        "and the state key."))
+    destinations: dict[str, Any] = Field(default_factory=dict, description=(
+        "Where data goes: name -> settings. Every source loads into every destination unless it lists some."))
+    syncs: dict[str, Any] = Field(default_factory=dict, description=(
+        "Reverse ETL: name -> a query on a destination and the Pendo fields it updates; run after `floe run`."))
+    stage: Path = Field(default=Path(".floe/stage"), description=(
+        "Folder where extracted files wait until their destination committed them (relative to floe.yml)."))
+    notify: NotifyConfig | None = Field(default=None, description="Who is told when a run fails and recovers.")
+    log_format: Literal["auto", "text", "json"] = Field(default="auto", description=(
+        "Log lines on stderr: text (logfmt lines), json (the same lines wrapped as JSON), auto (text)."))
     path: Path | None = Field(default=None, exclude=True, description="Where this config was read from.")
 
     def source(self, name: str) -> SourceConfig:
@@ -164,11 +171,11 @@ def read_dotenv(path: Path) -> None:
         if value is None or name in os.environ:
             continue
         os.environ[name] = value
-        if _looks_secret(name):
+        if looks_secret(name):
             secrets.register(value)
 
 
-def _looks_secret(name: str) -> bool:
+def looks_secret(name: str) -> bool:
     return any(word in name.lower() for word in ("password", "secret", "token", "api_key", "key_id", "salt"))
 
 
@@ -233,7 +240,7 @@ def register_secrets(model: BaseModel) -> None:
             secrets.register(value.get_secret_value())
         elif isinstance(value, BaseModel):
             register_secrets(value)
-        elif isinstance(value, str) and _looks_secret(name):
+        elif isinstance(value, str) and looks_secret(name):
             secrets.register(value)
 
 
