@@ -10,6 +10,7 @@ import typer
 from floe import __version__, signals
 from floe.commands.check import check_command
 from floe.commands.demo import demo_command
+from floe.commands.init import init_command
 from floe.commands.run import run_command
 from floe.commands.sandbox import sandbox_command
 from floe.commands.serve import serve_command
@@ -35,6 +36,7 @@ def options(version: Annotated[bool, typer.Option(
     """floe: warehouse SaaS data exactly once."""
 
 
+app.command("init")(init_command)
 app.command("run")(run_command)
 app.command("check")(check_command)
 app.add_typer(state_app, name="state")

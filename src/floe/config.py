@@ -164,11 +164,12 @@ def _interpolate(value: Any, path: str, missing: list[str]) -> Any:
 
 def read_dotenv(path: Path) -> None:
     """Set the variables of a `.env` file that the environment does not already set (the
-    environment wins); values of credential-like names are registered as secrets."""
+    environment wins). An empty value (`NAME=`, as `floe init` writes them) leaves NAME unset.
+    Values of credential-like names are registered as secrets."""
     from dotenv import dotenv_values
 
     for name, value in dotenv_values(path).items():
-        if value is None or name in os.environ:
+        if not value or name in os.environ:
             continue
         os.environ[name] = value
         if looks_secret(name):

@@ -101,6 +101,8 @@ def _show(value: Any) -> str:
         return str(value).lower()
     if isinstance(value, list | dict) and not value:
         return "(empty)"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_show, value)) + "]"
     if value == "":
         return '""'
     return str(value)
@@ -144,7 +146,7 @@ fails when this page is out of date). `floe init` writes a commented starting po
   relative to the file.
 - `${VAR}` anywhere is replaced by the environment variable `VAR`; every unset variable is named in
   one error. A `.env` file next to the config (`VAR=value` lines) sets the variables the environment
-  does not: the environment wins.
+  does not: the environment wins, and an empty value (`VAR=`) leaves the variable unset.
 - An unknown key is an error (with the closest known key, when there is one); values of secrets
   never appear in errors, logs, state or staged files.
 """
