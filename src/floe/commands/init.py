@@ -38,7 +38,8 @@ def init_command(
     config, env = directory / "floe.yml", directory / ".env"
     if not force and (existing := [p for p in (config, env) if p.exists()]):
         fail(f"{', '.join(map(str, existing))}: already there (use --force to overwrite)")
-    lines, variables = [HEADER, "sources:"], []
+    lines = [HEADER, "sources:"]
+    variables: list[tuple[str, str]] = []
     for kind in dict.fromkeys(chosen):
         lines += entry(kind, kind, sources.config_model(kind), COMMON["sources"], variables)
     lines += ["", "destinations:"]
