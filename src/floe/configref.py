@@ -18,7 +18,6 @@ from typing import Any
 
 from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
-from pydantic_core import PydanticUndefined
 
 from floe.config import DestinationConfig, FloeConfig, NotifyConfig, SourceConfig, looks_secret
 from floe.plugins import Registry
@@ -51,12 +50,11 @@ def _key(name: str, field: FieldInfo, model: type[BaseModel]) -> Key:
     annotation = field.annotation
     secret = _mentions(annotation, SecretStr) or looks_secret(name)
     nested = next((a for a in _parts(annotation) if isinstance(a, type) and issubclass(a, BaseModel)), None)
-    if field.default is not PydanticUndefined:
-        default: str | None = _show(field.default)
-    elif field.default_factory is not None:
+    default: str | None = None  # required
+    if field.default_factory is not None:
         default = _show(field.default_factory())  # type: ignore[call-arg]
-    else:
-        default = None
+    elif not field.is_required():
+        default = _show(field.default)
     return Key(field.alias or name, type_name(annotation), default, secret,
                field.description or _comment(model, name), nested)
 
