@@ -16,12 +16,13 @@ from floe.cli import app
 from floe.sandbox.emulators import sandbox_config, stop_all
 from floe.sandbox.sailthru import ExportSpec, generate
 
-CHECKED = ["singular", "fullstory"]  # API sources whose emulators judge credentials
+CHECKED = ["singular", "fullstory", "twilio"]  # API sources whose emulators judge credentials
+SECRET = {"singular": "api_key", "fullstory": "api_key", "twilio": "auth_token"}
 
 
 @pytest.fixture(scope="module")
 def emulated() -> Iterator[dict[str, Any]]:
-    config, running = sandbox_config(CHECKED, options={"fullstory": {"events_per_hour": 1}})
+    config, running = sandbox_config(CHECKED, options={"fullstory": {"events_per_hour": 1}, "twilio": {"size": 5}})
     yield config["sources"]
     stop_all(running)
 
@@ -51,11 +52,13 @@ def test_every_source_destination_and_the_stage_is_ok(tmp_path: Path, emulated: 
     result = check(tmp_path, {**emulated, "sailthru": sailthru(export)})
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0] == "config ok: 3 sources, 1 destinations"
+    assert lines[0] == "config ok: 4 sources, 1 destinations"
     ok = {line.split(": ok: ")[0].strip(): line.split(": ok: ")[1] for line in lines[1:]}
-    assert set(ok) == {"source singular", "source fullstory", "source sailthru", "destination warehouse", "stage"}
+    assert set(ok) == {"source singular", "source fullstory", "source twilio", "source sailthru",
+                       "destination warehouse", "stage"}
     assert ok["source singular"].startswith("API key accepted by http://127.0.0.1:")
     assert ok["source fullstory"].startswith("API key accepted by http://127.0.0.1:")
+    assert ok["source twilio"].startswith(f"account {emulated['twilio']['account_sid']}: credentials accepted by ")
     assert "export files (blast, " in ok["source sailthru"] and "pii hash (salt set)" in ok["source sailthru"]
     assert ok["destination warehouse"].endswith("sub/w.duckdb will be created by the first run")
     assert ok["stage"].endswith("stage will be created by the first run")
@@ -65,14 +68,14 @@ def test_every_source_destination_and_the_stage_is_ok(tmp_path: Path, emulated: 
 def test_a_wrong_credential_fails_its_source_only(tmp_path: Path, emulated: dict[str, Any], name: str,
                                                   export: Path) -> None:
     wrong = "wrong-key-for-check-0000"
-    sources = {**emulated, name: {**emulated[name], "api_key": wrong}, "sailthru": sailthru(export)}
+    sources = {**emulated, name: {**emulated[name], SECRET[name]: wrong}, "sailthru": sailthru(export)}
     result = check(tmp_path, sources)
     assert result.exit_code == 1
     failed = [line.strip() for line in result.stderr.splitlines() if "FAILED" in line]
     assert len(failed) == 1 and failed[0].startswith(f"source {name}: FAILED: {name}: HTTP 401: "), result.stderr
-    assert result.stderr.splitlines()[-1] == "error: 1 of 5 checks failed"
+    assert result.stderr.splitlines()[-1] == "error: 1 of 6 checks failed"
     assert wrong not in result.output
-    assert sum(": ok: " in line for line in result.stdout.splitlines()) == 4
+    assert sum(": ok: " in line for line in result.stdout.splitlines()) == 5
 
 
 @pytest.mark.parametrize(("change", "reason"), [

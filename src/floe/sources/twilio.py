@@ -132,6 +132,11 @@ class TwilioSource(ApiSource):
     def list_url(self, resource: str) -> str:
         return f"{self.config.base_url}/2010-04-01/Accounts/{self.config.account_sid}/{resource}.json"
 
+    async def check(self) -> list[str]:
+        # One authenticated request that reads at most one record.
+        await self.http.get_json(self.list_url("IncomingPhoneNumbers"), params={"PageSize": "1"})
+        return [f"account {self.config.account_sid}: credentials accepted by {self.config.base_url}"]
+
     def streams(self) -> list[Stream]:
         make: dict[str, Callable[[], Stream]] = {name: partial(TwilioIncremental, self, name) for name in LISTS}
         make["incoming_phone_numbers"] = partial(IncomingPhoneNumbers, self)
