@@ -16,7 +16,6 @@ arrays, enums, ...) as their text form.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Generator
 from datetime import date, datetime
@@ -37,7 +36,7 @@ from floe.engine.stream import Batch, Context, Source, State, Stream
 from floe.errors import ConfigError, SourceError
 from floe.pgconn import PostgresConnection, connect_postgres, describe, read_batches, url_keys
 from floe.pgcopy import copy_batches
-from floe.threads import iterate_in_thread
+from floe.threads import in_thread, iterate_in_thread
 
 
 class SqlTable(Model):
@@ -276,5 +275,5 @@ class SqlSource(Source):
         return self._streams
 
     async def check(self) -> list[str]:
-        streams = await asyncio.to_thread(self.streams)  # connects, reads the catalog, checks the tables and keys
+        streams = await in_thread(self.streams)  # connects, reads the catalog, checks the tables and keys
         return [f"{describe(self.connection)}: connected, {len(streams)} tables to read in schema {self.config.schema_}"]
