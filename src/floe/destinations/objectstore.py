@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -410,14 +411,14 @@ class LocalStore(ObjectStore):
     def put_file(self, key: str, path: Path) -> None:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
+        tmp = _temporary(target)
         shutil.copyfile(path, tmp)
         os.replace(tmp, target)
 
     def put_bytes(self, key: str, data: bytes) -> None:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
+        tmp = _temporary(target)
         with open(tmp, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -492,3 +493,8 @@ class LocalStore(ObjectStore):
         except OSError as exc:
             raise DestinationError(f"cannot write to folder {self.root}: {exc.strerror}") from None
         return f"folder {self.root}: writable"
+
+
+def _temporary(target: Path) -> Path:
+    """A name beside `target` no other writer uses (two runs writing one object rename their own file)."""
+    return target.with_name(f".{target.name}.{os.getpid()}-{threading.get_ident()}.tmp")
