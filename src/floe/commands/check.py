@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
+from typing import TYPE_CHECKING
 
 import typer
 
 from floe.commands._output import ConfigOption, fail, open_config
-from floe.config import FloeConfig
-from floe.engine.stream import Context
 from floe.errors import FloeError
 from floe.secrets import redact
+
+if TYPE_CHECKING:  # (imported where used: `floe --help` loads neither pydantic nor pyarrow)
+    from floe.config import FloeConfig
+    from floe.engine.stream import Context
 
 
 def check_command(config: ConfigOption = None) -> None:
     """Validate the config, then check every source (paths, secrets, credentials), destination and
     the stage: one line each, ok or FAILED with the reason. Loads and creates nothing."""
+    import asyncio
+
     from floe.engine.runner import context_for
 
     try:
@@ -39,6 +43,8 @@ def check_command(config: ConfigOption = None) -> None:
 
 async def check_sources(cfg: FloeConfig, context: Context) -> list[tuple[str, bool, str]]:
     """Each source's own check (`Source.check`), all at once."""
+    import asyncio
+
     from floe.engine.runner import make_source
 
     async def one(name: str) -> tuple[str, bool, str]:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from pydantic import BaseModel
 
 from floe.commands._output import fail
-from floe.configref import COMMON, Key, keys
-from floe.pgconn import URL_KEYS
+
+if TYPE_CHECKING:  # (imported where used: `floe --help` loads no pydantic)
+    from pydantic import BaseModel
+
+    from floe.configref import Key
 
 HEADER = """\
 # floe.yml, written by `floe init`. Every key: docs/config.md. Check it with `floe check`.
@@ -28,6 +30,7 @@ def init_command(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing floe.yml and .env.")] = False,
 ) -> None:
     """Write a commented floe.yml for the chosen sources and destination (secrets as ${ENV}) and a .env template."""
+    from floe.configref import COMMON
     from floe.destinations import registry as destinations
     from floe.sources import registry as sources
 
@@ -56,6 +59,9 @@ def entry(name: str, kind: str, model: type[BaseModel], common: type[BaseModel],
           variables: list[tuple[str, str]]) -> list[str]:
     """The commented lines of one source or destination: required keys set (secrets and unknowns
     as ${NAME_KEY}), the others commented out with their defaults."""
+    from floe.configref import COMMON, keys
+    from floe.pgconn import URL_KEYS
+
     own = keys(model, (common,))
     by_url = any(k.name == "url" for k in own)  # one url: instead of host, port, user, password...
     what = "its warehouse schema and state key" if common is COMMON["sources"] else "for --destination"
