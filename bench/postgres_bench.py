@@ -57,9 +57,9 @@ def make_batch(start: int, n: int) -> pa.RecordBatch:
 
 def child(args: argparse.Namespace) -> None:
     """Load the rows through floe's pipeline; print one JSON line with the timing."""
+    from floe.core.stream import Batch, Source, State, Stream
     from floe.destinations.postgres import PostgresConfig, PostgresDestination
     from floe.engine.pipeline import run_stream
-    from floe.engine.stream import Batch, Source, State, Stream
 
     class Wide(Stream):
         name = "wide"

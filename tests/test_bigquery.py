@@ -23,12 +23,11 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from floe.config import validate_model
-from floe.destinations.base import LoadJob, TableSpec, json_field
+from floe.core.destination import LoadJob, StagedFile, TableSpec, json_field
+from floe.core.errors import DestinationError
 from floe.destinations.bigquery import BigQueryApi, BigQueryConfig, BigQueryDestination
-from floe.destinations.objectstore import GCSStore, StoreUrl
 from floe.engine.pipeline import run_stream
-from floe.engine.stage import StagedFile
-from floe.errors import DestinationError
+from floe.infra.objectstore import GCSStore, StoreUrl
 from floe.sandbox.server import serve_in_thread
 from tests.bigquery_emulator import BigQueryEmulator
 from tests.fixtures.core import OneStreamSource, ResentParentStream
@@ -400,7 +399,7 @@ def test_a_type_change_end_to_end_commits_nothing_and_names_the_column(bigquery,
 
 
 def test_the_full_refresh_swap_is_one_transaction_that_parses(tmp_path):
-    from floe.engine.stream import RefreshScope
+    from floe.core.stream import RefreshScope
 
     dest = make()
     job = job_of(tmp_path, "append")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from floe.config import FloeConfig
 from floe.configref import keys, plugin_models, render
-from floe.destinations import registry as destinations
-from floe.sources import registry as sources
+from floe.core.plugins import destination_registry as destinations
+from floe.core.plugins import source_registry as sources
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "config.md"
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import duckdb
 from typer.testing import CliRunner
 
+from floe.apps.demo import SAILTHRU_QUESTIONS, SINGULAR_QUESTIONS, TWILIO_QUESTIONS
 from floe.cli import app
-from floe.demo import SAILTHRU_QUESTIONS, SINGULAR_QUESTIONS, TWILIO_QUESTIONS
 
 
 def test_demo_loads_and_answers_leaving_only_its_own_files(tmp_path: Path) -> None:

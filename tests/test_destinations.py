@@ -19,14 +19,14 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from floe.destinations.base import LoadJob, TableSpec, json_field
+from floe.core.destination import LoadJob, StagedFile, TableSpec, json_field
+from floe.core.errors import DestinationError
+from floe.core.stream import Batch, Context, State, Stream
 from floe.destinations.duckdb import DuckDBConfig, DuckDBDestination
 from floe.destinations.postgres import PostgresConfig, PostgresDestination
 from floe.destinations.sql import SqlDestination
 from floe.engine.pipeline import run_stream
-from floe.engine.stage import StagedFile, StageWriter
-from floe.engine.stream import Batch, Context, State, Stream
-from floe.errors import DestinationError
+from floe.infra.stage import StageWriter
 from tests.fixtures.core import OneStreamSource, ResentParentStream, staged_files
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from floe.core.errors import SourceError
+from floe.core.stream import Batch, Disposition, State, Stream
 from floe.destinations.duckdb import DuckDBDestination
 from floe.engine.pipeline import run_stream
-from floe.engine.stage import StageRun, StageWriter
-from floe.engine.stream import Batch, Disposition, State, Stream
-from floe.errors import SourceError
+from floe.infra.stage import StageRun, StageWriter
 from tests.fixtures.core import OneStreamSource, staged_files
 
 

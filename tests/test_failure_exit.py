@@ -33,9 +33,9 @@ import pytest
 import yaml
 
 from floe.config import parse_config
-from floe.engine.runner import context_for, make_source
-from floe.engine.stage import StageWriter
-from floe.errors import StageError
+from floe.core.errors import StageError
+from floe.engine.factory import context_for, make_source
+from floe.infra.stage import StageWriter
 from floe.sandbox import singular as singular_emulator
 from floe.sandbox import twilio as twilio_emulator
 from floe.sandbox.fullstory import DEFAULT_API_KEY, Export, FullStoryEmulator, create_app

@@ -15,11 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from floe.config import validate_model
-from floe.destinations.base import LoadJob, TableSpec
+from floe.core.destination import LoadJob, StagedFile, TableSpec
+from floe.core.errors import DestinationError
+from floe.core.stream import Context
 from floe.destinations.files import FilesConfig, FilesDestination
-from floe.engine.stage import StagedFile, new_load_id
-from floe.engine.stream import Context
-from floe.errors import DestinationError
+from floe.infra.stage import new_load_id
 
 
 @pytest.fixture(params=["local", "s3", "gs"])

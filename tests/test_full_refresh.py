@@ -28,12 +28,12 @@ import duckdb
 import pytest
 
 from floe.config import validate_model
-from floe.destinations import registry
-from floe.destinations.base import Destination
+from floe.core.destination import Destination
+from floe.core.plugins import destination_registry as registry
+from floe.core.stream import Context, RefreshScope, RunOptions, Stream
 from floe.destinations.bigquery import BigQueryConfig, BigQueryDestination
 from floe.destinations.files import FilesDestination
 from floe.engine.pipeline import StreamResult, run_stream
-from floe.engine.stream import Context, RefreshScope, RunOptions, Stream
 from floe.sandbox.server import serve_in_thread
 from tests.bigquery_emulator import BigQueryEmulator
 from tests.fixtures.core import OneStreamSource, ResentParentStream, T, VersionedRows, staged_files
@@ -192,9 +192,9 @@ CHILD = textwrap.dedent("""
     import asyncio, json, sys, time
     from pathlib import Path
     from floe.config import validate_model
-    from floe.destinations import registry
+    from floe.core.plugins import destination_registry as registry
     from floe.engine.pipeline import run_stream
-    from floe.engine.stream import Context, RunOptions
+    from floe.core.stream import Context, RunOptions
     from tests.fixtures.core import OneStreamSource
     from tests.fixtures.core import VersionedRows
 

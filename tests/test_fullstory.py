@@ -18,8 +18,8 @@ import orjson
 import pytest
 
 from floe.config import load_config
+from floe.core.errors import ConfigError
 from floe.engine import runner
-from floe.errors import ConfigError
 from floe.sandbox.fullstory import DEFAULT_API_KEY
 from floe.sources.fullstory import BASE_FIELDS, FullStoryConfig, FullStorySource, window_end
 from tests.fixtures.fullstory import emulator, hauser_shaped_windows
@@ -317,7 +317,7 @@ def test_export_files_parse_the_same_in_every_layout_and_chunking(tmp_path: Path
 
 
 def test_a_known_field_that_does_not_fit_its_column_is_an_error_naming_it(tmp_path: Path) -> None:
-    from floe.errors import SourceError
+    from floe.core.errors import SourceError
     from floe.sources.fullstory_export import ExportReader
 
     path = tmp_path / "export.gz"
@@ -330,7 +330,7 @@ def test_a_known_field_that_does_not_fit_its_column_is_an_error_naming_it(tmp_pa
 @pytest.mark.parametrize("body", [b'{"IndvId": 1}\n', gzip.compress(b'{"IndvId": 1}\n', mtime=0)[:10] + b"\xff" * 40],
                          ids=["plain-json", "gzip-header-then-garbage"])
 def test_a_file_that_is_not_gzip_is_an_error(tmp_path: Path, body: bytes) -> None:
-    from floe.errors import SourceError
+    from floe.core.errors import SourceError
     from floe.sources.fullstory_export import ExportReader
 
     path = tmp_path / "export.gz"
@@ -391,7 +391,7 @@ def test_known_fields_match_case_insensitively_like_hauser(tmp_path: Path, path_
     ("FORMAT_JSON", b'[{"IndvId": 1},{"IndvId": 2, "EventType": "cl'),
 ])
 def test_a_cut_array_is_an_error(tmp_path: Path, fmt: str, body: bytes) -> None:
-    from floe.errors import SourceError
+    from floe.core.errors import SourceError
     from floe.sources.fullstory_export import ExportReader
 
     path = tmp_path / "export.gz"
@@ -455,7 +455,7 @@ WHERE = "window 2024-01-01T02:00:00Z..2024-01-01T03:00:00Z, export e-42"
 def test_a_bad_event_is_an_error_naming_the_window_export_line_and_field(
     tmp_path: Path, bad: bytes, message: str, chunk: int
 ) -> None:
-    from floe.errors import SourceError
+    from floe.core.errors import SourceError
     from floe.sources.fullstory_export import ExportReader
 
     path = tmp_path / "export.gz"
@@ -468,7 +468,7 @@ def test_a_bad_event_is_an_error_naming_the_window_export_line_and_field(
 
 @pytest.mark.parametrize("layout", ["array per line", "array minified"])
 def test_a_bad_element_of_a_json_array_is_named_by_its_place(tmp_path: Path, layout: str) -> None:
-    from floe.errors import SourceError
+    from floe.core.errors import SourceError
     from floe.sources.fullstory_export import ExportReader
 
     events = [{"IndvId": i, "EventType": "click"} for i in range(10)]
@@ -485,7 +485,7 @@ def test_a_bad_element_of_a_json_array_is_named_by_its_place(tmp_path: Path, lay
     (GOOD + b"\n", "export file is not valid gzip"),
 ])
 def test_a_broken_file_is_an_error_naming_the_window_and_export(tmp_path: Path, body: bytes, message: str) -> None:
-    from floe.errors import SourceError
+    from floe.core.errors import SourceError
     from floe.sources.fullstory_export import ExportReader
 
     path = tmp_path / "export.gz"

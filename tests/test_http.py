@@ -15,8 +15,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from floe.errors import SourceError
-from floe.http import ApiError, HttpClient, PageGuard, retry_after, safe_url
+from floe.core.errors import SourceError
+from floe.infra.http import ApiError, HttpClient, PageGuard, retry_after, safe_url
 from floe.sandbox.server import RunningServer, serve_in_thread
 
 SECRET = "s3cr3t-auth-token"

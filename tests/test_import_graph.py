@@ -1,5 +1,13 @@
-"""The package's import graph has no cycle: every import counts (function-level ones too), except
-those under `if TYPE_CHECKING:`, which never run."""
+"""The package's import graph: no cycle, and imports only go down the layers.
+
+Every import counts (function-level ones too), except those under `if TYPE_CHECKING:`, which never
+run. The layers, top to bottom (docs/contributing.md explains them):
+
+    cli > commands > apps > engine > config > sources | destinations | sandbox > infra > core
+
+A module imports its own package's modules and lower layers only. Within sources/ and destinations/
+each plugin (a registered type, with its `<type>_*` helper modules or its package) is independent of
+the others; the shared modules beside them (e.g. destinations/sql.py) are not plugins."""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ import graphlib
 from pathlib import Path
 
 import floe
+from floe.core.plugins import destination_registry, source_registry
 
 PACKAGE = Path(floe.__file__).parent
 
@@ -67,3 +76,74 @@ def test_the_checker_sees_function_level_imports(tmp_path):
                       "def f():\n    from floe.config import load_config\n")
     known = {"floe.m": module, "floe.cli": module, "floe.config": module}
     assert imports_of("floe.m", module, known) == {"floe.config"}
+
+
+LAYERS = ("core", "infra", "plugins", "config", "engine", "apps", "commands", "cli")
+PLUGIN_PACKAGES = {"sources": source_registry, "destinations": destination_registry}
+# Redshift speaks PostgreSQL's protocol: its destination extends the PostgreSQL one.
+ALLOWED_PLUGIN_EDGES = {("destinations", "redshift", "postgres")}
+
+
+def layer_of(name: str) -> str | None:
+    """The layer a module belongs to (None: the package root and floe.testing, which tests use)."""
+    parts = name.split(".")
+    if len(parts) == 1 or parts[1] == "testing":
+        return None
+    top = parts[1]
+    if top in ("cli", "__main__"):
+        return "cli"
+    if top in ("config", "configref"):  # floe.yml's models, and the reference generated from them
+        return "config"
+    if top in ("sources", "destinations", "sandbox"):
+        return "plugins"
+    assert top in LAYERS, f"{name}: in no layer (add it to one in layer_of)"
+    return top
+
+
+def plugin_of(name: str) -> tuple[str, str] | None:
+    """(package, plugin type) of a module of a plugin; None for shared modules and other layers."""
+    parts = name.split(".")
+    if len(parts) < 3 or parts[1] not in PLUGIN_PACKAGES:
+        return None
+    family = parts[2].split("_")[0]
+    return (parts[1], family) if family in PLUGIN_PACKAGES[parts[1]].names() else None
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    found = []
+    for name, targets in graph.items():
+        here = layer_of(name)
+        for target in sorted(targets):
+            there = layer_of(target)
+            if here is None or there is None:
+                continue
+            if LAYERS.index(there) > LAYERS.index(here):
+                found.append(f"{name} -> {target} (up from {here} to {there})")
+            elif here == there == "plugins" and name.split(".")[1] != target.split(".")[1]:
+                found.append(f"{name} -> {target} (across plugin packages)")
+            else:
+                mine, theirs = plugin_of(name), plugin_of(target)
+                if mine and theirs and mine != theirs and (*mine, theirs[1]) not in ALLOWED_PLUGIN_EDGES:
+                    found.append(f"{name} -> {target} (one plugin imports another)")
+    return found
+
+
+def test_imports_only_go_down_the_layers():
+    known = module_names()
+    graph = {name: imports_of(name, path, known) for name, path in known.items()}
+    assert layer_violations(graph) == []
+
+
+def test_the_layer_check_sees_upward_and_sideways_imports():
+    graph = {
+        "floe.core.stream": {"floe.config"},
+        "floe.sources.twilio": {"floe.destinations.sql", "floe.sources.twilio_records", "floe.core.stream"},
+        "floe.destinations.duckdb": {"floe.destinations.postgres", "floe.destinations.sql"},
+        "floe.destinations.redshift": {"floe.destinations.postgres"},
+        "floe.engine.pipeline": {"floe.infra.stage", "floe.engine.progress"},
+    }
+    assert layer_violations(graph) == [
+        "floe.core.stream -> floe.config (up from core to config)",
+        "floe.sources.twilio -> floe.destinations.sql (across plugin packages)",
+        "floe.destinations.duckdb -> floe.destinations.postgres (one plugin imports another)",
+    ]

@@ -25,10 +25,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from floe.destinations.base import Destination, LoadJob, TableSpec
+from floe.core.destination import Destination, LoadJob, StagedFile, TableSpec
+from floe.core.errors import DestinationError, LeaseHeldError, StateConflictError
 from floe.destinations.sql import SqlDestination
-from floe.engine.stage import StagedFile, new_load_id
-from floe.errors import DestinationError, LeaseHeldError, StateConflictError
+from floe.infra.stage import new_load_id
 from tests.fixtures.destinations import EXPIRING, Place, place_of
 
 # A child process holding a lease: prints "held", then on each line of stdin reports lease.check().

@@ -33,17 +33,18 @@ import yaml
 from typer.testing import CliRunner
 
 from floe.cli import app as cli_app
-from floe.config import SourceConfig, load_config, parse_config
+from floe.config import load_config, parse_config
+from floe.core.plugins import source_registry as source_registry
+from floe.core.settings import SourceConfig
+from floe.core.stream import Batch, Context, RunOptions, Source, State, Stream
 from floe.destinations.duckdb import DuckDBConfig, DuckDBDestination
 from floe.destinations.files import FilesConfig, FilesDestination
 from floe.destinations.postgres import PostgresConfig, PostgresDestination
 from floe.engine import runner
 from floe.engine.pipeline import run_stream_into
 from floe.engine.runner import run
-from floe.engine.stream import Batch, Context, RunOptions, Source, State, Stream
 from floe.sandbox.fullstory import DEFAULT_API_KEY
 from floe.sandbox.singular import create_app as singular_app
-from floe.sources import registry as source_registry
 from tests.fixtures.core import OneStreamSource, VersionedRows, staged_files
 from tests.fixtures.destinations import Place, place_of
 from tests.fixtures.fullstory import emulator as fullstory_emulator

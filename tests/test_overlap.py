@@ -23,13 +23,14 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from floe.config import SourceConfig, load_config, parse_config
+from floe.apps.serve import Server
+from floe.config import load_config, parse_config
+from floe.core.plugins import source_registry as source_registry
+from floe.core.settings import SourceConfig
+from floe.core.stream import Batch, Source, State, Stream
 from floe.engine import runner
 from floe.engine.pipeline import StreamResult
-from floe.engine.serve import Server
-from floe.engine.stream import Batch, Source, State, Stream
 from floe.sandbox.fullstory import DEFAULT_API_KEY
-from floe.sources import registry as source_registry
 from tests.fixtures.destinations import Place, place_of
 
 ROWS = 100  # per stream of the ticking source

@@ -14,15 +14,15 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from floe.apps.reverse.engine import SyncResult, run_syncs
 from floe.cli import app as cli_app
 from floe.config import parse_config
-from floe.destinations import registry
+from floe.core.errors import ConfigError
+from floe.core.plugins import destination_registry as registry
+from floe.core.stream import Context
 from floe.destinations.sql import SqlDestination
-from floe.engine.stream import Context
-from floe.errors import ConfigError
 from floe.sandbox.pendo import PendoStore, create_app
 from floe.sandbox.server import RunningServer, serve_in_thread
-from floe.syncs.engine import SyncResult, run_syncs
 
 KEY = "pendo-test-integration-key"
 ROWS = 120

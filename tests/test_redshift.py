@@ -20,11 +20,11 @@ import sqlglot
 from sqlglot import exp
 
 from floe.config import validate_model
-from floe.destinations.base import LoadJob, TableSpec, json_field
-from floe.destinations.objectstore import S3Store, StoreUrl
+from floe.core.destination import LoadJob, StagedFile, TableSpec, json_field
+from floe.core.errors import DestinationError
 from floe.destinations.redshift import VARCHAR_MAX, RedshiftConfig, RedshiftDestination, fit_strings
-from floe.engine.stage import StagedFile, new_load_id
-from floe.errors import DestinationError
+from floe.infra.objectstore import S3Store, StoreUrl
+from floe.infra.stage import new_load_id
 from tests.fixtures.core import VersionedRows
 from tests.fixtures.redshift import SECRET, RedshiftOnPostgres, redshift_settings
 

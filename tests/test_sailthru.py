@@ -628,8 +628,8 @@ def test_stage_files_hold_no_address(sailthru_project: Factory, tmp_path: Path) 
     import asyncio
 
     from floe.config import load_config
-    from floe.engine.runner import context_for, make_source
-    from floe.engine.stage import StageWriter
+    from floe.engine.factory import context_for, make_source
+    from floe.infra.stage import StageWriter
 
     project = sailthru_project(days=2, profiles=60)
     config = load_config(project.root / "floe.yml")

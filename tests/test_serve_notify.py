@@ -17,9 +17,9 @@ import duckdb
 import pytest
 import yaml
 
+from floe.apps.serve import Server, parse_schedule
 from floe.config import load_config
-from floe.engine.serve import Server, parse_schedule
-from floe.errors import ConfigError
+from floe.core.errors import ConfigError
 from floe.sandbox.fullstory import DEFAULT_API_KEY
 from tests.fixtures.fullstory import emulator
 
@@ -163,8 +163,8 @@ def test_sns_topic_receives_the_failure_message(
 
     import boto3
 
+    from floe.apps.notify import notify_run
     from floe.engine import runner
-    from floe.notify import notify_run
 
     for var, value in (("AWS_ENDPOINT_URL", s3_server.endpoint_url), ("AWS_ACCESS_KEY_ID", s3_server.access_key_id),
                        ("AWS_SECRET_ACCESS_KEY", s3_server.secret_access_key)):

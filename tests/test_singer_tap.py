@@ -13,13 +13,13 @@ import orjson
 import pyarrow as pa
 import pytest
 
-from floe.config import SourceConfig
-from floe.destinations.base import json_field
-from floe.engine.stream import Batch, Source, State, Stream
-from floe.errors import ConfigError
-from floe.singer.catalog import build_catalog, read_selection
-from floe.singer.schema import json_schema_to_arrow
-from floe.singer.tap import MetricWriter, SingerTap, read_state
+from floe.apps.singer.catalog import build_catalog, read_selection
+from floe.apps.singer.schema import json_schema_to_arrow
+from floe.apps.singer.tap import MetricWriter, SingerTap, read_state
+from floe.core.destination import json_field
+from floe.core.errors import ConfigError
+from floe.core.settings import SourceConfig
+from floe.core.stream import Batch, Source, State, Stream
 from tests.singer_check import check_tap_output
 
 EVENTS = pa.schema([

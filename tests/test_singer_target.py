@@ -17,10 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from floe.apps.singer.schema import json_schema_to_arrow
+from floe.apps.singer.target import SingerTarget
+from floe.core.errors import SourceError
 from floe.destinations.duckdb import DuckDBDestination
-from floe.errors import SourceError
-from floe.singer.schema import json_schema_to_arrow
-from floe.singer.target import SingerTarget
 from tests.fixtures.core import staged_files
 
 FLOE = [str(Path(sys.executable).parent / "floe")]

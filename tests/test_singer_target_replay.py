@@ -25,10 +25,10 @@ import orjson
 import psycopg
 import pytest
 
-from floe.destinations.base import Destination
-from floe.errors import DestinationError
-from floe.singer.setup import make_destination_for
-from floe.singer.target import SingerTarget
+from floe.apps.singer.setup import make_destination_for
+from floe.apps.singer.target import SingerTarget
+from floe.core.destination import Destination
+from floe.core.errors import DestinationError
 
 FLOE = str(Path(sys.executable).parent / "floe")
 COLUMNS = {"pos": {"type": "integer"}, "i": {"type": "integer"}, "n": {"type": ["integer", "null"]}}

@@ -10,8 +10,8 @@ import psycopg
 import pytest
 
 from floe.config import parse_config
+from floe.core.errors import ConfigError, SourceError
 from floe.engine import runner
-from floe.errors import ConfigError, SourceError
 from floe.sandbox import singular as emu
 from floe.sources.singular import (
     DEFAULT_COHORT_METRICS,

@@ -17,9 +17,9 @@ import psycopg
 import pyarrow as pa
 import pytest
 
-from floe import pgcopy
-from floe.engine.stream import Batch, State
-from floe.errors import ConfigError, SourceError
+from floe.core.errors import ConfigError, SourceError
+from floe.core.stream import Batch, State
+from floe.infra import pgcopy
 from floe.sources.sql import SqlSource, SqlSourceConfig, SqlStream
 from floe.testing.postgres import PostgresDatabase
 

@@ -15,10 +15,10 @@ from typing import Any
 import psycopg
 import pytest
 
+from floe.apps.singer.tap import read_state
+from floe.core.errors import ConfigError, SourceError
 from floe.destinations.duckdb import DuckDBDestination
 from floe.engine.pipeline import run_stream
-from floe.errors import ConfigError, SourceError
-from floe.singer.tap import read_state
 from floe.sources.sql import SqlSource, SqlSourceConfig
 from floe.testing.postgres import PostgresDatabase
 from tests.singer_check import check_tap_output

@@ -1,4 +1,4 @@
-"""floe.threads: blocking work on threads that never keep a run alive."""
+"""floe.infra.threads: blocking work on threads that never keep a run alive."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import floe
-from floe.threads import in_thread, iterate_in_thread, prefetch_in_thread
+from floe.infra.threads import in_thread, iterate_in_thread, prefetch_in_thread
 
 
 def test_leaving_early_stops_the_thread_and_closes_the_generator_on_it() -> None:
@@ -89,7 +89,7 @@ def test_floe_never_runs_blocking_work_on_asyncios_default_executor() -> None:
     offenders = [f"{path.relative_to(root)}:{number}" for path in sorted(root.rglob("*.py")) if path.parent.name != "sandbox"
                  for number, line in enumerate(path.read_text().splitlines(), 1)
                  if "to_thread(" in line and "in_thread(" not in line or "run_in_executor(None" in line]
-    assert offenders == [], "use floe.threads.in_thread / iterate_in_thread"
+    assert offenders == [], "use floe.infra.threads.in_thread / iterate_in_thread"
 
 
 def test_prefetch_raises_the_producers_error_in_sequence_and_closing_early_joins_the_producer() -> None:

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pytest
 
 from floe.config import parse_config
-from floe.engine.stream import Context
-from floe.errors import ConfigError, SourceError
+from floe.core.errors import ConfigError, SourceError
+from floe.core.stream import Context
 from floe.sandbox import twilio as emu
 from floe.sources.twilio import TwilioSource
 from floe.sources.twilio_records import RECORDINGS, PageParser, parse_rfc2822

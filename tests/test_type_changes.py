@@ -26,8 +26,11 @@ import psycopg
 import pyarrow as pa
 import pytest
 
+from floe.apps.singer.target import SingerTarget
 from floe.config import load_config
-from floe.destinations.base import LoadJob, TableSpec, json_field
+from floe.core.destination import LoadJob, TableSpec, json_field
+from floe.core.errors import DestinationError
+from floe.core.stream import Batch, Stream
 from floe.destinations.bigquery import BigQueryDestination
 from floe.destinations.bigquery_sql import COLUMN_RULES as BIGQUERY_RULES
 from floe.destinations.column_types import ColumnRules, compare
@@ -38,10 +41,7 @@ from floe.destinations.schema_changes import variant_name
 from floe.destinations.sql import SqlDestination
 from floe.engine import runner
 from floe.engine.pipeline import run_stream
-from floe.engine.stage import StageWriter, new_load_id
-from floe.engine.stream import Batch, Stream
-from floe.errors import DestinationError
-from floe.singer.target import SingerTarget
+from floe.infra.stage import StageWriter, new_load_id
 from tests.fixtures.core import OneStreamSource
 from tests.test_destinations import make_destination, settings_for
 

@@ -1,8 +1,8 @@
-"""The `floe` executable (and `python -m floe`): holds SIGTERM while the CLI loads (see floe.signals)."""
+"""The `floe` executable (and `python -m floe`): holds SIGTERM while the CLI loads (see floe.infra.signals)."""
 
 from __future__ import annotations
 
-from floe.signals import hold_sigterm
+from floe.infra.signals import hold_sigterm
 
 
 def main() -> None:

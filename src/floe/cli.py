@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from floe import __version__, signals
+from floe import __version__
 from floe.commands.check import check_command
 from floe.commands.demo import demo_command
 from floe.commands.init import init_command
@@ -18,6 +18,7 @@ from floe.commands.state import state_app
 from floe.commands.sync import sync_command
 from floe.commands.tap import discover_command, tap_command
 from floe.commands.target import target_command
+from floe.infra import signals
 
 # Plain (click) help and usage errors: rich's help formatting alone costs a fifth of a second of imports.
 app = typer.Typer(help="floe: warehouse SaaS data exactly once.", no_args_is_help=True, add_completion=False,

@@ -1,7 +1,7 @@
 """floe.yml: loading, `${ENV_VAR}` interpolation and validation with readable errors.
 
 The top level is validated here; each source, destination and sync entry is validated by the
-config model its plugin declares (see `floe.sources.registry` / `floe.destinations.registry`;
+config model its plugin declares (see the registry tables in `floe.core.plugins`;
 a sync entry by `SYNC_CONFIG_MODEL`), all named as strings and imported only when used,
 so adding a plugin never touches this module. Every error names the key path, e.g.
 `sources.sailthru.pii: must be one of hash, drop, keep`.
@@ -14,80 +14,20 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError
 
-from floe import secrets
-from floe.errors import ConfigError
-from floe.plugins import load_object
+from floe.core import secrets
+from floe.core.errors import ConfigError
+from floe.core.plugins import load_object
+from floe.core.settings import DestinationConfig, Model, SourceConfig
 
 DEFAULT_CONFIG = Path("floe.yml")
 # The model of one `syncs:` entry, named (as plugins are) so that reverse ETL is imported only when used.
-SYNC_CONFIG_MODEL = "floe.syncs.config:SyncConfig"
+SYNC_CONFIG_MODEL = "floe.apps.reverse.config:SyncConfig"
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-class Model(BaseModel):
-    """Base of every config model: unknown keys are errors (they are usually typos)."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
-SchemaChanges = Literal["evolve", "freeze"]
-T = TypeVar("T")
-
-
-def per_stream(value: T | dict[str, T], stream: str, default: T) -> T:
-    """A setting given for every stream, or per stream name (`*`: every other stream)."""
-    if isinstance(value, dict):
-        return value[stream] if stream in value else value.get("*", default)
-    return value
-
-
-class SourceConfig(Model):
-    """Keys every source accepts, whatever its type."""
-
-    type: str
-    destinations: list[str] | None = Field(
-        default=None, description="Load only into these destinations (default: all)."
-    )
-    schedule: str | None = Field(
-        default=None, description="For `floe serve`: an interval like `15m`/`6h` or a cron expression."
-    )
-    schema_changes: SchemaChanges | dict[str, SchemaChanges] = Field(
-        default="evolve", description="What a load does when a column's values change type: `evolve` (widen "
-        "the column, or keep the values in a variant column `<column>__v_<type>`) or `freeze` (fail); one "
-        "value, or a mapping of stream names (`*`: the others) to values.",
-    )
-    widen_to_text: bool | dict[str, bool] = Field(
-        default=False, description="With `evolve`: a column may become text to hold values of another type "
-        "(else they go to a variant column); one value, or a mapping of stream names (`*`: the others).",
-    )
-
-    def schema_policy(self, stream: str) -> tuple[SchemaChanges, bool]:
-        """The `schema_changes` and `widen_to_text` of one stream."""
-        return per_stream(self.schema_changes, stream, "evolve"), per_stream(self.widen_to_text, stream, False)
-
-
-class DestinationConfig(Model):
-    """Keys every destination accepts, whatever its type."""
-
-    type: str
-    lease_wait_seconds: float = Field(
-        default=15.0, ge=0,
-        description="How long a run waits for another run of the same stream to finish before that stream fails.",
-    )
-
-
-class ExpiringLeaseConfig(Model):
-    """For destinations whose leases expire unless renewed (Redshift, BigQuery, files)."""
-
-    lease_expiry_seconds: float = Field(
-        default=60.0, ge=1,
-        description="A run renews its lease every quarter of this; a killed run's lease is free after it.",
-    )
 
 
 class NotifyConfig(Model):
@@ -267,8 +207,8 @@ def _validate_plugins(raw: Any, section: str, registry: Any) -> dict[str, Any]:
 
 def parse_config(data: Any, path: Path | None = None) -> FloeConfig:
     """Validate an already parsed (and interpolated) config tree."""
-    from floe.destinations import registry as destination_registry
-    from floe.sources import registry as source_registry
+    from floe.core.plugins import destination_registry as destination_registry
+    from floe.core.plugins import source_registry as source_registry
 
     if data is None:
         data = {}

@@ -19,8 +19,9 @@ from typing import Any
 from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 
-from floe.config import DestinationConfig, FloeConfig, NotifyConfig, SourceConfig, looks_secret
-from floe.plugins import Registry
+from floe.config import FloeConfig, NotifyConfig, looks_secret
+from floe.core.plugins import Registry
+from floe.core.settings import DestinationConfig, SourceConfig
 
 COMMON: dict[str, type[BaseModel]] = {"sources": SourceConfig, "destinations": DestinationConfig}
 
@@ -172,9 +173,9 @@ def _table(rows: list[Key], title: str, out: list[str], expand: bool = True) -> 
 def render() -> str:
     """The text of docs/config.md."""
     from floe.config import SYNC_CONFIG_MODEL
-    from floe.destinations import registry as destinations
-    from floe.plugins import load_object
-    from floe.sources import registry as sources
+    from floe.core.plugins import destination_registry as destinations
+    from floe.core.plugins import load_object
+    from floe.core.plugins import source_registry as sources
 
     out = [INTRO, "## Top level", ""]
     _table(keys(FloeConfig), "", out, expand=False)

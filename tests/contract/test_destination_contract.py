@@ -26,11 +26,11 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from floe.destinations.base import CommittedState, Destination, LoadJob, StateChange, TableSpec
+from floe.core.destination import CommittedState, Destination, LoadJob, StagedFile, StateChange, TableSpec
+from floe.core.errors import DestinationError, StateConflictError
 from floe.destinations.files import STATE_DIR, FilesDestination
 from floe.destinations.sql import SqlDestination
-from floe.engine.stage import StagedFile, StageWriter, new_load_id
-from floe.errors import DestinationError, StateConflictError
+from floe.infra.stage import StageWriter, new_load_id
 from tests.fixtures.destinations import Place, place_of
 
 
@@ -304,10 +304,10 @@ CHILD = textwrap.dedent("""
     from pathlib import Path
     import pyarrow as pa
     from floe.config import validate_model
-    from floe.destinations import registry
-    from floe.destinations.base import LoadJob, TableSpec
-    from floe.engine.stage import StageWriter, new_load_id
-    from floe.engine.stream import Context
+    from floe.core.plugins import destination_registry as registry
+    from floe.core.destination import LoadJob, TableSpec
+    from floe.infra.stage import StageWriter, new_load_id
+    from floe.core.stream import Context
 
     settings, folder, per_load, kill_at = json.loads(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     if settings["type"] == "redshift":

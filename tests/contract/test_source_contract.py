@@ -23,11 +23,11 @@ import pyarrow as pa
 import pytest
 
 from floe.config import validate_model
-from floe.engine.stream import Batch, Context, Source, State, Stream
+from floe.core.plugins import source_registry as registry
+from floe.core.stream import Batch, Context, Source, State, Stream
 from floe.sandbox import fullstory, singular, twilio
 from floe.sandbox.sailthru import ExportSpec, generate
 from floe.sandbox.server import serve_in_thread
-from floe.sources import registry
 
 Row = dict[str, Any]
 

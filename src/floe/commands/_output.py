@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
-from floe.secrets import redact
+from floe.core.secrets import redact
 
 if TYPE_CHECKING:  # (and imported where used: `floe --help` need not load rich, pydantic or the engine)
     from rich.console import Console
 
+    from floe.apps.reverse.engine import SyncResult
     from floe.config import FloeConfig
     from floe.engine.pipeline import StreamResult
-    from floe.syncs.engine import SyncResult
 
 ConfigOption = Annotated[Path | None, typer.Option(
     "-c", "--config", metavar="PATH", help="Config file (default: floe.yml).")]
@@ -47,8 +47,8 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 def open_config(path: Path | None) -> FloeConfig:
     """Load floe.yml (or `path`) and set up logging the way it asks."""
-    from floe import logs
     from floe.config import load_config
+    from floe.infra import logs
 
     config = load_config(path)
     logs.setup(fmt=config.log_format)

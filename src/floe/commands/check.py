@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING
 import typer
 
 from floe.commands._output import ConfigOption, fail, open_config
-from floe.errors import FloeError
-from floe.secrets import redact
+from floe.core.errors import FloeError
+from floe.core.secrets import redact
 
 if TYPE_CHECKING:  # (imported where used: `floe --help` loads neither pydantic nor pyarrow)
     from floe.config import FloeConfig
-    from floe.engine.stream import Context
+    from floe.core.stream import Context
 
 
 def check_command(config: ConfigOption = None) -> None:
@@ -20,7 +20,7 @@ def check_command(config: ConfigOption = None) -> None:
     the stage: one line each, ok or FAILED with the reason. Loads and creates nothing."""
     import asyncio
 
-    from floe.engine.runner import context_for
+    from floe.engine.factory import context_for
 
     try:
         cfg = open_config(config)
@@ -45,7 +45,7 @@ async def check_sources(cfg: FloeConfig, context: Context) -> list[tuple[str, bo
     """Each source's own check (`Source.check`), all at once."""
     import asyncio
 
-    from floe.engine.runner import make_source
+    from floe.engine.factory import make_source
 
     async def one(name: str) -> tuple[str, bool, str]:
         what = f"source {name}"
@@ -67,7 +67,7 @@ async def check_sources(cfg: FloeConfig, context: Context) -> list[tuple[str, bo
 
 
 def check_destination(cfg: FloeConfig, name: str, context: Context) -> tuple[bool, str]:
-    from floe.engine.runner import make_destination
+    from floe.engine.factory import make_destination
 
     try:
         destination = make_destination(cfg, name, context)
@@ -80,7 +80,7 @@ def check_destination(cfg: FloeConfig, name: str, context: Context) -> tuple[boo
 
 
 def check_stage(cfg: FloeConfig) -> tuple[bool, str]:
-    from floe.localpaths import creatable
+    from floe.infra.localpaths import creatable
 
     try:
         return True, creatable(cfg.stage)

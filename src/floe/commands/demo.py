@@ -7,16 +7,16 @@ from typing import Annotated
 
 import typer
 
-from floe import logs
 from floe.commands._output import fail, print_summary
-from floe.errors import FloeError
+from floe.core.errors import FloeError
+from floe.infra import logs
 
 
 def demo_command(
     directory: Annotated[Path, typer.Option(help="Where the sample data and demo.duckdb go.")] = Path("."),
 ) -> None:
     """Generate sample data, load it into demo.duckdb and answer the analytics questions."""
-    from floe.demo import run_demo
+    from floe.apps.demo import run_demo
 
     logs.setup()
     try:

@@ -31,8 +31,8 @@ def init_command(
 ) -> None:
     """Write a commented floe.yml for the chosen sources and destination (secrets as ${ENV}) and a .env template."""
     from floe.configref import COMMON
-    from floe.destinations import registry as destinations
-    from floe.sources import registry as sources
+    from floe.core.plugins import destination_registry as destinations
+    from floe.core.plugins import source_registry as sources
 
     chosen = source or ["sailthru"]
     for kind, registry in [*((s, sources) for s in chosen), (destination, destinations)]:
@@ -60,7 +60,7 @@ def entry(name: str, kind: str, model: type[BaseModel], common: type[BaseModel],
     """The commented lines of one source or destination: required keys set (secrets and unknowns
     as ${NAME_KEY}), the others commented out with their defaults."""
     from floe.configref import COMMON, keys
-    from floe.pgconn import URL_KEYS
+    from floe.infra.pgconn import URL_KEYS
 
     own = keys(model, (common,))
     by_url = any(k.name == "url" for k in own)  # one url: instead of host, port, user, password...

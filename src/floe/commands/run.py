@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from floe.commands._output import ConfigOption, fail, open_config, print_summary
-from floe.errors import FloeError
+from floe.core.errors import FloeError
 
 
 def run_command(
@@ -27,9 +27,9 @@ def run_command(
         help="Read every stream again from its start; its rows replace the table's in one commit at the end.")] = False,
 ) -> None:
     """Load every source into its destinations (then run syncs, if any)."""
+    from floe.core.stream import RunOptions
     from floe.engine import runner
     from floe.engine.progress import Progress
-    from floe.engine.stream import RunOptions
 
     try:
         cfg = open_config(config)
@@ -38,7 +38,7 @@ def run_command(
     except FloeError as exc:
         fail(str(exc))
     if cfg.notify:
-        from floe.notify import notify_run
+        from floe.apps.notify import notify_run
 
         notify_run(cfg, results, started)
     print_summary(results)

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from floe.errors import FloeError
+from floe.core.errors import FloeError
 
 
 def sandbox_command(

@@ -1,4 +1,4 @@
-"""`floe serve`: run sources on their schedules until SIGTERM/SIGINT (see floe.engine.serve)."""
+"""`floe serve`: run sources on their schedules until SIGTERM/SIGINT (see floe.apps.serve)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from floe.commands._output import ConfigOption, fail, open_config
-from floe.errors import FloeError
-from floe.signals import sigterm_held
+from floe.core.errors import FloeError
+from floe.infra.signals import sigterm_held
 
 
 def serve_command(
@@ -23,7 +23,7 @@ def serve_command(
     SIGTERM (or Ctrl-C) lets the load in progress commit, then exits with status 0."""
     import asyncio
 
-    from floe.engine.serve import Server
+    from floe.apps.serve import Server
 
     try:
         cfg = open_config(config)

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from floe.commands._output import ConfigOption, console, fail, open_config
-from floe.errors import ConfigError, FloeError
+from floe.core.errors import ConfigError, FloeError
 
 if TYPE_CHECKING:  # the rest is imported where used: `floe --help` need not load the engine
     from floe.config import FloeConfig
-    from floe.destinations.base import Destination, StateVersion, TableSpec
-    from floe.destinations.leases import Lease
+    from floe.core.destination import Destination, StateVersion, TableSpec
+    from floe.core.leases import Lease
 
 state_app = typer.Typer(help="See, revert and reset stream state.", no_args_is_help=True)
 
@@ -49,7 +49,7 @@ def state_show(
                                          "({\"bookmarks\": ...}, what `floe tap SOURCE --state` reads).")] = False,
 ) -> None:
     """The latest state of every stream, per destination (a table; JSON with --json)."""
-    from floe.engine.runner import context_for, make_destination
+    from floe.engine.factory import context_for, make_destination
 
     try:
         cfg = open_config(config)
@@ -63,7 +63,7 @@ def state_show(
             finally:
                 dest.close()
         if singer:
-            from floe.singer.state import singer_state
+            from floe.apps.singer.state import singer_state
 
             typer.echo(json.dumps(singer_state(out, source), indent=2, default=str))
             return
@@ -153,8 +153,8 @@ def state_revert(
                 return
             if caveat:
                 confirm(f"{plan}.\nA {spec.disposition} stream: {caveat}.", yes)
-            from floe.destinations.base import StateChange
-            from floe.engine.stage import new_load_id
+            from floe.core.destination import StateChange
+            from floe.infra.stage import new_load_id
             deleted = dest.change_state(StateChange(
                 new_load_id(), spec, source, stream, chosen.state, latest, to, "revert", {"to_version": to}, lease))
     except FloeError as exc:
@@ -195,8 +195,8 @@ def state_reset(
                 confirm(plan, yes)
             for dest in destinations:
                 latest = dest.read_state(source, stream).version
-                from floe.destinations.base import StateChange
-                from floe.engine.stage import new_load_id
+                from floe.core.destination import StateChange
+                from floe.infra.stage import new_load_id
                 deleted = dest.change_state(StateChange(new_load_id(), spec, source, stream, None, latest,
                                                         0 if delete else None, "reset", {"keep_rows": not delete},
                                                         leases[dest.name]))
@@ -218,7 +218,7 @@ def split_target(target: str) -> tuple[str, str]:
 
 def open_destinations(cfg: FloeConfig, source: str, only: str | None, one: bool = False) -> list[Destination]:
     """The destinations `source` loads into (or `only`, which must be one of them), opened."""
-    from floe.engine.runner import context_for, make_destination
+    from floe.engine.factory import context_for, make_destination
 
     names = cfg.destinations_for(source)
     if only is not None:
@@ -237,8 +237,8 @@ def table_of(cfg: FloeConfig, source: str, stream: str) -> TableSpec:
     """The table of `source`.`stream` as the source declares it (its disposition, keys and columns)."""
     import asyncio
 
+    from floe.engine.factory import context_for, make_source
     from floe.engine.pipeline import table_spec
-    from floe.engine.runner import context_for, make_source
 
     plugin = make_source(cfg, source, context_for(cfg))
     try:
@@ -263,7 +263,7 @@ def closing(dest: Destination) -> Iterator[Destination]:
 def held(dest: Destination, source: str, stream: str) -> Iterator[Lease]:
     """The stream's lease in `dest` for the duration of the block; refused at once while a run holds it."""
     got = dest.try_lease(source, stream)
-    from floe.destinations.leases import Holder
+    from floe.core.leases import Holder
     if isinstance(got, Holder):
         raise FloeError(f"{dest.lease_name(source, stream)}: another run is loading this stream ({got.describe()}); "
                         "nothing changed, try again once it has finished")

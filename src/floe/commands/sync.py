@@ -8,17 +8,17 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from floe.commands._output import ConfigOption, fail, open_config, print_sync_summary
-from floe.errors import FloeError
-from floe.secrets import redact
+from floe.core.errors import FloeError
+from floe.core.secrets import redact
 
 if TYPE_CHECKING:
+    from floe.apps.reverse.engine import SyncResult
     from floe.config import FloeConfig
-    from floe.syncs.engine import SyncResult
 
 
 def notify_failures(config: FloeConfig, results: list[SyncResult]) -> None:
     """Send a `failed` notice through `notify:` for every sync that failed or had rows rejected."""
-    from floe.notify import Notice, Notifier
+    from floe.apps.notify import Notice, Notifier
 
     notifier = Notifier(config.notify)
     if not notifier.enabled:
@@ -38,7 +38,7 @@ def run_and_report(config: FloeConfig, names: list[str] | None = None, *, dry_ru
     on stderr). A sync fails when Pendo accepted none of its rows; some rows rejected only warn."""
     import asyncio
 
-    from floe.syncs.engine import run_syncs
+    from floe.apps.reverse.engine import run_syncs
 
     try:
         results = asyncio.run(run_syncs(config, names, dry_run=dry_run, full=full))

@@ -10,8 +10,8 @@ from typing import Annotated, Any
 import orjson
 import typer
 
-from floe.errors import FloeError
-from floe.secrets import redact
+from floe.core.errors import FloeError
+from floe.core.secrets import redact
 
 FloeConfigOption = Annotated[
     Path | None, typer.Option("-c", "--floe-config", help="floe.yml holding SOURCE (default: ./floe.yml).")
@@ -31,8 +31,8 @@ def _critical(message: str) -> None:
 def _catalog_of(source_name: str, floe_config: Path | None, settings: Path | None) -> dict[str, Any]:
     import asyncio
 
-    from floe.singer.catalog import build_catalog
-    from floe.singer.setup import make_source_for
+    from floe.apps.singer.catalog import build_catalog
+    from floe.apps.singer.setup import make_source_for
 
     source = make_source_for(source_name, floe_config, settings)
     try:
@@ -68,11 +68,11 @@ def tap_command(
     if discover:
         discover_command(source, floe_config, config)
         return
-    from floe import logs
+    from floe.apps.singer.catalog import read_selection
+    from floe.apps.singer.setup import make_source_for, read_json_file
+    from floe.apps.singer.tap import SingerTap, read_state
     from floe.engine.runner import select_streams
-    from floe.singer.catalog import read_selection
-    from floe.singer.setup import make_source_for, read_json_file
-    from floe.singer.tap import SingerTap, read_state
+    from floe.infra import logs
 
     logs.setup()
     logging.getLogger("floe").setLevel(logging.WARNING)

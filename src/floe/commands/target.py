@@ -9,8 +9,8 @@ from typing import Annotated
 
 import typer
 
-from floe.errors import FloeError
-from floe.secrets import redact
+from floe.core.errors import FloeError
+from floe.core.secrets import redact
 
 
 def target_command(
@@ -28,9 +28,9 @@ def target_command(
     batch_rows: Annotated[int | None, typer.Option(help="Commit once this many records are pending at a STATE.")] = None,
 ) -> None:
     """Run as a Singer target: SCHEMA/RECORD/STATE/ACTIVATE_VERSION/BATCH on stdin, STATE out once committed."""
-    from floe import logs
-    from floe.singer.setup import make_destination_for, target_policy
-    from floe.singer.target import SingerTarget
+    from floe.apps.singer.setup import make_destination_for, target_policy
+    from floe.apps.singer.target import SingerTarget
+    from floe.infra import logs
 
     logs.setup()
     logging.getLogger("floe").setLevel(logging.WARNING)

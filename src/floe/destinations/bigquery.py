@@ -38,8 +38,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 from pydantic import field_validator
 
-from floe.config import DestinationConfig, ExpiringLeaseConfig
-from floe.destinations.base import (
+from floe.core.destination import (
     CommittedState,
     Destination,
     LoadJob,
@@ -50,6 +49,11 @@ from floe.destinations.base import (
     staged_column,
     state_conflict,
 )
+from floe.core.errors import DestinationError
+from floe.core.leases import Holder, Lease, take_object_lease
+from floe.core.secrets import redact
+from floe.core.settings import DestinationConfig, ExpiringLeaseConfig
+from floe.core.stream import RefreshScope
 from floe.destinations.bigquery_api import API, BigQueryApi, param, scalar_type
 from floe.destinations.bigquery_sql import (
     CONFLICT,
@@ -58,15 +62,11 @@ from floe.destinations.bigquery_sql import (
     quote,
     transaction_script,
 )
-from floe.destinations.leases import Holder, Lease, take_object_lease
-from floe.destinations.objectstore import GCSStore, StoreUrl
-from floe.destinations.parts import PartFormat, load_prefix, upload_parts
 from floe.destinations.schema_changes import SchemaPlan, log_changes, routed, variant_refresh_error
 from floe.destinations.sql import STATE_TABLE
 from floe.destinations.state_ops import version_of
-from floe.engine.stream import RefreshScope
-from floe.errors import DestinationError
-from floe.secrets import redact
+from floe.infra.objectstore import GCSStore, StoreUrl
+from floe.infra.parts import PartFormat, load_prefix, upload_parts
 
 log = logging.getLogger("floe.bigquery")
 PARTS = PartFormat("parquet", compression="zstd")

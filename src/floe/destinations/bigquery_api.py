@@ -9,8 +9,8 @@ import uuid
 from datetime import date, datetime
 from typing import TYPE_CHECKING, Any
 
-from floe.errors import DestinationError
-from floe.secrets import redact
+from floe.core.errors import DestinationError
+from floe.core.secrets import redact
 
 if TYPE_CHECKING:
     from floe.destinations.bigquery import BigQueryConfig

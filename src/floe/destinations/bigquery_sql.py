@@ -14,16 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from floe.core.destination import SEQ, LoadJob, StagedFile, StateChange, TableSpec, is_json
+from floe.core.errors import DestinationError
 from floe.destinations import merge
-from floe.destinations.base import SEQ, LoadJob, StateChange, TableSpec, is_json
 from floe.destinations.bigquery_api import param
 from floe.destinations.column_types import ColumnRules
 from floe.destinations.merge import NULL_SAFE_OR, RANK, MergeStyle
 from floe.destinations.schema_changes import SchemaPlan, Widening, plan_schema
 from floe.destinations.sql import LOADS_TABLE, STATE_TABLE, arrow_type_key
 from floe.destinations.state_ops import CHANGE_STATUS
-from floe.engine.stage import StagedFile
-from floe.errors import DestinationError
 
 if TYPE_CHECKING:
     from floe.destinations.bigquery import BigQueryConfig

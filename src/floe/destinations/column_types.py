@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from floe.destinations.base import arrow_type_key, is_json, json_field
+from floe.core.destination import arrow_type_key, is_json, json_field
 
 # What a text column holds exactly, on warehouses whose cast to text writes the value itself.
 TEXT_KEYS = frozenset({"string", "json", "bool", "int32", "int64", "decimal", "date", "time", "timestamp"})

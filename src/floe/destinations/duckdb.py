@@ -18,17 +18,17 @@ import duckdb
 import pyarrow as pa
 from pydantic import Field
 
-from floe.config import DestinationConfig
-from floe.destinations.base import SEQ, LoadJob, TableSpec, staged_column
+from floe.core.destination import SEQ, LoadJob, TableSpec, staged_column
+from floe.core.errors import DestinationError
+from floe.core.leases import Holder, Lease, process_started, take_process_lease
+from floe.core.settings import DestinationConfig
+from floe.core.stream import Disposition, Stream
 from floe.destinations.column_types import SPELLED_OUT, TEXT_KEYS, ColumnRules
-from floe.destinations.leases import Holder, Lease, process_started, take_process_lease
 from floe.destinations.merge import STANDARD
 from floe.destinations.sql import SqlDestination
 from floe.destinations.state_ops import SqlStateOps
-from floe.engine.stage import SUFFIXES
-from floe.engine.stream import Disposition, Stream
-from floe.errors import DestinationError
-from floe.localpaths import creatable
+from floe.infra.localpaths import creatable
+from floe.infra.stage import SUFFIXES
 
 
 class DuckDBConfig(DestinationConfig):

@@ -37,8 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import SecretStr
 
-from floe.config import DestinationConfig, ExpiringLeaseConfig
-from floe.destinations.base import (
+from floe.core.destination import (
     SEQ,
     CommittedState,
     Destination,
@@ -48,11 +47,12 @@ from floe.destinations.base import (
     TableSpec,
     state_conflict,
 )
-from floe.destinations.leases import Holder, Lease, take_object_lease
-from floe.destinations.objectstore import GCSStore, LocalStore, ObjectStore, S3Store, StoreUrl
+from floe.core.errors import DestinationError, LeaseLostError
+from floe.core.leases import Holder, Lease, take_object_lease
+from floe.core.settings import DestinationConfig, ExpiringLeaseConfig
+from floe.core.stream import RefreshScope
 from floe.destinations.state_ops import as_utc
-from floe.engine.stream import RefreshScope
-from floe.errors import DestinationError, LeaseLostError
+from floe.infra.objectstore import GCSStore, LocalStore, ObjectStore, S3Store, StoreUrl
 
 STATE_DIR = "_floe_state"
 REFRESH_DIR = "_floe_refresh"  # where a full refresh's objects wait for its commit

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from floe.destinations.base import TableSpec
-from floe.errors import DestinationError
+from floe.core.destination import TableSpec
+from floe.core.errors import DestinationError
 
 RANK = "_floe_rank"
 NULL_SAFE_OR = "({a} = {b} OR ({a} IS NULL AND {b} IS NULL))"  # for warehouses without IS NOT DISTINCT FROM

@@ -37,18 +37,17 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from psycopg.copy import QueuedLibpqWriter
 
-from floe.config import DestinationConfig
-from floe.destinations import pgbinary
-from floe.destinations.base import SEQ, LoadJob, TableSpec, is_json, nested_as_json
+from floe.core.destination import SEQ, LoadJob, StagedFile, TableSpec, is_json, nested_as_json
+from floe.core.errors import DestinationError, LeaseLostError
+from floe.core.leases import Holder, Lease
+from floe.core.settings import DestinationConfig
 from floe.destinations.column_types import SPELLED_OUT, TEXT_KEYS, ColumnRules
-from floe.destinations.leases import Holder, Lease
 from floe.destinations.merge import RANK, MergeStyle
 from floe.destinations.schema_changes import SchemaPlan, Widening
 from floe.destinations.sql import LEASES_TABLE, STATE_TABLE, SqlDestination, arrow_type_key
 from floe.destinations.state_ops import SqlStateOps
-from floe.engine.stage import StagedFile
-from floe.errors import DestinationError, LeaseLostError
-from floe.pgconn import UrlConnection, connect_postgres, describe, read_batches
+from floe.infra import pgbinary
+from floe.infra.pgconn import UrlConnection, connect_postgres, describe, read_batches
 
 COPY_BATCH_ROWS = 65_536
 NEW = "_floe_new"  # alias of the incoming rows (a table may well be called `s`)

@@ -40,19 +40,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import SecretStr, field_validator, model_validator
 
-from floe.config import ExpiringLeaseConfig
-from floe.destinations.base import SEQ, LoadJob, TableSpec, is_json, staged_column
+from floe.core.destination import SEQ, LoadJob, StagedFile, TableSpec, is_json, staged_column
+from floe.core.errors import DestinationError, LeaseLostError
+from floe.core.leases import Holder, Lease
+from floe.core.settings import ExpiringLeaseConfig
 from floe.destinations.column_types import SPELLED_OUT, ColumnRules
-from floe.destinations.leases import Holder, Lease
 from floe.destinations.merge import NULL_SAFE_OR
-from floe.destinations.objectstore import S3Store, StoreUrl
-from floe.destinations.parts import PartFormat, delete_leftover_loads, load_prefix, upload_parts
 from floe.destinations.postgres import MERGE_STYLE, PostgresConfig, PostgresDestination
 from floe.destinations.schema_changes import SchemaPlan, Widening, plan_schema, routed
 from floe.destinations.sql import LEASES_TABLE, SqlDestination, arrow_type_key
-from floe.engine.stage import StagedFile
-from floe.errors import DestinationError, LeaseLostError
-from floe.pgconn import SslMode
+from floe.infra.objectstore import S3Store, StoreUrl
+from floe.infra.parts import PartFormat, delete_leftover_loads, load_prefix, upload_parts
+from floe.infra.pgconn import SslMode
 
 VARCHAR_MAX = 65535
 log = logging.getLogger("floe.redshift")

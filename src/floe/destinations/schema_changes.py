@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from floe.destinations.base import LoadJob, TableSpec
+from floe.core.destination import LoadJob, StagedFile, TableSpec
+from floe.core.errors import DestinationError
 from floe.destinations.column_types import ColumnRules, SqlType, compare, type_key
-from floe.engine.stage import SUFFIXES, StagedFile
-from floe.errors import DestinationError
+from floe.infra.stage import SUFFIXES
 
 if TYPE_CHECKING:
     from floe.destinations.sql import SqlDestination

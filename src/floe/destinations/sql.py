@@ -27,24 +27,24 @@ from typing import Any, ClassVar, TypeVar
 
 import pyarrow as pa
 
-from floe.destinations import merge, schema_changes
-from floe.destinations.base import (
+from floe.core.destination import (
     CommittedState,
     Destination,
     LoadJob,
+    StagedFile,
     TableSpec,
     arrow_type_key,
     is_json,
     refresh_copy,
     state_conflict,
 )
+from floe.core.errors import DestinationError
+from floe.core.secrets import redact
+from floe.core.stream import RefreshScope
+from floe.destinations import merge, schema_changes
 from floe.destinations.column_types import ColumnRules
 from floe.destinations.merge import STANDARD, MergeStyle
 from floe.destinations.schema_changes import SchemaPlan, Widening, log_changes, routed
-from floe.engine.stage import StagedFile
-from floe.engine.stream import RefreshScope
-from floe.errors import DestinationError
-from floe.secrets import redact
 
 STATE_TABLE = "_floe_state"
 LOADS_TABLE = "_floe_loads"

@@ -16,10 +16,10 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from floe.destinations.base import StateChange, StateVersion, state_conflict
+from floe.core.destination import StateChange, StateVersion, state_conflict
+from floe.core.errors import DestinationError
+from floe.core.secrets import redact
 from floe.destinations.sql import LOADS_TABLE, STATE_TABLE, SqlDestination
-from floe.errors import DestinationError
-from floe.secrets import redact
 
 # The `_floe_loads` status of each kind of state change, and back.
 CHANGE_STATUS = {"revert": "reverted", "reset": "reset"}

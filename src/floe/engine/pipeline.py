@@ -40,14 +40,14 @@ from typing import Any, cast
 
 import pyarrow as pa
 
-from floe.destinations.base import CommittedState, Destination, LoadJob, TableSpec
-from floe.destinations.leases import Lease
+from floe.core.destination import CommittedState, Destination, LoadJob, StagedFile, TableSpec
+from floe.core.errors import DestinationError, FloeError
+from floe.core.leases import Lease
+from floe.core.secrets import redact
+from floe.core.stream import Batch, Source, State, Stream
 from floe.engine.progress import Progress
-from floe.engine.stage import FileShares, StagedFile, StageRun, StageWriter, new_load_id, remove_leftovers
-from floe.engine.stream import Batch, Source, State, Stream
-from floe.errors import DestinationError, FloeError
-from floe.secrets import redact
-from floe.threads import in_thread
+from floe.infra.stage import FileShares, StageRun, StageWriter, new_load_id, remove_leftovers
+from floe.infra.threads import in_thread
 
 log = logging.getLogger("floe.pipeline")
 CODECS = ("zstd", "snappy", "lz4", "none")  # Parquet codecs, the most compressing first

@@ -13,30 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from floe.config import FloeConfig
-from floe.destinations import registry as destination_registry
-from floe.destinations.base import Destination
+from floe.core.destination import Destination
+from floe.core.errors import ConfigError
+from floe.core.stream import Context, RunOptions, Source, Stream
+from floe.engine.factory import context_for, make_destination, make_source
 from floe.engine.pipeline import StreamResult, run_stream_into
 from floe.engine.progress import Progress
-from floe.engine.stream import Context, RunOptions, Source, Stream
-from floe.errors import ConfigError
-from floe.sources import registry as source_registry
 
 MAX_STREAMS = 4  # streams of one source loaded at once
-
-
-def context_for(config: FloeConfig, options: RunOptions | None = None) -> Context:
-    base = config.path.parent.resolve() if config.path else Context().base_dir
-    return Context(base_dir=base, options=options or RunOptions())
-
-
-def make_source(config: FloeConfig, name: str, context: Context) -> Source:
-    settings = config.source(name)
-    return source_registry.load(settings.type)(name, settings, context)
-
-
-def make_destination(config: FloeConfig, name: str, context: Context) -> Destination:
-    settings = config.destination(name)
-    return destination_registry.load(settings.type)(name, settings, context)
 
 
 def select_streams(source: Source, names: Iterable[str] | None) -> list[Stream]:

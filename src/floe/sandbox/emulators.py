@@ -13,7 +13,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from floe.errors import FloeError
+from floe.core.errors import FloeError
 from floe.sandbox.server import RunningServer, serve_in_thread
 
 EMULATORS: dict[str, tuple[str, int]] = {

@@ -8,7 +8,7 @@ checkpoint after the window (or after the last window of each UTC day with `load
 so a window's rows and its sync point commit together and a crash never leaves orphan rows.
 
 Up to `prefetch` windows are exported and downloaded ahead of the one being parsed. HTTP
-retries (429 with Retry-After, 5xx, connection errors) belong to `floe.http`; this module only
+retries (429 with Retry-After, 5xx, connection errors) belong to `floe.infra.http`; this module only
 re-creates an export whose operation FAILED, re-fetches an expired download location and
 re-downloads a body cut short, each a bounded number of times.
 """
@@ -29,13 +29,13 @@ import httpx
 import pyarrow as pa
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from floe.config import SourceConfig
-from floe.destinations.base import json_field
-from floe.engine.stream import Batch, Context, RefreshScope, Source, State, Stream
-from floe.errors import SourceError
-from floe.http import ApiError, HttpClient
+from floe.core.destination import json_field
+from floe.core.errors import SourceError
+from floe.core.settings import SourceConfig
+from floe.core.stream import Batch, Context, RefreshScope, Source, State, Stream
+from floe.infra.http import ApiError, HttpClient
+from floe.infra.threads import iterate_in_thread
 from floe.sources.fullstory_export import CUSTOM_VARS, POOL, ExportReader
-from floe.threads import iterate_in_thread
 
 log = logging.getLogger("floe.sources.fullstory")
 

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 from isal import isal_zlib
 
-from floe.errors import SourceError
+from floe.core.errors import SourceError
 
 CUSTOM_VARS = "CustomVars"
 # The system allocator hands freed memory back; Arrow's default pools keep it (RSS would creep).

@@ -34,10 +34,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
-from floe.config import SourceConfig
-from floe.engine.stream import Batch, Context, State, Stream
-from floe.errors import SourceError
-from floe.http import ApiSource, HttpClient
+from floe.core.errors import SourceError
+from floe.core.settings import SourceConfig
+from floe.core.stream import Batch, Context, State, Stream
+from floe.infra.http import ApiSource, HttpClient
 
 DEFAULT_DIMENSIONS = ["app", "source", "os", "country_field", "adn_campaign_name"]
 DEFAULT_METRICS = ["adn_impressions", "adn_cost", "custom_installs"]

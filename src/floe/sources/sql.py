@@ -7,9 +7,9 @@ de-duplicated by the merge on the primary key (so such tables need one: discover
 A table without one is read FULL_TABLE and replaces the previous copy.
 
 Rows stream in Arrow batches, never a whole table in memory. PostgreSQL tables are read with
-binary COPY (`floe.pgcopy.copy_batches`), columns of types it does not decode selected as text;
+binary COPY (`floe.infra.pgcopy.copy_batches`), columns of types it does not decode selected as text;
 Redshift, which cannot COPY to the client, through a server-side cursor
-(`floe.pgconn.read_batches`). Both give the same batches: timestamps with time zone as UTC,
+(`floe.infra.pgconn.read_batches`). Both give the same batches: timestamps with time zone as UTC,
 dates as dates, numeric(p, s) as decimals, and types without an Arrow equivalent (intervals,
 arrays, enums, ...) as their text form.
 """
@@ -29,14 +29,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, SecretStr
 
-from floe import secrets
-from floe.config import Model, SourceConfig
-from floe.destinations.base import json_field
-from floe.engine.stream import Batch, Context, Source, State, Stream
-from floe.errors import ConfigError, SourceError
-from floe.pgconn import PostgresConnection, connect_postgres, describe, read_batches, url_keys
-from floe.pgcopy import copy_batches
-from floe.threads import in_thread, iterate_in_thread
+from floe.core import secrets
+from floe.core.destination import json_field
+from floe.core.errors import ConfigError, SourceError
+from floe.core.settings import Model, SourceConfig
+from floe.core.stream import Batch, Context, Source, State, Stream
+from floe.infra.pgconn import PostgresConnection, connect_postgres, describe, read_batches, url_keys
+from floe.infra.pgcopy import copy_batches
+from floe.infra.threads import in_thread, iterate_in_thread
 
 
 class SqlTable(Model):
@@ -66,7 +66,7 @@ UDT_TYPES: dict[str, pa.DataType] = {
     "timestamptz": pa.timestamp("us", "UTC"), "bytea": pa.binary(),
 }
 JSON_UDTS = {"json", "jsonb", "super"}
-# udt_names whose binary COPY values `floe.pgcopy` decodes; COPY selects the other columns as text
+# udt_names whose binary COPY values `floe.infra.pgcopy` decodes; COPY selects the other columns as text
 COPY_UDTS = {"bool", "int2", "int4", "int8", "oid", "float4", "float8", "text", "varchar", "bpchar", "name",
              "date", "time", "timestamp", "timestamptz", "bytea", "json", "jsonb"}
 

@@ -34,9 +34,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, SecretStr, field_validator
 
-from floe.config import SourceConfig
-from floe.engine.stream import Batch, Context, State, Stream
-from floe.http import ApiSource, HttpClient, PageGuard
+from floe.core.settings import SourceConfig
+from floe.core.stream import Batch, Context, State, Stream
+from floe.infra.http import ApiSource, HttpClient, PageGuard
 from floe.sources.twilio_records import (
     CALLS,
     MESSAGES,

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
 
-from floe.errors import SourceError
+from floe.core.errors import SourceError
 
 log = logging.getLogger("floe.sources.twilio")
 

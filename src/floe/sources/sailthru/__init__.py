@@ -27,11 +27,11 @@ from typing import Any, ClassVar, Literal
 import pyarrow as pa
 from pydantic import Field, SecretStr, field_validator
 
-from floe import secrets
-from floe.config import SourceConfig
-from floe.engine.stream import Context, Source, Stream
-from floe.errors import ConfigError
-from floe.pii import Pii
+from floe.core import secrets
+from floe.core.errors import ConfigError
+from floe.core.settings import SourceConfig
+from floe.core.stream import Context, Source, Stream
+from floe.infra.pii import Pii
 from floe.sources.sailthru.files import ExportFile, discover
 from floe.sources.sailthru.messages import POOL
 from floe.sources.sailthru.profiles import (

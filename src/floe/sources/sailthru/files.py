@@ -21,7 +21,7 @@ from typing import IO, Any, cast
 
 import pyarrow as pa
 
-from floe.errors import SourceError
+from floe.core.errors import SourceError
 
 log = logging.getLogger("floe.sources.sailthru")
 

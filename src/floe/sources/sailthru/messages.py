@@ -21,9 +21,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
 
-from floe.destinations.base import json_field
-from floe.errors import SourceError
-from floe.pii import Pii
+from floe.core.destination import json_field
+from floe.core.errors import SourceError
+from floe.infra.pii import Pii
 from floe.sources.sailthru.files import ExportFile, line_chunks
 
 TS = pa.timestamp("ms", "UTC")

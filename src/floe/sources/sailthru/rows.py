@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import orjson
 import pyarrow as pa
 
-from floe.destinations.base import json_field
-from floe.engine.stream import Batch, State, Stream
-from floe.errors import FloeError, SourceError
+from floe.core.destination import json_field
+from floe.core.errors import FloeError, SourceError
+from floe.core.stream import Batch, State, Stream
+from floe.infra.threads import in_thread, iterate_in_thread
 from floe.sources.sailthru.files import ExportFile, iter_lines
 from floe.sources.sailthru.messages import TS, localize
-from floe.threads import in_thread, iterate_in_thread
 
 if TYPE_CHECKING:
     from floe.sources.sailthru import SailthruSource

@@ -1,0 +1,1 @@
+"""Products built on the engine: serve, notify, reverse ETL, Singer, the demo."""

@@ -1,0 +1,490 @@
+"""Running one sync: check the mapping, diff in the warehouse, send changed rows, record outcomes.
+
+1. Pendo's metadata schema is read and every mapped field checked (exists, type fits the column);
+   the key column must be unique and non-null. Any problem: an error, nothing sent.
+2. The diff query (see `store.diff_sql`) streams the changed rows as Arrow batches.
+3. Rows become requests of at most `batch_rows` records and `batch_bytes` JSON bytes, sent
+   concurrently (at most `concurrency` in flight; floe.infra.http retries 429/5xx honouring Retry-After).
+   A 408 (the call ran past Pendo's time limit) splits the request in two and sends both halves.
+4. Per-row outcomes: ids in `missing` and ids named in `errors` are failures; the rest of a request
+   is accepted. Accepted (key, hash) pairs and failures are staged as Parquet and committed to the
+   warehouse every `COMMIT_ROWS` accepted rows and at the end; the final commit writes the
+   `_floe_loads` row. What Pendo accepted is committed also when the run stops on an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from floe.apps.reverse import store
+from floe.apps.reverse.config import SyncConfig
+from floe.apps.reverse.pendo import PENDO_TYPES, Outcome, PendoClient
+from floe.apps.reverse.values import compatible, convert
+from floe.config import FloeConfig
+from floe.core.destination import LoadJob, StagedFile
+from floe.core.errors import ConfigError, FloeError
+from floe.core.secrets import redact
+from floe.destinations.sql import SqlDestination
+from floe.infra.http import ApiError
+from floe.infra.stage import StageWriter, new_load_id, remove_files, stage_dir
+from floe.infra.threads import in_thread
+
+log = logging.getLogger("floe.sync")
+READ_BATCH_ROWS = 20_000
+FLUSH_ROWS = 50_000  # accepted rows buffered before they are written to the stage file
+COMMIT_ROWS = 100_000  # accepted rows committed to the snapshot together (bounds the warehouse's work)
+
+
+class RowReader(Protocol):
+    """What a sync needs from its `from` destination besides SqlDestination (DuckDB, PostgreSQL have it)."""
+
+    def read_batches(self, sql: str, params: Any = (), batch_size: int = 50_000) -> Iterator[pa.RecordBatch]: ...
+
+
+class SyncError(FloeError):
+    """A sync could not run (mapping, warehouse query, Pendo refused it)."""
+
+
+@dataclass
+class SyncResult:
+    name: str
+    target: str
+    changed: int = 0  # rows the diff selected
+    sent: int = 0  # rows in requests Pendo answered (each row once, however often it was split)
+    updated: int = 0  # Pendo's own `updated` count
+    missing: int = 0
+    errors: int = 0
+    requests: int = 0
+    retries: int = 0
+    splits: int = 0  # 408 answers that split a request
+    seconds: float = 0.0
+    error: str | None = None
+    dry_run: bool = False
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # e.g. a field whose type Pendo did not give
+    fresh: int = 0  # changed rows that were not already failing before this run
+
+    @property
+    def failed(self) -> int:
+        return self.missing + self.errors
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def details(self) -> dict[str, Any]:
+        return {"changed": self.changed, "sent": self.sent, "updated": self.updated, "missing": self.missing,
+                "errors": self.errors, "failed": self.failed, "requests": self.requests,
+                "retries": self.retries, "splits_408": self.splits}
+
+
+@dataclass(frozen=True)
+class _SyncLoad(LoadJob):
+    """The `_floe_loads` row of a sync run: `rows` = rows Pendo accepted over all its commits."""
+
+    accepted: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.accepted
+
+
+@dataclass
+class _Piece:
+    """One request's worth of rows: payload records plus their (key, hash) pairs in the same order."""
+
+    records: list[dict[str, Any]]
+    keys: pa.Array
+    hashes: pa.Array
+
+    def split(self) -> tuple[_Piece, _Piece]:
+        h = len(self.records) // 2
+        return (_Piece(self.records[:h], self.keys[:h], self.hashes[:h]),
+                _Piece(self.records[h:], self.keys[h:], self.hashes[h:]))
+
+
+class _Outcomes:
+    """Collects accepted rows (snapshot) and failures (stage files) of one run."""
+
+    def __init__(self, stage: Path, sync: str, load_id: str) -> None:
+        self.sync = sync
+        today = datetime.now(UTC)
+        self.accepted = StageWriter(stage_dir(stage, store.SYNC_SOURCE, sync, today), load_id)
+        self.failures = StageWriter(stage_dir(stage, store.SYNC_SOURCE, f"{sync}__failures", today), load_id)
+        self._buffer: list[pa.RecordBatch] = []
+        self._buffered = 0
+        self.pending = 0  # accepted rows not yet committed
+        self.committed = 0
+
+    def accept(self, keys: pa.Array, hashes: pa.Array) -> None:
+        n = len(keys)
+        if not n:
+            return
+        sync = pa.array([self.sync] * n, pa.string())
+        self._buffer.append(pa.RecordBatch.from_arrays([sync, keys, hashes], schema=store.SNAPSHOT_SCHEMA))
+        self._buffered += n
+        self.pending += n
+        if self._buffered >= FLUSH_ROWS:
+            self._flush()
+
+    def fail(self, rows: list[tuple[str, str, str]]) -> None:
+        if rows:
+            keys, outcomes, messages = zip(*rows, strict=True)
+            self.failures.write(pa.RecordBatch.from_arrays(
+                [pa.array([self.sync] * len(rows)), pa.array(keys), pa.array(outcomes), pa.array(messages)],
+                schema=store.FAILURES_SCHEMA))
+
+    def _flush(self) -> None:
+        if self._buffer:
+            self.accepted.write(pa.Table.from_batches(self._buffer).combine_chunks().to_batches()[0])
+        self._buffer, self._buffered = [], 0
+
+    def files(self) -> tuple[list[StagedFile], list[StagedFile]]:
+        """Every staged file not yet handed over (then counted as committed by the caller)."""
+        self._flush()
+        self.committed, self.pending = self.committed + self.pending, 0
+        return self.accepted.flush(), self.failures.flush()
+
+    def abort(self) -> None:
+        self._buffer = []
+        self.accepted.abort()
+        self.failures.abort()
+
+
+def read_destination(config: FloeConfig, name: str, sync: SyncConfig) -> SqlDestination:
+    from floe.engine.factory import context_for, make_destination
+
+    if sync.source not in config.destinations:
+        known = ", ".join(config.destinations) or "none"
+        raise ConfigError(f"syncs.{name}.from: no destination named {sync.source!r} (configured: {known})")
+    dest = make_destination(config, sync.source, context_for(config))
+    if not isinstance(dest, SqlDestination) or not hasattr(dest, "read_batches"):
+        dest.close()
+        raise ConfigError(f"syncs.{name}.from: destination {sync.source!r} cannot be read as a source of rows")
+    return dest
+
+
+def _first(batches: Iterator[pa.RecordBatch]) -> pa.RecordBatch:
+    try:
+        return next(batches)
+    finally:
+        batches.close()  # type: ignore[attr-defined]
+
+
+class SyncRun:
+    """One run of one sync against an open destination and Pendo client."""
+
+    def __init__(self, name: str, sync: SyncConfig, dest: SqlDestination, client: PendoClient, stage: Path,
+                 *, dry_run: bool = False, full: bool = False) -> None:
+        self.name, self.sync, self.dest, self.client, self.stage = name, sync, dest, client, stage
+        self.dry_run, self.full = dry_run, full
+        target = sync.to
+        self.result = SyncResult(name, f"pendo {target.kind}/{target.group}", dry_run=dry_run)
+        self.columns = list(sync.fields)
+        self.names = [sync.fields[c] for c in self.columns]
+        self.types: list[str] = []
+        self.where = f"syncs.{name}"
+
+    def read(self, sql: str, batch_size: int = 50_000) -> Iterator[pa.RecordBatch]:
+        """Stream a query's rows. No parameters, ever: a `%` in the user's query must reach drivers
+        like psycopg untouched."""
+        return cast(RowReader, self.dest).read_batches(sql, batch_size=batch_size)
+
+    # --- checks ------------------------------------------------------------------------------
+    def _query(self, sql: str) -> list[tuple[Any, ...]]:
+        """Rows of a small query (read like any other: see `read`)."""
+        try:
+            batch = _first(self.read(sql))
+            return list(zip(*(c.to_pylist() for c in batch.columns), strict=True))
+        except FloeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the warehouse's own message says what is wrong
+            raise SyncError(f"{self.where}: query on {self.sync.source!r} failed: "
+                            f"{redact(str(exc)).strip().splitlines()[0]}") from None
+
+    def _probe(self) -> pa.Schema:
+        relation = self.sync.relation(self.dest.quote)
+        try:
+            return _first(self.read(f"SELECT * FROM {relation} AS src LIMIT 0")).schema
+        except FloeError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise SyncError(f"{self.where}.{'query' if self.sync.query else 'table'}: cannot read rows from "
+                            f"{self.sync.source!r}: {redact(str(exc)).strip().splitlines()[0]}") from None
+
+    async def check(self) -> None:
+        """Raise SyncError naming every problem with the mapping; nothing has been sent yet."""
+        target = self.sync.to
+        pendo = (await self.client.schema()).get(target.group, {})
+        columns = await in_thread(self._probe)
+        known = {f.name: f for f in columns}
+        problems = []
+        for column in [self.sync.key_column, *self.columns]:
+            if column not in known:
+                where = "key" if column == self.sync.key_column else f"fields.{column}"
+                problems.append(f"{where}: no column {column!r} in the rows (columns: {', '.join(known)})")
+        for column, name in self.sync.fields.items():
+            kind = pendo.get(name)
+            if name not in pendo:
+                problems.append(f"fields.{column}: Pendo has no {target.kind} {target.group} field {name!r} "
+                                f"(fields: {', '.join(sorted(pendo)) or 'none'}; create it in Data Mappings)")
+            elif kind not in PENDO_TYPES:
+                said = "no type" if kind is None else f"the type {kind!r}, which floe does not know,"
+                self.warn(f"fields.{column}: Pendo's metadata schema gives {said} for {target.kind} {target.group} "
+                          f"field {name!r}; its values are sent without a type check")
+            elif column in known and not compatible(known[column].type, kind):
+                hint = (" (text holding numbers, e.g. a PostgreSQL numeric without precision: cast it in the "
+                        "query)" if pa.types.is_string(known[column].type) else "")
+                problems.append(f"fields.{column}: column type {known[column].type} does not fit Pendo "
+                                f"{target.kind} {target.group} field {name!r} of type {kind}{hint}")
+        if problems:
+            raise SyncError(f"{self.where}: mapping does not match Pendo's metadata schema, nothing sent: "
+                            + "; ".join(problems))
+        self.types = [pendo[n] or "" for n in self.names]
+        key = self.dest.quote(self.sync.key_column)
+        total, non_null, distinct = (await in_thread(
+            self._query, f"SELECT COUNT(*), COUNT(src.{key}), COUNT(DISTINCT src.{key}) "
+                         f"FROM {self.sync.relation(self.dest.quote)} AS src"))[0]
+        if non_null != total:
+            raise SyncError(f"{self.where}.key: {total - non_null} rows have a NULL {self.sync.key_column}, "
+                            "nothing sent")
+        if distinct != total:
+            raise SyncError(f"{self.where}.key: {self.sync.key_column} is not unique ({total - distinct} "
+                            "duplicate rows), nothing sent")
+
+    # --- rows -> requests ----------------------------------------------------------------------
+    def signature(self) -> str:
+        t = self.sync.to
+        return f"{t.kind}/{t.group}/{self.sync.key_column}/" + ",".join(
+            f"{c}={n}" for c, n in self.sync.fields.items())
+
+    def pieces(self, batch: pa.RecordBatch) -> Iterator[_Piece]:
+        """The batch as requests capped by rows, then halved until each fits `batch_bytes`."""
+        target = self.sync.to
+        keys, hashes = batch.column(store.KEY), batch.column(store.HASH)
+        values = [convert(batch.column(store.value_alias(i)), t) for i, t in enumerate(self.types)]
+        # Arrow builds the {id, values} dicts in C++ (about twice as fast as a Python comprehension).
+        records = pa.StructArray.from_arrays(
+            [keys, pa.StructArray.from_arrays(values, names=self.names)], names=[target.id_field, "values"]
+        ).to_pylist()
+        for start in range(0, len(records), target.batch_rows):
+            end = start + target.batch_rows
+            yield from self._fit(_Piece(records[start:end], keys[start:end], hashes[start:end]))
+
+    def _fit(self, piece: _Piece) -> Iterator[_Piece]:
+        if len(piece.records) > 1 and len(orjson.dumps(piece.records)) > self.sync.to.batch_bytes:
+            for half in piece.split():
+                yield from self._fit(half)
+        else:
+            yield piece
+
+    # --- sending -----------------------------------------------------------------------------
+    async def send(self, piece: _Piece, outcomes: _Outcomes) -> None:
+        body = orjson.dumps(piece.records)
+        self.result.requests += 1
+        try:
+            outcome = await self.client.update(body, create=self.sync.mode == "upsert")
+        except ApiError as exc:
+            if exc.status != 408:
+                raise
+            if len(piece.records) == 1:
+                self._record(piece, Outcome(errors={piece.records[0][self.sync.to.id_field]:
+                                                    "Pendo timed out (408) on this single record"}), outcomes)
+                return
+            self.result.splits += 1
+            log.info("event=sync_split sync=%s rows=%d reason=408", self.name, len(piece.records))
+            first, second = piece.split()
+            await asyncio.gather(self.send(first, outcomes), self.send(second, outcomes))
+            return
+        self._record(piece, outcome, outcomes)
+
+    def _record(self, piece: _Piece, outcome: Outcome, outcomes: _Outcomes) -> None:
+        r = self.result
+        r.sent += len(piece.records)
+        r.updated += outcome.updated
+        failures: dict[str, tuple[str, str]] = {m: ("missing", f"no such Pendo {self.sync.to.kind}")
+                                                for m in outcome.missing}
+        failures.update({rid: ("error", message) for rid, message in outcome.errors.items()})
+        if outcome.unattributed:  # Pendo failed rows without naming them: none of the rest is confirmed
+            message = "unconfirmed: " + "; ".join(outcome.unattributed)[:900]
+            for rid in piece.keys.to_pylist():
+                failures.setdefault(rid, ("error", message))
+        if not failures:
+            outcomes.accept(piece.keys, piece.hashes)
+            return
+        bad = pc.is_in(piece.keys, value_set=pa.array(list(failures), pa.string()))
+        good = pc.invert(bad)
+        outcomes.accept(piece.keys.filter(good), piece.hashes.filter(good))
+        rows = [(k, *failures[k]) for k in piece.keys.filter(bad).to_pylist()]
+        r.missing += sum(1 for row in rows if row[1] == "missing")
+        r.errors += sum(1 for row in rows if row[1] == "error")
+        outcomes.fail(rows)
+
+    # --- the run ----------------------------------------------------------------------------
+    async def run(self) -> SyncResult:
+        started, r = time.monotonic(), self.result
+        self.started_at, self.load_id = datetime.now(UTC), new_load_id()
+        outcomes = _Outcomes(self.stage, self.name, self.load_id)
+        failure: BaseException | None = None
+        checked = False
+        try:
+            await self.check()
+            checked = True
+            if self.dry_run:
+                exists = await in_thread(store.snapshot_exists, self.dest)
+            else:
+                await in_thread(store.ensure_tables, self.dest)
+                exists = True
+            sql = store.diff_sql(self.dest, self.name, self.sync.relation(self.dest.quote), self.sync.key_column,
+                                 self.columns, self.signature(), full=self.full, snapshot_exists=exists)
+            failure = await self._stream(sql, outcomes)
+            if failure is None and not self.dry_run:
+                failure = await self._rejected_all()
+        except Exception as exc:  # noqa: BLE001 - reported in the result; other syncs go on
+            failure = exc
+        finally:
+            r.retries = self.client.http.metrics.retries
+            if failure is not None:
+                r.error = redact(str(failure)) if isinstance(failure, FloeError) else redact(
+                    f"{type(failure).__name__}: {failure}")
+            if self.dry_run or not checked:
+                outcomes.abort()
+            else:
+                await in_thread(self._commit, *outcomes.files(), outcomes.committed, True)
+        r.seconds = time.monotonic() - started
+        return r
+
+    async def _stream(self, sql: str, outcomes: _Outcomes) -> BaseException | None:
+        """Read changed rows and send them; returns the first error (in-flight requests still finish)."""
+        concurrency = self.sync.to.concurrency
+        slots = asyncio.Semaphore(concurrency * 2)  # requests queued or in flight: bounds memory
+        inflight: set[asyncio.Task[None]] = set()
+        errors: list[BaseException] = []
+
+        def done(task: asyncio.Task[None]) -> None:
+            inflight.discard(task)
+            slots.release()
+            if not task.cancelled() and task.exception() is not None:
+                errors.append(task.exception())  # type: ignore[arg-type]
+
+        batches = self.read(sql, READ_BATCH_ROWS)
+        try:
+            while not errors:
+                try:
+                    batch = await in_thread(next, batches, None)
+                except Exception as exc:  # noqa: BLE001
+                    raise SyncError(f"{self.where}: reading changed rows from {self.sync.source!r} failed: "
+                                    f"{redact(str(exc)).strip().splitlines()[0]}") from None
+                if batch is None:
+                    break
+                if outcomes.pending >= COMMIT_ROWS:  # in-flight requests go on meanwhile
+                    # files are taken here, on the loop: sends finishing meanwhile write new ones
+                    await in_thread(self._commit, *outcomes.files(), outcomes.committed, False)
+                self.result.changed += batch.num_rows
+                self.result.fresh += batch.num_rows - (pc.sum(batch.column(store.RETRY).cast(pa.int64())).as_py() or 0)
+                for piece in self.pieces(batch):
+                    if self.dry_run:
+                        self.result.requests += 1
+                        if len(self.result.samples) < 3:
+                            self.result.samples.extend(piece.records[: 3 - len(self.result.samples)])
+                        continue
+                    await slots.acquire()
+                    if errors:
+                        slots.release()
+                        break
+                    task = asyncio.create_task(self.send(piece, outcomes))
+                    inflight.add(task)
+                    task.add_done_callback(done)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+        finally:
+            await in_thread(batches.close)  # type: ignore[attr-defined]
+            if inflight:
+                await asyncio.gather(*list(inflight), return_exceptions=True)
+        return errors[0] if errors else None
+
+    async def _rejected_all(self) -> SyncError | None:
+        """A run in which Pendo accepted none of the rows sent fails. Not when every row sent was
+        already failing before (say ids missing in Pendo, retried each run) and earlier runs had
+        rows accepted: that is the warning of partial rejections, run after run."""
+        r, target = self.result, self.sync.to
+        if not r.sent or r.failed < r.sent:
+            return None
+        if not r.fresh and (await in_thread(self._query, store.accepted_sql(self.dest, self.name)))[0][0]:
+            return None
+        hint = ""
+        if r.missing == r.sent and self.sync.mode == "update":
+            hint = (f"; none of these {target.kind}s exists in Pendo (mode: update creates none, mode: upsert does), "
+                    f"or {self.sync.key_column} holds other ids than {target.id_field}")
+        return SyncError(f"{self.where}: Pendo accepted none of the {r.sent:,} rows sent ({r.missing:,} missing, "
+                         f"{r.errors:,} errors){hint}; see {store.FAILURES}")
+
+    def warn(self, message: str) -> None:
+        self.result.warnings.append(message)
+        log.info("event=sync_warning sync=%s %s", self.name, message)
+
+    def _commit(self, accepted: list[StagedFile], failed: list[StagedFile], total: int, final: bool) -> None:
+        """Commit staged outcomes (runs in a worker thread); the final commit also writes the
+        `_floe_loads` row, with `total` accepted rows."""
+        job = _SyncLoad(self.load_id, store.SYNC_SOURCE, self.name, store.snapshot_spec(self.dest), accepted, {},
+                        self.started_at, details=self.result.details(), accepted=total)
+        try:
+            store.commit(self.dest, self.name, job, failed, final=final, complete=self.result.ok,
+                         status="committed" if self.result.ok else "failed", error=self.result.error)
+        except Exception as exc:  # noqa: BLE001
+            message = redact(f"{self.where}: recording outcomes in {self.sync.source!r} failed: {exc}")
+            if not final:
+                raise SyncError(message) from None
+            self.result.error = f"{self.result.error}; {message}" if self.result.error else message
+        finally:
+            remove_files(accepted + failed)
+
+
+async def run_sync(config: FloeConfig, name: str, *, dry_run: bool = False, full: bool = False) -> SyncResult:
+    """Run the sync `name` of `config` (see module docstring); errors are in the result."""
+    sync: SyncConfig = config.syncs[name]
+    result = SyncResult(name, f"pendo {sync.to.kind}/{sync.to.group}", dry_run=dry_run)
+    try:
+        dest = read_destination(config, name, sync)
+    except FloeError as exc:
+        result.error = redact(str(exc))
+        return result
+    client = PendoClient(sync.to)
+    try:
+        return await SyncRun(name, sync, dest, client, config.stage, dry_run=dry_run, full=full).run()
+    finally:
+        await client.aclose()
+        dest.close()
+
+
+def select(config: FloeConfig, names: list[str] | None) -> list[str]:
+    if not config.syncs:
+        raise ConfigError("syncs: nothing to run (no syncs configured)")
+    unknown = [n for n in names or [] if n not in config.syncs]
+    if unknown:
+        raise ConfigError(f"syncs.{unknown[0]}: no such sync (configured: {', '.join(config.syncs)})")
+    return list(names) if names else list(config.syncs)
+
+
+async def run_syncs(config: FloeConfig, names: list[str] | None = None, *, dry_run: bool = False,
+                    full: bool = False) -> list[SyncResult]:
+    """Run the named syncs (all by default) one after another."""
+    results = []
+    for name in select(config, names):
+        result = await run_sync(config, name, dry_run=dry_run, full=full)
+        log.info("event=sync_done sync=%s changed=%d sent=%d updated=%d missing=%d errors=%d seconds=%.1f%s",
+                 name, result.changed, result.sent, result.updated, result.missing, result.errors,
+                 result.seconds, f" error={result.error}" if result.error else "")
+        results.append(result)
+    return results

@@ -1,0 +1,505 @@
+"""floe as a Singer target: a Singer message stream loaded through floe's stage + exactly-once loads.
+
+Per stream, RECORDs are gathered into chunks, converted to Arrow in bulk (`convert.Converter`),
+and staged as Parquet exactly like `floe run` stages a source's batches. A commit hands every
+stream's staged files to `Destination.load_group` (data + state + load row of every table in ONE
+transaction, up to the destination's `group_size` tables) and only then writes the latest STATE to
+stdout, so every STATE a consumer sees covers committed data only. Commits happen when
+`batch_rows` records are pending and a STATE arrives, when `max_seconds` passed since the last
+commit and a STATE arrives, on ACTIVATE_VERSION, on a key change, and at the end of input.
+
+Tables: `<schema>.<stream>` (schema `singer` by default), merged on `key_properties`, appended
+when there are none. Records that carry a `version` store it in `_sdc_table_version`;
+ACTIVATE_VERSION deletes the rows of older versions (and unversioned rows) of that table.
+The destination keeps the STATE committed with each table under `_floe_state`
+(source = the schema, stream = the Singer stream) as `{"singer_state": S, "state_messages": n,
+"records": c, "records_after_state": r}`: the last STATE the commit covered, how many STATE
+messages and how many of the table's records came after the last STATE written out before the
+commit and up to S, and how many of the table's records followed S (at the end of input).
+
+Overlap: the target takes the lease of each stream it loads (`Destination.acquire_lease`, on the
+stream's first SCHEMA) and each commit names the state version it builds on, exactly like `floe
+run`: a second target, or a `floe run` of the same `<schema>.<stream>`, waits up to the
+destination's `lease_wait_seconds` and then fails naming the holder, and a commit on top of a state
+that another run moved meanwhile is refused whole.
+
+Replays (see `Replay`): an orchestrator that lost the STATE of the target's last commit (the
+target died between committing and writing it) feeds the tap again from an earlier STATE, and a
+deterministic tap sends again what the destination already holds. For a table without key
+properties the target then drops those records instead of appending them twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, NoReturn
+
+import orjson
+import pyarrow as pa
+
+from floe.apps.singer.batch import batch_rows
+from floe.apps.singer.convert import Converter
+from floe.apps.singer.messages import message_type
+from floe.apps.singer.schema import Column, json_schema_columns
+from floe.core.destination import Destination, LoadJob
+from floe.core.errors import FloeError, SourceError
+from floe.core.leases import Lease
+from floe.core.settings import SourceConfig
+from floe.core.stream import Batch, Disposition, State, Stream
+from floe.engine.pipeline import table_spec
+from floe.infra.stage import StageRun, StageWriter, new_load_id, remove_files, remove_leftovers
+
+log = logging.getLogger("floe.singer.target")
+
+VERSION_COLUMN = "_sdc_table_version"
+CHUNK_ROWS = 50_000  # records converted to Arrow and staged at a time
+
+
+class SingerStream(Stream):
+    """A Singer stream as a floe Stream: its shape only; its rows come from the message reader."""
+
+    def __init__(self, name: str, schema: pa.Schema, key: tuple[str, ...]) -> None:
+        self.name = name
+        self.schema = schema
+        self.primary_key = key
+        self.disposition: Disposition = "merge" if key else "append"
+
+    async def read(self, state: State | None) -> Iterator[Batch]:  # type: ignore[override]
+        raise NotImplementedError("Singer streams are fed by the target's message reader")
+
+
+@dataclass
+class Replay:
+    """Where the records an append table already holds may start again in this input.
+
+    The table's last commit covered the input up to its STATE `state` plus `skip` records after
+    it; `state` was the n-th STATE message, and `records` the number of the table's records, since
+    the last STATE line written before that commit. An orchestrator that lost that commit's STATE
+    line feeds the tap from the earlier one, so a deterministic tap sends `state` again as the n-th
+    STATE of this input (n+1-th if it first repeats the state it was given), after that many of the
+    table's records. Until the `window_end`-th STATE, such a STATE marks the table's records before
+    it as loaded already. Otherwise the input was started from `state` itself, and only its first
+    `skip` records of the table are loaded already."""
+
+    state: Any
+    window_end: int
+    records: int
+    skip: int
+
+    @classmethod
+    def of(cls, committed: State | None) -> Replay | None:
+        """From the table's committed state; None when its commit saw no STATE (a tap without state)."""
+        if not isinstance(committed, dict) or committed.get("singer_state") is None or "records" not in committed:
+            return None
+        return cls(committed["singer_state"], int(committed.get("state_messages", 0)) + 1,
+                   int(committed["records"]), int(committed.get("records_after_state", 0)))
+
+    def marked_by(self, state: Any, received: int) -> bool:
+        """Whether a STATE, after `received` records of the table, is where the committed records end."""
+        return received == self.records and state == self.state
+
+
+@dataclass(frozen=True)
+class _StateLine:
+    """A STATE to write out once its commit is done: its value, its number among the STATE messages
+    read, and how many records of each stream came before it."""
+
+    value: Any
+    number: int
+    received: dict[str, int]
+
+
+@dataclass
+class _Buffer:
+    stream: SingerStream
+    columns: list[Column]
+    converter: Converter
+    writer: StageWriter
+    lease: Lease  # the stream's lease in the destination, held until the input ends
+    version: int  # the state version the stream's next commit builds on
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    records: int = 0  # records of this stream taken from `rows` so far (record numbers continue from here)
+    staged: int = 0  # rows staged since the last commit
+    versioned: bool = False
+    at_state: int = 0  # records of this stream received before the latest STATE
+    at_output: int = 0  # records of this stream received before the last STATE written out
+    skip: int = 0  # records still to drop before staging: the destination holds them (see Replay)
+    replay: Replay | None = None  # while its window is open: records may be a replay; they are not committed
+
+    @property
+    def received(self) -> int:
+        return self.records + len(self.rows)
+
+
+class SingerTarget:
+    def __init__(self, destination: Destination, stage: Path, out: IO[bytes], schema: str = "singer",
+                 batch_rows: int = 500_000, max_seconds: float = 60.0, policy: SourceConfig | None = None) -> None:
+        self.destination = destination
+        self.policy = policy or SourceConfig(type="singer")  # its `schema_changes` and `widen_to_text`
+        self.stage = stage
+        self.out = out
+        self.schema = schema
+        self.batch_rows = batch_rows
+        self.max_seconds = max_seconds
+        self.buffers: dict[str, _Buffer] = {}
+        self.state: Any = None
+        self.state_unsent = False
+        self.states_received = 0  # STATE messages read so far
+        self.state_written = 0  # the number (in states_received) of the last STATE written out
+        self.last_commit = time.monotonic()
+        self.started_at = datetime.now(UTC)
+        self.committed_rows = 0
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="floe-target-load")
+        self._inflight: tuple[Future[int], _StateLine | None] | None = None
+        self._replays: list[_Buffer] = []  # streams whose replay window is open
+        self._runs: list[StageRun] = []  # each stream's stage folder
+
+    # --- input ---------------------------------------------------------------------------------
+    def run(self, lines: Iterable[bytes]) -> int:
+        """Consume every message; commit and emit the final STATE. Returns the rows committed."""
+        loads, decode_error = orjson.loads, orjson.JSONDecodeError
+        buffers = self.buffers
+        chunk = CHUNK_ROWS
+        try:
+            for lineno, line in enumerate(lines, 1):
+                try:
+                    message = loads(line)
+                except decode_error as exc:
+                    if not line.strip():
+                        continue
+                    raise SourceError(f"input line {lineno}: not a JSON message ({exc.msg})") from None
+                # The hot path: a RECORD of a known stream. Everything else goes to _other.
+                if type(message) is dict and message.get("type") == "RECORD":
+                    buf = buffers.get(message.get("stream"))  # type: ignore[arg-type]
+                    record = message.get("record")
+                    if buf is not None and type(record) is dict and "version" not in message:
+                        rows = buf.rows
+                        rows.append(record)
+                        if len(rows) >= chunk:
+                            self._stage(buf)
+                        continue
+                self._other(message, lineno)
+            for buf in self._replays:  # the input ended: what they hold is new
+                buf.replay = None
+            self._replays = []
+            self.commit(wait=True)
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            self._worker.shutdown(wait=True)
+            self.close()
+        return self.committed_rows
+
+    def close(self) -> None:
+        """Give the streams' leases up and delete their stage folders."""
+        for buf in self.buffers.values():
+            buf.lease.release()
+        for run in self._runs:
+            run.close()
+
+    def _bad_record(self, message: dict[str, Any], lineno: int) -> NoReturn:
+        stream = message.get("stream")
+        if stream not in self.buffers:
+            raise SourceError(f"input line {lineno}: RECORD for stream {stream!r} before its SCHEMA")
+        raise SourceError(f"input line {lineno}: RECORD of stream {stream!r} has no `record` object")
+
+    def _other(self, message: Any, lineno: int) -> None:
+        kind = message_type(message)
+        where = f"input line {lineno}"
+        if kind == "RECORD":  # a lower-case type
+            return self._other_record(message, lineno)
+        if kind == "SCHEMA":
+            self._schema(message, where)
+        elif kind == "STATE":
+            self._state(message, where)
+        elif kind == "ACTIVATE_VERSION":
+            self._activate(message, where)
+        elif kind == "BATCH":
+            self._batch(message, where)
+        elif kind is None:
+            raise SourceError(f"{where}: not a Singer message (no `type`)")
+        else:
+            log.debug("ignoring %s message at %s", kind, where)
+
+    def _state(self, message: dict[str, Any], where: str) -> None:
+        """Commit what came before the STATE once a commit is due; with nothing pending, write it out."""
+        if "value" not in message:
+            raise SourceError(f"{where}: STATE message has no `value`")
+        self.state, self.state_unsent = message["value"], True
+        self.states_received += 1
+        for buf in self.buffers.values():
+            buf.at_state = buf.received
+        if self._replays and self._look_for_replay():
+            return  # a stream in its replay window holds records: nothing commits yet
+        if self._inflight is not None and self._inflight[0].done():
+            self._settle()
+        due = self._pending_rows() >= self.batch_rows or time.monotonic() - self.last_commit >= self.max_seconds
+        if due or not self._has_pending():
+            self.commit()
+
+    def _other_record(self, message: dict[str, Any], lineno: int) -> None:
+        buf = self.buffers.get(message.get("stream"))  # type: ignore[arg-type]
+        record = message.get("record")
+        if buf is None or not isinstance(record, dict):
+            self._bad_record(message, lineno)
+        if message.get("version") is not None:
+            record[VERSION_COLUMN] = message["version"]
+            if not buf.versioned:
+                self._mark_versioned(buf)
+        buf.rows.append(record)
+        if len(buf.rows) >= CHUNK_ROWS:
+            self._stage(buf)
+
+    # --- streams -------------------------------------------------------------------------------
+    def _schema(self, message: dict[str, Any], where: str) -> None:
+        name = message.get("stream")
+        if not isinstance(name, str) or not name:
+            raise SourceError(f"{where}: SCHEMA message has no `stream`")
+        columns = json_schema_columns(message.get("schema"), name)
+        keys = message.get("key_properties") or []
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise SourceError(f"{where}: stream {name}: key_properties must be a list of property names")
+        known = {c.name for c in columns}
+        missing = [k for k in keys if k not in known]
+        if missing:
+            raise SourceError(f"{where}: stream {name}: key_properties {missing} are not in the schema")
+        old = self.buffers.get(name)
+        if old is not None:
+            if old.columns == self._with_version(columns, old.versioned) and old.stream.primary_key == tuple(keys):
+                return
+            self._stage(old)
+            if old.stream.primary_key != tuple(keys):
+                self.commit(only=old)  # rows staged under the old key merge on the old key
+        buf_columns = self._with_version(columns, old.versioned if old else False)
+        stream = SingerStream(name, pa.schema([c.arrow_field() for c in buf_columns]), tuple(keys))
+        stream.schema_changes, stream.widen_to_text = self.policy.schema_policy(name)
+        if old is not None:
+            old.stream, old.columns = stream, buf_columns
+            old.converter = Converter(name, buf_columns)
+        else:
+            self._open_stream(stream, buf_columns)
+
+    def _open_stream(self, stream: SingerStream, columns: list[Column]) -> None:
+        """A stream's first SCHEMA: take its lease, read its committed state, open its stage folder."""
+        name = stream.name
+        lease = self.destination.acquire_lease(self.schema, name)
+        try:
+            committed = self.destination.read_state(self.schema, name)
+            if leftovers := remove_leftovers(self.stage, self.schema, name):
+                log.info("removed %d stage files of %s left by a dead run", leftovers, name)
+            run = StageRun.open(self.stage, self.schema, name)
+        except BaseException:
+            lease.release()
+            raise
+        self._runs.append(run)
+        writer = StageWriter(run.folder, new_load_id(), compression="lz4")
+        buf = self.buffers[name] = _Buffer(stream, columns, Converter(name, columns), writer, lease,
+                                           committed.version)
+        if not stream.primary_key:  # merged tables take a replay as it comes: the merge is idempotent
+            self._watch_for_replay(buf, committed.state)
+
+    # --- replays -------------------------------------------------------------------------------
+    def _watch_for_replay(self, buf: _Buffer, committed: State | None) -> None:
+        replay = Replay.of(committed)
+        if replay is None:
+            return
+        buf.skip = replay.skip
+        if self.states_received < replay.window_end:
+            buf.replay = replay
+            self._replays.append(buf)
+
+    def _look_for_replay(self) -> bool:
+        """At a STATE: drop the records of each watched stream that this STATE shows are loaded
+        already, close the windows that end here; True while an open window holds records."""
+        held = False
+        for buf in list(self._replays):
+            replay = buf.replay
+            assert replay is not None
+            if replay.marked_by(self.state, buf.at_state):
+                self._drop(buf)
+                buf.skip = replay.skip
+            if self.states_received >= replay.window_end:
+                self._end_replay(buf)
+            elif buf.rows or buf.staged:
+                held = True
+        return held
+
+    def _end_replay(self, buf: _Buffer) -> None:
+        if buf.replay is not None:
+            buf.replay = None
+            self._replays.remove(buf)
+
+    def _drop(self, buf: _Buffer) -> None:
+        """Forget the stream's records since its last commit (the destination holds them)."""
+        remove_files(buf.writer.flush())
+        buf.records += len(buf.rows)
+        buf.rows, buf.staged = [], 0
+
+    @staticmethod
+    def _with_version(columns: list[Column], versioned: bool) -> list[Column]:
+        if not versioned or any(c.name == VERSION_COLUMN for c in columns):
+            return columns
+        return [*columns, Column(VERSION_COLUMN, "integer", True, False, frozenset({"integer"}))]
+
+    def _mark_versioned(self, buf: _Buffer) -> None:
+        buf.versioned = True
+        buf.columns = self._with_version(buf.columns, True)
+        buf.converter = Converter(buf.stream.name, buf.columns)
+        buf.stream.schema = pa.schema([c.arrow_field() for c in buf.columns])
+
+    def _stage(self, buf: _Buffer) -> None:
+        """Convert the buffered records of `buf` to Arrow (validating them) and stage them."""
+        if not buf.rows:
+            return
+        rows, first = buf.rows, buf.records + 1
+        if buf.skip:  # the destination holds these already (a replay)
+            dropped = min(buf.skip, len(rows))
+            rows, first, buf.skip = rows[dropped:], first + dropped, buf.skip - dropped
+        if rows:
+            buf.writer.write(buf.converter.batch(rows, first))
+            buf.staged += len(rows)
+        buf.records += len(buf.rows)
+        buf.rows = []
+
+    def _pending_rows(self) -> int:
+        return sum(b.staged + len(b.rows) for b in self.buffers.values())
+
+    def _has_pending(self) -> bool:
+        return any(b.rows or b.staged for b in self.buffers.values())
+
+    # --- commits -------------------------------------------------------------------------------
+    def _checkpoint(self, buf: _Buffer) -> State:
+        return {"singer_state": self.state, "state_messages": self.states_received - self.state_written,
+                "records": buf.at_state - buf.at_output, "records_after_state": buf.received - buf.at_state}
+
+    def _load(self, buf: _Buffer, details: dict[str, Any] | None = None) -> LoadJob:
+        files = buf.writer.flush()
+        job = LoadJob(
+            load_id=buf.writer.load_id, source=self.schema, stream=buf.stream.name,
+            table=table_spec(self.schema, buf.stream, files), files=files, checkpoint=self._checkpoint(buf),
+            started_at=self.started_at, details=details or {}, base_version=buf.version, lease=buf.lease,
+        )
+        buf.version += 1  # should this commit fail, the target stops (nothing builds on it)
+        buf.writer.load_id = new_load_id()
+        return job
+
+    def commit(self, only: _Buffer | None = None, wait: bool = False) -> None:
+        """Commit every stream with staged rows (or just `only`); the latest STATE follows once it is done.
+
+        The loads run in a worker thread while reading goes on; one commit is in flight at a time,
+        and its STATE is written only after all of its loads succeeded."""
+        self._settle()
+        if only is not None:  # what it holds commits now, so it is taken as new
+            self._end_replay(only)
+        jobs = []
+        for buf in [only] if only else list(self.buffers.values()):
+            self._stage(buf)
+            if buf.staged:
+                jobs.append(self._load(buf))
+                buf.staged = 0
+        state: _StateLine | None = None
+        if only is None:
+            self.last_commit = time.monotonic()
+            if self.state_unsent:
+                received = {name: b.at_state for name, b in self.buffers.items()}
+                state, self.state_unsent = _StateLine(self.state, self.states_received, received), False
+        if jobs:
+            self._inflight = (self._worker.submit(self._apply, jobs), state)
+            if wait or only is not None:
+                self._settle()
+        elif state is not None:
+            self._write_state(state)
+
+    def _apply(self, jobs: list[LoadJob]) -> int:
+        """Commit the jobs in transactions of `group_size` tables (all of them, where the destination can)."""
+        size = self.destination.group_size
+        groups = [jobs[start:start + size] for start in range(0, len(jobs), size)]
+        try:
+            for group in groups:
+                try:
+                    self.destination.load_group(group)
+                except Exception as exc:
+                    for job in group:
+                        self.destination.record_failure(job, str(exc))
+                    raise
+        finally:
+            for job in jobs:
+                remove_files(job.files)
+        return sum(job.rows for job in jobs)
+
+    def _settle(self) -> None:
+        """Wait for the commit in flight (raising its error), then write its STATE."""
+        if self._inflight is None:
+            return
+        future, state = self._inflight
+        self._inflight = None
+        self.committed_rows += future.result()
+        if state is not None:
+            self._write_state(state)
+
+    def _write_state(self, line: _StateLine) -> None:
+        self.out.write(orjson.dumps(line.value) + b"\n")
+        self.out.flush()
+        self.state_written = line.number
+        for name, received in line.received.items():
+            self.buffers[name].at_output = received
+
+    def abort(self) -> None:
+        if self._inflight is not None:  # let a running transaction finish; its STATE is not written
+            self._inflight[0].exception()
+            self._inflight = None
+        for buf in self.buffers.values():
+            buf.writer.abort()
+            buf.rows = []
+
+    def _activate(self, message: dict[str, Any], where: str) -> None:
+        name, version = message.get("stream"), message.get("version")
+        buf = self.buffers.get(name)  # type: ignore[arg-type]
+        if buf is None:
+            raise SourceError(f"{where}: ACTIVATE_VERSION for stream {name!r} before its SCHEMA")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise SourceError(f"{where}: ACTIVATE_VERSION of stream {name}: version must be an integer")
+        if not buf.versioned:
+            self._mark_versioned(buf)
+        self.commit(only=buf)
+        from floe.destinations.sql import SqlDestination
+
+        if not isinstance(self.destination, SqlDestination):
+            log.warning("destination %s cannot delete old versions; ACTIVATE_VERSION of %s ignored",
+                        self.destination.name, name)
+            return
+        _delete_older_versions(self.destination, self._load(buf, {"activate_version": version}), version)
+
+    # --- Meltano BATCH messages --------------------------------------------------------------
+    def _batch(self, message: dict[str, Any], where: str) -> None:
+        name = message.get("stream")
+        buf = self.buffers.get(name)  # type: ignore[arg-type]
+        if buf is None:
+            raise SourceError(f"{where}: BATCH for stream {name!r} before its SCHEMA")
+        for rows in batch_rows(message, where, CHUNK_ROWS):
+            buf.rows.extend(rows)
+            self._stage(buf)
+
+
+def _delete_older_versions(destination: Any, job: LoadJob, version: int) -> None:
+    """In one transaction: ensure the table, delete rows of versions older than `version`, write state."""
+    spec = destination.located(job.table)
+    table = destination.qualified(spec.schema_name, spec.table)
+    try:
+        destination.prepare_meta()
+        with destination.transaction() as cur:
+            destination.ensure_table(cur, spec)
+            cur.execute(f"DELETE FROM {table} WHERE {VERSION_COLUMN} IS NULL OR {VERSION_COLUMN} < {int(version)}")
+            destination.write_state(cur, job)
+            destination.write_load_row(cur, job, "committed", None, datetime.now(UTC))
+    except FloeError:
+        raise
+    except Exception as exc:
+        raise SourceError(f"{destination.name}: ACTIVATE_VERSION {version} of {spec.table} failed: {exc}") from exc

@@ -1,0 +1,1 @@
+"""Contracts: streams and sources, the destination ABC, settings, errors, secrets, the plugin registry."""

@@ -1,0 +1,55 @@
+"""A registry maps a config `type:` to the module that implements it, imported only when used.
+
+Adding a source or destination is one line in its table below plus its module; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+
+def load_object(path: str) -> Any:
+    """The object a `"module:attribute"` string names, importing its module now."""
+    module_name, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+class Registry:
+    def __init__(self, kind: str, entries: dict[str, str]) -> None:
+        self.kind = kind
+        self._entries = entries  # type name -> "module:ClassName"
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def load(self, name: str) -> Any:
+        """The plugin class for `name` (it has a `Config` attribute: its pydantic config model)."""
+        return load_object(self._entries[name])
+
+    def config_model(self, name: str) -> Any:
+        return self.load(name).Config
+
+
+# One line per plugin: `type:` -> "module:Class".
+source_registry = Registry(
+    "source",
+    {
+        "sailthru": "floe.sources.sailthru:SailthruSource",
+        "twilio": "floe.sources.twilio:TwilioSource",
+        "singular": "floe.sources.singular:SingularSource",
+        "sql": "floe.sources.sql:SqlSource",
+        "fullstory": "floe.sources.fullstory:FullStorySource",
+    },
+)
+
+destination_registry = Registry(
+    "destination",
+    {
+        "bigquery": "floe.destinations.bigquery:BigQueryDestination",
+        "duckdb": "floe.destinations.duckdb:DuckDBDestination",
+        "files": "floe.destinations.files:FilesDestination",
+        "postgres": "floe.destinations.postgres:PostgresDestination",
+        "redshift": "floe.destinations.redshift:RedshiftDestination",
+    },
+)

@@ -1,0 +1,69 @@
+"""The base config models: every plugin's settings model derives from `SourceConfig` or
+`DestinationConfig` (or `Model` for nested settings)."""
+
+from __future__ import annotations
+
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Model(BaseModel):
+    """Base of every config model: unknown keys are errors (they are usually typos)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+SchemaChanges = Literal["evolve", "freeze"]
+T = TypeVar("T")
+
+
+def per_stream(value: T | dict[str, T], stream: str, default: T) -> T:
+    """A setting given for every stream, or per stream name (`*`: every other stream)."""
+    if isinstance(value, dict):
+        return value[stream] if stream in value else value.get("*", default)
+    return value
+
+
+class SourceConfig(Model):
+    """Keys every source accepts, whatever its type."""
+
+    type: str
+    destinations: list[str] | None = Field(
+        default=None, description="Load only into these destinations (default: all)."
+    )
+    schedule: str | None = Field(
+        default=None, description="For `floe serve`: an interval like `15m`/`6h` or a cron expression."
+    )
+    schema_changes: SchemaChanges | dict[str, SchemaChanges] = Field(
+        default="evolve", description="What a load does when a column's values change type: `evolve` (widen "
+        "the column, or keep the values in a variant column `<column>__v_<type>`) or `freeze` (fail); one "
+        "value, or a mapping of stream names (`*`: the others) to values.",
+    )
+    widen_to_text: bool | dict[str, bool] = Field(
+        default=False, description="With `evolve`: a column may become text to hold values of another type "
+        "(else they go to a variant column); one value, or a mapping of stream names (`*`: the others).",
+    )
+
+    def schema_policy(self, stream: str) -> tuple[SchemaChanges, bool]:
+        """The `schema_changes` and `widen_to_text` of one stream."""
+        return per_stream(self.schema_changes, stream, "evolve"), per_stream(self.widen_to_text, stream, False)
+
+
+class DestinationConfig(Model):
+    """Keys every destination accepts, whatever its type."""
+
+    type: str
+    lease_wait_seconds: float = Field(
+        default=15.0, ge=0,
+        description="How long a run waits for another run of the same stream to finish before that stream fails.",
+    )
+
+
+class ExpiringLeaseConfig(Model):
+    """For destinations whose leases expire unless renewed (Redshift, BigQuery, files)."""
+
+    lease_expiry_seconds: float = Field(
+        default=60.0, ge=1,
+        description="A run renews its lease every quarter of this; a killed run's lease is free after it.",
+    )

@@ -1,0 +1,123 @@
+"""The contracts sources implement: `Source` owns configuration, `Stream` yields data.
+
+A stream's `read(state)` is an async iterator of `Batch`. A batch carries Arrow records, a
+checkpoint, or both. A checkpoint is the stream state that is true once every record yielded
+so far is durably loaded; the engine commits the records staged since the previous checkpoint
+together with this state, in one transaction. Records after the last checkpoint are never
+committed, so a source must end with a checkpoint. Sources never touch a database.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import pyarrow as pa
+
+from floe.core.settings import SchemaChanges, SourceConfig
+
+Disposition = Literal["append", "merge", "replace"]
+State = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Records and/or a checkpoint. `checkpoint=None` means: not a commit point yet."""
+
+    records: pa.RecordBatch | None = None
+    checkpoint: State | None = None
+
+
+@dataclass(frozen=True)
+class RefreshScope:
+    """What a full refresh of an append stream reads again: the rows whose `column` >= `start`."""
+
+    column: str
+    start: Any
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Options of one `floe run` that sources may honour."""
+
+    reprocess: bool = False  # re-read inputs already recorded as processed (e.g. changed files)
+    full_refresh: bool = False  # read from the configured beginning; the rows replace the table's (pipeline)
+
+
+@dataclass
+class Context:
+    """What a plugin needs from the run besides its own config."""
+
+    base_dir: Path = field(default_factory=Path.cwd)  # relative paths in the config resolve here
+    options: RunOptions = field(default_factory=RunOptions)
+
+    def path(self, value: str | Path) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+
+class Stream(ABC):
+    """One table's worth of data from a source.
+
+    `schema` declares the columns the stream knows about; batches may carry a subset or extra
+    columns (the destination adds columns it has not seen, never drops any).
+    """
+
+    name: str
+    schema: pa.Schema
+    primary_key: tuple[str, ...] = ()
+    cursor_field: str | None = None
+    disposition: Disposition = "append"
+    parent_key: tuple[str, ...] = ()  # merge: replace all rows of a parent (see TableSpec.parent_key)
+    parent_markers: bool = True  # see TableSpec.parent_markers
+    views: tuple[tuple[str, str], ...] = ()  # (view name, SQL template) kept beside the table (see TableSpec.views)
+    # Set from the source's `schema_changes` / `widen_to_text` keys (see TableSpec.schema_changes).
+    schema_changes: SchemaChanges = "evolve"
+    widen_to_text: bool = False
+
+    @abstractmethod
+    def read(self, state: State | None) -> AsyncIterator[Batch]:
+        """Yield batches starting from `state` (None: never loaded before).
+
+        Write it as an async generator: the engine closes it (`aclose`) as soon as it stops
+        reading, done or failed, so its `finally` blocks release threads, tasks and files at once."""
+
+    def refresh_scope(self) -> RefreshScope | None:
+        """What `read(None)` reads of the table, when a full refresh must keep the rows before it
+        (an append stream read from a configured start time). None: the whole table."""
+        return None
+
+    def describe(self) -> str:
+        return self.name
+
+
+class Source(ABC):
+    """A configured source. `name` is its key in floe.yml: its warehouse schema and state key."""
+
+    Config: ClassVar[type[SourceConfig]]
+
+    def __init__(self, name: str, config: Any, context: Context | None = None) -> None:
+        self.name = name
+        self.config = config
+        self.context = context or Context()
+
+    @abstractmethod
+    def streams(self) -> list[Stream]:
+        """Every stream this source can produce (narrowed by `floe run --stream`)."""
+
+    async def check(self) -> list[str]:
+        """For `floe check`: verify what a run needs (paths, secrets, credentials by one cheap
+        authenticated request) without loading or creating anything. Return what was verified;
+        raise a FloeError saying what is wrong. By default: nothing beyond the validated config."""
+        return []
+
+    def next_due(self, states: dict[str, State | None], now: datetime) -> datetime | None:
+        """For `floe serve`: when new data will next be available (None: use the `schedule:` key)."""
+        return None
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release network clients and other resources the source owns."""

@@ -1,0 +1,1 @@
+"""Shared machinery: HTTP, stage files, object stores, PostgreSQL wire, PII, logs, threads."""

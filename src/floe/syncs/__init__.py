@@ -1,5 +1,0 @@
-"""Reverse ETL: warehouse rows -> SaaS metadata (Pendo visitors and accounts).
-
-`floe.syncs.config.SyncConfig` validates one entry of floe.yml's `syncs:`; `floe.syncs.engine.run_syncs`
-runs them; `floe sync` (floe.commands.sync) prints the summary and exits non-zero on failure.
-"""
