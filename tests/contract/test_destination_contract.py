@@ -26,12 +26,16 @@ import duckdb
 import pyarrow as pa
 import pytest
 
+from floe.apps.notify import Notifier, report
+from floe.config import NotifyConfig
 from floe.core.destination import CommittedState, Destination, LoadJob, StagedFile, StateChange, TableSpec
 from floe.core.errors import DestinationError, StateConflictError
 from floe.destinations.files import STATE_DIR, FilesDestination
 from floe.destinations.sql import SqlDestination
+from floe.engine.pipeline import StreamResult
 from floe.infra.stage import StageWriter, new_load_id
 from tests.fixtures.destinations import Place, place_of
+from tests.fixtures.fullstory import webhook  # noqa: F401, F811 - a fixture
 
 
 @dataclass(frozen=True)
@@ -391,3 +395,23 @@ def test_revert_deletes_the_rows_of_later_loads_as_a_new_version_and_reset_empti
     assert under.place.versions("src", "items") == list(range(1, 9))  # the history keeps every change
     under.load(t([1], ["v1"]), disposition=disposition, pk=pk, checkpoint={"n": 1})  # loads as if never loaded
     assert under.rows(spec=jobs[0].table) == [(1, "v1")]
+
+
+# --- the load log: notices of failure and recovery ----------------------------------------------------
+def test_a_stream_that_failed_and_loads_again_is_reported_recovered_once(under, webhook):  # noqa: F811
+    url, received = webhook
+    notifier = Notifier(NotifyConfig(webhook=url))
+    first_run = datetime.now(UTC)
+    assert under.dest.last_load_status("src", "items", first_run) is None
+    failed = under.job(t([1], ["a"]))
+    under.dest.record_failure(failed, "boom")
+    second_run = datetime.now(UTC)
+    assert under.dest.last_load_status("src", "items", second_run) == "failed"
+    under.load(t([1], ["a"]))
+    ok = StreamResult("src", "items", under.dest.name, rows=1)
+    report(notifier, [ok], {under.dest.name: under.dest}, second_run)
+    assert [m["event"] for m in received] == ["recovered"]
+    assert received[0]["last_sync_point"] == under.dest.get_state("src", "items")
+    third_run = datetime.now(UTC)
+    report(notifier, [ok], {under.dest.name: under.dest}, third_run)  # already reported: nothing new
+    assert [m["event"] for m in received] == ["recovered"]

@@ -4,7 +4,7 @@ SNS message to `sns_topic_arn` (boto3; region from `region` or the AWS environme
 A message is sent for every (source, stream, destination) whose run failed, once when a
 stream that failed before loads successfully again, and once for the changes a run's commits made
 to a stream's table (columns added or widened, variant columns: `schema_changes`). "Failed before" is read from the
-destination's `_floe_loads` (the last row written before this run), so recovery is known
+destination's load log (`Destination.last_load_status`: the last entry written before this run), so recovery is known
 across separate `floe run` invocations. Messages carry the source, stream, destination, the
 (redacted) error and the last committed sync point, never a credential. Sending never raises:
 a notification problem is logged and the run's own result stands.
@@ -113,38 +113,15 @@ class Notifier:
                  notice.stream, notice.destination)
 
 
-def previous_status(destination: Destination, source: str, stream: str, before: datetime) -> str | None:
-    """The status of the last `_floe_loads` row of (source, stream) started before `before`."""
-    query = getattr(destination, "query", None)
-    meta = getattr(destination, "meta_schema", None)
-    if query is None or meta is None:
-        return None
-    p = getattr(destination, "placeholder", "?")
-    try:
-        rows = query(
-            f'SELECT status FROM "{meta}"."_floe_loads" WHERE source = {p} AND stream = {p} '
-            f"AND destination = {p} AND started_at < {p} ORDER BY finished_at DESC LIMIT 1",
-            (source, stream, destination.name, before),
-        )
-    except Exception:  # noqa: BLE001 - no bookkeeping table yet: never failed
-        return None
-    return str(rows[0][0]) if rows else None
-
-
 def mark_recovered(destination: Destination, result: StreamResult, started: datetime) -> None:
-    """Write a `recovered` row so that the next run does not report the recovery again."""
-    transaction = getattr(destination, "transaction", None)
-    if transaction is None:
-        return
+    """Write a `recovered` load-log entry so that the next run does not report the recovery again."""
     import pyarrow as pa
 
     job = LoadJob(load_id=f"recovered-{started:%Y%m%dT%H%M%S}", source=result.source, stream=result.stream,
                   table=TableSpec(result.source, result.stream, pa.schema([])), files=[], checkpoint={},
                   started_at=datetime.now(UTC))
     try:
-        destination.prepare_meta()  # type: ignore[attr-defined]
-        with transaction() as cur:
-            destination.write_load_row(cur, job, "recovered", None, datetime.now(UTC))  # type: ignore[attr-defined]
+        destination.record_recovery(job)
     except Exception:  # noqa: BLE001 - bookkeeping only
         log.debug("could not record recovery", exc_info=True)
 
@@ -166,7 +143,7 @@ def report(
                             now, result.schema_changes)
             notifier.send(notice)
             notices.append(notice)
-        before = previous_status(dest, result.source, result.stream, started)
+        before = dest.last_load_status(result.source, result.stream, started)
         if result.ok and before != "failed":
             continue
         try:

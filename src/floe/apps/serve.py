@@ -8,7 +8,7 @@ doubling up to `backoff_max`) and reported through `notify:`; committed progress
 touched, because every run resumes from the destination's state.
 
 `stop()` (SIGTERM/SIGINT in the CLI) lets the load in progress finish and commit, then returns;
-sources with a `should_stop` hook (FullStory) stop at their next commit point instead of working
+sources that watch `Context.should_stop` (FullStory) stop at their next commit point instead of working
 through a whole backlog first.
 The clock is injectable: tests pass a fake whose `sleep` advances time instantly.
 """
@@ -145,6 +145,8 @@ class Server:
         started = self.clock.now()
         wall_started = datetime.now(UTC)
         context = context_for(self.config)
+        context.clock = self.clock.now  # sources that decide what is ready use serve's clock
+        context.should_stop = lambda: self.stopping  # long backlogs stop at a commit point
         results: list[StreamResult] = []
         destinations: dict[str, Destination] = {}
         states: dict[str, Any] = {}
@@ -153,10 +155,6 @@ class Server:
             for dest_name in self.config.destinations_for(sched.name):
                 destinations[dest_name] = make_destination(self.config, dest_name, context)
             source = make_source(self.config, sched.name, context)
-            if hasattr(source, "clock"):
-                source.clock = self.clock.now  # sources that decide what is ready use serve's clock
-            if hasattr(source, "should_stop"):
-                source.should_stop = lambda: self.stopping  # long backlogs stop at a commit point
             try:
                 results = await run_source(source, select_streams(source, None), list(destinations.values()),
                                            self.config.stage)

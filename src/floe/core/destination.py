@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import orjson
@@ -184,6 +184,13 @@ class StateChange:
                        base_version=self.base_version, lease=self.lease)
 
 
+@runtime_checkable
+class RowReader(Protocol):
+    """A destination whose query results can be read back as Arrow batches (reverse ETL reads through it)."""
+
+    def read_batches(self, sql: str, params: Any = (), batch_size: int = 50_000) -> Iterator[pa.RecordBatch]: ...
+
+
 class Destination(ABC):
     """A configured destination. `name` is its key in floe.yml; it owns its connection."""
 
@@ -267,8 +274,20 @@ class Destination(ABC):
         state. `job.files` are every file the refresh staged (already loaded, gone from the stage):
         `job.rows` counts them, their schemas are the columns' types. Raise and commit nothing on failure."""
 
-    def record_failure(self, job: LoadJob, error: str) -> None:  # noqa: B027 - optional hook
-        """Best effort: note a failed load in `_floe_loads` (outside the failed transaction)."""
+    # --- the load log (`_floe_loads`): notices of failure and recovery read it ---------------------
+    @abstractmethod
+    def record_failure(self, job: LoadJob, error: str) -> None:
+        """Best effort: note a failed load in the load log (outside the failed transaction)."""
+
+    @abstractmethod
+    def record_recovery(self, job: LoadJob) -> None:
+        """Note in the load log that (job.source, job.stream) loads again after a failure (status
+        `recovered`), so that the next run does not report the recovery again."""
+
+    @abstractmethod
+    def last_load_status(self, source: str, stream: str, before: datetime) -> str | None:
+        """The status (`committed`, `failed`, `recovered`, ...) of the stream's last load-log entry
+        started before `before`; None when there is none (or no load log yet)."""
 
     def states(self) -> list[dict[str, Any]]:
         """Every (source, stream) latest state, for `floe state show`."""

@@ -10,11 +10,11 @@ committed, so a source must end with a checkpoint. Sources never touch a databas
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import pyarrow as pa
 
@@ -54,6 +54,10 @@ class Context:
 
     base_dir: Path = field(default_factory=Path.cwd)  # relative paths in the config resolve here
     options: RunOptions = field(default_factory=RunOptions)
+    # What time it is for sources that decide what is ready (`floe serve` passes its own clock).
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    # True once the run should stop at the next commit point (`floe serve` on SIGTERM).
+    should_stop: Callable[[], bool] = field(default=lambda: False)
 
     def path(self, value: str | Path) -> Path:
         p = Path(value).expanduser()
@@ -95,6 +99,13 @@ class Stream(ABC):
         return self.name
 
 
+class RequestMetrics(Protocol):
+    """Counts of a client's requests (the HTTP layer's `HttpMetrics`)."""
+
+    requests: int
+    seconds: float
+
+
 class Source(ABC):
     """A configured source. `name` is its key in floe.yml: its warehouse schema and state key."""
 
@@ -118,6 +129,10 @@ class Source(ABC):
     def next_due(self, states: dict[str, State | None], now: datetime) -> datetime | None:
         """For `floe serve`: when new data will next be available (None: use the `schedule:` key)."""
         return None
+
+    def request_metrics(self) -> list[RequestMetrics]:
+        """The metrics of every API client the source holds (for Singer's METRIC lines); none by default."""
+        return []
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release network clients and other resources the source owns."""

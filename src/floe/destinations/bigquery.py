@@ -33,6 +33,7 @@ import re
 import threading
 from collections.abc import Collection, Mapping
 from contextlib import ExitStack
+from datetime import datetime
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -63,7 +64,7 @@ from floe.destinations.bigquery_sql import (
     transaction_script,
 )
 from floe.destinations.schema_changes import SchemaPlan, log_changes, routed, variant_refresh_error
-from floe.destinations.sql import STATE_TABLE
+from floe.destinations.sql import LOADS_TABLE, STATE_TABLE
 from floe.destinations.state_ops import version_of
 from floe.infra.objectstore import GCSStore, StoreUrl
 from floe.infra.parts import PartFormat, load_prefix, upload_parts
@@ -264,6 +265,22 @@ class BigQueryDestination(BigQuerySql, Destination):
             self.api.query(self.load_row_sql("'failed'", "@error"), params)
         except Exception as exc:  # noqa: BLE001 - bookkeeping must never hide the original error
             log.warning("event=bigquery_record_failure_failed destination=%s error=%s", self.name, redact(str(exc)))
+
+    def record_recovery(self, job: LoadJob) -> None:
+        self.ensure_meta()
+        self.api.query(self.load_row_sql("'recovered'", "NULL"), [p for p in self.parameters(job, self.name)
+                                                                  if p["name"] != "state"])
+
+    def last_load_status(self, source: str, stream: str, before: datetime) -> str | None:
+        sql = (f"SELECT status FROM {self.ref(LOADS_TABLE)} WHERE source = @source AND stream = @stream "
+               "AND destination = @destination AND started_at < @before ORDER BY finished_at DESC LIMIT 1")
+        params = [param("source", "STRING", source), param("stream", "STRING", stream),
+                  param("destination", "STRING", self.name), param("before", "TIMESTAMP", before.isoformat())]
+        try:
+            rows = self.api.query(sql, params)
+        except DestinationError:  # no bookkeeping table yet: never failed
+            return None
+        return str(rows[0][0]) if rows else None
 
     def raise_conflict(self, exc: DestinationError, jobs: list[LoadJob]) -> None:
         """Raise StateConflictError if `exc` is the version check of one of `jobs` failing."""

@@ -24,6 +24,7 @@ Every row carries `_floe_load_id` and `_floe_loaded_at`, as in the warehouses.
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -49,6 +50,7 @@ from floe.core.destination import (
 )
 from floe.core.errors import DestinationError, LeaseLostError
 from floe.core.leases import Holder, Lease, take_object_lease
+from floe.core.secrets import redact
 from floe.core.settings import DestinationConfig, ExpiringLeaseConfig
 from floe.core.stream import RefreshScope
 from floe.destinations.state_ops import as_utc
@@ -56,6 +58,8 @@ from floe.infra.objectstore import GCSStore, LocalStore, ObjectStore, S3Store, S
 
 STATE_DIR = "_floe_state"
 REFRESH_DIR = "_floe_refresh"  # where a full refresh's objects wait for its commit
+LOADS_DIR = "_floe_loads"  # the load log: one object per failed load and per recovery
+log = logging.getLogger("floe.files")
 KEEP_STATE_VERSIONS = 50
 EXTENSIONS = {"parquet": "parquet", "jsonl": "jsonl", "csv": "csv"}
 
@@ -282,6 +286,28 @@ class FilesDestination(Destination):
         for start in range(0, len(keys), 1000):
             self.store.delete_keys(keys[start : start + 1000])
 
+    # --- the load log: failures and recoveries (a commit is its state object) ---------------------
+    def _log_load(self, job: LoadJob, status: str, error: str | None) -> None:
+        record = {"load_id": job.load_id, "status": status, "error": error,
+                  "started_at": job.started_at.isoformat(), "finished_at": datetime.now(UTC).isoformat()}
+        name = f"{job.started_at.astimezone(UTC):%Y%m%dT%H%M%S%f}-{job.load_id}.json"
+        self.store.put_bytes(self.key(job.source, job.stream, LOADS_DIR, name), json.dumps(record).encode())
+
+    def record_failure(self, job: LoadJob, error: str) -> None:
+        try:
+            self._log_load(job, "failed", redact(error)[:4000])
+        except Exception as exc:  # noqa: BLE001 - bookkeeping must never hide the original error
+            log.warning("event=files_record_failure_failed destination=%s error=%s", self.name, redact(str(exc)))
+
+    def record_recovery(self, job: LoadJob) -> None:
+        self._log_load(job, "recovered", None)
+
+    def last_load_status(self, source: str, stream: str, before: datetime) -> str | None:
+        entries = [json.loads(self.store.get_bytes(key) or b"{}")
+                   for key, _ in self.store.list(self.key(source, stream, LOADS_DIR) + "/")]
+        earlier = [e for e in entries if e.get("started_at") and datetime.fromisoformat(e["started_at"]) < before]
+        return str(max(earlier, key=lambda e: e["finished_at"])["status"]) if earlier else None
+
     # --- state log and changes: the state object commits, the data objects of the undone loads go next ---
     def state_log(self, source: str, stream: str, limit: int | None = None) -> list[StateVersion]:
         out = []
@@ -373,7 +399,7 @@ class FilesDestination(Destination):
 
     def _is_data(self, key: str) -> bool:
         """A data object in the stream's layout (not a state object, not a refresh's waiting object)."""
-        return f"/{STATE_DIR}/" not in f"/{key}" and f"/{REFRESH_DIR}/" not in f"/{key}"
+        return all(f"/{folder}/" not in f"/{key}" for folder in (STATE_DIR, REFRESH_DIR, LOADS_DIR))
 
     # --- full refresh: objects wait under _floe_refresh/, one snapshot state object commits them ------
     def begin_refresh(self, table: TableSpec) -> None:

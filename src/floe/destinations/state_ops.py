@@ -16,7 +16,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from floe.core.destination import StateChange, StateVersion, state_conflict
+from floe.core.destination import LoadJob, StateChange, StateVersion, state_conflict
 from floe.core.errors import DestinationError
 from floe.core.secrets import redact
 from floe.destinations.sql import LOADS_TABLE, STATE_TABLE, SqlDestination
@@ -50,7 +50,24 @@ def version_of(version: Any, committed_at: Any, load_id: str, state: str | None,
 
 
 class SqlStateOps(SqlDestination):
-    """The state log and state changes of a SQL warehouse, in its own transactions."""
+    """The state log, state changes and load log of a SQL warehouse, in its own transactions."""
+
+    def last_load_status(self, source: str, stream: str, before: datetime) -> str | None:
+        p = self.placeholder
+        try:
+            rows = self.query(
+                f"SELECT status FROM {self.qualified(self.meta_schema, LOADS_TABLE)} WHERE source = {p} "
+                f"AND stream = {p} AND destination = {p} AND started_at < {p} ORDER BY finished_at DESC LIMIT 1",
+                (source, stream, self.name, before),
+            )
+        except Exception:  # noqa: BLE001 - no bookkeeping table yet: never failed
+            return None
+        return str(rows[0][0]) if rows else None
+
+    def record_recovery(self, job: LoadJob) -> None:
+        self.prepare_meta()
+        with self.transaction() as cur:
+            self.write_load_row(cur, job, "recovered", None, datetime.now(UTC))
 
     def state_log(self, source: str, stream: str, limit: int | None = None) -> list[StateVersion]:
         p = self.placeholder

@@ -33,7 +33,7 @@ import orjson
 
 from floe.core.errors import SourceError
 from floe.core.secrets import redact
-from floe.core.stream import Source
+from floe.core.stream import RequestMetrics, Source
 from floe.infra.threads import in_thread
 
 T = TypeVar("T")
@@ -347,6 +347,9 @@ class ApiSource(Source):
         if self._http is None:
             self._http = self.make_http()
         return self._http
+
+    def request_metrics(self) -> list[RequestMetrics]:
+        return [self._http.metrics] if self._http is not None else []
 
     async def aclose(self) -> None:
         if self._http is not None:

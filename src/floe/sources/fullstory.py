@@ -20,7 +20,7 @@ import logging
 import re
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -32,7 +32,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from floe.core.destination import json_field
 from floe.core.errors import SourceError
 from floe.core.settings import SourceConfig
-from floe.core.stream import Batch, Context, RefreshScope, Source, State, Stream
+from floe.core.stream import Batch, Context, RefreshScope, RequestMetrics, Source, State, Stream
 from floe.infra.http import ApiError, HttpClient
 from floe.infra.threads import iterate_in_thread
 from floe.sources.fullstory_export import CUSTOM_VARS, POOL, ExportReader
@@ -262,7 +262,7 @@ class EventsStream(Stream):
                 day_done = window[1] == window[1].replace(hour=0, minute=0, second=0, microsecond=0)
                 if self.config.load_every == "window" or last or day_done:
                     yield Batch(checkpoint={"sync_point": rfc3339(window[1])})
-                    if self.source.should_stop():
+                    if self.source.context.should_stop():  # `floe serve` stops after this window
                         log.info("event=fullstory_stopping source=%s sync_point=%s", self.source.name,
                                  rfc3339(window[1]))
                         return
@@ -290,14 +290,11 @@ class FullStorySource(Source):
     def __init__(self, name: str, config: FullStoryConfig, context: Context | None = None) -> None:
         super().__init__(name, config, context)
         pa.set_memory_pool(POOL)
-        self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)
-        # `floe serve` sets this on SIGTERM: stop after the window being committed, not after the backlog.
-        self.should_stop: Callable[[], bool] = lambda: False
         self._api: HttpClient | None = None
         self._files: HttpClient | None = None
 
     def now(self) -> datetime:
-        return _utc(self.clock())
+        return _utc(self.context.clock())
 
     def streams(self) -> list[Stream]:
         return [EventsStream(self)]
@@ -330,6 +327,9 @@ class FullStorySource(Source):
         if self._files is None:
             self._files = HttpClient(self.name, timeout=300.0, max_concurrency=self.config.prefetch)
         return self._files
+
+    def request_metrics(self) -> list[RequestMetrics]:
+        return [client.metrics for client in (self._api, self._files) if client is not None]
 
     async def aclose(self) -> None:
         for client in (self._api, self._files):

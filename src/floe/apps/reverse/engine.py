@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import orjson
 import pyarrow as pa
@@ -32,7 +32,7 @@ from floe.apps.reverse.config import SyncConfig
 from floe.apps.reverse.pendo import PENDO_TYPES, Outcome, PendoClient
 from floe.apps.reverse.values import compatible, convert
 from floe.config import FloeConfig
-from floe.core.destination import LoadJob, StagedFile
+from floe.core.destination import LoadJob, RowReader, StagedFile
 from floe.core.errors import ConfigError, FloeError
 from floe.core.secrets import redact
 from floe.destinations.sql import SqlDestination
@@ -44,12 +44,6 @@ log = logging.getLogger("floe.sync")
 READ_BATCH_ROWS = 20_000
 FLUSH_ROWS = 50_000  # accepted rows buffered before they are written to the stage file
 COMMIT_ROWS = 100_000  # accepted rows committed to the snapshot together (bounds the warehouse's work)
-
-
-class RowReader(Protocol):
-    """What a sync needs from its `from` destination besides SqlDestination (DuckDB, PostgreSQL have it)."""
-
-    def read_batches(self, sql: str, params: Any = (), batch_size: int = 50_000) -> Iterator[pa.RecordBatch]: ...
 
 
 class SyncError(FloeError):
@@ -169,7 +163,7 @@ def read_destination(config: FloeConfig, name: str, sync: SyncConfig) -> SqlDest
         known = ", ".join(config.destinations) or "none"
         raise ConfigError(f"syncs.{name}.from: no destination named {sync.source!r} (configured: {known})")
     dest = make_destination(config, sync.source, context_for(config))
-    if not isinstance(dest, SqlDestination) or not hasattr(dest, "read_batches"):
+    if not isinstance(dest, SqlDestination) or not isinstance(dest, RowReader):
         dest.close()
         raise ConfigError(f"syncs.{name}.from: destination {sync.source!r} cannot be read as a source of rows")
     return dest

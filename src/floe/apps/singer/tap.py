@@ -55,16 +55,6 @@ class MetricWriter:
         self.err.flush()
 
 
-def _http_metrics(source: Source) -> list[Any]:
-    """The HttpMetrics of every HttpClient the source holds (sources keep them as attributes)."""
-    found = []
-    for value in vars(source).values():
-        metrics = getattr(value, "metrics", None)
-        if metrics is not None and hasattr(metrics, "requests") and hasattr(metrics, "seconds"):
-            found.append(metrics)
-    return found
-
-
 class SingerTap:
     def __init__(self, source: Source, out: IO[bytes], metrics: MetricWriter | None = None,
                  log_interval: float = 60.0) -> None:
@@ -95,8 +85,8 @@ class SingerTap:
         self._schema(stream, emitted)
         counted, last_log = 0, time.monotonic()
         started, status = time.monotonic(), "failed"
-        http_before = sum(m.seconds for m in _http_metrics(self.source))
-        requests_before = sum(m.requests for m in _http_metrics(self.source))
+        http_before = sum(m.seconds for m in self.source.request_metrics())
+        requests_before = sum(m.requests for m in self.source.request_metrics())
         pending_state: Any = None
         try:
             async for batch in stream.read(start):
@@ -128,7 +118,7 @@ class SingerTap:
             status = "succeeded"
         finally:
             self.metrics.emit("counter", "record_count", counted, {"endpoint": name})
-            http = _http_metrics(self.source)
+            http = self.source.request_metrics()
             if http:
                 self.metrics.emit(
                     "timer", "http_request_duration",
