@@ -143,7 +143,10 @@ def report(
                             now, result.schema_changes)
             notifier.send(notice)
             notices.append(notice)
-        before = dest.last_load_status(result.source, result.stream, started)
+        try:
+            before = dest.last_load_status(result.source, result.stream, started)
+        except Exception:  # noqa: BLE001 - an unreadable load log: report what we know
+            before = None
         if result.ok and before != "failed":
             continue
         try:
