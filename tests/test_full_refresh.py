@@ -12,11 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +22,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import pytest
 
 from floe.config import validate_model
@@ -37,6 +34,7 @@ from floe.engine.pipeline import StreamResult, run_stream
 from floe.sandbox.server import serve_in_thread
 from tests.bigquery_emulator import BigQueryEmulator
 from tests.fixtures.core import OneStreamSource, ResentParentStream, T, VersionedRows, staged_files
+from tests.fixtures.destinations import files_rows
 
 
 @dataclass
@@ -49,27 +47,6 @@ class Warehouse:
 
     def state(self) -> Any:
         return self.dest.get_state("src", "items")
-
-
-def files_rows(dest: FilesDestination, latest_per: str | None = None) -> list[tuple[Any, ...]]:
-    """(id, v) of every row in the stream's data objects (`<YYYY>/<MM>/<DD>/` under the stream, as
-    docs/destinations.md has readers read them); with `latest_per`, read as a child table: per parent
-    key, the rows of its latest `_floe_loaded_at`."""
-    base = dest.key("src", "items") + "/"
-    keys = [k for k, _ in dest.store.list(base) if re.fullmatch(r"\d{4}/\d{2}/\d{2}/[^/]+", k[len(base):])]
-    reader = {"parquet": "read_parquet", "jsonl": "read_json_auto", "csv": "read_csv_auto"}[dest.config.format]
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        for n, key in enumerate(keys):
-            local = Path(tmp) / f"{n}-{key.rsplit('/', 1)[1]}"
-            local.write_bytes(dest.store.get_bytes(key) or b"")
-            paths.append(f"'{local}'")
-        if not paths:
-            return []
-        latest = (f" QUALIFY _floe_loaded_at = max(_floe_loaded_at) OVER (PARTITION BY {latest_per})"
-                  if latest_per else "")
-        return sorted(duckdb.sql(f"SELECT id, v FROM {reader}([{', '.join(paths)}], union_by_name = true)"
-                                 f"{latest}").fetchall())
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,7 +21,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import pyarrow as pa
 import pytest
 
@@ -30,11 +28,11 @@ from floe.apps.notify import Notifier, report
 from floe.config import NotifyConfig
 from floe.core.destination import CommittedState, Destination, LoadJob, StagedFile, StateChange, TableSpec
 from floe.core.errors import DestinationError, StateConflictError
-from floe.destinations.files import STATE_DIR, FilesDestination
+from floe.destinations.files import FilesDestination
 from floe.destinations.sql import SqlDestination
 from floe.engine.pipeline import StreamResult
 from floe.infra.stage import StageWriter, new_load_id
-from tests.fixtures.destinations import Place, place_of
+from tests.fixtures.destinations import Place, files_rows, place_of
 from tests.fixtures.fullstory import webhook  # noqa: F401, F811 - a fixture
 
 
@@ -108,7 +106,7 @@ class Under:
         and with `committed_only` only the objects its state objects list (the docs' exact reading
         while a dead load's objects wait for the next commit to delete them)."""
         if isinstance(self.dest, FilesDestination):
-            return files_rows(self.dest, columns, spec, committed_only)
+            return bag(files_rows(self.dest, columns=columns, spec=spec, committed_only=committed_only))
         if self.place.bigquery is not None:
             got = self.place.bigquery.db.execute(f"SELECT {columns} FROM raw.src_items").fetchall()
         else:
@@ -124,37 +122,6 @@ class Under:
             return [tuple(r) for r in self.place.bigquery.db.execute(sql).fetchall()]  # type: ignore[misc]
         assert isinstance(self.dest, SqlDestination)
         return [tuple(r) for r in self.dest.query(sql)]  # type: ignore[misc]
-
-
-def files_rows(dest: FilesDestination, columns: str, spec: TableSpec | None,
-               committed_only: bool = False) -> list[tuple[Any, ...]]:
-    """The rows of the day folders' data objects. A merge stream is a change log (per primary key, the
-    row of the latest `_floe_loaded_at`); a child stream keeps, per parent, its latest load's rows,
-    less the marker rows (other key columns all NULL)."""
-    base = dest.key("src", "items") + "/"
-    keys = [k for k, _ in dest.store.list(base) if k[len(base):][:1].isdigit()]
-    if committed_only:
-        listed = {f for k, _ in dest.store.list(base + STATE_DIR + "/") if k.endswith(".json") and "/v" in k
-                  for f in json.loads(dest.store.get_bytes(k) or b"{}").get("files", [])}
-        keys = [k for k in keys if k in listed]
-    if not keys:
-        return []
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        for n, key in enumerate(keys):
-            local = Path(tmp) / f"{n}.parquet"
-            local.write_bytes(dest.store.get_bytes(key) or b"")
-            paths.append(f"'{local}'")
-        sql = f"SELECT * FROM read_parquet([{', '.join(paths)}], union_by_name = true)"
-        if spec is not None and spec.parent_key:
-            parents = ", ".join(spec.parent_key)
-            markers = " AND ".join(f"{c} IS NULL" for c in spec.marker_columns) or "FALSE"
-            sql = (f"SELECT * FROM ({sql} QUALIFY _floe_loaded_at = max(_floe_loaded_at) OVER (PARTITION BY "
-                   f"{parents})) WHERE NOT ({markers})")
-        elif spec is not None and spec.disposition == "merge":
-            sql += (f" QUALIFY row_number() OVER (PARTITION BY {', '.join(spec.primary_key)} "
-                    "ORDER BY _floe_loaded_at DESC) = 1")
-        return bag(duckdb.sql(f"SELECT {columns} FROM ({sql})").fetchall())
 
 
 def open_under(kind: Kind, request: pytest.FixtureRequest, base: Path) -> Iterator[Under]:
