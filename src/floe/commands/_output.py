@@ -74,7 +74,9 @@ def print_sync_summary(results: list[SyncResult]) -> None:
 
     dry = any(r.dry_run for r in results)
     table = Table(title="floe sync" + (" (dry run: nothing sent)" if dry else ""), title_justify="left")
-    numbers = ("changed", "requests") if dry else ("changed", "sent", "updated", "missing", "failed")
+    numbers: tuple[str, ...] = ("changed", "requests") if dry else ("changed", "sent", "updated", "missing", "failed")
+    if any(r.clears for r in results):  # `deletes: clear`: keys gone from the rows, and cleared
+        numbers += ("gone",) if dry else ("gone", "cleared")
     for column in ("sync", "to", *numbers, "seconds", "status"):
         table.add_column(column, justify="right" if column in (*numbers, "seconds") else "left")
     for r in results:
@@ -86,3 +88,8 @@ def print_sync_summary(results: list[SyncResult]) -> None:
             typer.echo(f"{r.name}: first records that would be sent:")
             for record in r.samples:
                 typer.echo("  " + redact(json.dumps(record, default=str)))
+        if r.dry_run and r.gone_keys:
+            more = f" (the first {len(r.gone_keys)})" if r.gone > len(r.gone_keys) else ""
+            typer.echo(f"{r.name}: {r.gone:,} keys gone from the rows whose fields would be cleared{more}:")
+            for key in r.gone_keys:
+                typer.echo("  " + redact(key))

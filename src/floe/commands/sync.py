@@ -1,4 +1,4 @@
-"""`floe sync [NAME] [--dry-run] [--full]`: push warehouse rows to Pendo (see docs/pendo.md)."""
+"""`floe sync [NAME] [--dry-run] [--full] [--force]`: push warehouse rows to Pendo (see docs/pendo.md)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def notify_failures(config: FloeConfig, results: list[SyncResult]) -> None:
 
 
 def run_and_report(config: FloeConfig, names: list[str] | None = None, *, dry_run: bool = False,
-                   full: bool = False) -> list[SyncResult]:
+                   full: bool = False, force: bool = False) -> list[SyncResult]:
     """Run syncs, print the summary, notify; exit non-zero if a sync failed (one line per failed sync
     on stderr). A sync fails when Pendo accepted none of its rows; some rows rejected only warn."""
     import asyncio
@@ -41,7 +41,7 @@ def run_and_report(config: FloeConfig, names: list[str] | None = None, *, dry_ru
     from floe.apps.reverse.engine import run_syncs
 
     try:
-        results = asyncio.run(run_syncs(config, names, dry_run=dry_run, full=full))
+        results = asyncio.run(run_syncs(config, names, dry_run=dry_run, full=full, force=force))
     except FloeError as exc:
         fail(str(exc))
     print_sync_summary(results)
@@ -69,10 +69,12 @@ def sync_command(
     config: ConfigOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be sent; send nothing.")] = False,
     full: Annotated[bool, typer.Option("--full", help="Resend every row, not only the changed ones.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Clear the keys gone from the rows even above max_deletes.")] = False,
 ) -> None:
     """Push warehouse rows to Pendo visitor/account metadata (only rows changed since the last run)."""
     try:
         cfg = open_config(config)
     except FloeError as exc:
         fail(str(exc))
-    run_and_report(cfg, name, dry_run=dry_run, full=full)
+    run_and_report(cfg, name, dry_run=dry_run, full=full, force=force)

@@ -9,6 +9,8 @@ syncs:
     key: {account_id: accountId}         # warehouse column -> Pendo id field
     fields: {plan: plan, seats: seats}   # warehouse column -> Pendo metadata field
     mode: update                         # update: existing records only | upsert: create=true
+    deletes: clear                       # ignore (default) | clear: empty floe's fields of keys gone from the rows
+    max_deletes: 10%                     # with clear: stop (unless --force) above this many keys (or share)
 ```
 """
 
@@ -25,6 +27,18 @@ from floe.core.settings import Model
 REGIONS = {"us": "https://app.pendo.io", "eu": "https://app.eu.pendo.io"}
 ID_FIELDS = {"account": "accountId", "visitor": "visitorId"}
 _PENDO_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _share(text: str) -> float | None:
+    """`"10%"` -> 10.0; None unless a percentage between 0 and 100."""
+    number = text.strip().removesuffix("%")
+    if number == text.strip():
+        return None
+    try:
+        share = float(number)
+    except ValueError:
+        return None
+    return share if 0 <= share <= 100 else None
 
 
 class PendoTarget(Model):
@@ -62,6 +76,11 @@ class SyncConfig(Model):
     key: dict[str, str]
     fields: dict[str, str]
     mode: Literal["update", "upsert"] = "update"
+    deletes: Literal["ignore", "clear"] = Field(default="ignore", description=(
+        "Keys floe synced before that are gone from the rows: ignore them, or clear the fields floe set."))
+    max_deletes: int | str | None = Field(default=None, description=(
+        "With deletes: clear, the most keys one run may clear: a count (100) or a share of the keys "
+        "synced before (\"10%\"); above it the sync stops unless --force. Default: no limit."))
 
     @field_validator("key")
     @classmethod
@@ -83,6 +102,23 @@ class SyncConfig(Model):
         if len(set(value.values())) != len(value):
             raise PydanticCustomError("sync_fields", "two columns map to the same Pendo field")
         return value
+
+    @field_validator("max_deletes")
+    @classmethod
+    def _limit(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value < 0 or isinstance(value, str) and _share(value) is None:
+            raise PydanticCustomError("sync_max_deletes", "a count (0 or more) or a share like \"10%\"")
+        return value
+
+    def delete_limit(self, synced: int) -> int | None:
+        """The most keys a run may clear when `synced` keys were synced before (None: no limit)."""
+        if self.max_deletes is None:
+            return None
+        if isinstance(self.max_deletes, int):
+            return self.max_deletes
+        share = _share(self.max_deletes)
+        assert share is not None
+        return int(synced * share / 100)
 
     @model_validator(mode="after")
     def _consistent(self) -> SyncConfig:

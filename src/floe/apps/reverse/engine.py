@@ -10,6 +10,10 @@
    is accepted. Accepted (key, hash) pairs and failures are staged as Parquet and committed to the
    warehouse every `COMMIT_ROWS` accepted rows and at the end; the final commit writes the
    `_floe_loads` row. What Pendo accepted is committed also when the run stops on an error.
+5. With `deletes: clear`, keys in the snapshot that the rows no longer hold are counted before
+   anything is sent (above `max_deletes` the run stops unless forced), then, after the updates, sent
+   with every field floe last set for them as null; a key leaves the snapshot in the commit that
+   records Pendo's answer (a key Pendo no longer knows has nothing to clear and leaves it too).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ log = logging.getLogger("floe.sync")
 READ_BATCH_ROWS = 20_000
 FLUSH_ROWS = 50_000  # accepted rows buffered before they are written to the stage file
 COMMIT_ROWS = 100_000  # accepted rows committed to the snapshot together (bounds the warehouse's work)
+DRY_RUN_KEYS = 100  # keys a dry run lists that it would clear
 
 
 class SyncError(FloeError):
@@ -68,10 +73,15 @@ class SyncResult:
     samples: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # e.g. a field whose type Pendo did not give
     fresh: int = 0  # changed rows that were not already failing before this run
+    clears: bool = False  # the sync has `deletes: clear`
+    gone: int = 0  # keys synced before that the rows no longer hold
+    cleared: int = 0  # of those, keys whose fields Pendo cleared (or no longer knows)
+    clear_errors: int = 0  # clears Pendo rejected (retried next run)
+    gone_keys: list[str] = field(default_factory=list)  # a dry run's list of keys it would clear
 
     @property
     def failed(self) -> int:
-        return self.missing + self.errors
+        return self.missing + self.errors + self.clear_errors
 
     @property
     def ok(self) -> bool:
@@ -80,7 +90,9 @@ class SyncResult:
     def details(self) -> dict[str, Any]:
         return {"changed": self.changed, "sent": self.sent, "updated": self.updated, "missing": self.missing,
                 "errors": self.errors, "failed": self.failed, "requests": self.requests,
-                "retries": self.retries, "splits_408": self.splits}
+                "retries": self.retries, "splits_408": self.splits,
+                **({"gone": self.gone, "cleared": self.cleared, "clear_errors": self.clear_errors}
+                   if self.clears else {})}
 
 
 @dataclass(frozen=True)
@@ -96,16 +108,21 @@ class _SyncLoad(LoadJob):
 
 @dataclass
 class _Piece:
-    """One request's worth of rows: payload records plus their (key, hash) pairs in the same order."""
+    """One request's worth of rows: payload records and, in the same order, their snapshot columns
+    (`key`, `hash`, `sent`, `load_ids`; a clear's rows hold `key` only)."""
 
     records: list[dict[str, Any]]
-    keys: pa.Array
-    hashes: pa.Array
+    rows: pa.RecordBatch
+    clear: bool = False
+
+    @property
+    def keys(self) -> pa.Array:
+        return self.rows.column("key")
 
     def split(self) -> tuple[_Piece, _Piece]:
         h = len(self.records) // 2
-        return (_Piece(self.records[:h], self.keys[:h], self.hashes[:h]),
-                _Piece(self.records[h:], self.keys[h:], self.hashes[h:]))
+        return (_Piece(self.records[:h], self.rows.slice(0, h), self.clear),
+                _Piece(self.records[h:], self.rows.slice(h), self.clear))
 
 
 class _Outcomes:
@@ -116,21 +133,33 @@ class _Outcomes:
         today = datetime.now(UTC)
         self.accepted = StageWriter(stage_dir(stage, store.SYNC_SOURCE, sync, today), load_id)
         self.failures = StageWriter(stage_dir(stage, store.SYNC_SOURCE, f"{sync}__failures", today), load_id)
+        self.cleared = StageWriter(stage_dir(stage, store.SYNC_SOURCE, f"{sync}__gone", today), load_id)
         self._buffer: list[pa.RecordBatch] = []
         self._buffered = 0
         self.pending = 0  # accepted rows not yet committed
         self.committed = 0
 
-    def accept(self, keys: pa.Array, hashes: pa.Array) -> None:
-        n = len(keys)
+    def accept(self, rows: pa.RecordBatch) -> None:
+        """Rows (`key`, `hash`, `sent`, `load_ids`) Pendo accepted just now."""
+        n = rows.num_rows
         if not n:
             return
         sync = pa.array([self.sync] * n, pa.string())
-        self._buffer.append(pa.RecordBatch.from_arrays([sync, keys, hashes], schema=store.SNAPSHOT_SCHEMA))
+        sent_at = pa.array([int(time.time() * 1000)] * n, pa.int64())
+        columns = [sync, rows.column("key"), rows.column("hash"), rows.column("sent"), sent_at,
+                   rows.column("load_ids")]
+        self._buffer.append(pa.RecordBatch.from_arrays(columns, schema=store.SNAPSHOT_SCHEMA))
         self._buffered += n
         self.pending += n
         if self._buffered >= FLUSH_ROWS:
             self._flush()
+
+    def gone(self, keys: pa.Array) -> None:
+        """Keys whose fields Pendo cleared: they leave the snapshot at the next commit."""
+        if len(keys):
+            self.cleared.write(pa.RecordBatch.from_arrays(
+                [pa.array([self.sync] * len(keys), pa.string()), keys], schema=store.GONE_SCHEMA))
+        self.pending += len(keys)
 
     def fail(self, rows: list[tuple[str, str, str]]) -> None:
         if rows:
@@ -144,16 +173,18 @@ class _Outcomes:
             self.accepted.write(pa.Table.from_batches(self._buffer).combine_chunks().to_batches()[0])
         self._buffer, self._buffered = [], 0
 
-    def files(self) -> tuple[list[StagedFile], list[StagedFile]]:
-        """Every staged file not yet handed over (then counted as committed by the caller)."""
+    def files(self) -> tuple[list[StagedFile], list[StagedFile], list[StagedFile]]:
+        """Every staged file not yet handed over: accepted, failed, cleared (then counted as
+        committed by the caller)."""
         self._flush()
         self.committed, self.pending = self.committed + self.pending, 0
-        return self.accepted.flush(), self.failures.flush()
+        return self.accepted.flush(), self.failures.flush(), self.cleared.flush()
 
     def abort(self) -> None:
         self._buffer = []
         self.accepted.abort()
         self.failures.abort()
+        self.cleared.abort()
 
 
 def read_destination(config: FloeConfig, name: str, sync: SyncConfig) -> SqlDestination:
@@ -180,11 +211,13 @@ class SyncRun:
     """One run of one sync against an open destination and Pendo client."""
 
     def __init__(self, name: str, sync: SyncConfig, dest: SqlDestination, client: PendoClient, stage: Path,
-                 *, dry_run: bool = False, full: bool = False) -> None:
+                 *, dry_run: bool = False, full: bool = False, force: bool = False) -> None:
         self.name, self.sync, self.dest, self.client, self.stage = name, sync, dest, client, stage
-        self.dry_run, self.full = dry_run, full
+        self.dry_run, self.full, self.force = dry_run, full, force
         target = sync.to
-        self.result = SyncResult(name, f"pendo {target.kind}/{target.group}", dry_run=dry_run)
+        self.result = SyncResult(name, f"pendo {target.kind}/{target.group}", dry_run=dry_run,
+                                 clears=sync.deletes == "clear")
+        self.lineage = False  # the rows carry a _floe_load_id column (see check)
         self.columns = list(sync.fields)
         self.names = [sync.fields[c] for c in self.columns]
         self.types: list[str] = []
@@ -246,6 +279,7 @@ class SyncRun:
             raise SyncError(f"{self.where}: mapping does not match Pendo's metadata schema, nothing sent: "
                             + "; ".join(problems))
         self.types = [pendo[n] or "" for n in self.names]
+        self.lineage = store.LOAD_ID in known
         key = self.dest.quote(self.sync.key_column)
         total, non_null, distinct = (await in_thread(
             self._query, f"SELECT COUNT(*), COUNT(src.{key}), COUNT(DISTINCT src.{key}) "
@@ -272,9 +306,22 @@ class SyncRun:
         records = pa.StructArray.from_arrays(
             [keys, pa.StructArray.from_arrays(values, names=self.names)], names=[target.id_field, "values"]
         ).to_pylist()
-        for start in range(0, len(records), target.batch_rows):
-            end = start + target.batch_rows
-            yield from self._fit(_Piece(records[start:end], keys[start:end], hashes[start:end]))
+        sent = pa.array([orjson.dumps(r["values"]).decode() for r in records], pa.string())
+        load_ids = batch.column(store.LINEAGE) if self.lineage else pa.nulls(len(records), pa.string())
+        rows = pa.RecordBatch.from_arrays([keys, hashes, sent, load_ids], names=["key", "hash", "sent", "load_ids"])
+        yield from self._capped(records, rows)
+
+    def clear_pieces(self, batch: pa.RecordBatch) -> Iterator[_Piece]:
+        """Keys gone from the rows as requests setting every field floe last sent them to null."""
+        keys, id_field = batch.column(store.KEY), self.sync.to.id_field
+        records = [{id_field: key, "values": dict.fromkeys(orjson.loads(sent) if sent else self.names)}
+                   for key, sent in zip(keys.to_pylist(), batch.column("sent").to_pylist(), strict=True)]
+        yield from self._capped(records, pa.RecordBatch.from_arrays([keys], names=["key"]), clear=True)
+
+    def _capped(self, records: list[dict[str, Any]], rows: pa.RecordBatch, clear: bool = False) -> Iterator[_Piece]:
+        size = self.sync.to.batch_rows
+        for start in range(0, len(records), size):
+            yield from self._fit(_Piece(records[start:start + size], rows.slice(start, size), clear))
 
     def _fit(self, piece: _Piece) -> Iterator[_Piece]:
         if len(piece.records) > 1 and len(orjson.dumps(piece.records)) > self.sync.to.batch_bytes:
@@ -288,7 +335,7 @@ class SyncRun:
         body = orjson.dumps(piece.records)
         self.result.requests += 1
         try:
-            outcome = await self.client.update(body, create=self.sync.mode == "upsert")
+            outcome = await self.client.update(body, create=self.sync.mode == "upsert" and not piece.clear)
         except ApiError as exc:
             if exc.status != 408:
                 raise
@@ -305,25 +352,31 @@ class SyncRun:
 
     def _record(self, piece: _Piece, outcome: Outcome, outcomes: _Outcomes) -> None:
         r = self.result
-        r.sent += len(piece.records)
-        r.updated += outcome.updated
-        failures: dict[str, tuple[str, str]] = {m: ("missing", f"no such Pendo {self.sync.to.kind}")
-                                                for m in outcome.missing}
-        failures.update({rid: ("error", message) for rid, message in outcome.errors.items()})
+        failures: dict[str, tuple[str, str]] = {} if piece.clear else {  # nothing to clear on a missing id
+            m: ("missing", f"no such Pendo {self.sync.to.kind}") for m in outcome.missing}
+        prefix = "clearing its fields: " if piece.clear else ""
+        failures.update({rid: ("error", prefix + message) for rid, message in outcome.errors.items()})
         if outcome.unattributed:  # Pendo failed rows without naming them: none of the rest is confirmed
-            message = "unconfirmed: " + "; ".join(outcome.unattributed)[:900]
+            message = prefix + "unconfirmed: " + "; ".join(outcome.unattributed)[:900]
             for rid in piece.keys.to_pylist():
                 failures.setdefault(rid, ("error", message))
-        if not failures:
-            outcomes.accept(piece.keys, piece.hashes)
+        good = piece.rows
+        rows: list[tuple[str, str, str]] = []
+        if failures:
+            bad = pc.is_in(piece.keys, value_set=pa.array(list(failures), pa.string()))
+            good = piece.rows.filter(pc.invert(bad))
+            rows = [(k, *failures[k]) for k in piece.keys.filter(bad).to_pylist()]
+            outcomes.fail(rows)
+        if piece.clear:
+            r.cleared += good.num_rows
+            r.clear_errors += len(rows)
+            outcomes.gone(good.column("key"))
             return
-        bad = pc.is_in(piece.keys, value_set=pa.array(list(failures), pa.string()))
-        good = pc.invert(bad)
-        outcomes.accept(piece.keys.filter(good), piece.hashes.filter(good))
-        rows = [(k, *failures[k]) for k in piece.keys.filter(bad).to_pylist()]
+        r.sent += len(piece.records)
+        r.updated += outcome.updated
         r.missing += sum(1 for row in rows if row[1] == "missing")
         r.errors += sum(1 for row in rows if row[1] == "error")
-        outcomes.fail(rows)
+        outcomes.accept(good)
 
     # --- the run ----------------------------------------------------------------------------
     async def run(self) -> SyncResult:
@@ -340,9 +393,14 @@ class SyncRun:
             else:
                 await in_thread(store.ensure_tables, self.dest)
                 exists = True
-            sql = store.diff_sql(self.dest, self.name, self.sync.relation(self.dest.quote), self.sync.key_column,
-                                 self.columns, self.signature(), full=self.full, snapshot_exists=exists)
+            relation = self.sync.relation(self.dest.quote)
+            gone = self.sync.deletes == "clear" and exists and await self._count_gone(relation)
+            sql = store.diff_sql(self.dest, self.name, relation, self.sync.key_column, self.columns,
+                                 self.signature(), full=self.full, snapshot_exists=exists, lineage=self.lineage)
             failure = await self._stream(sql, outcomes)
+            if failure is None and gone:
+                failure = await self._stream(store.gone_sql(self.dest, self.name, relation, self.sync.key_column),
+                                             outcomes, clear=True)
             if failure is None and not self.dry_run:
                 failure = await self._rejected_all()
         except Exception as exc:  # noqa: BLE001 - reported in the result; other syncs go on
@@ -359,8 +417,26 @@ class SyncRun:
         r.seconds = time.monotonic() - started
         return r
 
-    async def _stream(self, sql: str, outcomes: _Outcomes) -> BaseException | None:
-        """Read changed rows and send them; returns the first error (in-flight requests still finish)."""
+    async def _count_gone(self, relation: str) -> int:
+        """How many synced keys the rows no longer hold; raises SyncError (nothing sent) above
+        `max_deletes` unless forced (a dry run warns instead)."""
+        sql = store.gone_sql(self.dest, self.name, relation, self.sync.key_column)
+        gone = (await in_thread(self._query, f"SELECT COUNT(*) FROM ({sql}) AS gone"))[0][0]
+        self.result.gone = gone
+        synced = (await in_thread(self._query, store.synced_keys_sql(self.dest, self.name)))[0][0]
+        limit = self.sync.delete_limit(synced)
+        if limit is not None and gone > limit and not self.force:
+            message = (f"{gone:,} of the {synced:,} keys synced before are gone from the rows, more than "
+                       f"max_deletes ({self.sync.max_deletes}: {limit:,})")
+            if not self.dry_run:
+                raise SyncError(f"{self.where}: {message}; nothing sent. Check the query, or run again with "
+                                "--force to clear their fields in Pendo")
+            self.warn(f"max_deletes: {message}; a run would stop here unless --force")
+        return gone
+
+    async def _stream(self, sql: str, outcomes: _Outcomes, *, clear: bool = False) -> BaseException | None:
+        """Read changed rows (or, to `clear`, keys gone from the rows) and send them; returns the
+        first error (in-flight requests still finish)."""
         concurrency = self.sync.to.concurrency
         slots = asyncio.Semaphore(concurrency * 2)  # requests queued or in flight: bounds memory
         inflight: set[asyncio.Task[None]] = set()
@@ -385,10 +461,17 @@ class SyncRun:
                 if outcomes.pending >= COMMIT_ROWS:  # in-flight requests go on meanwhile
                     # files are taken here, on the loop: sends finishing meanwhile write new ones
                     await in_thread(self._commit, *outcomes.files(), outcomes.committed, False)
-                self.result.changed += batch.num_rows
-                self.result.fresh += batch.num_rows - (pc.sum(batch.column(store.RETRY).cast(pa.int64())).as_py() or 0)
-                for piece in self.pieces(batch):
+                if clear and self.dry_run:
+                    self.result.gone_keys += batch.column(store.KEY).to_pylist()[:DRY_RUN_KEYS]
+                    del self.result.gone_keys[DRY_RUN_KEYS:]
+                if not clear:
+                    self.result.changed += batch.num_rows
+                    self.result.fresh += batch.num_rows - (
+                        pc.sum(batch.column(store.RETRY).cast(pa.int64())).as_py() or 0)
+                for piece in (self.clear_pieces if clear else self.pieces)(batch):
                     if self.dry_run:
+                        if clear:
+                            continue
                         self.result.requests += 1
                         if len(self.result.samples) < 3:
                             self.result.samples.extend(piece.records[: 3 - len(self.result.samples)])
@@ -413,7 +496,7 @@ class SyncRun:
         already failing before (say ids missing in Pendo, retried each run) and earlier runs had
         rows accepted: that is the warning of partial rejections, run after run."""
         r, target = self.result, self.sync.to
-        if not r.sent or r.failed < r.sent:
+        if not r.sent or r.missing + r.errors < r.sent:
             return None
         if not r.fresh and (await in_thread(self._query, store.accepted_sql(self.dest, self.name)))[0][0]:
             return None
@@ -428,24 +511,27 @@ class SyncRun:
         self.result.warnings.append(message)
         log.info("event=sync_warning sync=%s %s", self.name, message)
 
-    def _commit(self, accepted: list[StagedFile], failed: list[StagedFile], total: int, final: bool) -> None:
+    def _commit(self, accepted: list[StagedFile], failed: list[StagedFile], gone: list[StagedFile], total: int,
+                final: bool) -> None:
         """Commit staged outcomes (runs in a worker thread); the final commit also writes the
         `_floe_loads` row, with `total` accepted rows."""
         job = _SyncLoad(self.load_id, store.SYNC_SOURCE, self.name, store.snapshot_spec(self.dest), accepted, {},
                         self.started_at, details=self.result.details(), accepted=total)
         try:
             store.commit(self.dest, self.name, job, failed, final=final, complete=self.result.ok,
-                         status="committed" if self.result.ok else "failed", error=self.result.error)
+                         status="committed" if self.result.ok else "failed", error=self.result.error,
+                         gone_files=gone)
         except Exception as exc:  # noqa: BLE001
             message = redact(f"{self.where}: recording outcomes in {self.sync.source!r} failed: {exc}")
             if not final:
                 raise SyncError(message) from None
             self.result.error = f"{self.result.error}; {message}" if self.result.error else message
         finally:
-            remove_files(accepted + failed)
+            remove_files(accepted + failed + gone)
 
 
-async def run_sync(config: FloeConfig, name: str, *, dry_run: bool = False, full: bool = False) -> SyncResult:
+async def run_sync(config: FloeConfig, name: str, *, dry_run: bool = False, full: bool = False,
+                   force: bool = False) -> SyncResult:
     """Run the sync `name` of `config` (see module docstring); errors are in the result."""
     sync: SyncConfig = config.syncs[name]
     result = SyncResult(name, f"pendo {sync.to.kind}/{sync.to.group}", dry_run=dry_run)
@@ -456,7 +542,7 @@ async def run_sync(config: FloeConfig, name: str, *, dry_run: bool = False, full
         return result
     client = PendoClient(sync.to)
     try:
-        return await SyncRun(name, sync, dest, client, config.stage, dry_run=dry_run, full=full).run()
+        return await SyncRun(name, sync, dest, client, config.stage, dry_run=dry_run, full=full, force=force).run()
     finally:
         await client.aclose()
         dest.close()
@@ -472,11 +558,11 @@ def select(config: FloeConfig, names: list[str] | None) -> list[str]:
 
 
 async def run_syncs(config: FloeConfig, names: list[str] | None = None, *, dry_run: bool = False,
-                    full: bool = False) -> list[SyncResult]:
+                    full: bool = False, force: bool = False) -> list[SyncResult]:
     """Run the named syncs (all by default) one after another."""
     results = []
     for name in select(config, names):
-        result = await run_sync(config, name, dry_run=dry_run, full=full)
+        result = await run_sync(config, name, dry_run=dry_run, full=full, force=force)
         log.info("event=sync_done sync=%s changed=%d sent=%d updated=%d missing=%d errors=%d seconds=%.1f%s",
                  name, result.changed, result.sent, result.updated, result.missing, result.errors,
                  result.seconds, f" error={result.error}" if result.error else "")
