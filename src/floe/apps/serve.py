@@ -7,6 +7,10 @@ every hour. A source whose run failed is retried after an exponential backoff (`
 doubling up to `backoff_max`) and reported through `notify:`; committed progress is never
 touched, because every run resumes from the destination's state.
 
+After a cycle that ran sources, the `syncs:` run (as after `floe run`; not when serve was limited
+to some sources with `--source`); a failed sync is logged and reported through `notify:` and is
+tried again after the next cycle's loads.
+
 `stop()` (SIGTERM/SIGINT in the CLI) lets the load in progress finish and commit, then returns;
 sources that watch `Context.should_stop` (FullStory) stop at their next commit point instead of working
 through a whole backlog first.
@@ -86,6 +90,7 @@ class Cycle:
     at: datetime
     results: list[StreamResult]
     slept: float = 0.0
+    syncs: list[Any] = field(default_factory=list)  # the cycle's SyncResults (floe.apps.reverse)
 
 
 @dataclass
@@ -127,13 +132,14 @@ class Server:
                 if self.stopping:
                     break
                 results += await self.run_source(sched)
+            syncs = await self.run_syncs() if due and not self.stopping else []
             cycles += 1
             if self.stopping or (max_cycles is not None and cycles >= max_cycles):
-                self.history.append(Cycle(now, results))
+                self.history.append(Cycle(now, results, syncs=syncs))
                 break
             wake = min(s.due for s in self.schedules.values())
             seconds = max(0.0, (wake - self.clock.now()).total_seconds())
-            self.history.append(Cycle(now, results, seconds))
+            self.history.append(Cycle(now, results, seconds, syncs))
             log.info("event=serve_sleep seconds=%.0f until=%s next=%s", seconds, wake.isoformat(),
                      ",".join(s.name for s in self.schedules.values() if s.due == wake))
             await self.clock.sleep(seconds, self._stop)
@@ -178,6 +184,21 @@ class Server:
         finally:
             for dest in destinations.values():
                 dest.close()
+        return results
+
+    async def run_syncs(self) -> list[Any]:
+        """Run every sync after a cycle's loads (as `floe run` does); failures are logged and notified."""
+        if not self.config.syncs or self.sources is not None:
+            return []
+        from floe.apps.reverse.engine import run_syncs
+        from floe.apps.reverse.outcomes import notify_failures
+
+        results = await run_syncs(self.config)
+        for r in results:
+            if not r.ok:
+                log.error("event=serve_sync_failed sync=%s error=%s", r.name, r.error)
+        if self.notifier is not None:
+            notify_failures(self.notifier, results)
         return results
 
     def plan_next(self, sched: SourceSchedule, source: Any, states: dict[str, Any], started: datetime,

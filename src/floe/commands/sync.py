@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from floe.commands._output import ConfigOption, fail, open_config, print_sync_summary
 from floe.core.errors import FloeError
-from floe.core.secrets import redact
 
 if TYPE_CHECKING:
     from floe.apps.reverse.engine import SyncResult
@@ -18,18 +16,10 @@ if TYPE_CHECKING:
 
 def notify_failures(config: FloeConfig, results: list[SyncResult]) -> None:
     """Send a `failed` notice through `notify:` for every sync that failed or had rows rejected."""
-    from floe.apps.notify import Notice, Notifier
+    from floe.apps.notify import Notifier
+    from floe.apps.reverse.outcomes import notify_failures as send
 
-    notifier = Notifier(config.notify)
-    if not notifier.enabled:
-        return
-    now = datetime.now(UTC).isoformat()
-    for r in results:
-        if r.dry_run or (r.ok and not r.failed):
-            continue
-        error = r.error or (f"{r.failed} rows rejected by Pendo ({r.missing} missing, {r.errors} errors); "
-                            "see _floe_sync_failures, they are retried on the next run")
-        notifier.send(Notice("failed", "_floe_sync", r.name, r.target, redact(error), r.details(), now))
+    send(Notifier(config.notify), results)
 
 
 def run_and_report(config: FloeConfig, names: list[str] | None = None, *, dry_run: bool = False,

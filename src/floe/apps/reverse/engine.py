@@ -22,7 +22,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -33,158 +32,22 @@ import pyarrow.compute as pc
 
 from floe.apps.reverse import store
 from floe.apps.reverse.config import SyncConfig
+from floe.apps.reverse.outcomes import Piece, RunOutcomes, SyncError, SyncLoad, SyncResult
 from floe.apps.reverse.pendo import PENDO_TYPES, Outcome, PendoClient
 from floe.apps.reverse.values import compatible, convert
 from floe.config import FloeConfig
-from floe.core.destination import LoadJob, RowReader, StagedFile
+from floe.core.destination import RowReader, StagedFile
 from floe.core.errors import ConfigError, FloeError
 from floe.core.secrets import redact
 from floe.destinations.sql import SqlDestination
 from floe.infra.http import ApiError
-from floe.infra.stage import StageWriter, new_load_id, remove_files, stage_dir
+from floe.infra.stage import new_load_id, remove_files
 from floe.infra.threads import in_thread
 
 log = logging.getLogger("floe.sync")
 READ_BATCH_ROWS = 20_000
-FLUSH_ROWS = 50_000  # accepted rows buffered before they are written to the stage file
 COMMIT_ROWS = 100_000  # accepted rows committed to the snapshot together (bounds the warehouse's work)
 DRY_RUN_KEYS = 100  # keys a dry run lists that it would clear
-
-
-class SyncError(FloeError):
-    """A sync could not run (mapping, warehouse query, Pendo refused it)."""
-
-
-@dataclass
-class SyncResult:
-    name: str
-    target: str
-    changed: int = 0  # rows the diff selected
-    sent: int = 0  # rows in requests Pendo answered (each row once, however often it was split)
-    updated: int = 0  # Pendo's own `updated` count
-    missing: int = 0
-    errors: int = 0
-    requests: int = 0
-    retries: int = 0
-    splits: int = 0  # 408 answers that split a request
-    seconds: float = 0.0
-    error: str | None = None
-    dry_run: bool = False
-    samples: list[dict[str, Any]] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)  # e.g. a field whose type Pendo did not give
-    fresh: int = 0  # changed rows that were not already failing before this run
-    clears: bool = False  # the sync has `deletes: clear`
-    gone: int = 0  # keys synced before that the rows no longer hold
-    cleared: int = 0  # of those, keys whose fields Pendo cleared (or no longer knows)
-    clear_errors: int = 0  # clears Pendo rejected (retried next run)
-    gone_keys: list[str] = field(default_factory=list)  # a dry run's list of keys it would clear
-
-    @property
-    def failed(self) -> int:
-        return self.missing + self.errors + self.clear_errors
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def details(self) -> dict[str, Any]:
-        return {"changed": self.changed, "sent": self.sent, "updated": self.updated, "missing": self.missing,
-                "errors": self.errors, "failed": self.failed, "requests": self.requests,
-                "retries": self.retries, "splits_408": self.splits,
-                **({"gone": self.gone, "cleared": self.cleared, "clear_errors": self.clear_errors}
-                   if self.clears else {})}
-
-
-@dataclass(frozen=True)
-class _SyncLoad(LoadJob):
-    """The `_floe_loads` row of a sync run: `rows` = rows Pendo accepted over all its commits."""
-
-    accepted: int = 0
-
-    @property
-    def rows(self) -> int:
-        return self.accepted
-
-
-@dataclass
-class _Piece:
-    """One request's worth of rows: payload records and, in the same order, their snapshot columns
-    (`key`, `hash`, `sent`, `load_ids`; a clear's rows hold `key` only)."""
-
-    records: list[dict[str, Any]]
-    rows: pa.RecordBatch
-    clear: bool = False
-
-    @property
-    def keys(self) -> pa.Array:
-        return self.rows.column("key")
-
-    def split(self) -> tuple[_Piece, _Piece]:
-        h = len(self.records) // 2
-        return (_Piece(self.records[:h], self.rows.slice(0, h), self.clear),
-                _Piece(self.records[h:], self.rows.slice(h), self.clear))
-
-
-class _Outcomes:
-    """Collects accepted rows (snapshot) and failures (stage files) of one run."""
-
-    def __init__(self, stage: Path, sync: str, load_id: str) -> None:
-        self.sync = sync
-        today = datetime.now(UTC)
-        self.accepted = StageWriter(stage_dir(stage, store.SYNC_SOURCE, sync, today), load_id)
-        self.failures = StageWriter(stage_dir(stage, store.SYNC_SOURCE, f"{sync}__failures", today), load_id)
-        self.cleared = StageWriter(stage_dir(stage, store.SYNC_SOURCE, f"{sync}__gone", today), load_id)
-        self._buffer: list[pa.RecordBatch] = []
-        self._buffered = 0
-        self.pending = 0  # accepted rows not yet committed
-        self.committed = 0
-
-    def accept(self, rows: pa.RecordBatch) -> None:
-        """Rows (`key`, `hash`, `sent`, `load_ids`) Pendo accepted just now."""
-        n = rows.num_rows
-        if not n:
-            return
-        sync = pa.array([self.sync] * n, pa.string())
-        sent_at = pa.array([int(time.time() * 1000)] * n, pa.int64())
-        columns = [sync, rows.column("key"), rows.column("hash"), rows.column("sent"), sent_at,
-                   rows.column("load_ids")]
-        self._buffer.append(pa.RecordBatch.from_arrays(columns, schema=store.SNAPSHOT_SCHEMA))
-        self._buffered += n
-        self.pending += n
-        if self._buffered >= FLUSH_ROWS:
-            self._flush()
-
-    def gone(self, keys: pa.Array) -> None:
-        """Keys whose fields Pendo cleared: they leave the snapshot at the next commit."""
-        if len(keys):
-            self.cleared.write(pa.RecordBatch.from_arrays(
-                [pa.array([self.sync] * len(keys), pa.string()), keys], schema=store.GONE_SCHEMA))
-        self.pending += len(keys)
-
-    def fail(self, rows: list[tuple[str, str, str]]) -> None:
-        if rows:
-            keys, outcomes, messages = zip(*rows, strict=True)
-            self.failures.write(pa.RecordBatch.from_arrays(
-                [pa.array([self.sync] * len(rows)), pa.array(keys), pa.array(outcomes), pa.array(messages)],
-                schema=store.FAILURES_SCHEMA))
-
-    def _flush(self) -> None:
-        if self._buffer:
-            self.accepted.write(pa.Table.from_batches(self._buffer).combine_chunks().to_batches()[0])
-        self._buffer, self._buffered = [], 0
-
-    def files(self) -> tuple[list[StagedFile], list[StagedFile], list[StagedFile]]:
-        """Every staged file not yet handed over: accepted, failed, cleared (then counted as
-        committed by the caller)."""
-        self._flush()
-        self.committed, self.pending = self.committed + self.pending, 0
-        return self.accepted.flush(), self.failures.flush(), self.cleared.flush()
-
-    def abort(self) -> None:
-        self._buffer = []
-        self.accepted.abort()
-        self.failures.abort()
-        self.cleared.abort()
 
 
 def read_destination(config: FloeConfig, name: str, sync: SyncConfig) -> SqlDestination:
@@ -297,7 +160,7 @@ class SyncRun:
         return f"{t.kind}/{t.group}/{self.sync.key_column}/" + ",".join(
             f"{c}={n}" for c, n in self.sync.fields.items())
 
-    def pieces(self, batch: pa.RecordBatch) -> Iterator[_Piece]:
+    def pieces(self, batch: pa.RecordBatch) -> Iterator[Piece]:
         """The batch as requests capped by rows, then halved until each fits `batch_bytes`."""
         target = self.sync.to
         keys, hashes = batch.column(store.KEY), batch.column(store.HASH)
@@ -311,19 +174,19 @@ class SyncRun:
         rows = pa.RecordBatch.from_arrays([keys, hashes, sent, load_ids], names=["key", "hash", "sent", "load_ids"])
         yield from self._capped(records, rows)
 
-    def clear_pieces(self, batch: pa.RecordBatch) -> Iterator[_Piece]:
+    def clear_pieces(self, batch: pa.RecordBatch) -> Iterator[Piece]:
         """Keys gone from the rows as requests setting every field floe last sent them to null."""
         keys, id_field = batch.column(store.KEY), self.sync.to.id_field
         records = [{id_field: key, "values": dict.fromkeys(orjson.loads(sent) if sent else self.names)}
                    for key, sent in zip(keys.to_pylist(), batch.column("sent").to_pylist(), strict=True)]
         yield from self._capped(records, pa.RecordBatch.from_arrays([keys], names=["key"]), clear=True)
 
-    def _capped(self, records: list[dict[str, Any]], rows: pa.RecordBatch, clear: bool = False) -> Iterator[_Piece]:
+    def _capped(self, records: list[dict[str, Any]], rows: pa.RecordBatch, clear: bool = False) -> Iterator[Piece]:
         size = self.sync.to.batch_rows
         for start in range(0, len(records), size):
-            yield from self._fit(_Piece(records[start:start + size], rows.slice(start, size), clear))
+            yield from self._fit(Piece(records[start:start + size], rows.slice(start, size), clear))
 
-    def _fit(self, piece: _Piece) -> Iterator[_Piece]:
+    def _fit(self, piece: Piece) -> Iterator[Piece]:
         if len(piece.records) > 1 and len(orjson.dumps(piece.records)) > self.sync.to.batch_bytes:
             for half in piece.split():
                 yield from self._fit(half)
@@ -331,7 +194,7 @@ class SyncRun:
             yield piece
 
     # --- sending -----------------------------------------------------------------------------
-    async def send(self, piece: _Piece, outcomes: _Outcomes) -> None:
+    async def send(self, piece: Piece, outcomes: RunOutcomes) -> None:
         body = orjson.dumps(piece.records)
         self.result.requests += 1
         try:
@@ -350,7 +213,7 @@ class SyncRun:
             return
         self._record(piece, outcome, outcomes)
 
-    def _record(self, piece: _Piece, outcome: Outcome, outcomes: _Outcomes) -> None:
+    def _record(self, piece: Piece, outcome: Outcome, outcomes: RunOutcomes) -> None:
         r = self.result
         failures: dict[str, tuple[str, str]] = {} if piece.clear else {  # nothing to clear on a missing id
             m: ("missing", f"no such Pendo {self.sync.to.kind}") for m in outcome.missing}
@@ -382,7 +245,7 @@ class SyncRun:
     async def run(self) -> SyncResult:
         started, r = time.monotonic(), self.result
         self.started_at, self.load_id = datetime.now(UTC), new_load_id()
-        outcomes = _Outcomes(self.stage, self.name, self.load_id)
+        outcomes = RunOutcomes(self.stage, self.name, self.load_id)
         failure: BaseException | None = None
         checked = False
         try:
@@ -434,7 +297,7 @@ class SyncRun:
             self.warn(f"max_deletes: {message}; a run would stop here unless --force")
         return gone
 
-    async def _stream(self, sql: str, outcomes: _Outcomes, *, clear: bool = False) -> BaseException | None:
+    async def _stream(self, sql: str, outcomes: RunOutcomes, *, clear: bool = False) -> BaseException | None:
         """Read changed rows (or, to `clear`, keys gone from the rows) and send them; returns the
         first error (in-flight requests still finish)."""
         concurrency = self.sync.to.concurrency
@@ -515,7 +378,7 @@ class SyncRun:
                 final: bool) -> None:
         """Commit staged outcomes (runs in a worker thread); the final commit also writes the
         `_floe_loads` row, with `total` accepted rows."""
-        job = _SyncLoad(self.load_id, store.SYNC_SOURCE, self.name, store.snapshot_spec(self.dest), accepted, {},
+        job = SyncLoad(self.load_id, store.SYNC_SOURCE, self.name, store.snapshot_spec(self.dest), accepted, {},
                         self.started_at, details=self.result.details(), accepted=total)
         try:
             store.commit(self.dest, self.name, job, failed, final=final, complete=self.result.ok,
