@@ -139,3 +139,28 @@ def test_injected_faults_come_first_and_429_carries_retry_after(client, server):
     assert post(client, "account", "custom", []).json()["total"] == 0
     stats = httpx.get(server.url + "/_sandbox/pendo/stats").json()
     assert stats["statuses"]["429"] >= 1 and stats["counts"]["account"] >= 3
+
+
+def test_dropped_and_altered_writes_are_answered_updated_and_a_ui_edit_moves_lastupdated():
+    running = serve_in_thread(create_app(integration_key=KEY, accounts=[f"r{i}" for i in range(200)],
+                                         drop_rate=0.1, alter_rate=0.1))
+    try:
+        with httpx.Client(base_url=running.url, headers={"x-pendo-integration-key": KEY}) as c:
+            assert c.post("/_sandbox/pendo/writes", json={"drop": ["r0"], "alter": ["r1"]}).status_code == 200
+            records = [{"accountId": f"r{i}", "values": {"plan": "enterprise", "seats": 4}} for i in range(200)]
+            body = post(c, "account", "custom", records).json()
+            assert (body["updated"], body["failed"]) == (200, 0)  # nothing tells the caller
+            store = running.app.state.pendo
+            held = store.values("account")
+            assert held["r0"] == {} and held["r1"] == {"plan": "enter", "seats": 5}
+            assert 10 < store.dropped < 40 and 10 < store.altered < 40
+            assert sum(1 for v in held.values() if v == {"plan": "enterprise", "seats": 4}) == \
+                200 - store.dropped - store.altered
+            before = store.records["account"]["r2"]["auto"]["lastupdated"]
+            assert c.post("/_sandbox/pendo/edit", json={"kind": "account", "id": "r2",
+                                                        "values": {"plan": "trial"}}).status_code == 200
+            assert store.values("account")["r2"]["plan"] == "trial"
+            assert store.records["account"]["r2"]["auto"]["lastupdated"] >= before
+            assert c.post("/_sandbox/pendo/edit", json={"kind": "account", "id": "zz", "values": {}}).status_code == 404
+    finally:
+        running.stop()

@@ -20,6 +20,13 @@ Knobs (arguments of `create_app`): `latency` seconds per call; `time_limit` (Pen
 `rate_5xx`: shares of metadata calls answered 429 / 503 (seeded by `seed`); faults queued with
 `store.inject(status, count)` or `POST /_sandbox/pendo/faults`; `reject`: ids answered as row errors.
 
+Writes that go wrong without an error (what `floe sync --verify` must find): `drop_rate` / `alter_rate`
+(seeded shares of records) and `store.drop` / `store.alter` (`{id: times}`, or `POST
+/_sandbox/pendo/writes {"drop": [...], "alter": [...]}`) make records answered as `updated` but not
+applied (dropped) or applied with other values (altered: text halved, numbers + 1, booleans flipped).
+`store.edit(kind, group, id, values)` (or `POST /_sandbox/pendo/edit`) changes values as someone in
+Pendo's UI would, stamping `metadata.auto.lastupdated`.
+
 Tests read back what it holds from `app.state.pendo` (a `PendoStore`) or `GET /_sandbox/pendo/{kind}`.
 """
 
@@ -97,6 +104,10 @@ class PendoStore:
     largest_call: int = 0  # most records in one applied call
     largest_body: int = 0  # most bytes in one call's body
     reject: dict[str, str] = field(default_factory=dict)  # id -> error Pendo reports for that row
+    drop: dict[str, int] = field(default_factory=dict)  # id -> writes still to answer `updated` but not apply
+    alter: dict[str, int] = field(default_factory=dict)  # id -> writes still to apply with altered values
+    dropped: int = 0  # records answered `updated` but not applied
+    altered: int = 0  # records applied with other values than sent
 
     def add(self, kind: str, ids: list[str], **custom: Any) -> None:
         """Create records (as the Pendo snippet would) with optional custom values."""
@@ -109,6 +120,12 @@ class PendoStore:
     def values(self, kind: str, group: str = "custom") -> dict[str, dict[str, Any]]:
         """`{id: {field: value}}` of one group (records without values in it included, as `{}`)."""
         return {rid: dict(rec.get(group, {})) for rid, rec in self.records[kind].items()}
+
+    def edit(self, kind: str, group: str, record_id: str, values: dict[str, Any]) -> None:
+        """Change values as a user in Pendo's UI would (the record's `lastupdated` moves)."""
+        record = self.records[kind][record_id]
+        record[group].update(values)
+        record["auto"]["lastupdated"] = int(time.time() * 1000)
 
     def inject(self, status: int, count: int = 1, retry_after: float = 0) -> None:
         """Make the next `count` metadata value calls answer `status` (429 carries Retry-After)."""
@@ -136,6 +153,8 @@ def create_app(
     reject: dict[str, str] | None = None,
     rate_429: float = 0.0,
     rate_5xx: float = 0.0,
+    drop_rate: float = 0.0,
+    alter_rate: float = 0.0,
     seed: int = 1,
 ) -> Starlette:
     """The emulator app. `integration_key=None` accepts any non-empty key; `reject` maps ids to a
@@ -233,9 +252,16 @@ def create_app(
                     missing.append(rid)
                     continue
                 record = table[rid] = {"auto": {"id": rid}, "agent": {}, "custom": {}}
-            record[group].update(rec["values"])
-            record["auto"]["lastupdated"] = now
             updated += 1
+            if _fate(store.drop, rid) or drop_rate and rng.random() < drop_rate:
+                store.dropped += 1
+                continue
+            values = rec["values"]
+            if _fate(store.alter, rid) or alter_rate and rng.random() < alter_rate:
+                store.altered += 1
+                values = {name: _altered(v) for name, v in values.items()}
+            record[group].update(values)
+            record["auto"]["lastupdated"] = now
         store.records_received += len(records)
         store.largest_call = max(store.largest_call, len(records))
         failed = len(missing) + len(errors)
@@ -274,6 +300,21 @@ def create_app(
     async def sandbox_stats(request: Request) -> Response:
         return _json(store.stats(), option=orjson.OPT_NON_STR_KEYS)
 
+    async def sandbox_writes(request: Request) -> Response:
+        data = orjson.loads(await request.body())
+        for what, table in (("drop", store.drop), ("alter", store.alter)):
+            for rid in data.get(what, []):
+                table[str(rid)] = table.get(str(rid), 0) + 1
+        return _json({"drop": len(store.drop), "alter": len(store.alter)})
+
+    async def sandbox_edit(request: Request) -> Response:
+        data = orjson.loads(await request.body())
+        try:
+            store.edit(data["kind"], data.get("group", "custom"), str(data["id"]), data["values"])
+        except KeyError as exc:
+            return _text(f"Not Found: {exc}", 404)
+        return _json({"edited": data["id"]})
+
     async def sandbox_faults(request: Request) -> Response:
         data = orjson.loads(await request.body())
         store.inject(int(data["status"]), int(data.get("count", 1)), float(data.get("retry_after", 0)))
@@ -285,6 +326,8 @@ def create_app(
         Route("/api/v1/aggregation", aggregation, methods=["POST"]),
         Route("/_sandbox/pendo/stats", sandbox_stats, methods=["GET"]),
         Route("/_sandbox/pendo/faults", sandbox_faults, methods=["POST"]),
+        Route("/_sandbox/pendo/writes", sandbox_writes, methods=["POST"]),
+        Route("/_sandbox/pendo/edit", sandbox_edit, methods=["POST"]),
         Route("/_sandbox/pendo/records/{kind}", sandbox_records, methods=["GET"]),
     ])
     app.state.pendo = store
@@ -296,6 +339,26 @@ def describe(app: Any, url: str) -> dict[str, Any]:
     """Credentials for `floe sandbox` (Pendo is a sync target: it feeds no source)."""
     key = app.state.pendo_key
     return {"credentials": {"base_url": url, "integration_key": key or "(any non-empty key)"}, "sources": {}}
+
+
+def _fate(table: dict[str, int], record_id: str) -> bool:
+    """Take one from `table[record_id]` if any is left."""
+    left = table.get(record_id, 0)
+    if left <= 0:
+        return False
+    table[record_id] = left - 1
+    return True
+
+
+def _altered(value: Any) -> Any:
+    """Another value of the same type: text halved, numbers plus one, booleans flipped."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value + 1
+    if isinstance(value, str):
+        return value[: len(value) // 2]
+    return value
 
 
 def _field(kind: str | None, pascal: bool) -> dict[str, Any]:

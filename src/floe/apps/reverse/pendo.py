@@ -69,6 +69,40 @@ class PendoClient:
                            status=response.status_code, url=self.path)
         return parse_outcome(data, self.target.id_field)
 
+    async def read_values(self, fields: list[str], page_rows: int = 5_000,
+                          only: str | None = None) -> dict[str, dict[str, Any]]:
+        """`{id: {"lastupdated": ms, field: value, ...}}` of every record of the target kind (or of
+        the one id `only`), read back with the aggregation API: pages sorted by id, each after the
+        last id read (tap-pendo's pattern)."""
+        target = self.target
+        source = {"accounts" if target.kind == "account" else "visitors": None}
+        select = {"id": target.id_field, "lastupdated": "metadata.auto.lastupdated",
+                  **{f"v{i}": f"metadata.{target.group}.{name}" for i, name in enumerate(fields)}}
+        out: dict[str, dict[str, Any]] = {}
+        after: str | None = None
+        while True:
+            steps: list[dict[str, Any]] = [{"source": source}]
+            if only is not None:
+                steps.append({"filter": f"{target.id_field} == {orjson.dumps(only).decode()}"})
+            if after is not None:
+                steps.append({"filter": f"{target.id_field} > {orjson.dumps(after).decode()}"})
+            steps += [{"sort": [target.id_field]}, {"limit": page_rows}, {"select": select}]
+            body = {"response": {"mimeType": "application/json"}, "request": {"pipeline": steps}}
+            response = await self.http.request("POST", "/api/v1/aggregation", content=orjson.dumps(body))
+            try:
+                data = orjson.loads(response.content)
+            except orjson.JSONDecodeError:
+                raise PendoError("pendo: aggregation answered with a body that is not JSON") from None
+            rows = data.get("results") if isinstance(data, dict) else None
+            if not isinstance(rows, list):
+                raise PendoError("pendo: aggregation answered without a results list")
+            for row in rows:
+                out[str(row["id"])] = {"lastupdated": row.get("lastupdated"),
+                                       **{name: row.get(f"v{i}") for i, name in enumerate(fields)}}
+            if len(rows) < page_rows or only is not None:
+                return out
+            after = str(rows[-1]["id"])
+
     async def aclose(self) -> None:
         await self.http.aclose()
 
