@@ -10,6 +10,7 @@ import typer
 from floe import __version__
 from floe.commands.check import check_command
 from floe.commands.demo import demo_command
+from floe.commands.explain import explain_command
 from floe.commands.init import init_command
 from floe.commands.run import run_command
 from floe.commands.sandbox import sandbox_command
@@ -43,6 +44,7 @@ app.command("check")(check_command)
 app.add_typer(state_app, name="state")
 app.command("demo")(demo_command)
 app.command("sync")(sync_command)
+app.command("explain")(explain_command)
 app.command("tap")(tap_command)
 app.command("discover")(discover_command)
 app.command("target")(target_command)
