@@ -46,7 +46,12 @@ def test_explain_traces_a_pendo_value_to_its_sync_run_rows_load_and_source_posit
         "syncs": {"accounts": {
             "from": "warehouse", "table": "crm.accounts",
             "to": {"type": "pendo", "integration_key": KEY, "kind": "account", "base_url": pendo.url},
-            "key": {"account_id": "accountId"}, "fields": {"plan": "plan", "seats": "seats"}}}}))
+            "key": {"account_id": "accountId"}, "fields": {"plan": "plan", "seats": "seats"}},
+            "by_query": {  # an aggregating query names its rows' loads itself
+                "from": "warehouse", "query": "SELECT account_id, max(seats) AS seats, "
+                "string_agg(DISTINCT _floe_load_id, ',') AS _floe_load_id FROM crm.accounts GROUP BY account_id",
+                "to": {"type": "pendo", "integration_key": KEY, "kind": "account", "base_url": pendo.url},
+                "key": {"account_id": "accountId"}, "fields": {"seats": "seats"}}}}))
     runner = CliRunner()
     first = runner.invoke(cli_app, ["run", "-c", str(config)])  # loads, then syncs
     assert first.exit_code == 0, first.output
@@ -59,13 +64,13 @@ def test_explain_traces_a_pendo_value_to_its_sync_run_rows_load_and_source_posit
     loads = wh.rows("SELECT load_id, source FROM _floe_loads WHERE status = 'committed' ORDER BY finished_at")
     load_ids = [i for i, source in loads if source == "crm"]
     syncs = [i for i, source in loads if source == "_floe_sync"]
-    assert len(load_ids) == 2 and len(syncs) == 2
+    assert len(load_ids) == 2 and len(syncs) == 4
 
     changed = runner.invoke(cli_app, ["explain", "accounts", "acct-0007", "-c", str(config), "--json"])
     assert changed.exit_code == 0, changed.output
     found = json.loads(changed.output)
     assert found["pendo"]["plan"] == "pro" and found["sent"] == {"plan": "pro", "seats": 7}
-    assert found["sync_run"]["load_id"] == syncs[1] and found["sync_run"]["status"] == "committed"
+    assert found["sync_run"]["load_id"] == syncs[2] and found["sync_run"]["status"] == "committed"
     assert found["sent_load_ids"] == [load_ids[1]]
     assert [r["plan"] for r in found["rows"]] == ["pro"] and found["rows"][0]["_floe_load_id"] == load_ids[1]
     (link,) = found["loads"]
@@ -78,6 +83,11 @@ def test_explain_traces_a_pendo_value_to_its_sync_run_rows_load_and_source_posit
     assert f"sent by sync run {syncs[0]}" in text and f"load {load_ids[0]} (the rows floe sent): crm.accounts into warehouse" in text
     assert f"load {load_ids[1]} (the rows now): crm.accounts" in text  # re-read at bookmark 100, same values
     assert "read from: (the start)" in text and "  = sent" in text and "DIFFERS" not in text
+
+    aggregated = json.loads(runner.invoke(cli_app, ["explain", "by_query", "acct-0003", "-c", str(config),
+                                                    "--json"]).output)
+    assert aggregated["sent"] == {"seats": 3} and aggregated["sent_load_ids"] == [load_ids[0]]
+    assert [link["load"]["source"] for link in aggregated["loads"]] == ["crm", "crm"]
 
     store_of(pendo).edit("account", "custom", "acct-0003", {"seats": 99})
     edited = runner.invoke(cli_app, ["explain", "accounts", "acct-0003", "-c", str(config)])
