@@ -95,6 +95,9 @@ class BigQueryEmulator:
                 table.set("catalog", None)
         if isinstance(statement, exp.Create):
             statement.set("properties", None)
+        for data_type in statement.find_all(exp.DataType):  # BigQuery's NUMERIC is NUMERIC(38, 9), DuckDB's (18, 3)
+            if data_type.this == exp.DataType.Type.DECIMAL and not data_type.expressions:
+                data_type.set("expressions", [exp.DataTypeParam(this=exp.Literal.number(n)) for n in (38, 9)])
         if isinstance(statement, exp.Alter) and len(statement.args.get("actions") or []) > 1:
             out = []
             for action in statement.args["actions"]:

@@ -13,6 +13,7 @@ import time
 import zipfile
 from collections.abc import Callable
 from datetime import UTC, date, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import pytest
 from typer.testing import CliRunner
 
 from floe.cli import app as cli_app
+from floe.sandbox import sailthru as emulator
 from floe.sources.sailthru.files import parse_name
 from tests.fixtures.core import read_staged, staged_files
 from tests.fixtures.sailthru import SALT, TABLES, Project
@@ -671,3 +673,19 @@ def test_client_id_keeps_that_clients_files_and_unprefixed_ones(tmp_path: Path) 
     assert [f.name for f in discover(tmp_path, "4484")] == [
         "4484_blast.json", "4484_blast.20160401.json", "blast.20160402.json"]  # one-time export first
     assert len(discover(tmp_path)) == 4
+
+
+def test_message_revenue_is_an_exact_decimal_summing_to_the_exported_amounts(sailthru_project: Factory) -> None:
+    project = sailthru_project(days=2, profiles=60)
+    result = project.cli("run")
+    assert result.exit_code == 0, result.output
+    exported: dict[tuple[Any, ...], Decimal] = {}
+    for path in sorted(project.export.glob("message_blast*.json"), key=lambda p: (p.name.split(".")[1], p.name)):
+        for doc in map(orjson.loads, path.read_bytes().splitlines()):
+            if doc.get("message_revenue") is not None:  # numbers and numeric strings; a later file wins
+                exported[(doc["profile_id"], doc["blast_id"])] = Decimal(str(doc["message_revenue"]))
+    assert {type(v) for v in emulator.REVENUES} == {float, int, str} and len(exported) > 5
+    assert project.query("SELECT data_type FROM information_schema.columns WHERE table_schema = 'sailthru' "
+                         "AND table_name = 'message_blast' AND column_name = 'message_revenue'") == [("DECIMAL(18,6)",)]
+    per_message = "SELECT DISTINCT profile_id, blast_id, message_revenue FROM sailthru.message_blast"
+    assert project.query(f"SELECT sum(message_revenue) FROM ({per_message})") == [(sum(exported.values()),)]

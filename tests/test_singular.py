@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import httpx
 import psycopg
+import pyarrow as pa
 import pytest
 
 from floe.config import parse_config
@@ -49,7 +51,9 @@ def source(server: Any, **extra: Any) -> dict[str, Any]:
 def stored(metric: str, sent: Any) -> Any:
     """A value as the warehouse should hold it, from the value as the emulator sent it."""
     value = None if sent is emu.MISSING else number(sent)
-    return None if value is None else round(value) if metric_type(metric) == metric_type("x_installs") else value
+    if value is None or metric_type(metric) == pa.float64():
+        return value
+    return round(value) if metric_type(metric) == pa.int64() else Decimal(repr(value)).quantize(Decimal("0.000001"))
 
 
 def expected(sandbox: emu.SingularSandbox, version: int, lookback: int = LOOKBACK) -> set[tuple[Any, ...]]:
@@ -110,7 +114,7 @@ def test_every_cohort_period_is_a_numeric_column_of_the_table_and_the_latest_vie
     assert all(r.ok for r in project.run())
     for table in ("campaign_stats", "campaign_stats_latest"):
         types = column_types(project, table)
-        assert {types[f"revenue_{p}"] for p in DEFAULT_COHORT_PERIODS} == {"DOUBLE"}, table
+        assert {types[f"revenue_{p}"] for p in DEFAULT_COHORT_PERIODS} == {"DECIMAL(18,6)"}, table
         assert {types[f"retained_users_{p}"] for p in DEFAULT_COHORT_PERIODS} == {"BIGINT"}, table
         assert "revenue" not in types
     by_age = {(TODAY - day).days: counts for day, *counts in project.query(
@@ -209,8 +213,8 @@ def test_numbers_sent_as_strings_empty_and_na_are_handled(emulator: Any, api_pro
     project = api_project(ads=source(server, metrics=[*DEFAULT_METRICS, "ctr", "ecpi"], lookback_days=3))
     assert all(r.ok for r in project.run())
     types = column_types(project)
-    assert types["adn_impressions"] == "BIGINT" and types["adn_cost"] == "DOUBLE" and types["ctr"] == "DOUBLE"
-    assert types["adn_clicks"] == "BIGINT" and types["revenue_actual"] == "DOUBLE"
+    assert types["adn_impressions"] == "BIGINT" and types["adn_cost"] == "DECIMAL(18,6)" and types["ctr"] == "DOUBLE"
+    assert types["adn_clicks"] == "BIGINT" and types["revenue_actual"] == "DECIMAL(18,6)" and types["ecpi"] == "DOUBLE"
     assert "data_connector_id" not in types  # fields not asked for are not columns
     assert project.query("SELECT count(*) FROM ads.campaign_stats WHERE country_field = 'N/A'")[0][0] > 0
     nulls = project.query("SELECT count(*) FILTER (WHERE adn_clicks IS NULL), count(*) FILTER (WHERE ctr IS NULL), "
@@ -290,13 +294,14 @@ def test_cohort_values_nested_flat_or_missing() -> None:
     stream = report_stream(dimensions=["app"], metrics=["adn_cost"], discrepancy_metrics=[],
                            cohort_periods=["7d", "30d", "actual"])
     columns = stream.to_batch(date(2026, 1, 1), rows).to_pydict()
-    assert columns["revenue_actual"] == [88.5, 12.0, None] and columns["revenue_7d"] == [40.1, None, None]
+    assert columns["revenue_actual"] == [Decimal("88.5"), Decimal(12), None]
+    assert columns["revenue_7d"] == [Decimal("40.1"), None, None]
     assert columns["revenue_30d"] == [None, None, None] and columns["adn_cost"] == [None, None, None]
     flat = [{"start_date": "2026-01-01", "app": "A", "revenue": "7.5"}]
     with pytest.raises(SourceError, match=r"report 42: revenue came as one value \('7.5'\), not keyed by period"):
         stream.to_batch(date(2026, 1, 1), flat, "report 42")
     one_period = report_stream(dimensions=["app"], cohort_periods=["actual"])
-    assert one_period.to_batch(date(2026, 1, 1), flat).column("revenue_actual").to_pylist() == [7.5]
+    assert one_period.to_batch(date(2026, 1, 1), flat).column("revenue_actual").to_pylist() == [Decimal("7.5")]
 
 
 def test_failed_reports_are_created_again(emulator: Any, api_project: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -58,7 +59,8 @@ def ts(value: str | None) -> datetime | None:
 def served_row(record: dict[str, Any], stream: str) -> tuple[Any, ...]:
     """The compared columns of a record as served (a field the record lacks: None)."""
     return tuple(ts(record.get(c)) if c in DATES else int(record[c]) if c in COUNTS and record.get(c)
-                 else record.get(c) for c in COMPARED[stream])
+                 else Decimal(record[c]) if c == "price" and record.get(c) else record.get(c)
+                 for c in COMPARED[stream])
 
 
 def truth(sandbox: emu.TwilioSandbox, stream: str, account: int = 0) -> set[tuple[Any, ...]]:
@@ -117,7 +119,7 @@ def test_first_run_loads_exactly_what_the_emulator_serves(emulator: Any, api_pro
         (first["phone_number"], first["capabilities"]["mms"], first["voice_caller_id_lookup"], first["beta"], "")]
 
     # pricing: every page of countries (57 countries > the default page of 50), one row per country x number type
-    expected_prices = {(iso, p["number_type"], p["base_price"], p["current_price"])
+    expected_prices = {(iso, p["number_type"], Decimal(p["base_price"]), Decimal(p["current_price"]))
                        for iso, _ in emu.COUNTRIES for p in emu.country_prices(sandbox.seed, iso)}
     assert set(project.query("SELECT iso_country, number_type, base_price, current_price "
                              "FROM tw.pricing_phone_numbers")) == expected_prices

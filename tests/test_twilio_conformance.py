@@ -116,16 +116,17 @@ def test_the_full_example_pages_load_with_their_types(emulator: Any, api_project
     # Calls: page 2 of the example repeats page 1's two calls; they land once (merge on sid).
     calls = column_types(project, "calls")
     assert {calls[c] for c in ("date_created", "date_updated", "start_time", "end_time")} == {"TIMESTAMP WITH TIME ZONE"}
-    assert (calls["duration"], calls["queue_time"], calls["price"]) == ("BIGINT", "BIGINT", "VARCHAR")
+    assert (calls["duration"], calls["queue_time"], calls["price"]) == ("BIGINT", "BIGINT", "DECIMAL(18,6)")
     assert project.query(
-        "SELECT sid, status, start_time, end_time, duration, queue_time, price, CAST(price AS DECIMAL(10, 5)), "
+        "SELECT sid, status, start_time, end_time, duration, queue_time, price, "
         "price_unit, to_formatted FROM tw.calls ORDER BY sid"
     ) == [
         ("CAaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa0", "completed", utc(2019, 10, 18, 16, 2), utc(2019, 10, 18, 16, 3), 3, 1000,
-         "-0.100", Decimal("-0.1"), "JPY", "(305) 191-3580"),
+         Decimal("-0.1"), "JPY", "(305) 191-3580"),
         ("CAaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "completed", utc(2019, 10, 18, 17, 2), utc(2019, 10, 18, 17, 3), 4, 1000,
-         "-0.200", Decimal("-0.2"), "USD", "(305) 191-3581"),
+         Decimal("-0.2"), "USD", "(305) 191-3581"),
     ]
+    assert project.query("SELECT sum(price) FROM tw.calls") == [(Decimal("-0.3"),)]
     assert not {"uri", "subresource_uris"} & set(calls)  # they follow from account_sid and sid (test below)
 
     messages = column_types(project, "messages")
@@ -134,16 +135,18 @@ def test_the_full_example_pages_load_with_their_types(emulator: Any, api_project
     assert project.query("SELECT sid, status, date_sent, error_code, error_message, num_media, num_segments, price, "
                          "body_length FROM tw.messages ORDER BY sid") == [
         ("MMc26223853f8c46b4ab7dfaa6abba0a26", "received", utc(2019, 5, 24, 17, 44, 49), 30004, "Message blocked", 3,
-         1, "-0.00750", 22),
-        ("SMded05904ccb347238880ca9264e8fe1c", "sent", utc(2019, 5, 24, 17, 44, 50), None, None, 0, 1, "-0.00750", 7),
+         1, Decimal("-0.0075"), 22),
+        ("SMded05904ccb347238880ca9264e8fe1c", "sent", utc(2019, 5, 24, 17, 44, 50), None, None, 0, 1,
+         Decimal("-0.0075"), 7),
     ]
+    assert project.query("SELECT sum(price) FROM tw.messages") == [(Decimal("-0.015"),)]
 
     recordings = column_types(project, "recordings")
     assert (recordings["channels"], recordings["duration"], recordings["encryption_details"]) == (
         "BIGINT", "BIGINT", "JSON")
     assert project.query("SELECT sid, status, date_created, duration, channels, price, "
                          "json_extract_string(encryption_details, '$.encryption_public_key_sid') FROM tw.recordings") == [
-        ("REaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "completed", utc(2016, 10, 14, 21, 56, 34), 4, 1, "0.04",
+        ("REaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "completed", utc(2016, 10, 14, 21, 56, 34), 4, 1, Decimal("0.04"),
          "CRaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa")]
 
     numbers = column_types(project, "incoming_phone_numbers")
@@ -153,11 +156,11 @@ def test_the_full_example_pages_load_with_their_types(emulator: Any, api_project
                          "emergency_address_status, type FROM tw.incoming_phone_numbers") == [
         ("PNaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "+18089255327", None, True, False, "", None, "registered", "local")]
 
-    # Pricing: the countries list's `meta` envelope (absolute URLs, next_page_url null), prices as strings.
+    # Pricing: the countries list's `meta` envelope (absolute URLs, next_page_url null), prices sent as strings.
     assert project.query("SELECT country, iso_country, price_unit, number_type, base_price, current_price "
                          "FROM tw.pricing_phone_numbers ORDER BY number_type") == [
-        ("United States", "US", "USD", "local", "1.00", "1.00"),
-        ("United States", "US", "USD", "toll free", "2.00", "2.00")]
+        ("United States", "US", "USD", "local", Decimal("1.00"), Decimal("1.00")),
+        ("United States", "US", "USD", "toll free", Decimal("2.00"), Decimal("2.00"))]
 
 
 def test_uri_and_subresource_uris_of_the_examples_follow_from_account_and_sid() -> None:

@@ -22,6 +22,9 @@ from floe.core.settings import SchemaChanges, SourceConfig
 
 Disposition = Literal["append", "merge", "replace"]
 State = dict[str, Any]
+# Amounts of money (prices, costs, revenue): an exact decimal with six places (a millionth of the
+# currency unit) and twelve integer digits; DECIMAL(18,6) / NUMERIC(18,6) in every warehouse.
+MONEY = pa.decimal128(18, 6)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,10 @@ LISTS = ["Daily Newsletter", "Weekly Digest", "Breaking News", "Deals", "Sports"
 TEMPLATES = ["NY BX Welcome", "Password Reset", "Order Confirmation", "Subscription Renewal"]
 
 
+# Attributed revenue as some lines carry it (null in the reference sample): JSON numbers and numeric strings.
+REVENUES: tuple[float | int | str, ...] = (12.5, "3.10", 0.1, 19.99, 0, 1234.567, "0.07")
+
+
 @dataclass
 class ExportSpec:
     """What to generate. Sizes are per export; `days` daily exports starting at `start`."""
@@ -131,6 +135,7 @@ class Generator:
         self.messages: list[tuple[date, Message]] = []  # (send day, message) for updates
         self.profile_state: dict[int, dict[str, Any]] = {}
         self.odd = random.Random(spec.seed + 7919)  # its own draws: the rest stays as without unknown keys
+        self.revenue = random.Random(spec.seed + 104729)  # the same, for message_revenue
 
     def unknown(self, doc: dict[str, Any], keys: dict[str, Any], share: float = 0.15) -> dict[str, Any]:
         """`doc` with `keys` spliced in after its first key, for a `share` of lines."""
@@ -176,6 +181,8 @@ class Generator:
                     actions = make_actions(self.rng, at, n, 1.0 if heavy else s.open_rate, 1.0 if heavy else s.click_rate)
                     if s.unknown_keys and self.odd.random() < 0.3:
                         doc["id"] = _hex24(self.odd)
+                    if self.revenue.random() < 0.2:  # a number or a string, as exporters vary
+                        doc["message_revenue"] = self.revenue.choice(REVENUES)
                     todays.append(Message(self.unknown(doc, self.odd_message_keys()), actions, n,
                                           open_device=self.odd.random() < 0.1 and s.unknown_keys))
             yield self.file_name("message_blast", file_day), [

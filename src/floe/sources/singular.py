@@ -36,7 +36,7 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_va
 
 from floe.core.errors import SourceError
 from floe.core.settings import SourceConfig
-from floe.core.stream import Batch, Context, State, Stream
+from floe.core.stream import MONEY, Batch, Context, State, Stream
 from floe.infra.http import ApiSource, HttpClient
 
 DEFAULT_DIMENSIONS = ["app", "source", "os", "country_field", "adn_campaign_name"]
@@ -59,6 +59,7 @@ HOME = {**dict.fromkeys(PLAIN_METRICS, "metrics"), **dict.fromkeys(DISCREPANCY_M
         **dict.fromkeys(COHORT_METRICS, "cohort_metrics")}
 
 COUNT_WORDS = ("impressions", "clicks", "installs", "reengagements", "retained_users")
+MONEY_WORDS = ("cost", "revenue")  # amounts of money (ratios such as ecpi, roi, arpu stay double)
 IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
 PERIOD = r"^[A-Za-z0-9_]+$"
 FIXED_COLUMNS = ("channel_name", "when_retrieved", "reporting_date")
@@ -149,7 +150,10 @@ class SingularConfig(SourceConfig):
 
 
 def metric_type(name: str) -> pa.DataType:
-    return pa.int64() if any(word in name for word in COUNT_WORDS) else pa.float64()
+    """int64 for counts, MONEY (an exact decimal) for amounts, float64 for the other measures."""
+    if any(word in name for word in COUNT_WORDS):
+        return pa.int64()
+    return MONEY if any(word in name for word in MONEY_WORDS) else pa.float64()
 
 
 def number(value: Any) -> float | None:
@@ -342,19 +346,21 @@ def _text(values: list[Any]) -> pa.Array:
 
 
 def _numbers(values: list[Any], metric: str, where: str) -> pa.Array:
-    """One metric's values -> float64 (int64, rounded, for counts); numbers sent as text are parsed."""
+    """One metric's values -> float64 (int64, rounded, for counts; MONEY, rounded to its six decimal
+    places, for amounts); numbers sent as text are parsed."""
     try:  # JSON numbers pass straight through; only the odd ones pay for a call
         array = pa.array([v if (kind := v.__class__) is float or kind is int or v is None else number(v)
                           for v in values], pa.float64())
     except TypeError as exc:
         raise SourceError(f"{where}: {metric} is {exc}; is it in the right list "
                           f"(metrics, discrepancy_metrics, cohort_metrics)?") from None
-    if metric_type(metric) != pa.int64():
+    kind = metric_type(metric)
+    if kind == pa.float64():
         return array
     try:
-        return pc.round(array).cast(pa.int64())
+        return pc.round(array).cast(pa.int64()) if kind == pa.int64() else array.cast(MONEY)
     except pa.ArrowInvalid:
-        raise SourceError(f"{where}: {metric} has a value too large for a 64-bit integer") from None
+        raise SourceError(f"{where}: {metric} has a value too large for {kind}") from None
 
 
 def _json(body: bytes, source: str) -> Any:

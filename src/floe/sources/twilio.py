@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 from pydantic import Field, SecretStr, field_validator
 
 from floe.core.settings import SourceConfig
-from floe.core.stream import Batch, Context, State, Stream
+from floe.core.stream import MONEY, Batch, Context, State, Stream
 from floe.infra.http import ApiSource, HttpClient, PageGuard
 from floe.sources.twilio_records import (
     CALLS,
@@ -47,6 +47,7 @@ from floe.sources.twilio_records import (
     Spec,
     combine,
     meta_fields,
+    to_money,
 )
 
 STREAMS = ("calls", "messages", "recordings", "incoming_phone_numbers", "pricing_phone_numbers")
@@ -402,8 +403,8 @@ class IncomingPhoneNumbers(Stream):
 
 
 PRICING_SCHEMA = pa.schema([*meta_fields(), pa.field("country", S), pa.field("iso_country", S),
-                            pa.field("price_unit", S), pa.field("number_type", S), pa.field("base_price", S),
-                            pa.field("current_price", S)])
+                            pa.field("price_unit", S), pa.field("number_type", S), pa.field("base_price", MONEY),
+                            pa.field("current_price", MONEY)])
 
 
 class PricingPhoneNumbers(Stream):
@@ -442,7 +443,11 @@ class PricingPhoneNumbers(Stream):
              "current_price": _text(p.get("current_price"))}
             for d in details for p in d.get("phone_number_prices") or []
         ]
-        yield Batch(pa.RecordBatch.from_pylist(rows, schema=PRICING_SCHEMA))
+        text = pa.RecordBatch.from_pylist(rows, schema=pa.schema([f.with_type(S) if f.type == MONEY else f
+                                                                  for f in PRICING_SCHEMA]))
+        yield Batch(pa.RecordBatch.from_arrays(
+            [to_money(c, f.name) if f.type == MONEY else c for c, f in zip(text.columns, PRICING_SCHEMA, strict=True)],
+            schema=PRICING_SCHEMA))
         yield Batch(None, {"retrieved_at": self.source.when_retrieved.isoformat(), "countries": len(isos)})
 
 

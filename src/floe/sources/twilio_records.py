@@ -27,16 +27,18 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 
 from floe.core.errors import SourceError
+from floe.core.stream import MONEY
 
 log = logging.getLogger("floe.sources.twilio")
 
 RFC2822 = "%a, %d %b %Y %H:%M:%S %z"
 TS = pa.timestamp("us", tz="UTC")
-S, I64, B = pa.string(), pa.int64(), pa.bool_()
+S, I64, B, M = pa.string(), pa.int64(), pa.bool_(), MONEY
 
 
 # --- column specs: (name, raw JSON type, output type): every field of the spec's examples but NOT_LOADED ---
 # raw type "ts" = an RFC 2822 string parsed to a UTC timestamp; "int" = a numeric string cast to int64;
+# "money" = a decimal string ("-0.00750") cast to an exact decimal (MONEY);
 # "obj" = an object, kept nested (a struct of the keys the spec's examples show; warehouses store JSON).
 Spec = list[tuple[str, str, pa.DataType]]
 
@@ -54,21 +56,21 @@ CALLS: Spec = [
     ("sid", "str", S), ("account_sid", "str", S), ("api_version", "str", S), ("date_created", "ts", TS),
     ("date_updated", "ts", TS), ("parent_call_sid", "str", S), ("to", "str", S), ("from", "str", S),
     ("phone_number_sid", "str", S), ("status", "str", S), ("start_time", "ts", TS), ("end_time", "ts", TS),
-    ("duration", "int", I64), ("price", "str", S), ("price_unit", "str", S), ("direction", "str", S),
+    ("duration", "int", I64), ("price", "money", M), ("price_unit", "str", S), ("direction", "str", S),
     ("answered_by", "str", S), ("forwarded_from", "str", S), ("caller_name", "str", S), ("group_sid", "str", S),
     ("queue_time", "int", I64), ("trunk_sid", "str", S), ("to_formatted", "str", S), ("from_formatted", "str", S),
 ]
 MESSAGES: Spec = [
     ("sid", "str", S), ("account_sid", "str", S), ("api_version", "str", S), ("date_created", "ts", TS),
     ("date_updated", "ts", TS), ("date_sent", "ts", TS), ("to", "str", S), ("from", "str", S), ("body", "str", S),
-    ("status", "str", S), ("price", "str", S), ("price_unit", "str", S), ("num_media", "int", I64),
+    ("status", "str", S), ("price", "money", M), ("price_unit", "str", S), ("num_media", "int", I64),
     ("num_segments", "int", I64), ("direction", "str", S), ("error_code", "i64", I64), ("error_message", "str", S),
     ("messaging_service_sid", "str", S),
 ]
 RECORDINGS: Spec = [
     ("sid", "str", S), ("account_sid", "str", S), ("api_version", "str", S), ("date_created", "ts", TS),
     ("date_updated", "ts", TS), ("call_sid", "str", S), ("conference_sid", "str", S), ("start_time", "ts", TS),
-    ("duration", "int", I64), ("price", "str", S), ("price_unit", "str", S), ("status", "str", S),
+    ("duration", "int", I64), ("price", "money", M), ("price_unit", "str", S), ("status", "str", S),
     ("channels", "i64", I64), ("source", "str", S), ("error_code", "i64", I64), ("media_url", "str", S),
     ("encryption_details", "obj", strings("encryption_public_key_sid", "encryption_cek", "encryption_iv")),
 ]
@@ -84,7 +86,7 @@ NUMBERS: Spec = [
     ("voice_caller_id_lookup", "bool", B), ("capabilities", "caps", B),
 ]
 CAPABILITIES = ("voice", "sms", "mms", "fax")
-_RAW = {"str": S, "ts": S, "int": S, "i64": I64, "bool": B,
+_RAW = {"str": S, "ts": S, "int": S, "money": S, "i64": I64, "bool": B,
         "caps": pa.struct([(c, B) for c in CAPABILITIES])}
 
 
@@ -240,6 +242,8 @@ class PageParser:
                 columns.append(parse_rfc2822(col, name))
             elif kind == "int":
                 columns.append(_to_int(col, name))
+            elif kind == "money":
+                columns.append(to_money(col, name))
             elif kind == "caps":
                 columns += [col.field(c) for c in CAPABILITIES]
             elif name == "body":
@@ -321,7 +325,7 @@ def _lenient(value: Any, raw: str) -> Any:
     """Slow path for a value that does not have its documented JSON type (e.g. a number sent as a number)."""
     if value is None:
         return None
-    if raw in ("str", "ts", "int"):
+    if raw in ("str", "ts", "int", "money"):
         return orjson.dumps(value).decode() if isinstance(value, dict | list) else str(value)
     if raw == "i64":
         text = str(value).strip()
@@ -344,6 +348,23 @@ def _to_int(col: pa.Array, name: str) -> pa.Array:
         except pa.ArrowInvalid as exc:
             raise SourceError(f"Twilio field {name}: not a number ({exc})") from None
 
+
+def to_money(col: pa.Array, name: str) -> pa.Array:
+    """Decimal strings ("-0.00750", "", null) -> MONEY, exactly; "" becomes null. A value MONEY cannot
+    hold exactly (more than six decimal places, or not a number) is an error naming it."""
+    cleaned = pc.utf8_trim_whitespace(col)
+    cleaned = pc.if_else(pc.equal(cleaned, ""), pa.scalar(None, S), cleaned)
+    try:
+        return pc.cast(cleaned, MONEY)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        for value in cleaned.to_pylist():  # the error path only: find the value to name
+            try:
+                pc.cast(pa.array([value], S), MONEY)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                raise SourceError(f"Twilio field {name}: {value!r} is not an amount floe can keep exactly "
+                                  f"(at most {MONEY.precision - MONEY.scale} integer digits and "
+                                  f"{MONEY.scale} decimal places)") from None
+        raise
 
 
 def combine(batches: list[pa.RecordBatch]) -> pa.RecordBatch:

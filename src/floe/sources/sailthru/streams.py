@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import pyarrow as pa
 
+from floe.core.stream import MONEY
 from floe.sources.sailthru.files import ExportFile, count_records
 from floe.sources.sailthru.messages import TS, MessageReader, message_schema
 from floe.sources.sailthru.rows import SailthruStream, read_records, schema_of, typed_batch, unread
@@ -36,7 +37,7 @@ class MessageBlastStream(MessageStream):
     base_fields: ClassVar[list[pa.Field]] = [
         pa.field("profile_id", pa.string()), pa.field("send_time", pa.timestamp("ms")),
         pa.field("blast_id", pa.int64()), pa.field("message_id", pa.int64()), pa.field("device", pa.string()),
-        pa.field("message_revenue", pa.float64()), pa.field("delivery_status", pa.string()),
+        pa.field("message_revenue", MONEY), pa.field("delivery_status", pa.string()),
         pa.field("id", pa.string()),  # absent from the reference sample; Sailthru's own id when present
     ]
     primary_key = ("profile_id", "blast_id", "action_name", "action_ts", "action_url")
@@ -50,7 +51,7 @@ class MessageTransactionalStream(MessageStream):
     base_fields: ClassVar[list[pa.Field]] = [
         pa.field("id", pa.string()), pa.field("profile_id", pa.string()), pa.field("template", pa.string()),
         pa.field("send_time", pa.timestamp("ms")), pa.field("device", pa.string()),
-        pa.field("message_revenue", pa.float64()), pa.field("delivery_status", pa.string()),
+        pa.field("message_revenue", MONEY), pa.field("delivery_status", pa.string()),
     ]
     primary_key = ("id", "action_name", "action_ts", "action_url")
     parent_key = ("id",)
