@@ -33,10 +33,11 @@ def _catalog_of(source_name: str, floe_config: Path | None, settings: Path | Non
 
     from floe.apps.singer.catalog import build_catalog
     from floe.apps.singer.setup import make_source_for
+    from floe.engine.runner import select_streams
 
     source = make_source_for(source_name, floe_config, settings)
     try:
-        return build_catalog(source.streams())
+        return build_catalog(select_streams(source, None))  # with the column names `naming:` gives
     finally:
         asyncio.run(source.aclose())
 

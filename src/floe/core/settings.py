@@ -15,6 +15,7 @@ class Model(BaseModel):
 
 
 SchemaChanges = Literal["evolve", "freeze"]
+Naming = Literal["as_is", "snake_case"]  # a source's column names (engine/naming.py)
 T = TypeVar("T")
 
 
@@ -43,6 +44,10 @@ class SourceConfig(Model):
     widen_to_text: bool | dict[str, bool] = Field(
         default=False, description="With `evolve`: a column may become text to hold values of another type "
         "(else they go to a variant column); one value, or a mapping of stream names (`*`: the others).",
+    )
+    naming: Naming = Field(
+        default="as_is", description="Column names: `as_is` (as the service sends them, e.g. `EventStart`) or "
+        "`snake_case` (`event_start`); see docs/types.md.",
     )
 
     def schema_policy(self, stream: str) -> tuple[SchemaChanges, bool]:

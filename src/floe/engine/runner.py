@@ -17,6 +17,7 @@ from floe.core.destination import Destination
 from floe.core.errors import ConfigError
 from floe.core.stream import Context, RunOptions, Source, Stream
 from floe.engine.factory import context_for, make_destination, make_source
+from floe.engine.naming import named
 from floe.engine.pipeline import StreamResult, run_stream_into
 from floe.engine.progress import Progress
 
@@ -27,6 +28,7 @@ def select_streams(source: Source, names: Iterable[str] | None) -> list[Stream]:
     streams = source.streams()
     for stream in streams:
         stream.schema_changes, stream.widen_to_text = source.config.schema_policy(stream.name)
+    streams = [named(stream, source.name, source.config.naming) for stream in streams]
     if not names:
         return streams
     wanted = list(names)
