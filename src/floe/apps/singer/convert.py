@@ -132,7 +132,7 @@ class Converter:
     def _convert(values: list[Any], c: Column) -> pa.Array | None:
         """The Arrow array of `values`, or None / an exception if some value does not fit."""
         kind = c.kind
-        target = ARROW_TYPES.get(kind, pa.string())
+        target = c.arrow_type if kind in ARROW_TYPES else pa.string()
         if kind in ("integer", "number"):
             array = pa.array(values)
             t = array.type
@@ -142,7 +142,7 @@ class Converter:
                 return array.cast(target)
             if pa.types.is_floating(t):
                 if kind == "number":
-                    return array
+                    return array.cast(target)  # a decimal: to its places (floats print as written)
                 if pc.all(pc.equal(array, pc.floor(array))).as_py() is not False:
                     return array.cast(target, safe=False)
                 return None

@@ -37,7 +37,7 @@ def arrow_type_to_json_schema(t: pa.DataType) -> dict[str, Any]:
         return {"type": "boolean"}
     if pa.types.is_integer(t):
         return {"type": "integer"}
-    if pa.types.is_floating(t) or pa.types.is_decimal(t):
+    if pa.types.is_floating(t) or pa.types.is_decimal(t):  # a decimal's digits: the SCHEMA extension
         return {"type": "number"}
     if pa.types.is_timestamp(t):
         return {"type": "string", "format": "date-time"}
@@ -85,11 +85,33 @@ class Column:
     nullable: bool
     required: bool
     allowed: frozenset[str]  # JSON types a value may have ("integer", "object", ...), empty = any
+    scale: int | None = None  # a number with `multipleOf` 10^-scale: an exact decimal of that many places
+    precision: int = 38  # its digits (JSON Schema does not say them; floe's SCHEMA extension does)
 
     def arrow_field(self) -> pa.Field:
         if self.kind == "json":
             return json_field(self.name)
-        return pa.field(self.name, ARROW_TYPES[self.kind])
+        return pa.field(self.name, self.arrow_type)
+
+    @property
+    def arrow_type(self) -> pa.DataType:
+        if self.kind == "number" and self.scale is not None:
+            return pa.decimal128(self.precision, self.scale)
+        return ARROW_TYPES[self.kind]
+
+
+MAX_SCALE = 9  # the places BigQuery's NUMERIC keeps; a finer multipleOf stays a double
+
+
+def decimal_scale(node: dict[str, Any]) -> int | None:
+    """The places of a number schema whose `multipleOf` is 1, 0.1, 0.01, ... (None: any other)."""
+    step = node.get("multipleOf")
+    if isinstance(step, bool) or not isinstance(step, int | float) or step <= 0 or step > 1:
+        return None
+    for scale in range(MAX_SCALE + 1):
+        if abs(step - 10.0 ** -scale) <= 1e-12 * 10.0 ** -scale:
+            return scale
+    return None
 
 
 ARROW_TYPES: dict[str, pa.DataType] = {
@@ -199,7 +221,9 @@ def json_schema_columns(schema: Any, stream: str) -> list[Column]:
         allowed = frozenset(types - {"null"})
         if "number" in allowed:
             allowed = allowed | {"integer"}
-        columns.append(Column(str(name), _kind(types, fmt), nullable, name in required, allowed))
+        kind = _kind(types, fmt)
+        scale = decimal_scale(resolver.resolve(node)) if kind == "number" and isinstance(node, dict) else None
+        columns.append(Column(str(name), kind, nullable, name in required, allowed, scale))
     return columns
 
 

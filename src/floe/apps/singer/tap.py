@@ -132,7 +132,9 @@ class SingerTap:
     def _schema(self, stream: Stream, fields: dict[str, pa.Field]) -> None:
         schema = arrow_to_json_schema(pa.schema(list(fields.values())))
         bookmark = [stream.cursor_field] if stream.cursor_field else None
-        self.out.write(messages.schema_message(stream.name, schema, list(stream.primary_key), bookmark))
+        decimals = {f.name: (f.type.precision, f.type.scale) for f in fields.values() if pa.types.is_decimal(f.type)}
+        extension = messages.Extension(stream.parent_key, stream.parent_markers, decimals)
+        self.out.write(messages.schema_message(stream.name, schema, list(stream.primary_key), bookmark, extension))
 
     @staticmethod
     def _widen(emitted: dict[str, pa.Field], schema: pa.Schema) -> bool:

@@ -31,6 +31,7 @@ properties the target then drops those records instead of appending them twice.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -45,7 +46,8 @@ import pyarrow as pa
 
 from floe.apps.singer.batch import batch_rows
 from floe.apps.singer.convert import Converter
-from floe.apps.singer.messages import message_type
+from floe.apps.singer.messages import message_type, read_extension
+from floe.apps.singer.replay import Replay
 from floe.apps.singer.schema import Column, json_schema_columns
 from floe.core.destination import Destination, LoadJob
 from floe.core.errors import FloeError, SourceError
@@ -64,45 +66,16 @@ CHUNK_ROWS = 50_000  # records converted to Arrow and staged at a time
 class SingerStream(Stream):
     """A Singer stream as a floe Stream: its shape only; its rows come from the message reader."""
 
-    def __init__(self, name: str, schema: pa.Schema, key: tuple[str, ...]) -> None:
+    def __init__(self, name: str, schema: pa.Schema, key: tuple[str, ...], parent: tuple[str, ...] = (),
+                 markers: bool = True) -> None:
         self.name = name
         self.schema = schema
         self.primary_key = key
+        self.parent_key, self.parent_markers = parent, markers  # floe's SCHEMA extension (messages.py)
         self.disposition: Disposition = "merge" if key else "append"
 
     async def read(self, state: State | None) -> Iterator[Batch]:  # type: ignore[override]
         raise NotImplementedError("Singer streams are fed by the target's message reader")
-
-
-@dataclass
-class Replay:
-    """Where the records an append table already holds may start again in this input.
-
-    The table's last commit covered the input up to its STATE `state` plus `skip` records after
-    it; `state` was the n-th STATE message, and `records` the number of the table's records, since
-    the last STATE line written before that commit. An orchestrator that lost that commit's STATE
-    line feeds the tap from the earlier one, so a deterministic tap sends `state` again as the n-th
-    STATE of this input (n+1-th if it first repeats the state it was given), after that many of the
-    table's records. Until the `window_end`-th STATE, such a STATE marks the table's records before
-    it as loaded already. Otherwise the input was started from `state` itself, and only its first
-    `skip` records of the table are loaded already."""
-
-    state: Any
-    window_end: int
-    records: int
-    skip: int
-
-    @classmethod
-    def of(cls, committed: State | None) -> Replay | None:
-        """From the table's committed state; None when its commit saw no STATE (a tap without state)."""
-        if not isinstance(committed, dict) or committed.get("singer_state") is None or "records" not in committed:
-            return None
-        return cls(committed["singer_state"], int(committed.get("state_messages", 0)) + 1,
-                   int(committed["records"]), int(committed.get("records_after_state", 0)))
-
-    def marked_by(self, state: Any, received: int) -> bool:
-        """Whether a STATE, after `received` records of the table, is where the committed records end."""
-        return received == self.records and state == self.state
 
 
 @dataclass(frozen=True)
@@ -241,6 +214,9 @@ class SingerTarget:
         if self._inflight is not None and self._inflight[0].done():
             self._settle()
         due = self._pending_rows() >= self.batch_rows or time.monotonic() - self.last_commit >= self.max_seconds
+        # A child table commits at each STATE, as `floe run` commits each checkpoint: a parent sent
+        # again later replaces its set, which one commit of both would keep side by side.
+        due = due or any(b.stream.parent_key and (b.rows or b.staged) for b in self.buffers.values())
         if due or not self._has_pending():
             self.commit()
 
@@ -270,15 +246,20 @@ class SingerTarget:
         missing = [k for k in keys if k not in known]
         if missing:
             raise SourceError(f"{where}: stream {name}: key_properties {missing} are not in the schema")
+        extension = read_extension(message, keys, where)
+        parent, markers = extension.parent_key, extension.parent_markers
+        columns = [dataclasses.replace(c, precision=d[0], scale=d[1]) if c.kind == "number" and (
+            d := extension.decimals.get(c.name)) else c for c in columns]
         old = self.buffers.get(name)
         if old is not None:
-            if old.columns == self._with_version(columns, old.versioned) and old.stream.primary_key == tuple(keys):
+            same_keys = (old.stream.primary_key, old.stream.parent_key) == (tuple(keys), parent)
+            if old.columns == self._with_version(columns, old.versioned) and same_keys:
                 return
             self._stage(old)
-            if old.stream.primary_key != tuple(keys):
+            if not same_keys:
                 self.commit(only=old)  # rows staged under the old key merge on the old key
         buf_columns = self._with_version(columns, old.versioned if old else False)
-        stream = SingerStream(name, pa.schema([c.arrow_field() for c in buf_columns]), tuple(keys))
+        stream = SingerStream(name, pa.schema([c.arrow_field() for c in buf_columns]), tuple(keys), parent, markers)
         stream.schema_changes, stream.widen_to_text = self.policy.schema_policy(name)
         if old is not None:
             old.stream, old.columns = stream, buf_columns
