@@ -18,7 +18,7 @@ from floe.destinations.sql import SqlDestination
 from floe.infra.stage import StageWriter, new_load_id
 from tests.test_destinations import make_destination, settings_for
 
-# The conversion statements of docs/types.md ("Tables made by an earlier floe"), per warehouse.
+# The conversion statements of docs/types.md ("A table whose amount column is text or double"), per warehouse.
 CONVERT_TEXT = {
     "duckdb": ["ALTER TABLE src.calls ALTER price TYPE DECIMAL(18,6) USING CAST(NULLIF(price, '') AS DECIMAL(18,6))"],
     "postgres": ["ALTER TABLE src.calls ALTER COLUMN price TYPE NUMERIC(18,6) USING NULLIF(price, '')::NUMERIC(18,6)"],
