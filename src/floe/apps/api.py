@@ -73,7 +73,7 @@ class RunResult:
                  and destination in (None, s.destination)]
         if len(found) != 1:
             raise KeyError(f"{name}{f' -> {destination}' if destination else ''}: "
-                           f"{'not in this run' if not found else 'loaded into several destinations; name one'}")
+                           f"{'not in this run' if not found else 'matches several; name SOURCE.STREAM and the destination'}")
         return found[0]
 
 
@@ -107,13 +107,17 @@ class SyncResult:
         return {s.name: s.error for s in self.syncs if s.error is not None}
 
 
+def failure(what: str, errors: dict[str, str], total: int) -> str:
+    """`2 of 5 streams failed: twilio.calls -> warehouse: <its error>`."""
+    name, error = next(iter(errors.items()))
+    return f"{len(errors)} of {total} {what} failed: {name}: {error}"
+
+
 class RunFailed(FloeError):
     """Some streams failed (the others committed); `result` holds every stream's outcome."""
 
     def __init__(self, result: RunResult) -> None:
-        failed = result.errors
-        first = next(iter(failed.items()))
-        super().__init__(f"{len(failed)} of {len(result.streams)} streams failed: {first[0]}: {first[1]}")
+        super().__init__(failure("streams", result.errors, len(result.streams)))
         self.result = result
 
 
@@ -121,9 +125,7 @@ class SyncFailed(FloeError):
     """Some syncs failed; `result` holds every sync's outcome."""
 
     def __init__(self, result: SyncResult) -> None:
-        failed = result.errors
-        first = next(iter(failed.items()))
-        super().__init__(f"{len(failed)} of {len(result.syncs)} syncs failed: {first[0]}: {first[1]}")
+        super().__init__(failure("syncs", result.errors, len(result.syncs)))
         self.result = result
 
 
