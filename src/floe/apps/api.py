@@ -169,13 +169,18 @@ def run(config: ConfigInput, streams: Names = None, destination: Names = None, *
 
 
 def sync(config: ConfigInput, syncs: Names = None, *, dry_run: bool = False, full: bool = False,
-         raise_on_failure: bool = True) -> SyncResult:
+         force: bool = False, raise_on_failure: bool = True) -> SyncResult:
     """Run the named syncs (all by default), as `floe sync` does. Raises `SyncFailed` when a sync
-    failed (unless `raise_on_failure=False`)."""
+    failed (unless `raise_on_failure=False`); `force` as `floe sync --force` (deletes beyond `max_deletes`)."""
     from floe.apps.reverse.engine import run_syncs
 
     cfg = as_config(config)
-    results = asyncio.run(run_syncs(cfg, names(syncs), dry_run=dry_run, full=full))
+    results = asyncio.run(run_syncs(cfg, names(syncs), dry_run=dry_run, full=full, force=force))
+    if cfg.notify:
+        from floe.apps.notify import Notifier
+        from floe.apps.reverse.outcomes import notify_failures
+
+        notify_failures(Notifier(cfg.notify), results)
     result = SyncResult([SyncRun(r.name, r.target, r.changed, r.sent, r.failed, r.dry_run, r.error)
                          for r in results])
     if raise_on_failure and not result.ok:
