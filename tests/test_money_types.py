@@ -13,9 +13,11 @@ import pyarrow as pa
 import pytest
 
 from floe.core.destination import LoadJob, TableSpec
+from floe.core.errors import SourceError
 from floe.core.stream import MONEY
 from floe.destinations.sql import SqlDestination
 from floe.infra.stage import StageWriter, new_load_id
+from floe.sources.twilio_records import to_money
 from tests.test_destinations import make_destination, settings_for
 
 # The conversion statements of docs/types.md ("A table whose amount column is text or double"), per warehouse.
@@ -77,6 +79,16 @@ def test_money_lands_as_an_exact_decimal_and_sums_exactly(dest: SqlDestination, 
     assert column_type(dest, "calls", "price").upper().replace("NUMERIC", "DECIMAL") == "DECIMAL(18,6)"
     assert dest.query("SELECT sum(price) FROM src.calls WHERE id < 4") == [(Decimal("0.29250"),)]
     assert dest.query("SELECT price FROM src.calls WHERE id = 5") == [(Decimal("123456789012.123456"),)]
+
+
+def test_twilio_prices_convert_exactly_or_fail_naming_the_value() -> None:
+    assert to_money(pa.array(["-0.00750", " 0.04 ", "", None, "12"]), "price").to_pylist() == [
+        Decimal("-0.0075"), Decimal("0.04"), None, None, Decimal(12)]
+    with pytest.raises(SourceError, match=r"Twilio field price: '-0.0012345' is not an amount floe can keep exactly "
+                                          r"\(at most 12 integer digits and 6 decimal places\)"):
+        to_money(pa.array(["-0.1", "-0.0012345"]), "price")
+    with pytest.raises(SourceError, match="Twilio field base_price: 'free' is not an amount"):
+        to_money(pa.array(["free"]), "base_price")
 
 
 def test_an_earlier_text_price_column_keeps_loading_and_converts_with_the_documented_statement(

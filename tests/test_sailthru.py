@@ -355,6 +355,8 @@ TEMPLATES = {
     ("message_blast", '"blast_id" : 6364286', '"blast_id" : "6364286x"', "field blast_id: expected number, got string"),
     ("message_blast", '"message_id" : ', '"message_id" : 2.5, "x" : ', "field message_id: expected int64, got 2.5"),
     ("message_transactional", '{ "$date" : 1459431708000 }', "5", "field opens[].ts: expected object, got number"),
+    ("message_blast", '"message_revenue" : null', '"message_revenue" : 0.1234567',
+     "field message_revenue: Failed to convert JSON to decimal128(18, 6): 0.1234567 requires scale 7"),
     ("blast", '"id" : ', '"id" : "x", "y" : ', "field id: Could not convert 'x'"),
     ("profile", '"total_opens" : ', '"total_opens" : "many", "t" : ', "field total_opens: Could not convert 'many'"),
     ("profile", '"Daily" : "2015-01-02T03:04:05"', '"Daily" : "soon"', "field signup_time: Failed to parse string: 'soon'"),
