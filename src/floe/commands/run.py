@@ -25,16 +25,28 @@ def run_command(
     full_refresh: Annotated[bool, typer.Option(
         "--full-refresh",
         help="Read every stream again from its start; its rows replace the table's in one commit at the end.")] = False,
+    from_day: Annotated[datetime | None, typer.Option(
+        "--from", formats=["%Y-%m-%d"], metavar="DATE",
+        help="Backfill: re-read the days from DATE (UTC) to --to; their rows are replaced in one commit "
+             "and the bookmark stays where it is.")] = None,
+    to_day: Annotated[datetime | None, typer.Option(
+        "--to", formats=["%Y-%m-%d"], metavar="DATE", help="Backfill: the last day re-read (included).")] = None,
 ) -> None:
     """Load every source into its destinations (then run syncs, if any)."""
-    from floe.core.stream import RunOptions
+    from floe.core.stream import DayRange, RunOptions
     from floe.engine import runner
     from floe.engine.progress import Progress
 
+    if (from_day is None) != (to_day is None):
+        fail("--from and --to go together: the first and the last day to backfill (YYYY-MM-DD)")
+    backfill = DayRange(from_day.date(), to_day.date()) if from_day and to_day else None
+    if backfill and backfill.last < backfill.first:
+        fail(f"--to {backfill.last} is before --from {backfill.first}")
     try:
         cfg = open_config(config)
         started = datetime.now(UTC)
-        results = runner.run(cfg, source, stream, RunOptions(reprocess, full_refresh), Progress(), destination)
+        results = runner.run(cfg, source, stream, RunOptions(reprocess, full_refresh, backfill), Progress(),
+                             destination)
     except FloeError as exc:
         fail(str(exc))
     if cfg.notify:
@@ -47,7 +59,7 @@ def run_command(
         reasons = list(dict.fromkeys(r.error or "" for r in failed))  # distinct, in order
         first = f": {reasons[0]}" + (f" (and {len(reasons) - 1} other errors above)" if len(reasons) > 1 else "")
         fail(f"{len(failed)} of {len(results)} streams failed{first}")
-    if cfg.syncs and not source and not stream and not destination:
+    if cfg.syncs and not source and not stream and not destination and not backfill:
         from floe.commands.sync import run_and_report
 
         run_and_report(cfg)

@@ -114,6 +114,9 @@ class LoadJob:
     # latest version. None: not checked (the commit goes on top of whatever is latest).
     base_version: int | None = None
     lease: Lease | None = None  # the run's lease of the stream, checked right before the commit point
+    # A backfill of an append stream: the table's rows in this scope are deleted in the commit's
+    # transaction, before its rows go in (the range's rows are replaced; NULLs in the column stay).
+    replaces: RefreshScope | None = None
 
     @property
     def rows(self) -> int:

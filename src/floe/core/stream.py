@@ -12,7 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -37,10 +37,33 @@ class Batch:
 
 @dataclass(frozen=True)
 class RefreshScope:
-    """What a full refresh of an append stream reads again: the rows whose `column` >= `start`."""
+    """The rows of a table that a re-read replaces: those whose `column` >= `start` (and < `end`, when
+    set). A full refresh of an append stream has no end; a backfill has both."""
 
     column: str
     start: Any
+    end: Any = None
+
+
+@dataclass(frozen=True)
+class DayRange:
+    """The days `floe run --from FIRST --to LAST` backfills, both included (UTC)."""
+
+    first: date
+    last: date
+
+    @property
+    def start(self) -> datetime:
+        """The first moment of the range (UTC midnight of `first`)."""
+        return datetime.combine(self.first, time.min, UTC)
+
+    @property
+    def end(self) -> datetime:
+        """The moment after the range (UTC midnight after `last`)."""
+        return datetime.combine(self.last + timedelta(days=1), time.min, UTC)
+
+    def __str__(self) -> str:
+        return f"{self.first.isoformat()}..{self.last.isoformat()}"
 
 
 @dataclass(frozen=True)
@@ -49,6 +72,7 @@ class RunOptions:
 
     reprocess: bool = False  # re-read inputs already recorded as processed (e.g. changed files)
     full_refresh: bool = False  # read from the configured beginning; the rows replace the table's (pipeline)
+    backfill: DayRange | None = None  # re-read only these days; their rows replace the table's (pipeline)
 
 
 @dataclass
@@ -92,6 +116,23 @@ class Stream(ABC):
 
         Write it as an async generator: the engine closes it (`aclose`) as soon as it stops
         reading, done or failed, so its `finally` blocks release threads, tasks and files at once."""
+
+    # The column whose value places a row in a day range: a stream that declares it can be backfilled
+    # (`backfill_scope`, `read_range`). None: it cannot.
+    range_column: str | None = None
+
+    def backfill_scope(self, days: DayRange, state: State | None) -> RefreshScope:
+        """The rows of the table a backfill of `days` replaces (an append stream; a merge stream upserts
+        what `read_range` reads). `state` is the committed state the backfill leaves as it is: raise a
+        ConfigError when the range cannot be re-read from it (e.g. it reaches past the bookmark, so that
+        the next run would load those rows again)."""
+        assert self.range_column is not None, f"{self.name} declares no range_column"
+        return RefreshScope(self.range_column, days.start, days.end)
+
+    def read_range(self, scope: RefreshScope) -> AsyncIterator[Batch]:
+        """Yield exactly the rows of `scope` (a stream with a `range_column`). It ends with a checkpoint,
+        as `read` does; the engine keeps the committed state instead of any checkpoint's."""
+        raise NotImplementedError(f"{self.name} cannot read a range")
 
     def refresh_scope(self) -> RefreshScope | None:
         """What `read(None)` reads of the table, when a full refresh must keep the rows before it

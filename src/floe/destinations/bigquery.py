@@ -55,7 +55,7 @@ from floe.core.leases import Holder, Lease, take_object_lease
 from floe.core.secrets import redact
 from floe.core.settings import DestinationConfig, ExpiringLeaseConfig
 from floe.core.stream import RefreshScope
-from floe.destinations.bigquery_api import API, BigQueryApi, param, scalar_type
+from floe.destinations.bigquery_api import API, BigQueryApi, param
 from floe.destinations.bigquery_sql import (
     CONFLICT,
     BigQuerySql,
@@ -227,8 +227,9 @@ class BigQueryDestination(BigQuerySql, Destination):
         parameters = self.parameters(job, self.name)
         delete = f"DELETE FROM {target} WHERE TRUE"
         if scope is not None:
-            delete = f"DELETE FROM {target} WHERE {quote(scope.column)} >= @refresh_start"
-            parameters.append(param("refresh_start", scalar_type(scope.start), scope.start))
+            where, scoped = self.scope_sql(scope)
+            delete = f"DELETE FROM {target} WHERE {where}"
+            parameters += scoped
         body = [delete, f"INSERT INTO {target} ({names}_floe_load_id, _floe_loaded_at) "
                         f"SELECT {names}@load_id, CURRENT_TIMESTAMP() FROM {copy}"]
         return LoadPlan(table=f"{self.config.project}.{self.config.dataset}.{self.table_name(spec)}",

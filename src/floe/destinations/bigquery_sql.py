@@ -16,8 +16,9 @@ import pyarrow as pa
 
 from floe.core.destination import SEQ, LoadJob, StagedFile, StateChange, TableSpec, is_json
 from floe.core.errors import DestinationError
+from floe.core.stream import RefreshScope
 from floe.destinations import merge
-from floe.destinations.bigquery_api import param
+from floe.destinations.bigquery_api import param, scalar_type
 from floe.destinations.column_types import ColumnRules
 from floe.destinations.merge import NULL_SAFE_OR, RANK, MergeStyle
 from floe.destinations.schema_changes import SchemaPlan, Widening, plan_schema
@@ -188,6 +189,17 @@ class BigQuerySql:
                                      columns=columns, order=SEQ, load_id=f"@load_id{suffix}",
                                      now="CURRENT_TIMESTAMP()", quote=quote)
 
+    @staticmethod
+    def scope_sql(scope: RefreshScope, suffix: str = "") -> tuple[str, list[dict[str, Any]]]:
+        """The condition true for the rows of `scope`, and its query parameters (named with `suffix`)."""
+        column = quote(scope.column)
+        where = f"{column} >= @scope_start{suffix}"
+        parameters = [param(f"scope_start{suffix}", scalar_type(scope.start), scope.start)]
+        if scope.end is not None:
+            where += f" AND {column} < @scope_end{suffix}"
+            parameters.append(param(f"scope_end{suffix}", scalar_type(scope.end), scope.end))
+        return where, parameters
+
     def version_check_sql(self, suffix: str = "") -> str:
         """Fails the script (ERROR) unless the stream's latest state version is still @base_version."""
         source, stream = f"@source{suffix}", f"@stream{suffix}"
@@ -293,13 +305,18 @@ class BigQuerySql:
         staging = f"_floe_staging_{job.load_id.replace('-', '_')}"
         ddl = [*([] if meta_ready else self.meta_ddl()), *([] if existing else [self.create_table_sql(spec)]), *evolve]
         body = self.disposition_sql(spec, staging, suffix) if uris or spec.disposition == "replace" else []
+        parameters = self.parameters(job, self.name, suffix)
+        if job.replaces is not None:  # a backfill: the range's rows go, its re-read rows come in
+            where, scoped = self.scope_sql(job.replaces, suffix)
+            body.insert(0, f"DELETE FROM {self.ref(self.table_name(spec))} WHERE {where}")
+            parameters += scoped
         if uris or spec.disposition == "replace":
             ddl.append(self.staging_ddl(spec, staging))
         return LoadPlan(
             table=f"{self.config.project}.{self.config.dataset}.{self.table_name(spec)}", staging=staging,
             uris=uris, ddl=ddl, load_job=self.load_job_config(spec, staging, uris),
             body=[*body, *self.state_sql(suffix, job.refresh, job.base_version is not None)],
-            parameters=self.parameters(job, self.name, suffix),
+            parameters=parameters,
             after=[*self.views_sql(spec), f"DROP TABLE IF EXISTS {self.ref(staging)}"],
         )
 

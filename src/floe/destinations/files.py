@@ -179,7 +179,8 @@ class FilesDestination(Destination):
         Only objects from the second of `latest`'s commit onwards are candidates (load ids start with
         the UTC time); among them, those of a load id in `committed` (recent commits) stay."""
         base = self.key(job.source, job.stream)
-        snapshot = latest is not None and (job.table.disposition == "replace" or latest.get("full_refresh", False))
+        snapshot = latest is not None and (job.table.disposition == "replace" or latest.get("full_refresh", False)
+                                           or latest.get("snapshot", False))
         keep = set(latest["files"]) if latest and snapshot else None
         if latest is None or keep is not None:
             prefixes = [base + "/"]
@@ -253,6 +254,13 @@ class FilesDestination(Destination):
             self.store.put_files(uploads)
         if job.refresh:  # no state object: finish_refresh commits the refresh
             return
+        snapshot = job.replaces is not None  # a backfill: the new objects and every row outside its range
+        kept: list[str] = []
+        if job.replaces is not None:
+            self._sweep(job, latest, {*recent, job.load_id})  # crashed loads' objects, before the kept ones are listed
+            kept = self._rows_outside(job, job.replaces, first=len(keys) + 1)
+            keys += [key for key in kept if load_id_of(key) == job.load_id]  # rewritten here: deleted on a conflict
+            recent = list(dict.fromkeys(load_id_of(key) for key in kept if load_id_of(key) != job.load_id))
         version = (latest["version"] if latest else 0) + 1
         record = {
             "version": version, "state": job.checkpoint, "load_id": job.load_id, "files": keys, "rows": job.rows,
@@ -261,10 +269,13 @@ class FilesDestination(Destination):
             "committed_at": datetime.now(UTC).isoformat(), "details": job.details,
             "recent_load_ids": [*recent, job.load_id][-KEEP_STATE_VERSIONS:],
         }
+        if snapshot:
+            record["files"] = list(dict.fromkeys([*keys, *kept]))
+            record["snapshot"] = True
         state_key = self._commit(job, record, keys)
         # Only now, committed: the objects of another load of this version (a run that lost its lease)
         # may be deleted, as that load can no longer commit.
-        if job.table.disposition == "replace":
+        if job.table.disposition == "replace" or snapshot:
             self._sweep(job, record, {job.load_id})
         else:
             self._sweep(job, latest, {*recent, job.load_id})
@@ -314,7 +325,8 @@ class FilesDestination(Destination):
         for _, key in reversed(self._versions(source, stream)[-limit:] if limit else self._versions(source, stream)):
             record = json.loads(self.store.get_bytes(key) or b"{}")
             details = record.get("details") or {}
-            action = details.get("action") or ("full refresh" if record.get("full_refresh") else "load")
+            action = details.get("action") or ("full refresh" if record.get("full_refresh") else
+                                               "backfill" if details.get("backfill") else "load")
             out.append(StateVersion(record["version"], as_utc(record.get("committed_at")), record["load_id"],
                                     record.get("rows"), record.get("state"), action, details))
         return out
@@ -426,7 +438,7 @@ class FilesDestination(Destination):
             moves.append((key, self.key(job.source, job.stream, day, name)))
         keys = [target for _, target in moves]
         if scope is not None:
-            keys += self._rows_before(job, scope)
+            keys += self._rows_outside(job, scope)
         self.store.move_keys(moves)
         version = (versions[-1][0] if versions else 0) + 1
         load_ids = list(dict.fromkeys(k.rsplit("/", 1)[-1].rsplit("-", 1)[0] for k in keys))
@@ -443,29 +455,33 @@ class FilesDestination(Destination):
         old = [*versions, (version, state_key)][:-KEEP_STATE_VERSIONS]
         self.store.delete_keys([key for _, key in old])
 
-    def _rows_before(self, job: LoadJob, scope: RefreshScope) -> list[str]:
-        """The objects holding the stream's rows before `scope`: those wholly before it as they are,
-        and for each object that straddles it a new object (of this load) with its rows before it."""
+    def _rows_outside(self, job: LoadJob, scope: RefreshScope, first: int = 1) -> list[str]:
+        """The objects holding the stream's rows outside `scope`: those wholly outside it as they are,
+        and for each object that straddles it a new object (of this load, numbered from `first`) with
+        its rows outside it."""
         kept: list[str] = []
         reader = {"parquet": "read_parquet", "jsonl": "read_json_auto", "csv": "read_csv_auto"}[self.config.format]
-        before = f'NOT ({self.quote(scope.column)} >= $start) OR {self.quote(scope.column)} IS NULL'
+        column = self.quote(scope.column)
+        inside = f"{column} >= $start" + (f" AND {column} < $end" if scope.end is not None else "")
+        before = f"NOT ({inside}) OR {column} IS NULL"
+        bounds = {"start": scope.start, **({"end": scope.end} if scope.end is not None else {})}
         con = duckdb.connect()
         try:
             con.execute("SET TimeZone = 'UTC'")
             with tempfile.TemporaryDirectory(prefix="floe-files-") as tmp:
                 for key, _ in list(self.store.list(self.key(job.source, job.stream) + "/")):
-                    if not self._is_data(key):
+                    if not self._is_data(key) or load_id_of(key) == job.load_id:  # this load's own: in scope
                         continue
                     local = Path(tmp) / key.rsplit("/", 1)[-1]
                     local.write_bytes(self.store.get_bytes(key) or b"")
                     rows = f"{reader}('{str(local).replace(chr(39), chr(39) * 2)}')"
                     total, kept_rows = con.execute(f"SELECT count(*), count(*) FILTER (WHERE {before}) FROM {rows}",
-                                                   {"start": scope.start}).fetchall()[0]
+                                                   bounds).fetchall()[0]
                     if kept_rows == total:
                         kept.append(key)
                     elif kept_rows:
-                        part = con.sql(f"SELECT * FROM {rows} WHERE {before}", params={"start": scope.start})
-                        out = Path(tmp) / f"{job.load_id}-{len(kept) + 1:05d}.{self.extension}"
+                        part = con.sql(f"SELECT * FROM {rows} WHERE {before}", params=bounds)
+                        out = Path(tmp) / f"{job.load_id}-{first + len(kept):05d}.{self.extension}"
                         self._write(part.to_arrow_table(), out)
                         kept.append(self.key(job.source, job.stream, f"{datetime.now(UTC):%Y/%m/%d}", out.name))
                         self.store.put_file(kept[-1], out)

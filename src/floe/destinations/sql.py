@@ -354,6 +354,9 @@ class SqlDestination(Destination):
             job = dataclasses.replace(job, table=refresh_copy(job.table))
         with routed(job, self.ensure_table(cur, job.table, job.files)) as job:
             spec = job.table
+            if job.replaces is not None:  # a backfill: the range's rows go, its re-read rows come in
+                where, params = self.scope_sql(job.replaces)
+                cur.execute(f"DELETE FROM {self.qualified(spec.schema_name, spec.table)} WHERE {where}", params)
             if job.files or spec.disposition == "replace":
                 staging = f"_floe_staging_{job.load_id.replace('-', '_')}"
                 order = self.stage_rows(cur, job, staging)
@@ -389,8 +392,8 @@ class SqlDestination(Destination):
                 if scope is None:
                     cur.execute(f"DELETE FROM {target}")
                 else:
-                    cur.execute(f"DELETE FROM {target} WHERE {self.quote(scope.column)} >= {self.placeholder}",
-                                (scope.start,))
+                    where, params = self.scope_sql(scope)
+                    cur.execute(f"DELETE FROM {target} WHERE {where}", params)
                 cur.execute(f"INSERT INTO {target} ({columns}_floe_load_id, _floe_loaded_at) "
                             f"SELECT {columns}'{job.load_id}', {self.now_sql} FROM {rows}")
                 cur.execute(f"DROP TABLE {rows}")
@@ -407,6 +410,13 @@ class SqlDestination(Destination):
                 f"{self.name}: replacing {spec.schema_name}.{spec.table} by its full refresh failed, nothing "
                 f"committed: {redact(str(exc)).strip()}"
             ) from exc
+
+    def scope_sql(self, scope: RefreshScope) -> tuple[str, tuple[Any, ...]]:
+        """The condition (and its parameters) true for the rows of `scope`."""
+        column, p = self.quote(scope.column), self.placeholder
+        if scope.end is None:
+            return f"{column} >= {p}", (scope.start,)
+        return f"{column} >= {p} AND {column} < {p}", (scope.start, scope.end)
 
     def drop_staging(self, cur: Any, staging: str) -> None:
         cur.execute(f"DROP TABLE IF EXISTS {staging}")

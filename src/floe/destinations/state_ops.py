@@ -45,6 +45,8 @@ def version_of(version: Any, committed_at: Any, load_id: str, state: str | None,
     action = ACTIONS.get(status or "committed", status or "load")
     if action == "load" and noted.get("full_refresh"):
         action = "full refresh"
+    elif action == "load" and noted.get("backfill"):
+        action = "backfill"
     return StateVersion(int(version), as_utc(committed_at), load_id, None if rows is None else int(rows),
                         json.loads(state) if state else None, action, noted)
 

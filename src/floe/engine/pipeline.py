@@ -29,6 +29,7 @@ same rows again nor moves the state from under this one.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -44,7 +45,7 @@ from floe.core.destination import CommittedState, Destination, LoadJob, StagedFi
 from floe.core.errors import DestinationError, FloeError
 from floe.core.leases import Lease
 from floe.core.secrets import redact
-from floe.core.stream import Batch, Source, State, Stream
+from floe.core.stream import Batch, RefreshScope, Source, State, Stream
 from floe.engine.progress import Progress
 from floe.infra.stage import FileShares, StageRun, StageWriter, new_load_id, remove_leftovers
 from floe.infra.threads import in_thread
@@ -127,6 +128,9 @@ class _Lane:
         # the table's rows in one last commit (a replace stream already commits once, at its end).
         self.refresh = source.context.options.full_refresh and stream.disposition != "replace"
         self.refreshed: list[StagedFile] = []  # every file the refresh committed to the copy
+        # A backfill re-reads a day range (`read_range`) and commits it once, at the end, keeping the state.
+        self.backfill = source.context.options.backfill
+        self.scope: RefreshScope | None = None  # the rows the backfill replaces (see Stream.backfill_scope)
         self.lease: Lease | None = None
         self.committed = CommittedState()
         self.version = 0  # the state version the next commit builds on
@@ -148,7 +152,7 @@ class _Lane:
                 log.debug("stream failed", exc_info=exc)
             self.result.error = describe(exc)
 
-    def job(self, files: list[StagedFile], checkpoint: State, load_id: str, refresh: bool = False,
+    def job(self, files: list[StagedFile], checkpoint: State | None, load_id: str, refresh: bool = False,
             details: dict[str, object] | None = None) -> LoadJob:
         return LoadJob(load_id=load_id, source=self.source.name, stream=self.stream.name,
                        table=table_spec(self.source.name, self.stream, files), files=files, checkpoint=checkpoint,
@@ -163,6 +167,8 @@ class _Lane:
             self.lease = await in_thread(self.destination.acquire_lease, self.source.name, self.stream.name)
             self.committed = await read_state(self.destination, self.source.name, self.stream.name)
             self.version = self.committed.version
+            if self.backfill is not None:
+                self.scope = self.stream.backfill_scope(self.backfill, self.committed.state)
             if self.refresh:
                 await in_thread(self.destination.begin_refresh, table_spec(self.source.name, self.stream, []))
         except Exception as exc:  # noqa: BLE001 - reported in this destination's result
@@ -170,7 +176,22 @@ class _Lane:
 
     @property
     def reads_from(self) -> State | None:
-        return None if self.source.context.options.full_refresh else self.committed.state
+        options = self.source.context.options
+        return None if options.full_refresh or options.backfill else self.committed.state
+
+    @property
+    def commits_once(self) -> bool:
+        """Whether the whole read commits once, at its end (a replace stream, a backfill)."""
+        return self.stream.disposition == "replace" or self.backfill is not None
+
+    def commit_job(self, commit: _Commit) -> LoadJob:
+        """The job of one commit. A backfill's keeps the committed state (as a new version noting the
+        backfill) and, for an append stream, replaces the range's rows."""
+        if self.backfill is None:
+            return self.job(commit.files, commit.checkpoint, commit.load_id, self.refresh)
+        job = self.job(commit.files, self.committed.state, commit.load_id, details={"backfill": {
+            "from": self.backfill.first.isoformat(), "to": self.backfill.last.isoformat()}})
+        return dataclasses.replace(job, replaces=self.scope if self.stream.disposition == "append" else None)
 
     # --- during the read: the producer's side -------------------------------------------------------
     def start(self) -> None:
@@ -186,7 +207,7 @@ class _Lane:
         files = (self.folded.files if self.folded else []) + segment
         self.folded = _Commit(files, checkpoint, self.folded.load_id if self.folded else load_id)
         seconds = time.monotonic() - self.last_commit
-        if self.stream.disposition == "replace" or self.destination.commit_due(
+        if self.commits_once or self.destination.commit_due(
                 self.stream, sum(f.rows for f in files), seconds):
             commit, self.folded = self.folded, None
             await self.hand_over(commit)
@@ -225,7 +246,7 @@ class _Lane:
     async def consume(self) -> None:
         while (commit := await self.queue.get()) is not None:
             try:
-                job = self.attempting = self.job(commit.files, commit.checkpoint, commit.load_id, self.refresh)
+                job = self.attempting = self.commit_job(commit)
                 job.check_lease()
                 await in_thread(self.destination.load, job)
             finally:
@@ -238,7 +259,7 @@ class _Lane:
             self.result.rows += job.rows
             self.result.commits += 1
             self.result.schema_changes += job.details.get("schema_changes", [])
-            self.result.state = commit.checkpoint
+            self.result.state = job.checkpoint
             if self.progress:
                 self.progress.add(self.key, files=len(commit.files), commits=1)
             if self.on_commit:
@@ -290,6 +311,7 @@ async def read_into(stream: Stream, state: State | None, lanes: list[_Lane], run
     """Read `stream` once from `state`, staging into `run`, and commit into every lane; each lane's
     outcome lands in its result."""
     fmt, codec = stage_format(lanes, stream)
+    scope, once = lanes[0].scope, lanes[0].commits_once  # a backfill's lanes share its range
     writer = StageWriter(run.folder, new_load_id(), compression=codec, format=fmt)
 
     async def deliver(files: list[StagedFile], checkpoint: State) -> None:
@@ -307,8 +329,9 @@ async def read_into(stream: Stream, state: State | None, lanes: list[_Lane], run
         """Stage the stream's batches and deliver each checkpoint. Every lane's queue ends with None
         however this ends (a consumer waiting for a queue nobody ends would wait for good), and whole
         checkpoints read before a failure still commit."""
-        pending: State | None = None  # a replace stream's latest checkpoint: it commits once, at the end
-        batches = cast(AsyncGenerator[Batch, None], stream.read(state))  # see Stream.read
+        pending: State | None = None  # the latest checkpoint of a read that commits once, at the end
+        read = stream.read(state) if scope is None else stream.read_range(scope)
+        batches = cast(AsyncGenerator[Batch, None], read)  # see Stream.read
         try:
             try:
                 async for batch in batches:
@@ -319,7 +342,7 @@ async def read_into(stream: Stream, state: State | None, lanes: list[_Lane], run
                                 if not lane.failed:
                                     progress.add(lane.key, rows=batch.records.num_rows)
                     if batch.checkpoint is not None:
-                        if stream.disposition == "replace":
+                        if once:
                             pending = batch.checkpoint
                         else:
                             await deliver(writer.flush(), batch.checkpoint)

@@ -8,6 +8,7 @@ of a source run concurrently under `max_streams`.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from floe.engine.naming import named
 from floe.engine.pipeline import StreamResult, run_stream_into
 from floe.engine.progress import Progress
 
+log = logging.getLogger("floe.runner")
 MAX_STREAMS = 4  # streams of one source loaded at once
 
 
@@ -98,6 +100,40 @@ async def resolve_streams(config: FloeConfig, run_plan: RunPlan, context: Contex
     return chosen
 
 
+async def backfill_streams(config: FloeConfig, run_plan: RunPlan, selected: dict[str, list[str]] | None,
+                           context: Context) -> dict[str, list[str]]:
+    """The streams a backfill (`--from/--to`) re-reads, by source: of the selection, those that can
+    (`Stream.range_column`). A stream named with `--stream` that cannot is a ConfigError, as is a
+    selection with none that can; the others are left out with a notice. Checked before anything loads."""
+    chosen: dict[str, list[str]] = {}
+    refused: list[str] = []
+    for name in run_plan.sources:
+        if selected is not None and name not in selected:
+            continue
+        source = make_source(config, name, context)
+        try:
+            streams = select_streams(source, None if selected is None else selected[name])
+        finally:
+            await source.aclose()
+        for stream in streams:
+            if stream.range_column is not None:
+                chosen.setdefault(name, []).append(stream.name)
+            else:
+                refused.append(f"{name}.{stream.name}")
+    days = context.options.backfill
+    why = ("re-reads a range of days only from the time-windowed sources (Twilio's calls, messages and "
+           "recordings, Singular, FullStory)")
+    if refused and selected is not None:
+        raise ConfigError(f"--from/--to: {', '.join(refused)} cannot be backfilled: floe {why}; "
+                          "run without --from/--to to load it, or --full-refresh to read it again whole")
+    if not chosen:
+        raise ConfigError(f"--from/--to: none of the selected streams can be backfilled ({', '.join(refused)}): "
+                          f"floe {why}")
+    if refused:
+        log.info("event=backfill_skipped streams=%s range=%s reason=cannot_backfill", ",".join(refused), days)
+    return chosen
+
+
 async def run_source(
     source: Source,
     streams: list[Stream],
@@ -127,6 +163,10 @@ async def run_async(
 ) -> list[StreamResult]:
     context = context_for(config, options)
     selected = await resolve_streams(config, run_plan, context)
+    if context.options.backfill is not None:
+        if context.options.full_refresh:
+            raise ConfigError("--from/--to and --full-refresh: choose one (a backfill re-reads only its days)")
+        selected = await backfill_streams(config, run_plan, selected, context)
     destinations: dict[str, Destination] = {}
     results: list[StreamResult] = []
     try:

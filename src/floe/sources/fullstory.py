@@ -30,9 +30,9 @@ import pyarrow as pa
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from floe.core.destination import json_field
-from floe.core.errors import SourceError
+from floe.core.errors import ConfigError, SourceError
 from floe.core.settings import SourceConfig
-from floe.core.stream import Batch, Context, RefreshScope, RequestMetrics, Source, State, Stream
+from floe.core.stream import Batch, Context, DayRange, RefreshScope, RequestMetrics, Source, State, Stream
 from floe.infra.http import ApiError, HttpClient
 from floe.infra.threads import iterate_in_thread
 from floe.sources.fullstory_export import CUSTOM_VARS, POOL, ExportReader
@@ -233,8 +233,35 @@ class EventsStream(Stream):
         return end + self.config.delay
 
     # --- read ----------------------------------------------------------------------------
+    # --- backfill: the windows of a day range, below the sync point --------------------------------
+    range_column = "EventStart"
+
+    def backfill_scope(self, days: DayRange, state: State | None) -> RefreshScope:
+        sync_point = state.get("sync_point") if state else None
+        if sync_point is None:
+            raise ConfigError(f"{self.source.name}.events: --from/--to re-reads days already loaded, and nothing "
+                              "is loaded yet: run it without --from/--to first")
+        if days.end > parse_rfc3339(sync_point):
+            raise ConfigError(f"{self.source.name}.events: --to {days.last} reaches past the sync point "
+                              f"{sync_point} (events up to it are loaded): backfill up to the day before it, "
+                              "and let a run without --from/--to load the newer events")
+        return RefreshScope(self.range_column, days.start, days.end)
+
+    async def read_range(self, scope: RefreshScope) -> AsyncIterator[Batch]:
+        windows, start = [], scope.start
+        while start < scope.end:
+            windows.append((start, min(window_end(start, self.config.duration), scope.end)))
+            start = windows[-1][1]
+        async for batch in self._read_windows(windows, stoppable=False):
+            yield batch
+
     async def read(self, state: State | None) -> AsyncIterator[Batch]:
-        windows = self.windows(state, self.source.now())
+        async for batch in self._read_windows(self.windows(state, self.source.now()), stoppable=True):
+            yield batch
+
+    async def _read_windows(self, windows: list[tuple[datetime, datetime]], stoppable: bool) -> AsyncIterator[Batch]:
+        """Export, download and parse `windows` in order; a checkpoint after each window or day (see
+        `load_every`). `stoppable`: end at a checkpoint once the run should stop (`floe serve`)."""
         if not windows:
             return
         log.info("event=fullstory_plan source=%s windows=%d first=%s last=%s", self.source.name, len(windows),
@@ -262,7 +289,7 @@ class EventsStream(Stream):
                 day_done = window[1] == window[1].replace(hour=0, minute=0, second=0, microsecond=0)
                 if self.config.load_every == "window" or last or day_done:
                     yield Batch(checkpoint={"sync_point": rfc3339(window[1])})
-                    if self.source.context.should_stop():  # `floe serve` stops after this window
+                    if stoppable and self.source.context.should_stop():  # `floe serve` stops after this window
                         log.info("event=fullstory_stopping source=%s sync_point=%s", self.source.name,
                                  rfc3339(window[1]))
                         return

@@ -36,7 +36,7 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_va
 
 from floe.core.errors import SourceError
 from floe.core.settings import SourceConfig
-from floe.core.stream import MONEY, Batch, Context, State, Stream
+from floe.core.stream import MONEY, Batch, Context, DayRange, RefreshScope, State, Stream
 from floe.infra.http import ApiSource, HttpClient
 
 DEFAULT_DIMENSIONS = ["app", "source", "os", "country_field", "adn_campaign_name"]
@@ -284,8 +284,23 @@ class SingularReport(Stream):
             columns += [_numbers(values, metric, where) for values in by_period]
         return pa.RecordBatch.from_arrays(columns, schema=self.schema)
 
+    # --- backfill: the reports of a day range; its retrieval replaces the range's earlier ones -------
+    range_column = "reporting_date"
+
+    def backfill_scope(self, days: DayRange, state: State | None) -> RefreshScope:
+        return RefreshScope(self.range_column, days.first, days.last + timedelta(days=1))
+
+    async def read_range(self, scope: RefreshScope) -> AsyncIterator[Batch]:
+        days = [scope.start + timedelta(days=k) for k in range((scope.end - scope.start).days)]
+        async for batch in self._read_days(days):
+            yield batch
+
     async def read(self, state: State | None) -> AsyncIterator[Batch]:
-        days = self.days()
+        async for batch in self._read_days(self.days()):
+            yield batch
+
+    async def _read_days(self, days: list[date]) -> AsyncIterator[Batch]:
+        """The reports of `days`, then one checkpoint: every day commits together."""
         queue = asyncio.Semaphore(self.source.config.max_queued_reports)
         tasks = [asyncio.create_task(self.report(day, queue)) for day in days]
         try:

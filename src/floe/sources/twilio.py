@@ -32,10 +32,10 @@ from urllib.parse import urljoin
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from floe.core.settings import SourceConfig
-from floe.core.stream import MONEY, Batch, Context, State, Stream
+from floe.core.stream import MONEY, Batch, Context, RefreshScope, State, Stream
 from floe.infra.http import ApiSource, HttpClient, PageGuard
 from floe.sources.twilio_records import (
     CALLS,
@@ -65,6 +65,7 @@ class TwilioConfig(SourceConfig):
     account_sid: str = Field(pattern=r"^AC[0-9a-fA-F]{32}$", description="The Account SID (AC + 32 hex).")
     auth_token: SecretStr
     start_date: date = Field(description="Earliest day to load on the first run (UTC).")
+    end_date: date | None = Field(default=None, description="Last day to load (UTC; default: up to now).")
     streams: list[Literal[STREAMS]] = Field(default_factory=lambda: list(STREAMS))  # type: ignore[valid-type]
     base_url: str = "https://api.twilio.com"
     pricing_url: str | None = Field(
@@ -78,6 +79,18 @@ class TwilioConfig(SourceConfig):
     window_days: int = Field(default=7, ge=1, description="Largest date window; windows load concurrently.")
     page_size: int = Field(default=1000, ge=1, le=1000)
     checkpoint_rows: int = Field(default=250_000, ge=1000, description="Commit at least this often inside a window.")
+
+    @model_validator(mode="after")
+    def _check_range(self) -> TwilioConfig:
+        if self.end_date is not None and self.end_date < self.start_date:
+            raise ValueError(f"end_date {self.end_date} is before start_date {self.start_date}")
+        return self
+
+    @property
+    def stop(self) -> datetime | None:
+        """The moment after `end_date` (None: no end)."""
+        return None if self.end_date is None else datetime.combine(self.end_date + timedelta(days=1),
+                                                                   datetime.min.time(), UTC)
 
     @field_validator("base_url", "pricing_url")
     @classmethod
@@ -173,7 +186,7 @@ class TwilioIncremental(Stream):
 
     def __init__(self, source: TwilioSource, name: str) -> None:
         self.source, self.name, self.list = source, name, LISTS[name]
-        self.cursor_field = self.list.cursor
+        self.cursor_field = self.range_column = self.list.cursor  # backfills read date windows of it
         self.parser = source.parser(name, self.list.spec)
         self.schema = self.parser.schema
         self.final = pa.array(self.list.final, S)
@@ -182,12 +195,15 @@ class TwilioIncremental(Stream):
         """[(from, to)] UTC moments, `to` exclusive; the last window is open-ended (None). Windows are
         `window_days` long, shorter when the range is short, so that a daily run's re-read is also
         fetched concurrently: whole days while the range holds a day per window read at once, else
-        whole hours (one day of a daily run with no lookback is read as several windows at once)."""
+        whole hours (one day of a daily run with no lookback is read as several windows at once).
+        With `end_date`, the windows end the day after it (none once the bookmark is past it)."""
         config = self.source.config
         bookmark = _bookmark(state)
         day = (bookmark - timedelta(days=config.lookback_days)).date() if bookmark else config.start_date
         first = datetime.combine(day, datetime.min.time(), UTC)
         parallel = max(1, config.max_concurrency // 2)
+        if config.stop is not None and config.stop <= now:
+            return self.day_windows(first, config.stop)
         days = (now.date() - day).days + 1
         if days >= parallel:
             size = timedelta(days=max(1, min(config.window_days, -(-days // parallel))))
@@ -199,7 +215,18 @@ class TwilioIncremental(Stream):
         while first + size <= limit:
             windows.append((first, first + size))
             first += size
-        windows.append((first, None))
+        windows.append((first, config.stop))
+        return windows
+
+    def day_windows(self, start: datetime, stop: datetime) -> list[tuple[datetime, datetime | None]]:
+        """[start, stop) (both midnights) cut into whole-day windows, enough to read at once."""
+        config = self.source.config
+        days = (stop - start).days
+        size = timedelta(days=max(1, min(config.window_days, -(-days // max(1, config.max_concurrency // 2)))))
+        windows: list[tuple[datetime, datetime | None]] = []
+        while start < stop:
+            windows.append((start, min(start + size, stop)))
+            start += size
         return windows
 
     def params(self, window: tuple[datetime, datetime | None]) -> dict[str, str]:
@@ -240,7 +267,10 @@ class TwilioIncremental(Stream):
                 top = pc.max(batch.column("date_created")).as_py()
                 if top is not None and not newest:
                     newest.append(top)
-                yield batch.filter(pc.is_null(batch.column(self.cursor_field)))
+                keep = pc.is_null(batch.column(self.cursor_field))
+                if (stop := self.source.config.stop) is not None:  # created after end_date: not this load's
+                    keep = pc.and_(keep, pc.fill_null(pc.less(batch.column("date_created"), pa.scalar(stop)), True))
+                yield batch.filter(keep)
                 if top is not None and top < horizon:
                     return
 
@@ -249,10 +279,21 @@ class TwilioIncremental(Stream):
         pending = pc.invert(pc.is_in(batch.column("status"), value_set=self.final))
         return pc.min(batch.column("date_created").filter(pending)).as_py()
 
+    # --- backfill: the date windows of a day range, merged on sid (no sweeps: those rows have no date) ---
+    async def read_range(self, scope: RefreshScope) -> AsyncIterator[Batch]:
+        async for batch in self._read(None, self.day_windows(scope.start, scope.end), ()):
+            yield batch
+
     async def read(self, state: State | None) -> AsyncIterator[Batch]:
         config = self.source.config
-        windows = self.windows(state, datetime.now(UTC))
         sweeps = self.list.sweeps if config.null_cursor_rows else ()
+        async for batch in self._read(state, self.windows(state, datetime.now(UTC)), sweeps):
+            yield batch
+
+    async def _read(self, state: State | None, windows: list[tuple[datetime, datetime | None]],
+                    sweeps: tuple[dict[str, str], ...]) -> AsyncIterator[Batch]:
+        """Read the sweeps, then the windows, from `state`; checkpoints as the module docstring says."""
+        config = self.source.config
         horizon = self.sweep_horizon(state)
         newest: list[list[datetime]] = [[] for _ in sweeps]  # per sweep, the newest row it saw
         jobs: list[Job] = [*(partial(self.sweep, p, horizon, seen) for p, seen in zip(sweeps, newest, strict=True)),
