@@ -8,7 +8,6 @@ cannot re-read a range of days refuses before anything loads.
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -101,3 +100,171 @@ def test_a_backfill_of_middle_days_replaces_their_rows_once_with_the_new_values(
     sandbox.seed = 1
     run(path, first, last)  # again: the same rows replace themselves, nothing doubles
     assert sorted(loaded_singular(place)) == sorted(before)
+
+
+# --- FullStory: an append stream of daily exports, below its sync point -------------------------------
+EVENT = ("IndvId", "SessionId", "PageId", "EventStart", "EventType", "EventPageOffset")
+DAY1 = date(2024, 1, 1)
+
+
+@pytest.fixture
+def fullstory(fullstory_cache: Path) -> Any:
+    """A FullStory emulator with 60 events an hour (its state: `.app.state.fullstory`)."""
+    with serve_in_thread(create_app(events_per_hour=60, cache_dir=str(fullstory_cache))) as server:
+        yield server
+
+
+def fullstory_project(place: Place, server: RunningServer, days: int = 3, first: date = DAY1, **extra: Any) -> Path:
+    """Daily exports of `days` days from `first`."""
+    start = datetime.combine(first, datetime.min.time(), UTC)
+    return project(place, {"fs": {"type": "fullstory", "api_key": DEFAULT_API_KEY, "base_url": server.url,
+                                  "start_time": start.isoformat(), "end_time": (start + timedelta(days=days)).isoformat(),
+                                  "export_duration": "24h", "poll_interval": 0.02, **extra}})
+
+
+def events(place: Place) -> list[tuple[Any, ...]]:
+    return [(*r[:3], r[3].astimezone(UTC) if isinstance(r[3], datetime) else r[3], *r[4:])
+            for r in place.rows("fs", "events", *EVENT)]
+
+
+def on_day(rows: list[tuple[Any, ...]], days: set[date]) -> list[tuple[Any, ...]]:
+    return [r for r in rows if r[3].date() in days]
+
+
+@pytest.mark.parametrize("kind", ["duckdb", "postgres"])
+def test_a_fullstory_backfill_replaces_the_days_events_and_keeps_the_sync_point(kind, fullstory, request, tmp_path):
+    place = place_of(kind, request, tmp_path)
+    path = fullstory_project(place, fullstory)
+    run(path)
+    before, state = events(place), place.state("fs", "events")
+    assert state == {"sync_point": "2024-01-04T00:00:00Z"} and len(before) == 3 * 24 * 60
+
+    fullstory.app.state.fullstory.seed = 7  # FullStory's export of that day now holds other events
+    [result] = run(path, date(2024, 1, 2), date(2024, 1, 2))
+    middle = {date(2024, 1, 2)}
+    (tmp_path / "fresh").mkdir()
+    fresh = place_of("duckdb", request, tmp_path / "fresh")
+    run(fullstory_project(fresh, fullstory, days=1, first=date(2024, 1, 2)))  # what a load of it gets now
+    after = events(place)
+    assert result.rows == 24 * 60
+    assert Counter(after) == Counter(on_day(before, {DAY1, date(2024, 1, 3)}) + events(fresh))
+    assert on_day(after, middle) != on_day(before, middle)
+    assert place.state("fs", "events") == state
+    assert state_log(place, "fs", "events")[0].action == "backfill"
+
+
+def test_a_fullstory_backfill_past_the_sync_point_or_of_nothing_loaded_is_refused(fullstory, request, tmp_path):
+    place = place_of("duckdb", request, tmp_path)
+    path = fullstory_project(place, fullstory)
+    config = parse_config(yaml.safe_load(path.read_text()), path)
+    options = RunOptions(backfill=DayRange(date(2024, 1, 1), date(2024, 1, 2)))
+    [never] = runner.run(config, options=options)
+    assert never.error == ("fs.events: --from/--to re-reads days already loaded, and nothing is loaded yet: run it "
+                           "without --from/--to first")
+    run(path)
+    rows = events(place)
+    late = RunOptions(backfill=DayRange(date(2024, 1, 3), date(2024, 1, 4)))
+    [past] = runner.run(config, options=late)
+    assert past.error == ("fs.events: --to 2024-01-04 reaches past the sync point 2024-01-04T00:00:00Z (events up "
+                          "to it are loaded): backfill up to the day before it, and let a run without --from/--to "
+                          "load the newer events")
+    assert events(place) == rows and place.state("fs", "events") == {"sync_point": "2024-01-04T00:00:00Z"}
+
+
+@pytest.mark.parametrize("kind", ["duckdb", "postgres"])
+def test_a_backfill_killed_before_its_commit_leaves_the_old_rows_and_state(kind, fullstory, request, tmp_path):
+    place = place_of(kind, request, tmp_path)
+    path = fullstory_project(place, fullstory, prefetch=1)  # one export at a time: the kill lands mid-range
+    run(path)
+    before, versions = events(place), place.versions("fs", "events")
+    emulator = fullstory.app.state.fullstory
+    emulator.seed, emulator.processing_seconds = 9, 1.0
+    proc = subprocess.Popen([sys.executable, "-c", "from floe.cli import main; main()", "run", "-c", str(path),
+                             "--from", "2024-01-01", "--to", "2024-01-02"], cwd=path.parent,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr or []:
+        seen.append(line)
+        if "event=fullstory_window" in line:  # the first day is staged, the others are not read yet
+            proc.send_signal(signal.SIGKILL)
+            break
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "".join(seen)
+    assert events(place) == before  # nothing of the backfill, every old row
+    assert place.versions("fs", "events") == versions
+    emulator.processing_seconds = 0.0
+    run(path, DAY1, date(2024, 1, 2))  # the lease is free again; the backfill goes through
+    after = events(place)
+    assert len(after) == len(before) and on_day(after, {DAY1}) != on_day(before, {DAY1})
+    assert on_day(after, {date(2024, 1, 3)}) == on_day(before, {date(2024, 1, 3)})
+
+
+# --- Twilio: merge streams upsert the range; end_date bounds a load ---------------------------------------
+@pytest.mark.parametrize("kind", ["duckdb", "postgres"])
+def test_a_twilio_backfill_upserts_the_range_and_end_date_bounds_the_load(kind, emulator, request, tmp_path):
+    from tests.test_twilio import COMPARED, DAY, served_row, source_config, start_twilio
+
+    place = place_of(kind, request, tmp_path)
+    server, sandbox = start_twilio(emulator, size=1500, days=6)
+    end_date = TODAY - timedelta(days=1)
+    stop = datetime.combine(TODAY, datetime.min.time(), UTC)
+    path = project(place, {"tw": source_config(server, sandbox, streams=["calls"], page_size=200,
+                                               end_date=end_date.isoformat())})
+    at = COMPARED["calls"].index("start_time")
+    calls = sandbox.list(sandbox.credentials()[0][0], "calls")
+
+    def served(first: datetime, end: datetime) -> set[tuple[Any, ...]]:
+        rows = {served_row(record, "calls") for record in calls.records()}
+        return {r for r in rows if r[at] is not None and first <= r[at] < end}
+
+    def loaded() -> list[tuple[Any, ...]]:
+        return [tuple(v.astimezone(UTC) if isinstance(v, datetime) else v for v in row)
+                for row in place.rows("tw", "calls", *COMPARED["calls"])]
+
+    run(path)
+    before = loaded()
+    assert len({r[0] for r in before}) == len(before)
+    started = [r for r in before if r[at] is not None]
+    assert started and max(r[at] for r in started) < stop  # nothing after end_date
+    assert set(started) == served(datetime(1970, 1, 1, tzinfo=UTC), stop)
+    state = place.state("tw", "calls")
+
+    sandbox.advance(2 * DAY)  # the calls of the last days end and get priced; newer calls arrive
+    first, last = TODAY - timedelta(days=2), end_date
+    start = datetime.combine(first, datetime.min.time(), UTC)
+    run(path, first, last)
+    after = loaded()
+    assert len({r[0] for r in after}) == len(after) == len(before)  # upserted on sid: each call once
+    inside = [r for r in after if r[at] is not None and start <= r[at] < stop]
+    assert set(inside) == served(start, stop)  # the range as Twilio serves it now
+    assert set(inside) != {r for r in before if r[at] is not None and start <= r[at] < stop}
+    assert [r for r in after if r not in inside] == [r for r in before if r[at] is None or not start <= r[at] < stop]
+    assert place.state("tw", "calls") == state
+
+
+# --- refusals -----------------------------------------------------------------------------------------------
+def test_streams_that_cannot_backfill_refuse_before_anything_loads(tmp_path):
+    from floe.sandbox.sailthru import ExportSpec, generate
+
+    export = tmp_path / "export"
+    generate(export, ExportSpec(days=1, profiles=20))
+    place = place_of("duckdb", None, tmp_path)  # type: ignore[arg-type]
+    path = project(place, {
+        "st": {"type": "sailthru", "path": str(export), "salt": "pepper-for-tests-7731"},
+        "tw": {"type": "twilio", "account_sid": "AC" + "0" * 32, "auth_token": "x" * 32, "start_date": "2026-01-01",
+               "base_url": "http://127.0.0.1:9"}})
+    config = parse_config(yaml.safe_load(path.read_text()), path)
+    days = RunOptions(backfill=DayRange(date(2026, 1, 1), date(2026, 1, 2)))
+    with pytest.raises(ConfigError) as sailthru:
+        runner.run(config, sources=["st"], options=days)
+    assert str(sailthru.value).startswith("--from/--to: none of the selected streams can be backfilled (st.")
+    with pytest.raises(ConfigError) as numbers:
+        runner.run(config, streams=["tw.calls", "tw.incoming_phone_numbers"], options=days)
+    assert str(numbers.value).startswith("--from/--to: tw.incoming_phone_numbers cannot be backfilled: floe "
+                                         "re-reads a range of days only from the time-windowed sources")
+    assert not place.base.joinpath("w.duckdb").exists()  # nothing was even opened
+
+    cli = subprocess.run([sys.executable, "-c", "from floe.cli import main; main()", "run", "-c", str(path),
+                          "--from", "2026-01-02"], capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 1
+    assert cli.stderr.strip().splitlines()[-1] == (
+        "error: --from and --to go together: the first and the last day to backfill (YYYY-MM-DD)")
