@@ -141,7 +141,7 @@ def state_revert(
             if chosen is None:
                 kept = f"versions {log[-1].version} to {latest}" if log else "no versions: never loaded"
                 raise ConfigError(f"--to {to}: {target} -> {dest.name} has no version {to} ({kept})")
-            undone = [v for v in log if v.version > to and v.action in ("load", "full refresh")]
+            undone = [v for v in log if v.version > to and v.action in ("load", "full refresh", "backfill")]
             if latest == to:
                 typer.echo(f"{target} -> {dest.name}: version {to} is the latest; nothing to revert")
                 return
@@ -314,4 +314,7 @@ def describe(v: StateVersion) -> str:
     if v.action == "reset":
         kept = v.details.get("keep_rows")
         return "reset (rows kept)" if kept else f"reset (-{v.details.get('deleted_rows', 0):,} rows)"
+    if v.action == "backfill":
+        days = v.details.get("backfill", {})
+        return f"backfill {days.get('from')}..{days.get('to')}"
     return v.action
