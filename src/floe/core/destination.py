@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from floe.core.errors import StateConflictError
 from floe.core.leases import Holder, Lease, wait_for_lease
-from floe.core.settings import DestinationConfig, SchemaChanges
+from floe.core.settings import BadRows, DestinationConfig, SchemaChanges
 from floe.core.stream import Context, Disposition, RefreshScope, State, Stream
 
 SEQ = "_floe_seq"  # arrival order of staged rows: a later row wins a merge
@@ -78,6 +78,10 @@ class TableSpec:
     # `widen_to_text`: a column may become text to hold values of another type (else a variant column).
     schema_changes: SchemaChanges = "evolve"
     widen_to_text: bool = False
+    # What a load does with a row the destination cannot store (see floe.destinations.rejected): "fail"
+    # the load, or "quarantine" the row in `_floe_rejected` (failing only over `bad_rows_max` rows).
+    bad_rows: BadRows = "fail"
+    bad_rows_max: int | None = None
 
     @property
     def marker_columns(self) -> tuple[str, ...]:
@@ -92,6 +96,17 @@ class TableSpec:
         if not self.marker_columns:
             return None
         return "NOT (" + " AND ".join(f"{column(k)} IS NULL" for k in self.marker_columns) + ")"
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """The rows a load leaves out (`bad_rows: quarantine`): each one's reason, and the row as JSON."""
+
+    reasons: list[str]
+    rows: list[str]
+
+    def __len__(self) -> int:
+        return len(self.reasons)
 
 
 @dataclass(frozen=True)
@@ -117,6 +132,7 @@ class LoadJob:
     # A backfill of an append stream: the table's rows in this scope are deleted in the commit's
     # transaction, before its rows go in (the range's rows are replaced; NULLs in the column stay).
     replaces: RefreshScope | None = None
+    rejected: Rejected | None = None  # the rows quarantine left out of `files` (None: not checked)
 
     @property
     def rows(self) -> int:

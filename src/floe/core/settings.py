@@ -16,6 +16,7 @@ class Model(BaseModel):
 
 SchemaChanges = Literal["evolve", "freeze"]
 Naming = Literal["as_is", "snake_case"]  # a source's column names (engine/naming.py)
+BadRows = Literal["fail", "quarantine"]
 T = TypeVar("T")
 
 
@@ -49,6 +50,20 @@ class SourceConfig(Model):
         default="as_is", description="Column names: `as_is` (as the service sends them, e.g. `EventStart`) or "
         "`snake_case` (`event_start`); see docs/types.md.",
     )
+
+    bad_rows: BadRows | dict[str, BadRows] = Field(
+        default="fail", description="A row holding a value the destination cannot store (text over Redshift's "
+        "65,535 bytes, a JSON column that is not JSON): `fail` the load, or `quarantine` the row in "
+        "`_floe_rejected` and load the others; one value, or a mapping of stream names (`*`: the others).",
+    )
+    bad_rows_max: int | None = Field(
+        default=None, ge=0, description="With `quarantine`: a commit with more rejected rows than this fails "
+        "whole (default: no limit).",
+    )
+
+    def row_policy(self, stream: str) -> BadRows:
+        """The `bad_rows` of one stream."""
+        return per_stream(self.bad_rows, stream, "fail")
 
     def schema_policy(self, stream: str) -> tuple[SchemaChanges, bool]:
         """The `schema_changes` and `widen_to_text` of one stream."""

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal, Protocol
 
 import pyarrow as pa
 
-from floe.core.settings import SchemaChanges, SourceConfig
+from floe.core.settings import BadRows, SchemaChanges, SourceConfig
 
 Disposition = Literal["append", "merge", "replace"]
 State = dict[str, Any]
@@ -109,6 +109,9 @@ class Stream(ABC):
     # Set from the source's `schema_changes` / `widen_to_text` keys (see TableSpec.schema_changes).
     schema_changes: SchemaChanges = "evolve"
     widen_to_text: bool = False
+    # Set from the source's `bad_rows` / `bad_rows_max` keys (see TableSpec.bad_rows).
+    bad_rows: BadRows = "fail"
+    bad_rows_max: int | None = None
 
     @abstractmethod
     def read(self, state: State | None) -> AsyncIterator[Batch]:

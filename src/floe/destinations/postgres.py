@@ -43,6 +43,7 @@ from floe.core.leases import Holder, Lease
 from floe.core.settings import DestinationConfig
 from floe.destinations.column_types import SPELLED_OUT, TEXT_KEYS, ColumnRules
 from floe.destinations.merge import RANK, MergeStyle
+from floe.destinations.rejected import RowRules
 from floe.destinations.schema_changes import SchemaPlan, Widening
 from floe.destinations.sql import LEASES_TABLE, STATE_TABLE, SqlDestination, arrow_type_key
 from floe.destinations.state_ops import SqlStateOps
@@ -296,6 +297,9 @@ class PostgresDestination(SqlStateOps, SqlDestination):
 
     def load_group(self, jobs: list[LoadJob]) -> None:
         super().load_group([self._named(job) for job in jobs])
+
+    def row_rules(self) -> RowRules:
+        return RowRules(json_nul_escape=True)  # jsonb cannot hold \u0000
 
     def _named(self, job: LoadJob) -> LoadJob:
         """The job with its table in the schema this destination uses for the source."""

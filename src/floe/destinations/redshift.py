@@ -47,6 +47,7 @@ from floe.core.settings import ExpiringLeaseConfig
 from floe.destinations.column_types import SPELLED_OUT, ColumnRules
 from floe.destinations.merge import NULL_SAFE_OR
 from floe.destinations.postgres import MERGE_STYLE, PostgresConfig, PostgresDestination
+from floe.destinations.rejected import RowRules, quarantined
 from floe.destinations.schema_changes import SchemaPlan, Widening, plan_schema, routed
 from floe.destinations.sql import LEASES_TABLE, SqlDestination, arrow_type_key
 from floe.infra.objectstore import S3Store, StoreUrl
@@ -389,11 +390,17 @@ class RedshiftDestination(PostgresDestination):
         self.store.put_bytes(manifest_key, json.dumps({"entries": entries}, indent=1).encode())
         return prefix, self.store.uri(manifest_key)
 
+    def row_rules(self) -> RowRules:
+        long_text = VARCHAR_MAX if self.config.long_strings == "fail" else None  # else truncated
+        return RowRules(max_text_bytes=long_text, max_json_bytes=VARCHAR_MAX)
+
     def load_group(self, jobs: list[LoadJob]) -> None:
-        """Upload every job's parts, then COPY and commit them all in one transaction."""
+        """Upload every job's parts (less the rows quarantine leaves out), then COPY and commit them all
+        in one transaction."""
         prefixes: list[str] = []
         try:
             with ExitStack() as routing:
+                jobs = routing.enter_context(quarantined(jobs, self.row_rules(), self.name))
                 jobs = [routing.enter_context(routed(job, self.preview(job))) for job in jobs]
                 for job in jobs:
                     if job.files:

@@ -44,6 +44,7 @@ from floe.core.stream import RefreshScope
 from floe.destinations import merge, schema_changes
 from floe.destinations.column_types import ColumnRules
 from floe.destinations.merge import STANDARD, MergeStyle
+from floe.destinations.rejected import RowRules, insert_rejected, quarantined
 from floe.destinations.schema_changes import SchemaPlan, Widening, log_changes, routed
 
 STATE_TABLE = "_floe_state"
@@ -311,7 +312,16 @@ class SqlDestination(Destination):
     def load(self, job: LoadJob) -> None:
         self.load_group([job])
 
+    def row_rules(self) -> RowRules:
+        """The values this warehouse cannot store (what `bad_rows: quarantine` leaves out)."""
+        return RowRules()
+
     def load_group(self, jobs: list[LoadJob]) -> None:
+        """The jobs (less the rows their streams quarantine) committed by `commit_group`."""
+        with quarantined(jobs, self.row_rules(), self.name) as checked:
+            self.commit_group(checked)
+
+    def commit_group(self, jobs: list[LoadJob]) -> None:
         """Every job's `load_step` in ONE transaction: all of them are committed, or none.
 
         floe's own tables and the jobs' schemas are created first, in short transactions of their own;
@@ -366,6 +376,7 @@ class SqlDestination(Destination):
                 self.drop_staging(cur, staging)
         for statement in self.views_sql(spec):
             cur.execute(statement)
+        insert_rejected(self, cur, job)
         if not job.refresh:
             self.write_state(cur, job)
         self.write_load_row(cur, job, "refreshing" if job.refresh else "committed", None, datetime.now(UTC))

@@ -84,6 +84,7 @@ def table_spec(source: str, stream: Stream, files: list[StagedFile]) -> TableSpe
         source, stream.name, pa.schema(list(fields.values())), stream.primary_key, stream.disposition,
         parent_key=stream.parent_key, parent_markers=stream.parent_markers, views=tuple(stream.views),
         schema_changes=stream.schema_changes, widen_to_text=stream.widen_to_text,
+        bad_rows=stream.bad_rows, bad_rows_max=stream.bad_rows_max,
     )
 
 
@@ -256,9 +257,14 @@ class _Lane:
                 self.refreshed.extend(commit.files)
             else:
                 self.version += 1
-            self.result.rows += job.rows
+            rejected = int(job.details.get("rejected_rows", 0))  # left out by `bad_rows: quarantine`
+            self.result.rows += job.rows - rejected
             self.result.commits += 1
             self.result.schema_changes += job.details.get("schema_changes", [])
+            if rejected:
+                self.result.details["rejected_rows"] = self.result.details.get("rejected_rows", 0) + rejected
+                log.warning("event=rows_rejected source=%s stream=%s destination=%s rows=%d table=_floe_rejected",
+                            self.source.name, self.stream.name, self.destination.name, rejected)
             self.result.state = job.checkpoint
             if self.progress:
                 self.progress.add(self.key, files=len(commit.files), commits=1)

@@ -30,6 +30,7 @@ def select_streams(source: Source, names: Iterable[str] | None) -> list[Stream]:
     streams = source.streams()
     for stream in streams:
         stream.schema_changes, stream.widen_to_text = source.config.schema_policy(stream.name)
+        stream.bad_rows, stream.bad_rows_max = source.config.row_policy(stream.name), source.config.bad_rows_max
     streams = [named(stream, source.name, source.config.naming) for stream in streams]
     if not names:
         return streams
