@@ -63,7 +63,8 @@ def print_summary(results: list[StreamResult]) -> None:
     for column in ("source", "stream", "destination", "rows", "commits", "seconds", "status"):
         table.add_column(column, justify="right" if column in ("rows", "commits", "seconds") else "left")
     for r in results:
-        status = "ok" if r.ok else f"FAILED: {r.error}"
+        rejected = r.details.get("rejected_rows", 0)  # `bad_rows: quarantine`
+        status = (f"ok ({rejected:,} rows to _floe_rejected)" if rejected else "ok") if r.ok else f"FAILED: {r.error}"
         table.add_row(r.source, r.stream, r.destination, f"{r.rows:,}", str(r.commits), f"{r.seconds:.1f}", status)
     console.print(table)
 
