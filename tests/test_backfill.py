@@ -268,3 +268,33 @@ def test_streams_that_cannot_backfill_refuse_before_anything_loads(tmp_path):
     assert cli.returncode == 1
     assert cli.stderr.strip().splitlines()[-1] == (
         "error: --from and --to go together: the first and the last day to backfill (YYYY-MM-DD)")
+
+
+# --- SQL tables with a date or timestamp replication key ------------------------------------------------------
+def test_a_sql_table_backfills_by_its_timestamp_key_and_one_with_a_number_key_refuses(postgres_db, request, tmp_path):
+    import psycopg
+
+    with psycopg.connect(postgres_db.dsn, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA app; CREATE TABLE app.readings (at timestamptz, v text); "
+                     "CREATE TABLE app.counters (n bigint, v text); INSERT INTO app.counters VALUES (1, 'a'); "
+                     "INSERT INTO app.readings SELECT TIMESTAMPTZ '2026-01-01 00:00+00' + h * INTERVAL '1 hour', "
+                     "'old' FROM generate_series(0, 71) h")
+    place = place_of("duckdb", request, tmp_path)
+    path = project(place, {"db": {"type": "sql", "url": postgres_db.url, "schema": "app", "tables": [
+        {"name": "readings", "replication_key": "at"}, {"name": "counters", "replication_key": "n"}]}})
+    run(path)
+    state = place.state("db", "readings")
+    with psycopg.connect(postgres_db.dsn, autocommit=True) as conn:
+        conn.execute("UPDATE app.readings SET v = 'new' WHERE at >= '2026-01-02' AND at < '2026-01-03'")
+    run(path, date(2026, 1, 2), date(2026, 1, 2), streams=["db.readings"])
+    values = Counter(place.column("db", "readings", "v"))
+    assert values == {"old": 48, "new": 24}  # the day's 24 rows replaced, once each
+    assert place.state("db", "readings") == state
+    config = parse_config(yaml.safe_load(path.read_text()), path)
+    [past] = runner.run(config, streams=["db.readings"], options=RunOptions(backfill=DayRange(date(2026, 1, 3),
+                                                                                              date(2026, 1, 3))))
+    assert past.error.startswith("sources.db: table readings (appended, no primary key) is loaded up to at = "
+                                 "2026-01-03T23:00:00+00:00: --to 2026-01-03 must end before it")
+    with pytest.raises(ConfigError, match="db.counters cannot be backfilled"):
+        runner.run(config, streams=["db.counters"], options=RunOptions(backfill=DayRange(date(2026, 1, 1),
+                                                                                         date(2026, 1, 1))))

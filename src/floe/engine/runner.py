@@ -123,7 +123,7 @@ async def backfill_streams(config: FloeConfig, run_plan: RunPlan, selected: dict
                 refused.append(f"{name}.{stream.name}")
     days = context.options.backfill
     why = ("re-reads a range of days only from the time-windowed sources (Twilio's calls, messages and "
-           "recordings, Singular, FullStory)")
+           "recordings, Singular, FullStory) and SQL tables whose replication_key is a date or timestamp")
     if refused and selected is not None:
         raise ConfigError(f"--from/--to: {', '.join(refused)} cannot be backfilled: floe {why}; "
                           "run without --from/--to to load it, or --full-refresh to read it again whole")

@@ -33,7 +33,7 @@ from floe.core import secrets
 from floe.core.destination import json_field
 from floe.core.errors import ConfigError, SourceError
 from floe.core.settings import Model, SourceConfig
-from floe.core.stream import Batch, Context, Source, State, Stream
+from floe.core.stream import Batch, Context, DayRange, RefreshScope, Source, State, Stream
 from floe.infra.pgconn import PostgresConnection, connect_postgres, describe, read_batches, url_keys
 from floe.infra.pgcopy import copy_batches
 from floe.infra.threads import in_thread, iterate_in_thread
@@ -66,6 +66,7 @@ UDT_TYPES: dict[str, pa.DataType] = {
     "timestamptz": pa.timestamp("us", "UTC"), "bytea": pa.binary(),
 }
 JSON_UDTS = {"json", "jsonb", "super"}
+TIME_UDTS = {"date", "timestamp", "timestamptz"}  # replication keys a backfill can select days of
 # udt_names whose binary COPY values `floe.infra.pgcopy` decodes; COPY selects the other columns as text
 COPY_UDTS = {"bool", "int2", "int4", "int8", "oid", "float4", "float8", "text", "varchar", "bpchar", "name",
              "date", "time", "timestamp", "timestamptz", "bytea", "json", "jsonb"}
@@ -118,19 +119,46 @@ class SqlStream(Stream):
         self.primary_key = primary_key
         self.cursor_field = replication_key
         self.disposition = ("merge" if primary_key else "append") if replication_key else "replace"
+        if replication_key is not None and udts[replication_key] in TIME_UDTS:
+            self.range_column = replication_key  # a backfill reads days of it
 
-    def query(self, state: State | None, copy: bool = False) -> tuple[str, list[Any]]:
+    def query(self, state: State | None, copy: bool = False, scope: RefreshScope | None = None) -> tuple[str, list[Any]]:
+        """The SELECT of a run from `state`, or (`scope`) of a backfill's range of the replication key."""
         table = f"{quote(self.source.config.schema_)}.{quote(self.name)}"
         selects = [_select(name, udt, copy) for name, udt in self.udts.items()]
         sql, params = f"SELECT {', '.join(selects)} FROM {table}", cast(list[Any], [])
         key = self.cursor_field
         if key is None:
             return sql, params
-        bookmark = (state or {}).get("replication_key_value") if (state or {}).get("replication_key") == key else None
-        if bookmark is not None:
+        bookmark = self.bookmark(state)
+        if scope is not None:
+            sql += f" WHERE {quote(key)} >= CAST(%s AS {self.udts[key]}) AND {quote(key)} < CAST(%s AS {self.udts[key]})"
+            params += [_json_value(scope.start), _json_value(scope.end)]
+        elif bookmark is not None:
             sql += f" WHERE {quote(key)} >= CAST(%s AS {self.udts[key]})"
             params.append(bookmark)
         return sql + f" ORDER BY {quote(key)}", params
+
+    def bookmark(self, state: State | None) -> Any:
+        """The committed largest replication key value (None: none yet, or of another key)."""
+        return (state or {}).get("replication_key_value") if (state or {}).get("replication_key") == self.cursor_field \
+            else None
+
+    def backfill_scope(self, days: DayRange, state: State | None) -> RefreshScope:
+        key = self.cursor_field
+        assert key is not None
+        udt = self.udts[key]
+        start, end = ((days.first, days.end.date()) if udt == "date" else (days.start, days.end) if udt == "timestamptz"
+                      else (days.start.replace(tzinfo=None), days.end.replace(tzinfo=None)))
+        bookmark = self.bookmark(state)
+        if self.disposition == "append" and (bookmark is None or str(bookmark) < _json_value(end)):
+            loaded = f"is loaded up to {key} = {bookmark}" if bookmark is not None else "is not loaded yet"
+            raise ConfigError(f"{self.source.where}: table {self.name} (appended, no primary key) {loaded}: "
+                              f"--to {days.last} must end before it, or the next run would append those rows again")
+        return RefreshScope(key, start, end)
+
+    def read_range(self, scope: RefreshScope) -> AsyncIterator[Batch]:
+        return self._read(self.query(None, self.source.reads_with_copy, scope), None)
 
     def typed(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         """A COPY batch with the columns read as text but declared otherwise (numeric) cast to their type."""
@@ -142,10 +170,13 @@ class SqlStream(Stream):
                     raise SourceError(f"{self.source.where}: table {self.name}, column {f.name!r}: {exc}") from None
         return batch
 
-    async def read(self, state: State | None) -> AsyncIterator[Batch]:
-        sql, params = self.query(state, self.source.reads_with_copy)
+    def read(self, state: State | None) -> AsyncIterator[Batch]:
+        return self._read(self.query(state, self.source.reads_with_copy), state)
+
+    async def _read(self, query: tuple[str, list[Any]], state: State | None) -> AsyncIterator[Batch]:
+        sql, params = query
         key = self.cursor_field
-        bookmark = (state or {}).get("replication_key_value") if key and (state or {}).get("replication_key") == key else None
+        bookmark = self.bookmark(state)
         rows = partial(self.source.batches, self, sql, params)
         async with iterate_in_thread(rows, name=f"sql:{self.name}") as batches:
             async for batch in batches:
