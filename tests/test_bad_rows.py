@@ -71,11 +71,16 @@ def load(place: Place, stream: DocsStream, tmp_path: Path) -> Any:
         destination.close()
 
 
+def meta(place: Place, table: str) -> str:
+    return f"raw.{table}" if place.kind == "bigquery" else table
+
+
 def rejected(place: Place) -> list[tuple[Any, ...]]:
-    return place._sql("SELECT source, stream, load_id, reason, record FROM _floe_rejected ORDER BY record")
+    return place._sql(f"SELECT source, stream, load_id, reason, record FROM {meta(place, '_floe_rejected')} "
+                      "ORDER BY record")
 
 
-@pytest.mark.parametrize("kind", ["duckdb", "postgres"])
+@pytest.mark.parametrize("kind", ["duckdb", "postgres", "bigquery"])
 def test_rows_the_warehouse_cannot_store_are_quarantined_and_the_others_load(kind, request, tmp_path):
     place = place_of(kind, request, tmp_path)
     result = load(place, DocsStream(bad_rows="quarantine"), tmp_path)
@@ -91,7 +96,8 @@ def test_rows_the_warehouse_cannot_store_are_quarantined_and_the_others_load(kin
         **({NUL_ESCAPE: "column 'doc': JSON holding \\u0000, which PostgreSQL's jsonb refuses"} if kind == "postgres"
            else {})}
     assert json.loads(rows[0][4]) == {"id": NOT_JSON, "doc": "{not json", "note": "note 3"}
-    [(committed,)] = place._sql(f"SELECT details FROM _floe_loads WHERE load_id = '{load_id}'")
+    [(committed,)] = place._sql(f"SELECT details FROM {meta(place, '_floe_loads')} WHERE load_id = '{load_id}' "
+                                "AND status = 'committed'")
     assert json.loads(committed)["rejected_rows"] == len(bad)  # the same commit as the rows and the state
     assert place.state("src", "docs") == {"done": 1}
 

@@ -63,6 +63,7 @@ from floe.destinations.bigquery_sql import (
     quote,
     transaction_script,
 )
+from floe.destinations.rejected import RowRules, quarantined
 from floe.destinations.schema_changes import SchemaPlan, log_changes, routed, variant_refresh_error
 from floe.destinations.sql import LOADS_TABLE, STATE_TABLE
 from floe.destinations.state_ops import version_of
@@ -161,6 +162,12 @@ class BigQueryDestination(BigQuerySql, Destination):
         self.load_group([job])
 
     def load_group(self, jobs: list[LoadJob]) -> None:
+        """The jobs (less the rows their streams quarantine: JSON columns that are not JSON) committed by
+        `commit_group`."""
+        with quarantined(jobs, RowRules(), self.name) as checked:
+            self.commit_group(checked)
+
+    def commit_group(self, jobs: list[LoadJob]) -> None:
         """Every job's rows, state and load row in ONE transaction script (BigQuery's transactions span
         tables); each job's DDL, staging table and load job come before it."""
         # A full refresh's rows wait in the table's refresh copy until finish_refresh.

@@ -21,6 +21,7 @@ from floe.destinations import merge
 from floe.destinations.bigquery_api import param, scalar_type
 from floe.destinations.column_types import ColumnRules
 from floe.destinations.merge import NULL_SAFE_OR, RANK, MergeStyle
+from floe.destinations.rejected import REJECTED_TABLE
 from floe.destinations.schema_changes import SchemaPlan, Widening, plan_schema
 from floe.destinations.sql import LOADS_TABLE, STATE_TABLE, arrow_type_key
 from floe.destinations.state_ops import CHANGE_STATUS
@@ -310,6 +311,16 @@ class BigQuerySql:
             where, scoped = self.scope_sql(job.replaces, suffix)
             body.insert(0, f"DELETE FROM {self.ref(self.table_name(spec))} WHERE {where}")
             parameters += scoped
+        if job.rejected:  # `bad_rows: quarantine`
+            ddl.append(f"CREATE TABLE IF NOT EXISTS {self.ref(REJECTED_TABLE)} (source STRING, stream STRING, "
+                       "load_id STRING, reason STRING, record STRING, rejected_at TIMESTAMP)")
+            rows = ", ".join(f"(@source{suffix}, @stream{suffix}, @load_id{suffix}, @rejected_reason{suffix}_{i}, "
+                             f"@rejected_record{suffix}_{i}, CURRENT_TIMESTAMP())" for i in range(len(job.rejected)))
+            body.append(f"INSERT INTO {self.ref(REJECTED_TABLE)} (source, stream, load_id, reason, record, "
+                        f"rejected_at) VALUES {rows}")
+            for i, (reason, record) in enumerate(zip(job.rejected.reasons, job.rejected.rows, strict=True)):
+                parameters += [param(f"rejected_reason{suffix}_{i}", "STRING", reason),
+                               param(f"rejected_record{suffix}_{i}", "STRING", record)]
         if uris or spec.disposition == "replace":
             ddl.append(self.staging_ddl(spec, staging))
         return LoadPlan(
