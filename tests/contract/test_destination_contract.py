@@ -8,6 +8,7 @@ docs/destinations.md). A destination joins the suite with one line in DESTINATIO
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -28,6 +29,7 @@ from floe.apps.notify import Notifier, report
 from floe.config import NotifyConfig
 from floe.core.destination import CommittedState, Destination, LoadJob, StagedFile, StateChange, TableSpec
 from floe.core.errors import DestinationError, StateConflictError
+from floe.core.stream import RefreshScope
 from floe.destinations.files import FilesDestination
 from floe.destinations.sql import SqlDestination
 from floe.engine.pipeline import StreamResult
@@ -190,6 +192,23 @@ def test_replace_swaps_the_whole_table_and_an_empty_replace_empties_it(under):
     under.load(t([], []), disposition="replace", checkpoint={"empty": True})
     assert under.rows() == []
     assert under.dest.get_state("src", "items") == {"empty": True}
+
+
+def test_a_backfill_commit_replaces_the_rows_of_its_range_and_keeps_every_other_row(under):
+    def at(*days: int | None) -> dict[str, pa.Array]:
+        return {"at": pa.array([None if d is None else datetime(2024, 1, d, 12, tzinfo=UTC) for d in days],
+                               pa.timestamp("us", "UTC"))}
+
+    under.load(t([1, 2, 3, 4, 5], ["a", "b", "c", "d", "n"], **at(1, 2, 3, 4, None)), checkpoint={"day": 4})
+    scope = RefreshScope("at", datetime(2024, 1, 2, tzinfo=UTC), datetime(2024, 1, 4, tzinfo=UTC))
+    job = under.job(t([2, 3, 6], ["b2", "c2", "x2"], **at(2, 3, 3)), checkpoint={"day": 4})
+    under.dest.load(dataclasses.replace(job, replaces=scope))  # days 2 and 3 re-read: b, c changed, x is new
+    assert under.rows() == [(1, "a"), (2, "b2"), (3, "c2"), (4, "d"), (5, "n"), (6, "x2")]
+    empty = under.job(pa.table({"id": pa.array([], pa.int64()), "v": pa.array([], pa.string()), **at()}),
+                      checkpoint={"day": 4})
+    under.dest.load(dataclasses.replace(empty, files=[], replaces=scope))  # the days now hold nothing
+    assert under.rows() == [(1, "a"), (4, "d"), (5, "n")]
+    assert under.dest.get_state("src", "items") == {"day": 4} and under.place.versions("src", "items") == [1, 2, 3]
 
 
 def test_a_child_merge_replaces_each_re_sent_parents_set_and_a_marker_empties_it(under):
