@@ -234,7 +234,7 @@ class BigQueryDestination(BigQuerySql, Destination):
         parameters = self.parameters(job, self.name)
         delete = f"DELETE FROM {target} WHERE TRUE"
         if scope is not None:
-            where, scoped = self.scope_sql(scope)
+            where, scoped = self.scope_sql(scope, "refresh")
             delete = f"DELETE FROM {target} WHERE {where}"
             parameters += scoped
         body = [delete, f"INSERT INTO {target} ({names}_floe_load_id, _floe_loaded_at) "

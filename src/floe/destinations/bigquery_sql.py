@@ -191,14 +191,15 @@ class BigQuerySql:
                                      now="CURRENT_TIMESTAMP()", quote=quote)
 
     @staticmethod
-    def scope_sql(scope: RefreshScope, suffix: str = "") -> tuple[str, list[dict[str, Any]]]:
-        """The condition true for the rows of `scope`, and its query parameters (named with `suffix`)."""
+    def scope_sql(scope: RefreshScope, name: str, suffix: str = "") -> tuple[str, list[dict[str, Any]]]:
+        """The condition true for the rows of `scope`, and its query parameters (`@<name>_start`,
+        `@<name>_end`, ended with `suffix`)."""
         column = quote(scope.column)
-        where = f"{column} >= @scope_start{suffix}"
-        parameters = [param(f"scope_start{suffix}", scalar_type(scope.start), scope.start)]
+        where = f"{column} >= @{name}_start{suffix}"
+        parameters = [param(f"{name}_start{suffix}", scalar_type(scope.start), scope.start)]
         if scope.end is not None:
-            where += f" AND {column} < @scope_end{suffix}"
-            parameters.append(param(f"scope_end{suffix}", scalar_type(scope.end), scope.end))
+            where += f" AND {column} < @{name}_end{suffix}"
+            parameters.append(param(f"{name}_end{suffix}", scalar_type(scope.end), scope.end))
         return where, parameters
 
     def version_check_sql(self, suffix: str = "") -> str:
@@ -308,7 +309,7 @@ class BigQuerySql:
         body = self.disposition_sql(spec, staging, suffix) if uris or spec.disposition == "replace" else []
         parameters = self.parameters(job, self.name, suffix)
         if job.replaces is not None:  # a backfill: the range's rows go, its re-read rows come in
-            where, scoped = self.scope_sql(job.replaces, suffix)
+            where, scoped = self.scope_sql(job.replaces, "backfill", suffix)
             body.insert(0, f"DELETE FROM {self.ref(self.table_name(spec))} WHERE {where}")
             parameters += scoped
         if job.rejected:  # `bad_rows: quarantine`
