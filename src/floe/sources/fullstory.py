@@ -247,17 +247,16 @@ class EventsStream(Stream):
                               "and let a run without --from/--to load the newer events")
         return RefreshScope(self.range_column, days.start, days.end)
 
-    async def read_range(self, scope: RefreshScope) -> AsyncIterator[Batch]:
+    def read_range(self, scope: RefreshScope) -> AsyncIterator[Batch]:
         windows, start = [], scope.start
         while start < scope.end:
             windows.append((start, min(window_end(start, self.config.duration), scope.end)))
             start = windows[-1][1]
-        async for batch in self._read_windows(windows, stoppable=False):
-            yield batch
+        return self._read_windows(windows, stoppable=False)
 
-    async def read(self, state: State | None) -> AsyncIterator[Batch]:
-        async for batch in self._read_windows(self.windows(state, self.source.now()), stoppable=True):
-            yield batch
+    def read(self, state: State | None) -> AsyncIterator[Batch]:
+        # The generator itself, not a wrapper: the engine's aclose() then runs its `finally` at once.
+        return self._read_windows(self.windows(state, self.source.now()), stoppable=True)
 
     async def _read_windows(self, windows: list[tuple[datetime, datetime]], stoppable: bool) -> AsyncIterator[Batch]:
         """Export, download and parse `windows` in order; a checkpoint after each window or day (see

@@ -290,14 +290,11 @@ class SingularReport(Stream):
     def backfill_scope(self, days: DayRange, state: State | None) -> RefreshScope:
         return RefreshScope(self.range_column, days.first, days.last + timedelta(days=1))
 
-    async def read_range(self, scope: RefreshScope) -> AsyncIterator[Batch]:
-        days = [scope.start + timedelta(days=k) for k in range((scope.end - scope.start).days)]
-        async for batch in self._read_days(days):
-            yield batch
+    def read_range(self, scope: RefreshScope) -> AsyncIterator[Batch]:
+        return self._read_days([scope.start + timedelta(days=k) for k in range((scope.end - scope.start).days)])
 
-    async def read(self, state: State | None) -> AsyncIterator[Batch]:
-        async for batch in self._read_days(self.days()):
-            yield batch
+    def read(self, state: State | None) -> AsyncIterator[Batch]:
+        return self._read_days(self.days())  # the generator itself: the engine's aclose() reaches its `finally`
 
     async def _read_days(self, days: list[date]) -> AsyncIterator[Batch]:
         """The reports of `days`, then one checkpoint: every day commits together."""

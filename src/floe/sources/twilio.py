@@ -280,15 +280,13 @@ class TwilioIncremental(Stream):
         return pc.min(batch.column("date_created").filter(pending)).as_py()
 
     # --- backfill: the date windows of a day range, merged on sid (no sweeps: those rows have no date) ---
-    async def read_range(self, scope: RefreshScope) -> AsyncIterator[Batch]:
-        async for batch in self._read(None, self.day_windows(scope.start, scope.end), ()):
-            yield batch
+    def read_range(self, scope: RefreshScope) -> AsyncIterator[Batch]:
+        return self._read(None, self.day_windows(scope.start, scope.end), ())
 
-    async def read(self, state: State | None) -> AsyncIterator[Batch]:
-        config = self.source.config
-        sweeps = self.list.sweeps if config.null_cursor_rows else ()
-        async for batch in self._read(state, self.windows(state, datetime.now(UTC)), sweeps):
-            yield batch
+    def read(self, state: State | None) -> AsyncIterator[Batch]:
+        # The generator itself, not a wrapper: the engine's aclose() then runs its `finally` at once.
+        sweeps = self.list.sweeps if self.source.config.null_cursor_rows else ()
+        return self._read(state, self.windows(state, datetime.now(UTC)), sweeps)
 
     async def _read(self, state: State | None, windows: list[tuple[datetime, datetime | None]],
                     sweeps: tuple[dict[str, str], ...]) -> AsyncIterator[Batch]:
