@@ -153,6 +153,18 @@ def test_a_fullstory_backfill_replaces_the_days_events_and_keeps_the_sync_point(
     assert state_log(place, "fs", "events")[0].action == "backfill"
 
 
+def test_a_snake_case_source_backfills_by_its_renamed_column(fullstory, request, tmp_path):
+    place = place_of("duckdb", request, tmp_path)
+    path = fullstory_project(place, fullstory, days=2, naming="snake_case")
+    run(path)
+    before = place.rows("fs", "events", "indv_id", "session_id", "page_id", "event_start", "event_type", "event_page_offset")
+    fullstory.app.state.fullstory.seed = 7
+    [result] = run(path, date(2024, 1, 2), date(2024, 1, 2))
+    after = place.rows("fs", "events", "indv_id", "session_id", "page_id", "event_start", "event_type", "event_page_offset")
+    assert result.rows == 24 * 60 and len(after) == len(before) == 2 * 24 * 60  # replaced, not appended
+    assert after != before
+
+
 def test_a_fullstory_backfill_past_the_sync_point_or_of_nothing_loaded_is_refused(fullstory, request, tmp_path):
     place = place_of("duckdb", request, tmp_path)
     path = fullstory_project(place, fullstory)

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from floe.core.errors import ConfigError, SourceError
 from floe.core.settings import Naming
-from floe.core.stream import Batch, RefreshScope, State, Stream
+from floe.core.stream import Batch, DayRange, RefreshScope, State, Stream
 
 
 def snake_case(name: str) -> str:
@@ -57,6 +57,8 @@ class SnakeCaseStream(Stream):
         self.parent_key = tuple(self.rename(k) for k in stream.parent_key)
         self.cursor_field = None if stream.cursor_field is None else self.rename(stream.cursor_field)
         self.schema_changes, self.widen_to_text = stream.schema_changes, stream.widen_to_text
+        self.bad_rows, self.bad_rows_max = stream.bad_rows, stream.bad_rows_max
+        self.range_column = None if stream.range_column is None else self.rename(stream.range_column)
 
     def rename(self, column: str) -> str:
         return self.names.get(column) or snake_case(column)
@@ -71,12 +73,24 @@ class SnakeCaseStream(Stream):
                 raise SourceError(str(exc)) from None
         return [self.names[n] for n in schema.names]
 
+    def renamed(self, batch: Batch) -> Batch:
+        records = batch.records
+        if records is None:
+            return batch
+        return Batch(records.rename_columns(self.batch_names(records.schema)), batch.checkpoint)  # no copy
+
     async def read(self, state: State | None) -> AsyncIterator[Batch]:
         async for batch in self.inner.read(state):
-            records = batch.records
-            if records is not None:
-                batch = Batch(records.rename_columns(self.batch_names(records.schema)), batch.checkpoint)  # no copy
-            yield batch
+            yield self.renamed(batch)
+
+    def backfill_scope(self, days: DayRange, state: State | None) -> RefreshScope:
+        scope = self.inner.backfill_scope(days, state)
+        return RefreshScope(self.rename(scope.column), scope.start, scope.end)
+
+    async def read_range(self, scope: RefreshScope) -> AsyncIterator[Batch]:
+        original = next((name for name, new in self.names.items() if new == scope.column), scope.column)
+        async for batch in self.inner.read_range(RefreshScope(original, scope.start, scope.end)):
+            yield self.renamed(batch)
 
     def refresh_scope(self) -> RefreshScope | None:
         scope = self.inner.refresh_scope()
