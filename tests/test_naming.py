@@ -13,6 +13,7 @@ import pytest
 
 import floe
 from floe.core.errors import ConfigError, SourceError
+from floe.core.settings import SourceConfig
 from floe.core.stream import Batch, State, Stream
 from floe.engine.naming import SnakeCaseStream, snake_case
 from floe.engine.runner import select_streams
@@ -78,7 +79,7 @@ class Clashing(Stream):
 
 def snake_source(stream: Stream) -> OneStreamSource:
     source = OneStreamSource(stream)
-    source.config = type("Config", (), {"naming": "snake_case", "schema_policy": lambda self, name: ("evolve", False)})()
+    source.config = SourceConfig(type="test", naming="snake_case")
     return source
 
 
