@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from floe import __version__
+from floe.commands.chaos import chaos_command
 from floe.commands.check import check_command
 from floe.commands.demo import demo_command
 from floe.commands.explain import explain_command
@@ -50,6 +51,7 @@ app.command("discover")(discover_command)
 app.command("target")(target_command)
 app.command("sandbox")(sandbox_command)
 app.command("serve")(serve_command)
+app.command("chaos")(chaos_command)
 
 
 def main() -> None:

@@ -198,7 +198,7 @@ def _validate_plugins(raw: Any, section: str, registry: Any) -> dict[str, Any]:
         kind = entry.get("type")
         if kind is None:
             raise ConfigError(f"{where}.type: is required (one of {', '.join(registry.names())})")
-        if kind not in registry.names():
+        if not registry.has(str(kind)):
             raise ConfigError(f"{where}.type: must be one of {', '.join(registry.names())}"
                               + did_you_mean(str(kind), registry.names()))
         validated[str(name)] = validate_model(registry.config_model(kind), entry, where)

@@ -106,6 +106,11 @@ class Stream(ABC):
     parent_key: tuple[str, ...] = ()  # merge: replace all rows of a parent (see TableSpec.parent_key)
     parent_markers: bool = True  # see TableSpec.parent_markers
     views: tuple[tuple[str, str], ...] = ()  # (view name, SQL template) kept beside the table (see TableSpec.views)
+    # The view holding the stream's current rows when its table keeps every retrieval (one of `views`;
+    # None: the table itself), and the columns a run stamps rather than reads (its retrieval time).
+    # `floe chaos` compares those rows, without those columns, between runs.
+    current_view: str | None = None
+    run_columns: tuple[str, ...] = ()
     # Set from the source's `schema_changes` / `widen_to_text` keys (see TableSpec.schema_changes).
     schema_changes: SchemaChanges = "evolve"
     widen_to_text: bool = False

@@ -199,6 +199,7 @@ class SingularReport(Stream):
     """Append-only daily report rows; `<table>_latest` view keeps each (day, dimensions)' latest retrieval."""
 
     disposition = "append"
+    run_columns = ("when_retrieved",)
 
     def __init__(self, source: SingularSource) -> None:
         config = source.config
@@ -214,7 +215,8 @@ class SingularReport(Stream):
             + [pa.field(column, metric_type(m)) for m, _, column in config.cohort_columns]
         )
         keys = ", ".join(f'"{c}"' for c in ["reporting_date", *self.dimensions])
-        self.views = ((f"{self.name}_latest", (
+        self.current_view = f"{self.name}_latest"
+        self.views = ((self.current_view, (
             f'SELECT {{columns}} FROM (SELECT *, RANK() OVER (PARTITION BY {keys} ORDER BY "when_retrieved" DESC) '
             f'AS "_floe_rank" FROM {{table}}) AS "ranked" WHERE "_floe_rank" = 1'
         )),)

@@ -183,6 +183,7 @@ class TwilioIncremental(Stream):
 
     primary_key = ("sid",)
     disposition = "merge"
+    run_columns = ("when_retrieved",)
 
     def __init__(self, source: TwilioSource, name: str) -> None:
         self.source, self.name, self.list = source, name, LISTS[name]
@@ -427,6 +428,7 @@ class IncomingPhoneNumbers(Stream):
     name = "incoming_phone_numbers"
     primary_key = ("sid",)
     disposition = "replace"
+    run_columns = ("when_retrieved",)
 
     def __init__(self, source: TwilioSource) -> None:
         self.source = source
@@ -452,6 +454,7 @@ class PricingPhoneNumbers(Stream):
     name = "pricing_phone_numbers"
     primary_key = ("iso_country", "number_type")
     disposition = "replace"
+    run_columns = ("when_retrieved",)
     schema = PRICING_SCHEMA
 
     def __init__(self, source: TwilioSource) -> None:

@@ -79,6 +79,7 @@ class ExportsStream(SailthruStream):
     name = "exports"
     table = ""
     primary_key = ("name",)
+    run_columns = ("ingested_at",)
     schema = pa.schema([
         ("name", pa.string()), ("collection", pa.string()), ("client_id", pa.string()),
         ("export_date", pa.date32()), ("rows", pa.int64()), ("bytes", pa.int64()),

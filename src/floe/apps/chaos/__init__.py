@@ -1,0 +1,1 @@
+"""`floe chaos`: exactly-once proven on the user's own config (see trials)."""

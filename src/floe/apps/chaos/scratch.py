@@ -1,0 +1,168 @@
+"""A scratch copy of the user's config for `floe chaos`: sources read floe's emulators, destinations are scratch.
+
+Each configured source keeps its own settings (streams, lookback, dimensions, ...) and gets its own
+emulator, started fresh for every run of the experiment with the same seed and the same clock, so
+every run reads the same generated data. What is rewritten, by source type:
+
+- twilio: credentials, `base_url`, `pricing_url`, `start_date` (the emulator's first day) and
+  `checkpoint_rows` (its least, so that a run commits several times and kills land in between);
+- singular: `api_key`, `base_url`, `end_date` (the emulator's today) and a short `poll_interval`;
+  the emulator's numbers are settled (late changes would make two runs differ by design);
+- sailthru: `path` (generated export files) and `salt`.
+
+Other sources (a SQL database, FullStory's export jobs, plugins) are left out, and the report says so.
+Each destination becomes a scratch one of its type: DuckDB (and DuckDB-based plugins) a file in the
+experiment's folder, PostgreSQL a pair of fresh schemas on the server given with `--postgres-url`.
+Other types, and PostgreSQL without a server, are stood in for by a scratch DuckDB file.
+"""
+
+from __future__ import annotations
+
+import secrets as _random
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+from floe.config import FloeConfig
+from floe.destinations.duckdb import DuckDBConfig
+from floe.destinations.postgres import PostgresConfig
+from floe.sandbox.emulators import Running, start
+
+EMULATED_SOURCES = ("twilio", "singular", "sailthru")
+API_SOURCES = {"twilio": "twilio", "singular": "singular"}  # source type -> the emulator it reads
+TWILIO_SIZE = 1500  # calls and messages per emulated account
+TWILIO_CHECKPOINT_ROWS = 1000  # Twilio streams commit this often (its least), so kills land between commits
+
+
+@dataclass(frozen=True)
+class Clock:
+    """The one 'now' every emulator of an experiment starts from (so runs read identical data)."""
+
+    now: datetime = field(default_factory=lambda: datetime.now(UTC).replace(minute=0, second=0, microsecond=0))
+
+    @property
+    def today(self) -> date:
+        return self.now.date()
+
+
+@dataclass
+class Plan:
+    """What the experiment runs: the sources and destinations kept, and why others are not."""
+
+    sources: dict[str, Any]  # name -> the user's validated source config (emulated types only)
+    destinations: dict[str, Any]  # name -> the user's validated destination config
+    notes: list[str]  # what was left out or stood in for, for the report
+    postgres_url: str | None = None
+    token: str = field(default_factory=lambda: _random.token_hex(4))
+
+    def scratch_kind(self, name: str) -> str:
+        """How destination `name` is copied: "duckdb" or "postgres"."""
+        config = self.destinations[name]
+        return "postgres" if isinstance(config, PostgresConfig) and self.postgres_url else "duckdb"
+
+    def postgres_schemas(self, trial: str) -> tuple[str, str]:
+        """(schema prefix of the source schemas, schema of floe's own tables) of one run's scratch copy."""
+        base = f"floe_chaos_{self.token}_{trial}"
+        return f"{base}_", base
+
+
+def plan(config: FloeConfig, postgres_url: str | None = None) -> Plan:
+    notes: list[str] = []
+    sources = {}
+    for name, source in config.sources.items():
+        if source.type in EMULATED_SOURCES:
+            sources[name] = source
+        else:
+            notes.append(f"source {name} ({source.type}): not tested; floe has no emulator of it for chaos runs")
+    destinations = dict(config.destinations)
+    for name, destination in destinations.items():
+        if isinstance(destination, PostgresConfig) and not postgres_url:
+            notes.append(f"destination {name} (postgres): stood in for by a scratch DuckDB file "
+                         "(pass --postgres-url to test a scratch schema on your server)")
+        elif not isinstance(destination, DuckDBConfig | PostgresConfig):
+            notes.append(f"destination {name} ({destination.type}): stood in for by a scratch DuckDB file "
+                         "(floe chaos makes scratch copies of DuckDB and PostgreSQL only)")
+    return Plan(sources, destinations, notes, postgres_url)
+
+
+@dataclass
+class Emulators:
+    """The emulators of one run of the experiment, by source name; stop them with `stop()`."""
+
+    running: dict[str, Running]
+
+    def faults(self, source: str) -> int:
+        """API faults injected so far into `source`'s requests."""
+        emulator = self.running.get(source)
+        return sum(emulator.app.state.faults.injected.values()) if emulator else 0
+
+    def stop(self) -> None:
+        for emulator in self.running.values():
+            emulator.server.stop()
+
+
+def start_emulators(chosen: Plan, clock: Clock, seed: int, fault_rates: dict[str, float]) -> Emulators:
+    """Fresh emulators for every API source of the plan, each seeded from `seed` and the source name."""
+    running: dict[str, Running] = {}
+    try:
+        for name, source in chosen.sources.items():
+            emulator = API_SOURCES.get(source.type)
+            if emulator is None:
+                continue
+            options: dict[str, Any] = {"seed": seed + sum(map(ord, name)), "retry_after": 0.05, **fault_rates}
+            if emulator == "twilio":
+                options |= {"size": TWILIO_SIZE, "end": clock.now.isoformat()}
+            else:
+                options |= {"today": clock.today.isoformat(), "settle_days": 0, "polls_to_done": 1}
+            running[name] = start(emulator, None, **options)
+    except BaseException:
+        Emulators(running).stop()
+        raise
+    return Emulators(running)
+
+
+def trial_config(chosen: Plan, emulators: Emulators, clock: Clock, folder: Path, trial: str,
+                 seed: int) -> dict[str, Any]:
+    """The floe.yml (as a dict) of one run: the user's settings pointed at the emulators and scratch copies."""
+    sources = {name: _source_entry(name, config, emulators, clock, folder, seed)
+               for name, config in chosen.sources.items()}
+    destinations = {name: _destination_entry(chosen, name, folder, trial) for name in chosen.destinations}
+    return {"sources": sources, "destinations": destinations, "stage": str(folder / "stage")}
+
+
+def _user_keys(config: Any, *drop: str) -> dict[str, Any]:
+    """The keys the user set (secrets and connection keys are replaced by the caller)."""
+    keys = config.model_dump(mode="json", exclude_unset=True)
+    return {k: v for k, v in keys.items() if k not in drop}
+
+
+def _source_entry(name: str, config: Any, emulators: Emulators, clock: Clock, folder: Path,
+                  seed: int) -> dict[str, Any]:
+    if config.type == "sailthru":
+        from floe.sandbox.sailthru import ExportSpec, generate
+
+        files = folder / "sailthru" / name
+        if not files.exists():
+            generate(files, ExportSpec(seed=seed))
+        return _user_keys(config, "path", "salt", "client_id") | {"path": str(files), "salt": "chaos-salt"}
+    emulator = emulators.running[name]
+    described = next(iter(emulator.info["sources"].values()))
+    if config.type == "twilio":
+        return _user_keys(config, "pricing_url") | {
+            key: described[key] for key in ("account_sid", "auth_token", "start_date", "base_url")} | {
+            "checkpoint_rows": TWILIO_CHECKPOINT_ROWS}
+    return _user_keys(config) | {"api_key": described["api_key"], "base_url": described["base_url"],
+                                 "end_date": clock.today.isoformat(),
+                                 "poll_interval": min(config.poll_interval, 0.05)}
+
+
+def _destination_entry(chosen: Plan, name: str, folder: Path, trial: str) -> dict[str, Any]:
+    config = chosen.destinations[name]
+    if chosen.scratch_kind(name) == "postgres":
+        prefix, meta = chosen.postgres_schemas(trial)
+        return {"type": config.type, "url": chosen.postgres_url, "schema_prefix": prefix, "state_schema": meta}
+    path = str(folder / f"{name}.duckdb")
+    if isinstance(config, DuckDBConfig):
+        return _user_keys(config, "path") | {"type": config.type, "path": path}
+    return {"type": "duckdb", "path": path}

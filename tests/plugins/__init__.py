@@ -1,0 +1,1 @@
+"""Plugins that tests install through entry points (see tests/test_chaos.py)."""

@@ -1,0 +1,87 @@
+"""`floe chaos` against the emulators: a sound destination survives kills and API faults; a broken one
+(state and rows committed apart, installed as a plugin through an entry point) is caught."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from floe.cli import app
+from floe.core.plugins import destination_registry
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def chaos_config(tmp_path: Path, destination: dict[str, object], singular: bool = True) -> Path:
+    """A user's floe.yml: real-looking credentials and start dates that `floe chaos` replaces."""
+    sources: dict[str, object] = {"twilio": {
+        "type": "twilio", "account_sid": "AC" + "0" * 32, "auth_token": "not-used", "start_date": "2019-01-01",
+        "streams": ["calls", "messages"], "window_days": 6, "lookback_days": 0}}
+    if singular:
+        sources["singular"] = {"type": "singular", "api_key": "not-used", "lookback_days": 3}
+    sources["db"] = {"type": "sql", "url": "postgresql://nowhere/db", "tables": ["t"]}
+    path = tmp_path / "floe.yml"
+    path.write_text(yaml.safe_dump({"sources": sources, "destinations": {"warehouse": destination}}))
+    return path
+
+
+def rows_of(output: str) -> dict[str, list[str]]:
+    """The report's table rows: stream -> [trials, kills, faults, rows, duplicates, losses, changed, result]."""
+    found = {}
+    for line in output.splitlines():
+        cells = [c.strip() for c in re.split(r"[│┃]", line) if c.strip()]
+        if len(cells) == 10 and cells[0] == "warehouse":
+            found[cells[1]] = cells[2:]
+    return found
+
+
+def test_a_sound_destination_survives_kills_and_faults(tmp_path: Path) -> None:
+    config = chaos_config(tmp_path, {"type": "duckdb", "path": "w.duckdb", "commit_rows": 0})
+    result = CliRunner().invoke(app, ["chaos", "-c", str(config), "--trials", "1", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    rows = rows_of(result.output)
+    assert set(rows) == {"twilio.calls", "twilio.messages", "singular.campaign_stats"}
+    for stream, (trials, kills, faults, count, duplicates, losses, changed, verdict) in rows.items():
+        assert (trials, duplicates, losses, changed, verdict) == ("1", "0", "0", "0", "ok"), stream
+        assert int(kills) >= 1 and int(count) > 0, stream
+    assert int(rows["twilio.calls"][2]) > 0  # faults were injected into Twilio's requests
+    assert "source db (sql): not tested" in result.output
+    assert not (tmp_path / "w.duckdb").exists()  # the user's own warehouse is never touched
+
+
+@pytest.fixture
+def broken_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Install tests/plugins/broken_duckdb.py as the destination type `broken_duckdb` (an entry point)."""
+    site = tmp_path / "site"
+    info = site / "floe_broken_duckdb-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: floe-broken-duckdb\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[floe.destinations]\nbroken_duckdb = tests.plugins.broken_duckdb:BrokenDuckDB\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.syspath_prepend(str(REPO))
+    monkeypatch.setenv("PYTHONPATH", f"{site}:{REPO}")  # for the `floe run` children
+    monkeypatch.setattr(destination_registry, "_installed", None)
+
+
+@pytest.mark.usefixtures("broken_plugin")
+def test_a_destination_committing_state_before_rows_is_caught(tmp_path: Path) -> None:
+    config = chaos_config(tmp_path, {"type": "broken_duckdb", "path": "w.duckdb", "commit_rows": 0},
+                          singular=False)
+    result = CliRunner().invoke(app, ["chaos", "-c", str(config), "--trials", "2", "--faults", "none"])
+    assert result.exit_code == 1, result.output
+    rows = rows_of(result.output)
+    assert sum(int(r[5]) for r in rows.values()) > 0, result.output  # rows lost
+    assert any(r[7].startswith("DIFFERENT") for r in rows.values())
+    assert "the chaos runs differ from the clean run" in result.output
+
+
+def test_the_plugin_is_found_by_its_entry_point(broken_plugin: None) -> None:
+    assert destination_registry.has("broken_duckdb") and "broken_duckdb" in destination_registry.names()
+    assert destination_registry.load("broken_duckdb").__name__ == "BrokenDuckDB"
+    assert sys.modules.get("tests.plugins.broken_duckdb") is not None
