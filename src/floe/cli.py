@@ -11,6 +11,7 @@ from floe import __version__
 from floe.commands.chaos import chaos_command
 from floe.commands.check import check_command
 from floe.commands.demo import demo_command
+from floe.commands.drift import drift_command
 from floe.commands.explain import explain_command
 from floe.commands.init import init_command
 from floe.commands.run import run_command
@@ -52,6 +53,7 @@ app.command("target")(target_command)
 app.command("sandbox")(sandbox_command)
 app.command("serve")(serve_command)
 app.command("chaos")(chaos_command)
+app.command("drift")(drift_command)
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ import pyarrow as pa
 from floe.core.errors import StateConflictError
 from floe.core.leases import Holder, Lease, wait_for_lease
 from floe.core.settings import BadRows, DestinationConfig, SchemaChanges
-from floe.core.stream import Context, Disposition, RefreshScope, State, Stream
+from floe.core.stream import Context, Disposition, DriftSpec, RefreshScope, State, Stream
 
 SEQ = "_floe_seq"  # arrival order of staged rows: a later row wins a merge
 META_JSON = b"floe.json"  # field metadata key: the column holds a JSON document (jsonb, SUPER, JSON)
@@ -82,6 +82,9 @@ class TableSpec:
     # the load, or "quarantine" the row in `_floe_rejected` (failing only over `bad_rows_max` rows).
     bad_rows: BadRows = "fail"
     bad_rows_max: int | None = None
+    # Late changes a re-read finds are recorded in `_floe_drift` in the load's transaction, by
+    # destinations that declare `records_drift`.
+    drift: DriftSpec | None = None
 
     @property
     def marker_columns(self) -> tuple[str, ...]:
@@ -221,6 +224,8 @@ class Destination(ABC):
     commit_interval: float = 0.0
     commit_rows: int = 0
     commit_wait: float = 10.0
+    # True: a load of a table with `drift` records its late changes in `_floe_drift`, in its transaction.
+    records_drift: ClassVar[bool] = False
     # Parquet codec of the stage files ("zstd", "lz4", "snappy", "none"): small files for a
     # remote stage, cheap CPU for a local one read at once.
     stage_compression: str = "zstd"

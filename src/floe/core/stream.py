@@ -67,6 +67,20 @@ class DayRange:
 
 
 @dataclass(frozen=True)
+class DriftSpec:
+    """How a stream that re-reads a lookback window measures late changes (kept in `_floe_drift`).
+
+    A re-read row is one whose `key` is already in the table; it changed if any of `compare` differs
+    from the row loaded before it, by the sum of the absolute differences of its `amounts` (numbers).
+    Its age is the load's day minus its `day` column (a date or timestamp)."""
+
+    key: tuple[str, ...]
+    day: str
+    compare: tuple[str, ...]
+    amounts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class RunOptions:
     """Options of one `floe run` that sources may honour."""
 
@@ -111,6 +125,7 @@ class Stream(ABC):
     # `floe chaos` compares those rows, without those columns, between runs.
     current_view: str | None = None
     run_columns: tuple[str, ...] = ()
+    drift: DriftSpec | None = None  # a lookback re-read whose late changes are recorded (see DriftSpec)
     # Set from the source's `schema_changes` / `widen_to_text` keys (see TableSpec.schema_changes).
     schema_changes: SchemaChanges = "evolve"
     widen_to_text: bool = False

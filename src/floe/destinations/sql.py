@@ -43,6 +43,7 @@ from floe.core.secrets import redact
 from floe.core.stream import RefreshScope
 from floe.destinations import merge, schema_changes
 from floe.destinations.column_types import ColumnRules
+from floe.destinations.drift import drift_ddl, drift_statement
 from floe.destinations.merge import STANDARD, MergeStyle
 from floe.destinations.rejected import RowRules, insert_rejected, quarantined
 from floe.destinations.schema_changes import SchemaPlan, Widening, log_changes, routed
@@ -71,6 +72,7 @@ class SqlDestination(Destination):
     group_size = 100  # tables per transaction (PostgreSQL's max_locks_per_transaction bounds how many)
     now_sql: ClassVar[str] = "CURRENT_TIMESTAMP"  # the server's clock, in statements that read tables
     unique_state_versions: ClassVar[bool] = True  # a unique index on _floe_state (source, stream, version)
+    records_drift: ClassVar[bool] = True  # see destinations/drift.py
     lock_state_sql: ClassVar[str | None] = None  # run before the version check ({table}: _floe_state)
 
     def __init__(self, name: str, config: Any, context: Any = None) -> None:
@@ -198,6 +200,7 @@ class SqlDestination(Destination):
             f"CREATE TABLE IF NOT EXISTS {self.qualified(self.meta_schema, LOADS_TABLE)} ("
             f"load_id {t}, source {t}, stream {t}, destination {t}, rows BIGINT, started_at {ts}, "
             f"finished_at {ts}, status {t}, error {t}, details {t})",
+            drift_ddl(self),
         ]
 
     # --- the transaction --------------------------------------------------------------------
@@ -371,8 +374,13 @@ class SqlDestination(Destination):
                 staging = f"_floe_staging_{job.load_id.replace('-', '_')}"
                 order = self.stage_rows(cur, job, staging)
                 unique_keys = self.staged_keys_unique(cur, spec, staging)
+                drift = drift_statement(self, job, staging) if self.records_drift and not job.refresh else None
+                if drift and drift.before_rows:
+                    cur.execute(drift.sql, drift.params)
                 for statement in self.disposition_sql(spec, staging, order, job.load_id, unique_keys):
                     cur.execute(statement)
+                if drift and not drift.before_rows:
+                    cur.execute(drift.sql, drift.params)
                 self.drop_staging(cur, staging)
         for statement in self.views_sql(spec):
             cur.execute(statement)

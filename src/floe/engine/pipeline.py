@@ -83,7 +83,7 @@ def table_spec(source: str, stream: Stream, files: list[StagedFile]) -> TableSpe
     return TableSpec(
         source, stream.name, pa.schema(list(fields.values())), stream.primary_key, stream.disposition,
         parent_key=stream.parent_key, parent_markers=stream.parent_markers, views=tuple(stream.views),
-        schema_changes=stream.schema_changes, widen_to_text=stream.widen_to_text,
+        schema_changes=stream.schema_changes, widen_to_text=stream.widen_to_text, drift=stream.drift,
         bad_rows=stream.bad_rows, bad_rows_max=stream.bad_rows_max,
     )
 

@@ -19,6 +19,7 @@ once (`max_seen_running`) and every status poll's time (`min_poll_gap()`).
 Data is a pure function of (seed, rows_per_day, day, retrieval): every day has `rows_per_day`
 dimension combinations; spend for the last `settle_days` days before `today` is not golden yet:
 it shrinks a little with every report created for that day, as networks remove fraudulent clicks.
+`late_changes` ({age in days: share of rows}) says instead which share of each age's rows changes.
 It is at least as irregular as what real clients meet: numbers sent as strings or `""`, whole numbers
 as floats, `"N/A"` dimension and ratio values, metrics missing from some rows, fields nobody asked for.
 """
@@ -100,6 +101,9 @@ class SingularSandbox:
     polls_to_done: int = 2  # polls answered QUEUED/STARTED before DONE
     envelope: str = "results"
     max_running: int = 100
+    # Late changes by age: {age in days: share of that day's rows whose numbers change with every
+    # retrieval}. Empty: every row younger than `settle_days` changes.
+    late_changes: dict[int, float] = field(default_factory=dict)
     reports: dict[str, Report] = field(default_factory=dict)
     retrievals: Counter[date] = field(default_factory=Counter)
     created: int = 0
@@ -127,8 +131,12 @@ class SingularSandbox:
         installs = clicks // (5 + (h >> 30) % 10)
         cost = round(installs * (0.5 + ((h >> 40) % 300) / 100), 2)
         age = (self.today - day).days
-        if 0 <= age < self.settle_days:  # not golden: fraud is still being removed, more each retrieval
-            keep = 1 - 0.04 * min(version, 5) - 0.01 * (self.settle_days - age)
+        if self.late_changes:
+            unsettled = (mix(h ^ age) % 10_000) / 10_000 < self.late_changes.get(age, 0.0)
+        else:
+            unsettled = 0 <= age < self.settle_days
+        if unsettled:  # not golden: fraud is still being removed, more each retrieval
+            keep = 1 - 0.04 * min(version, 5) - 0.01 * max(self.settle_days - age, 0)
             clicks, installs, cost = int(clicks * keep), int(installs * keep), round(cost * keep, 2)
         return {
             "adn_impressions": impressions, "adn_clicks": clicks, "adn_installs": installs, "adn_cost": cost,
@@ -245,11 +253,13 @@ def singular_error(status: int) -> dict[str, Any]:
 def create_app(seed: int = 1, rows_per_day: int = 40, settle_days: int = 7, today: str | None = None,
                api_key: str = "sandbox-singular-api-key", fail_rate: float = 0.0, polls_to_done: int = 2,
                envelope: str = "results", max_running: int = 100, rate_429: float = 0.0, rate_5xx: float = 0.0,
-               latency: float = 0.0, truncate_rate: float = 0.0, retry_after: float = 1.0) -> Any:
+               latency: float = 0.0, truncate_rate: float = 0.0, retry_after: float = 1.0,
+               late_changes: dict[int, float] | None = None) -> Any:
     """The Singular emulator as an ASGI app; `app.state.singular` is the `SingularSandbox`."""
     sandbox = SingularSandbox(seed, rows_per_day, settle_days,
                               date.fromisoformat(today) if today else datetime.now(UTC).date(),
-                              api_key, fail_rate, polls_to_done, envelope, max_running)
+                              api_key, fail_rate, polls_to_done, envelope, max_running,
+                              {int(age): share for age, share in (late_changes or {}).items()})
     faults = Faults(rate_429, rate_5xx, truncate_rate, latency, retry_after, seed)
 
     async def params(request: Request) -> dict[str, str]:

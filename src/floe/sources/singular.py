@@ -36,7 +36,7 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_va
 
 from floe.core.errors import SourceError
 from floe.core.settings import SourceConfig
-from floe.core.stream import MONEY, Batch, Context, DayRange, RefreshScope, State, Stream
+from floe.core.stream import MONEY, Batch, Context, DayRange, DriftSpec, RefreshScope, State, Stream
 from floe.infra.http import ApiSource, HttpClient
 
 DEFAULT_DIMENSIONS = ["app", "source", "os", "country_field", "adn_campaign_name"]
@@ -215,6 +215,9 @@ class SingularReport(Stream):
             + [pa.field(column, metric_type(m)) for m, _, column in config.cohort_columns]
         )
         keys = ", ".join(f'"{c}"' for c in ["reporting_date", *self.dimensions])
+        measures = [*config.flat_metrics, *(column for _, _, column in config.cohort_columns)]
+        self.drift = DriftSpec(("reporting_date", *self.dimensions), "reporting_date", tuple(measures),
+                               tuple(m for m in config.flat_metrics if metric_type(m) == MONEY))
         self.current_view = f"{self.name}_latest"
         self.views = ((self.current_view, (
             f'SELECT {{columns}} FROM (SELECT *, RANK() OVER (PARTITION BY {keys} ORDER BY "when_retrieved" DESC) '

@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from floe.core.settings import SourceConfig
-from floe.core.stream import MONEY, Batch, Context, RefreshScope, State, Stream
+from floe.core.stream import MONEY, Batch, Context, DriftSpec, RefreshScope, State, Stream
 from floe.infra.http import ApiSource, HttpClient, PageGuard
 from floe.sources.twilio_records import (
     CALLS,
@@ -191,6 +191,9 @@ class TwilioIncremental(Stream):
         self.parser = source.parser(name, self.list.spec)
         self.schema = self.parser.schema
         self.final = pa.array(self.list.final, S)
+        # The lookback re-read: which rows changed since they were loaded (status, price, duration), by age.
+        self.drift = DriftSpec(("sid",), "date_created",
+                               tuple(c for c in ("status", "price", "duration") if c in self.schema.names))
 
     def windows(self, state: State | None, now: datetime) -> list[tuple[datetime, datetime | None]]:
         """[(from, to)] UTC moments, `to` exclusive; the last window is open-ended (None). Windows are

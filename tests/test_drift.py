@@ -1,0 +1,86 @@
+"""Late-data drift: every lookback re-read records its changes by age in `_floe_drift`, in the load's
+transaction, on DuckDB and PostgreSQL; `floe drift` turns them into the lookback that would catch them."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from floe.cli import app
+from floe.config import parse_config
+from floe.engine import runner
+from floe.sandbox import singular as emu
+
+TODAY = datetime.now(UTC).date()
+ROWS = 20
+# Which share of each age's rows Singular still changes: most within a day, a few as late as 5 days.
+LATE = {0: 1.0, 1: 0.8, 2: 0.3, 5: 0.05}
+
+
+def destination(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> dict[str, Any]:
+    if kind == "duckdb":
+        return {"type": "duckdb", "path": str(tmp_path / "w.duckdb")}
+    return dict(request.getfixturevalue("postgres_db").config())
+
+
+@pytest.mark.parametrize("kind", ["duckdb", "postgres"])
+def test_each_re_read_records_changes_by_age_and_drift_suggests_a_lookback(
+        kind: str, emulator: Any, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    server = emulator(emu.create_app, rows_per_day=ROWS, today=TODAY.isoformat(), late_changes=LATE)
+    settings = {"sources": {"ads": {
+        "type": "singular", "api_key": "sandbox-singular-api-key", "base_url": f"{server.url}/api",
+        "lookback_days": 7, "end_date": TODAY.isoformat(), "poll_interval": 0.01, "metrics": ["adn_cost"],
+        "discrepancy_metrics": ["adn_clicks"], "cohort_metrics": []}},
+        "destinations": {"w": destination(kind, tmp_path, request)}, "stage": str(tmp_path / "stage")}
+    config = parse_config(settings)
+    for _ in range(3):
+        assert all(r.ok for r in runner.run(config))
+    path = tmp_path / "floe.yml"
+    path.write_text(yaml.safe_dump(settings))
+
+    result = CliRunner().invoke(app, ["drift", "ads.campaign_stats", "-c", str(path), "--share", "0.995"])
+    assert result.exit_code == 0, result.output
+    ages = {int(cells[0]): cells[1:] for line in result.output.splitlines()
+            if len(cells := [c.strip().replace(",", "") for c in line.split("│") if c.strip()]) == 6
+            and cells[0].isdigit()}
+    assert sorted(ages) == list(range(8))  # every age of the window, re-read twice
+    reread, changed = {a: int(c[0]) for a, c in ages.items()}, {a: int(c[1]) for a, c in ages.items()}
+    assert set(reread.values()) == {2 * ROWS}
+    assert changed[0] == 2 * ROWS and 0 < changed[2] < changed[1] < 2 * ROWS
+    assert changed[3] == changed[4] == changed[6] == changed[7] == 0 and changed[5] > 0
+    assert "99.5% of changes land within 5 days" in result.output
+    assert "configured lookback_days:   7  ~24 API calls, ~160 rows re-read per run" in result.output
+    assert "suggested  lookback_days:   5  ~18 API calls, ~120 rows re-read per run" in result.output
+
+    loose = CliRunner().invoke(app, ["drift", "ads.campaign_stats", "-c", str(path), "--share", "0.9"])
+    assert "90.0% of changes land within 2 days" in loose.output, loose.output
+
+
+def test_drift_commits_with_the_load_or_not_at_all(emulator: Any, tmp_path: Path) -> None:
+    """A load that fails at its last statement (its `_floe_loads` row) keeps neither its rows nor its drift."""
+    import duckdb
+
+    server = emulator(emu.create_app, rows_per_day=ROWS, today=TODAY.isoformat(), late_changes=LATE)
+    ads = {"type": "singular", "api_key": "sandbox-singular-api-key", "base_url": f"{server.url}/api",
+           "lookback_days": 3, "end_date": TODAY.isoformat(), "poll_interval": 0.01, "cohort_metrics": []}
+    database = tmp_path / "w.duckdb"
+    config = parse_config({"sources": {"ads": ads}, "destinations": {"w": {"type": "duckdb", "path": str(database)}},
+                           "stage": str(tmp_path / "stage")})
+    assert all(r.ok for r in runner.run(config))
+    with duckdb.connect(str(database)) as con:  # the next load's _floe_loads row cannot be written
+        con.execute("ALTER TABLE _floe_loads RENAME TO loads_kept")
+        con.execute("CREATE VIEW _floe_loads AS SELECT * FROM loads_kept")
+    assert not any(r.ok for r in runner.run(config))
+    with duckdb.connect(str(database)) as con:
+        assert con.execute("SELECT count(*) FROM _floe_drift").fetchone() == (0,)
+        assert con.execute("SELECT count(DISTINCT when_retrieved) FROM ads.campaign_stats").fetchone() == (1,)
+        con.execute("DROP VIEW _floe_loads")
+        con.execute("ALTER TABLE loads_kept RENAME TO _floe_loads")
+    assert all(r.ok for r in runner.run(config))
+    with duckdb.connect(str(database)) as con:
+        assert con.execute("SELECT count(DISTINCT load_id), sum(rows_reread) FROM _floe_drift").fetchone() == (1, 4 * ROWS)
