@@ -84,3 +84,32 @@ def test_drift_commits_with_the_load_or_not_at_all(emulator: Any, tmp_path: Path
     assert all(r.ok for r in runner.run(config))
     with duckdb.connect(str(database)) as con:
         assert con.execute("SELECT count(DISTINCT load_id), sum(rows_reread) FROM _floe_drift").fetchone() == (1, 4 * ROWS)
+
+
+@pytest.mark.parametrize("kind", ["duckdb", "postgres"])
+def test_a_twilio_re_read_of_unchanged_calls_records_no_change(kind: str, emulator: Any, tmp_path: Path,
+                                                                request: pytest.FixtureRequest) -> None:
+    """A merge stream's re-read is compared before the merge; equal rows (nulls included) are not changes."""
+    from floe.sandbox import twilio as twilio_emu
+
+    now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    server = emulator(twilio_emu.create_app, size=400, days=10, end=now.isoformat())
+    sandbox = server.app.state.twilio
+    sid, token = sandbox.credentials()[0]
+    settings = {"sources": {"tw": {"type": "twilio", "account_sid": sid, "auth_token": token,
+                                   "start_date": (now.date().fromordinal(now.date().toordinal() - 10)).isoformat(),
+                                   "base_url": server.url, "streams": ["calls"], "lookback_days": 3}},
+                "destinations": {"w": destination(kind, tmp_path, request)}, "stage": str(tmp_path / "stage")}
+    config = parse_config(settings)
+    for _ in range(2):
+        assert all(r.ok for r in runner.run(config))
+    path = tmp_path / "floe.yml"
+    path.write_text(yaml.safe_dump(settings))
+    result = CliRunner().invoke(app, ["drift", "tw.calls", "-c", str(path)])
+    assert result.exit_code == 0, result.output
+    ages = {int(cells[0]): (int(cells[1]), int(cells[2])) for line in result.output.splitlines()
+            if len(cells := [c.strip().replace(",", "") for c in line.split("│") if c.strip()]) == 6
+            and cells[0].isdigit()}
+    assert min(ages) == 0 and sum(reread for reread, _ in ages.values()) > 0
+    assert sum(changed for _, changed in ages.values()) == 0, result.output
+    assert "no re-read row changed" in result.output and "lookback_days:   3" in result.output
