@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -86,3 +87,22 @@ def test_the_plugin_is_found_by_its_entry_point(broken_plugin: None) -> None:
     assert destination_registry.has("broken_duckdb") and "broken_duckdb" in destination_registry.names()
     assert destination_registry.load("broken_duckdb").__name__ == "BrokenDuckDB"
     assert sys.modules.get("tests.plugins.broken_duckdb") is not None
+
+
+def test_a_postgres_destination_gets_scratch_schemas_that_are_dropped_afterwards(tmp_path: Path,
+                                                                                postgres_db: Any) -> None:
+    import psycopg
+
+    production = postgres_db.config(schema_prefix="prod_")  # never written: chaos uses scratch schemas
+    config = chaos_config(tmp_path, production, singular=False)
+    url = f"{postgres_db.url}?sslmode=disable"
+    result = CliRunner().invoke(app, ["chaos", "-c", str(config), "--trials", "1", "--postgres-url", url,
+                                      "--faults", "none", "--seed", "5"])
+    assert result.exit_code == 0, result.output
+    rows = rows_of(result.output)
+    assert set(rows) == {"twilio.calls", "twilio.messages"}
+    assert all(r[7] == "ok" and int(r[1]) >= 1 for r in rows.values()), result.output
+    with psycopg.connect(postgres_db.dsn) as conn:
+        left = conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'floe_chaos%' "
+                            "OR nspname LIKE 'prod%'").fetchall()
+    assert left == []

@@ -18,6 +18,7 @@ Other types, and PostgreSQL without a server, are stood in for by a scratch Duck
 
 from __future__ import annotations
 
+import logging
 import secrets as _random
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -119,6 +120,9 @@ def start_emulators(chosen: Plan, clock: Clock, seed: int, fault_rates: dict[str
     except BaseException:
         Emulators(running).stop()
         raise
+    # A truncated body is the injected fault, not news: uvicorn would print a traceback for each one.
+    # (Each server start configures uvicorn's logging anew, so this comes after the starts.)
+    logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
     return Emulators(running)
 
 

@@ -12,7 +12,6 @@ every stream is compared with the clean run's (`compare`).
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 import shutil
 import signal
@@ -85,6 +84,7 @@ class RunOutcome:
     kills: int = 0
     failed_runs: int = 0
     error: str | None = None
+    seconds: float = 0.0  # how long the run that completed took
 
 
 Say = Callable[[str], None]
@@ -97,7 +97,6 @@ def experiment(config: FloeConfig, chosen: Plan, options: Options, say: Say = la
     unknown = [f for f in options.faults if f not in FAULTS]
     if unknown:
         raise FloeError(f"--faults {', '.join(unknown)}: known faults are {', '.join(FAULTS)}")
-    logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)  # a truncated body is the fault, not news
     folder = options.keep or Path(tempfile.mkdtemp(prefix="floe-chaos-"))
     folder.mkdir(parents=True, exist_ok=True)
     clock, rng = Clock(), random.Random(options.seed)
@@ -105,9 +104,8 @@ def experiment(config: FloeConfig, chosen: Plan, options: Options, say: Say = la
     errors: list[str] = []
     try:
         say("clean run (no faults, no kills)")
-        started = time.monotonic()
         clean = _one_run(config, chosen, clock, folder / "clean", "clean", options, {}, None, rng)
-        seconds = time.monotonic() - started
+        seconds = clean.outcome.seconds
         if clean.outcome.error:
             raise FloeError(f"floe chaos: the clean run failed, so there is nothing to compare with: "
                             f"{clean.outcome.error}")
@@ -166,31 +164,32 @@ def _run_until_done(path: Path, folder: Path, kills: tuple[int, float] | None, r
     """`floe run -c path` in child processes: the first `kills[0]` killed at a random moment of the
     clean run's `kills[1]` seconds, then runs until one exits 0."""
     outcome = RunOutcome()
-    to_kill, seconds = kills or (0, 0.0)
-    timeout = max(60.0, HANG_FACTOR * seconds)
+    kills_left, seconds = kills or (0, 0.0)
+    timeout = max(60.0, HANG_FACTOR * seconds) if kills else None  # the clean run sets the pace
     attempt = 0
     while True:
         attempt += 1
         log = folder / f"run{attempt}.log"
+        started = time.monotonic()
         with log.open("wb") as out:
             child = subprocess.Popen([sys.executable, "-m", "floe", "run", "-c", str(path)],
                                      stdout=out, stderr=subprocess.STDOUT)
-            kill_at = rng.uniform(0.05, 0.95) * seconds if outcome.kills < to_kill else None
+            kill_at = rng.uniform(0.05, 0.95) * seconds if kills_left else None
+            kills_left -= kill_at is not None  # spent, even when the run ends on its own before it
             try:
                 code = child.wait(timeout=kill_at if kill_at is not None else timeout)
             except subprocess.TimeoutExpired:
                 child.send_signal(signal.SIGKILL)
                 child.wait()
                 if kill_at is None:
-                    outcome.error = f"floe run did not finish within {timeout:.0f}s (log: {log})"
+                    outcome.error = f"floe run did not finish within {timeout or 0:.0f}s (log: {log})"
                     return outcome
                 outcome.kills += 1
                 continue
         if code == 0:
+            outcome.seconds = time.monotonic() - started
             return outcome
         outcome.failed_runs += 1
-        if kill_at is not None:
-            outcome.kills += 1  # it ended on its own before the kill: count the kill as spent
         if kills is None or outcome.failed_runs >= MAX_FAILED_RUNS:  # a clean run has one go
             tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
             outcome.error = f"floe run failed {outcome.failed_runs} times; the last: {tail[0]} (log: {log})"
