@@ -41,6 +41,7 @@ def rows_of(output: str) -> dict[str, list[str]]:
     return found
 
 
+@pytest.mark.slow
 def test_a_sound_destination_survives_kills_and_faults(tmp_path: Path) -> None:
     config = chaos_config(tmp_path, {"type": "duckdb", "path": "w.duckdb", "commit_rows": 0})
     result = CliRunner().invoke(app, ["chaos", "-c", str(config), "--trials", "1", "--seed", "3"])
@@ -70,6 +71,7 @@ def broken_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(destination_registry, "_installed", None)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("broken_plugin")
 def test_a_destination_committing_state_before_rows_is_caught(tmp_path: Path) -> None:
     config = chaos_config(tmp_path, {"type": "broken_duckdb", "path": "w.duckdb", "commit_rows": 0},
@@ -89,6 +91,7 @@ def test_the_plugin_is_found_by_its_entry_point(broken_plugin: None) -> None:
     assert sys.modules.get("tests.plugins.broken_duckdb") is not None
 
 
+@pytest.mark.slow
 def test_a_postgres_destination_gets_scratch_schemas_that_are_dropped_afterwards(tmp_path: Path,
                                                                                 postgres_db: Any) -> None:
     import psycopg
