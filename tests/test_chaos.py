@@ -76,7 +76,7 @@ def broken_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_destination_committing_state_before_rows_is_caught(tmp_path: Path) -> None:
     config = chaos_config(tmp_path, {"type": "broken_duckdb", "path": "w.duckdb", "commit_rows": 0},
                           singular=False)
-    result = CliRunner().invoke(app, ["chaos", "-c", str(config), "--trials", "1", "--faults", "none",
+    result = CliRunner().invoke(app, ["chaos", "-c", str(config), "--trials", "2", "--faults", "none",
                                       "--seed", "5"])
     assert result.exit_code == 1, result.output
     rows = rows_of(result.output)
