@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from floe.core.errors import ConfigError, SourceError
 from floe.core.settings import Naming
-from floe.core.stream import Batch, DayRange, RefreshScope, State, Stream
+from floe.core.stream import Batch, DayRange, DriftSpec, RefreshScope, State, Stream
 
 
 def snake_case(name: str) -> str:
@@ -59,6 +59,11 @@ class SnakeCaseStream(Stream):
         self.schema_changes, self.widen_to_text = stream.schema_changes, stream.widen_to_text
         self.bad_rows, self.bad_rows_max = stream.bad_rows, stream.bad_rows_max
         self.range_column = None if stream.range_column is None else self.rename(stream.range_column)
+        self.current_view, self.run_columns = stream.current_view, tuple(map(self.rename, stream.run_columns))
+        drift = stream.drift
+        self.drift = None if drift is None else DriftSpec(
+            tuple(map(self.rename, drift.key)), self.rename(drift.day), tuple(map(self.rename, drift.compare)),
+            tuple(map(self.rename, drift.amounts)))
 
     def rename(self, column: str) -> str:
         return self.names.get(column) or snake_case(column)
