@@ -59,6 +59,15 @@ class StoreUrl:
         return f"{self.scheme}://{self.bucket}/{key}" if self.scheme != "file" else key
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object: its key, size and version tag (S3 and GCS: the ETag)."""
+
+    key: str
+    size: int
+    etag: str
+
+
 class ObjectStore(ABC):
     url: StoreUrl
 
@@ -72,9 +81,18 @@ class ObjectStore(ABC):
     def get_bytes(self, key: str) -> bytes | None:
         """The object's content, or None when it does not exist."""
 
-    @abstractmethod
     def list(self, prefix: str) -> Iterator[tuple[str, int]]:
         """Every (key, size) under `prefix`, following pagination to the end."""
+        for info in self.objects(prefix):
+            yield info.key, info.size
+
+    @abstractmethod
+    def objects(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every object under `prefix` with its size and ETag, following pagination to the end."""
+
+    @abstractmethod
+    def read_range(self, key: str, start: int, end: int, etag: str) -> bytes:
+        """Bytes `start` to `end` (exclusive) of the object, which must still be version `etag`."""
 
     @abstractmethod
     def delete_keys(self, keys: builtins.list[str]) -> None: ...
@@ -225,13 +243,21 @@ class S3Store(ObjectStore):
     def put_if_version(self, key: str, data: bytes, version: str) -> str | None:
         return self._put_conditional(key, data, IfMatch=version)
 
-    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+    def objects(self, prefix: str) -> Iterator[ObjectInfo]:
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.url.bucket, Prefix=prefix):
                 for item in page.get("Contents", []):
-                    yield item["Key"], int(item["Size"])
+                    yield ObjectInfo(item["Key"], int(item["Size"]), str(item.get("ETag", "")).strip('"'))
         except Exception as exc:
             raise self._error(exc, "list") from None
+
+    def read_range(self, key: str, start: int, end: int, etag: str) -> bytes:
+        try:  # If-Match: a file rewritten while it is read fails (HTTP 412) rather than mixing versions
+            answer = self.client.get_object(Bucket=self.url.bucket, Key=key, Range=f"bytes={start}-{end - 1}",
+                                            IfMatch=f'"{etag}"')
+            return bytes(answer["Body"].read())
+        except Exception as exc:
+            raise self._error(exc, f"read {key}") from None
 
     def delete_keys(self, keys: builtins.list[str]) -> None:
         if not keys:
@@ -362,12 +388,18 @@ class GCSStore(ObjectStore):
     def put_if_version(self, key: str, data: bytes, version: str) -> str | None:
         return self._put_conditional(key, data, int(version))
 
-    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+    def objects(self, prefix: str) -> Iterator[ObjectInfo]:
         try:
             for blob in self.client.list_blobs(self.url.bucket, prefix=prefix, page_size=self.page_size):
-                yield blob.name, int(blob.size or 0)
+                yield ObjectInfo(blob.name, int(blob.size or 0), str(blob.etag or blob.generation))
         except Exception as exc:
             raise self._error(exc, "list") from None
+
+    def read_range(self, key: str, start: int, end: int, etag: str) -> bytes:
+        try:
+            return bytes(self.bucket.blob(key).download_as_bytes(start=start, end=end - 1))
+        except Exception as exc:
+            raise self._error(exc, f"read {key}") from None
 
     def delete_keys(self, keys: builtins.list[str]) -> None:
         from google.api_core import exceptions as gexc
@@ -469,16 +501,19 @@ class LocalStore(ObjectStore):
             self.put_bytes(key, data)
         return self._version(data)
 
-    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+    def objects(self, prefix: str) -> Iterator[ObjectInfo]:
         base = self._path(prefix)
-        if base.is_file():
-            yield prefix, base.stat().st_size
-            return
-        if not base.is_dir():
-            return
-        for path in sorted(base.rglob("*")):
+        paths = [base] if base.is_file() else sorted(base.rglob("*")) if base.is_dir() else []
+        for path in paths:
             if path.is_file() and not path.name.startswith("."):  # temp and lock files
-                yield path.relative_to(self.root).as_posix(), path.stat().st_size
+                stat = path.stat()
+                key = prefix if path == base else path.relative_to(self.root).as_posix()
+                yield ObjectInfo(key, stat.st_size, str(stat.st_mtime_ns))
+
+    def read_range(self, key: str, start: int, end: int, etag: str) -> bytes:
+        with open(self._path(key), "rb") as handle:
+            handle.seek(start)
+            return handle.read(end - start)
 
     def delete_keys(self, keys: builtins.list[str]) -> None:
         for key in keys:

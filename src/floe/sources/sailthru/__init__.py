@@ -18,9 +18,11 @@ tables, `profiles` the profile table and its child tables; this module the confi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import zoneinfo
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -28,11 +30,12 @@ import pyarrow as pa
 from pydantic import Field, SecretStr, field_validator
 
 from floe.core import secrets
-from floe.core.errors import ConfigError
+from floe.core.errors import ConfigError, DestinationError, SourceError
 from floe.core.settings import SourceConfig
 from floe.core.stream import Context, Source, Stream
+from floe.infra.objectstore import GCSStore, ObjectStore, S3Store, StoreUrl
 from floe.infra.pii import Pii
-from floe.sources.sailthru.files import ExportFile, discover
+from floe.sources.sailthru.files import ExportFile, discover, discover_objects
 from floe.sources.sailthru.messages import POOL
 from floe.sources.sailthru.profiles import (
     ProfileBrowserStream,
@@ -55,12 +58,18 @@ EASTERN = "America/New_York"
 
 class SailthruConfig(SourceConfig):
     type: str = "sailthru"
-    path: str = Field(description="A folder of export files (and/or .zip files), one .zip, or one file.")
+    path: str = Field(description="A folder of export files (and/or .zip files), one .zip, or one file; or "
+                                  "`s3://bucket/prefix` / `gs://bucket/prefix` (read in place, no local copy).")
     pii: Literal["hash", "drop", "keep"] = Field("hash", description="What to do with e-mail addresses.")
     salt: SecretStr | None = Field(None, description=f"Salt for hashing e-mails (default: env {SALT_ENV}).")
     timezone: str = Field(EASTERN, description="Zone of times written without one (send_time, signup_time, ...); "
                                               "Sailthru's exporter works in US Eastern time.")
     client_id: str | None = Field(None, description="Only files of this client id (unprefixed files too).")
+    region: str | None = Field(None, description="S3: the bucket's region.")
+    endpoint_url: str | None = Field(None, description="S3: an S3-compatible endpoint (MinIO, a test server).")
+    aws_access_key_id: SecretStr | None = Field(None, description="S3: access key (default: the AWS environment).")
+    aws_secret_access_key: SecretStr | None = Field(None, description="S3: secret key (default: the AWS environment).")
+    project: str | None = Field(None, description="GCS: the project (default: from the environment).")
     block_bytes: int = Field(4 << 20, ge=1 << 16, description="Bytes of message JSON parsed per batch.")
     profile_lines: int = Field(1000, ge=1, description="Profiles parsed per batch.")
 
@@ -92,7 +101,12 @@ class SailthruSource(Source):
         # keeps them, which added ~100 MB to the peak RSS of a large load.
         pa.set_memory_pool(POOL)
         self.pii = Pii(config.pii, salt)
+        try:
+            self.url = StoreUrl.parse(config.path)
+        except ValueError as exc:
+            raise ConfigError(f"sources.{name}.path: {exc}") from None
         self.root: Path = self.context.path(config.path)
+        self._store: ObjectStore | None = None
         self._files: list[ExportFile] | None = None
         self._lock = threading.Lock()  # streams ask from worker threads; scan (and warn) once
         self._digests: dict[str, str] = {}
@@ -101,11 +115,33 @@ class SailthruSource(Source):
         """The export files feeding `table` ('' for all), in load order; the folder is scanned once."""
         with self._lock:
             if self._files is None:
-                self._files = discover(self.root, self.config.client_id)
+                if self.url.scheme == "file":
+                    self._files = discover(self.root, self.config.client_id)
+                else:
+                    with store_errors():
+                        self._files = discover_objects(self.store, self.url.prefix, self.config.client_id)
         return [f for f in self._files if not table or f.info.table == table]
 
+    @property
+    def location(self) -> str:
+        return str(self.root) if self.url.scheme == "file" else self.url.uri(self.url.prefix)
+
+    @property
+    def store(self) -> ObjectStore:
+        """The S3 or GCS bucket of an `s3://` or `gs://` path (connected when first needed)."""
+        if self._store is None:
+            c, where = self.config, f"sources.{self.name}.path"
+            with store_errors():
+                if self.url.scheme == "s3":
+                    secret = lambda v: v.get_secret_value() if v is not None else None  # noqa: E731
+                    self._store = S3Store.connect(self.url, where, c.region, c.endpoint_url,
+                                                  secret(c.aws_access_key_id), secret(c.aws_secret_access_key))
+                else:
+                    self._store = GCSStore.connect(self.url, where, c.project)
+        return self._store
+
     def checksum(self, f: ExportFile) -> str:
-        """SHA-256 of the file as delivered, computed once per run however many streams ask."""
+        """What identifies the file's content (SHA-256, or size and ETag in a store), once per run."""
         with self._lock:
             known = self._digests.get(f.name)
         if known is None:
@@ -121,7 +157,16 @@ class SailthruSource(Source):
         found = self.files("")  # raises naming the path when it does not exist or is not a valid zip
         tables = sorted({f.info.table for f in found})
         pii = f"pii {self.config.pii}" + (" (salt set)" if self.config.pii == "hash" else "")
-        return [f"{self.root}: {len(found)} export files ({', '.join(tables) or 'none yet'}), {pii}"]
+        return [f"{self.location}: {len(found)} export files ({', '.join(tables) or 'none yet'}), {pii}"]
+
+
+@contextlib.contextmanager
+def store_errors() -> Iterator[None]:
+    """The object store's errors (missing bucket, denied, unreachable) as errors of this source."""
+    try:
+        yield
+    except DestinationError as exc:
+        raise SourceError(str(exc)) from None
 
 
 STREAMS: list[type[SailthruStream]] = [

@@ -3,7 +3,8 @@
 Names are `[<client_id>_]<collection>[.<YYYYMMDD>].json[.gz]` (one-time exports omit the date;
 update collections also appear in the plural, e.g. `message_blast_updates`). A file's identity
 is its name relative to the configured path (`export.zip/blast.20160401.json` for a zip entry):
-that is the key under which state records its checksum.
+that is the key under which state records its checksum. The path is a folder, a zip or a file on
+disk, or a prefix in S3 or GCS whose objects are read by ranged requests (no local copy).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import IO, Any, cast
 import pyarrow as pa
 
 from floe.core.errors import SourceError
+from floe.infra.objectread import open_object
+from floe.infra.objectstore import ObjectInfo, ObjectStore
 
 log = logging.getLogger("floe.sources.sailthru")
 
@@ -81,19 +84,53 @@ def parse_name(filename: str) -> ExportName | None:
 
 
 @dataclass(frozen=True)
+class LocalFile:
+    """A file on disk: a loose export file or a zip holding some."""
+
+    path: Path
+
+    def open(self) -> IO[bytes]:
+        return open(self.path, "rb")
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        with self.open() as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """An object in S3 or GCS, read by ranged requests; identified by its size and ETag."""
+
+    store: ObjectStore
+    info: ObjectInfo
+
+    def open(self) -> IO[bytes]:
+        return open_object(self.store, self.info)
+
+    def fingerprint(self) -> str:
+        return f"etag:{self.info.etag};size:{self.info.size}"
+
+
+Location = LocalFile | StoredObject
+
+
+@dataclass(frozen=True)
 class ExportFile:
     """One export file. `name` is its identity in state and in the `exports` table."""
 
     name: str
     info: ExportName
-    path: Path  # the file itself, or the zip holding it
+    location: Location  # the file itself, or the zip holding it
     member: str | None = None  # the entry inside the zip
 
     def open_raw(self) -> IO[bytes]:
         """The bytes as delivered (still gzipped for .gz names)."""
         if self.member is None:
-            return open(self.path, "rb")
-        archive = zipfile.ZipFile(self.path)
+            return self.location.open()
+        archive = zipfile.ZipFile(self.location.open())
         return cast(IO[bytes], _ClosingMember(archive, archive.open(self.member)))
 
     def open(self) -> IO[bytes]:
@@ -103,17 +140,31 @@ class ExportFile:
 
     def arrow_stream(self) -> pa.NativeFile:
         """A pyarrow input stream of the decompressed text (gzip inflated in C)."""
-        if self.member is None:
-            return pa.input_stream(str(self.path), compression="gzip" if self.info.gzipped else None)
+        if self.member is None and isinstance(self.location, LocalFile):
+            return pa.input_stream(str(self.location.path), compression="gzip" if self.info.gzipped else None)
         stream = pa.PythonFile(self.open_raw(), mode="r")
         return pa.CompressedInputStream(stream, "gzip") if self.info.gzipped else stream
 
     def checksum(self) -> str:
-        digest = hashlib.sha256()
-        with self.open_raw() as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        return digest.hexdigest()
+        """What identifies this content: the SHA-256 of a local file (or zip entry); for an object in a
+        store its ETag and size (a zip entry there: the CRC-32 and size the zip records for it)."""
+        if isinstance(self.location, LocalFile):
+            if self.member is None:
+                return self.location.fingerprint()
+            digest = hashlib.sha256()
+            with self.open_raw() as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+            return digest.hexdigest()
+        if self.member is None:
+            return self.location.fingerprint()
+        with zipfile.ZipFile(self.location.open()) as archive:
+            entry = archive.getinfo(self.member)
+        return f"crc32:{entry.CRC:08x};size:{entry.file_size};zip:{self.location.fingerprint()}"
+
+    @property
+    def remote(self) -> bool:
+        return isinstance(self.location, StoredObject)
 
     def sort_key(self) -> tuple[str, bool, str]:
         """One-time (dateless) exports first, then by date; a day's updates after its base files."""
@@ -150,49 +201,69 @@ def _skippable(name: str) -> bool:
     return "__MACOSX" in parts or any(p.startswith(".") for p in parts if p)
 
 
-def discover(root: Path, client_id: str | None = None) -> list[ExportFile]:
-    """Every export file under `root` (a folder, a .zip or one file), sorted for loading.
+class _Finder:
+    """Collects the export files of a folder or a store prefix: junk (`__MACOSX/`, dot files) and
+    unknown names are skipped with a warning, zips are opened and their entries considered."""
 
-    Junk (`__MACOSX/`, dot files) and unknown names are skipped with a warning."""
-    if not root.exists():
-        raise SourceError(f"{root}: no such file or folder")
-    found: list[ExportFile] = []
+    def __init__(self, client_id: str | None) -> None:
+        self.client_id = client_id
+        self.found: list[ExportFile] = []
 
-    def consider(name: str, base: str, path: Path, member: str | None) -> None:
+    def consider(self, name: str, location: Location, member: str | None = None) -> None:
         if _skippable(name):
             log.warning("event=file_skipped file=%s reason=junk (macOS resource fork or dot file)", name)
             return
-        info = parse_name(base)
+        if name.endswith(".zip") and member is None:
+            self.scan_zip(name, location)
+            return
+        info = parse_name(name.rsplit("/", 1)[-1])
         if info is None:
             log.warning("event=file_skipped file=%s reason=unknown collection or name", name)
             return
-        if client_id is not None and info.client_id not in (None, client_id):
-            log.info("event=file_skipped file=%s reason=client id %s is not %s", name, info.client_id, client_id)
+        if self.client_id is not None and info.client_id not in (None, self.client_id):
+            log.info("event=file_skipped file=%s reason=client id %s is not %s", name, info.client_id, self.client_id)
             return
-        found.append(ExportFile(name, info, path, member))
+        self.found.append(ExportFile(name, info, location, member))
 
-    def scan_zip(path: Path, prefix: str) -> None:
+    def scan_zip(self, name: str, location: Location) -> None:
+        where = location.path if isinstance(location, LocalFile) else location.store.uri(location.info.key)
         try:
-            with zipfile.ZipFile(path) as archive:
-                entries = [i for i in archive.infolist() if not i.is_dir()]
+            with zipfile.ZipFile(location.open()) as archive:
+                entries = [i.filename for i in archive.infolist() if not i.is_dir()]
         except zipfile.BadZipFile as exc:
-            raise SourceError(f"{path}: not a valid zip file ({exc})") from None
+            raise SourceError(f"{where}: not a valid zip file ({exc})") from None
+        prefix = name + "/" if name else ""  # '' when the configured path is the zip itself
         for entry in entries:
-            consider(prefix + entry.filename, entry.filename.rsplit("/", 1)[-1], path, entry.filename)
+            self.consider(prefix + entry, location, entry)
 
-    if root.is_file():
-        if root.suffix == ".zip":
-            scan_zip(root, "")
-        else:
-            consider(root.name, root.name, root, None)
+    def files(self) -> list[ExportFile]:
+        return sorted(self.found, key=ExportFile.sort_key)
+
+
+def discover(root: Path, client_id: str | None = None) -> list[ExportFile]:
+    """Every export file under `root` (a folder, a .zip or one file), sorted for loading."""
+    if not root.exists():
+        raise SourceError(f"{root}: no such file or folder")
+    finder = _Finder(client_id)
+    if root.is_file() and root.suffix == ".zip":
+        finder.scan_zip("", LocalFile(root))
+    elif root.is_file():
+        finder.consider(root.name, LocalFile(root))
     else:
         for path in sorted(p for p in root.rglob("*") if p.is_file()):
-            rel = path.relative_to(root).as_posix()
-            if path.suffix == ".zip" and not _skippable(rel):
-                scan_zip(path, rel + "/")
-            else:
-                consider(rel, path.name, path, None)
-    return sorted(found, key=ExportFile.sort_key)
+            finder.consider(path.relative_to(root).as_posix(), LocalFile(path))
+    return finder.files()
+
+
+def discover_objects(store: ObjectStore, prefix: str, client_id: str | None = None) -> list[ExportFile]:
+    """Every export file under `prefix` in `store` (names relative to the prefix), sorted for loading."""
+    finder = _Finder(client_id)
+    base = prefix.rstrip("/") + "/" if prefix else ""
+    for info in store.objects(base):
+        if info.key.endswith("/"):  # a folder marker
+            continue
+        finder.consider(info.key[len(base):], StoredObject(store, info))
+    return finder.files()
 
 
 def iter_lines(f: ExportFile) -> Iterator[tuple[int, bytes]]:

@@ -136,7 +136,7 @@ class SailthruStream(Stream):
                 continue
             if known is not None and not self.source.context.options.reprocess:
                 raise SourceError(
-                    f"{f.name}: changed since it was loaded (sha256 {known[:12]}... is now {digest[:12]}...); "
+                    f"{f.name}: changed since it was loaded ({_short(known)} is now {_short(digest)}); "
                     "run `floe run --reprocess` to load it again"
                 )
             async with iterate_in_thread(partial(self._scrubbed, f), name=f"sailthru:{f.name}") as batches:
@@ -144,3 +144,8 @@ class SailthruStream(Stream):
                     yield Batch(batch)
             done[f.name] = digest
             yield Batch(checkpoint={"files": dict(done)})
+
+
+def _short(fingerprint: str) -> str:
+    """A file's fingerprint for a message: a SHA-256 shortened, an ETag and size as they are."""
+    return f"sha256 {fingerprint[:12]}..." if ":" not in fingerprint else fingerprint

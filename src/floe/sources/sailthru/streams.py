@@ -10,7 +10,7 @@ from typing import ClassVar
 import pyarrow as pa
 
 from floe.core.stream import MONEY
-from floe.sources.sailthru.files import ExportFile, count_records
+from floe.sources.sailthru.files import ExportFile, StoredObject, count_records
 from floe.sources.sailthru.messages import TS, MessageReader, message_schema
 from floe.sources.sailthru.rows import SailthruStream, read_records, schema_of, typed_batch, unread
 
@@ -74,7 +74,7 @@ class BlastStream(SailthruStream):
 
 class ExportsStream(SailthruStream):
     """One row per file floe has read: its name, collection, export date (from the name), records
-    (non-blank lines) and when it was ingested. Dashboards show `MAX(export_date)` as the data's freshness."""
+    (non-blank lines), its SHA-256 (a file on disk) or ETag (an object in S3 or GCS), and when it was ingested. Dashboards show `MAX(export_date)` as the data's freshness."""
 
     name = "exports"
     table = ""
@@ -83,7 +83,7 @@ class ExportsStream(SailthruStream):
     schema = pa.schema([
         ("name", pa.string()), ("collection", pa.string()), ("client_id", pa.string()),
         ("export_date", pa.date32()), ("rows", pa.int64()), ("bytes", pa.int64()),
-        ("sha256", pa.string()), ("ingested_at", TS),
+        ("sha256", pa.string()), ("ingested_at", TS), ("etag", pa.string()),
     ])
 
     def batches(self, f: ExportFile) -> Iterator[pa.RecordBatch]:
@@ -91,6 +91,7 @@ class ExportsStream(SailthruStream):
             records, size = count_records(stream)
         yield pa.RecordBatch.from_pylist([{
             "name": f.name, "collection": f.info.collection, "client_id": f.info.client_id,
-            "export_date": f.info.export_date, "rows": records, "bytes": size, "sha256": self.source.checksum(f),
-            "ingested_at": datetime.now(UTC),
+            "export_date": f.info.export_date, "rows": records, "bytes": size,
+            "sha256": None if f.remote else self.source.checksum(f), "ingested_at": datetime.now(UTC),
+            "etag": f.location.info.etag if isinstance(f.location, StoredObject) else None,
         }], schema=self.schema)
