@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 
 class Model(BaseModel):
@@ -17,6 +17,7 @@ class Model(BaseModel):
 SchemaChanges = Literal["evolve", "freeze"]
 Naming = Literal["as_is", "snake_case"]  # a source's column names (engine/naming.py)
 BadRows = Literal["fail", "quarantine"]
+PiiMode = Literal["hash", "drop", "keep"]
 T = TypeVar("T")
 
 
@@ -64,6 +65,19 @@ class SourceConfig(Model):
     def row_policy(self, stream: str) -> BadRows:
         """The `bad_rows` of one stream."""
         return per_stream(self.bad_rows, stream, "fail")
+
+    pii: dict[str, PiiMode] = Field(
+        default_factory=dict, description="Personal data by column: `{column: hash | drop | keep}` (`stream.column` "
+        "for one stream only). `hash`: hex SHA-256 of `salt` and the value (e-mail addresses lower-cased, phone "
+        "numbers as E.164), the same in every source; `drop`: the column is not loaded. Default: keep.",
+    )
+    salt: SecretStr | None = Field(
+        default=None, description="Salt of `pii: hash` (default: the environment variable FLOE_PII_SALT).",
+    )
+
+    def pii_columns(self) -> dict[str, PiiMode]:
+        """The `pii:` modes the engine applies by column name (a source may handle some itself)."""
+        return dict(self.pii)
 
     def schema_policy(self, stream: str) -> tuple[SchemaChanges, bool]:
         """The `schema_changes` and `widen_to_text` of one stream."""

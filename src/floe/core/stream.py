@@ -105,6 +105,14 @@ class Context:
         return p if p.is_absolute() else self.base_dir / p
 
 
+class ColumnRules(Protocol):
+    """Rules applied to a stream's batches by column name (the `pii:` policy, `infra.pii.ColumnPolicy`)."""
+
+    def apply(self, records: pa.RecordBatch) -> pa.RecordBatch: ...
+
+    def schema(self, schema: pa.Schema) -> pa.Schema: ...
+
+
 class Stream(ABC):
     """One table's worth of data from a source.
 
@@ -132,6 +140,17 @@ class Stream(ABC):
     # Set from the source's `bad_rows` / `bad_rows_max` keys (see TableSpec.bad_rows).
     bad_rows: BadRows = "fail"
     bad_rows_max: int | None = None
+    # Set by the engine from the source's `pii:` key: applied to every batch before it is staged or sent.
+    personal_data: ColumnRules | None = None
+
+    def protected(self, records: pa.RecordBatch) -> pa.RecordBatch:
+        """`records` as they may leave the source: the `pii:` policy applied."""
+        return self.personal_data.apply(records) if self.personal_data is not None else records
+
+    @property
+    def landed_schema(self) -> pa.Schema:
+        """The declared columns as they land (`schema` with the `pii:` policy applied)."""
+        return self.personal_data.schema(self.schema) if self.personal_data is not None else self.schema
 
     @abstractmethod
     def read(self, state: State | None) -> AsyncIterator[Batch]:

@@ -6,6 +6,7 @@ from floe.config import FloeConfig
 from floe.core.destination import Destination
 from floe.core.plugins import destination_registry, source_registry
 from floe.core.stream import Context, RunOptions, Source
+from floe.infra.pii import source_salt
 
 
 def context_for(config: FloeConfig, options: RunOptions | None = None) -> Context:
@@ -15,6 +16,7 @@ def context_for(config: FloeConfig, options: RunOptions | None = None) -> Contex
 
 def make_source(config: FloeConfig, name: str, context: Context) -> Source:
     settings = config.source(name)
+    source_salt(name, settings)  # hashing without a salt is a config error before anything runs
     return source_registry.load(settings.type)(name, settings, context)
 
 

@@ -74,7 +74,7 @@ class StreamResult:
 
 def table_spec(source: str, stream: Stream, files: list[StagedFile]) -> TableSpec:
     """The stream's declared columns, overridden and extended by what the staged files hold."""
-    fields: dict[str, pa.Field] = {f.name: f for f in stream.schema}
+    fields: dict[str, pa.Field] = {f.name: f for f in stream.landed_schema}
     for staged in files:
         for f in staged.schema:
             known = fields.get(f.name)
@@ -342,7 +342,7 @@ async def read_into(stream: Stream, state: State | None, lanes: list[_Lane], run
             try:
                 async for batch in batches:
                     if batch.records is not None and batch.records.num_rows:
-                        writer.write(batch.records)
+                        writer.write(stream.protected(batch.records))
                         if progress:
                             for lane in lanes:
                                 if not lane.failed:

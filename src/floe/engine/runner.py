@@ -21,6 +21,7 @@ from floe.engine.factory import context_for, make_destination, make_source
 from floe.engine.naming import named
 from floe.engine.pipeline import StreamResult, run_stream_into
 from floe.engine.progress import Progress
+from floe.infra.pii import source_salt, stream_policy
 
 log = logging.getLogger("floe.runner")
 MAX_STREAMS = 4  # streams of one source loaded at once
@@ -28,10 +29,17 @@ MAX_STREAMS = 4  # streams of one source loaded at once
 
 def select_streams(source: Source, names: Iterable[str] | None) -> list[Stream]:
     streams = source.streams()
+    modes = source.config.pii_columns()
+    salt = source_salt(source.name, source.config) if modes else None
     for stream in streams:
         stream.schema_changes, stream.widen_to_text = source.config.schema_policy(stream.name)
         stream.bad_rows, stream.bad_rows_max = source.config.row_policy(stream.name), source.config.bad_rows_max
     streams = [named(stream, source.name, source.config.naming) for stream in streams]
+    for stream in streams:  # `pii:` names the columns as they land (after `naming`)
+        protected = {*stream.primary_key, *stream.parent_key, *([stream.cursor_field] if stream.cursor_field else [])}
+        policy = stream_policy(modes, salt, stream.name, protected, f"sources.{source.name}")
+        if policy:
+            stream.personal_data = policy
     if not names:
         return streams
     wanted = list(names)

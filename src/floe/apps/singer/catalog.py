@@ -26,7 +26,7 @@ def automatic_fields(stream: Stream) -> set[str]:
 
 
 def catalog_entry(stream: Stream) -> dict[str, Any]:
-    schema = arrow_to_json_schema(stream.schema)
+    schema = arrow_to_json_schema(stream.landed_schema)
     automatic = automatic_fields(stream)
     stream_meta: dict[str, Any] = {
         "inclusion": "available",
@@ -36,7 +36,7 @@ def catalog_entry(stream: Stream) -> dict[str, Any]:
         "valid-replication-keys": [stream.cursor_field] if stream.cursor_field else [],
     }
     metadata: list[dict[str, Any]] = [{"breadcrumb": [], "metadata": stream_meta}]
-    for f in stream.schema:
+    for f in stream.landed_schema:
         metadata.append({
             "breadcrumb": ["properties", f.name],
             "metadata": {"inclusion": "automatic" if f.name in automatic else "available",
@@ -110,12 +110,12 @@ def read_selection(catalog: Any, streams: list[Stream], where: str = "catalog") 
         automatic = automatic_fields(stream)
         fields = set()
         props = schema.get("properties") or {}
-        for f in stream.schema:
+        for f in stream.landed_schema:
             field_meta = meta.get(("properties", f.name), {})
             legacy = props.get(f.name, {}).get("selected") if isinstance(props.get(f.name), dict) else None
             if f.name in automatic or _is_selected({"selected-by-default": True, **field_meta}, legacy):
                 fields.add(f.name)
         method = meta.get((), {}).get("replication-method") or entry.get("replication_method")
-        all_fields = fields >= {f.name for f in stream.schema}
+        all_fields = fields >= {f.name for f in stream.landed_schema}
         selected[name] = Selection(None if all_fields else frozenset(fields), method)
     return selected

@@ -81,7 +81,7 @@ class SingerTap:
         name = stream.name
         full_table = stream.disposition == "replace"
         version = int(time.time() * 1000) if full_table else None
-        emitted: dict[str, pa.Field] = {f.name: f for f in stream.schema if fields is None or f.name in fields}
+        emitted: dict[str, pa.Field] = {f.name: f for f in stream.landed_schema if fields is None or f.name in fields}
         self._schema(stream, emitted)
         counted, last_log = 0, time.monotonic()
         started, status = time.monotonic(), "failed"
@@ -92,6 +92,7 @@ class SingerTap:
             async for batch in stream.read(start):
                 records = batch.records
                 if records is not None and records.num_rows:
+                    records = stream.protected(records)
                     if fields is not None:
                         records = records.select([n for n in records.schema.names if n in fields])
                     if self._widen(emitted, records.schema):

@@ -19,22 +19,20 @@ tables, `profiles` the profile table and its child tables; this module the confi
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import zoneinfo
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import pyarrow as pa
 from pydantic import Field, SecretStr, field_validator
 
-from floe.core import secrets
 from floe.core.errors import ConfigError, DestinationError, SourceError
-from floe.core.settings import SourceConfig
+from floe.core.settings import PiiMode, SourceConfig
 from floe.core.stream import Context, Source, Stream
 from floe.infra.objectstore import GCSStore, ObjectStore, S3Store, StoreUrl
-from floe.infra.pii import Pii
+from floe.infra.pii import SALT_ENV, Pii, resolve_salt
 from floe.sources.sailthru.files import ExportFile, discover, discover_objects
 from floe.sources.sailthru.messages import POOL
 from floe.sources.sailthru.profiles import (
@@ -52,7 +50,6 @@ from floe.sources.sailthru.streams import (
     MessageTransactionalStream,
 )
 
-SALT_ENV = "FLOE_PII_SALT"
 EASTERN = "America/New_York"
 
 
@@ -60,8 +57,9 @@ class SailthruConfig(SourceConfig):
     type: str = "sailthru"
     path: str = Field(description="A folder of export files (and/or .zip files), one .zip, or one file; or "
                                   "`s3://bucket/prefix` / `gs://bucket/prefix` (read in place, no local copy).")
-    pii: Literal["hash", "drop", "keep"] = Field("hash", description="What to do with e-mail addresses.")
-    salt: SecretStr | None = Field(None, description=f"Salt for hashing e-mails (default: env {SALT_ENV}).")
+    pii: PiiMode | dict[str, PiiMode] = Field(  # type: ignore[assignment]
+        "hash", description="What to do with e-mail addresses (`hash`, `drop`, `keep`), or a mapping of columns "
+        "to modes as every source takes (its `email` key: the e-mail addresses, hashed unless given).")
     timezone: str = Field(EASTERN, description="Zone of times written without one (send_time, signup_time, ...); "
                                               "Sailthru's exporter works in US Eastern time.")
     client_id: str | None = Field(None, description="Only files of this client id (unprefixed files too).")
@@ -72,6 +70,14 @@ class SailthruConfig(SourceConfig):
     project: str | None = Field(None, description="GCS: the project (default: from the environment).")
     block_bytes: int = Field(4 << 20, ge=1 << 16, description="Bytes of message JSON parsed per batch.")
     profile_lines: int = Field(1000, ge=1, description="Profiles parsed per batch.")
+
+    @property
+    def email_mode(self) -> PiiMode:
+        """What happens to e-mail addresses: the `email` column and addresses inside other values."""
+        return self.pii if isinstance(self.pii, str) else self.pii.get("email", "hash")
+
+    def pii_columns(self) -> dict[str, PiiMode]:
+        return {} if isinstance(self.pii, str) else {k: v for k, v in self.pii.items() if k != "email"}
 
     @field_validator("timezone")
     @classmethod
@@ -93,14 +99,13 @@ class SailthruSource(Source):
 
     def __init__(self, name: str, config: SailthruConfig, context: Context | None = None) -> None:
         super().__init__(name, config, context)
-        salt = config.salt.get_secret_value() if config.salt else os.environ.get(SALT_ENV)
-        if config.pii == "hash" and not salt:
+        salt = resolve_salt(config.salt.get_secret_value() if config.salt else None)
+        if config.email_mode == "hash" and not salt:
             raise ConfigError(f"sources.{name}.salt: is required when pii is hash (or set {SALT_ENV})")
-        secrets.register(salt)
         # The system allocator hands freed Arrow buffers back to the OS; the default (mimalloc)
         # keeps them, which added ~100 MB to the peak RSS of a large load.
         pa.set_memory_pool(POOL)
-        self.pii = Pii(config.pii, salt)
+        self.pii = Pii(config.email_mode, salt)
         try:
             self.url = StoreUrl.parse(config.path)
         except ValueError as exc:
@@ -156,7 +161,8 @@ class SailthruSource(Source):
     async def check(self) -> list[str]:
         found = self.files("")  # raises naming the path when it does not exist or is not a valid zip
         tables = sorted({f.info.table for f in found})
-        pii = f"pii {self.config.pii}" + (" (salt set)" if self.config.pii == "hash" else "")
+        mode = self.config.email_mode
+        pii = f"pii {mode}" + (" (salt set)" if mode == "hash" else "")
         return [f"{self.location}: {len(found)} export files ({', '.join(tables) or 'none yet'}), {pii}"]
 
 

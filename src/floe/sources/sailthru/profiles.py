@@ -33,7 +33,7 @@ class ProfileStream(SailthruStream):
 
     def __init__(self, source: SailthruSource) -> None:
         super().__init__(source)
-        self.email_column = {"hash": "email_hash", "keep": "email", "drop": None}[source.config.pii]
+        self.email_column = {"hash": "email_hash", "keep": "email", "drop": None}[source.config.email_mode]
         email = {self.email_column: "str"} if self.email_column else {}
         self.kinds = {"id": "str", **email, "geo_count": "int", **PROFILE_FIELDS, "extra": "json"}
         self.schema = schema_of(self.kinds)
