@@ -64,9 +64,11 @@ def committed_loads(project: Project) -> int:
 
 
 def committed_files(project: Project, stream: str) -> set[str]:
-    rows = project.query(
-        "SELECT state FROM _floe_state WHERE stream = ? ORDER BY version DESC LIMIT 1", (stream,))
-    return set(json.loads(rows[0][0])["files"]) if rows else set()
+    """The files the stream's ledger (`_floe_files`, written with each commit) records as loaded."""
+    try:
+        return {r[0] for r in project.query("SELECT entry FROM _floe_files WHERE stream = ?", (stream,))}
+    except duckdb.Error:  # killed before anything was committed
+        return set()
 
 
 # --- names -----------------------------------------------------------------------------------

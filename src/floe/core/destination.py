@@ -231,6 +231,12 @@ class Destination(ABC):
     stage_compression: str = "zstd"
     # How many jobs `load_group` commits in ONE transaction (1: each job in its own).
     group_size: ClassVar[int] = 1
+    # True: the destination keeps each stream's ledger (`stream.LEDGER`) in a table of its own, written in
+    # the commit's transaction: a job's checkpoint holds only the entries it adds (a full refresh's
+    # finishing job: all of them, replacing the ledger), `read_state` returns the whole ledger under
+    # LEDGER, and `change_state` removes the entries of the versions it undoes. False: the engine puts
+    # the whole ledger into every checkpoint it commits.
+    keeps_ledger: ClassVar[bool] = False
 
     def __init__(self, name: str, config: Any, context: Context | None = None) -> None:
         self.name = name

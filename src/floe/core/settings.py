@@ -94,6 +94,15 @@ class DestinationConfig(Model):
     )
 
 
+class StateHistoryConfig(Model):
+    """For destinations that keep every state version until told otherwise (the SQL warehouses)."""
+
+    state_history_days: int | None = Field(
+        default=None, ge=1, description="Delete state versions committed more than this many days ago (the "
+        "latest version of each stream is always kept); `floe state revert` can go back this far. Default: keep all.",
+    )
+
+
 class ExpiringLeaseConfig(Model):
     """For destinations whose leases expire unless renewed (Redshift, BigQuery, files)."""
 

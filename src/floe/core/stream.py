@@ -25,6 +25,18 @@ State = dict[str, Any]
 # Amounts of money (prices, costs, revenue): an exact decimal with six places (a millionth of the
 # currency unit) and twelve integer digits; DECIMAL(18,6) / NUMERIC(18,6) in every warehouse.
 MONEY = pa.decimal128(18, 6)
+# A checkpoint's ledger entries (`{key: value}`, e.g. a file's name and checksum): what it ADDS to the
+# stream's ledger. A stream reads the whole ledger back under this key of its state. Destinations that
+# keep a ledger table (`Destination.keeps_ledger`) store the entries there, in the commit's transaction,
+# so state versions stay small; others keep the whole ledger in each state version.
+LEDGER = "_floe_files"
+
+
+def merge_ledger(earlier: State | None, later: State | None) -> State | None:
+    """`later` (a checkpoint, which supersedes `earlier`) with `earlier`'s ledger entries under its own."""
+    if later is None or not earlier or not earlier.get(LEDGER):
+        return later
+    return {**later, LEDGER: {**earlier[LEDGER], **later.get(LEDGER, {})}}
 
 
 @dataclass(frozen=True)
@@ -105,7 +117,7 @@ class Context:
         return p if p.is_absolute() else self.base_dir / p
 
 
-class ColumnRules(Protocol):
+class PersonalData(Protocol):
     """Rules applied to a stream's batches by column name (the `pii:` policy, `infra.pii.ColumnPolicy`)."""
 
     def apply(self, records: pa.RecordBatch) -> pa.RecordBatch: ...
@@ -141,7 +153,7 @@ class Stream(ABC):
     bad_rows: BadRows = "fail"
     bad_rows_max: int | None = None
     # Set by the engine from the source's `pii:` key: applied to every batch before it is staged or sent.
-    personal_data: ColumnRules | None = None
+    personal_data: PersonalData | None = None
 
     def protected(self, records: pa.RecordBatch) -> pa.RecordBatch:
         """`records` as they may leave the source: the `pii:` policy applied."""

@@ -21,7 +21,7 @@ from pydantic import Field
 from floe.core.destination import SEQ, LoadJob, TableSpec, staged_column
 from floe.core.errors import DestinationError
 from floe.core.leases import Holder, Lease, process_started, take_process_lease
-from floe.core.settings import DestinationConfig
+from floe.core.settings import DestinationConfig, StateHistoryConfig
 from floe.core.stream import Disposition, Stream
 from floe.destinations.column_types import SPELLED_OUT, TEXT_KEYS, ColumnRules
 from floe.destinations.merge import STANDARD
@@ -31,7 +31,7 @@ from floe.infra.localpaths import creatable
 from floe.infra.stage import SUFFIXES
 
 
-class DuckDBConfig(DestinationConfig):
+class DuckDBConfig(DestinationConfig, StateHistoryConfig):
     type: str = "duckdb"
     path: str = "warehouse.duckdb"
     memory_limit: str | None = None  # e.g. "1GB"; DuckDB's own default is 80% of RAM

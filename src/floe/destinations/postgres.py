@@ -40,7 +40,7 @@ from psycopg.copy import QueuedLibpqWriter
 from floe.core.destination import SEQ, LoadJob, StagedFile, TableSpec, is_json, nested_as_json
 from floe.core.errors import DestinationError, LeaseLostError
 from floe.core.leases import Holder, Lease
-from floe.core.settings import DestinationConfig
+from floe.core.settings import DestinationConfig, StateHistoryConfig
 from floe.destinations.column_types import SPELLED_OUT, TEXT_KEYS, ColumnRules
 from floe.destinations.merge import RANK, MergeStyle
 from floe.destinations.rejected import RowRules
@@ -103,7 +103,7 @@ class AdvisoryLease(Lease):
         self.owner.lease_session(unlock)
 
 
-class PostgresConfig(DestinationConfig, UrlConnection):
+class PostgresConfig(DestinationConfig, StateHistoryConfig, UrlConnection):
     type: str = "postgres"
     schema_prefix: str = ""  # tables of source S go into schema `<schema_prefix><S>`
     state_schema: str = "public"  # where _floe_state and _floe_loads live

@@ -41,7 +41,7 @@ from floe.core.destination import (
 from floe.core.errors import DestinationError
 from floe.core.secrets import redact
 from floe.core.stream import RefreshScope
-from floe.destinations import merge, schema_changes
+from floe.destinations import ledger, merge, schema_changes
 from floe.destinations.column_types import ColumnRules
 from floe.destinations.drift import drift_ddl, drift_statement
 from floe.destinations.merge import STANDARD, MergeStyle
@@ -71,6 +71,7 @@ class SqlDestination(Destination):
     placeholder: ClassVar[str] = "?"
     group_size = 100  # tables per transaction (PostgreSQL's max_locks_per_transaction bounds how many)
     now_sql: ClassVar[str] = "CURRENT_TIMESTAMP"  # the server's clock, in statements that read tables
+    keeps_ledger: ClassVar[bool] = True  # `_floe_files` (see `ledger`)
     unique_state_versions: ClassVar[bool] = True  # a unique index on _floe_state (source, stream, version)
     records_drift: ClassVar[bool] = True  # see destinations/drift.py
     lock_state_sql: ClassVar[str | None] = None  # run before the version check ({table}: _floe_state)
@@ -195,6 +196,7 @@ class SqlDestination(Destination):
     def meta_ddl(self) -> list[str]:
         t, ts = self.text_type, self.timestamp_tz_type
         return [
+            ledger.ledger_ddl(self.qualified(self.meta_schema, ledger.LEDGER_TABLE), t),
             f"CREATE TABLE IF NOT EXISTS {self.qualified(self.meta_schema, STATE_TABLE)} ("
             f"source {t}, stream {t}, version BIGINT, state {t}, load_id {t}, committed_at {ts})",
             f"CREATE TABLE IF NOT EXISTS {self.qualified(self.meta_schema, LOADS_TABLE)} ("
@@ -454,12 +456,21 @@ class SqlDestination(Destination):
             if latest != job.base_version:
                 raise state_conflict(self.name, job, latest)
         job.check_lease()
+        state, entries = ledger.split_ledger(job.checkpoint)
         cur.execute(
             f"INSERT INTO {table} (source, stream, version, state, load_id, committed_at) "
             f"SELECT {p}, {p}, COALESCE(MAX(version), 0) + 1, {p}, {p}, {self.now_sql} FROM {table} "
             f"WHERE source = {p} AND stream = {p}",
-            (job.source, job.stream, json.dumps(job.checkpoint, sort_keys=True), job.load_id, job.source, job.stream),
+            (job.source, job.stream, json.dumps(state, sort_keys=True), job.load_id, job.source, job.stream),
         )
+        days = self.config.state_history_days
+        if entries or job.details.get("full_refresh") or days:
+            cur.execute(f"SELECT MAX(version) FROM {table} WHERE source = {p} AND stream = {p}", (job.source, job.stream))
+            version = int(cur.fetchone()[0])
+            ledger.append_entries(cur, self.qualified(self.meta_schema, ledger.LEDGER_TABLE), p, job.source,
+                                  job.stream, entries, version, job.load_id, bool(job.details.get("full_refresh")))
+            if days:
+                ledger.prune_versions(cur, table, p, job.source, job.stream, days, version)
 
     def write_load_row(
         self, cur: Any, job: LoadJob, status: str, error: str | None, finished: datetime
@@ -493,7 +504,8 @@ class SqlDestination(Destination):
                 (source, stream),
             )
             row = cur.fetchone()
-        return CommittedState(int(row[0]), json.loads(row[1])) if row else CommittedState()
+            entries = ledger.read_entries(cur, self.qualified(self.meta_schema, ledger.LEDGER_TABLE), p, source, stream)
+        return CommittedState(int(row[0]), ledger.with_ledger(json.loads(row[1]), entries)) if row else CommittedState()
 
     def states(self) -> list[dict[str, Any]]:
         self.prepare_meta()

@@ -19,6 +19,7 @@ from typing import Any
 from floe.core.destination import LoadJob, StateChange, StateVersion, state_conflict
 from floe.core.errors import DestinationError
 from floe.core.secrets import redact
+from floe.destinations import ledger
 from floe.destinations.sql import LOADS_TABLE, STATE_TABLE, SqlDestination
 
 # The `_floe_loads` status of each kind of state change, and back.
@@ -102,6 +103,9 @@ class SqlStateOps(SqlDestination):
                         cur.execute(f"DELETE FROM {target}{where}", params)
                 job = change.job(deleted)
                 self.write_state(cur, job)
+                # the ledger entries of the undone versions go too (a reset: all of them)
+                ledger.undo_entries(cur, self.qualified(self.meta_schema, ledger.LEDGER_TABLE), self.placeholder,
+                                    change.source, change.stream, 0 if change.state is None else change.delete_after or 0)
                 self.write_load_row(cur, job, CHANGE_STATUS[change.action], None, datetime.now(UTC))
         except DestinationError:
             raise

@@ -45,7 +45,7 @@ from floe.core.destination import CommittedState, Destination, LoadJob, StagedFi
 from floe.core.errors import DestinationError, FloeError
 from floe.core.leases import Lease
 from floe.core.secrets import redact
-from floe.core.stream import Batch, RefreshScope, Source, State, Stream
+from floe.core.stream import Batch, RefreshScope, Source, State, Stream, merge_ledger
 from floe.engine.progress import Progress
 from floe.infra.stage import FileShares, StageRun, StageWriter, new_load_id, remove_leftovers
 from floe.infra.threads import in_thread
@@ -134,6 +134,7 @@ class _Lane:
         self.scope: RefreshScope | None = None  # the rows the backfill replaces (see Stream.backfill_scope)
         self.lease: Lease | None = None
         self.committed = CommittedState()
+        self.ledger_state: State | None = None  # the last state committed with the whole ledger (see `state_of`)
         self.version = 0  # the state version the next commit builds on
         self.attempting: LoadJob | None = None  # the commit in flight, named in _floe_loads if it fails
         self.queue: asyncio.Queue[_Commit | None] = asyncio.Queue(maxsize=1)
@@ -168,6 +169,7 @@ class _Lane:
             self.lease = await in_thread(self.destination.acquire_lease, self.source.name, self.stream.name)
             self.committed = await read_state(self.destination, self.source.name, self.stream.name)
             self.version = self.committed.version
+            self.ledger_state = None if self.refresh else self.committed.state
             if self.backfill is not None:
                 self.scope = self.stream.backfill_scope(self.backfill, self.committed.state)
             if self.refresh:
@@ -185,11 +187,11 @@ class _Lane:
         """Whether the whole read commits once, at its end (a replace stream, a backfill)."""
         return self.stream.disposition == "replace" or self.backfill is not None
 
-    def commit_job(self, commit: _Commit) -> LoadJob:
-        """The job of one commit. A backfill's keeps the committed state (as a new version noting the
-        backfill) and, for an append stream, replaces the range's rows."""
+    def commit_job(self, commit: _Commit, checkpoint: State) -> LoadJob:
+        """The job of one commit, storing `checkpoint` (see `state_of`). A backfill's keeps the committed
+        state (as a new version noting the backfill) and, for an append stream, replaces the range's rows."""
         if self.backfill is None:
-            return self.job(commit.files, commit.checkpoint, commit.load_id, self.refresh)
+            return self.job(commit.files, checkpoint, commit.load_id, self.refresh)
         job = self.job(commit.files, self.committed.state, commit.load_id, details={"backfill": {
             "from": self.backfill.first.isoformat(), "to": self.backfill.last.isoformat()}})
         return dataclasses.replace(job, replaces=self.scope if self.stream.disposition == "append" else None)
@@ -206,6 +208,8 @@ class _Lane:
             self.shares.release(segment)
             return
         files = (self.folded.files if self.folded else []) + segment
+        if self.folded:  # the later checkpoint supersedes the folded one, but ledger entries add up
+            checkpoint = cast(State, merge_ledger(self.folded.checkpoint, checkpoint))
         self.folded = _Commit(files, checkpoint, self.folded.load_id if self.folded else load_id)
         seconds = time.monotonic() - self.last_commit
         if self.commits_once or self.destination.commit_due(
@@ -244,10 +248,18 @@ class _Lane:
                 self.shares.release(pending.files)
 
     # --- during the read: the committing side --------------------------------------------------------
+    def state_of(self, checkpoint: State) -> State:
+        """What a commit stores as the state: the checkpoint, whose ledger entries a destination keeping
+        the ledger adds to its table; else (and for a full refresh's finish) with the whole ledger so far."""
+        if self.destination.keeps_ledger and not self.refresh:
+            return checkpoint
+        return cast(State, merge_ledger(self.ledger_state, checkpoint))
+
     async def consume(self) -> None:
         while (commit := await self.queue.get()) is not None:
+            checkpoint = self.state_of(commit.checkpoint)
             try:
-                job = self.attempting = self.commit_job(commit)
+                job = self.attempting = self.commit_job(commit, checkpoint)
                 job.check_lease()
                 await in_thread(self.destination.load, job)
             finally:
@@ -265,7 +277,7 @@ class _Lane:
                 self.result.details["rejected_rows"] = self.result.details.get("rejected_rows", 0) + rejected
                 log.warning("event=rows_rejected source=%s stream=%s destination=%s rows=%d table=_floe_rejected",
                             self.source.name, self.stream.name, self.destination.name, rejected)
-            self.result.state = job.checkpoint
+            self.result.state = self.ledger_state = job.checkpoint
             if self.progress:
                 self.progress.add(self.key, files=len(commit.files), commits=1)
             if self.on_commit:

@@ -24,7 +24,7 @@ from floe.apps.singer.catalog import Selection
 from floe.apps.singer.schema import arrow_to_json_schema
 from floe.core.destination import is_json
 from floe.core.errors import ConfigError
-from floe.core.stream import Source, Stream
+from floe.core.stream import Source, Stream, merge_ledger
 
 log = logging.getLogger("floe.singer.tap")
 
@@ -101,9 +101,9 @@ class SingerTap:
                     counted += records.num_rows
                 if batch.checkpoint is not None:
                     if full_table:
-                        pending_state = batch.checkpoint
+                        pending_state = merge_ledger(pending_state, batch.checkpoint)
                     else:
-                        bookmarks[name] = batch.checkpoint
+                        bookmarks[name] = merge_ledger(bookmarks.get(name), batch.checkpoint)  # entries add up
                         self.out.write(messages.state_message({"bookmarks": bookmarks}))
                         self.out.flush()
                 if time.monotonic() - last_log >= self.log_interval:

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from floe.core.destination import json_field
 from floe.core.errors import FloeError, SourceError
-from floe.core.stream import Batch, State, Stream
+from floe.core.stream import LEDGER, Batch, State, Stream
 from floe.infra.threads import in_thread, iterate_in_thread
 from floe.sources.sailthru.files import ExportFile, iter_lines
 from floe.sources.sailthru.messages import TS, localize
@@ -128,7 +128,10 @@ class SailthruStream(Stream):
             raise SourceError(pii.scrub_text(f"{f.name}: {type(exc).__name__}: {exc}")) from None
 
     async def read(self, state: State | None) -> AsyncIterator[Batch]:
-        done: dict[str, str] = dict((state or {}).get("files", {}))
+        # Each loaded file's checksum is a ledger entry (kept beside the state, see core.stream.LEDGER);
+        # a state written before the ledger holds them all under "files": the first commit moves them over.
+        legacy: dict[str, str] = dict((state or {}).get("files", {}))
+        done: dict[str, str] = {**legacy, **(state or {}).get(LEDGER, {})}
         for f in await in_thread(self.source.files, self.table):
             digest = await in_thread(self.source.checksum, f)
             known = done.get(f.name)
@@ -143,7 +146,8 @@ class SailthruStream(Stream):
                 async for batch in batches:
                     yield Batch(batch)
             done[f.name] = digest
-            yield Batch(checkpoint={"files": dict(done)})
+            entries, legacy = {**legacy, f.name: digest}, {}
+            yield Batch(checkpoint={"files_loaded": len(done), "last_file": f.name, LEDGER: entries})
 
 
 def _short(fingerprint: str) -> str:
