@@ -11,6 +11,7 @@ names its place. A source joins the suite with one adapter function and one line
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import pytest
 
 from floe.config import validate_model
 from floe.core.plugins import source_registry as registry
-from floe.core.stream import Batch, Context, Source, State, Stream
+from floe.core.stream import Batch, Context, Source, State, Stream, merge_ledger
 from floe.sandbox import fullstory, singular, twilio
 from floe.sandbox.sailthru import ExportSpec, generate
 from floe.sandbox.server import serve_in_thread
@@ -208,7 +209,8 @@ def test_a_read_resumed_from_any_emitted_state_loses_nothing_and_repeats_nothing
         checkpoints = whole[name].checkpoints
         picks = sorted({0, len(checkpoints) // 2, len(checkpoints) - 1})  # first, middle, last
         for k in picks:
-            state = json.loads(json.dumps(checkpoints[k]))  # as the destination gives it back
+            # as the destination gives it back: the checkpoint, with the ledger entries of every one so far
+            state = json.loads(json.dumps(functools.reduce(merge_ledger, checkpoints[: k + 1])))
             resumed = read(subject.settings, tmp_path, name, state)[name]
             if k < len(checkpoints) - 1 or stream.disposition != "append":
                 after = committed(stream, whole[name].segments[: k + 1] + resumed.segments, subject.volatile)

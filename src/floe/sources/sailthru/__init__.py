@@ -35,14 +35,7 @@ from floe.infra.objectstore import GCSStore, ObjectStore, S3Store, StoreUrl
 from floe.infra.pii import SALT_ENV, Pii, resolve_salt
 from floe.sources.sailthru.files import ExportFile, discover, discover_objects
 from floe.sources.sailthru.messages import POOL
-from floe.sources.sailthru.profiles import (
-    ProfileBrowserStream,
-    ProfileGeoStream,
-    ProfileListsSignupStream,
-    ProfileStream,
-    ProfileVarsStream,
-)
-from floe.sources.sailthru.rows import SailthruStream
+from floe.sources.sailthru.profiles import CHILD_TABLES, ProfileChildStream, ProfileStream
 from floe.sources.sailthru.streams import (
     BlastStream,
     ExportsStream,
@@ -156,7 +149,8 @@ class SailthruSource(Source):
         return known
 
     def streams(self) -> list[Stream]:
-        return [cls(self) for cls in STREAMS]
+        return [BlastStream(self), MessageBlastStream(self), MessageTransactionalStream(self), ProfileStream(self),
+                *(ProfileChildStream(self, child) for child in CHILD_TABLES), ExportsStream(self)]
 
     async def check(self) -> list[str]:
         found = self.files("")  # raises naming the path when it does not exist or is not a valid zip
@@ -173,9 +167,3 @@ def store_errors() -> Iterator[None]:
         yield
     except DestinationError as exc:
         raise SourceError(str(exc)) from None
-
-
-STREAMS: list[type[SailthruStream]] = [
-    BlastStream, MessageBlastStream, MessageTransactionalStream, ProfileStream, ProfileGeoStream,
-    ProfileBrowserStream, ProfileListsSignupStream, ProfileVarsStream, ExportsStream,
-]

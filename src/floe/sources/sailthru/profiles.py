@@ -3,9 +3,9 @@ tables, one per map of a profile (geo, browser, lists_signup, vars), each replac
 
 from __future__ import annotations
 
-from abc import abstractmethod
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -49,6 +49,16 @@ class ProfileStream(SailthruStream):
             yield typed_batch(data, self.kinds, self.zone, f.name, lines)
 
 
+@dataclass(frozen=True)
+class ChildTable:
+    """One of a profile's maps as a table: its name, key, columns (kinds) and the rows of one profile."""
+
+    name: str
+    key: tuple[str, ...]
+    kinds: dict[str, str]
+    rows_of: Callable[[dict[str, Any]], Iterator[tuple[Any, ...]]]  # in `kinds` order
+
+
 class ProfileChildStream(SailthruStream):
     """Rows of one of a profile's maps. When a profile is re-sent, all its earlier rows here are
     deleted and replaced by the new set (delete by parent `id`, then insert), so a removed key
@@ -58,12 +68,10 @@ class ProfileChildStream(SailthruStream):
     table = "profile"
     parent_key = ("id",)
 
-    kinds: ClassVar[dict[str, str]]
-
-    @staticmethod
-    @abstractmethod
-    def rows_of(r: dict[str, Any]) -> Iterator[tuple[Any, ...]]:
-        """The rows (in `kinds` order) of one profile."""
+    def __init__(self, source: SailthruSource, child: ChildTable) -> None:
+        super().__init__(source)
+        self.name, self.primary_key, self.kinds, self.rows_of = child.name, child.key, child.kinds, child.rows_of
+        self.schema = schema_of(child.kinds)
 
     def batches(self, f: ExportFile) -> Iterator[pa.RecordBatch]:
         names = list(self.kinds)
@@ -106,33 +114,10 @@ def _var_rows(r: dict[str, Any]) -> Iterator[tuple[Any, ...]]:
         yield r.get("id"), name, as_text(value)
 
 
-class ProfileGeoStream(ProfileChildStream):
-    name = "profile_geo"
-    primary_key = ("id", "scope", "label")
-    kinds: ClassVar[dict[str, str]] = {"id": "str", "scope": "str", "label": "str", "quantity": "int"}
-    rows_of = staticmethod(_geo_rows)
-    schema = schema_of(kinds)
-
-
-class ProfileBrowserStream(ProfileChildStream):
-    name = "profile_browser"
-    primary_key = ("id", "browser")
-    kinds: ClassVar[dict[str, str]] = {"id": "str", "browser": "str", "quantity": "int"}
-    rows_of = staticmethod(_browser_rows)
-    schema = schema_of(kinds)
-
-
-class ProfileListsSignupStream(ProfileChildStream):
-    name = "profile_lists_signup"
-    primary_key = ("id", "list")
-    kinds: ClassVar[dict[str, str]] = {"id": "str", "list": "str", "signup_time": "ts"}
-    rows_of = staticmethod(_list_rows)
-    schema = schema_of(kinds)
-
-
-class ProfileVarsStream(ProfileChildStream):
-    name = "profile_vars"
-    primary_key = ("id", "var")
-    kinds: ClassVar[dict[str, str]] = {"id": "str", "var": "str", "value": "str"}
-    rows_of = staticmethod(_var_rows)
-    schema = schema_of(kinds)
+CHILD_TABLES = (
+    ChildTable("profile_geo", ("id", "scope", "label"),
+               {"id": "str", "scope": "str", "label": "str", "quantity": "int"}, _geo_rows),
+    ChildTable("profile_browser", ("id", "browser"), {"id": "str", "browser": "str", "quantity": "int"}, _browser_rows),
+    ChildTable("profile_lists_signup", ("id", "list"), {"id": "str", "list": "str", "signup_time": "ts"}, _list_rows),
+    ChildTable("profile_vars", ("id", "var"), {"id": "str", "var": "str", "value": "str"}, _var_rows),
+)
