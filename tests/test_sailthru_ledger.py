@@ -19,7 +19,7 @@ from tests.fixtures.destinations import Place, place_of
 from tests.fixtures.sailthru import SALT
 
 DAYS = ["20160401", "20160402", "20160403"]
-LEDGER_KINDS = {"duckdb", "postgres"}  # SQL warehouses: the ledger in `_floe_files` (Redshift shares their code)
+LEDGER_KINDS = {"duckdb", "postgres", "bigquery"}  # the ledger in `_floe_files` (Redshift shares the SQL code)
 COMMIT_EACH_FILE = {"bigquery": {"commit_interval_seconds": 0}}
 
 
@@ -49,7 +49,8 @@ def blasts(place: Place) -> list[tuple[Any, ...]]:
 
 
 def ledger(place: Place) -> list[tuple[Any, ...]]:
-    return sorted(tuple(r) for r in place._sql("SELECT entry, version FROM _floe_files WHERE stream = 'blast'"))
+    table = "raw._floe_files" if place.kind == "bigquery" else "_floe_files"
+    return sorted(tuple(r) for r in place._sql(f"SELECT entry, version FROM {table} WHERE stream = 'blast'"))
 
 
 @pytest.mark.parametrize("kind", ["duckdb", "postgres", "bigquery", "files"])

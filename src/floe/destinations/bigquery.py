@@ -63,6 +63,7 @@ from floe.destinations.bigquery_sql import (
     quote,
     transaction_script,
 )
+from floe.destinations.ledger import LEDGER_TABLE, with_ledger
 from floe.destinations.rejected import RowRules, quarantined
 from floe.destinations.schema_changes import SchemaPlan, log_changes, routed, variant_refresh_error
 from floe.destinations.sql import LOADS_TABLE, STATE_TABLE
@@ -107,7 +108,8 @@ class BigQueryConfig(DestinationConfig, ExpiringLeaseConfig):
 
 class BigQueryDestination(BigQuerySql, Destination):
     Config: ClassVar[type[BigQueryConfig]] = BigQueryConfig
-    group_size = 98  # a transaction changes at most 100 tables, and _floe_state and _floe_loads are two
+    group_size = 97  # a transaction changes at most 100 tables; _floe_state, _floe_loads and _floe_files are three
+    keeps_ledger = True
 
     def __init__(self, name: str, config: Any, context: Any = None) -> None:
         super().__init__(name, config, context)
@@ -239,9 +241,12 @@ class BigQueryDestination(BigQuerySql, Destination):
             parameters += scoped
         body = [delete, f"INSERT INTO {target} ({names}_floe_load_id, _floe_loaded_at) "
                         f"SELECT {names}@load_id, CURRENT_TIMESTAMP() FROM {copy}"]
+        entries, entry_parameters = self.ledger_sql(job)
+        parameters += entry_parameters
         return LoadPlan(table=f"{self.config.project}.{self.config.dataset}.{self.table_name(spec)}",
                         staging=self.table_name(refresh_copy(spec)), uris=[], ddl=ddl, load_job={},
-                        body=[*body, *self.state_sql(checked=job.base_version is not None)], parameters=parameters,
+                        body=[*body, *self.state_sql(checked=job.base_version is not None), *entries],
+                        parameters=parameters,
                         after=[*self.views_sql(spec), f"DROP TABLE IF EXISTS {copy}"])
 
     def finish_refresh(self, job: LoadJob, scope: RefreshScope | None = None) -> None:
@@ -310,7 +315,12 @@ class BigQueryDestination(BigQuerySql, Destination):
             "ORDER BY version DESC LIMIT 1",
             [param("source", "STRING", source), param("stream", "STRING", stream)],
         )
-        return CommittedState(int(rows[0][0]), json.loads(rows[0][1])) if rows else CommittedState()
+        if not rows:
+            return CommittedState()
+        entries = self.api.query(
+            f"SELECT entry, value FROM {self.ref(LEDGER_TABLE)} WHERE source = @source AND stream = @stream "
+            "ORDER BY version", [param("source", "STRING", source), param("stream", "STRING", stream)])
+        return CommittedState(int(rows[0][0]), with_ledger(json.loads(rows[0][1]), {e: v for e, v in entries}))
 
     def try_lease(self, source: str, stream: str) -> Lease | Holder:
         key = self.stage_url.key("_floe_leases", f"{self.config.project}.{self.config.dataset}", source,

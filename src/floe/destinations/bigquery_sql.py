@@ -17,9 +17,10 @@ import pyarrow as pa
 from floe.core.destination import SEQ, LoadJob, StagedFile, StateChange, TableSpec, is_json
 from floe.core.errors import DestinationError
 from floe.core.stream import RefreshScope
-from floe.destinations import merge
+from floe.destinations import ledger, merge
 from floe.destinations.bigquery_api import param, scalar_type
 from floe.destinations.column_types import ColumnRules
+from floe.destinations.ledger import LEDGER_TABLE
 from floe.destinations.merge import NULL_SAFE_OR, RANK, MergeStyle
 from floe.destinations.rejected import REJECTED_TABLE
 from floe.destinations.schema_changes import SchemaPlan, Widening, plan_schema
@@ -162,7 +163,27 @@ class BigQuerySql:
             f"CREATE TABLE IF NOT EXISTS {self.ref(LOADS_TABLE)} (load_id STRING, source STRING, stream STRING, "
             "destination STRING, rows INT64, started_at TIMESTAMP, finished_at TIMESTAMP, status STRING, "
             "error STRING, details STRING)",
+            f"CREATE TABLE IF NOT EXISTS {self.ref(LEDGER_TABLE)} (source STRING, stream STRING, entry STRING, "
+            "value STRING, version INT64, load_id STRING)",
         ]
+
+    def ledger_sql(self, job: LoadJob, suffix: str = "") -> tuple[list[str], list[dict[str, Any]]]:
+        """The statements (after the state version's INSERT) appending the job's ledger entries as that
+        version's (a full refresh's: replacing the ledger), and their parameters (see `ledger`)."""
+        entries = ledger.split_ledger(job.checkpoint)[1]
+        source, stream = f"@source{suffix}", f"@stream{suffix}"
+        statements = [f"DELETE FROM {self.ref(LEDGER_TABLE)} WHERE source = {source} AND stream = {stream}"] \
+            if job.details.get("full_refresh") else []
+        if not entries:
+            return statements, []
+        version = f"(SELECT MAX(version) FROM {self.ref(STATE_TABLE)} WHERE source = {source} AND stream = {stream})"
+        rows = ", ".join(f"({source}, {stream}, @entry{suffix}_{i}, @value{suffix}_{i}, {version}, @load_id{suffix})"
+                         for i in range(len(entries)))
+        statements.append(f"INSERT INTO {self.ref(LEDGER_TABLE)} (source, stream, entry, value, version, load_id) "
+                          f"VALUES {rows}")
+        parameters = [p for i, (entry, value) in enumerate(entries.items())
+                      for p in (param(f"entry{suffix}_{i}", "STRING", entry), param(f"value{suffix}_{i}", "STRING", value))]
+        return statements, parameters
 
     def load_job_config(self, spec: TableSpec, staging: str, uris: list[str]) -> dict[str, Any]:
         schema = [{"name": f.name, "type": self.column_type(f, STAGE_TYPE), "mode": "NULLABLE"}
@@ -247,8 +268,11 @@ class BigQuerySql:
         DELETE (when the table exists), the new state version and the load row; and its parameters."""
         delete = [f"DELETE FROM {self.ref(self.table_name(change.table))}{self.deleted_rows_where(change)}"]
         check, *bookkeeping = self.state_sql(checked=True, status=CHANGE_STATUS[change.action])
-        body = [check, *(delete if table_exists and change.delete_after is not None else []), *bookkeeping]
-        parameters = [*self.parameters(job, self.name), param("delete_after", "INT64", change.delete_after or 0)]
+        undo = (f"DELETE FROM {self.ref(LEDGER_TABLE)} WHERE source = @source AND stream = @stream "
+                "AND version > @ledger_after")  # the ledger entries of the undone versions (a reset: all)
+        body = [check, *(delete if table_exists and change.delete_after is not None else []), *bookkeeping, undo]
+        parameters = [*self.parameters(job, self.name), param("delete_after", "INT64", change.delete_after or 0),
+                      param("ledger_after", "INT64", 0 if change.state is None else change.delete_after or 0)]
         return ";\n".join(["BEGIN TRANSACTION", *body, "COMMIT TRANSACTION"]) + ";", parameters
 
     def load_row_sql(self, status: str, error: str, suffix: str = "") -> str:
@@ -262,7 +286,7 @@ class BigQuerySql:
     def parameters(job: LoadJob, destination: str, suffix: str = "") -> list[dict[str, Any]]:
         return [param(name + suffix, kind, value) for name, kind, value in [
             ("source", "STRING", job.source), ("stream", "STRING", job.stream),
-            ("state", "STRING", json.dumps(job.checkpoint, sort_keys=True)),
+            ("state", "STRING", json.dumps(ledger.split_ledger(job.checkpoint)[0], sort_keys=True)),
             ("load_id", "STRING", job.load_id), ("destination", "STRING", destination),
             ("rows", "INT64", job.rows), ("started_at", "TIMESTAMP", job.started_at.isoformat()),
             ("details", "STRING", json.dumps(job.details, sort_keys=True) if job.details else None),
@@ -324,11 +348,12 @@ class BigQuerySql:
                                param(f"rejected_record{suffix}_{i}", "STRING", record)]
         if uris or spec.disposition == "replace":
             ddl.append(self.staging_ddl(spec, staging))
+        entries, entry_parameters = ([], []) if job.refresh else self.ledger_sql(job, suffix)
         return LoadPlan(
             table=f"{self.config.project}.{self.config.dataset}.{self.table_name(spec)}", staging=staging,
             uris=uris, ddl=ddl, load_job=self.load_job_config(spec, staging, uris),
-            body=[*body, *self.state_sql(suffix, job.refresh, job.base_version is not None)],
-            parameters=parameters,
+            body=[*body, *self.state_sql(suffix, job.refresh, job.base_version is not None), *entries],
+            parameters=[*parameters, *entry_parameters],
             after=[*self.views_sql(spec), f"DROP TABLE IF EXISTS {self.ref(staging)}"],
         )
 
