@@ -115,10 +115,11 @@ def test_state_show_lists_every_stream_with_its_files(sailthru_project: Factory)
     states = {r["stream"]: r["state"] for r in rows if r["source"] == "sailthru"}
     assert set(states) == {"blast", "message_blast", "message_transactional", "profile", "profile_geo",
                            "profile_browser", "profile_lists_signup", "profile_vars", "exports"}
-    assert set(states["blast"]["files"]) == {"blast.20160401.json", "blast.20160402.json"}
-    assert set(states["message_blast"]["files"]) == {
+    # each stream's ledger of loaded files (kept in `_floe_files`) is shown with its state
+    assert set(states["blast"]["_floe_files"]) == {"blast.20160401.json", "blast.20160402.json"}
+    assert set(states["message_blast"]["_floe_files"]) == {
         "message_blast.20160401.json", "message_blast.20160402.json", "message_blast_update.20160402.json"}
-    assert all(len(digest) == 64 for digest in states["exports"]["files"].values())
+    assert all(len(digest) == 64 for digest in states["exports"]["_floe_files"].values())
 
     code, stdout, _ = floe(config, "state", "show", "--singer")
     assert code == 0

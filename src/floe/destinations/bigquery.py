@@ -333,8 +333,12 @@ class BigQueryDestination(BigQuerySql, Destination):
             f"SELECT source, stream, version, state, load_id, committed_at FROM {self.ref(STATE_TABLE)} WHERE TRUE "
             "QUALIFY ROW_NUMBER() OVER (PARTITION BY source, stream ORDER BY version DESC) = 1 ORDER BY source, stream"
         )
-        return [{"source": r[0], "stream": r[1], "version": int(r[2]), "state": json.loads(r[3]), "load_id": r[4],
-                 "committed_at": r[5]} for r in rows]
+        entries: dict[tuple[str, str], dict[str, str]] = {}
+        for source, stream, entry, value in self.api.query(
+                f"SELECT source, stream, entry, value FROM {self.ref(LEDGER_TABLE)} ORDER BY version"):
+            entries.setdefault((source, stream), {})[entry] = value
+        return [{"source": r[0], "stream": r[1], "version": int(r[2]), "load_id": r[4], "committed_at": r[5],
+                 "state": with_ledger(json.loads(r[3]), entries.get((r[0], r[1]), {}))} for r in rows]
 
     def state_log(self, source: str, stream: str, limit: int | None = None) -> list[StateVersion]:
         self.ensure_meta()

@@ -517,9 +517,14 @@ class SqlDestination(Destination):
                 "WHERE m.source = s.source AND m.stream = s.stream) ORDER BY source, stream"
             )
             rows = cur.fetchall()
+            cur.execute(f"SELECT source, stream, entry, value FROM "
+                        f"{self.qualified(self.meta_schema, ledger.LEDGER_TABLE)} ORDER BY version")
+            entries: dict[tuple[str, str], dict[str, str]] = {}
+            for source, stream, entry, value in cur.fetchall():
+                entries.setdefault((source, stream), {})[entry] = value
         return [
-            {"source": r[0], "stream": r[1], "version": r[2], "state": json.loads(r[3]), "load_id": r[4],
-             "committed_at": r[5]}
+            {"source": r[0], "stream": r[1], "version": r[2], "load_id": r[4], "committed_at": r[5],
+             "state": ledger.with_ledger(json.loads(r[3]), entries.get((r[0], r[1]), {}))}
             for r in rows
         ]
 

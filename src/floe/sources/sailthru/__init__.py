@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 from pydantic import Field, SecretStr, field_validator
+from pydantic_core import PydanticCustomError
 
 from floe.core.errors import ConfigError, DestinationError, SourceError
 from floe.core.settings import PiiMode, SourceConfig
@@ -79,6 +80,14 @@ class SailthruConfig(SourceConfig):
             zoneinfo.ZoneInfo(value)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
             raise ValueError(f"unknown time zone {value!r}") from None
+        return value
+
+    @field_validator("pii", mode="before")
+    @classmethod
+    def _mode_or_mapping(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in ("hash", "drop", "keep"):  # one error, not one per union branch
+            raise PydanticCustomError("literal_error", "Input should be 'hash', 'drop' or 'keep'",
+                                      {"expected": "'hash', 'drop' or 'keep'"})
         return value
 
     @field_validator("client_id", mode="before")
