@@ -26,7 +26,7 @@ def test_init_writes_a_config_that_checks_and_runs_once_the_env_file_is_filled(t
     config, env = project / "floe.yml", project / ".env"
     text = config.read_text()
     assert "auth_token: ${TWILIO_AUTH_TOKEN}" in text and "path: ${SAILTHRU_PATH}" in text
-    assert "# pii: hash  # What to do with e-mail addresses." in text  # optional keys: commented, with defaults
+    assert "# pii: hash  # What to do with e-mail addresses (`hash`, `drop`, `keep`)" in text  # optional keys: commented
     parsed = yaml.safe_load(text)
     assert set(parsed["sources"]) == {"twilio", "sailthru"} and parsed["destinations"]["warehouse"] == {"type": "duckdb"}
     assert {line.split("=")[0] for line in env.read_text().splitlines() if "=" in line and not line.startswith("#")} \

@@ -37,8 +37,10 @@ class Key:
 
 
 def keys(model: type[BaseModel], skip: tuple[type[BaseModel], ...] = ()) -> list[Key]:
-    """The keys of `model` in declaration order, without those declared by the models in `skip`."""
-    skipped = {name for base in skip for name in base.model_fields}
+    """The keys of `model` in declaration order, without those declared by the models in `skip` (a key
+    `model` declares again, with a meaning of its own, stays)."""
+    own = vars(model).get("__annotations__", {})
+    skipped = {name for base in skip for name in base.model_fields if name not in own or name == "type"}
     return [_key(name, field, model) for name, field in model.model_fields.items()
             if name not in skipped and not field.exclude]
 

@@ -54,6 +54,7 @@ class SailthruConfig(SourceConfig):
     pii: PiiMode | dict[str, PiiMode] = Field(  # type: ignore[assignment]
         "hash", description="What to do with e-mail addresses (`hash`, `drop`, `keep`), or a mapping of columns "
         "to modes as every source takes (its `email` key: the e-mail addresses, hashed unless given).")
+    salt: SecretStr | None = Field(None, description=f"Salt for hashing e-mails (default: env {SALT_ENV}).")
     timezone: str = Field(EASTERN, description="Zone of times written without one (send_time, signup_time, ...); "
                                               "Sailthru's exporter works in US Eastern time.")
     client_id: str | None = Field(None, description="Only files of this client id (unprefixed files too).")
