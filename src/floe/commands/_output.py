@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+from floe.commands._table import box_table
 from floe.core.secrets import redact
 
 if TYPE_CHECKING:  # (and imported where used: `floe --help` need not load rich, pydantic or the engine)
@@ -57,33 +58,26 @@ def open_config(path: Path | None) -> FloeConfig:
 
 def print_summary(results: list[StreamResult]) -> None:
     """One table row per stream and destination of a run: rows, commits, seconds, status."""
-    from rich.table import Table
-
-    table = Table(title="floe run", title_justify="left")
-    for column in ("source", "stream", "destination", "rows", "commits", "seconds", "status"):
-        table.add_column(column, justify="right" if column in ("rows", "commits", "seconds") else "left")
-    for r in results:
+    def status(r: StreamResult) -> str:
         rejected = r.details.get("rejected_rows", 0)  # `bad_rows: quarantine`
-        status = (f"ok ({rejected:,} rows to _floe_rejected)" if rejected else "ok") if r.ok else f"FAILED: {r.error}"
-        table.add_row(r.source, r.stream, r.destination, f"{r.rows:,}", str(r.commits), f"{r.seconds:.1f}", status)
-    console.print(table)
+        return (f"ok ({rejected:,} rows to _floe_rejected)" if rejected else "ok") if r.ok else f"FAILED: {r.error}"
+
+    rows = [(r.source, r.stream, r.destination, f"{r.rows:,}", str(r.commits), f"{r.seconds:.1f}", status(r))
+            for r in results]
+    typer.echo(box_table("floe run", ("source", "stream", "destination", "rows", "commits", "seconds", "status"),
+                         rows, right=frozenset({"rows", "commits", "seconds"})))
 
 
 def print_sync_summary(results: list[SyncResult]) -> None:
     """One table row per sync; a dry run also prints the first records it would have sent."""
-    from rich.table import Table
-
     dry = any(r.dry_run for r in results)
-    table = Table(title="floe sync" + (" (dry run: nothing sent)" if dry else ""), title_justify="left")
     numbers: tuple[str, ...] = ("changed", "requests") if dry else ("changed", "sent", "updated", "missing", "failed")
     if any(r.clears for r in results):  # `deletes: clear`: keys gone from the rows, and cleared
         numbers += ("gone",) if dry else ("gone", "cleared")
-    for column in ("sync", "to", *numbers, "seconds", "status"):
-        table.add_column(column, justify="right" if column in (*numbers, "seconds") else "left")
-    for r in results:
-        counts = [f"{getattr(r, c):,}" for c in numbers]
-        table.add_row(r.name, r.target, *counts, f"{r.seconds:.1f}", "ok" if r.ok else f"FAILED: {r.error}")
-    console.print(table)
+    rows = [(r.name, r.target, *(f"{getattr(r, c):,}" for c in numbers), f"{r.seconds:.1f}",
+             "ok" if r.ok else f"FAILED: {r.error}") for r in results]
+    typer.echo(box_table("floe sync" + (" (dry run: nothing sent)" if dry else ""),
+                         ("sync", "to", *numbers, "seconds", "status"), rows, right=frozenset({*numbers, "seconds"})))
     for r in results:
         if r.dry_run and r.samples:
             typer.echo(f"{r.name}: first records that would be sent:")
