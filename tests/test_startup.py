@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,10 +14,11 @@ HEAVY = ("pyarrow", "pyarrow.compute", "duckdb", "pydantic", "httpx", "rich", "n
 
 SCRIPT = """
 import sys
+from pathlib import Path
 
 import pytest
 sys.argv = ["floe", "--help"]
-from floe.__main__ import main
+from floe.cli import main
 try:
     main()
 except SystemExit:
@@ -60,3 +62,34 @@ def test_run_summary_is_drawn_as_rich_draws_it(rows: list[tuple[str, ...]]) -> N
         table.add_row(*row)
     Console(file=drawn, width=200).print(table)
     assert box_table("floe run", columns, rows, right) == drawn.getvalue().rstrip("\n")
+
+
+EXIT_SCRIPT = """
+import atexit, sys, threading, time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+sys.argv = ["floe", *ARGS]
+atexit.register(lambda: print("atexit ran", flush=True))
+pool = ThreadPoolExecutor(1)  # never shut down: the exit still stops it
+pool.submit(lambda: None).result()
+threading.Thread(target=lambda: (time.sleep(0.3), Path(OUT).write_text("done"))).start()
+class Garbage:
+    def __del__(self):
+        print("torn down", flush=True)
+garbage = Garbage()  # collected only by the interpreter's teardown
+from floe.__main__ import main
+main()
+print("not reached")
+"""
+
+
+@pytest.mark.parametrize(("args", "code", "says"), [(["--version"], 0, "floe "), (["run", "-c", "missing.yml"], 1, "error:")])
+def test_the_executable_exits_with_the_command_status_after_threads_and_atexit(
+        tmp_path: Path, args: list[str], code: int, says: str) -> None:
+    """`floe` skips the interpreter's teardown (a fifth of a no-op run's CPU), not what a normal exit does first."""
+    out = tmp_path / "thread.txt"
+    script = EXIT_SCRIPT.replace("ARGS", repr(args)).replace("OUT", repr(str(out)))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == code, done.stderr
+    assert says in done.stdout + done.stderr and "not reached" not in done.stdout and "torn down" not in done.stdout
+    assert done.stdout.rstrip().endswith("atexit ran") and out.read_text() == "done"

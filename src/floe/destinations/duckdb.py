@@ -235,11 +235,12 @@ class DuckDBDestination(SqlStateOps, SqlDestination):
     def disposition_sql(
         self, spec: TableSpec, staging: str, order: str, load_id: str, unique_keys: bool = False
     ) -> list[str]:
-        # An append's INSERT runs on every thread when rows need not keep their arrival order (SQL
-        # promises none without ORDER BY). A merge's keeps it: merges commit every checkpoint, and the
-        # partly filled row groups each thread leaves per commit cost more to merge again at the next
+        # An append's or a replace's INSERT runs on every thread when rows need not keep their arrival
+        # order (SQL promises none without ORDER BY; a SQL table of 1M rows: 1.8 CPU s instead of 2.2,
+        # and half the time). A merge's keeps it: merges commit every checkpoint, and the partly
+        # filled row groups each thread leaves per commit cost more to merge again at the next
         # checkpoint than the threads save (Twilio bench: 97,574 against 106,554 records/s).
-        preserve = "false" if spec.disposition == "append" else "true"
+        preserve = "true" if spec.disposition == "merge" else "false"
         return [f"SET preserve_insertion_order = {preserve}",
                 *super().disposition_sql(spec, staging, order, load_id, unique_keys)]
 
