@@ -15,6 +15,7 @@ from floe.commands.drift import drift_command
 from floe.commands.explain import explain_command
 from floe.commands.init import init_command
 from floe.commands.run import run_command
+from floe.commands.runs import runs_command
 from floe.commands.sandbox import sandbox_command
 from floe.commands.serve import serve_command
 from floe.commands.state import state_app
@@ -42,6 +43,7 @@ def options(version: Annotated[bool, typer.Option(
 
 app.command("init")(init_command)
 app.command("run")(run_command)
+app.command("runs")(runs_command)
 app.command("check")(check_command)
 app.add_typer(state_app, name="state")
 app.command("demo")(demo_command)

@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from floe.core.errors import StateConflictError
 from floe.core.leases import Holder, Lease, wait_for_lease
+from floe.core.runs import RunRecord
 from floe.core.settings import BadRows, DestinationConfig, SchemaChanges
 from floe.core.stream import Context, Disposition, DriftSpec, RefreshScope, State, Stream
 
@@ -136,6 +137,7 @@ class LoadJob:
     # transaction, before its rows go in (the range's rows are replaced; NULLs in the column stay).
     replaces: RefreshScope | None = None
     rejected: Rejected | None = None  # the rows quarantine left out of `files` (None: not checked)
+    run_id: str | None = None  # the run that made the commit (None: a state command's change)
 
     @property
     def rows(self) -> int:
@@ -318,6 +320,16 @@ class Destination(ABC):
     def last_load_status(self, source: str, stream: str, before: datetime) -> str | None:
         """The status (`committed`, `failed`, `recovered`, ...) of the stream's last load-log entry
         started before `before`; None when there is none (or no load log yet)."""
+
+    # --- the run log (`_floe_runs`, see floe.core.runs): `floe runs` reads it ----------------------
+    @abstractmethod
+    def record_run(self, run: RunRecord) -> None:
+        """Write the run's row in the run log, replacing the row of the same run id, in a transaction of
+        its own (creating the run log if needed). Raise on failure (callers treat it as best effort)."""
+
+    @abstractmethod
+    def runs(self, limit: int = 20) -> list[RunRecord]:
+        """The last `limit` runs in the run log, newest first (none: no run log yet); creates nothing."""
 
     def states(self) -> list[dict[str, Any]]:
         """Every (source, stream) latest state, for `floe state show`."""

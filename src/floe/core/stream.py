@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal, Protocol
 
 import pyarrow as pa
 
+from floe.core.runs import new_run_id
 from floe.core.settings import BadRows, SchemaChanges, SourceConfig
 
 Disposition = Literal["append", "merge", "replace"]
@@ -111,6 +112,7 @@ class Context:
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     # True once the run should stop at the next commit point (`floe serve` on SIGTERM).
     should_stop: Callable[[], bool] = field(default=lambda: False)
+    run_id: str = field(default_factory=new_run_id)  # the run's id in `_floe_loads` and `_floe_runs`
 
     def path(self, value: str | Path) -> Path:
         p = Path(value).expanduser()
@@ -201,6 +203,7 @@ class RequestMetrics(Protocol):
     """Counts of a client's requests (the HTTP layer's `HttpMetrics`)."""
 
     requests: int
+    retries: int
     seconds: float
 
 

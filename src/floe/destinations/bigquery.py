@@ -52,12 +52,14 @@ from floe.core.destination import (
 )
 from floe.core.errors import DestinationError
 from floe.core.leases import Holder, Lease, take_object_lease
+from floe.core.runs import RunRecord
 from floe.core.secrets import redact
 from floe.core.settings import DestinationConfig, ExpiringLeaseConfig
 from floe.core.stream import RefreshScope
 from floe.destinations.bigquery_api import API, BigQueryApi, param
 from floe.destinations.bigquery_sql import (
     CONFLICT,
+    RUN_TYPES,
     BigQuerySql,
     LoadPlan,
     quote,
@@ -65,6 +67,7 @@ from floe.destinations.bigquery_sql import (
 )
 from floe.destinations.ledger import LEDGER_TABLE, with_ledger
 from floe.destinations.rejected import RowRules, quarantined
+from floe.destinations.run_log import RUNS_COLUMNS, RUNS_TABLE, is_missing_table, run_of, run_values
 from floe.destinations.schema_changes import SchemaPlan, log_changes, routed, variant_refresh_error
 from floe.destinations.sql import LOADS_TABLE, STATE_TABLE
 from floe.destinations.state_ops import version_of
@@ -368,6 +371,28 @@ class BigQueryDestination(BigQuerySql, Destination):
             raise DestinationError(f"{self.name}: {change.action} of {change.source}.{change.stream} failed, "
                                    f"nothing changed: {exc}") from None
         return deleted
+
+    def record_run(self, run: RunRecord) -> None:
+        self.ensure_meta()
+        table, names = self.ref(RUNS_TABLE), [name for name, _ in RUNS_COLUMNS]
+        script = ";\n".join([
+            "BEGIN TRANSACTION", f"DELETE FROM {table} WHERE run_id = @run_id AND destination = @destination",
+            f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('@' + n for n in names)})",
+            "COMMIT TRANSACTION"]) + ";"
+        values = [v.isoformat() if isinstance(v, datetime) else v for v in run_values(run)]
+        self.api.query(script, [param(name, RUN_TYPES[kind], value)
+                                for (name, kind), value in zip(RUNS_COLUMNS, values, strict=True)])
+
+    def runs(self, limit: int = 20) -> list[RunRecord]:
+        try:
+            rows = self.api.query(f"SELECT {', '.join(name for name, _ in RUNS_COLUMNS)} FROM {self.ref(RUNS_TABLE)} "
+                                  f"WHERE destination = @destination ORDER BY started_at DESC, run_id DESC "
+                                  f"LIMIT {int(limit)}", [param("destination", "STRING", self.name)])
+        except DestinationError as exc:
+            if is_missing_table(exc):
+                return []
+            raise
+        return [run_of(row) for row in rows]
 
     def check(self) -> list[str]:
         dataset = self.api.call("GET", f"/datasets/{self.config.dataset}")

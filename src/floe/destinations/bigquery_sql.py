@@ -23,6 +23,7 @@ from floe.destinations.column_types import ColumnRules
 from floe.destinations.ledger import LEDGER_TABLE
 from floe.destinations.merge import NULL_SAFE_OR, RANK, MergeStyle
 from floe.destinations.rejected import REJECTED_TABLE
+from floe.destinations.run_log import RUNS_COLUMNS, RUNS_TABLE
 from floe.destinations.schema_changes import SchemaPlan, Widening, plan_schema
 from floe.destinations.sql import LOADS_TABLE, STATE_TABLE, arrow_type_key
 from floe.destinations.state_ops import CHANGE_STATUS
@@ -71,6 +72,7 @@ WIDENING = Widening("ALTER TABLE {table} ALTER COLUMN {column} SET DATA TYPE {ty
 })
 
 # No DELETE ... USING and no IS NOT DISTINCT FROM; a merge without a parent key is one MERGE statement.
+RUN_TYPES = {"text": "STRING", "timestamp": "TIMESTAMP", "int": "INT64"}  # of RUNS_COLUMNS
 MERGE_STYLE = MergeStyle(
     latest_rows=f"SELECT * EXCEPT ({RANK}) FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY {{keys}} "
                 f"ORDER BY {{latest}}) AS {RANK} FROM {{staging}}) WHERE {RANK} = 1",
@@ -162,9 +164,12 @@ class BigQuerySql:
             "state STRING, load_id STRING, committed_at TIMESTAMP)",
             f"CREATE TABLE IF NOT EXISTS {self.ref(LOADS_TABLE)} (load_id STRING, source STRING, stream STRING, "
             "destination STRING, rows INT64, started_at TIMESTAMP, finished_at TIMESTAMP, status STRING, "
-            "error STRING, details STRING)",
+            "error STRING, details STRING, run_id STRING)",
+            f"ALTER TABLE {self.ref(LOADS_TABLE)} ADD COLUMN IF NOT EXISTS run_id STRING",  # made by an older floe
             f"CREATE TABLE IF NOT EXISTS {self.ref(LEDGER_TABLE)} (source STRING, stream STRING, entry STRING, "
             "value STRING, version INT64, load_id STRING)",
+            f"CREATE TABLE IF NOT EXISTS {self.ref(RUNS_TABLE)} ("
+            + ", ".join(f"{name} {RUN_TYPES[kind]}" for name, kind in RUNS_COLUMNS) + ")",
         ]
 
     def ledger_sql(self, job: LoadJob, suffix: str = "") -> tuple[list[str], list[dict[str, Any]]]:
@@ -279,8 +284,8 @@ class BigQuerySql:
         values = ", ".join(f"@{name}{suffix}" for name in ("load_id", "source", "stream", "destination", "rows",
                                                             "started_at"))
         return (f"INSERT INTO {self.ref(LOADS_TABLE)} (load_id, source, stream, destination, rows, started_at, "
-                f"finished_at, status, error, details) VALUES ({values}, CURRENT_TIMESTAMP(), {status}, {error}, "
-                f"@details{suffix})")
+                f"finished_at, status, error, details, run_id) VALUES ({values}, CURRENT_TIMESTAMP(), {status}, "
+                f"{error}, @details{suffix}, @run_id{suffix})")
 
     @staticmethod
     def parameters(job: LoadJob, destination: str, suffix: str = "") -> list[dict[str, Any]]:
@@ -290,6 +295,7 @@ class BigQuerySql:
             ("load_id", "STRING", job.load_id), ("destination", "STRING", destination),
             ("rows", "INT64", job.rows), ("started_at", "TIMESTAMP", job.started_at.isoformat()),
             ("details", "STRING", json.dumps(job.details, sort_keys=True) if job.details else None),
+            ("run_id", "STRING", job.run_id),
             *([("base_version", "INT64", job.base_version)] if job.base_version is not None else []),
         ]]
 

@@ -25,6 +25,7 @@ from floe.core.settings import DestinationConfig, StateHistoryConfig
 from floe.core.stream import Disposition, Stream
 from floe.destinations.column_types import SPELLED_OUT, TEXT_KEYS, ColumnRules
 from floe.destinations.merge import STANDARD
+from floe.destinations.run_log import SqlRunLog
 from floe.destinations.sql import SqlDestination
 from floe.destinations.state_ops import SqlStateOps
 from floe.infra.localpaths import creatable
@@ -63,7 +64,7 @@ class DatabaseFileLocked(DestinationError):
         self.holder = holder
 
 
-class DuckDBDestination(SqlStateOps, SqlDestination):
+class DuckDBDestination(SqlStateOps, SqlRunLog, SqlDestination):
     Config: ClassVar[type[DuckDBConfig]] = DuckDBConfig
     # The last row to arrive per key, also across several staged files (`order` is the file name,
     # then the row number in it: both descending).

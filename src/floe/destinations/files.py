@@ -50,15 +50,18 @@ from floe.core.destination import (
 )
 from floe.core.errors import DestinationError, LeaseLostError
 from floe.core.leases import Holder, Lease, take_object_lease
+from floe.core.runs import RunRecord
 from floe.core.secrets import redact
 from floe.core.settings import DestinationConfig, ExpiringLeaseConfig
 from floe.core.stream import RefreshScope
+from floe.destinations.run_log import ObjectRunLog
 from floe.destinations.state_ops import as_utc
 from floe.infra.objectstore import GCSStore, LocalStore, ObjectStore, S3Store, StoreUrl
 
 STATE_DIR = "_floe_state"
 REFRESH_DIR = "_floe_refresh"  # where a full refresh's objects wait for its commit
 LOADS_DIR = "_floe_loads"  # the load log: one object per failed load and per recovery
+RUNS_DIR = "_floe_runs"  # the run log: one object per run
 log = logging.getLogger("floe.files")
 KEEP_STATE_VERSIONS = 50
 EXTENSIONS = {"parquet": "parquet", "jsonl": "jsonl", "csv": "csv"}
@@ -266,7 +269,7 @@ class FilesDestination(Destination):
             "version": version, "state": job.checkpoint, "load_id": job.load_id, "files": keys, "rows": job.rows,
             "format": self.config.format, "disposition": job.table.disposition,
             "primary_key": list(job.table.primary_key), "started_at": job.started_at.isoformat(),
-            "committed_at": datetime.now(UTC).isoformat(), "details": job.details,
+            "committed_at": datetime.now(UTC).isoformat(), "details": job.details, "run_id": job.run_id,
             "recent_load_ids": [*recent, job.load_id][-KEEP_STATE_VERSIONS:],
         }
         if snapshot:
@@ -297,9 +300,16 @@ class FilesDestination(Destination):
         for start in range(0, len(keys), 1000):
             self.store.delete_keys(keys[start : start + 1000])
 
+    # --- the run log: `_floe_runs/<run id>.json` at the top of the path -------------------------
+    def record_run(self, run: RunRecord) -> None:
+        ObjectRunLog(self.store, self.key(RUNS_DIR)).record(run)
+
+    def runs(self, limit: int = 20) -> list[RunRecord]:
+        return ObjectRunLog(self.store, self.key(RUNS_DIR)).last(limit)
+
     # --- the load log: failures and recoveries (a commit is its state object) ---------------------
     def _log_load(self, job: LoadJob, status: str, error: str | None) -> None:
-        record = {"load_id": job.load_id, "status": status, "error": error,
+        record = {"load_id": job.load_id, "run_id": job.run_id, "status": status, "error": error,
                   "started_at": job.started_at.isoformat(), "finished_at": datetime.now(UTC).isoformat()}
         name = f"{job.started_at.astimezone(UTC):%Y%m%dT%H%M%S%f}-{job.load_id}.json"
         self.store.put_bytes(self.key(job.source, job.stream, LOADS_DIR, name), json.dumps(record).encode())
@@ -365,7 +375,7 @@ class FilesDestination(Destination):
             "version": version, "state": change.state, "load_id": change.change_id, "files": [], "rows": 0,
             "format": self.config.format, "disposition": change.table.disposition,
             "primary_key": list(change.table.primary_key), "started_at": job.started_at.isoformat(),
-            "committed_at": datetime.now(UTC).isoformat(), "details": job.details,
+            "committed_at": datetime.now(UTC).isoformat(), "details": job.details, "run_id": job.run_id,
             "recent_load_ids": [*recent, change.change_id][-KEEP_STATE_VERSIONS:], "pending_deletes": doomed,
         }
         state_key = self._commit(job, record, [])
@@ -446,7 +456,7 @@ class FilesDestination(Destination):
             "version": version, "state": job.checkpoint, "load_id": job.load_id, "files": keys, "rows": job.rows,
             "format": self.config.format, "disposition": job.table.disposition, "full_refresh": True,
             "primary_key": list(job.table.primary_key), "started_at": job.started_at.isoformat(),
-            "committed_at": datetime.now(UTC).isoformat(), "details": job.details,
+            "committed_at": datetime.now(UTC).isoformat(), "details": job.details, "run_id": job.run_id,
             "recent_load_ids": [*load_ids, job.load_id][-KEEP_STATE_VERSIONS:],
         }
         written = [k for k in keys if k.rsplit("/", 1)[-1].startswith(job.load_id)] + [t for _, t in moves]

@@ -44,6 +44,7 @@ from floe.core.settings import DestinationConfig, StateHistoryConfig
 from floe.destinations.column_types import SPELLED_OUT, TEXT_KEYS, ColumnRules
 from floe.destinations.merge import RANK, MergeStyle
 from floe.destinations.rejected import RowRules
+from floe.destinations.run_log import SqlRunLog
 from floe.destinations.schema_changes import SchemaPlan, Widening
 from floe.destinations.sql import LEASES_TABLE, STATE_TABLE, SqlDestination, arrow_type_key
 from floe.destinations.state_ops import SqlStateOps
@@ -142,7 +143,7 @@ def csv_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-class PostgresDestination(SqlStateOps, SqlDestination):
+class PostgresDestination(SqlStateOps, SqlRunLog, SqlDestination):
     Config: ClassVar[type[PostgresConfig]] = PostgresConfig
     type_map: ClassVar[dict[str, str]] = {
         "bool": "BOOLEAN",

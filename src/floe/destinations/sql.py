@@ -201,9 +201,14 @@ class SqlDestination(Destination):
             f"source {t}, stream {t}, version BIGINT, state {t}, load_id {t}, committed_at {ts})",
             f"CREATE TABLE IF NOT EXISTS {self.qualified(self.meta_schema, LOADS_TABLE)} ("
             f"load_id {t}, source {t}, stream {t}, destination {t}, rows BIGINT, started_at {ts}, "
-            f"finished_at {ts}, status {t}, error {t}, details {t})",
+            f"finished_at {ts}, status {t}, error {t}, details {t}, run_id {t})",
             drift_ddl(self),
         ]
+
+    def upgrade_meta(self, cur: Any) -> None:
+        """Bring floe's own tables, as an older floe made them, up to date (in prepare_meta's transaction)."""
+        if "run_id" not in self.existing_columns(cur, self.meta_schema, LOADS_TABLE):
+            cur.execute(f"ALTER TABLE {self.qualified(self.meta_schema, LOADS_TABLE)} ADD COLUMN run_id {self.text_type}")
 
     # --- the transaction --------------------------------------------------------------------
     @property
@@ -252,6 +257,7 @@ class SqlDestination(Destination):
                 cur.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema_ref(self.meta_schema)}")
                 for statement in self.meta_ddl():
                     cur.execute(statement)
+                self.upgrade_meta(cur)
 
         self.retrying_races(create)
         self._schemas.add(self.meta_schema)
@@ -478,11 +484,11 @@ class SqlDestination(Destination):
         p = self.placeholder
         cur.execute(
             f"INSERT INTO {self.qualified(self.meta_schema, LOADS_TABLE)} "
-            "(load_id, source, stream, destination, rows, started_at, finished_at, status, error, details) "
-            f"VALUES ({', '.join([p] * 10)})",
+            "(load_id, source, stream, destination, rows, started_at, finished_at, status, error, details, run_id) "
+            f"VALUES ({', '.join([p] * 11)})",
             (
                 job.load_id, job.source, job.stream, self.name, job.rows, job.started_at, finished,
-                status, error, json.dumps(job.details, sort_keys=True) if job.details else None,
+                status, error, json.dumps(job.details, sort_keys=True) if job.details else None, job.run_id,
             ),
         )
 

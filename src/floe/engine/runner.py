@@ -19,8 +19,9 @@ from floe.core.errors import ConfigError
 from floe.core.stream import Context, RunOptions, Source, Stream
 from floe.engine.factory import context_for, make_destination, make_source
 from floe.engine.naming import named
-from floe.engine.pipeline import StreamResult, run_stream_into
+from floe.engine.pipeline import StreamResult, describe, run_stream_into
 from floe.engine.progress import Progress
+from floe.engine.runs import RunLog
 from floe.infra.pii import source_salt, stream_policy
 
 log = logging.getLogger("floe.runner")
@@ -178,6 +179,8 @@ async def run_async(
         selected = await backfill_streams(config, run_plan, selected, context)
     destinations: dict[str, Destination] = {}
     results: list[StreamResult] = []
+    history = RunLog(context.run_id, "run", run_plan.sources)
+    error: str | None = None
     try:
         for source_name in run_plan.sources:
             if selected is not None and source_name not in selected:
@@ -187,6 +190,7 @@ async def run_async(
             for dest_name in wanted:
                 if dest_name not in destinations:
                     destinations[dest_name] = make_destination(config, dest_name, context)
+                await history.started(destinations[dest_name])
             source = make_source(config, source_name, context)
             try:
                 streams = select_streams(source, None if selected is None else selected[source_name])
@@ -194,7 +198,11 @@ async def run_async(
                 results += await run_source(source, streams, targets, config.stage, progress, max_streams)
             finally:
                 await source.aclose()
+    except BaseException as exc:
+        error = describe(exc)
+        raise
     finally:
+        await history.finished(results, error)
         for destination in destinations.values():
             destination.close()
         if progress:
