@@ -40,6 +40,16 @@ class NotifyConfig(Model):
     region: str | None = Field(default=None, description="AWS region of the SNS topic (default: the AWS environment's).")
 
 
+class ServeConfig(Model):
+    schedule: str | None = Field(default=None, description=(
+        "When `floe serve` runs a source that has no `schedule:` of its own: an interval like `15m`/`6h` or a "
+        "cron expression (default: every hour)."))
+    health_port: int | None = Field(default=None, ge=0, le=65535, description=(
+        "Port of `floe serve`'s HTTP endpoints `/healthz` and `/metrics` (Prometheus); none: no endpoints; "
+        "0: any free port (logged)."))
+    health_host: str = Field(default="0.0.0.0", description="Address the HTTP endpoints listen on.")
+
+
 class FloeConfig(Model):
     """The validated floe.yml. `sources`/`destinations` hold each plugin's own validated model."""
 
@@ -54,7 +64,10 @@ class FloeConfig(Model):
         "Folder where extracted files wait until their destination committed them (relative to floe.yml)."))
     notify: NotifyConfig | None = Field(default=None, description="Who is told when a run fails and recovers.")
     log_format: Literal["auto", "text", "json"] = Field(default="auto", description=(
-        "Log lines on stderr: text (logfmt lines), json (the same lines wrapped as JSON), auto (text)."))
+        "Log lines on stderr: text (logfmt), json (one JSON object per line, typed fields), auto (text)."))
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="How `floe serve` schedules and reports.")
+    progress_interval: float = Field(default=30.0, gt=0, description=(
+        "Off a terminal: seconds between progress log lines of the streams still running."))
     path: Path | None = Field(default=None, exclude=True, description="Where this config was read from.")
 
     def source(self, name: str) -> SourceConfig:

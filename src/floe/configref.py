@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 
-from floe.config import FloeConfig, NotifyConfig, looks_secret
+from floe.config import FloeConfig, NotifyConfig, ServeConfig, looks_secret
 from floe.core.plugins import Registry
 from floe.core.settings import DestinationConfig, SourceConfig
 
@@ -183,6 +183,8 @@ def render() -> str:
     _table(keys(FloeConfig), "", out, expand=False)
     out += ["### `notify`", "", "Told when a run fails and when it recovers.", ""]
     _table(keys(NotifyConfig), "notify", out)
+    out += ["### `serve`", "", "How `floe serve` schedules sources and reports; more in [deploy.md](deploy.md).", ""]
+    _table(keys(ServeConfig), "serve", out)
     for section, registry in (("sources", sources), ("destinations", destinations)):
         out += [f"## `{section}`", "", f"Keys every entry of `{section}:` takes, whatever its type:", ""]
         _table(keys(COMMON[section]), section, out)

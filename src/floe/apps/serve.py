@@ -30,13 +30,17 @@ from typing import Any, Protocol
 from croniter import croniter
 
 from floe.apps.notify import Notice, Notifier, report
+from floe.apps.serve_status import ServeStatus
 from floe.config import FloeConfig
 from floe.core.destination import Destination
 from floe.core.errors import ConfigError
 from floe.core.secrets import redact
+from floe.core.stream import RequestMetrics
 from floe.engine.factory import context_for, make_destination, make_source
 from floe.engine.pipeline import StreamResult
+from floe.engine.progress import Progress
 from floe.engine.runner import run_source, select_streams
+from floe.engine.runs import RunLog
 from floe.infra.threads import in_thread
 
 log = logging.getLogger("floe.serve")
@@ -102,17 +106,24 @@ class Server:
     backoff_max: float = 3600.0
     notifier: Notifier | None = None
     history: list[Cycle] = field(default_factory=list)
+    status: ServeStatus = field(default_factory=ServeStatus)  # /healthz, /metrics, the per-cycle summary line
 
     def __post_init__(self) -> None:
         names = self.sources or list(self.config.sources)
         now = self.clock.now()
         self.schedules = {
-            n: SourceSchedule(n, parse_schedule(s, f"sources.{n}.schedule")
-                              if (s := self.config.source(n).schedule) else None, now)
-            for n in names
+            n: SourceSchedule(n, self.schedule_of(n), now) for n in names
         }
         self.notifier = self.notifier or Notifier(self.config.notify)
         self._stop = asyncio.Event()
+
+    def schedule_of(self, name: str) -> Callable[[datetime], datetime] | None:
+        """The source's own `schedule:`, else `serve.schedule`; None: every hour."""
+        if own := self.config.source(name).schedule:
+            return parse_schedule(own, f"sources.{name}.schedule")
+        if default := self.config.serve.schedule:
+            return parse_schedule(default, "serve.schedule")
+        return None
 
     def stop(self) -> None:
         """Finish the load in progress, then return from `run`."""
@@ -123,17 +134,35 @@ class Server:
         return self._stop.is_set()
 
     async def run(self, max_cycles: int | None = None) -> None:
+        self.status.started()
+        heartbeat = asyncio.create_task(self._heartbeat())
+        try:
+            await self._loop(max_cycles)
+        finally:
+            heartbeat.cancel()
+            self.status.stopped()
+
+    async def _heartbeat(self) -> None:
+        """Tell the status the loop is alive while it is (a stuck loop stops ticking)."""
+        while True:
+            self.status.beat()
+            await asyncio.sleep(5)
+
+    async def _loop(self, max_cycles: int | None) -> None:
         cycles = 0
         while not self.stopping and (max_cycles is None or cycles < max_cycles):
             now = self.clock.now()
             due = [s for s in self.schedules.values() if s.due <= now]
             results: list[StreamResult] = []
+            self.status.cycle_started(cycles + 1)
             for sched in due:
                 if self.stopping:
                     break
                 results += await self.run_source(sched)
             syncs = await self.run_syncs() if due and not self.stopping else []
             cycles += 1
+            self.status.cycle_finished({s.name: {"due": s.due.isoformat(), "failures": s.failures,
+                                                 "last_error": s.last_error} for s in self.schedules.values()})
             if self.stopping or (max_cycles is not None and cycles >= max_cycles):
                 self.history.append(Cycle(now, results, syncs=syncs))
                 break
@@ -157,15 +186,25 @@ class Server:
         destinations: dict[str, Destination] = {}
         states: dict[str, Any] = {}
         source = None
+        history = RunLog(context.run_id, "serve", [sched.name])
+        metrics: list[RequestMetrics] = []
+        reported = False  # the status was told of the results
+        error: str | None = None
         try:
             for dest_name in self.config.destinations_for(sched.name):
                 destinations[dest_name] = make_destination(self.config, dest_name, context)
+                await history.started(destinations[dest_name])
             source = make_source(self.config, sched.name, context)
+            progress = Progress(self.config.progress_interval, tty=False)
             try:
                 results = await run_source(source, select_streams(source, None), list(destinations.values()),
-                                           self.config.stage)
+                                           self.config.stage, progress)
             finally:
+                progress.close()
+                metrics = list(source.request_metrics())
                 await source.aclose()
+            self.status.source_ran(sched.name, results, metrics)
+            reported = True
             for result in results:  # when the source is due next: from its streams' states
                 if not states.get(result.stream):
                     states[result.stream] = result.state or await in_thread(
@@ -177,11 +216,13 @@ class Server:
         except Exception as exc:  # noqa: BLE001 - config/destination trouble: back off, keep serving
             error = redact(str(exc))
             log.error("event=serve_source_failed source=%s error=%s", sched.name, error)
+            self.status.source_ran(sched.name, [] if reported else results, [] if reported else metrics, error)
             self.plan_next(sched, source, states, started, error)
             if self.notifier is not None:
                 self.notifier.send(Notice("failed", sched.name, "*", "*", error, None,
                                           datetime.now(UTC).isoformat()))
         finally:
+            await history.finished(results, error)
             for dest in destinations.values():
                 dest.close()
         return results

@@ -45,8 +45,8 @@ def run_command(
     try:
         cfg = open_config(config)
         started = datetime.now(UTC)
-        results = runner.run(cfg, source, stream, RunOptions(reprocess, full_refresh, backfill), Progress(),
-                             destination)
+        results = runner.run(cfg, source, stream, RunOptions(reprocess, full_refresh, backfill),
+                             Progress(cfg.progress_interval), destination)
     except FloeError as exc:
         fail(str(exc))
     if cfg.notify:

@@ -33,6 +33,15 @@ def serve_command(
     except FloeError as exc:
         fail(str(exc))
 
+    endpoint = None
+    if cfg.serve.health_port is not None:
+        from floe.apps.serve_status import StatusEndpoint
+
+        try:
+            endpoint = StatusEndpoint(server.status, cfg.serve.health_host, cfg.serve.health_port)
+        except OSError as exc:
+            fail(f"serve.health_port: cannot listen on {cfg.serve.health_host}:{cfg.serve.health_port}: {exc}")
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -41,5 +50,9 @@ def serve_command(
             server.stop()
         await server.run()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        if endpoint is not None:
+            endpoint.close()
     typer.echo("floe serve: stopped", err=True)

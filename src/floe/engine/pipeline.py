@@ -122,7 +122,7 @@ class _Lane:
                  progress: Progress | None, on_commit: Callable[[LoadJob], None] | None) -> None:
         self.source, self.stream, self.destination, self.shares = source, stream, destination, shares
         self.progress, self.on_commit = progress, on_commit
-        self.key = f"{source.name}.{stream.name} -> {destination.name}"
+        self.labels = (source.name, stream.name, destination.name)  # its key in the progress
         self.result = StreamResult(source.name, stream.name, destination.name)
         self.started, self.started_at = time.monotonic(), datetime.now(UTC)
         # A full refresh of an append or merge stream loads into the table's refresh copy, which replaces
@@ -159,7 +159,7 @@ class _Lane:
         return LoadJob(load_id=load_id, source=self.source.name, stream=self.stream.name,
                        table=table_spec(self.source.name, self.stream, files), files=files, checkpoint=checkpoint,
                        started_at=self.started_at, details=details or {}, refresh=refresh,
-                       base_version=self.version, lease=self.lease)
+                       base_version=self.version, lease=self.lease, run_id=self.source.context.run_id)
 
     # --- before the read ------------------------------------------------------------------------
     async def prepare(self) -> None:
@@ -279,7 +279,7 @@ class _Lane:
                             self.source.name, self.stream.name, self.destination.name, rejected)
             self.result.state = self.ledger_state = job.checkpoint
             if self.progress:
-                self.progress.add(self.key, files=len(commit.files), commits=1)
+                self.progress.add(self.labels, files=len(commit.files), commits=1)
             if self.on_commit:
                 self.on_commit(job)
 
@@ -311,9 +311,13 @@ class _Lane:
         if self.result.error:
             failed = self.attempting or self.job([], {}, new_load_id())
             await in_thread(self.destination.record_failure, failed, self.result.error)
+        self.result.seconds = time.monotonic() - self.started
+        if self.progress:  # its summary line, an error line when it failed
+            self.progress.finish(self.labels, self.result.rows, self.result.commits, self.result.seconds,
+                                 self.result.error)
+        elif self.result.error:
             log.error("event=stream_failed source=%s stream=%s destination=%s error=%s",
                       self.source.name, self.stream.name, self.destination.name, self.result.error)
-        self.result.seconds = time.monotonic() - self.started
 
 
 def stage_format(lanes: list[_Lane], stream: Stream) -> tuple[str, str]:
@@ -358,7 +362,7 @@ async def read_into(stream: Stream, state: State | None, lanes: list[_Lane], run
                         if progress:
                             for lane in lanes:
                                 if not lane.failed:
-                                    progress.add(lane.key, rows=batch.records.num_rows)
+                                    progress.add(lane.labels, rows=batch.records.num_rows)
                     if batch.checkpoint is not None:
                         if once:
                             pending = batch.checkpoint
@@ -424,6 +428,9 @@ async def run_stream_into(
     is returned in its result, and its commits before the error stay."""
     shares = FileShares()
     lanes = [_Lane(source, stream, destination, shares, progress, on_commit) for destination in destinations]
+    if progress:
+        for lane in lanes:
+            progress.start(lane.labels)
     run: StageRun | None = None
     try:
         if leftovers := await in_thread(remove_leftovers, stage, source.name, stream.name):
