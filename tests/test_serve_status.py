@@ -46,7 +46,7 @@ def samples(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def test_healthz_and_metrics_answer_during_floe_serve_and_a_failing_cycle_says_503(emulator, tmp_path):
     server, sandbox = start_twilio(emulator, size=60, days=2)
     (tmp_path / "floe.yml").write_text(yaml.safe_dump({
-        "sources": {"twilio": {**source_config(server, sandbox), "schedule": "1s"}},
+        "sources": {"twilio": {**source_config(server, sandbox), "schedule": "1s", "streams": ["calls"]}},
         "destinations": {"warehouse": {"type": "duckdb", "path": str(tmp_path / "w.duckdb")}},
         "serve": {"health_port": 0, "health_host": "127.0.0.1"}, "log_format": "json"}))
     log = tmp_path / "serve.log"

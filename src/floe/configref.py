@@ -106,6 +106,8 @@ def _show(value: Any) -> str:
         return "[" + ", ".join(map(_show, value)) + "]"
     if value == "":
         return '""'
+    if isinstance(value, BaseModel):
+        return "(see below)"
     return str(value)
 
 

@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from floe.core.runs import RunRecord
-from floe.destinations.sql import SqlDestination
+from floe.destinations.sql import LOADS_TABLE, SqlDestination
 from floe.destinations.state_ops import as_utc
 from floe.infra.objectstore import ObjectStore
 
@@ -45,13 +45,19 @@ def is_missing_table(exc: Exception) -> bool:
 
 
 class SqlRunLog(SqlDestination):
-    """`_floe_runs` of a DB-API warehouse, created with floe's other tables."""
+    """`_floe_runs` of a DB-API warehouse, created with floe's other tables (and `_floe_loads.run_id`
+    added to a load log made before run ids)."""
 
     def meta_ddl(self) -> list[str]:
         kinds = {"text": self.text_type, "timestamp": self.timestamp_tz_type, "int": "BIGINT"}
         columns = ", ".join(f"{name} {kinds[kind]}" for name, kind in RUNS_COLUMNS)
         return [*super().meta_ddl(), f"CREATE TABLE IF NOT EXISTS {self.qualified(self.meta_schema, RUNS_TABLE)} "
                                      f"({columns})"]
+
+    def upgrade_meta(self, cur: Any) -> None:
+        super().upgrade_meta(cur)
+        if "run_id" not in self.existing_columns(cur, self.meta_schema, LOADS_TABLE):  # made before run ids
+            cur.execute(f"ALTER TABLE {self.qualified(self.meta_schema, LOADS_TABLE)} ADD COLUMN run_id {self.text_type}")
 
     def record_run(self, run: RunRecord) -> None:
         p, table = self.placeholder, self.qualified(self.meta_schema, RUNS_TABLE)

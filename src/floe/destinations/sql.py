@@ -205,10 +205,8 @@ class SqlDestination(Destination):
             drift_ddl(self),
         ]
 
-    def upgrade_meta(self, cur: Any) -> None:
+    def upgrade_meta(self, cur: Any) -> None:  # noqa: B027 - optional hook
         """Bring floe's own tables, as an older floe made them, up to date (in prepare_meta's transaction)."""
-        if "run_id" not in self.existing_columns(cur, self.meta_schema, LOADS_TABLE):
-            cur.execute(f"ALTER TABLE {self.qualified(self.meta_schema, LOADS_TABLE)} ADD COLUMN run_id {self.text_type}")
 
     # --- the transaction --------------------------------------------------------------------
     @property

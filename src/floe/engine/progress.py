@@ -64,17 +64,17 @@ class Progress:
 
     def finish(self, key: Key, rows: int, commits: int, seconds: float, error: str | None = None) -> None:
         """The stream is done: one summary line (committed rows, commits, seconds, rate); no more progress."""
-        with self._lock:
-            counter = self.running.pop(key, None)
         source, stream, destination = key
         rate = rows / seconds if seconds > 0 else 0.0
         if self.tty:
             self.clear()
-        log.log(logging.INFO if error is None else logging.ERROR,
-                "event=stream_done source=%s stream=%s destination=%s status=%s rows=%d commits=%d files=%d "
-                "seconds=%.2f rate=%.0f" + (" error=%s" if error else ""),
-                source, stream, destination, "ok" if error is None else "failed", rows, commits,
-                counter.files if counter else 0, seconds, rate, *((error,) if error else ()))
+        with self._lock:  # no progress line of the stream after this one
+            counter = self.running.pop(key, None)
+            log.log(logging.INFO if error is None else logging.ERROR,
+                    "event=stream_done source=%s stream=%s destination=%s status=%s rows=%d commits=%d files=%d "
+                    "seconds=%.2f rate=%.0f" + (" error=%s" if error else ""),
+                    source, stream, destination, "ok" if error is None else "failed", rows, commits,
+                    counter.files if counter else 0, seconds, rate, *((error,) if error else ()))
 
     def _tick(self) -> None:
         while not self._stop.wait(self.interval):
@@ -84,11 +84,10 @@ class Progress:
         """One progress line per running stream."""
         now = time.monotonic()
         with self._lock:
-            running = list(self.running.items())
-        for (source, stream, destination), c in running:
-            log.info("event=progress source=%s stream=%s destination=%s rows=%d files=%d commits=%d "
-                     "seconds=%.0f rate=%.0f", source, stream, destination, c.rows, c.files, c.commits,
-                     now - c.started, c.rate(now))
+            for (source, stream, destination), c in self.running.items():
+                log.info("event=progress source=%s stream=%s destination=%s rows=%d files=%d commits=%d "
+                         "seconds=%.1f rate=%.0f", source, stream, destination, c.rows, c.files, c.commits,
+                         now - c.started, c.rate(now))
 
     def draw(self) -> None:
         now = time.monotonic()
