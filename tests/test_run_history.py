@@ -127,6 +127,8 @@ def test_floe_runs_lists_the_last_runs_newest_first(tmp_path):
     duck = Place("duckdb", {"type": "duckdb", "path": str(tmp_path / "w.duckdb")}, tmp_path)
     config = project(duck, tmp_path)
     cli = CliRunner()
+    empty = cli.invoke(app, ["runs", "-c", str(config), "--json"])
+    assert (empty.exit_code, json.loads(empty.output)) == (0, []) and not (tmp_path / "w.duckdb").exists()
     for _ in range(3):
         assert cli.invoke(app, ["run", "-c", str(config)]).exit_code == 0
     listed = cli.invoke(app, ["runs", "-c", str(config), "--json", "--limit", "2"])

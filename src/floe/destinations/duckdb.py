@@ -21,6 +21,7 @@ from pydantic import Field
 from floe.core.destination import SEQ, LoadJob, TableSpec, staged_column
 from floe.core.errors import DestinationError
 from floe.core.leases import Holder, Lease, process_started, take_process_lease
+from floe.core.runs import RunRecord
 from floe.core.settings import DestinationConfig, StateHistoryConfig
 from floe.core.stream import Disposition, Stream
 from floe.destinations.column_types import SPELLED_OUT, TEXT_KEYS, ColumnRules
@@ -144,6 +145,9 @@ class DuckDBDestination(SqlStateOps, SqlRunLog, SqlDestination):
         conn.execute("SET TimeZone = 'UTC'")
         self._catalog = conn.execute("SELECT current_database()").fetchall()[0][0]
         return conn
+
+    def runs(self, limit: int = 20) -> list[RunRecord]:
+        return super().runs(limit) if self.path.exists() else []  # never loaded: no file made to say so
 
     # With the catalog: a file named like a source (sailthru.duckdb) makes `sailthru.blast` ambiguous.
     def qualified(self, schema: str, table: str) -> str:
