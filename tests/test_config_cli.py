@@ -87,6 +87,7 @@ def test_secrets_never_appear_in_output_state_or_errors(sailthru_project: Factor
     with duckdb.connect(str(project.db), read_only=True) as conn:
         outputs.append(repr(conn.execute("SELECT * FROM _floe_state").fetchall()))
         outputs.append(repr(conn.execute("SELECT * FROM _floe_loads").fetchall()))
+        outputs.append(repr(conn.execute("SELECT * FROM _floe_runs").fetchall()))
     assert not [text for text in outputs if secret in text]
 
 
