@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from floe import __version__
 from floe.core.destination import Destination
 from floe.core.runs import RunRecord, who
 from floe.core.secrets import redact
@@ -23,13 +22,23 @@ from floe.infra.threads import in_thread
 log = logging.getLogger("floe.runs")
 
 
+def floe_version() -> str:
+    """The installed distribution's version (importing `floe` for it would be an import cycle)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("floehouse")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 class RunLog:
     """The run log rows of one run (`run_id`), made by `command` ("run", "serve")."""
 
     def __init__(self, run_id: str, command: str, sources: Sequence[str] = ()) -> None:
         self.run_id = run_id
         self.started_at = datetime.now(UTC)
-        self.details: dict[str, Any] = {"command": command, "floe_version": __version__, **who(),
+        self.details: dict[str, Any] = {"command": command, "floe_version": floe_version(), **who(),
                                         "sources": list(sources)}
         self.destinations: dict[str, Destination] = {}
 
