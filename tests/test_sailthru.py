@@ -563,7 +563,7 @@ def test_zip_with_macos_junk_and_unknown_collection(sailthru_project: Factory) -
     result = project.cli("run")
     assert result.exit_code == 0, result.output
     assert "__MACOSX/._4484_blast.20160401.json.gz" in result.stderr
-    assert "4484_purchase_log.20160401.json reason=unknown collection" in result.stderr
+    assert '4484_purchase_log.20160401.json reason="unknown collection or name"' in result.stderr  # logfmt quotes
     assert ".DS_Store" in result.stderr
     names = {r[0] for r in project.query("SELECT name FROM sailthru.exports")}
     assert "export.zip/4484_blast.20160401.json.gz" in names and len(names) == 9

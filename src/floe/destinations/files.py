@@ -26,7 +26,8 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -56,7 +57,8 @@ from floe.core.settings import DestinationConfig, ExpiringLeaseConfig
 from floe.core.stream import RefreshScope
 from floe.destinations.run_log import ObjectRunLog
 from floe.destinations.state_ops import as_utc
-from floe.infra.objectstore import GCSStore, LocalStore, ObjectStore, S3Store, StoreUrl
+from floe.infra.localstore import LocalStore
+from floe.infra.objectstore import GCSStore, ObjectStore, S3Store, StoreUrl
 
 STATE_DIR = "_floe_state"
 REFRESH_DIR = "_floe_refresh"  # where a full refresh's objects wait for its commit
@@ -102,6 +104,17 @@ def last_per_key(tables: list[pa.Table], key: Sequence[str]) -> list[pa.Table]:
         out.append(table.filter(keep.slice(start, table.num_rows)))
         start += table.num_rows
     return out
+
+
+@contextmanager
+def failing_as(what: str) -> Iterator[None]:
+    """An error other than a DestinationError becomes one: `what`, then the cause."""
+    try:
+        yield
+    except DestinationError:
+        raise
+    except Exception as exc:
+        raise DestinationError(f"{what}: {exc}") from exc
 
 
 class FilesDestination(Destination):
@@ -225,13 +238,8 @@ class FilesDestination(Destination):
             con.close()
 
     def load(self, job: LoadJob) -> None:
-        try:
+        with failing_as(f"{self.name}: writing {job.source}.{job.stream} failed, nothing committed"):
             self._load(job)
-        except DestinationError:
-            raise
-        except Exception as exc:
-            raise DestinationError(f"{self.name}: writing {job.source}.{job.stream} failed, nothing committed: "
-                                   f"{exc}") from exc
 
     def _load(self, job: LoadJob) -> None:
         versions, latest = self._base(job)
@@ -342,13 +350,8 @@ class FilesDestination(Destination):
         return out
 
     def change_state(self, change: StateChange) -> int:
-        try:
+        with failing_as(f"{self.name}: {change.action} of {change.source}.{change.stream} failed, nothing changed"):
             return self._change_state(change)
-        except DestinationError:
-            raise
-        except Exception as exc:
-            raise DestinationError(f"{self.name}: {change.action} of {change.source}.{change.stream} failed, "
-                                   f"nothing changed: {exc}") from exc
 
     def _change_state(self, change: StateChange) -> int:
         """Write the change's state object listing the data objects it deletes (`pending_deletes`: the
@@ -428,13 +431,9 @@ class FilesDestination(Destination):
         self.store.delete_prefix(self.key(table.schema_name, table.table, REFRESH_DIR) + "/")
 
     def finish_refresh(self, job: LoadJob, scope: RefreshScope | None = None) -> None:
-        try:
+        with failing_as(f"{self.name}: replacing {job.source}.{job.stream} by its full refresh failed, "
+                        "nothing committed"):
             self._finish_refresh(job, scope)
-        except DestinationError:
-            raise
-        except Exception as exc:
-            raise DestinationError(f"{self.name}: replacing {job.source}.{job.stream} by its full refresh failed, "
-                                   f"nothing committed: {exc}") from exc
 
     def _finish_refresh(self, job: LoadJob, scope: RefreshScope | None) -> None:
         """Move the refresh's objects into the layout, write the snapshot state object listing them (and,

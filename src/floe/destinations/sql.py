@@ -28,7 +28,6 @@ from typing import Any, ClassVar, TypeVar
 import pyarrow as pa
 
 from floe.core.destination import (
-    CommittedState,
     Destination,
     LoadJob,
     StagedFile,
@@ -489,48 +488,6 @@ class SqlDestination(Destination):
                 status, error, json.dumps(job.details, sort_keys=True) if job.details else None, job.run_id,
             ),
         )
-
-    def record_failure(self, job: LoadJob, error: str) -> None:
-        try:
-            self.prepare_meta()
-            with self.transaction() as cur:
-                self.write_load_row(cur, job, "failed", redact(error)[:4000], datetime.now(UTC))
-        except Exception:  # noqa: BLE001 - bookkeeping must never hide the original error
-            pass
-
-    def read_state(self, source: str, stream: str) -> CommittedState:
-        p = self.placeholder
-        self.prepare_meta()
-        with self.transaction() as cur:
-            cur.execute(
-                f"SELECT version, state FROM {self.qualified(self.meta_schema, STATE_TABLE)} "
-                f"WHERE source = {p} AND stream = {p} ORDER BY version DESC LIMIT 1",
-                (source, stream),
-            )
-            row = cur.fetchone()
-            entries = ledger.read_entries(cur, self.qualified(self.meta_schema, ledger.LEDGER_TABLE), p, source, stream)
-        return CommittedState(int(row[0]), ledger.with_ledger(json.loads(row[1]), entries)) if row else CommittedState()
-
-    def states(self) -> list[dict[str, Any]]:
-        self.prepare_meta()
-        with self.transaction() as cur:
-            cur.execute(
-                f"SELECT source, stream, version, state, load_id, committed_at FROM "
-                f"{self.qualified(self.meta_schema, STATE_TABLE)} s WHERE version = "
-                f"(SELECT MAX(version) FROM {self.qualified(self.meta_schema, STATE_TABLE)} m "
-                "WHERE m.source = s.source AND m.stream = s.stream) ORDER BY source, stream"
-            )
-            rows = cur.fetchall()
-            cur.execute(f"SELECT source, stream, entry, value FROM "
-                        f"{self.qualified(self.meta_schema, ledger.LEDGER_TABLE)} ORDER BY version")
-            entries: dict[tuple[str, str], dict[str, str]] = {}
-            for source, stream, entry, value in cur.fetchall():
-                entries.setdefault((source, stream), {})[entry] = value
-        return [
-            {"source": r[0], "stream": r[1], "version": r[2], "load_id": r[4], "committed_at": r[5],
-             "state": ledger.with_ledger(json.loads(r[3]), entries.get((r[0], r[1]), {}))}
-            for r in rows
-        ]
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """Run a read-only query and return its rows (for checks, demos and tests)."""

@@ -1,6 +1,7 @@
 """State you can see and set back, for the SQL warehouses (DuckDB, PostgreSQL, Redshift).
 
-`SqlStateOps` adds `Destination.state_log` and `Destination.change_state` to `SqlDestination`; every
+`SqlStateOps` adds reading the state (`read_state`, `states`, the ledger folded in),
+`Destination.state_log` and `Destination.change_state` to `SqlDestination`; every
 SQL destination lists it first among its bases. A change is one transaction: the rows of the loads
 after a version are deleted by their `_floe_load_id` (the load ids `_floe_state` names for the later
 versions, so nothing but floe's own bookkeeping decides what goes), the new state version is written
@@ -16,7 +17,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from floe.core.destination import LoadJob, StateChange, StateVersion, state_conflict
+from floe.core.destination import CommittedState, LoadJob, StateChange, StateVersion, state_conflict
 from floe.core.errors import DestinationError
 from floe.core.secrets import redact
 from floe.destinations import ledger
@@ -55,6 +56,40 @@ def version_of(version: Any, committed_at: Any, load_id: str, state: str | None,
 class SqlStateOps(SqlDestination):
     """The state log, state changes and load log of a SQL warehouse, in its own transactions."""
 
+    def read_state(self, source: str, stream: str) -> CommittedState:
+        p = self.placeholder
+        self.prepare_meta()
+        with self.transaction() as cur:
+            cur.execute(
+                f"SELECT version, state FROM {self.qualified(self.meta_schema, STATE_TABLE)} "
+                f"WHERE source = {p} AND stream = {p} ORDER BY version DESC LIMIT 1",
+                (source, stream),
+            )
+            row = cur.fetchone()
+            entries = ledger.read_entries(cur, self.qualified(self.meta_schema, ledger.LEDGER_TABLE), p, source, stream)
+        return CommittedState(int(row[0]), ledger.with_ledger(json.loads(row[1]), entries)) if row else CommittedState()
+
+    def states(self) -> list[dict[str, Any]]:
+        self.prepare_meta()
+        with self.transaction() as cur:
+            cur.execute(
+                f"SELECT source, stream, version, state, load_id, committed_at FROM "
+                f"{self.qualified(self.meta_schema, STATE_TABLE)} s WHERE version = "
+                f"(SELECT MAX(version) FROM {self.qualified(self.meta_schema, STATE_TABLE)} m "
+                "WHERE m.source = s.source AND m.stream = s.stream) ORDER BY source, stream"
+            )
+            rows = cur.fetchall()
+            cur.execute(f"SELECT source, stream, entry, value FROM "
+                        f"{self.qualified(self.meta_schema, ledger.LEDGER_TABLE)} ORDER BY version")
+            entries: dict[tuple[str, str], dict[str, str]] = {}
+            for source, stream, entry, value in cur.fetchall():
+                entries.setdefault((source, stream), {})[entry] = value
+        return [
+            {"source": r[0], "stream": r[1], "version": r[2], "load_id": r[4], "committed_at": r[5],
+             "state": ledger.with_ledger(json.loads(r[3]), entries.get((r[0], r[1]), {}))}
+            for r in rows
+        ]
+
     def last_load_status(self, source: str, stream: str, before: datetime) -> str | None:
         p = self.placeholder
         try:
@@ -66,6 +101,14 @@ class SqlStateOps(SqlDestination):
         except Exception:  # noqa: BLE001 - no bookkeeping table yet: never failed
             return None
         return str(rows[0][0]) if rows else None
+
+    def record_failure(self, job: LoadJob, error: str) -> None:
+        try:
+            self.prepare_meta()
+            with self.transaction() as cur:
+                self.write_load_row(cur, job, "failed", redact(error)[:4000], datetime.now(UTC))
+        except Exception:  # noqa: BLE001 - bookkeeping must never hide the original error
+            pass
 
     def record_recovery(self, job: LoadJob) -> None:
         self.prepare_meta()

@@ -211,17 +211,17 @@ class _Finder:
 
     def consider(self, name: str, location: Location, member: str | None = None) -> None:
         if _skippable(name):
-            log.warning("event=file_skipped file=%s reason=junk (macOS resource fork or dot file)", name)
+            log.warning("event=file_skipped file=%s reason=%s", name, "junk (macOS resource fork or dot file)")
             return
         if name.endswith(".zip") and member is None:
             self.scan_zip(name, location)
             return
         info = parse_name(name.rsplit("/", 1)[-1])
         if info is None:
-            log.warning("event=file_skipped file=%s reason=unknown collection or name", name)
+            log.warning("event=file_skipped file=%s reason=%s", name, "unknown collection or name")
             return
         if self.client_id is not None and info.client_id not in (None, self.client_id):
-            log.info("event=file_skipped file=%s reason=client id %s is not %s", name, info.client_id, self.client_id)
+            log.info("event=file_skipped file=%s reason=%s", name, f"client id {info.client_id} is not {self.client_id}")
             return
         self.found.append(ExportFile(name, info, location, member))
 
