@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
+import sys
+import textwrap
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +22,7 @@ from floe.apps.serve import Server
 from floe.cli import app
 from floe.config import load_config
 from floe.core.plugins import destination_registry, source_registry
-from floe.core.runs import new_run_id
+from floe.core.runs import RunRecord, new_run_id, who
 from floe.core.settings import SourceConfig
 from floe.core.stream import Source, Stream
 from floe.destinations.files import STATE_DIR, FilesDestination
@@ -121,6 +126,53 @@ def test_a_load_log_made_before_run_ids_gets_the_column(kind, request, tmp_path)
     finally:
         dest.close()
     assert load_log(place) == [("committed", record.run_id)] * record.commits and record.rows == 4
+
+
+KILLED_RUN = textwrap.dedent("""
+    import asyncio, json, os, signal, sys
+    from pathlib import Path
+    from floe.core.runs import new_run_id
+    from floe.engine.runs import RunLog
+    from tests.fixtures.destinations import open_destination
+
+    dest = open_destination(json.loads(sys.argv[1]), Path(sys.argv[2]))
+    run_log = RunLog(new_run_id(), "run", ["src"])
+    asyncio.run(run_log.started(dest))  # the run's `running` row, then the process dies mid-run
+    print(run_log.run_id, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_a_run_killed_mid_way_is_shown_failed_and_the_next_run_rewrites_its_row(place, tmp_path):
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, json.dumps(place.settings), str(tmp_path)],
+                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    dead_id = killed.stdout.strip()
+    dest = place.open()
+    try:  # a run of this process that is still going: not mistaken for a dead one
+        dest.record_run(RunRecord(new_run_id(), "w", datetime.now(UTC), details=who()))
+        stored = {r.run_id: r.status for r in dest.runs()}
+    finally:
+        dest.close()
+    assert sorted(stored.values()) == ["running", "running"] and stored[dead_id] == "running"
+
+    config = project(place, tmp_path)
+    listed = CliRunner().invoke(app, ["runs", "-c", str(config), "--json"])
+    assert listed.exit_code == 0, listed.output
+    shown = {r["run_id"]: r for r in json.loads(listed.stdout)}
+    assert shown[dead_id]["status"] == "failed" and "ended without finishing" in shown[dead_id]["error"]
+    assert f"pid {shown[dead_id]['details']['pid']}" in shown[dead_id]["error"]
+    assert [r["status"] for i, r in shown.items() if i != dead_id] == ["running"]
+
+    [result] = run(load_config(config))
+    assert result.ok
+    dest = place.open()
+    try:
+        after = {r.run_id: r for r in dest.runs()}
+    finally:
+        dest.close()
+    assert after[dead_id].status == "failed" and "ended without finishing" in (after[dead_id].error or "")
+    assert sorted(r.status for r in after.values()) == ["failed", "running", "succeeded"]
 
 
 def test_floe_runs_lists_the_last_runs_newest_first(tmp_path):

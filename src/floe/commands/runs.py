@@ -40,7 +40,10 @@ def runs_command(
                 dest.close()
     except FloeError as exc:
         fail(str(exc))
-    records = sorted(records, key=lambda r: (r.started_at, r.run_id), reverse=True)[:limit]
+    from floe.core.runs import ended_without_finishing
+
+    records = sorted((ended_without_finishing(r) or r for r in records), key=lambda r: (r.started_at, r.run_id),
+                     reverse=True)[:limit]
     if as_json:
         typer.echo(json.dumps([r.as_json() for r in records], indent=2, default=str))
         return

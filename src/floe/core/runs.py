@@ -3,7 +3,9 @@
 A run (`floe run`, or one source's turn in a `floe serve` cycle) gets a run id when it starts; every
 `_floe_loads` row it writes carries that id, and each destination it loads into keeps one `RunRecord`
 for it: `running` while it goes, then `succeeded` or `failed` with its counts. A run that found
-nothing new still has its row (0 rows, 0 commits). A row left `running` is a run whose process died.
+nothing new still has its row (0 rows, 0 commits). A row left `running` by a process that died (killed,
+out of memory, machine lost) is found by `ended_without_finishing` and rewritten `failed` by the next run
+on the same host; `floe runs` shows it `failed` at once.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from typing import Any, Literal
+
+from floe.core.leases import process_started
 
 RunStatus = Literal["running", "succeeded", "failed"]
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -56,3 +60,18 @@ class RunRecord:
 def who() -> dict[str, Any]:
     """Where a run ran: host and pid."""
     return {"host": os.uname().nodename, "pid": os.getpid()}
+
+
+def ended_without_finishing(run: RunRecord) -> RunRecord | None:
+    """`run` rewritten `failed` if it is `running` but its process on this host is gone (or its pid now
+    belongs to a process started after the run: the pid was reused); else None. A run of another host
+    cannot be judged from here and stays as it is."""
+    host, pid = run.details.get("host"), run.details.get("pid")
+    if run.status != "running" or host != os.uname().nodename or not isinstance(pid, int):
+        return None
+    started = process_started(pid)
+    if started is not None and started <= run.started_at + timedelta(seconds=1):
+        return None  # still running (the 1 s allows for /proc's clock ticks)
+    return replace(run, status="failed", error=f"the run ended without finishing: its process (pid {pid} on "
+                                               f"{host}) is gone (killed or crashed); see its _floe_loads rows "
+                                               f"for what it committed")
