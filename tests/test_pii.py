@@ -103,6 +103,34 @@ def test_a_key_column_cannot_be_dropped(emulator: Any, api_project: Any) -> None
     assert "sources.tw.pii.sid: cannot drop a key or cursor column of stream calls" in result.output + result.stderr
 
 
+@pytest.mark.parametrize(("pii", "error"), [
+    ({"to_fromatted": "drop"}, "sources.tw.pii.to_fromatted: no stream declares a column to_fromatted "
+                               "(did you mean to_formatted?)"),
+    ({"cals.to": "hash"}, "sources.tw.pii.cals.to: the source has no stream cals (did you mean calls?)"),
+    ({"calls.answerd_by": "drop"}, "sources.tw.pii.calls.answerd_by: no stream declares a column answerd_by "
+                                   "(did you mean answered_by?)"),
+])
+def test_a_misspelt_key_is_a_config_error_not_data_left_unprotected(emulator: Any, api_project: Any,
+                                                                    pii: dict[str, str], error: str) -> None:
+    server, sandbox = start_twilio(emulator, size=10)
+    project = api_project(tw=source_config(server, sandbox, streams=["calls"], pii=pii, salt=SALT))
+    result = project.cli("run")
+    assert result.exit_code == 1 and error in result.output + result.stderr
+    assert project.query("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'tw'") == [(0,)]
+
+
+def test_a_key_no_stream_declares_is_named_in_a_warning_and_the_run_goes_on(emulator: Any,
+                                                                            api_project: Any) -> None:
+    server, sandbox = start_twilio(emulator, size=10)
+    project = api_project(tw=source_config(server, sandbox, streams=["calls"], salt=SALT,
+                                           pii={"caller_email": "hash", "messages.body": "drop", "to": "hash"}))
+    result = project.cli("run")
+    assert result.exit_code == 0, result.output
+    logs = result.output + result.stderr
+    assert "event=pii_column_not_declared source=tw key=caller_email" in logs
+    assert "key=messages.body" in logs and "key=to " not in logs
+
+
 def test_any_sql_column_and_one_stream_only(postgres_db: PostgresDatabase, api_project: Any) -> None:
     with psycopg.connect(postgres_db.dsn, autocommit=True) as conn:
         conn.execute("CREATE SCHEMA app; CREATE TABLE app.people (id int PRIMARY KEY, email text, phone text, "

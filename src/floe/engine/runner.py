@@ -22,7 +22,8 @@ from floe.engine.naming import named
 from floe.engine.pipeline import StreamResult, describe, run_stream_into
 from floe.engine.progress import Progress
 from floe.engine.runs import RunLog
-from floe.infra.pii import source_salt, stream_policy
+from floe.infra.logs import logfmt_value
+from floe.infra.pii import source_salt, stream_policy, undeclared_keys
 
 log = logging.getLogger("floe.runner")
 MAX_STREAMS = 4  # streams of one source loaded at once
@@ -36,6 +37,9 @@ def select_streams(source: Source, names: Iterable[str] | None) -> list[Stream]:
         stream.schema_changes, stream.widen_to_text = source.config.schema_policy(stream.name)
         stream.bad_rows, stream.bad_rows_max = source.config.row_policy(stream.name), source.config.bad_rows_max
     streams = [named(stream, source.name, source.config.naming) for stream in streams]
+    for key in undeclared_keys(modes, {s.name: s.schema.names for s in streams}, f"sources.{source.name}"):
+        log.warning("event=pii_column_not_declared source=%s key=%s note=%s", source.name, key,
+                    logfmt_value("no stream declares this column: it applies only if a batch brings one of that name"))
     for stream in streams:  # `pii:` names the columns as they land (after `naming`)
         protected = {*stream.primary_key, *stream.parent_key, *([stream.cursor_field] if stream.cursor_field else [])}
         policy = stream_policy(modes, salt, stream.name, protected, f"sources.{source.name}")

@@ -13,10 +13,11 @@ value, a click URL with `?email=a%40b.com`) and replaces each with its hash (`ha
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from urllib.parse import unquote
 
 import pyarrow as pa
@@ -130,6 +131,35 @@ def stream_policy(modes: Mapping[str, PiiMode], salt: str | None, stream: str, p
             raise ConfigError(f"{where}.pii.{column}: cannot drop a key or cursor column of stream {stream} "
                               "(hash it instead)")
     return ColumnPolicy(own, salt)
+
+
+def undeclared_keys(modes: Mapping[str, PiiMode], columns: Mapping[str, Collection[str]], where: str) -> list[str]:
+    """Check a source's `pii:` keys against its streams' declared columns (`columns`: stream -> names).
+
+    A key that looks like a typo (of a declared column, or of a stream in `stream.column`) is a
+    ConfigError: left as it is it would protect nothing. The keys returned name no declared column (or a
+    stream not selected); they still apply to a column of that name that a batch brings."""
+    every = sorted({c for names in columns.values() for c in names})
+    unknown = []
+    for key, mode in modes.items():
+        stream, dot, column = key.rpartition(".")
+        if dot and stream not in columns:
+            if hint := close_to(stream, columns):
+                raise ConfigError(f"{where}.pii.{key}: the source has no stream {stream}{hint}")
+            unknown.append(key)
+            continue
+        declared = columns[stream] if dot else every
+        if mode == "keep" or column in declared:
+            continue
+        if hint := close_to(column, declared):
+            raise ConfigError(f"{where}.pii.{key}: no stream declares a column {column}{hint}")
+        unknown.append(key)
+    return unknown
+
+
+def close_to(word: str, options: Collection[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.8)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 class Pii:
