@@ -26,21 +26,18 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import duckdb
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import SecretStr
 
 from floe.core.destination import (
-    SEQ,
     CommittedState,
     Destination,
     LoadJob,
@@ -55,6 +52,15 @@ from floe.core.runs import RunRecord
 from floe.core.secrets import redact
 from floe.core.settings import DestinationConfig, ExpiringLeaseConfig
 from floe.core.stream import RefreshScope
+from floe.destinations.files_layout import (
+    EXTENSIONS,
+    READERS,
+    last_per_key,
+    load_id_of,
+    own_load_ids,
+    quote,
+    write_rows,
+)
 from floe.destinations.run_log import ObjectRunLog
 from floe.destinations.state_ops import as_utc
 from floe.infra.localstore import LocalStore
@@ -66,7 +72,6 @@ LOADS_DIR = "_floe_loads"  # the load log: one object per failed load and per re
 RUNS_DIR = "_floe_runs"  # the run log: one object per run
 log = logging.getLogger("floe.files")
 KEEP_STATE_VERSIONS = 50
-EXTENSIONS = {"parquet": "parquet", "jsonl": "jsonl", "csv": "csv"}
 
 
 class FilesConfig(DestinationConfig, ExpiringLeaseConfig):
@@ -79,31 +84,6 @@ class FilesConfig(DestinationConfig, ExpiringLeaseConfig):
     aws_access_key_id: SecretStr | None = None
     aws_secret_access_key: SecretStr | None = None
     project: str | None = None  # GCS
-
-
-def load_id_of(key: str) -> str:
-    """The load id of a data object (its name is `<load_id>-<n>.<extension>`)."""
-    return key.rsplit("/", 1)[-1].rsplit("-", 1)[0]
-
-
-def own_load_ids(record: dict[str, Any]) -> set[str]:
-    """The load ids of the data objects a state object's commit wrote (a full refresh lists the older
-    objects it kept too: the caller tells those apart)."""
-    return {record["load_id"], *(load_id_of(key) for key in record.get("files", []))}
-
-
-def last_per_key(tables: list[pa.Table], key: Sequence[str]) -> list[pa.Table]:
-    """`tables` (a load's staged files, in arrival order) less each row whose key comes again later
-    (NULL key values match each other)."""
-    keys = pa.concat_tables([t.select(list(key)) for t in tables], promote_options="permissive")
-    position = pa.array(np.arange(keys.num_rows, dtype=np.int64))
-    last = keys.append_column(SEQ, position).group_by(list(key), use_threads=False).aggregate([(SEQ, "max")])
-    keep = pc.is_in(position, value_set=last[f"{SEQ}_max"].combine_chunks())
-    out, start = [], 0
-    for table in tables:
-        out.append(table.filter(keep.slice(start, table.num_rows)))
-        start += table.num_rows
-    return out
 
 
 @contextmanager
@@ -222,20 +202,7 @@ class FilesDestination(Destination):
             self.store.delete_keys(doomed[start : start + 1000])
 
     def _write(self, table: pa.Table, path: Path) -> None:
-        fmt = self.config.format
-        if fmt == "parquet":
-            pq.write_table(table, path, compression="zstd")
-            return
-        con = duckdb.connect()
-        try:
-            con.register("rows", table)
-            options = "FORMAT json" if fmt == "jsonl" else "FORMAT csv, HEADER true"
-            if self.config.gzip:
-                options += ", COMPRESSION gzip"
-            target = str(path).replace("'", "''")
-            con.execute(f"COPY rows TO '{target}' ({options})")
-        finally:
-            con.close()
+        write_rows(table, path, self.config.format, self.config.gzip)
 
     def load(self, job: LoadJob) -> None:
         with failing_as(f"{self.name}: writing {job.source}.{job.stream} failed, nothing committed"):
@@ -387,7 +354,7 @@ class FilesDestination(Destination):
         return int(job.details["deleted_rows"])
 
     def _count_rows(self, keys: list[str]) -> int:
-        reader = {"parquet": "read_parquet", "jsonl": "read_json_auto", "csv": "read_csv_auto"}[self.config.format]
+        reader = READERS[self.config.format]
         total = 0
         con = duckdb.connect()
         try:
@@ -469,8 +436,8 @@ class FilesDestination(Destination):
         and for each object that straddles it a new object (of this load, numbered from `first`) with
         its rows outside it."""
         kept: list[str] = []
-        reader = {"parquet": "read_parquet", "jsonl": "read_json_auto", "csv": "read_csv_auto"}[self.config.format]
-        column = self.quote(scope.column)
+        reader = READERS[self.config.format]
+        column = quote(scope.column)
         inside = f"{column} >= $start" + (f" AND {column} < $end" if scope.end is not None else "")
         before = f"NOT ({inside}) OR {column} IS NULL"
         bounds = {"start": scope.start, **({"end": scope.end} if scope.end is not None else {})}
@@ -498,10 +465,6 @@ class FilesDestination(Destination):
         finally:
             con.close()
         return kept
-
-    @staticmethod
-    def quote(identifier: str) -> str:
-        return '"' + identifier.replace('"', '""') + '"'
 
     def check(self) -> list[str]:
         return [self.store.check()]
