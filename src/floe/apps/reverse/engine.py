@@ -21,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -393,22 +394,32 @@ class SyncRun:
             remove_files(accepted + failed + gone)
 
 
+@asynccontextmanager
+async def sync_ends(config: FloeConfig, name: str, sync: SyncConfig) -> AsyncIterator[tuple[SqlDestination,
+                                                                                            PendoClient]]:
+    """The warehouse sync `name` reads and its Pendo client, both closed on exit (a FloeError when the
+    warehouse cannot be read from)."""
+    dest = read_destination(config, name, sync)
+    client = PendoClient(sync.to)
+    try:
+        yield dest, client
+    finally:
+        await client.aclose()
+        dest.close()
+
+
 async def run_sync(config: FloeConfig, name: str, *, dry_run: bool = False, full: bool = False,
                    force: bool = False) -> SyncResult:
     """Run the sync `name` of `config` (see module docstring); errors are in the result."""
     sync: SyncConfig = config.syncs[name]
     result = SyncResult(name, f"pendo {sync.to.kind}/{sync.to.group}", dry_run=dry_run)
     try:
-        dest = read_destination(config, name, sync)
-    except FloeError as exc:
+        async with sync_ends(config, name, sync) as (dest, client):
+            return await SyncRun(name, sync, dest, client, config.stage, dry_run=dry_run, full=full,
+                                 force=force).run()
+    except FloeError as exc:  # the warehouse could not be opened (a run reports its own errors)
         result.error = redact(str(exc))
         return result
-    client = PendoClient(sync.to)
-    try:
-        return await SyncRun(name, sync, dest, client, config.stage, dry_run=dry_run, full=full, force=force).run()
-    finally:
-        await client.aclose()
-        dest.close()
 
 
 def select(config: FloeConfig, names: list[str] | None) -> list[str]:

@@ -26,8 +26,7 @@ import orjson
 
 from floe.apps.reverse import store
 from floe.apps.reverse.config import SyncConfig
-from floe.apps.reverse.engine import SyncResult, read_destination, run_sync, select
-from floe.apps.reverse.pendo import PendoClient
+from floe.apps.reverse.engine import SyncResult, read_destination, run_sync, select, sync_ends
 from floe.config import FloeConfig
 from floe.core.destination import RowReader
 from floe.core.errors import FloeError
@@ -115,24 +114,16 @@ async def verify_sync(config: FloeConfig, name: str) -> VerifyResult:
     sync: SyncConfig = config.syncs[name]
     result = VerifyResult(name, f"pendo {sync.to.kind}/{sync.to.group}")
     try:
-        dest = read_destination(config, name, sync)
-    except FloeError as exc:
-        result.error = redact(str(exc))
-        return result
-    client = PendoClient(sync.to)
-    try:
-        if not await in_thread(store.snapshot_exists, dest):
-            raise FloeError(f"syncs.{name}: nothing to verify: the sync has not sent anything yet")
-        snapshot = await in_thread(read_snapshot, dest, name)
-        fields = sorted({f for values, _ in snapshot.values() for f in values})
-        pendo = await client.read_values(fields) if snapshot else {}
-        result.checked = len(snapshot)
-        result.differences = compare(snapshot, pendo)
+        async with sync_ends(config, name, sync) as (dest, client):
+            if not await in_thread(store.snapshot_exists, dest):
+                raise FloeError(f"syncs.{name}: nothing to verify: the sync has not sent anything yet")
+            snapshot = await in_thread(read_snapshot, dest, name)
+            fields = sorted({f for values, _ in snapshot.values() for f in values})
+            pendo = await client.read_values(fields) if snapshot else {}
+            result.checked = len(snapshot)
+            result.differences = compare(snapshot, pendo)
     except Exception as exc:  # noqa: BLE001 - reported in the result; other syncs go on
         result.error = redact(str(exc)) if isinstance(exc, FloeError) else redact(f"{type(exc).__name__}: {exc}")
-    finally:
-        await client.aclose()
-        dest.close()
     return result
 
 
