@@ -41,16 +41,23 @@ def rows_of(output: str) -> dict[str, list[str]]:
     return found
 
 
+# Every kind of kill point: right after the first load commit (where the broken plugin below loses
+# rows), inside the second (its statements ran, no COMMIT), and in the middle of staging.
+EVERY_KIND = "after-commit:1,before-commit:2,batch:3"
+
+
 @pytest.mark.slow
 def test_a_sound_destination_survives_kills_and_faults(tmp_path: Path) -> None:
     config = chaos_config(tmp_path, {"type": "duckdb", "path": "w.duckdb", "commit_rows": 0})
-    result = CliRunner().invoke(app, ["chaos", "-c", str(config), "--trials", "1", "--seed", "3"])
+    result = CliRunner().invoke(app, ["chaos", "-c", str(config), "--trials", "1", "--seed", "3",
+                                      "--kill-at", EVERY_KIND])
     assert result.exit_code == 0, result.output
+    assert f"trial 1/1: kills at {EVERY_KIND.replace(',', ', ')};" in result.output
     rows = rows_of(result.output)
     assert set(rows) == {"twilio.calls", "twilio.messages", "singular.campaign_stats"}
     for stream, (trials, kills, _faults, count, duplicates, losses, changed, verdict) in rows.items():
-        assert (trials, duplicates, losses, changed, verdict) == ("1", "0", "0", "0", "ok"), stream
-        assert int(kills) >= 1 and int(count) > 0, stream
+        assert (trials, kills, duplicates, losses, changed, verdict) == ("1", "3", "0", "0", "0", "ok"), stream
+        assert int(count) > 0, stream
     assert int(rows["twilio.calls"][2]) > 0  # faults were injected into Twilio's requests
     assert "source db (sql): not tested" in result.output
     assert not (tmp_path / "w.duckdb").exists()  # the user's own warehouse is never touched
@@ -76,13 +83,22 @@ def broken_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_destination_committing_state_before_rows_is_caught(tmp_path: Path) -> None:
     config = chaos_config(tmp_path, {"type": "broken_duckdb", "path": "w.duckdb", "commit_rows": 0},
                           singular=False)
-    result = CliRunner().invoke(app, ["chaos", "-c", str(config), "--trials", "2", "--faults", "none",
-                                      "--seed", "5"])
+    result = CliRunner().invoke(app, ["chaos", "-c", str(config), "--trials", "1", "--faults", "none",
+                                      "--kill-at", EVERY_KIND])
     assert result.exit_code == 1, result.output
     rows = rows_of(result.output)
+    assert all(r[1] == "3" for r in rows.values()), result.output  # every point was reached
     assert sum(int(r[5]) for r in rows.values()) > 0, result.output  # rows lost
     assert any(r[7].startswith("DIFFERENT") for r in rows.values())
     assert "the chaos runs differ from the clean run" in result.output
+
+
+def test_a_kill_point_is_checked_before_anything_runs(tmp_path: Path) -> None:
+    config = chaos_config(tmp_path, {"type": "duckdb", "path": "w.duckdb"})
+    result = CliRunner().invoke(app, ["chaos", "-c", str(config), "--kill-at", "after-commit:0"])
+    assert result.exit_code == 1
+    assert "--kill-at 'after-commit:0': a kill point is POINT:N" in result.output
+    assert "clean run" not in result.output
 
 
 def test_the_plugin_is_found_by_its_entry_point(broken_plugin: None) -> None:

@@ -1,18 +1,16 @@
-"""A deliberately broken DuckDB destination: it commits a load's state, waits, then its rows, in two
-transactions. A run killed in between has advanced its state past rows that never landed: the rows
-are lost. `floe chaos` must catch it."""
+"""A deliberately broken DuckDB destination: it commits a load's state, then its rows, in two
+transactions (two load commits). A run killed in between (`floe chaos --kill-at after-commit:1` kills
+right after the first, a state-only one) has advanced its state past rows that never landed: the
+rows are lost. `floe chaos` must catch it."""
 
 from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 from typing import Any
 
 from floe.core.destination import LoadJob
 from floe.destinations.duckdb import DuckDBConfig, DuckDBDestination
-
-GAP_SECONDS = 1.0  # between the state's commit and the rows': where a kill loses rows
 
 
 class BrokenDuckDBConfig(DuckDBConfig):
@@ -28,7 +26,6 @@ class BrokenDuckDB(DuckDBDestination):
 
     def load_group(self, jobs: list[LoadJob]) -> None:
         super().load_group([dataclasses.replace(job, files=[]) for job in jobs])  # the state, no rows
-        time.sleep(GAP_SECONDS)
         self.phase.rows_only = True
         try:
             super().load_group(jobs)  # the rows, no state

@@ -20,8 +20,11 @@ def chaos_command(
     faults: Annotated[str, typer.Option(
         help="API faults the emulators inject, comma-separated: 429, 5xx, truncate (or none).")] = "429,5xx,truncate",
     kill: Annotated[bool, typer.Option(
-        "--kill/--no-kill", help="SIGKILL each chaos run 1-2 times at random moments before letting it finish.")] = True,
-    seed: Annotated[int, typer.Option(help="Seed of the generated data, kill moments and faults.")] = 1,
+        "--kill/--no-kill", help="Kill each chaos run 1-2 times at seeded kill points before letting it finish.")] = True,
+    kill_at: Annotated[str | None, typer.Option(
+        "--kill-at", metavar="POINTS", help="The kill points of every chaos run instead of drawn ones, comma-separated, "
+        "one per restart: batch:N, before-commit:N, after-commit:N (the Nth staged batch or load commit).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the generated data, kill points and faults.")] = 1,
     postgres_url: Annotated[str | None, typer.Option(
         "--postgres-url", metavar="URL", envvar="FLOE_CHAOS_POSTGRES_URL",
         help="A PostgreSQL server for scratch schemas (floe_chaos_*, dropped afterwards) standing in for "
@@ -32,14 +35,21 @@ def chaos_command(
     """Prove exactly-once on your own config: emulated sources, scratch destinations, kills and API faults."""
     from floe.apps.chaos.scratch import plan
     from floe.apps.chaos.trials import Options, experiment
+    from floe.infra.killpoints import parse
 
     chosen_faults = tuple(f.strip() for f in faults.split(",") if f.strip() and f.strip() != "none")
+    try:
+        points = tuple(parse(p) for p in (kill_at or "").split(",") if p.strip())
+    except ValueError as exc:
+        fail(f"--kill-at {exc}")
+    if points and not kill:
+        fail("--kill-at and --no-kill contradict each other: drop one")
     try:
         cfg = open_config(config)
         chosen = plan(cfg, postgres_url)
         for note in chosen.notes:
             typer.echo(f"note: {note}", err=True)
-        report = experiment(cfg, chosen, Options(trials, chosen_faults, kill, seed=seed, keep=keep),
+        report = experiment(cfg, chosen, Options(trials, chosen_faults, kill, kill_at=points, seed=seed, keep=keep),
                             say=lambda line: typer.echo(line, err=True))
     except FloeError as exc:
         fail(str(exc))

@@ -46,6 +46,7 @@ from floe.destinations.drift import drift_ddl, drift_statement
 from floe.destinations.merge import STANDARD, MergeStyle
 from floe.destinations.rejected import RowRules, insert_rejected, quarantined
 from floe.destinations.schema_changes import SchemaPlan, Widening, log_changes, routed
+from floe.infra import killpoints
 
 STATE_TABLE = "_floe_state"
 LOADS_TABLE = "_floe_loads"
@@ -342,6 +343,8 @@ class SqlDestination(Destination):
                 for current in jobs:
                     self.load_step(cur, current)
                 current = None  # a failure from here on is the commit's
+                killpoints.reached("before-commit")
+            killpoints.reached("after-commit")
 
         try:
             self.prepare_meta()

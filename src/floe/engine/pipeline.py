@@ -47,6 +47,7 @@ from floe.core.leases import Lease
 from floe.core.secrets import redact
 from floe.core.stream import Batch, RefreshScope, Source, State, Stream, merge_ledger
 from floe.engine.progress import Progress
+from floe.infra import killpoints
 from floe.infra.stage import FileShares, StageRun, StageWriter, new_load_id, remove_leftovers
 from floe.infra.threads import in_thread
 
@@ -359,6 +360,7 @@ async def read_into(stream: Stream, state: State | None, lanes: list[_Lane], run
                 async for batch in batches:
                     if batch.records is not None and batch.records.num_rows:
                         writer.write(stream.protected(batch.records))
+                        killpoints.reached("batch")
                         if progress:
                             for lane in lanes:
                                 if not lane.failed:

@@ -2,16 +2,19 @@
 
 One experiment is a clean run (no faults, no kills) and `trials` chaos runs. Every run starts fresh
 emulators (same seed, same clock: the same data) and fresh scratch destinations (see `scratch`), and
-runs `floe run` in a child process. In a chaos run the emulators inject the chosen API faults, the
-child is killed with SIGKILL at random moments of the clean run's duration (`kills` times, so a kill
-lands anywhere: while reading, staging, committing), and then `floe run` is started again until one
-finishes; a run that fails (too many faults in a row) is started again too. Finally every table of
-every stream is compared with the clean run's (`compare`).
+runs `floe run` in a child process. In a chaos run the emulators inject the chosen API faults, and
+the child kills itself with SIGKILL at a named point (`floe.infra.killpoints`: after the Nth staged
+batch, before or after the Nth commit), so a kill never depends on timing. The points are given
+(`Options.kill_at`: one per run, in order) or drawn from a seeded RNG among the points the clean run
+passed (the clean run traces them). After a kill `floe run` is started again (with the next point,
+if any) until one finishes; a run that fails (too many faults in a row) is started again too.
+Finally every table of every stream is compared with the clean run's (`compare`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import shutil
 import signal
@@ -19,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +36,7 @@ from floe.config import FloeConfig, parse_config
 from floe.core.errors import FloeError
 from floe.engine.factory import context_for, make_destination, make_source
 from floe.engine.runner import select_streams
+from floe.infra import killpoints
 
 FAULTS = {"429": "rate_429", "5xx": "rate_5xx", "truncate": "truncate_rate"}
 FAULT_RATE = 0.05  # share of API requests given each chosen fault
@@ -44,7 +49,8 @@ class Options:
     trials: int = 3
     faults: tuple[str, ...] = tuple(FAULTS)
     kill: bool = True
-    kills: tuple[int, int] = (1, 2)  # kills per chaos run: at least, at most
+    kills: tuple[int, int] = (1, 2)  # kills per chaos run (drawn points): at least, at most
+    kill_at: tuple[tuple[str, int], ...] = ()  # the kill points of every chaos run, in order (default: drawn)
     seed: int = 1
     keep: Path | None = None  # keep the scratch folder here (default: a temporary folder, removed)
 
@@ -85,6 +91,7 @@ class RunOutcome:
     failed_runs: int = 0
     error: str | None = None
     seconds: float = 0.0  # how long the run that completed took
+    passed: Counter[str] = field(default_factory=Counter)  # kill points passed, over all its runs
 
 
 Say = Callable[[str], None]
@@ -104,17 +111,18 @@ def experiment(config: FloeConfig, chosen: Plan, options: Options, say: Say = la
     errors: list[str] = []
     try:
         say("clean run (no faults, no kills)")
-        clean = _one_run(config, chosen, clock, folder / "clean", "clean", options, {}, None, rng)
-        seconds = clean.outcome.seconds
+        clean = _one_run(config, chosen, clock, folder / "clean", "clean", options, {}, None)
         if clean.outcome.error:
             raise FloeError(f"floe chaos: the clean run failed, so there is nothing to compare with: "
                             f"{clean.outcome.error}")
         rates = {FAULTS[f]: FAULT_RATE for f in options.faults}
         for n in range(1, options.trials + 1):
-            kills = rng.randint(*options.kills) if options.kill else 0
-            say(f"trial {n}/{options.trials}: {kills} kill(s), faults {', '.join(options.faults) or 'none'}")
+            points = list(options.kill_at) or (_draw_points(clean.outcome.passed, rng, options.kills)
+                                               if options.kill else [])
+            named = ", ".join(f"{p}:{c}" for p, c in points) or "none"
+            say(f"trial {n}/{options.trials}: kills at {named}; faults {', '.join(options.faults) or 'none'}")
             trial = _one_run(config, chosen, clock, folder / f"trial{n}", f"t{n}", options, rates,
-                             (kills, seconds), rng)
+                             (points, clean.outcome.seconds))
             if trial.outcome.error:
                 errors.append(f"trial {n}: {trial.outcome.error}")
                 continue
@@ -143,8 +151,27 @@ class RunResult:
     faults: dict[str, int]  # source -> faults injected
 
 
+def _draw_points(clean: Counter[str], rng: random.Random, kills: tuple[int, int]) -> list[tuple[str, int]]:
+    """`kills` kill points among those the clean run passed: the first anywhere in a fresh run, each
+    later one among what the runs before it left (roughly: the clean run's count less the points
+    passed before)."""
+    left = Counter(clean)
+    points: list[tuple[str, int]] = []
+    for _ in range(rng.randint(*kills)):
+        kinds = [p for p in killpoints.POINTS if left[p] > 0]
+        if not kinds:
+            break
+        kind = rng.choice(kinds)
+        count = rng.randint(1, left[kind])
+        points.append((kind, count))
+        done = count / left[kind]  # the share of the work the killed run did, roughly
+        for p in killpoints.POINTS:
+            left[p] -= count if p == kind else round(left[p] * done)
+    return points
+
+
 def _one_run(config: FloeConfig, chosen: Plan, clock: Clock, folder: Path, trial: str, options: Options,
-             rates: dict[str, float], kills: tuple[int, float] | None, rng: random.Random) -> RunResult:
+             rates: dict[str, float], kills: tuple[list[tuple[str, int]], float] | None) -> RunResult:
     """One clean or chaos run into fresh scratch copies; the rows of every stream afterwards."""
     folder.mkdir(parents=True, exist_ok=True)
     emulators = start_emulators(chosen, clock, options.seed, rates)
@@ -152,7 +179,7 @@ def _one_run(config: FloeConfig, chosen: Plan, clock: Clock, folder: Path, trial
         entries = trial_config(chosen, emulators, clock, folder, trial, options.seed)
         path = folder / "floe.yml"
         path.write_text(yaml.safe_dump(entries, sort_keys=False))
-        outcome = _run_until_done(path, folder, kills, rng)
+        outcome = _run_until_done(path, folder, kills)
         faults = {name: emulators.faults(name) for name in chosen.sources}
     finally:
         emulators.stop()
@@ -160,32 +187,37 @@ def _one_run(config: FloeConfig, chosen: Plan, clock: Clock, folder: Path, trial
     return RunResult(outcome, tables, faults)
 
 
-def _run_until_done(path: Path, folder: Path, kills: tuple[int, float] | None, rng: random.Random) -> RunOutcome:
-    """`floe run -c path` in child processes: the first `kills[0]` killed at a random moment of the
-    clean run's `kills[1]` seconds, then runs until one exits 0."""
+def _run_until_done(path: Path, folder: Path, kills: tuple[list[tuple[str, int]], float] | None) -> RunOutcome:
+    """`floe run -c path` in child processes, each killing itself at the next of `kills[0]`'s points
+    (a run that fails first keeps its point for the next), until one exits 0. `kills[1]`: the clean
+    run's seconds, which set the time after which a run counts as hung."""
     outcome = RunOutcome()
-    kills_left, seconds = kills or (0, 0.0)
-    timeout = max(60.0, HANG_FACTOR * seconds) if kills else None  # the clean run sets the pace
+    points, seconds = (list(kills[0]), kills[1]) if kills else ([], 0.0)
+    timeout = max(60.0, HANG_FACTOR * seconds) if kills else None
     attempt = 0
     while True:
         attempt += 1
-        log = folder / f"run{attempt}.log"
+        log, trace = folder / f"run{attempt}.log", folder / f"run{attempt}.trace"
+        env = {k: v for k, v in os.environ.items() if k != killpoints.KILL_AT} | {killpoints.TRACE: str(trace)}
+        if points:
+            env[killpoints.KILL_AT] = "{}:{}".format(*points[0])
         started = time.monotonic()
         with log.open("wb") as out:
             child = subprocess.Popen([sys.executable, "-m", "floe", "run", "-c", str(path)],
-                                     stdout=out, stderr=subprocess.STDOUT)
-            kill_at = rng.uniform(0.05, 0.95) * seconds if kills_left else None
-            kills_left -= kill_at is not None  # spent, even when the run ends on its own before it
+                                     stdout=out, stderr=subprocess.STDOUT, env=env)
             try:
-                code = child.wait(timeout=kill_at if kill_at is not None else timeout)
+                code = child.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 child.send_signal(signal.SIGKILL)
                 child.wait()
-                if kill_at is None:
-                    outcome.error = f"floe run did not finish within {timeout or 0:.0f}s (log: {log})"
-                    return outcome
-                outcome.kills += 1
-                continue
+                outcome.error = f"floe run did not finish within {timeout or 0:.0f}s (log: {log})"
+                return outcome
+        if trace.exists():
+            outcome.passed.update(trace.read_text().split())
+        if code == -signal.SIGKILL and points:
+            outcome.kills += 1
+            points.pop(0)
+            continue
         if code == 0:
             outcome.seconds = time.monotonic() - started
             return outcome
