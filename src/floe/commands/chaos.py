@@ -28,7 +28,7 @@ def chaos_command(
     postgres_url: Annotated[str | None, typer.Option(
         "--postgres-url", metavar="URL", envvar="FLOE_CHAOS_POSTGRES_URL",
         help="A PostgreSQL server for scratch schemas (floe_chaos_*, dropped afterwards) standing in for "
-             "your PostgreSQL destinations.")] = None,
+             "your PostgreSQL destinations and holding generated tables for your sql sources.")] = None,
     keep: Annotated[Path | None, typer.Option(
         metavar="DIR", help="Keep the scratch folder (configs, run logs, DuckDB files) here.")] = None,
 ) -> None:

@@ -8,9 +8,13 @@ every run reads the same generated data. What is rewritten, by source type:
   `checkpoint_rows` (its least, so that a run commits several times and kills land in between);
 - singular: `api_key`, `base_url`, `end_date` (the emulator's today) and a short `poll_interval`;
   the emulator's numbers are settled (late changes would make two runs differ by design);
-- sailthru: `path` (generated export files) and `salt`.
+- sailthru: `path` (generated export files) and `salt`;
+- fullstory: `api_key`, `base_url`, `start_time`..`end_time` (the half day before the emulator's
+  yesterday ends, so every window is ready), `export_delay` (its least) and a short `poll_interval`;
+- sql (with `--postgres-url` only): `url` (that server) and `schema` (scratch tables, see sqltables),
+  `batch_rows` (at most SQL_BATCH_ROWS).
 
-Other sources (a SQL database, FullStory's export jobs, plugins) are left out, and the report says so.
+Other sources (plugins, a SQL source without a server) are left out, and the report says so.
 Each destination becomes a scratch one of its type: DuckDB (and DuckDB-based plugins) a file in the
 experiment's folder, PostgreSQL a pair of fresh schemas on the server given with `--postgres-url`.
 Other types, and PostgreSQL without a server, are stood in for by a scratch DuckDB file.
@@ -21,7 +25,7 @@ from __future__ import annotations
 import logging
 import secrets as _random
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +34,14 @@ from floe.destinations.duckdb import DuckDBConfig
 from floe.destinations.postgres import PostgresConfig
 from floe.sandbox.emulators import Running, start
 
-EMULATED_SOURCES = ("twilio", "singular", "sailthru")
-API_SOURCES = {"twilio": "twilio", "singular": "singular"}  # source type -> the emulator it reads
+EMULATED_SOURCES = ("twilio", "singular", "sailthru", "fullstory", "sql")
+API_SOURCES = {"twilio": "twilio", "singular": "singular", "fullstory": "fullstory"}  # type -> its emulator
 TWILIO_SIZE = 1500  # calls and messages per emulated account
 TWILIO_CHECKPOINT_ROWS = 1000  # Twilio streams commit this often (its least), so kills land between commits
+FULLSTORY_EVENTS_PER_HOUR = 120
+FULLSTORY_HOURS = 12  # of events read, ending at the emulator's yesterday's end
+FULLSTORY_EVERY = (7, 11)  # every Nth FullStory API call answers 429, every Mth 503 (with those faults)
+FULLSTORY_TRUNCATED = 1  # downloads cut short (well-formed responses, short gzip) with the truncate fault
 
 
 @dataclass(frozen=True)
@@ -72,10 +80,14 @@ def plan(config: FloeConfig, postgres_url: str | None = None) -> Plan:
     notes: list[str] = []
     sources = {}
     for name, source in config.sources.items():
-        if source.type in EMULATED_SOURCES:
+        if source.type == "sql" and not postgres_url:
+            notes.append(f"source {name} (sql): not tested; pass --postgres-url to test it against scratch "
+                         "tables floe chaos fills on that server")
+        elif source.type in EMULATED_SOURCES:
             sources[name] = source
         else:
-            notes.append(f"source {name} ({source.type}): not tested; floe has no emulator of it for chaos runs")
+            notes.append(f"source {name} ({source.type}): not tested; floe has no emulator of it for chaos runs "
+                         f"(it emulates {', '.join(EMULATED_SOURCES)})")
     destinations = dict(config.destinations)
     for name, destination in destinations.items():
         if isinstance(destination, PostgresConfig) and not postgres_url:
@@ -96,7 +108,14 @@ class Emulators:
     def faults(self, source: str) -> int:
         """API faults injected so far into `source`'s requests."""
         emulator = self.running.get(source)
-        return sum(emulator.app.state.faults.injected.values()) if emulator else 0
+        if emulator is None:
+            return 0
+        if emulator.name == "fullstory":  # its own knobs: every Nth call faulted, the next N downloads cut
+            emu = emulator.app.state.fullstory
+            every = (emu.faults.rate_limit_every, emu.faults.error_every)
+            return sum(emu.api_calls // n for n in every if n) + emulator.info["truncated"] - \
+                emu.faults.truncate_downloads
+        return sum(emulator.app.state.faults.injected.values())
 
     def stop(self) -> None:
         for emulator in self.running.values():
@@ -114,9 +133,17 @@ def start_emulators(chosen: Plan, clock: Clock, seed: int, fault_rates: dict[str
             options: dict[str, Any] = {"seed": seed + sum(map(ord, name)), "retry_after": 0.05, **fault_rates}
             if emulator == "twilio":
                 options |= {"size": TWILIO_SIZE, "end": clock.now.isoformat()}
+            elif emulator == "fullstory":  # a run makes few API calls: faults come every few calls instead
+                truncated = FULLSTORY_TRUNCATED if fault_rates.get("truncate_rate") else 0
+                options = {"seed": options["seed"], "retry_after": 0, "events_per_hour": FULLSTORY_EVENTS_PER_HOUR,
+                           "truncate_downloads": truncated,
+                           "rate_limit_every": FULLSTORY_EVERY[0] if fault_rates.get("rate_429") else 0,
+                           "error_every": FULLSTORY_EVERY[1] if fault_rates.get("rate_5xx") else 0}
             else:
                 options |= {"today": clock.today.isoformat(), "settle_days": 0, "polls_to_done": 1}
             running[name] = start(emulator, None, **options)
+            if emulator == "fullstory":
+                running[name].info["truncated"] = truncated
     except BaseException:
         Emulators(running).stop()
         raise
@@ -126,10 +153,20 @@ def start_emulators(chosen: Plan, clock: Clock, seed: int, fault_rates: dict[str
     return Emulators(running)
 
 
+def fill_sql_sources(chosen: Plan, clock: Clock, seed: int) -> None:
+    """The scratch tables of every `sql` source of the plan (once per experiment; see sqltables)."""
+    for name, config in chosen.sources.items():
+        if config.type == "sql":
+            from floe.apps.chaos.sqltables import fill, source_schema
+
+            assert chosen.postgres_url is not None  # plan() keeps sql sources only with a server
+            fill(chosen.postgres_url, source_schema(chosen.token, name), config, clock, seed)
+
+
 def trial_config(chosen: Plan, emulators: Emulators, clock: Clock, folder: Path, trial: str,
                  seed: int) -> dict[str, Any]:
     """The floe.yml (as a dict) of one run: the user's settings pointed at the emulators and scratch copies."""
-    sources = {name: _source_entry(name, config, emulators, clock, folder, seed)
+    sources = {name: _source_entry(chosen, name, config, emulators, clock, folder, seed)
                for name, config in chosen.sources.items()}
     destinations = {name: _destination_entry(chosen, name, folder, trial) for name in chosen.destinations}
     return {"sources": sources, "destinations": destinations, "stage": str(folder / "stage")}
@@ -141,7 +178,7 @@ def _user_keys(config: Any, *drop: str) -> dict[str, Any]:
     return {k: v for k, v in keys.items() if k not in drop}
 
 
-def _source_entry(name: str, config: Any, emulators: Emulators, clock: Clock, folder: Path,
+def _source_entry(chosen: Plan, name: str, config: Any, emulators: Emulators, clock: Clock, folder: Path,
                   seed: int) -> dict[str, Any]:
     if config.type == "sailthru":
         from floe.sandbox.sailthru import ExportSpec, generate
@@ -150,8 +187,20 @@ def _source_entry(name: str, config: Any, emulators: Emulators, clock: Clock, fo
         if not files.exists():
             generate(files, ExportSpec(seed=seed))
         return _user_keys(config, "path", "salt", "client_id") | {"path": str(files), "salt": "chaos-salt"}
+    if config.type == "sql":
+        from floe.apps.chaos.sqltables import SQL_BATCH_ROWS, source_schema
+
+        return _user_keys(config, "url", "schema_", "schema") | {
+            "url": chosen.postgres_url, "schema": source_schema(chosen.token, name),
+            "batch_rows": min(config.batch_rows, SQL_BATCH_ROWS)}
     emulator = emulators.running[name]
     described = next(iter(emulator.info["sources"].values()))
+    if config.type == "fullstory":
+        end = datetime.combine(clock.today - timedelta(days=1), datetime.min.time(), UTC)
+        return _user_keys(config) | {
+            "api_key": described["api_key"], "base_url": described["base_url"],
+            "start_time": (end - timedelta(hours=FULLSTORY_HOURS)).isoformat(), "end_time": end.isoformat(),
+            "export_delay": "1h", "poll_interval": min(config.poll_interval, 0.05)}
     if config.type == "twilio":
         return _user_keys(config, "pricing_url") | {
             key: described[key] for key in ("account_sid", "auth_token", "start_date", "base_url")} | {

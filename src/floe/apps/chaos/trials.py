@@ -31,7 +31,14 @@ from typing import Any
 import yaml
 
 from floe.apps.chaos.compare import Difference, compare, read_rows
-from floe.apps.chaos.scratch import Clock, Plan, start_emulators, trial_config
+from floe.apps.chaos.scratch import (
+    EMULATED_SOURCES,
+    Clock,
+    Plan,
+    fill_sql_sources,
+    start_emulators,
+    trial_config,
+)
 from floe.config import FloeConfig, parse_config
 from floe.core.errors import FloeError
 from floe.engine.factory import context_for, make_destination, make_source
@@ -100,7 +107,8 @@ Say = Callable[[str], None]
 def experiment(config: FloeConfig, chosen: Plan, options: Options, say: Say = lambda _: None) -> Report:
     """Run the clean run and the chaos trials; compare every stream of every destination."""
     if not chosen.sources:
-        raise FloeError("floe chaos: no source in the config has an emulator (twilio, singular, sailthru)")
+        raise FloeError("floe chaos: no source of the config can be tested (see the notes above): floe chaos "
+                        f"emulates {', '.join(EMULATED_SOURCES)} sources (sql with --postgres-url)")
     unknown = [f for f in options.faults if f not in FAULTS]
     if unknown:
         raise FloeError(f"--faults {', '.join(unknown)}: known faults are {', '.join(FAULTS)}")
@@ -110,6 +118,7 @@ def experiment(config: FloeConfig, chosen: Plan, options: Options, say: Say = la
     reports: dict[tuple[str, str, str], StreamReport] = {}
     errors: list[str] = []
     try:
+        fill_sql_sources(chosen, clock, options.seed)
         say("clean run (no faults, no kills)")
         clean = _one_run(config, chosen, clock, folder / "clean", "clean", options, {}, None)
         if clean.outcome.error:
@@ -261,7 +270,8 @@ def _differences(clean: dict[tuple[str, str, str], Any],
 
 def _drop_postgres_schemas(chosen: Plan) -> None:
     """Drop every scratch schema of the experiment on the PostgreSQL server (they all share its token)."""
-    if not chosen.postgres_url or not any(chosen.scratch_kind(n) == "postgres" for n in chosen.destinations):
+    if not chosen.postgres_url or not (any(chosen.scratch_kind(n) == "postgres" for n in chosen.destinations)
+                                       or any(s.type == "sql" for s in chosen.sources.values())):
         return
     from floe.destinations.sql import SqlDestination
 
