@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -113,3 +114,54 @@ def test_a_twilio_re_read_of_unchanged_calls_records_no_change(kind: str, emulat
     assert min(ages) == 0 and sum(reread for reread, _ in ages.values()) > 0
     assert sum(changed for _, changed in ages.values()) == 0, result.output
     assert "no re-read row changed" in result.output and "lookback_days:   3" in result.output
+
+
+@pytest.mark.parametrize("kind", ["duckdb", "postgres"])
+def test_a_late_twilio_change_is_counted_with_its_price_change(kind: str, emulator: Any, tmp_path: Path,
+                                                               request: pytest.FixtureRequest) -> None:
+    """Twilio re-rates a 2-day-old call and corrects a 1-day-old call's status after they were loaded:
+    the next run's lookback re-read counts both, by age, with the price's change as the amount."""
+    from email.utils import parsedate_to_datetime
+
+    from floe.sandbox import twilio as twilio_emu
+
+    now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    server = emulator(twilio_emu.create_app, size=400, days=10, end=now.isoformat())
+    sandbox = server.app.state.twilio
+    sid, token = sandbox.credentials()[0]
+    settings = {"sources": {"tw": {"type": "twilio", "account_sid": sid, "auth_token": token,
+                                   "start_date": (now.date().fromordinal(now.date().toordinal() - 10)).isoformat(),
+                                   "base_url": server.url, "streams": ["calls"], "lookback_days": 3}},
+                "destinations": {"w": destination(kind, tmp_path, request)}, "stage": str(tmp_path / "stage")}
+    config = parse_config(settings)
+    assert all(r.ok for r in runner.run(config))
+
+    def priced_call(age: int) -> dict[str, Any]:
+        day = now.date().fromordinal(now.date().toordinal() - age)
+        return next(c for c in sandbox.list(sid, "calls").records() if c["price"] and c["status"] == "completed"
+                    and parsedate_to_datetime(c["date_created"]).date() == day)
+
+    rerated, corrected = priced_call(2), priced_call(1)
+    new_price = f"{float(rerated['price']) - 0.25:.5f}"
+    assert sandbox.amend("calls", rerated["sid"], {"price": new_price})["price"] == new_price
+    response = httpx.post(f"{server.url}/_sandbox/twilio/amend",
+                          json={"kind": "calls", "sid": corrected["sid"], "changes": {"status": "failed"}})
+    assert response.status_code == 200 and response.json()["status"] == "failed"
+    assert all(r.ok for r in runner.run(config))
+
+    path = tmp_path / "floe.yml"
+    path.write_text(yaml.safe_dump(settings))
+    result = CliRunner().invoke(app, ["drift", "tw.calls", "-c", str(path)])
+    assert result.exit_code == 0, result.output
+    ages = {int(cells[0]): cells[1:] for line in result.output.splitlines()
+            if len(cells := [c.strip().replace(",", "") for c in line.split("│") if c.strip()]) == 6
+            and cells[0].isdigit()}
+    changed = {age: int(cells[1]) for age, cells in ages.items() if int(cells[1])}
+    assert changed == {1: 1, 2: 1}, result.output
+    assert ages[2][4].startswith("0.2500 ("), result.output  # |Δprice| of the re-rated call
+    assert ages[1][4].split()[0] == "0.00", result.output  # a status change moves no money
+    assert "99.5% of changes land within 2 days" in result.output
+    assert "lookback_days:   3" in result.output
+
+    bad = httpx.post(f"{server.url}/_sandbox/twilio/amend", json={"kind": "calls", "sid": "CAnope", "changes": {}})
+    assert bad.status_code == 400 and "no calls record CAnope" in bad.json()["error"]

@@ -44,7 +44,7 @@ def print_drift(found: Drift) -> None:
     caught = 0
     for age in found.ages:
         caught += age.changed
-        amount = f"{age.amount_changed:,.2f}" + (
+        amount = _amount(age.amount_changed) + (
             f" ({age.amount_changed / age.amount_before:.2%})" if age.amount_before else "")
         table.add_row(str(age.days), f"{age.reread:,}", f"{age.changed:,}", f"{age.changed / total:.1%}",
                       f"{caught / total:.1%}", amount)
@@ -57,6 +57,11 @@ def print_drift(found: Drift) -> None:
     for label, cost in (("configured", found.configured), ("suggested", found.proposed)):
         if cost is not None:
             typer.echo(f"{label:<10} lookback_days: {cost.lookback_days:>3}  {describe(cost)}")
+
+
+def _amount(value: float) -> str:
+    """Money as people read it: cents, or four decimals below 1 (Twilio prices a call at $0.0085)."""
+    return f"{value:,.2f}" if value >= 1 or value == 0 else f"{value:.4f}"
 
 
 def describe(cost: Cost) -> str:

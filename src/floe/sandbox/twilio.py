@@ -18,7 +18,9 @@ only with `IncludeSoftDeleted=true`. Other parameters (`To`, `From`, ...) are ac
 The data (see `twilio_data`) is a pure function of (seed, size, days, end) and of the sandbox clock,
 which starts at `end`: `TwilioSandbox.advance(seconds)` (or `POST /_sandbox/twilio/advance?seconds=N`)
 moves it on, so newer records appear and existing ones change (status, price, duration) as their
-timelines say.
+timelines say. `TwilioSandbox.amend(kind, sid, changes)` (or `POST /_sandbox/twilio/amend` with
+`{"kind": "calls", "sid": ..., "changes": {"price": "-0.25000"}, "account": ...?}`) changes one
+record now, after the fact (a re-rated call, a status corrected late).
 """
 
 from __future__ import annotations
@@ -136,6 +138,15 @@ class TwilioSandbox:
         """Move the clock on: newer records appear, existing ones change as their timelines say."""
         with self.lock:
             self.clock.now += int(seconds)
+
+    def amend(self, kind: str, sid: str, changes: dict[str, Any], account: str | None = None) -> dict[str, Any]:
+        """Change record `sid` of list `kind` now (see `ListResource.amend`); KeyError if there is none."""
+        with self.lock:
+            resource = self.list(account or next(iter(self.accounts)), kind)
+            i = resource.index_of(sid)
+            if i is None:
+                raise KeyError(f"no {kind} record {sid}")
+            return resource.amend(i, changes)
 
     def credentials(self) -> list[tuple[str, str]]:
         return [(a.sid, a.token) for a in self.accounts.values()]
@@ -350,6 +361,14 @@ def create_app(seed: int = 1, size: int = 1000, days: int = 30, end: str | None 
         sandbox.advance(seconds)
         return JSONResponse({"now": datetime.fromtimestamp(sandbox.now, UTC).isoformat()})
 
+    async def amend(request: Request) -> Response:
+        try:
+            body = orjson.loads(await request.body())
+            record = sandbox.amend(body["kind"], body["sid"], dict(body["changes"]), body.get("account"))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            return JSONResponse({"error": f"amend: {exc}"}, 400)
+        return JSONResponse(record)
+
     async def prerender_pages(request: Request) -> Response:
         """Render (and cache) every call page now, so a benchmark measures the client, not the emulator."""
         with sandbox.lock:
@@ -367,6 +386,7 @@ def create_app(seed: int = 1, size: int = 1000, days: int = 30, end: str | None 
         Route("/v1/PhoneNumbers/Countries/{iso}", country),
         Route("/_sandbox/twilio/prerender", prerender_pages, methods=["POST"]),
         Route("/_sandbox/twilio/advance", advance, methods=["POST"]),
+        Route("/_sandbox/twilio/amend", amend, methods=["POST"]),
         Route("/_sandbox/stats", stats),
     ])
     wrapped = FaultMiddleware(app, faults, lambda status: twilio_error(status))

@@ -175,6 +175,7 @@ class ListResource:
     clock: Clock
     cache_chunks: int = 2000
     cache: dict[int, Chunk] = field(default_factory=dict)
+    amendments: dict[int, list[tuple[int, dict[str, Any]]]] = field(default_factory=dict)  # see `amend`
 
     def __post_init__(self) -> None:
         self.n = max(1, self.base_count)
@@ -236,7 +237,18 @@ class ListResource:
 
     def timeline(self, i: int) -> tuple[Timeline, int | None, int | None]:
         """Record `i`'s whole timeline, when its cursor is set and when it ends (None: never)."""
-        return getattr(self, f"_{self.kind}")(i, mix(self.salt + i), self.time(i))  # type: ignore[no-any-return]
+        timeline, cursor_at, end_at = getattr(self, f"_{self.kind}")(i, mix(self.salt + i), self.time(i))
+        if i in self.amendments:  # after the record's own events of the same moment
+            timeline.events = sorted(timeline.events + self.amendments[i], key=lambda event: event[0])
+        return timeline, cursor_at, end_at
+
+    def amend(self, i: int, changes: dict[str, Any]) -> dict[str, Any]:
+        """Change record `i` now (at the clock), after the fact, as Twilio re-rating a call does: `changes`
+        (e.g. `{"price": "-0.25000", "status": "failed"}`) apply from now on, its `date_updated` is now.
+        Later events of its own timeline still apply. Returns the record as it stands now."""
+        self.amendments.setdefault(i, []).append((self.clock.now, dict(changes)))
+        self.cache.pop(i // CHUNK, None)
+        return self.record(i)
 
     def _render(self, i: int) -> tuple[dict[str, Any], Meta, int | None]:
         timeline, cursor_at, end_at = self.timeline(i)

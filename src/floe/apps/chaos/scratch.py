@@ -160,7 +160,7 @@ def fill_sql_sources(chosen: Plan, clock: Clock, seed: int) -> None:
             from floe.apps.chaos.sqltables import fill, source_schema
 
             assert chosen.postgres_url is not None  # plan() keeps sql sources only with a server
-            fill(chosen.postgres_url, source_schema(chosen.token, name), config, clock, seed)
+            fill(chosen.postgres_url, source_schema(chosen.token, name), config, clock.now, seed)
 
 
 def trial_config(chosen: Plan, emulators: Emulators, clock: Clock, folder: Path, trial: str,

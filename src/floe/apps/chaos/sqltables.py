@@ -10,12 +10,11 @@ without `tables` reads one table, `chaos_rows`. The rows are made once per exper
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
 
-from floe.apps.chaos.scratch import Clock
 from floe.sources.sql import SqlSourceConfig, SqlTable
 
 SQL_ROWS = 1200
@@ -32,8 +31,8 @@ def tables_of(config: SqlSourceConfig) -> list[SqlTable]:
     return [SqlTable(name=t) if isinstance(t, str) else t for t in listed]
 
 
-def fill(url: str, schema: str, config: SqlSourceConfig, clock: Clock, seed: int) -> None:
-    """Create `schema` with a generated table for every table `config` reads."""
+def fill(url: str, schema: str, config: SqlSourceConfig, now: datetime, seed: int) -> None:
+    """Create `schema` with a generated table for every table `config` reads (rows of the 30 days to `now`)."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA {_q(schema)}")
         for table in tables_of(config):
@@ -52,7 +51,7 @@ def fill(url: str, schema: str, config: SqlSourceConfig, clock: Clock, seed: int
             name = f"{_q(schema)}.{_q(table.name)}"
             conn.execute(f"CREATE TABLE {name} ({', '.join(columns)}, "
                          f"PRIMARY KEY ({', '.join(_q(k) for k in keys)}))")
-            params: dict[str, Any] = {"start": (clock.now - timedelta(days=30)).isoformat(), "seed": seed, "rows": SQL_ROWS}
+            params: dict[str, Any] = {"start": (now - timedelta(days=30)).isoformat(), "seed": seed, "rows": SQL_ROWS}
             conn.execute(f"INSERT INTO {name} SELECT {', '.join(values)} FROM generate_series(1, %(rows)s) g", params)
 
 
