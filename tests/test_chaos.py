@@ -25,7 +25,8 @@ def chaos_config(tmp_path: Path, destination: dict[str, object], singular: bool 
         "streams": ["calls", "messages"], "window_days": 6, "lookback_days": 0}}
     if singular:
         sources["singular"] = {"type": "singular", "api_key": "not-used", "lookback_days": 3}
-    sources["db"] = {"type": "sql", "url": "postgresql://nowhere/db", "tables": ["t"]}
+    sources["db"] = {"type": "sql", "url": "postgresql://prod.example/crm", "schema": "crm",
+                     "tables": [{"name": "accounts", "replication_key": "updated_at"}, "plans"]}
     path = tmp_path / "floe.yml"
     path.write_text(yaml.safe_dump({"sources": sources, "destinations": {"warehouse": destination}}))
     return path
@@ -119,41 +120,32 @@ def test_a_postgres_destination_gets_scratch_schemas_that_are_dropped_afterwards
                                       "--faults", "none", "--seed", "5"])
     assert result.exit_code == 0, result.output
     rows = rows_of(result.output)
-    assert set(rows) == {"twilio.calls", "twilio.messages"}
+    # the sql source reads scratch tables floe chaos filled on the same server
+    assert set(rows) == {"twilio.calls", "twilio.messages", "db.accounts", "db.plans"}
     assert all(r[7] == "ok" and int(r[1]) >= 1 for r in rows.values()), result.output
-    with psycopg.connect(postgres_db.dsn) as conn:
+    assert rows["db.accounts"][3] == rows["db.plans"][3] == "1200"
+    with psycopg.connect(postgres_db.dsn) as conn:  # scratch schemas and tables are all dropped
         left = conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'floe_chaos%' "
                             "OR nspname LIKE 'prod%'").fetchall()
     assert left == []
 
 
 @pytest.mark.slow
-def test_fullstory_and_sql_sources_run_against_an_emulator_and_scratch_tables(tmp_path: Path,
-                                                                           postgres_db: Any) -> None:
-    import psycopg
-
-    sources = {
-        "fs": {"type": "fullstory", "api_key": "not-used", "start_time": "2019-01-01T00:00:00Z",
-               "export_duration": "2h", "export_delay": "48h"},
-        "db": {"type": "sql", "url": "postgresql://prod.example/crm", "schema": "crm",
-               "tables": [{"name": "accounts", "replication_key": "updated_at"}, "plans"]},
-    }
+def test_a_fullstory_source_runs_against_its_emulator(tmp_path: Path) -> None:
     path = tmp_path / "floe.yml"
-    path.write_text(yaml.safe_dump({"sources": sources, "destinations": {
+    path.write_text(yaml.safe_dump({"sources": {"fs": {
+        "type": "fullstory", "api_key": "not-used", "start_time": "2019-01-01T00:00:00Z",
+        "export_duration": "2h", "export_delay": "48h"}}, "destinations": {
         "warehouse": {"type": "duckdb", "path": "w.duckdb", "commit_rows": 0}}}))
-    url = f"{postgres_db.url}?sslmode=disable"
-    result = CliRunner().invoke(app, ["chaos", "-c", str(path), "--trials", "1", "--postgres-url", url,
-                                      "--faults", "429,5xx", "--kill-at", "after-commit:2,batch:4"])
+    result = CliRunner().invoke(app, ["chaos", "-c", str(path), "--trials", "1", "--faults", "429,5xx",
+                                      "--kill-at", "after-commit:2,batch:4"])
     assert result.exit_code == 0, result.output
     rows = rows_of(result.output)
-    assert set(rows) == {"fs.events", "db.accounts", "db.plans"}, result.output
-    for stream, (trials, kills, _faults, _count, duplicates, losses, changed, verdict) in rows.items():
-        assert (trials, kills, duplicates, losses, changed, verdict) == ("1", "2", "0", "0", "0", "ok"), stream
-    assert int(rows["fs.events"][3]) == 12 * 120  # 12 hours of events at 120 an hour
-    assert int(rows["fs.events"][2]) > 0  # faults were injected into FullStory's requests
-    assert rows["db.accounts"][3] == rows["db.plans"][3] == "1200"
-    with psycopg.connect(postgres_db.dsn) as conn:  # the scratch source tables are dropped too
-        assert conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'floe_chaos%'").fetchall() == []
+    assert set(rows) == {"fs.events"}, result.output
+    trials, kills, faults, count, duplicates, losses, changed, verdict = rows["fs.events"]
+    assert (trials, kills, duplicates, losses, changed, verdict) == ("1", "2", "0", "0", "0", "ok")
+    assert int(count) == 12 * 120  # 12 hours of events at 120 an hour
+    assert int(faults) > 0  # faults were injected into FullStory's requests
 
 
 def test_a_config_without_a_testable_source_is_refused_clearly(tmp_path: Path) -> None:

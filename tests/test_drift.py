@@ -1,5 +1,6 @@
 """Late-data drift: every lookback re-read records its changes by age in `_floe_drift`, in the load's
-transaction, on DuckDB and PostgreSQL; `floe drift` turns them into the lookback that would catch them."""
+transaction, on DuckDB, PostgreSQL and Redshift (replayed on PostgreSQL, tests/fixtures/redshift.py);
+`floe drift` turns them into the lookback that would catch them."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 
 from floe.cli import app
 from floe.config import parse_config
+from floe.core.plugins import destination_registry
 from floe.engine import runner
 from floe.sandbox import singular as emu
 
@@ -26,10 +28,17 @@ LATE = {0: 1.0, 1: 0.8, 2: 0.3, 5: 0.05}
 def destination(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> dict[str, Any]:
     if kind == "duckdb":
         return {"type": "duckdb", "path": str(tmp_path / "w.duckdb")}
+    if kind == "redshift":  # `type: redshift` is replayed on PostgreSQL, its COPY from the S3 stage too
+        from tests.fixtures.redshift import redshift_settings
+
+        monkeypatch = request.getfixturevalue("monkeypatch")
+        monkeypatch.setitem(destination_registry._entries, "redshift", "tests.fixtures.redshift:RedshiftOnPostgres")
+        return redshift_settings(request.getfixturevalue("postgres_db"), request.getfixturevalue("s3_server"),
+                                 request.getfixturevalue("s3_bucket"))
     return dict(request.getfixturevalue("postgres_db").config())
 
 
-@pytest.mark.parametrize("kind", ["duckdb", "postgres"])
+@pytest.mark.parametrize("kind", ["duckdb", "postgres", "redshift"])
 def test_each_re_read_records_changes_by_age_and_drift_suggests_a_lookback(
         kind: str, emulator: Any, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     server = emulator(emu.create_app, rows_per_day=ROWS, today=TODAY.isoformat(), late_changes=LATE)
@@ -116,7 +125,7 @@ def test_a_twilio_re_read_of_unchanged_calls_records_no_change(kind: str, emulat
     assert "no re-read row changed" in result.output and "lookback_days:   3" in result.output
 
 
-@pytest.mark.parametrize("kind", ["duckdb", "postgres"])
+@pytest.mark.parametrize("kind", ["duckdb", "postgres", "redshift"])
 def test_a_late_twilio_change_is_counted_with_its_price_change(kind: str, emulator: Any, tmp_path: Path,
                                                                request: pytest.FixtureRequest) -> None:
     """Twilio re-rates a 2-day-old call and corrects a 1-day-old call's status after they were loaded:
@@ -165,3 +174,28 @@ def test_a_late_twilio_change_is_counted_with_its_price_change(kind: str, emulat
 
     bad = httpx.post(f"{server.url}/_sandbox/twilio/amend", json={"kind": "calls", "sid": "CAnope", "changes": {}})
     assert bad.status_code == 400 and "no calls record CAnope" in bad.json()["error"]
+
+
+@pytest.mark.parametrize("disposition", ["append", "merge"])
+def test_the_drift_statements_parse_as_redshift_sql(disposition: str) -> None:
+    """What the replay on PostgreSQL cannot show: that Redshift itself would take the statements."""
+    import pyarrow as pa
+    import sqlglot
+
+    from floe.config import validate_model
+    from floe.core.destination import LoadJob, TableSpec
+    from floe.core.stream import DriftSpec
+    from floe.destinations.drift import drift_ddl, drift_statement
+    from floe.destinations.redshift import RedshiftConfig, RedshiftDestination
+
+    config = validate_model(RedshiftConfig, {"type": "redshift", "host": "h", "database": "d", "user": "u",
+                                             "stage": "s3://b/p", "iam_role": "arn:aws:iam::1:role/r"}, "rs")
+    dest = RedshiftDestination("rs", config)
+    spec = TableSpec("tw", "calls", pa.schema([]), disposition=disposition, primary_key=("sid",),
+                     drift=DriftSpec(("sid",), "date_created", ("status", "price"), ("price",)))
+    job = LoadJob(load_id="l1", source="tw", stream="calls", table=spec, files=[], checkpoint={},
+                  started_at=datetime.now(UTC))
+    statement = drift_statement(dest, job, "_floe_staging_l1")
+    assert statement is not None and statement.before_rows == (disposition == "merge")
+    for sql in (drift_ddl(dest), statement.sql.replace(dest.placeholder, "'x'")):
+        assert sqlglot.parse_one(sql, read="redshift", error_level=sqlglot.ErrorLevel.RAISE) is not None, sql
