@@ -124,6 +124,39 @@ def test_full_then_incremental_after_inserts_and_updates_misses_and_repeats_noth
     assert duckdb_destination.get_state("crm", "accounts")["replication_key_value"] == "2026-03-01T00:00:00+00:00"
 
 
+@pytest.mark.parametrize("read_with", ["copy", "cursor"])
+def test_an_append_table_without_a_key_gets_each_row_once_though_rows_tie_at_the_bookmark(
+    db: PostgresDatabase, duckdb_destination: DuckDBDestination, tmp_path: Path, read_with: str
+) -> None:
+    # no primary key: appended. Six rows share the last stamp (more than a batch of 4), two of them identical.
+    execute(db, """
+        CREATE TABLE app.events (at timestamptz, kind text, amount numeric(6,2));
+        INSERT INTO app.events VALUES ('2026-01-01 09:00+00', 'a', 1), ('2026-01-01 10:00+00', 'b', 2),
+          ('2026-01-01 11:00+00', 'c', 3), ('2026-01-01 11:00+00', 'c', 3), ('2026-01-01 11:00+00', 'd', 4),
+          ('2026-01-01 11:00+00', 'e', 5), ('2026-01-01 11:00+00', 'f', 6), ('2026-01-01 11:00+00', 'g', 7),
+          (NULL, 'no stamp', 0);
+    """)
+    events = {"tables": [{"name": "events", "replication_key": "at"}], "read_with": read_with}
+
+    def landed() -> list[tuple[Any, ...]]:
+        return duckdb_destination.query("SELECT kind, count(*) FROM crm.events GROUP BY kind ORDER BY kind")
+
+    load(make_source(db, **events), duckdb_destination, tmp_path)
+    first = [("a", 1), ("b", 1), ("c", 2), ("d", 1), ("e", 1), ("f", 1), ("g", 1), ("no stamp", 1)]
+    assert landed() == first
+    load(make_source(db, **events), duckdb_destination, tmp_path)  # nothing new: the six tied rows are not again
+    assert landed() == first
+    execute(db, """INSERT INTO app.events VALUES ('2026-01-01 11:00+00', 'c', 3), ('2026-01-01 11:00+00', 'h', 8),
+                   ('2026-01-01 12:00+00', 'i', 9)""")  # a third identical 'c' and a new row, both at the bookmark
+    load(make_source(db, **events), duckdb_destination, tmp_path)
+    second = sorted([*first[:2], ("c", 3), *first[3:7], ("h", 1), ("i", 1), ("no stamp", 1)])
+    assert landed() == second
+    state = duckdb_destination.get_state("crm", "events")
+    assert state["replication_key_value"] == "2026-01-01T12:00:00+00:00" and len(state["boundary_rows"]) == 1
+    load(make_source(db, **events), duckdb_destination, tmp_path)
+    assert landed() == second
+
+
 def test_rows_stream_in_batches_each_with_its_checkpoint(db: PostgresDatabase) -> None:
     stream = next(s for s in make_source(db).streams() if s.name == "accounts")
 

@@ -2,9 +2,11 @@
 
 Discovery reads `information_schema` (tables, columns, primary keys) with bound parameters.
 A table with a `replication_key` is read INCREMENTAL: `WHERE key >= bookmark ORDER BY key`, the
-bookmark being the largest key value committed; rows equal to the bookmark are read again and
-de-duplicated by the merge on the primary key (so such tables need one: discovered or configured).
-A table without one is read FULL_TABLE and replaces the previous copy.
+bookmark being the largest key value committed; rows equal to the bookmark are read again (rows
+written in the same instant as the bookmark are never missed). A table with a primary key merges them
+away; a table without one is appended to, and the state keeps a digest of each committed row equal
+to the bookmark (`BoundaryRows`), so those rows are skipped when read again and only new ones land.
+A table without a replication key is read FULL_TABLE and replaces the previous copy.
 
 Rows stream in Arrow batches, never a whole table in memory. PostgreSQL tables are read with
 binary COPY (`floe.infra.pgcopy.copy_batches`), columns of types it does not decode selected as text;
@@ -16,7 +18,9 @@ arrays, enums, ...) as their text form.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Generator
 from datetime import date, datetime
 from decimal import Decimal
@@ -109,6 +113,56 @@ def _json_value(value: Any) -> Any:
     return value
 
 
+class BoundaryRows:
+    """The rows an append table committed at its bookmark, as digests with counts (state key
+    `boundary_rows`): a run skips as many rows of each digest among those equal to the bookmark it
+    reads again, and records the rows equal to the new bookmark. A digest is of every column's value;
+    a column added to the table meanwhile makes those rows new once."""
+
+    STATE_KEY = "boundary_rows"
+
+    def __init__(self, key: str, bookmark: Any, committed: dict[str, int] | None) -> None:
+        self.key, self.bookmark = key, bookmark
+        self.skip = Counter(committed or {}) if bookmark is not None else Counter()
+        self.rows: Counter[str] = Counter(self.skip)  # the committed rows equal to `bookmark`
+        self.skipping = bool(self.skip)
+
+    @staticmethod
+    def digest(row: dict[str, Any]) -> str:
+        return hashlib.blake2b(repr(sorted(row.items())).encode(), digest_size=10).hexdigest()
+
+    def new_rows(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """`batch` less the rows committed before (they come first: the read is ordered by the key)."""
+        if not self.skipping or not batch.num_rows:
+            return batch
+        column = batch.column(self.key)
+        first = pc.min(column)
+        if _json_value(first.as_py()) != self.bookmark:
+            self.skipping = False
+            return batch
+        at_bookmark = pc.fill_null(pc.equal(column, first), False)
+        keep = [True] * batch.num_rows
+        for i, row in zip(pc.indices_nonzero(at_bookmark).to_pylist(), batch.filter(at_bookmark).to_pylist(),
+                          strict=True):
+            digest = self.digest(row)
+            if self.skip[digest] > 0:
+                self.skip[digest] -= 1
+                keep[i] = False
+        self.skipping = at_bookmark.true_count == batch.num_rows and sum(self.skip.values()) > 0
+        return batch.filter(pa.array(keep))
+
+    def advance(self, batch: pa.RecordBatch, top: Any) -> dict[str, int]:
+        """Record `batch`'s rows equal to its largest key value `top` (JSON form); the state's value."""
+        if top is None:
+            return dict(self.rows)
+        if top != self.bookmark:
+            self.bookmark, self.rows = top, Counter()
+        column = batch.column(self.key)
+        at_top = pc.fill_null(pc.equal(column, pc.max(column)), False)
+        self.rows.update(self.digest(row) for row in batch.filter(at_top).to_pylist())
+        return dict(self.rows)
+
+
 class SqlStream(Stream):
     def __init__(self, source: SqlSource, table: str, schema: pa.Schema, udts: dict[str, str],
                  primary_key: tuple[str, ...], replication_key: str | None) -> None:
@@ -177,17 +231,22 @@ class SqlStream(Stream):
         sql, params = query
         key = self.cursor_field
         bookmark = self.bookmark(state)
+        boundary = BoundaryRows(key, bookmark, (state or {}).get(BoundaryRows.STATE_KEY)) \
+            if key is not None and self.disposition == "append" else None
         rows = partial(self.source.batches, self, sql, params)
         async with iterate_in_thread(rows, name=f"sql:{self.name}") as batches:
             async for batch in batches:
                 if key is None:
                     yield Batch(batch)
                     continue
-                if batch.num_rows:
-                    top = pc.max(batch.column(key)).as_py()
-                    if top is not None:
-                        bookmark = _json_value(top)
-                yield Batch(batch, {"replication_key": key, "replication_key_value": bookmark})
+                if boundary is not None:
+                    batch = boundary.new_rows(batch)
+                top = _json_value(pc.max(batch.column(key)).as_py()) if batch.num_rows else None
+                bookmark = top if top is not None else bookmark
+                checkpoint = {"replication_key": key, "replication_key_value": bookmark}
+                if boundary is not None:
+                    checkpoint[BoundaryRows.STATE_KEY] = boundary.advance(batch, top)
+                yield Batch(batch, checkpoint)
         if key is None:
             yield Batch(checkpoint={"full_table": True})
 
@@ -289,9 +348,6 @@ class SqlSource(Source):
             for key, what in [*((k, "primary_key") for k in pk), *(((rk, "replication_key"),) if rk else ())]:
                 if key not in names:
                     raise ConfigError(f"{where}.{what}: table {table} has no column {key!r}")
-            if rk and not pk:
-                log.warning("event=sql_no_primary_key source=%s table=%s: rows equal to the bookmark are read "
-                            "again on every run and appended; set primary_key to merge them", self.name, table)
             streams.append(SqlStream(self, table, pa.schema(fields), udts, pk, rk))
         return streams
 
