@@ -9,7 +9,6 @@ import json
 import re
 import shutil
 import signal
-import time
 import zipfile
 from collections.abc import Callable
 from datetime import UTC, date, datetime
@@ -25,6 +24,7 @@ import pytest
 from typer.testing import CliRunner
 
 from floe.cli import app as cli_app
+from floe.infra.killpoints import KILL_AT
 from floe.sandbox import sailthru as emulator
 from floe.sources.sailthru.files import parse_name
 from tests.fixtures.core import read_staged, staged_files
@@ -467,34 +467,21 @@ def test_resent_profile_replaces_its_child_rows(sailthru_project: Factory) -> No
 
 def test_sigkill_during_loads_then_rerun_matches_a_clean_run(sailthru_project: Factory, tmp_path: Path) -> None:
     clean = sailthru_project(profiles=150, days=6, blasts_per_day=3, gzip=True)
-    started = time.monotonic()
     assert clean.cli("run").exit_code == 0
-    clean_seconds = time.monotonic() - started
     expected = clean.snapshot()
     expected_loads = clean.query("SELECT count(*) FROM _floe_loads WHERE status = 'committed'")[0][0]
 
     crashed = Project(tmp_path / "crashed", clean.export)
     crashed.root.mkdir()
     crashed.write_config()
-    partial_kills = 0
-    delay = 0.6
-    for _ in range(12):
-        child = crashed.popen("run")
-        deadline = time.monotonic() + delay
-        while time.monotonic() < deadline and child.poll() is None:
-            time.sleep(0.02)
-        if child.poll() is not None:  # finished on its own: the rest of the work was small
-            assert child.returncode == 0, child.stderr.read().decode() if child.stderr else ""
-            break
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        committed = committed_loads(crashed)
-        if 0 < committed < expected_loads:  # a kill between commits; the next run has less left to do
-            partial_kills += 1
-            delay *= 0.8
-        else:  # killed before its first commit: give the next one longer
-            delay += max(0.3, clean_seconds / 6)
-    assert partial_kills >= 2, "the kills should land between commits of a load"
+    # Each run is SIGKILLed at a named point (floe.infra.killpoints): while staging, inside a commit, right after one.
+    commits = []
+    for point in ("batch:1", "before-commit:1", "after-commit:1", "before-commit:2", "after-commit:2", "batch:3"):
+        child = crashed.popen("run", env={KILL_AT: point})
+        _, err = child.communicate(timeout=120)
+        assert child.returncode == -signal.SIGKILL, (point, err.decode())
+        commits.append(committed_loads(crashed))
+    assert commits[:5] == [0, 0, 1, 2, 4] and 4 <= commits[5] < expected_loads, commits
     for staged in staged_files(crashed.stage):  # left behind by the kills: no address inside
         try:
             rows = read_staged(staged).to_pylist()
