@@ -46,9 +46,9 @@ from floe.destinations.drift import drift_ddl, drift_statement
 from floe.destinations.merge import STANDARD, MergeStyle
 from floe.destinations.rejected import RowRules, insert_rejected, quarantined
 from floe.destinations.schema_changes import SchemaPlan, Widening, log_changes, routed
+from floe.destinations.state_index import STATE_TABLE, index_state_versions
 from floe.infra import killpoints
 
-STATE_TABLE = "_floe_state"
 LOADS_TABLE = "_floe_loads"
 LEASES_TABLE = "_floe_leases"
 RACE_RETRIES = 5
@@ -260,35 +260,8 @@ class SqlDestination(Destination):
         self.retrying_races(create)
         self._schemas.add(self.meta_schema)
         if self.unique_state_versions:
-            self.retrying_races(self._index_state_versions)
+            self.retrying_races(lambda: index_state_versions(self))
         self._meta_ready = True
-
-    def _index_state_versions(self) -> None:
-        table = self.qualified(self.meta_schema, STATE_TABLE)
-        try:
-            with self.transaction() as cur:
-                cur.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS {self.quote(STATE_TABLE + '_version')} "
-                            f"ON {table} (source, stream, version)")
-        except Exception as exc:
-            if self.is_ddl_race(exc):
-                raise
-            with self.transaction() as cur:
-                cur.execute(f"SELECT source, stream, version FROM {table} GROUP BY source, stream, version "
-                            "HAVING COUNT(*) > 1 ORDER BY source, stream, version")
-                duplicates = cur.fetchall()
-            if not duplicates:
-                raise
-            streams: dict[str, list[str]] = {}
-            for source, stream, version in duplicates:
-                streams.setdefault(f"{source}.{stream}", []).append(str(version))
-            listed = "; ".join(f"{k} (versions {', '.join(v[:5])}{', ...' if len(v) > 5 else ''})"
-                               for k, v in streams.items())
-            raise DestinationError(
-                f"destinations.{self.name}: {self.meta_schema}.{STATE_TABLE} holds the same state version more "
-                f"than once for {listed}: runs that overlapped before floe took leases committed twice, so these "
-                "streams' tables may hold rows twice. Check them, then number the versions anew (docs/"
-                "destinations.md, 'Duplicate state versions') and run again"
-            ) from None
 
     def ensure_schema(self, schema: str) -> None:
         """Create `schema` if it is missing, in a transaction of its own (once per instance)."""
