@@ -191,8 +191,7 @@ class TwilioIncremental(Stream):
         self.parser = source.parser(name, self.list.spec)
         self.schema = self.parser.schema
         self.final = pa.array(self.list.final, S)
-        # The lookback re-read: which rows changed since they were loaded (status, price, duration), by age,
-        # and by how much their price moved.
+        # The lookback re-read: which rows changed since loaded (status, price, duration), by age; price moves.
         self.drift = DriftSpec(("sid",), "date_created",
                                tuple(c for c in ("status", "price", "duration") if c in self.schema.names),
                                ("price",) if "price" in self.schema.names else ())
