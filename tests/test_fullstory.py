@@ -20,6 +20,7 @@ import pytest
 from floe.config import load_config
 from floe.core.errors import ConfigError
 from floe.engine import runner
+from floe.infra import killpoints
 from floe.sandbox.fullstory import DEFAULT_API_KEY
 from floe.sources.fullstory import BASE_FIELDS, FullStoryConfig, FullStorySource, window_end
 from tests.fixtures.fullstory import emulator, hauser_shaped_windows
@@ -173,27 +174,22 @@ def test_a_truncated_gzip_fails_its_window_keeps_earlier_ones_and_a_rerun_comple
     assert table(tmp_path / "w.duckdb") == table(tmp_path / "clean.duckdb")
 
 
+@pytest.mark.parametrize(("kill_at", "windows_kept"), [
+    ("batch:1", 0), ("before-commit:1", 0), ("before-commit:3", 2), ("after-commit:2", 2)])
 def test_sigkill_mid_window_then_restart_loses_and_duplicates_nothing(
-    fullstory_server: Any, fullstory_config: Any, tmp_path: Path
+    kill_at: str, windows_kept: int, fullstory_server: Any, fullstory_config: Any, tmp_path: Path
 ) -> None:
     emu = emulator(fullstory_server)
     emu.events_per_hour = 20000  # windows big enough to be killed inside one
     run(fullstory_config(db="clean.duckdb"))
     config = fullstory_config(prefetch=1)
-    downloads = emu.downloads
-    proc = subprocess.Popen([sys.executable, "-c", "from floe.cli import main; main()", "run", "-c", str(config)],
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while emu.downloads < downloads + 4 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    killed = floe_cli(config, env={**os.environ, killpoints.KILL_AT: kill_at})
+    assert killed.returncode == -signal.SIGKILL, (kill_at, killed.stderr[-2000:])
     try:
         partial = query(tmp_path / "w.duckdb", "SELECT count(*) FROM fs.events")[0][0]
-    except duckdb.CatalogException:  # on a loaded machine the kill can come before the first commit
+    except duckdb.CatalogException:  # killed before the first commit made the table
         partial = 0
-    assert partial < 6 * 20000 and partial % 20000 == 0  # whole windows only
+    assert partial == windows_kept * 20000, kill_at  # whole windows only: each is one commit
     assert floe_cli(config).returncode == 0
     assert table(tmp_path / "w.duckdb") == table(tmp_path / "clean.duckdb")
 
