@@ -96,10 +96,10 @@ def test_drift_commits_with_the_load_or_not_at_all(emulator: Any, tmp_path: Path
         assert con.execute("SELECT count(DISTINCT load_id), sum(rows_reread) FROM _floe_drift").fetchone() == (1, 4 * ROWS)
 
 
-@pytest.mark.parametrize("kind", ["duckdb", "postgres"])
-def test_a_twilio_re_read_of_unchanged_calls_records_no_change(kind: str, emulator: Any, tmp_path: Path,
-                                                                request: pytest.FixtureRequest) -> None:
-    """A merge stream's re-read is compared before the merge; equal rows (nulls included) are not changes."""
+def twilio_drift_project(emulator: Any, kind: str, tmp_path: Path, request: pytest.FixtureRequest
+                         ) -> tuple[datetime, Any, Any, dict[str, Any]]:
+    """A Twilio emulator with 10 days of calls up to this hour, and settings loading its calls into `kind`
+    with a 3-day lookback: (now, server, sandbox, settings)."""
     from floe.sandbox import twilio as twilio_emu
 
     now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
@@ -110,13 +110,27 @@ def test_a_twilio_re_read_of_unchanged_calls_records_no_change(kind: str, emulat
                                    "start_date": (now.date().fromordinal(now.date().toordinal() - 10)).isoformat(),
                                    "base_url": server.url, "streams": ["calls"], "lookback_days": 3}},
                 "destinations": {"w": destination(kind, tmp_path, request)}, "stage": str(tmp_path / "stage")}
-    config = parse_config(settings)
-    for _ in range(2):
-        assert all(r.ok for r in runner.run(config))
+    return now, server, sandbox, settings
+
+
+def drift_report(settings: dict[str, Any], tmp_path: Path) -> Any:
+    """`floe drift tw.calls` on these settings (written to floe.yml); asserts it exits 0."""
     path = tmp_path / "floe.yml"
     path.write_text(yaml.safe_dump(settings))
     result = CliRunner().invoke(app, ["drift", "tw.calls", "-c", str(path)])
     assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.mark.parametrize("kind", ["duckdb", "postgres"])
+def test_a_twilio_re_read_of_unchanged_calls_records_no_change(kind: str, emulator: Any, tmp_path: Path,
+                                                                request: pytest.FixtureRequest) -> None:
+    """A merge stream's re-read is compared before the merge; equal rows (nulls included) are not changes."""
+    now, server, sandbox, settings = twilio_drift_project(emulator, kind, tmp_path, request)
+    config = parse_config(settings)
+    for _ in range(2):
+        assert all(r.ok for r in runner.run(config))
+    result = drift_report(settings, tmp_path)
     ages = {int(cells[0]): (int(cells[1]), int(cells[2])) for line in result.output.splitlines()
             if len(cells := [c.strip().replace(",", "") for c in line.split("│") if c.strip()]) == 6
             and cells[0].isdigit()}
@@ -132,16 +146,8 @@ def test_a_late_twilio_change_is_counted_with_its_price_change(kind: str, emulat
     the next run's lookback re-read counts both, by age, with the price's change as the amount."""
     from email.utils import parsedate_to_datetime
 
-    from floe.sandbox import twilio as twilio_emu
-
-    now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
-    server = emulator(twilio_emu.create_app, size=400, days=10, end=now.isoformat())
-    sandbox = server.app.state.twilio
-    sid, token = sandbox.credentials()[0]
-    settings = {"sources": {"tw": {"type": "twilio", "account_sid": sid, "auth_token": token,
-                                   "start_date": (now.date().fromordinal(now.date().toordinal() - 10)).isoformat(),
-                                   "base_url": server.url, "streams": ["calls"], "lookback_days": 3}},
-                "destinations": {"w": destination(kind, tmp_path, request)}, "stage": str(tmp_path / "stage")}
+    now, server, sandbox, settings = twilio_drift_project(emulator, kind, tmp_path, request)
+    sid = sandbox.credentials()[0][0]
     config = parse_config(settings)
     assert all(r.ok for r in runner.run(config))
 
@@ -158,10 +164,7 @@ def test_a_late_twilio_change_is_counted_with_its_price_change(kind: str, emulat
     assert response.status_code == 200 and response.json()["status"] == "failed"
     assert all(r.ok for r in runner.run(config))
 
-    path = tmp_path / "floe.yml"
-    path.write_text(yaml.safe_dump(settings))
-    result = CliRunner().invoke(app, ["drift", "tw.calls", "-c", str(path)])
-    assert result.exit_code == 0, result.output
+    result = drift_report(settings, tmp_path)
     ages = {int(cells[0]): cells[1:] for line in result.output.splitlines()
             if len(cells := [c.strip().replace(",", "") for c in line.split("│") if c.strip()]) == 6
             and cells[0].isdigit()}
