@@ -202,3 +202,39 @@ def test_the_drift_statements_parse_as_redshift_sql(disposition: str) -> None:
     assert statement is not None and statement.before_rows == (disposition == "merge")
     for sql in (drift_ddl(dest), statement.sql.replace(dest.placeholder, "'x'")):
         assert sqlglot.parse_one(sql, read="redshift", error_level=sqlglot.ErrorLevel.RAISE) is not None, sql
+
+
+@pytest.mark.parametrize("disposition", ["append", "merge"])
+def test_the_drift_statement_joins_keys_by_equality_on_postgresql(disposition: str, postgres_db: Any) -> None:
+    """A re-read of 20,000 calls against a table of 200,000: the key join must not be a nested loop
+    (the null-safe `a = b OR (a IS NULL AND b IS NULL)` is one, and runs for hours on a large table)."""
+    import psycopg
+    import pyarrow as pa
+
+    from floe.config import validate_model
+    from floe.core.destination import LoadJob, TableSpec
+    from floe.core.stream import DriftSpec
+    from floe.destinations.drift import drift_statement
+    from floe.destinations.postgres import PostgresConfig, PostgresDestination
+
+    dest = PostgresDestination("pg", validate_model(PostgresConfig, dict(postgres_db.config()), "pg"))
+    spec = TableSpec("tw", "calls", pa.schema([]), disposition=disposition, primary_key=("sid",),
+                     drift=DriftSpec(("sid",), "date_created", ("status", "price"), ("price",)))
+    job = LoadJob(load_id="l1", source="tw", stream="calls", table=spec, files=[], checkpoint={},
+                  started_at=datetime.now(UTC))
+    statement = drift_statement(dest, job, "tw._floe_staging_l1")
+    assert statement is not None
+    rows = ("SELECT 'CA' || i AS sid, now() - (i % 30) * interval '1 day' AS date_created, (i % 7)::text AS status, "
+            "(i % 100) / 10.0 AS price, CASE WHEN i <= 20000 THEN 'l1' ELSE 'l0' END AS _floe_load_id, "
+            "now() AS _floe_loaded_at FROM generate_series(1, 200000) i")
+    try:
+        with psycopg.connect(postgres_db.dsn, autocommit=True) as con:
+            con.execute("CREATE SCHEMA tw")
+            con.execute(f"CREATE TABLE tw.calls AS {rows}")
+            con.execute("CREATE TABLE tw._floe_staging_l1 AS SELECT * FROM tw.calls WHERE _floe_load_id = 'l1'")
+            con.execute("ANALYZE tw.calls; ANALYZE tw._floe_staging_l1")
+            sql = statement.sql.partition(" SELECT ")[2]  # the SELECT the INSERT runs
+            plan = "\n".join(r[0] for r in con.execute("EXPLAIN SELECT " + sql, statement.params).fetchall())
+    finally:
+        dest.close()
+    assert "Nested Loop" not in plan and ("Hash Join" in plan or "Merge Join" in plan), plan
