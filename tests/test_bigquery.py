@@ -275,7 +275,7 @@ def test_merge_loads_end_to_end_commit_data_and_state_together(bigquery, tmp_pat
     assert dest.get_state("src", "items") == {"n": 2}
     assert [s["version"] for s in dest.states()] == [2]
     tables = {r[0] for r in emulator.db.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-    assert tables == {"src_items", "_floe_state", "_floe_loads", "_floe_files", "_floe_runs"}  # staging tables dropped
+    assert tables == {"src_items", "_floe_state", "_floe_loads", "_floe_files", "_floe_runs", "_floe_drift"}  # staging dropped
     assert list(dest.store.list("floe/")) == []  # parts deleted
     load_jobs = [j for j in emulator.jobs.values() if "load" in j["configuration"]]
     assert len(load_jobs) == 2 and all(j["configuration"]["load"]["destinationTable"]["tableId"].startswith(

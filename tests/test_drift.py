@@ -1,5 +1,6 @@
 """Late-data drift: every lookback re-read records its changes by age in `_floe_drift`, in the load's
-transaction, on DuckDB, PostgreSQL and Redshift (replayed on PostgreSQL, tests/fixtures/redshift.py);
+transaction, on DuckDB, PostgreSQL, Redshift (replayed on PostgreSQL, tests/fixtures/redshift.py) and
+BigQuery (its SQL run on DuckDB, tests/bigquery_emulator.py);
 `floe drift` turns them into the lookback that would catch them."""
 
 from __future__ import annotations
@@ -35,10 +36,14 @@ def destination(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> di
         monkeypatch.setitem(destination_registry._entries, "redshift", "tests.fixtures.redshift:RedshiftOnPostgres")
         return redshift_settings(request.getfixturevalue("postgres_db"), request.getfixturevalue("s3_server"),
                                  request.getfixturevalue("s3_bucket"))
+    if kind == "bigquery":  # tests/bigquery_emulator.py: BigQuery's SQL run on DuckDB, over the GCS emulator
+        from tests.fixtures.destinations import place_of
+
+        return place_of(kind, request, tmp_path).settings
     return dict(request.getfixturevalue("postgres_db").config())
 
 
-@pytest.mark.parametrize("kind", ["duckdb", "postgres", "redshift"])
+@pytest.mark.parametrize("kind", ["duckdb", "postgres", "redshift", "bigquery"])
 def test_each_re_read_records_changes_by_age_and_drift_suggests_a_lookback(
         kind: str, emulator: Any, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     server = emulator(emu.create_app, rows_per_day=ROWS, today=TODAY.isoformat(), late_changes=LATE)
@@ -122,7 +127,7 @@ def drift_report(settings: dict[str, Any], tmp_path: Path) -> Any:
     return result
 
 
-@pytest.mark.parametrize("kind", ["duckdb", "postgres"])
+@pytest.mark.parametrize("kind", ["duckdb", "postgres", "bigquery"])
 def test_a_twilio_re_read_of_unchanged_calls_records_no_change(kind: str, emulator: Any, tmp_path: Path,
                                                                 request: pytest.FixtureRequest) -> None:
     """A merge stream's re-read is compared before the merge; equal rows (nulls included) are not changes."""
@@ -139,7 +144,7 @@ def test_a_twilio_re_read_of_unchanged_calls_records_no_change(kind: str, emulat
     assert "no re-read row changed" in result.output and "lookback_days:   3" in result.output
 
 
-@pytest.mark.parametrize("kind", ["duckdb", "postgres", "redshift"])
+@pytest.mark.parametrize("kind", ["duckdb", "postgres", "redshift", "bigquery"])
 def test_a_late_twilio_change_is_counted_with_its_price_change(kind: str, emulator: Any, tmp_path: Path,
                                                                request: pytest.FixtureRequest) -> None:
     """Twilio re-rates a 2-day-old call and corrects a 1-day-old call's status after they were loaded:
@@ -179,29 +184,47 @@ def test_a_late_twilio_change_is_counted_with_its_price_change(kind: str, emulat
     assert bad.status_code == 400 and "no calls record CAnope" in bad.json()["error"]
 
 
-@pytest.mark.parametrize("disposition", ["append", "merge"])
-def test_the_drift_statements_parse_as_redshift_sql(disposition: str) -> None:
-    """What the replay on PostgreSQL cannot show: that Redshift itself would take the statements."""
+def calls_job(disposition: str) -> Any:
+    """A load of Twilio calls whose lookback re-read is measured (key sid, compared status and price)."""
     import pyarrow as pa
+
+    from floe.core.destination import LoadJob, TableSpec
+    from floe.core.stream import DriftSpec
+
+    spec = TableSpec("tw", "calls", pa.schema([]), disposition=disposition, primary_key=("sid",),
+                     drift=DriftSpec(("sid",), "date_created", ("status", "price"), ("price",)))
+    return LoadJob(load_id="l1", source="tw", stream="calls", table=spec, files=[], checkpoint={},
+                   started_at=datetime.now(UTC))
+
+
+@pytest.mark.parametrize("warehouse", ["redshift", "bigquery"])
+@pytest.mark.parametrize("disposition", ["append", "merge"])
+def test_the_drift_statements_parse_in_the_warehouse_dialect(warehouse: str, disposition: str) -> None:
+    """What the replays (Redshift on PostgreSQL, BigQuery on DuckDB) cannot show: that the warehouse
+    itself would take the statements."""
     import sqlglot
 
     from floe.config import validate_model
-    from floe.core.destination import LoadJob, TableSpec
-    from floe.core.stream import DriftSpec
-    from floe.destinations.drift import drift_ddl, drift_statement
+    from floe.destinations import drift
+    from floe.destinations.bigquery_sql import quote as bigquery_quote
     from floe.destinations.redshift import RedshiftConfig, RedshiftDestination
 
-    config = validate_model(RedshiftConfig, {"type": "redshift", "host": "h", "database": "d", "user": "u",
-                                             "stage": "s3://b/p", "iam_role": "arn:aws:iam::1:role/r"}, "rs")
-    dest = RedshiftDestination("rs", config)
-    spec = TableSpec("tw", "calls", pa.schema([]), disposition=disposition, primary_key=("sid",),
-                     drift=DriftSpec(("sid",), "date_created", ("status", "price"), ("price",)))
-    job = LoadJob(load_id="l1", source="tw", stream="calls", table=spec, files=[], checkpoint={},
-                  started_at=datetime.now(UTC))
-    statement = drift_statement(dest, job, "_floe_staging_l1")
+    job = calls_job(disposition)
+    if warehouse == "redshift":
+        config = validate_model(RedshiftConfig, {"type": "redshift", "host": "h", "database": "d", "user": "u",
+                                                 "stage": "s3://b/p", "iam_role": "arn:aws:iam::1:role/r"}, "rs")
+        dest = RedshiftDestination("rs", config)
+        statement = dest.drift_statement(job, "_floe_staging_l1")
+        ddl = next(sql for sql in dest.meta_ddl() if drift.DRIFT_TABLE in sql)
+    else:
+        table = bigquery_quote("p.raw._floe_drift")
+        statement = drift.drift_statement(job, drift.BIGQUERY, target=bigquery_quote("p.raw.tw_calls"),
+                                          staging=bigquery_quote("p.raw._floe_staging_l1"), quote=bigquery_quote,
+                                          drift_table=table, values=("@source", "@stream", "@load_id"))
+        ddl = drift.drift_ddl(table, drift.BIGQUERY)
     assert statement is not None and statement.before_rows == (disposition == "merge")
-    for sql in (drift_ddl(dest), statement.sql.replace(dest.placeholder, "'x'")):
-        assert sqlglot.parse_one(sql, read="redshift", error_level=sqlglot.ErrorLevel.RAISE) is not None, sql
+    for sql in (ddl, statement.sql.replace("%s", "'x'")):
+        assert sqlglot.parse_one(sql, read=warehouse, error_level=sqlglot.ErrorLevel.RAISE) is not None, sql
 
 
 @pytest.mark.parametrize("disposition", ["append", "merge"])
@@ -209,20 +232,12 @@ def test_the_drift_statement_joins_keys_by_equality_on_postgresql(disposition: s
     """A re-read of 20,000 calls against a table of 200,000: the key join must not be a nested loop
     (the null-safe `a = b OR (a IS NULL AND b IS NULL)` is one, and runs for hours on a large table)."""
     import psycopg
-    import pyarrow as pa
 
     from floe.config import validate_model
-    from floe.core.destination import LoadJob, TableSpec
-    from floe.core.stream import DriftSpec
-    from floe.destinations.drift import drift_statement
     from floe.destinations.postgres import PostgresConfig, PostgresDestination
 
     dest = PostgresDestination("pg", validate_model(PostgresConfig, dict(postgres_db.config()), "pg"))
-    spec = TableSpec("tw", "calls", pa.schema([]), disposition=disposition, primary_key=("sid",),
-                     drift=DriftSpec(("sid",), "date_created", ("status", "price"), ("price",)))
-    job = LoadJob(load_id="l1", source="tw", stream="calls", table=spec, files=[], checkpoint={},
-                  started_at=datetime.now(UTC))
-    statement = drift_statement(dest, job, "tw._floe_staging_l1")
+    statement = dest.drift_statement(calls_job(disposition), "tw._floe_staging_l1")
     assert statement is not None
     rows = ("SELECT 'CA' || i AS sid, now() - (i % 30) * interval '1 day' AS date_created, (i % 7)::text AS status, "
             "(i % 100) / 10.0 AS price, CASE WHEN i <= 20000 THEN 'l1' ELSE 'l0' END AS _floe_load_id, "

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from floe.config import FloeConfig
-from floe.core.destination import RowReader
+from floe.core.destination import Destination
 from floe.core.errors import ConfigError, FloeError
 from floe.destinations.drift import DRIFT_TABLE
-from floe.destinations.sql import SqlDestination
 from floe.engine.factory import context_for, make_destination
 
 SINGULAR_CALLS_PER_DAY = 3  # create_async_report, at least one get_report_status, the download
@@ -59,18 +58,10 @@ class Drift:
         return max((a.loads for a in self.ages), default=0)
 
 
-def read_ages(destination: Any, source: str, stream: str) -> list[Age]:
-    """`destination`: a SqlDestination that is a RowReader."""
-    p = destination.placeholder
-    sql = (f"SELECT age_days, COUNT(DISTINCT load_id), SUM(rows_reread), SUM(rows_changed), SUM(amount_changed), "
-           f"SUM(amount_before) FROM {destination.qualified(destination.meta_schema, DRIFT_TABLE)} "
-           f"WHERE source = {p} AND stream = {p} GROUP BY age_days ORDER BY age_days")
-    ages = []
-    for batch in destination.read_batches(sql, (source, stream)):
-        for row in zip(*(column.to_pylist() for column in batch.columns), strict=True):
-            ages.append(Age(int(row[0]), int(row[1]), int(row[2] or 0), int(row[3] or 0), float(row[4] or 0),
-                            float(row[5] or 0)))
-    return ages
+def read_ages(destination: Destination, source: str, stream: str) -> list[Age]:
+    """What `destination` (one that `records_drift`) recorded of the stream's re-reads, by age."""
+    return [Age(int(row[0]), int(row[1]), int(row[2] or 0), int(row[3] or 0), float(row[4] or 0),
+                float(row[5] or 0)) for row in destination.drift_ages(source, stream)]
 
 
 def suggested_lookback(ages: list[Age], share: float) -> int | None:
@@ -110,8 +101,7 @@ def drift(config: FloeConfig, target: str, share: float, destination_name: str |
         raise ConfigError(f"sources.{source_name}: loads into no destination")
     destination = make_destination(config, name, context_for(config))
     try:
-        if not (destination.records_drift and isinstance(destination, SqlDestination)
-                and isinstance(destination, RowReader)):
+        if not destination.records_drift:
             raise FloeError(f"destinations.{name} ({destination.config.type}) does not record {DRIFT_TABLE}")
         ages = read_ages(destination, source_name, stream)
     finally:

@@ -335,6 +335,12 @@ class Destination(ABC):
         """Every (source, stream) latest state, for `floe state show`."""
         return []
 
+    def drift_ages(self, source: str, stream: str) -> list[tuple[Any, ...]]:
+        """Of a destination that `records_drift`: per age in days of the stream's recorded re-reads (see
+        floe.destinations.drift.ages_query), (age, re-reads, rows re-read, rows changed, sum of amount
+        changes, sum of amounts before), by age; none before the first re-read."""
+        raise NotImplementedError(f"{type(self).__name__} does not record drift")
+
     @abstractmethod
     def state_log(self, source: str, stream: str, limit: int | None = None) -> list[StateVersion]:
         """The stream's committed state versions that the destination keeps, newest first (at most `limit`)."""

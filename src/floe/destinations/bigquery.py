@@ -65,6 +65,7 @@ from floe.destinations.bigquery_sql import (
     quote,
     transaction_script,
 )
+from floe.destinations.drift import DRIFT_TABLE, ages_query
 from floe.destinations.ledger import LEDGER_TABLE, with_ledger
 from floe.destinations.rejected import RowRules, quarantined
 from floe.destinations.run_log import RUNS_COLUMNS, RUNS_TABLE, is_missing_table, run_of, run_values
@@ -111,7 +112,9 @@ class BigQueryConfig(DestinationConfig, ExpiringLeaseConfig):
 
 class BigQueryDestination(BigQuerySql, Destination):
     Config: ClassVar[type[BigQueryConfig]] = BigQueryConfig
-    group_size = 97  # a transaction changes at most 100 tables; _floe_state, _floe_loads and _floe_files are three
+    # A transaction changes at most 100 tables; floe's own are five (state, loads, ledger, drift, rejected).
+    group_size = 95
+    records_drift = True
     keeps_ledger = True
 
     def __init__(self, name: str, config: Any, context: Any = None) -> None:
@@ -393,6 +396,16 @@ class BigQueryDestination(BigQuerySql, Destination):
                 return []
             raise
         return [run_of(row) for row in rows]
+
+    def drift_ages(self, source: str, stream: str) -> list[tuple[Any, ...]]:
+        try:
+            rows = self.api.query(ages_query(self.ref(DRIFT_TABLE), "@source", "@stream"),
+                                  [param("source", "STRING", source), param("stream", "STRING", stream)])
+        except DestinationError as exc:
+            if is_missing_table(exc):
+                return []
+            raise
+        return [tuple(row) for row in rows]
 
     def check(self) -> list[str]:
         dataset = self.api.call("GET", f"/datasets/{self.config.dataset}")

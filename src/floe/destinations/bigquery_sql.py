@@ -20,6 +20,7 @@ from floe.core.stream import RefreshScope
 from floe.destinations import ledger, merge
 from floe.destinations.bigquery_api import param, scalar_type
 from floe.destinations.column_types import ColumnRules
+from floe.destinations.drift import BIGQUERY, DRIFT_TABLE, drift_ddl, drift_statement
 from floe.destinations.ledger import LEDGER_TABLE
 from floe.destinations.merge import NULL_SAFE_OR, RANK, MergeStyle
 from floe.destinations.rejected import REJECTED_TABLE
@@ -170,6 +171,7 @@ class BigQuerySql:
             "value STRING, version INT64, load_id STRING)",
             f"CREATE TABLE IF NOT EXISTS {self.ref(RUNS_TABLE)} ("
             + ", ".join(f"{name} {RUN_TYPES[kind]}" for name, kind in RUNS_COLUMNS) + ")",
+            drift_ddl(self.ref(DRIFT_TABLE), BIGQUERY),
         ]
 
     def ledger_sql(self, job: LoadJob, suffix: str = "") -> tuple[list[str], list[dict[str, Any]]]:
@@ -337,6 +339,11 @@ class BigQuerySql:
         staging = f"_floe_staging_{job.load_id.replace('-', '_')}"
         ddl = [*([] if meta_ready else self.meta_ddl()), *([] if existing else [self.create_table_sql(spec)]), *evolve]
         body = self.disposition_sql(spec, staging, suffix) if uris or spec.disposition == "replace" else []
+        drift = None if job.refresh or not uris else drift_statement(
+            job, BIGQUERY, target=self.ref(self.table_name(spec)), staging=self.ref(staging), quote=quote,
+            drift_table=self.ref(DRIFT_TABLE), values=(f"@source{suffix}", f"@stream{suffix}", f"@load_id{suffix}"))
+        if drift is not None:  # its parameters are the load's own
+            body = [drift.sql, *body] if drift.before_rows else [*body, drift.sql]
         parameters = self.parameters(job, self.name, suffix)
         if job.replaces is not None:  # a backfill: the range's rows go, its re-read rows come in
             where, scoped = self.scope_sql(job.replaces, "backfill", suffix)

@@ -8,59 +8,67 @@ changed, the sum of the absolute changes of the stream's amounts and the sum of 
   (`_floe_load_id`) against the latest earlier row of each key on the days the load covers.
 - A merge stream (e.g. Twilio) is compared before its merge: the staged rows against the table.
 
-The SQL is the portable subset every SQL destination here speaks (DuckDB, PostgreSQL, Redshift).
+The SQL is the portable subset the SQL destinations speak (DuckDB, PostgreSQL, Redshift); BigQuery's
+differences are data (`BIGQUERY`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from floe.core.destination import LoadJob
 
 DRIFT_TABLE = "_floe_drift"
 
 
-class SqlDialect(Protocol):
-    """What the statements need of a SQL destination."""
+@dataclass(frozen=True)
+class DriftSql:
+    """What differs between warehouses in these statements, as data."""
 
-    @property
-    def meta_schema(self) -> str: ...
+    text_type: str = "TEXT"
+    int_type: str = "BIGINT"
+    float_type: str = "DOUBLE PRECISION"
+    date_type: str = "DATE"
+    age_days: str = "{day} - {date}"  # whole days from DATE {date} to DATE {day}
 
-    @property
-    def placeholder(self) -> str: ...
 
-    @property
-    def text_type(self) -> str: ...
-
-    def quote(self, identifier: str) -> str: ...
-
-    def qualified(self, schema: str, table: str) -> str: ...
+BIGQUERY = DriftSql(text_type="STRING", int_type="INT64", float_type="FLOAT64", age_days="DATE_DIFF({day}, {date}, DAY)")
 
 
 @dataclass(frozen=True)
 class DriftStatement:
     sql: str
-    params: tuple[Any, ...]
+    params: tuple[Any, ...]  # for the three `values` placeholders: source, stream, load id
     before_rows: bool  # run it before the disposition's statements (a merge overwrites the old rows)
 
 
-def drift_ddl(dialect: SqlDialect) -> str:
-    t = dialect.text_type
-    return (f"CREATE TABLE IF NOT EXISTS {dialect.qualified(dialect.meta_schema, DRIFT_TABLE)} ("
-            f"source {t}, stream {t}, load_id {t}, loaded_on DATE, age_days BIGINT, rows_reread BIGINT, "
-            "rows_changed BIGINT, amount_changed DOUBLE PRECISION, amount_before DOUBLE PRECISION)")
+def drift_ddl(table: str, style: DriftSql) -> str:
+    t, i, f = style.text_type, style.int_type, style.float_type
+    return (f"CREATE TABLE IF NOT EXISTS {table} (source {t}, stream {t}, load_id {t}, loaded_on DATE, "
+            f"age_days {i}, rows_reread {i}, rows_changed {i}, amount_changed {f}, amount_before {f})")
 
 
-def drift_statement(dialect: SqlDialect, job: LoadJob, staging: str) -> DriftStatement | None:
-    """The INSERT recording `job`'s late changes (None: the table records none)."""
+def ages_query(table: str, source: str, stream: str) -> str:
+    """Per age in days, over every recorded re-read of one stream (`source`, `stream`: rendered values):
+    age, re-reads, rows re-read, rows changed, sum of amount changes, sum of amounts before."""
+    return (f"SELECT age_days, COUNT(DISTINCT load_id), SUM(rows_reread), SUM(rows_changed), SUM(amount_changed), "
+            f"SUM(amount_before) FROM {table} WHERE source = {source} AND stream = {stream} "
+            "GROUP BY age_days ORDER BY age_days")
+
+
+def drift_statement(job: LoadJob, style: DriftSql, *, target: str, staging: str, drift_table: str,
+                    quote: Callable[[str], str], values: tuple[str, str, str]) -> DriftStatement | None:
+    """The INSERT into `drift_table` recording `job`'s late changes (None: the table records none).
+    `target`, `staging`: the rendered table names; `values`: how the statement names the source,
+    stream and load id (placeholders bound to `params`)."""
     spec, drift = job.table, job.table.drift
     if drift is None or spec.disposition not in ("append", "merge"):
         return None
-    q = dialect.quote
-    target = dialect.qualified(spec.schema_name, spec.table)
+    q = quote
     load = job.load_id.replace("'", "''")
-    day = job.started_at.date().isoformat()
+    day = f"DATE '{job.started_at.date().isoformat()}'"
     if spec.disposition == "append":
         keys = ", ".join(q(k) for k in drift.key)
         new = f"(SELECT * FROM {target} WHERE _floe_load_id = '{load}')"
@@ -78,22 +86,22 @@ def drift_statement(dialect: SqlDialect, job: LoadJob, staging: str) -> DriftSta
     def same_key(column: str) -> str:
         # Null-safe like same(), but made of `=` alone, which a hash join can use: with the OR,
         # PostgreSQL and Redshift join by a nested loop over the whole table (hours for a large one).
-        a, b = f"n.{q(column)}", f"o.{q(column)}"
-        return (f"COALESCE(CAST({a} AS {dialect.text_type}), '') = COALESCE(CAST({b} AS {dialect.text_type}), '') "
-                f"AND ({a} IS NULL) = ({b} IS NULL)")
+        a, b, t = f"n.{q(column)}", f"o.{q(column)}", style.text_type
+        return f"COALESCE(CAST({a} AS {t}), '') = COALESCE(CAST({b} AS {t}), '') AND ({a} IS NULL) = ({b} IS NULL)"
 
     def number(side: str, column: str) -> str:
-        return f"COALESCE(CAST({side}.{q(column)} AS DOUBLE PRECISION), 0)"
+        return f"COALESCE(CAST({side}.{q(column)} AS {style.float_type}), 0)"
 
     changed = " OR ".join(f"NOT {same(c)}" for c in drift.compare) or "1 = 0"
     delta = " + ".join(f"ABS({number('n', c)} - {number('o', c)})" for c in drift.amounts) or "0"
     before = " + ".join(f"ABS({number('o', c)})" for c in drift.amounts) or "0"
-    p = dialect.placeholder
+    age = style.age_days.format(day=day, date=f"CAST(n.{q(drift.day)} AS {style.date_type})")
+    source, stream, load_id = values
     sql = (
-        f"INSERT INTO {dialect.qualified(dialect.meta_schema, DRIFT_TABLE)} (source, stream, load_id, loaded_on, "
+        f"INSERT INTO {drift_table} (source, stream, load_id, loaded_on, "
         "age_days, rows_reread, rows_changed, amount_changed, amount_before) "
-        f"SELECT {p}, {p}, {p}, DATE '{day}', age_days, COUNT(*), SUM(changed), SUM(changed * delta), SUM(before) "
-        f"FROM (SELECT DATE '{day}' - CAST(n.{q(drift.day)} AS DATE) AS age_days, "
+        f"SELECT {source}, {stream}, {load_id}, {day}, age_days, COUNT(*), SUM(changed), SUM(changed * delta), "
+        f"SUM(before) FROM (SELECT {age} AS age_days, "
         f"CASE WHEN {changed} THEN 1 ELSE 0 END AS changed, {delta} AS delta, {before} AS before "
         f"FROM {new} n JOIN {old} o ON {' AND '.join(same_key(k) for k in drift.key)}) d GROUP BY age_days"
     )
