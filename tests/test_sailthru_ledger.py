@@ -115,7 +115,7 @@ def test_a_state_from_before_the_ledger_is_read_once_and_moved_to_it(kind: str, 
     assert len(versions(config)) == 3  # and the ledger alone keeps them skipped
 
 
-@pytest.mark.parametrize("kind", ["duckdb", "postgres"])
+@pytest.mark.parametrize("kind", ["duckdb", "postgres", "bigquery"])
 def test_state_history_days_prunes_old_versions_but_keeps_the_latest(kind: str, request: Any, tmp_path: Path) -> None:
     place = place_of(kind, request, tmp_path)
     config, export = setup(place, tmp_path, state_history_days=2)
@@ -123,10 +123,14 @@ def test_state_history_days_prunes_old_versions_but_keeps_the_latest(kind: str, 
     held = later.read_bytes()
     later.unlink()
     floe(config, "run", "--stream", "st.blast")
-    dest = place.open()
-    with dest.transaction() as cur:  # type: ignore[attr-defined]
-        cur.execute("UPDATE _floe_state SET committed_at = committed_at - INTERVAL '3 days'")
-    dest.close()
+    older = "UPDATE {}_floe_state SET committed_at = committed_at - INTERVAL '3 days'"
+    if place.bigquery is not None:
+        place.bigquery.db.execute(older.format("raw."))
+    else:
+        dest = place.open()
+        with dest.transaction() as cur:  # type: ignore[attr-defined]
+            cur.execute(older.format(""))
+        dest.close()
     assert [v["version"] for v in versions(config)] == [2, 1]  # pruning happens with a commit
 
     later.write_bytes(held)

@@ -95,7 +95,7 @@ class DestinationConfig(Model):
 
 
 class StateHistoryConfig(Model):
-    """For destinations that keep every state version until told otherwise (the SQL warehouses)."""
+    """For destinations that keep every state version until told otherwise (the SQL warehouses, BigQuery)."""
 
     state_history_days: int | None = Field(
         default=None, ge=1, description="Delete state versions committed more than this many days ago (the "

@@ -54,7 +54,7 @@ from floe.core.errors import DestinationError
 from floe.core.leases import Holder, Lease, take_object_lease
 from floe.core.runs import RunRecord
 from floe.core.secrets import redact
-from floe.core.settings import DestinationConfig, ExpiringLeaseConfig
+from floe.core.settings import DestinationConfig, ExpiringLeaseConfig, StateHistoryConfig
 from floe.core.stream import RefreshScope
 from floe.destinations.bigquery_api import API, BigQueryApi, param
 from floe.destinations.bigquery_sql import (
@@ -79,7 +79,7 @@ log = logging.getLogger("floe.bigquery")
 PARTS = PartFormat("parquet", compression="zstd")
 
 
-class BigQueryConfig(DestinationConfig, ExpiringLeaseConfig):
+class BigQueryConfig(DestinationConfig, ExpiringLeaseConfig, StateHistoryConfig):
     type: str = "bigquery"
     project: str
     dataset: str

@@ -251,8 +251,18 @@ class BigQuerySql:
             f"INSERT INTO {state} (source, stream, version, state, load_id, committed_at) "
             f"SELECT {source}, {stream}, COALESCE(MAX(version), 0) + 1, @state{suffix}, @load_id{suffix}, "
             f"CURRENT_TIMESTAMP() FROM {state} WHERE source = {source} AND stream = {stream}",
+            *self.prune_sql(source, stream),
             self.load_row_sql(f"'{status}'", "NULL", suffix),
         ]
+
+    def prune_sql(self, source: str, stream: str) -> list[str]:
+        """With `state_history_days`: delete the stream's versions older than that, except the latest."""
+        days = self.config.state_history_days
+        if not days:
+            return []
+        state, where = self.ref(STATE_TABLE), f"source = {source} AND stream = {stream}"
+        return [f"DELETE FROM {state} WHERE {where} AND committed_at < TIMESTAMP_SUB(CURRENT_TIMESTAMP(), "
+                f"INTERVAL {int(days)} DAY) AND version < (SELECT MAX(version) FROM {state} WHERE {where})"]
 
     def state_log_sql(self, limit: int | None = None) -> str:
         """A stream's state versions (@source, @stream), newest first, with their load rows (see `version_of`)."""
