@@ -32,11 +32,11 @@ properties the target then drops those records instead of appending them twice.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, NoReturn
@@ -46,14 +46,15 @@ import pyarrow as pa
 
 from floe.apps.singer.batch import batch_rows
 from floe.apps.singer.convert import Converter
+from floe.apps.singer.fastpath import FastPath, record_prefixes, supported
 from floe.apps.singer.messages import message_type, read_extension
 from floe.apps.singer.replay import Replay
 from floe.apps.singer.schema import Column, json_schema_columns
+from floe.apps.singer.streams import Buffer, SingerStream, StateLine
 from floe.core.destination import Destination, LoadJob
 from floe.core.errors import FloeError, SourceError
-from floe.core.leases import Lease
 from floe.core.settings import SourceConfig
-from floe.core.stream import Batch, Disposition, State, Stream
+from floe.core.stream import State
 from floe.engine.pipeline import table_spec
 from floe.infra.stage import StageRun, StageWriter, new_load_id, remove_files, remove_leftovers
 
@@ -61,53 +62,6 @@ log = logging.getLogger("floe.singer.target")
 
 VERSION_COLUMN = "_sdc_table_version"
 CHUNK_ROWS = 50_000  # records converted to Arrow and staged at a time
-
-
-class SingerStream(Stream):
-    """A Singer stream as a floe Stream: its shape only; its rows come from the message reader."""
-
-    def __init__(self, name: str, schema: pa.Schema, key: tuple[str, ...], parent: tuple[str, ...] = (),
-                 markers: bool = True) -> None:
-        self.name = name
-        self.schema = schema
-        self.primary_key = key
-        self.parent_key, self.parent_markers = parent, markers  # floe's SCHEMA extension (messages.py)
-        self.disposition: Disposition = "merge" if key else "append"
-
-    async def read(self, state: State | None) -> Iterator[Batch]:  # type: ignore[override]
-        raise NotImplementedError("Singer streams are fed by the target's message reader")
-
-
-@dataclass(frozen=True)
-class _StateLine:
-    """A STATE to write out once its commit is done: its value, its number among the STATE messages
-    read, and how many records of each stream came before it."""
-
-    value: Any
-    number: int
-    received: dict[str, int]
-
-
-@dataclass
-class _Buffer:
-    stream: SingerStream
-    columns: list[Column]
-    converter: Converter
-    writer: StageWriter
-    lease: Lease  # the stream's lease in the destination, held until the input ends
-    version: int  # the state version the stream's next commit builds on
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    records: int = 0  # records of this stream taken from `rows` so far (record numbers continue from here)
-    staged: int = 0  # rows staged since the last commit
-    versioned: bool = False
-    at_state: int = 0  # records of this stream received before the latest STATE
-    at_output: int = 0  # records of this stream received before the last STATE written out
-    skip: int = 0  # records still to drop before staging: the destination holds them (see Replay)
-    replay: Replay | None = None  # while its window is open: records may be a replay; they are not committed
-
-    @property
-    def received(self) -> int:
-        return self.records + len(self.rows)
 
 
 class SingerTarget:
@@ -120,7 +74,7 @@ class SingerTarget:
         self.schema = schema
         self.batch_rows = batch_rows
         self.max_seconds = max_seconds
-        self.buffers: dict[str, _Buffer] = {}
+        self.buffers: dict[str, Buffer] = {}
         self.state: Any = None
         self.state_unsent = False
         self.states_received = 0  # STATE messages read so far
@@ -129,35 +83,41 @@ class SingerTarget:
         self.started_at = datetime.now(UTC)
         self.committed_rows = 0
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="floe-target-load")
-        self._inflight: tuple[Future[int], _StateLine | None] | None = None
-        self._replays: list[_Buffer] = []  # streams whose replay window is open
+        self._inflight: tuple[Future[int], StateLine | None] | None = None
+        self._replays: list[Buffer] = []  # streams whose replay window is open
         self._runs: list[StageRun] = []  # each stream's stage folder
+        self.fast = FastPath()
+        self._fast: list[Buffer] = []  # the streams whose RECORD lines the fast path may take
 
     # --- input ---------------------------------------------------------------------------------
     def run(self, lines: Iterable[bytes]) -> int:
         """Consume every message; commit and emit the final STATE. Returns the rows committed."""
-        loads, decode_error = orjson.loads, orjson.JSONDecodeError
-        buffers = self.buffers
         chunk = CHUNK_ROWS
+        run: list[bytes] = []  # raw RECORD lines of `held` (the fast path's run) from line `run_at` on
+        held: Buffer | None = None
+        run_at, start = 0, b""
+        collecting = gc.isenabled()
+        gc.disable()  # records hold no cycles: refcounts free them; collections of the buffers cost a third
         try:
             for lineno, line in enumerate(lines, 1):
-                try:
-                    message = loads(line)
-                except decode_error as exc:
-                    if not line.strip():
+                if held is not None:
+                    if line.startswith(start):
+                        run.append(line)
+                        if len(run) >= chunk:
+                            self._flush_run(held, run, run_at)
+                            run, run_at = [], lineno + 1
                         continue
-                    raise SourceError(f"input line {lineno}: not a JSON message ({exc.msg})") from None
-                # The hot path: a RECORD of a known stream. Everything else goes to _other.
-                if type(message) is dict and message.get("type") == "RECORD":
-                    buf = buffers.get(message.get("stream"))  # type: ignore[arg-type]
-                    record = message.get("record")
-                    if buf is not None and type(record) is dict and "version" not in message:
-                        rows = buf.rows
-                        rows.append(record)
-                        if len(rows) >= chunk:
-                            self._stage(buf)
-                        continue
-                self._other(message, lineno)
+                    self._flush_run(held, run, run_at)
+                    run, held = [], None
+                for buf in self._fast:
+                    start = next((p for p in buf.prefixes if line.startswith(p)), b"")
+                    if start:
+                        held, run, run_at = buf, [line], lineno
+                        break
+                else:
+                    self._line(line, lineno)
+            if held is not None:
+                self._flush_run(held, run, run_at)
             for buf in self._replays:  # the input ended: what they hold is new
                 buf.replay = None
             self._replays = []
@@ -166,9 +126,49 @@ class SingerTarget:
             self.abort()
             raise
         finally:
+            if collecting:
+                gc.enable()
             self._worker.shutdown(wait=True)
             self.close()
         return self.committed_rows
+
+    def _line(self, line: bytes, lineno: int) -> None:
+        """One message line through the per-record path."""
+        try:
+            message = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            if not line.strip():
+                return
+            raise SourceError(f"input line {lineno}: not a JSON message ({exc.msg})") from None
+        # The hot path: a RECORD of a known stream. Everything else goes to _other.
+        if type(message) is dict and message.get("type") == "RECORD":
+            buf = self.buffers.get(message.get("stream"))  # type: ignore[arg-type]
+            record = message.get("record")
+            if buf is not None and type(record) is dict and "version" not in message:
+                rows = buf.rows
+                rows.append(record)
+                if len(rows) >= CHUNK_ROWS:
+                    self._stage(buf)
+                return
+        self._other(message, lineno)
+
+    def _flush_run(self, buf: Buffer, run: list[bytes], first_line: int) -> None:
+        """Stage a run of RECORD lines of `buf` through the fast path, or else line by line (fastpath.py)."""
+        batch = None if buf.skip else self.fast.convert(buf.stream.name, buf.columns, buf.converter.schema, run,
+                                                         buf.writer.folder)
+        if batch is None:
+            for lineno, line in enumerate(run, first_line):
+                self._line(line, lineno)
+            return
+        self._stage(buf)  # records before the run
+        buf.writer.write(batch)
+        buf.staged += batch.num_rows
+        buf.records += batch.num_rows
+
+    def _fast_path(self, buf: Buffer) -> None:
+        """Let the fast path take the stream's RECORD lines when it handles its columns."""
+        buf.prefixes = record_prefixes(buf.stream.name) if supported(buf.columns) else ()
+        self._fast = [b for b in self.buffers.values() if b.prefixes]
 
     def close(self) -> None:
         """Give the streams' leases up and delete their stage folders."""
@@ -176,6 +176,7 @@ class SingerTarget:
             buf.lease.release()
         for run in self._runs:
             run.close()
+        self.fast.close()
 
     def _bad_record(self, message: dict[str, Any], lineno: int) -> NoReturn:
         stream = message.get("stream")
@@ -264,6 +265,7 @@ class SingerTarget:
         if old is not None:
             old.stream, old.columns = stream, buf_columns
             old.converter = Converter(name, buf_columns)
+            self._fast_path(old)
         else:
             self._open_stream(stream, buf_columns)
 
@@ -281,13 +283,14 @@ class SingerTarget:
             raise
         self._runs.append(run)
         writer = StageWriter(run.folder, new_load_id(), compression="lz4")
-        buf = self.buffers[name] = _Buffer(stream, columns, Converter(name, columns), writer, lease,
+        buf = self.buffers[name] = Buffer(stream, columns, Converter(name, columns), writer, lease,
                                            committed.version)
+        self._fast_path(buf)
         if not stream.primary_key:  # merged tables take a replay as it comes: the merge is idempotent
             self._watch_for_replay(buf, committed.state)
 
     # --- replays -------------------------------------------------------------------------------
-    def _watch_for_replay(self, buf: _Buffer, committed: State | None) -> None:
+    def _watch_for_replay(self, buf: Buffer, committed: State | None) -> None:
         replay = Replay.of(committed)
         if replay is None:
             return
@@ -312,12 +315,12 @@ class SingerTarget:
                 held = True
         return held
 
-    def _end_replay(self, buf: _Buffer) -> None:
+    def _end_replay(self, buf: Buffer) -> None:
         if buf.replay is not None:
             buf.replay = None
             self._replays.remove(buf)
 
-    def _drop(self, buf: _Buffer) -> None:
+    def _drop(self, buf: Buffer) -> None:
         """Forget the stream's records since its last commit (the destination holds them)."""
         remove_files(buf.writer.flush())
         buf.records += len(buf.rows)
@@ -329,13 +332,14 @@ class SingerTarget:
             return columns
         return [*columns, Column(VERSION_COLUMN, "integer", True, False, frozenset({"integer"}))]
 
-    def _mark_versioned(self, buf: _Buffer) -> None:
+    def _mark_versioned(self, buf: Buffer) -> None:
         buf.versioned = True
         buf.columns = self._with_version(buf.columns, True)
         buf.converter = Converter(buf.stream.name, buf.columns)
+        self._fast_path(buf)
         buf.stream.schema = pa.schema([c.arrow_field() for c in buf.columns])
 
-    def _stage(self, buf: _Buffer) -> None:
+    def _stage(self, buf: Buffer) -> None:
         """Convert the buffered records of `buf` to Arrow (validating them) and stage them."""
         if not buf.rows:
             return
@@ -356,11 +360,11 @@ class SingerTarget:
         return any(b.rows or b.staged for b in self.buffers.values())
 
     # --- commits -------------------------------------------------------------------------------
-    def _checkpoint(self, buf: _Buffer) -> State:
+    def _checkpoint(self, buf: Buffer) -> State:
         return {"singer_state": self.state, "state_messages": self.states_received - self.state_written,
                 "records": buf.at_state - buf.at_output, "records_after_state": buf.received - buf.at_state}
 
-    def _load(self, buf: _Buffer, details: dict[str, Any] | None = None) -> LoadJob:
+    def _load(self, buf: Buffer, details: dict[str, Any] | None = None) -> LoadJob:
         files = buf.writer.flush()
         job = LoadJob(
             load_id=buf.writer.load_id, source=self.schema, stream=buf.stream.name,
@@ -371,7 +375,7 @@ class SingerTarget:
         buf.writer.load_id = new_load_id()
         return job
 
-    def commit(self, only: _Buffer | None = None, wait: bool = False) -> None:
+    def commit(self, only: Buffer | None = None, wait: bool = False) -> None:
         """Commit every stream with staged rows (or just `only`); the latest STATE follows once it is done.
 
         The loads run in a worker thread while reading goes on; one commit is in flight at a time,
@@ -385,12 +389,12 @@ class SingerTarget:
             if buf.staged:
                 jobs.append(self._load(buf))
                 buf.staged = 0
-        state: _StateLine | None = None
+        state: StateLine | None = None
         if only is None:
             self.last_commit = time.monotonic()
             if self.state_unsent:
                 received = {name: b.at_state for name, b in self.buffers.items()}
-                state, self.state_unsent = _StateLine(self.state, self.states_received, received), False
+                state, self.state_unsent = StateLine(self.state, self.states_received, received), False
         if jobs:
             self._inflight = (self._worker.submit(self._apply, jobs), state)
             if wait or only is not None:
@@ -425,7 +429,7 @@ class SingerTarget:
         if state is not None:
             self._write_state(state)
 
-    def _write_state(self, line: _StateLine) -> None:
+    def _write_state(self, line: StateLine) -> None:
         self.out.write(orjson.dumps(line.value) + b"\n")
         self.out.flush()
         self.state_written = line.number

@@ -1,0 +1,64 @@
+"""The Singer target's streams: a stream's shape as a floe Stream and what the target buffers for it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from floe.apps.singer.convert import Converter
+from floe.apps.singer.replay import Replay
+from floe.apps.singer.schema import Column
+from floe.core.leases import Lease
+from floe.core.stream import Batch, Disposition, State, Stream
+from floe.infra.stage import StageWriter
+
+
+class SingerStream(Stream):
+    """A Singer stream as a floe Stream: its shape only; its rows come from the message reader."""
+
+    def __init__(self, name: str, schema: pa.Schema, key: tuple[str, ...], parent: tuple[str, ...] = (),
+                 markers: bool = True) -> None:
+        self.name = name
+        self.schema = schema
+        self.primary_key = key
+        self.parent_key, self.parent_markers = parent, markers  # floe's SCHEMA extension (messages.py)
+        self.disposition: Disposition = "merge" if key else "append"
+
+    async def read(self, state: State | None) -> Iterator[Batch]:  # type: ignore[override]
+        raise NotImplementedError("Singer streams are fed by the target's message reader")
+
+
+@dataclass(frozen=True)
+class StateLine:
+    """A STATE to write out once its commit is done: its value, its number among the STATE messages
+    read, and how many records of each stream came before it."""
+
+    value: Any
+    number: int
+    received: dict[str, int]
+
+
+@dataclass
+class Buffer:
+    stream: SingerStream
+    columns: list[Column]
+    converter: Converter
+    writer: StageWriter
+    lease: Lease  # the stream's lease in the destination, held until the input ends
+    version: int  # the state version the stream's next commit builds on
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    records: int = 0  # records of this stream taken from `rows` so far (record numbers continue from here)
+    staged: int = 0  # rows staged since the last commit
+    versioned: bool = False
+    at_state: int = 0  # records of this stream received before the latest STATE
+    at_output: int = 0  # records of this stream received before the last STATE written out
+    skip: int = 0  # records still to drop before staging: the destination holds them (see Replay)
+    replay: Replay | None = None  # while its window is open: records may be a replay; they are not committed
+    prefixes: tuple[bytes, ...] = ()  # how its RECORD lines start, when the fast path handles its columns
+
+    @property
+    def received(self) -> int:
+        return self.records + len(self.rows)
