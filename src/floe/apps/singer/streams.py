@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -11,9 +13,13 @@ import pyarrow as pa
 from floe.apps.singer.convert import Converter
 from floe.apps.singer.replay import Replay
 from floe.apps.singer.schema import Column
+from floe.core.destination import LoadJob
+from floe.core.errors import FloeError, SourceError
 from floe.core.leases import Lease
 from floe.core.stream import Batch, Disposition, State, Stream
 from floe.infra.stage import StageWriter
+
+VERSION_COLUMN = "_sdc_table_version"
 
 
 class SingerStream(Stream):
@@ -58,7 +64,42 @@ class Buffer:
     skip: int = 0  # records still to drop before staging: the destination holds them (see Replay)
     replay: Replay | None = None  # while its window is open: records may be a replay; they are not committed
     prefixes: tuple[bytes, ...] = ()  # how its RECORD lines start, when the fast path handles its columns
+    # Runs of RECORD lines in the fast path's worker (lines, number of the first, its batch or None), in order
+    pending: list[tuple[list[bytes], int, Future[pa.RecordBatch | None]]] = field(default_factory=list)
+    pending_lines: int = 0
 
     @property
     def received(self) -> int:
-        return self.records + len(self.rows)
+        return self.records + len(self.rows) + self.pending_lines
+
+
+def with_version(columns: list[Column], versioned: bool) -> list[Column]:
+    """The columns with `_sdc_table_version` added, for a stream whose records carry versions."""
+    if not versioned or any(c.name == VERSION_COLUMN for c in columns):
+        return columns
+    return [*columns, Column(VERSION_COLUMN, "integer", True, False, frozenset({"integer"}))]
+
+
+def bad_record(message: dict[str, Any], lineno: int, known: bool) -> SourceError:
+    """The error for a RECORD of an unknown stream (`known` False) or one without a `record` object."""
+    stream = message.get("stream")
+    if not known:
+        return SourceError(f"input line {lineno}: RECORD for stream {stream!r} before its SCHEMA")
+    return SourceError(f"input line {lineno}: RECORD of stream {stream!r} has no `record` object")
+
+
+def delete_older_versions(destination: Any, job: LoadJob, version: int) -> None:
+    """In one transaction: ensure the table, delete rows of versions older than `version`, write state."""
+    spec = destination.located(job.table)
+    table = destination.qualified(spec.schema_name, spec.table)
+    try:
+        destination.prepare_meta()
+        with destination.transaction() as cur:
+            destination.ensure_table(cur, spec)
+            cur.execute(f"DELETE FROM {table} WHERE {VERSION_COLUMN} IS NULL OR {VERSION_COLUMN} < {int(version)}")
+            destination.write_state(cur, job)
+            destination.write_load_row(cur, job, "committed", None, datetime.now(UTC))
+    except FloeError:
+        raise
+    except Exception as exc:
+        raise SourceError(f"{destination.name}: ACTIVATE_VERSION {version} of {spec.table} failed: {exc}") from exc

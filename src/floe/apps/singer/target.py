@@ -23,6 +23,9 @@ run`: a second target, or a `floe run` of the same `<schema>.<stream>`, waits up
 destination's `lease_wait_seconds` and then fails naming the holder, and a commit on top of a state
 that another run moved meanwhile is refused whole.
 
+Fast path (fastpath.py): runs of RECORD lines go to DuckDB's JSON reader in a worker thread, those it
+cannot prove alike go the per-record path; a STATE waits for the runs before it only when it commits.
+
 Replays (see `Replay`): an orchestrator that lost the STATE of the target's last commit (the
 target died between committing and writing it) feeds the tap again from an earlier STATE, and a
 deterministic tap sends again what the destination already holds. For a table without key
@@ -39,7 +42,7 @@ from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import IO, Any
 
 import orjson
 import pyarrow as pa
@@ -50,9 +53,17 @@ from floe.apps.singer.fastpath import FastPath, record_prefixes, supported
 from floe.apps.singer.messages import message_type, read_extension
 from floe.apps.singer.replay import Replay
 from floe.apps.singer.schema import Column, json_schema_columns
-from floe.apps.singer.streams import Buffer, SingerStream, StateLine
+from floe.apps.singer.streams import (
+    VERSION_COLUMN,
+    Buffer,
+    SingerStream,
+    StateLine,
+    bad_record,
+    delete_older_versions,
+    with_version,
+)
 from floe.core.destination import Destination, LoadJob
-from floe.core.errors import FloeError, SourceError
+from floe.core.errors import SourceError
 from floe.core.settings import SourceConfig
 from floe.core.stream import State
 from floe.engine.pipeline import table_spec
@@ -60,7 +71,6 @@ from floe.infra.stage import StageRun, StageWriter, new_load_id, remove_files, r
 
 log = logging.getLogger("floe.singer.target")
 
-VERSION_COLUMN = "_sdc_table_version"
 CHUNK_ROWS = 50_000  # records converted to Arrow and staged at a time
 
 
@@ -87,27 +97,28 @@ class SingerTarget:
         self._replays: list[Buffer] = []  # streams whose replay window is open
         self._runs: list[StageRun] = []  # each stream's stage folder
         self.fast = FastPath()
+        self._converter = ThreadPoolExecutor(1, thread_name_prefix="floe-target-fast")
+        self._converting = 0  # runs in the fast path's worker
         self._fast: list[Buffer] = []  # the streams whose RECORD lines the fast path may take
 
     # --- input ---------------------------------------------------------------------------------
     def run(self, lines: Iterable[bytes]) -> int:
         """Consume every message; commit and emit the final STATE. Returns the rows committed."""
-        chunk = CHUNK_ROWS
         run: list[bytes] = []  # raw RECORD lines of `held` (the fast path's run) from line `run_at` on
         held: Buffer | None = None
-        run_at, start = 0, b""
+        run_at, start = 0, b""  # `start`: how the run's lines start
         collecting = gc.isenabled()
-        gc.disable()  # records hold no cycles: refcounts free them; collections of the buffers cost a third
         try:
+            gc.disable()  # records hold no cycles: refcounts free them
             for lineno, line in enumerate(lines, 1):
                 if held is not None:
                     if line.startswith(start):
                         run.append(line)
-                        if len(run) >= chunk:
-                            self._flush_run(held, run, run_at)
+                        if len(run) >= CHUNK_ROWS:
+                            self._submit(held, run, run_at)
                             run, run_at = [], lineno + 1
                         continue
-                    self._flush_run(held, run, run_at)
+                    self._submit(held, run, run_at)
                     run, held = [], None
                 for buf in self._fast:
                     start = next((p for p in buf.prefixes if line.startswith(p)), b"")
@@ -117,7 +128,7 @@ class SingerTarget:
                 else:
                     self._line(line, lineno)
             if held is not None:
-                self._flush_run(held, run, run_at)
+                self._submit(held, run, run_at)
             for buf in self._replays:  # the input ended: what they hold is new
                 buf.replay = None
             self._replays = []
@@ -126,22 +137,24 @@ class SingerTarget:
             self.abort()
             raise
         finally:
-            if collecting:
+            if collecting:  # (collections of the buffered records cost a third of the time)
                 gc.enable()
             self._worker.shutdown(wait=True)
+            self._converter.shutdown(wait=True, cancel_futures=True)
             self.close()
         return self.committed_rows
 
-    def _line(self, line: bytes, lineno: int) -> None:
-        """One message line through the per-record path."""
+    def _line(self, line: bytes, lineno: int, replayed: Buffer | None = None) -> None:
+        """One message line through the per-record path (`replayed`: a line of that stream's run)."""
         try:
             message = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
             if not line.strip():
                 return
             raise SourceError(f"input line {lineno}: not a JSON message ({exc.msg})") from None
-        # The hot path: a RECORD of a known stream. Everything else goes to _other.
-        if type(message) is dict and message.get("type") == "RECORD":
+        if replayed is None and self._converting and message_type(message) != "STATE":
+            self._drain()  # what follows a run waits for it, but for a STATE (its commit waits: `commit`)
+        if type(message) is dict and message.get("type") == "RECORD":  # the hot path: a RECORD of a known stream
             buf = self.buffers.get(message.get("stream"))  # type: ignore[arg-type]
             record = message.get("record")
             if buf is not None and type(record) is dict and "version" not in message:
@@ -150,20 +163,39 @@ class SingerTarget:
                 if len(rows) >= CHUNK_ROWS:
                     self._stage(buf)
                 return
+        if replayed is not None and (message_type(message) != "RECORD" or message.get("stream") != replayed.stream.name):
+            raise SourceError(f"input line {lineno}: starts as a RECORD of {replayed.stream.name}, reads otherwise")
         self._other(message, lineno)
 
-    def _flush_run(self, buf: Buffer, run: list[bytes], first_line: int) -> None:
-        """Stage a run of RECORD lines of `buf` through the fast path, or else line by line (fastpath.py)."""
-        batch = None if buf.skip else self.fast.convert(buf.stream.name, buf.columns, buf.converter.schema, run,
-                                                         buf.writer.folder)
-        if batch is None:
+    def _submit(self, buf: Buffer, run: list[bytes], first_line: int) -> None:
+        """A run of RECORD lines of `buf` to the fast path's worker; a short one (or a replay's) to _line now."""
+        if buf.skip or len(run) < self.fast.min_run:
+            self._drain()
             for lineno, line in enumerate(run, first_line):
                 self._line(line, lineno)
             return
-        self._stage(buf)  # records before the run
-        buf.writer.write(batch)
-        buf.staged += batch.num_rows
-        buf.records += batch.num_rows
+        future = self._converter.submit(self.fast.convert, buf.stream.name, buf.columns, buf.converter.schema, run,
+                                        buf.writer.folder)
+        buf.pending.append((run, first_line, future))
+        buf.pending_lines += len(run)
+        self._converting += 1
+
+    def _drain(self) -> None:
+        """Stage the runs in the worker, in order: their batches, or their lines through the per-record path."""
+        for buf in self.buffers.values():
+            while buf.pending:
+                run, first_line, future = buf.pending.pop(0)
+                buf.pending_lines -= len(run)
+                self._converting -= 1
+                batch = future.result()
+                if batch is None or not batch.schema.equals(buf.converter.schema):  # refused, or the columns changed
+                    for lineno, line in enumerate(run, first_line):
+                        self._line(line, lineno, replayed=buf)
+                    continue
+                self._stage(buf)  # records before the run
+                buf.writer.write(batch)
+                buf.staged += batch.num_rows
+                buf.records += batch.num_rows
 
     def _fast_path(self, buf: Buffer) -> None:
         """Let the fast path take the stream's RECORD lines when it handles its columns."""
@@ -177,12 +209,6 @@ class SingerTarget:
         for run in self._runs:
             run.close()
         self.fast.close()
-
-    def _bad_record(self, message: dict[str, Any], lineno: int) -> NoReturn:
-        stream = message.get("stream")
-        if stream not in self.buffers:
-            raise SourceError(f"input line {lineno}: RECORD for stream {stream!r} before its SCHEMA")
-        raise SourceError(f"input line {lineno}: RECORD of stream {stream!r} has no `record` object")
 
     def _other(self, message: Any, lineno: int) -> None:
         kind = message_type(message)
@@ -210,6 +236,8 @@ class SingerTarget:
         self.states_received += 1
         for buf in self.buffers.values():
             buf.at_state = buf.received
+        if self._replays:
+            self._drain()
         if self._replays and self._look_for_replay():
             return  # a stream in its replay window holds records: nothing commits yet
         if self._inflight is not None and self._inflight[0].done():
@@ -225,7 +253,7 @@ class SingerTarget:
         buf = self.buffers.get(message.get("stream"))  # type: ignore[arg-type]
         record = message.get("record")
         if buf is None or not isinstance(record, dict):
-            self._bad_record(message, lineno)
+            raise bad_record(message, lineno, message.get("stream") in self.buffers)
         if message.get("version") is not None:
             record[VERSION_COLUMN] = message["version"]
             if not buf.versioned:
@@ -254,12 +282,12 @@ class SingerTarget:
         old = self.buffers.get(name)
         if old is not None:
             same_keys = (old.stream.primary_key, old.stream.parent_key) == (tuple(keys), parent)
-            if old.columns == self._with_version(columns, old.versioned) and same_keys:
+            if old.columns == with_version(columns, old.versioned) and same_keys:
                 return
             self._stage(old)
             if not same_keys:
                 self.commit(only=old)  # rows staged under the old key merge on the old key
-        buf_columns = self._with_version(columns, old.versioned if old else False)
+        buf_columns = with_version(columns, old.versioned if old else False)
         stream = SingerStream(name, pa.schema([c.arrow_field() for c in buf_columns]), tuple(keys), parent, markers)
         stream.schema_changes, stream.widen_to_text = self.policy.schema_policy(name)
         if old is not None:
@@ -326,15 +354,9 @@ class SingerTarget:
         buf.records += len(buf.rows)
         buf.rows, buf.staged = [], 0
 
-    @staticmethod
-    def _with_version(columns: list[Column], versioned: bool) -> list[Column]:
-        if not versioned or any(c.name == VERSION_COLUMN for c in columns):
-            return columns
-        return [*columns, Column(VERSION_COLUMN, "integer", True, False, frozenset({"integer"}))]
-
     def _mark_versioned(self, buf: Buffer) -> None:
         buf.versioned = True
-        buf.columns = self._with_version(buf.columns, True)
+        buf.columns = with_version(buf.columns, True)
         buf.converter = Converter(buf.stream.name, buf.columns)
         self._fast_path(buf)
         buf.stream.schema = pa.schema([c.arrow_field() for c in buf.columns])
@@ -354,10 +376,10 @@ class SingerTarget:
         buf.rows = []
 
     def _pending_rows(self) -> int:
-        return sum(b.staged + len(b.rows) for b in self.buffers.values())
+        return sum(b.staged + len(b.rows) + b.pending_lines for b in self.buffers.values())
 
     def _has_pending(self) -> bool:
-        return any(b.rows or b.staged for b in self.buffers.values())
+        return any(b.rows or b.staged or b.pending for b in self.buffers.values())
 
     # --- commits -------------------------------------------------------------------------------
     def _checkpoint(self, buf: Buffer) -> State:
@@ -380,6 +402,7 @@ class SingerTarget:
 
         The loads run in a worker thread while reading goes on; one commit is in flight at a time,
         and its STATE is written only after all of its loads succeeded."""
+        self._drain()
         self._settle()
         if only is not None:  # what it holds commits now, so it is taken as new
             self._end_replay(only)
@@ -441,6 +464,9 @@ class SingerTarget:
             self._inflight[0].exception()
             self._inflight = None
         for buf in self.buffers.values():
+            for _, _, future in buf.pending:
+                future.cancel()
+            buf.pending, buf.pending_lines, self._converting = [], 0, 0
             buf.writer.abort()
             buf.rows = []
 
@@ -460,7 +486,7 @@ class SingerTarget:
             log.warning("destination %s cannot delete old versions; ACTIVATE_VERSION of %s ignored",
                         self.destination.name, name)
             return
-        _delete_older_versions(self.destination, self._load(buf, {"activate_version": version}), version)
+        delete_older_versions(self.destination, self._load(buf, {"activate_version": version}), version)
 
     # --- Meltano BATCH messages --------------------------------------------------------------
     def _batch(self, message: dict[str, Any], where: str) -> None:
@@ -472,19 +498,3 @@ class SingerTarget:
             buf.rows.extend(rows)
             self._stage(buf)
 
-
-def _delete_older_versions(destination: Any, job: LoadJob, version: int) -> None:
-    """In one transaction: ensure the table, delete rows of versions older than `version`, write state."""
-    spec = destination.located(job.table)
-    table = destination.qualified(spec.schema_name, spec.table)
-    try:
-        destination.prepare_meta()
-        with destination.transaction() as cur:
-            destination.ensure_table(cur, spec)
-            cur.execute(f"DELETE FROM {table} WHERE {VERSION_COLUMN} IS NULL OR {VERSION_COLUMN} < {int(version)}")
-            destination.write_state(cur, job)
-            destination.write_load_row(cur, job, "committed", None, datetime.now(UTC))
-    except FloeError:
-        raise
-    except Exception as exc:
-        raise SourceError(f"{destination.name}: ACTIVATE_VERSION {version} of {spec.table} failed: {exc}") from exc
