@@ -191,3 +191,32 @@ def test_lines_without_a_final_newline_and_other_streams_between_runs(duckdb_des
 
     assert duckdb_destination.query("SELECT id FROM fast.other") == [(1,)]
 
+
+
+def test_a_state_is_written_only_after_the_fast_path_runs_before_it_are_committed(
+    destination: Any, tmp_path: Path
+) -> None:
+    out = io.BytesIO()
+    target = SingerTarget(destination, tmp_path / "stage", out, batch_rows=250)
+    target.fast = FastPath(min_run=10)
+    checked = 0
+    rng = random.Random(5)
+
+    def feed() -> Iterator[bytes]:
+        nonlocal checked
+        yield schema_line()
+        for n in range(1, 9):
+            for i in range((n - 1) * 100, n * 100):
+                yield record_line(irregular(i, rng))
+            yield state_line(n * 100)
+            for emitted in (orjson.loads(x) for x in out.getvalue().splitlines()[checked:]):
+                committed = destination.query("SELECT count(*) FROM singer.events")[0][0]
+                assert committed >= emitted["n"]
+                checked += 1
+
+    target.run(feed())
+    emitted = [orjson.loads(x) for x in out.getvalue().splitlines()]
+    assert emitted[-1] == {"n": 800} and 1 < len(emitted) < 8  # a commit every third STATE, the last one always
+    assert checked >= 1  # a STATE was out while the input went on
+    assert (target.fast.taken, target.fast.records) == (8, 800)
+    assert destination.query("SELECT count(*) FROM singer.events") == [(800,)]
