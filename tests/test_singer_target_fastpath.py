@@ -220,3 +220,14 @@ def test_a_state_is_written_only_after_the_fast_path_runs_before_it_are_committe
     assert checked >= 1  # a STATE was out while the input went on
     assert (target.fast.taken, target.fast.records) == (8, 800)
     assert destination.query("SELECT count(*) FROM singer.events") == [(800,)]
+
+
+def test_a_line_that_is_not_utf8_fails_alike_on_both_paths(duckdb_destination: Any, tmp_path: Path) -> None:
+    lines = messages(600, 300)
+    lines[50] = lines[50].replace(b'"id":', b'"junk":"\xff","id":', 1)
+    errors = []
+    for fast in (True, False):
+        with pytest.raises(SourceError) as error:
+            load(duckdb_destination, tmp_path, lines, "fast" if fast else "slow", fast=fast)
+        errors.append(str(error.value))
+    assert errors[0] == errors[1] and errors[0].startswith("input line 51: not a JSON message")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -38,8 +39,8 @@ log = logging.getLogger("floe.singer.target")
 
 MIN_RUN = 1_000  # shorter runs go through the per-record path (a DuckDB query costs milliseconds)
 KINDS = frozenset({"integer", "number", "boolean", "string", "date-time", "date", "json"})
-# Bytes after which DuckDB's and orjson's reading of a string may differ: escaped surrogates and NUL.
-UNSAFE = (b"\\ud", b"\\uD", b"\\u0000")
+# Escapes after which DuckDB's and orjson's reading of a string may differ: surrogates and NUL.
+UNSAFE = re.compile(rb"[dD][89a-fA-F]|0000")
 DATE_TIME = (r"[0-9]{4}-[0-9]{2}-[0-9]{2}T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?"
              r"(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])")
 DATE = r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
@@ -127,12 +128,7 @@ class FastPath:
         data = b"".join(lines)
         if not data.endswith(b"\n") or data.count(b"\n") != len(lines):  # one line each, as a file's lines
             data = b"".join(line if line.endswith(b"\n") else line + b"\n" for line in lines)
-        reason = next((f"{u.decode()} in a string" for u in UNSAFE if u in data), None)
-        if reason is None and not data.isascii():
-            try:
-                data.decode()
-            except UnicodeDecodeError:
-                reason = "bytes that are not UTF-8"
+        reason = _unsafe_escape(data)  # (DuckDB refuses bytes that are not UTF-8)
         batch = None
         if reason is None:
             batch, reason = self._convert(stream, columns, schema, data, len(lines), folder)
@@ -180,6 +176,16 @@ class FastPath:
                     return None, f"a JSON value of {c.name} orjson does not read"
             arrays.append(array.cast(target.type))
         return pa.RecordBatch.from_arrays(arrays, schema=schema), ""
+
+
+def _unsafe_escape(data: bytes) -> str | None:
+    """Why the text of `data` may read differently in DuckDB (None: it may not)."""
+    at = data.find(b"\\u")
+    while at >= 0:
+        if UNSAFE.match(data, at + 2):
+            return f"{data[at:at + 6].decode(errors='replace')} in a string"
+        at = data.find(b"\\u", at + 2)
+    return None
 
 
 def _json_texts(texts: list[str | None]) -> pa.Array:
