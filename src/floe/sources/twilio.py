@@ -28,26 +28,25 @@ from datetime import UTC, date, datetime, timedelta
 from email.utils import format_datetime
 from functools import partial
 from typing import Any, ClassVar, Literal
-from urllib.parse import urljoin
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from floe.core.settings import SourceConfig
-from floe.core.stream import MONEY, Batch, Context, DriftSpec, RefreshScope, State, Stream
+from floe.core.stream import Batch, Context, DriftSpec, RefreshScope, State, Stream
 from floe.infra.http import ApiSource, HttpClient, PageGuard
+from floe.sources.twilio_numbers import IncomingPhoneNumbers, PricingPhoneNumbers
+from floe.sources.twilio_paging import ListPages, parse_slots
 from floe.sources.twilio_records import (
     CALLS,
     MESSAGES,
-    NUMBERS,
     RECORDINGS,
     PageParser,
     S,
     Spec,
     combine,
-    meta_fields,
-    to_money,
+    parse_rfc2822,
 )
 
 STREAMS = ("calls", "messages", "recordings", "incoming_phone_numbers", "pricing_phone_numbers")
@@ -57,7 +56,7 @@ PENDING_DAYS = 35
 # Sweeps reach this much further back: lists are sorted by sid, "close to" but not exactly by
 # date_created, and Twilio's clock is not floe's.
 SWEEP_MARGIN = timedelta(hours=1)
-PATIENCE = 0.05  # seconds the oldest window may keep the others waiting for its next page
+RAW_ROWS = 4 * BATCH_ROWS  # at most this many rows wait, over all windows, to be converted (~0.45 MB / 1000)
 
 
 class TwilioConfig(SourceConfig):
@@ -130,6 +129,7 @@ class TwilioSource(ApiSource):
     def __init__(self, name: str, config: TwilioConfig, context: Context | None = None) -> None:
         super().__init__(name, config, context)
         self.when_retrieved = datetime.now(UTC)
+        self.parsing: asyncio.Semaphore | None = None
 
     def make_http(self) -> HttpClient:
         return HttpClient(
@@ -160,18 +160,14 @@ class TwilioSource(ApiSource):
     def parser(self, key: str, spec: Spec) -> PageParser:
         return PageParser(key, spec, self.name, self.when_retrieved, self.config.include_message_body)
 
-    async def pages(self, url: str, params: dict[str, str] | None, parser: PageParser,
-                    what: str) -> AsyncGenerator[pa.RecordBatch, None]:
-        """Every page of a v2010 list as raw batches (`parser.convert` shapes them), following the
-        relative `next_page_uri` until it is null."""
-        guard = PageGuard(self.name, what)
-        next_url: str | None = url
-        while next_url is not None:
-            batch, next_uri = await self.http.get_parsed(next_url, parser, params=params, parse_in_thread=True)
-            params = None  # the next page URI carries every parameter
-            yield batch
-            next_url = urljoin(self.config.base_url + "/", next_uri) if next_uri else None
-            guard.check(next_url)
+    def pages(self, url: str, params: dict[str, str] | None, parser: PageParser, what: str,
+              last: Callable[[pa.RecordBatch], bool] | None = None) -> AsyncGenerator[pa.RecordBatch, None]:
+        """Every page of a v2010 list as raw batches (`parser.convert` shapes them), each page
+        requested while the previous one is parsed (see `twilio_paging`)."""
+        if self.parsing is None:  # made on first use, inside the run's event loop
+            self.parsing = parse_slots()
+        return ListPages(self.http, self.config.base_url, parser, PageGuard(self.name, what),
+                         self.parsing).read(url, params, last)
 
 
 Job = Callable[[], AsyncIterator[pa.RecordBatch]]
@@ -265,8 +261,13 @@ class TwilioIncremental(Stream):
         page created entirely before `horizon`; appends the newest date_created seen to `newest`."""
         query = {**params, "PageSize": str(self.source.config.page_size), **self.list.params}
         what = f"{self.name} without {self.cursor_field}" + "".join(f", {k}={v}" for k, v in params.items())
+
+        def last(raw: pa.RecordBatch) -> bool:  # no page is requested after this one
+            top = pc.max(parse_rfc2822(raw.column("date_created"), "date_created")).as_py()
+            return top is not None and top < horizon
+
         async with aclosing(self.source.pages(self.source.list_url(self.list.resource), query, self.parser,
-                                              what)) as pages:
+                                              what, last)) as pages:
             async for raw in pages:
                 batch = self.parser.convert(raw)
                 top = pc.max(batch.column("date_created")).as_py()
@@ -350,19 +351,16 @@ class TwilioIncremental(Stream):
                 start_next()
             while len(finished) < len(jobs):
                 # Sweeps first: their rows are staged before the windows', so a row that got its
-                # cursor meanwhile ends with the windows' (later) state. Then windows in order while
-                # pages come faster than they are converted, and any window with a page ready while the
-                # oldest one waits for Twilio. The bookmark only covers windows that are complete
-                # together with every earlier one.
+                # cursor meanwhile ends with the windows' (later) state. Then a page of whichever
+                # window has one (the oldest first), so that every window read at once keeps its
+                # requests going. The bookmark only covers windows that are complete together with
+                # every earlier one.
                 readable = range(len(queues) if len(finished) >= nsweeps else min(nsweeps, len(queues)))
                 for k in readable:
                     if k not in finished and k not in getters.values():
                         getters[asyncio.create_task(queues[k].get())] = k
-                oldest = min(getters, key=getters.__getitem__)
-                ready, _ = await asyncio.wait({oldest}, timeout=PATIENCE)
-                if not ready:  # it waits for Twilio: take whatever window has a page
-                    ready, _ = await asyncio.wait(getters, return_when=asyncio.FIRST_COMPLETED)
-                getter = min(ready, key=getters.__getitem__)
+                ready, _ = await asyncio.wait(getters, return_when=asyncio.FIRST_COMPLETED)
+                getter = min(ready, key=getters.__getitem__)  # the oldest window with a page
                 k, item = getters.pop(getter), getter.result()
                 if isinstance(item, BaseException):
                     raise item
@@ -374,7 +372,7 @@ class TwilioIncremental(Stream):
                     elif item.num_rows:
                         raw.setdefault(k, []).append(item)
                         rows = {w: sum(page.num_rows for page in pages) for w, pages in raw.items()}
-                        if rows[k] >= BATCH_ROWS or sum(rows.values()) >= 2 * BATCH_ROWS:  # memory stays bounded
+                        if rows[k] >= BATCH_ROWS or sum(rows.values()) >= RAW_ROWS:  # memory stays bounded
                             yield Batch(convert(max(rows, key=rows.__getitem__)), checkpoint())
                     continue
                 finished.add(k)
@@ -426,76 +424,3 @@ def _moment(state: State | None, key: str) -> datetime | None:
 
 def _bookmark(state: State | None) -> datetime | None:
     return _moment(state, "bookmark")
-
-
-class IncomingPhoneNumbers(Stream):
-    name = "incoming_phone_numbers"
-    primary_key = ("sid",)
-    disposition = "replace"
-    run_columns = ("when_retrieved",)
-
-    def __init__(self, source: TwilioSource) -> None:
-        self.source = source
-        self.parser = source.parser(self.name, NUMBERS)
-        self.schema = self.parser.schema
-
-    async def read(self, state: State | None) -> AsyncIterator[Batch]:
-        params = {"PageSize": str(self.source.config.page_size)}
-        async for batch in self.source.pages(self.source.list_url("IncomingPhoneNumbers"), params, self.parser,
-                                             self.name):
-            yield Batch(self.parser.convert(batch))
-        yield Batch(None, {"retrieved_at": self.source.when_retrieved.isoformat()})
-
-
-PRICING_SCHEMA = pa.schema([*meta_fields(), pa.field("country", S), pa.field("iso_country", S),
-                            pa.field("price_unit", S), pa.field("number_type", S), pa.field("base_price", MONEY),
-                            pa.field("current_price", MONEY)])
-
-
-class PricingPhoneNumbers(Stream):
-    """One row per country x number type, from every page of the countries list."""
-
-    name = "pricing_phone_numbers"
-    primary_key = ("iso_country", "number_type")
-    disposition = "replace"
-    run_columns = ("when_retrieved",)
-    schema = PRICING_SCHEMA
-
-    def __init__(self, source: TwilioSource) -> None:
-        self.source = source
-
-    async def countries(self) -> list[str]:
-        http = self.source.http
-        guard = PageGuard(self.source.name, "pricing countries")
-        url: str | None = f"{self.source.pricing_url}/v1/PhoneNumbers/Countries?PageSize=1000"
-        isos: list[str] = []
-        while url:
-            page = await http.get_json(url)
-            isos += [c["iso_country"] for c in page.get("countries") or []]
-            url = (page.get("meta") or {}).get("next_page_url")
-            guard.check(url)
-        return isos
-
-    async def read(self, state: State | None) -> AsyncIterator[Batch]:
-        http = self.source.http
-        isos = await self.countries()
-        details = await asyncio.gather(
-            *(http.get_json(f"{self.source.pricing_url}/v1/PhoneNumbers/Countries/{iso}") for iso in isos)
-        )
-        rows = [
-            {"channel_name": self.source.name, "when_retrieved": self.source.when_retrieved,
-             "country": d.get("country"), "iso_country": d.get("iso_country"), "price_unit": d.get("price_unit"),
-             "number_type": p.get("number_type"), "base_price": _text(p.get("base_price")),
-             "current_price": _text(p.get("current_price"))}
-            for d in details for p in d.get("phone_number_prices") or []
-        ]
-        text = pa.RecordBatch.from_pylist(rows, schema=pa.schema([f.with_type(S) if f.type == MONEY else f
-                                                                  for f in PRICING_SCHEMA]))
-        yield Batch(pa.RecordBatch.from_arrays(
-            [to_money(c, f.name) if f.type == MONEY else c for c, f in zip(text.columns, PRICING_SCHEMA, strict=True)],
-            schema=PRICING_SCHEMA))
-        yield Batch(None, {"retrieved_at": self.source.when_retrieved.isoformat(), "countries": len(isos)})
-
-
-def _text(value: Any) -> str | None:
-    return None if value is None else value if isinstance(value, str) else str(value)
