@@ -137,6 +137,10 @@ class TwilioSource(ApiSource):
             headers={"Accept": "application/json"}, max_concurrency=self.config.max_concurrency,
         )
 
+    async def aclose(self) -> None:
+        self.parsing = None  # of this run's event loop
+        await super().aclose()
+
     @property
     def pricing_url(self) -> str:
         if self.config.pricing_url:
