@@ -20,17 +20,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-import numpy as np
 import orjson
-import pyarrow as pa
 
 from floe.core.errors import StateConflictError
 from floe.core.leases import Holder, Lease, wait_for_lease
 from floe.core.runs import RunRecord
 from floe.core.settings import BadRows, DestinationConfig, SchemaChanges
 from floe.core.stream import Context, Disposition, DriftSpec, RefreshScope, State, Stream
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 SEQ = "_floe_seq"  # arrival order of staged rows: a later row wins a merge
 META_JSON = b"floe.json"  # field metadata key: the column holds a JSON document (jsonb, SUPER, JSON)
@@ -47,6 +48,7 @@ class StagedFile:
 
 def json_field(name: str) -> pa.Field:
     """An Arrow field for a JSON document stored as text; warehouses give it their JSON type."""
+    import pyarrow as pa
     return pa.field(name, pa.string(), metadata={META_JSON: b"1"})
 
 
@@ -369,6 +371,8 @@ def staged_column(batch: pa.RecordBatch, target: pa.Field, first_seq: int) -> tu
     `SEQ` becomes the arrival order starting at `first_seq`; a column the batch lacks becomes NULLs;
     nested values (lists, structs, maps) become JSON text. Returns the column and the batch's own field
     (None when the column was made up here)."""
+    import numpy as np
+    import pyarrow as pa
     if target.name == SEQ:
         return pa.array(np.arange(first_seq, first_seq + batch.num_rows, dtype=np.int64)), None
     idx = batch.schema.get_field_index(target.name)
@@ -382,12 +386,14 @@ def staged_column(batch: pa.RecordBatch, target: pa.Field, first_seq: int) -> tu
 
 def nested_as_json(column: pa.Array | pa.ChunkedArray) -> pa.Array:
     """Lists, structs and maps as JSON text (NULL stays NULL): what warehouses load into JSON columns."""
+    import pyarrow as pa
     return pa.array([None if v is None else orjson.dumps(v, default=str).decode() for v in column.to_pylist()],
                     pa.string())
 
 
 def arrow_type_key(t: pa.DataType) -> str:
     """A stable name for an Arrow type, used as the key of every warehouse's type map."""
+    import pyarrow as pa
     if pa.types.is_timestamp(t):
         return "timestamp_tz" if t.tz else "timestamp"
     if pa.types.is_date(t):

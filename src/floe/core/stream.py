@@ -14,23 +14,36 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol
-
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from floe.core.runs import new_run_id
 from floe.core.settings import BadRows, SchemaChanges, SourceConfig
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    MONEY: pa.Decimal128Type  # made on first use (see __getattr__): pyarrow loads only when needed
 
 Disposition = Literal["append", "merge", "replace"]
 State = dict[str, Any]
 # Amounts of money (prices, costs, revenue): an exact decimal with six places (a millionth of the
 # currency unit) and twelve integer digits; DECIMAL(18,6) / NUMERIC(18,6) in every warehouse.
-MONEY = pa.decimal128(18, 6)
+# (MONEY, made by __getattr__ on first use.)
 # A checkpoint's ledger entries (`{key: value}`, e.g. a file's name and checksum): what it ADDS to the
 # stream's ledger. A stream reads the whole ledger back under this key of its state. Destinations that
 # keep a ledger table (`Destination.keeps_ledger`) store the entries there, in the commit's transaction,
 # so state versions stay small; others keep the whole ledger in each state version.
 LEDGER = "_floe_files"
+
+
+def __getattr__(name: str) -> Any:
+    """`MONEY`, made (and kept) when first imported."""
+    if name == "MONEY":
+        import pyarrow as pa
+
+        globals()["MONEY"] = money = pa.decimal128(18, 6)
+        return money
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def merge_ledger(earlier: State | None, later: State | None) -> State | None:

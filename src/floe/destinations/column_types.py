@@ -16,13 +16,16 @@ What a load then does (widen the column, a variant column, or fail) is `schema_c
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-
-import pyarrow as pa
+from typing import TYPE_CHECKING
 
 from floe.core.destination import arrow_type_key, is_json, json_field
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 # What a text column holds exactly, on warehouses whose cast to text writes the value itself.
 TEXT_KEYS = frozenset({"string", "json", "bool", "int32", "int64", "decimal", "date", "time", "timestamp"})
@@ -32,15 +35,18 @@ SPELLED_OUT = {
     "TIME WITHOUT TIME ZONE": "TIME", "CHARACTER VARYING": "VARCHAR",
 }
 
-# One value type standing for each key, to ask whether a type holds everything another type holds.
-# A JSON column's nested values are stored as JSON documents, so "nested" stands for a document too.
-_REPRESENTATIVE: dict[str, pa.Field] = {
-    "bool": pa.field("v", pa.bool_()), "int32": pa.field("v", pa.int32()), "int64": pa.field("v", pa.int64()),
-    "float64": pa.field("v", pa.float64()), "decimal": pa.field("v", pa.decimal256(76, 38)),
-    "string": pa.field("v", pa.string()), "json": json_field("v"), "nested": json_field("v"),
-    "binary": pa.field("v", pa.binary()), "date": pa.field("v", pa.date32()), "time": pa.field("v", pa.time64("us")),
-    "timestamp": pa.field("v", pa.timestamp("us")), "timestamp_tz": pa.field("v", pa.timestamp("us", "UTC")),
-}
+@functools.cache
+def _representative() -> dict[str, pa.Field]:
+    """One value type standing for each key, to ask whether a type holds everything another type holds.
+    A JSON column's nested values are stored as JSON documents, so "nested" stands for a document too."""
+    import pyarrow as pa
+    return {
+        "bool": pa.field("v", pa.bool_()), "int32": pa.field("v", pa.int32()), "int64": pa.field("v", pa.int64()),
+        "float64": pa.field("v", pa.float64()), "decimal": pa.field("v", pa.decimal256(76, 38)),
+        "string": pa.field("v", pa.string()), "json": json_field("v"), "nested": json_field("v"),
+        "binary": pa.field("v", pa.binary()), "date": pa.field("v", pa.date32()), "time": pa.field("v", pa.time64("us")),
+        "timestamp": pa.field("v", pa.timestamp("us")), "timestamp_tz": pa.field("v", pa.timestamp("us", "UTC")),
+    }
 
 
 def type_key(f: pa.Field) -> str:
@@ -50,6 +56,7 @@ def type_key(f: pa.Field) -> str:
 
 def integer_digits(t: pa.DataType) -> int:
     """How many decimal digits the largest value of an integer type has (int64: 19)."""
+    import pyarrow as pa
     width = t.bit_width if pa.types.is_integer(t) else 64
     largest = 2**width - 1 if pa.types.is_unsigned_integer(t) else 2 ** (width - 1) - 1
     return len(str(largest))
@@ -111,6 +118,7 @@ class ColumnRules:
 
     def holds_field(self, column: SqlType, f: pa.Field) -> bool:
         """Whether a column of type `column` holds every value of staged field `f` exactly."""
+        import pyarrow as pa
         if column.name in self.decimals:
             bounds = self.decimals[column.name]
             if column.precision is not None:
@@ -125,6 +133,7 @@ class ColumnRules:
 
     def holds_all(self, column: SqlType, old: SqlType) -> bool:
         """Whether a column of type `column` holds every value a column of type `old` may hold."""
+        import pyarrow as pa
         if old.name in self.decimals:
             bounds = self.decimals[old.name] if old.precision is None else (old.precision, old.scale or 0)
             if bounds is None:  # unbounded: only another unbounded decimal type holds it all
@@ -132,11 +141,12 @@ class ColumnRules:
             precision, scale = bounds
             return self.holds_field(column, pa.field("v", pa.decimal256(max(precision, scale, 1), scale)))
         keys = self.holds.get(old.name, frozenset())
-        return bool(keys) and all(self.holds_field(column, _REPRESENTATIVE[k]) for k in keys)
+        return bool(keys) and all(self.holds_field(column, _representative()[k]) for k in keys)
 
 
 def decimal_supertype(old: SqlType, new: pa.DataType, rules: ColumnRules) -> pa.DataType | None:
     """The narrowest Arrow decimal holding an exact-number column of type `old` and values of type `new`."""
+    import pyarrow as pa
     if old.name in rules.decimals:
         bounds = rules.decimals[old.name] if old.precision is None else (old.precision, old.scale or 0)
         if bounds is None:
@@ -162,6 +172,7 @@ def compare(rules: ColumnRules, old: str, new: pa.Field, create: Callable[[pa.Fi
 
     `create(field)` is the type the warehouse gives a new column of that field: the first widening
     candidate; a decimal wide enough for both sides is the other."""
+    import pyarrow as pa
     column = rules.parse(old)
     if rules.holds_field(column, new):
         return LOSSLESS

@@ -12,10 +12,9 @@ import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import duckdb
-import pyarrow as pa
 from pydantic import Field
 
 from floe.core.destination import SEQ, LoadJob, TableSpec, staged_column
@@ -31,6 +30,9 @@ from floe.destinations.sql import SqlDestination
 from floe.destinations.state_ops import SqlStateOps
 from floe.infra.localpaths import creatable
 from floe.infra.stage import SUFFIXES
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 class DuckDBConfig(DestinationConfig, StateHistoryConfig):
@@ -105,6 +107,7 @@ class DuckDBDestination(SqlStateOps, SqlRunLog, SqlDestination):
         self.stage_compression = config.stage_compression
 
     def column_type(self, f: pa.Field) -> str | None:
+        import pyarrow as pa
         if pa.types.is_decimal(f.type) and f.type.precision <= 38:  # DuckDB's widest DECIMAL
             return f"DECIMAL({f.type.precision},{f.type.scale})"
         return super().column_type(f)
@@ -201,6 +204,7 @@ class DuckDBDestination(SqlStateOps, SqlRunLog, SqlDestination):
 
     def read_batches(self, sql: str, params: Any = (), batch_size: int = 50_000) -> Iterator[pa.RecordBatch]:
         """Stream a query's rows as Arrow batches from a separate cursor (loads are not blocked)."""
+        import pyarrow as pa
         cur = self.conn.cursor()
         try:
             reader = cur.sql(sql, params=list(params) if params else None).to_arrow_reader(batch_size)
@@ -214,6 +218,7 @@ class DuckDBDestination(SqlStateOps, SqlRunLog, SqlDestination):
             cur.close()
 
     def stage_rows(self, cur: Any, job: LoadJob, staging: str) -> str:
+        import pyarrow as pa
         if not job.files:  # replace with nothing: an empty relation with the table's columns
             cols = ", ".join(
                 f"CAST(NULL AS {t}) AS {self.quote(f.name)}"
@@ -258,6 +263,7 @@ def staged_arrow(paths: list[Path], schema: pa.Schema) -> pa.RecordBatchReader:
     """The rows of Arrow stage files, in write order, as one stream of `schema` (whose last column
     is `SEQ`, the arrival order), one batch in memory at a time."""
 
+    import pyarrow as pa
     def batches() -> Iterator[pa.RecordBatch]:
         seq = 0
         for path in paths:
@@ -275,6 +281,7 @@ def conform(batch: pa.RecordBatch, schema: pa.Schema, first_seq: int) -> pa.Reco
     """`batch` with `schema`'s columns: `SEQ` and any column it lacks (one that appeared in a later
     file) come from `staged_column`; one of another type (e.g. null while every value was missing) is
     cast. Nested values stay nested: DuckDB casts them to JSON itself."""
+    import pyarrow as pa
     if batch.schema.equals(pa.schema(list(schema)[:-1])):  # the usual case: just number the rows
         return batch.append_column(schema.field(SEQ), staged_column(batch, schema.field(SEQ), first_seq)[0])
     columns = []

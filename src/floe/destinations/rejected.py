@@ -21,16 +21,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import duckdb
 import orjson
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from floe.core.destination import LoadJob, Rejected, StagedFile, is_json
 from floe.core.errors import DestinationError
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from floe.destinations.sql import SqlDestination
 
 REJECTED_TABLE = "_floe_rejected"
@@ -50,6 +48,8 @@ class RowRules:
 
 def row_reasons(table: pa.Table, rules: RowRules) -> pa.ChunkedArray | pa.Array:
     """Per row, why the destination cannot store it (NULL: it can), from its first bad column."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     reason: pa.Array | pa.ChunkedArray = pa.nulls(table.num_rows, pa.string())
     for f in table.schema:
         if not (pa.types.is_string(f.type) or pa.types.is_large_string(f.type)):
@@ -73,6 +73,8 @@ def row_reasons(table: pa.Table, rules: RowRules) -> pa.ChunkedArray | pa.Array:
 
 def json_valid(column: pa.Array | pa.ChunkedArray) -> pa.Array:
     """Whether each value is one JSON document (NULL stays NULL), by DuckDB's `json_valid`, vectorised."""
+    import duckdb
+    import pyarrow as pa
     con = duckdb.connect()
     try:
         values = pa.table({"v": column})
@@ -84,6 +86,8 @@ def json_valid(column: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 
 def read_file(staged: StagedFile) -> pa.Table:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     if staged.path.suffix == ".parquet":
         return pq.read_table(staged.path)
     with pa.memory_map(str(staged.path)) as source:
@@ -92,6 +96,8 @@ def read_file(staged: StagedFile) -> pa.Table:
 
 def write_like(table: pa.Table, staged: StagedFile) -> Path:
     """`table` in the format of `staged`, beside it (the name says it is quarantine's)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     path = staged.path.with_name(f"{staged.path.stem}.kept{staged.path.suffix}")
     if staged.path.suffix == ".parquet":
         pq.write_table(table, path, compression="zstd")
@@ -106,6 +112,7 @@ def quarantined(jobs: Sequence[LoadJob], rules: RowRules, destination: str) -> I
     """The jobs with the rows the destination cannot store left out (and listed in `job.rejected`), for
     the streams that quarantine; the copies of the files are deleted on exit. A job already checked,
     or of a stream that does not quarantine, is as it was. Raises DestinationError over `bad_rows_max`."""
+    import pyarrow.compute as pc
     written: list[Path] = []
     try:
         out = []

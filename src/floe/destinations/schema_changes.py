@@ -29,15 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from floe.core.destination import LoadJob, StagedFile, TableSpec
 from floe.core.errors import DestinationError
 from floe.destinations.column_types import ColumnRules, SqlType, compare, type_key
 from floe.infra.stage import SUFFIXES
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from floe.destinations.sql import SqlDestination
 
 log = logging.getLogger("floe.schema")
@@ -120,6 +119,7 @@ class SchemaPlan:
 
     def spec(self, spec: TableSpec, staged: Sequence[pa.Schema]) -> TableSpec:
         """`spec` with each staged column under the name it loads into (as `table_spec` builds it)."""
+        import pyarrow as pa
         if not self.reshaped:
             return spec
         fields = {f.name: f for f in spec.columns if f.name not in self.dropped}
@@ -136,6 +136,7 @@ def plan_schema(rules: ColumnRules, widening: Widening, spec: TableSpec, existin
                 staged: Sequence[pa.Schema], create: Callable[[pa.Field], str | None]) -> SchemaPlan:
     """The changes loading `staged` files of `spec` into a table with columns `existing` (none: no table
     yet) makes; refusals instead, by `spec.schema_changes` (see the module docstring)."""
+    import pyarrow as pa
     plan = SchemaPlan(renames=[{} for _ in staged])
     frozen = spec.schema_changes == "freeze"
     columns = {f.name: t for f in spec.columns if (t := create(f)) is not None} | dict(existing)
@@ -283,6 +284,8 @@ def routed(job: LoadJob, plan: SchemaPlan) -> Iterator[LoadJob]:
 def rename_columns(staged: StagedFile, renames: Mapping[str, str]) -> StagedFile:
     """A copy of a stage file (beside it, same format) with columns renamed."""
     # A name of its own: with several destinations, each routes the same shared stage file at once.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     path = staged.path.with_name(f"{staged.path.stem}-routed-{secrets.token_hex(4)}{staged.path.suffix}")
     if staged.path.suffix == SUFFIXES["arrow"]:
         with pa.OSFile(str(staged.path)) as source:

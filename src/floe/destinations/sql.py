@@ -23,9 +23,7 @@ from abc import abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any, ClassVar, TypeVar
-
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from floe.core.destination import (
     Destination,
@@ -55,6 +53,9 @@ from floe.destinations.rejected import RowRules, insert_rejected, quarantined
 from floe.destinations.schema_changes import SchemaPlan, Widening, log_changes, routed
 from floe.destinations.state_index import STATE_TABLE, index_state_versions
 from floe.infra import killpoints
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 LOADS_TABLE = "_floe_loads"
 LEASES_TABLE = "_floe_leases"
@@ -144,6 +145,7 @@ class SqlDestination(Destination):
 
     def column_type(self, f: pa.Field) -> str | None:
         """The warehouse type of an Arrow field; None for all-null columns (typed when data arrives)."""
+        import pyarrow as pa
         if is_json(f):
             return self.json_type
         return self.type_map.get(arrow_type_key(f.type), self.text_type) if not pa.types.is_null(f.type) else None
@@ -162,6 +164,7 @@ class SqlDestination(Destination):
         )
 
     def insert_columns(self, spec: TableSpec) -> list[str]:
+        import pyarrow as pa
         return [f.name for f in spec.columns if not pa.types.is_null(f.type)]
 
     def staged_keys_unique(self, cur: Any, spec: TableSpec, staging: str) -> bool:
@@ -185,6 +188,7 @@ class SqlDestination(Destination):
 
         `unique_keys`: the caller checked that no primary key occurs twice among the staged rows,
         so a merge reads them directly instead of first ranking every row (a full copy)."""
+        import pyarrow as pa
         columns = [(self.quote(f.name), self.value_sql(f)) for f in spec.columns if not pa.types.is_null(f.type)]
         return merge.disposition_sql(
             self.merge_style, spec, self.qualified(spec.schema_name, spec.table), staging, columns=columns,

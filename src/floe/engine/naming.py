@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Iterable
-from typing import Any
-
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any
 
 from floe.core.errors import ConfigError, SourceError
 from floe.core.settings import Naming
 from floe.core.stream import Batch, DayRange, DriftSpec, RefreshScope, State, Stream
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 def snake_case(name: str) -> str:
@@ -45,6 +46,7 @@ class SnakeCaseStream(Stream):
     """`stream` with every column name (schema, keys, cursor, batches) in snake_case."""
 
     def __init__(self, stream: Stream, source: str) -> None:
+        import pyarrow as pa
         self.inner, self.where = stream, f"sources.{source}.naming ({source}.{stream.name})"
         try:
             self.names = renames(stream.schema.names, self.where)

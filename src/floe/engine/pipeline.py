@@ -37,9 +37,7 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
-
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any, cast
 
 from floe.core.destination import CommittedState, Destination, LoadJob, StagedFile, TableSpec
 from floe.core.errors import DestinationError, FloeError
@@ -50,6 +48,9 @@ from floe.engine.progress import Progress
 from floe.infra import killpoints
 from floe.infra.stage import FileShares, StageRun, StageWriter, new_load_id, remove_leftovers
 from floe.infra.threads import in_thread
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger("floe.pipeline")
 CODECS = ("zstd", "snappy", "lz4", "none")  # Parquet codecs, the most compressing first
@@ -75,6 +76,7 @@ class StreamResult:
 
 def table_spec(source: str, stream: Stream, files: list[StagedFile]) -> TableSpec:
     """The stream's declared columns, overridden and extended by what the staged files hold."""
+    import pyarrow as pa
     fields: dict[str, pa.Field] = {f.name: f for f in stream.landed_schema}
     for staged in files:
         for f in staged.schema:

@@ -37,7 +37,9 @@ def select_streams(source: Source, names: Iterable[str] | None) -> list[Stream]:
         stream.schema_changes, stream.widen_to_text = source.config.schema_policy(stream.name)
         stream.bad_rows, stream.bad_rows_max = source.config.row_policy(stream.name), source.config.bad_rows_max
     streams = [named(stream, source.name, source.config.naming) for stream in streams]
-    for key in undeclared_keys(modes, {s.name: s.schema.names for s in streams}, f"sources.{source.name}"):
+    # Only a `pii:` asks for the declared columns: a stream may build its schema (and import pyarrow) when first asked.
+    columns = {s.name: s.schema.names for s in streams} if modes else {}
+    for key in undeclared_keys(modes, columns, f"sources.{source.name}"):
         log.warning("event=pii_column_not_declared source=%s key=%s note=%s", source.name, key,
                     logfmt_value("no stream declares this column: it applies only if a batch brings one of that name"))
     for stream in streams:  # `pii:` names the columns as they land (after `naming`)

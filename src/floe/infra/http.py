@@ -24,17 +24,19 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpcore
-import httpx
 import orjson
 
 from floe.core.errors import SourceError
 from floe.core.secrets import redact
 from floe.core.stream import RequestMetrics, Source
 from floe.infra.threads import in_thread
+
+if TYPE_CHECKING:
+    import httpx
 
 T = TypeVar("T")
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504}) | frozenset(range(505, 600))
@@ -147,6 +149,7 @@ class HttpClient:
         backoff_max: float = 60.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        import httpx
         self.source = source
         self.max_retries = max_retries
         self.backoff_base = backoff_base
@@ -260,6 +263,7 @@ class HttpClient:
     async def _attempts(self, method: str, url: str, read_body: bool, **kwargs: Any) -> AsyncIterator[httpx.Response]:
         """The retry loop both `request` and `stream` use: yields the first successful response,
         with its body already read when `read_body` (a body cut short is then retried too)."""
+        import httpx
         self._raise_if_rejected()
         attempt = 0
         while True:
@@ -301,6 +305,7 @@ class HttpClient:
 
 
 def _transport_message(exc: httpx.TransportError) -> str:
+    import httpx
     kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "connection error"
     detail = str(exc).strip()
     return redact(f"{kind}: {type(exc).__name__}" + (f" {detail}" if detail else ""))

@@ -18,15 +18,16 @@ import hashlib
 import os
 import re
 from collections.abc import Collection, Mapping
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
-
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from floe.core import secrets
 from floe.core.destination import arrow_type_key, nested_as_json
 from floe.core.errors import ConfigError
 from floe.core.settings import PiiMode, SourceConfig
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 SALT_ENV = "FLOE_PII_SALT"
 PHONE_RE = re.compile(r"\+[0-9][0-9 ().\-]{5,}")  # a number written with its country code
@@ -82,6 +83,7 @@ class ColumnPolicy:
 
     def schema(self, schema: pa.Schema) -> pa.Schema:
         """The declared columns as they land: dropped ones gone, hashed ones text."""
+        import pyarrow as pa
         fields = []
         for f in schema:
             mode = self.modes.get(f.name)
@@ -91,6 +93,7 @@ class ColumnPolicy:
 
     def apply(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         """`batch` with the policy's columns hashed or removed (other columns untouched)."""
+        import pyarrow as pa
         if not any(name in self.modes for name in batch.schema.names):
             return batch
         arrays, fields = [], []
@@ -106,6 +109,8 @@ class ColumnPolicy:
 
     def hash_column(self, column: pa.Array) -> pa.Array:
         """Each value's salted hash (NULL stays NULL); each distinct value is hashed once."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
         if arrow_type_key(column.type) == "nested":
             column = nested_as_json(column)
         elif not pa.types.is_string(column.type):
@@ -186,6 +191,8 @@ class Pii:
         return EMAIL_RE.sub(lambda m: self.hash(m.group(0)), text)
 
     def scrub_array(self, column: pa.Array) -> pa.Array:
+        import pyarrow as pa
+        import pyarrow.compute as pc
         hits = pc.or_kleene(pc.match_substring(column, "@"), pc.match_substring(column, "%40"))
         if not pc.any(hits).as_py():
             return column
@@ -196,6 +203,7 @@ class Pii:
 
     def scrub_batch(self, batch: pa.RecordBatch, skip: frozenset[str] = frozenset()) -> pa.RecordBatch:
         """Replace addresses in every string column not in `skip` (columns already handled)."""
+        import pyarrow as pa
         if self.mode == "keep":
             return batch
         columns = list(batch.columns)

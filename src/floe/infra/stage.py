@@ -30,12 +30,14 @@ import socket
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING
 
 from floe.core.destination import StagedFile
 from floe.core.errors import StageError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
 SUFFIXES = {"parquet": ".parquet", "arrow": ".arrow"}
 LOCK_SUFFIX = ".lock"
@@ -82,6 +84,8 @@ class StageWriter:
         self._current.rows += batch.num_rows
 
     def _open(self, schema: pa.Schema) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
         self._count += 1
         directory = self.folder
         path = directory / f"{self.load_id}-{self._count:05d}{SUFFIXES[self.format]}"

@@ -23,10 +23,8 @@ import tempfile
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-import httpx
-import pyarrow as pa
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from floe.core.destination import json_field
@@ -35,14 +33,19 @@ from floe.core.settings import SourceConfig
 from floe.core.stream import Batch, Context, DayRange, RefreshScope, RequestMetrics, Source, State, Stream
 from floe.infra.http import ApiError, HttpClient
 from floe.infra.threads import iterate_in_thread
-from floe.sources.fullstory_export import CUSTOM_VARS, POOL, ExportReader
+from floe.sources.fullstory_export import CUSTOM_VARS
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from floe.sources.fullstory_export import ExportReader
 
 log = logging.getLogger("floe.sources.fullstory")
 
-_I64, _I32, _STR, _F64 = pa.int64(), pa.int32(), pa.string(), pa.float64()
-_TIME = pa.timestamp("us", tz="UTC")
+# Column types by name (`arrow_type`): the Arrow types are made when a stream's schema is first asked for.
+_I64, _I32, _STR, _F64, _TIME = "int64", "int32", "string", "float64", "timestamp"
 # hauser's BaseExportFields (warehouse/schema.go), in its column order.
-BASE_FIELDS: list[tuple[str, pa.DataType]] = [
+BASE_FIELDS: list[tuple[str, str]] = [
     ("IndvId", _I64), ("UserId", _I64), ("SessionId", _I64), ("PageId", _I64), ("UserCreated", _TIME),
     ("UserAppKey", _STR), ("UserDisplayName", _STR), ("UserEmail", _STR), ("EventStart", _TIME),
     ("EventType", _STR), ("EventSubType", _STR), ("EventCustomName", _STR), ("EventTargetText", _STR),
@@ -60,7 +63,7 @@ BASE_FIELDS: list[tuple[str, pa.DataType]] = [
     ("LoadEventTime", _I64), ("LoadFirstPaintTime", _I64), ("LoadLargestPaintTime", _I64), ("ReqUrl", _STR),
     ("ReqMethod", _STR), ("ReqStatus", _I64),
 ]
-MOBILE_FIELDS: list[tuple[str, pa.DataType]] = [
+MOBILE_FIELDS: list[tuple[str, str]] = [
     (name, _STR) for name in ("AppName", "AppPackageName", "AppDeviceModel", "AppDeviceVendor", "AppVersion",
                               "AppOsVersion", "AppViewName", "EventMobileSourceFile")
 ]
@@ -70,6 +73,15 @@ _FIELD_PATTERN = re.compile(r"[^\s*]+\*?")  # a field name, or a prefix followed
 _DURATION = re.compile(r"(\d+)([dhms])")
 _UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 DAY = timedelta(days=1)
+
+
+def arrow_type(name: str) -> pa.DataType:
+    """The Arrow type of a column type name of `BASE_FIELDS` (timestamps in microseconds, UTC)."""
+    import pyarrow as pa
+
+    types = {_I64: pa.int64(), _I32: pa.int32(), _STR: pa.string(), _F64: pa.float64(),
+             _TIME: pa.timestamp("us", tz="UTC")}
+    return types[name]
 
 
 def parse_duration(text: str) -> timedelta:
@@ -183,11 +195,27 @@ class EventsStream(Stream):
     def __init__(self, source: FullStorySource) -> None:
         self.source = source
         self.config: FullStoryConfig = source.config
-        fields = BASE_FIELDS + (MOBILE_FIELDS if self.config.include_mobile_fields else [])
-        self.schema = pa.schema([pa.field(n, t) for n, t in fields] + [json_field(CUSTOM_VARS)])
-        # One reader for every window: it learns which known fields the events carry.
-        self.reader = ExportReader(self.schema, self.config.format)
+        self._schema: pa.Schema | None = None
+        self._reader: ExportReader | None = None
         self._first_start: datetime | None = None
+
+    @property  # type: ignore[override]  # made on first use: a run with no window left needs no pyarrow
+    def schema(self) -> pa.Schema:
+        if self._schema is None:
+            import pyarrow as pa
+
+            fields = BASE_FIELDS + (MOBILE_FIELDS if self.config.include_mobile_fields else [])
+            self._schema = pa.schema([pa.field(n, arrow_type(t)) for n, t in fields] + [json_field(CUSTOM_VARS)])
+        return self._schema
+
+    @property
+    def reader(self) -> ExportReader:
+        """One reader for every window: it learns which known fields the events carry."""
+        if self._reader is None:
+            from floe.sources.fullstory_export import ExportReader
+
+            self._reader = ExportReader(self.schema, self.config.format)
+        return self._reader
 
     # --- windows -------------------------------------------------------------------------
     def sync_point(self, state: State | None) -> datetime:
@@ -263,6 +291,9 @@ class EventsStream(Stream):
         `load_every`). `stoppable`: end at a checkpoint once the run should stop (`floe serve`)."""
         if not windows:
             return
+        import pyarrow as pa
+
+        pa.set_memory_pool(pa.system_memory_pool())  # it hands freed memory back (RSS would creep)
         log.info("event=fullstory_plan source=%s windows=%d first=%s last=%s", self.source.name, len(windows),
                  rfc3339(windows[0][0]), rfc3339(windows[-1][1]))
         tmp = Path(tempfile.mkdtemp(prefix="floe-fullstory-"))
@@ -315,7 +346,6 @@ class FullStorySource(Source):
 
     def __init__(self, name: str, config: FullStoryConfig, context: Context | None = None) -> None:
         super().__init__(name, config, context)
-        pa.set_memory_pool(POOL)
         self._api: HttpClient | None = None
         self._files: HttpClient | None = None
 
@@ -405,6 +435,7 @@ class FullStorySource(Source):
         raise SourceError(f"{where}: export FAILED {len(failures)} times: {failures[-1]}")
 
     async def download(self, export_id: str, target: Path, where: str, attempts: int = 5) -> None:
+        import httpx
         for attempt in range(attempts):
             info = await self.api.get_json(f"/search/v1/exports/{export_id}/results")
             location = info.get("location")

@@ -15,19 +15,17 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.json as pj
 from isal import isal_zlib
 
 from floe.core.errors import SourceError
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+
 CUSTOM_VARS = "CustomVars"
-# The system allocator hands freed memory back; Arrow's default pools keep it (RSS would creep).
-POOL = pa.system_memory_pool()
 # One element of a JSON array of (at most two-level nested) objects; strings may hold braces.
 _STRING = rb'"(?:[^"\\]|\\.)*"'
 _FLAT = rb"\{(?:[^{}\"]|" + _STRING + rb")*\}"
@@ -37,6 +35,7 @@ _SEPARATORS = re.compile(rb"[\s,\[\]]*")
 
 def _timestamps_as_text(t: pa.DataType) -> pa.DataType:
     """`t` with every timestamp in it (inference makes them of date-like text) replaced by string."""
+    import pyarrow as pa
     if pa.types.is_timestamp(t):
         return pa.string()
     if pa.types.is_list(t):
@@ -48,6 +47,7 @@ def _timestamps_as_text(t: pa.DataType) -> pa.DataType:
 
 def _parse_type(t: pa.DataType) -> pa.DataType:
     """What the JSON reader parses a column as: times in ns (any RFC3339 precision), ints as int64."""
+    import pyarrow as pa
     if pa.types.is_timestamp(t):
         return pa.timestamp("ns", tz="UTC")
     if pa.types.is_integer(t):
@@ -59,6 +59,7 @@ class ExportReader:
     """Reads one export file into Arrow batches of `schema` (its last field is CustomVars)."""
 
     def __init__(self, schema: pa.Schema, fmt: str, chunk_bytes: int = 2 << 20, workers: int = 2) -> None:
+        import pyarrow as pa
         self.schema = schema
         self.known = [f for f in schema if f.name != CUSTOM_VARS]
         self.known_names = {f.name for f in self.known}
@@ -176,6 +177,7 @@ class ExportReader:
 
         Every failure is a SourceError that starts with `where` (the window and export) and names the
         line (NDJSON) or array element, and the field, when one is at fault."""
+        import pyarrow as pa
         with ThreadPoolExecutor(self.workers, thread_name_prefix="fullstory-parse") as pool:
             pending: deque[tuple[int, Future[pa.RecordBatch]]] = deque()
             index = -1
@@ -218,13 +220,15 @@ class ExportReader:
         """Parse the chunk as one block without pyarrow's own threads (`batches` runs chunks side
         by side instead): one block needs no reconciling of types or concatenating of chunks
         (about 20% less CPU than 1 MB blocks on pyarrow's threads). Safe on several threads."""
+        import pyarrow as pa
+        import pyarrow.json as pj
         while True:
             declared = self._declared
             options = pj.ParseOptions(explicit_schema=pa.schema(list(declared.items())),
                                       unexpected_field_behavior="infer")
             try:
                 table = pj.read_json(io.BytesIO(chunk), read_options=pj.ReadOptions(
-                    block_size=len(chunk) + 1, use_threads=False), parse_options=options, memory_pool=POOL)
+                    block_size=len(chunk) + 1, use_threads=False), parse_options=options, memory_pool=pa.system_memory_pool())
             except (pa.ArrowInvalid, pa.ArrowTypeError):
                 table = None
             # A field met for the first time was typed by inference: declare it and parse again, so that
@@ -249,6 +253,8 @@ class ExportReader:
     def parse_rows(self, chunk: bytes) -> pa.Table:
         """The slow path, one event at a time with orjson: for chunks pyarrow cannot type (e.g. a
         custom var holding a list of mixed types). Returns the known columns plus CustomVars."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
         events = []
         for i, line in enumerate(chunk.split(b"\n")):
             if line.strip():
@@ -278,6 +284,8 @@ class ExportReader:
         return key if key in self.known_names else self.known_by_lower.get(key.lower(), key)
 
     def convert(self, table: pa.Table) -> pa.RecordBatch:
+        import pyarrow as pa
+        import pyarrow.compute as pc
         table = table.combine_chunks()
         n = table.num_rows
         columns: dict[str, list[str]] = {}  # known column -> the parsed columns holding it
@@ -321,6 +329,8 @@ class _BadColumn(Exception):
 
 def _first_misfit(values: list[Any], type_: pa.DataType) -> int:
     """The index of the first value that does not convert to `type_` (0 if none is found alone)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     for i, value in enumerate(values):
         if value is None:
             continue
@@ -347,6 +357,8 @@ def _fragment(key: str, col: pa.Array) -> pa.Array:
     """`key` followed by each value as JSON text (`key` is `,"name":`); null where the value is null.
     Vectorised for scalars (`parse` never leaves a timestamp here); strings holding control characters
     and nested values go through orjson."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     t = col.type
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         if not pc.any(pc.match_substring_regex(col, r'[\x00-\x1f"\\]')).as_py():  # nothing to escape
@@ -367,6 +379,8 @@ def custom_vars(table: pa.Table, names: list[str]) -> pa.Array:
     Each set value becomes `,"name":value` and each null `""`; a row's pieces are concatenated, the
     leading comma replaced by `{` and `}` appended. (null_handling="skip" with a "," separator would
     be simpler, but pyarrow drops the rows whose inputs are all null instead of giving them "".)"""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     n = table.num_rows
     fragments = []
     for name in names:
