@@ -10,6 +10,7 @@ import sys
 import threading
 
 from floe.infra.signals import hold_sigterm
+from floe.infra.startup import pause_gc
 
 
 def exit_now(code: int | str | None) -> None:
@@ -35,6 +36,7 @@ def exit_now(code: int | str | None) -> None:
 
 def main() -> None:
     hold_sigterm()
+    pause_gc()  # until the command line is built (floe.infra.startup)
     from floe.cli import main as cli_main
 
     try:
