@@ -1,13 +1,21 @@
-"""`floe --help` loads none of the heavy libraries: each command imports them where it uses them."""
+"""Start-up: `floe --help` and a run that finds nothing new load none of the heavy libraries (each
+command, and each function, imports them where it uses them); only the command argv names is imported."""
 
 from __future__ import annotations
 
+import inspect
 import io
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import duckdb
 import pytest
+import typer
+from typer.testing import CliRunner
+
+from floe import cli
 
 HEAVY = ("pyarrow", "pyarrow.compute", "duckdb", "pydantic", "httpx", "rich", "numpy", "uvicorn", "yaml", "psycopg",
          "boto3", "google.cloud", "asyncio", "floe.engine.runner", "floe.config")
@@ -32,6 +40,90 @@ def test_help_imports_no_heavy_library() -> None:
                           capture_output=True, text=True, timeout=60)
     assert "Usage: floe" in done.stdout and "run" in done.stdout
     assert done.stderr.strip().splitlines()[-1:] in ([], [""]), f"imported: {done.stderr.strip()}"
+
+
+# Runs `floe ARGS` as the executable does; at exit, prints which of WATCHED were imported, and whether
+# the garbage collector is on again (start-up pauses it).
+WATCH_SCRIPT = """
+import atexit, gc, sys
+sys.argv = ["floe", *ARGS]
+def report():
+    loaded = sorted(name for name in sys.modules if name in WATCHED or name.startswith("floe.commands."))
+    print("imported:" + ",".join(loaded) + " gc:" + str(gc.isenabled()), file=sys.stderr, flush=True)
+atexit.register(report)
+from floe.__main__ import main
+main()
+"""
+NOT_FOR_NOTHING = ("pyarrow", "pyarrow.compute", "numpy", "httpx", "httpcore")
+
+
+def watched_run(args: list[str], cwd: Path, watched: tuple[str, ...] = NOT_FOR_NOTHING,
+                ) -> tuple[subprocess.CompletedProcess[str], list[str], bool]:
+    """`floe ARGS` in a child process: the process, the watched modules it imported, and whether GC ended on."""
+    script = WATCH_SCRIPT.replace("ARGS", repr(args)).replace("WATCHED", repr(set(watched)))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=cwd)
+    line = next(line for line in done.stderr.splitlines() if line.startswith("imported:"))
+    names, _, gc_on = line.removeprefix("imported:").partition(" gc:")
+    return done, [n for n in names.split(",") if n], gc_on == "True"
+
+
+def test_help_and_version_import_no_command_module(tmp_path: Path) -> None:
+    for args in (["--help"], ["--version"], []):
+        done, imported, gc_on = watched_run(args, tmp_path)
+        assert imported == [] and gc_on, (args, imported, done.stderr)
+    assert "Usage: floe" in watched_run(["--help"], tmp_path)[0].stdout
+
+
+def test_a_run_that_finds_nothing_new_imports_no_heavy_library(
+        tmp_path: Path, fullstory_config: Callable[..., Path]) -> None:
+    """The second run of a FullStory source whose windows are all loaded: it reads the state from the
+    DuckDB file, loads nothing, prints its summary and exits 0, without pyarrow, numpy or httpx."""
+    config = fullstory_config(end_time="2024-01-01T01:00:00Z")
+    first = subprocess.run([sys.executable, "-m", "floe", "run", "-c", str(config)], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    db = tmp_path / "w.duckdb"
+    with duckdb.connect(str(db), read_only=True) as con:
+        loaded = con.sql('SELECT count(*) FROM fs.events').fetchall()[0][0]
+    assert loaded > 0
+
+    done, imported, gc_on = watched_run(["run", "-c", str(config)], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert imported == ["floe.commands._output", "floe.commands._table", "floe.commands.run"], imported
+    assert gc_on
+    summary = [line for line in done.stdout.splitlines() if " fs " in line]
+    assert len(summary) == 1 and "events" in summary[0] and " 0 " in summary[0] and "ok" in summary[0], done.stdout
+    with duckdb.connect(str(db), read_only=True) as con:  # the state said: nothing left to read
+        assert con.sql('SELECT count(*) FROM fs.events').fetchall()[0][0] == loaded
+
+
+def test_a_run_that_loads_imports_what_it_needs(tmp_path: Path, fullstory_config: Callable[..., Path]) -> None:
+    """The same check sees the heavy libraries when a run does load: it can fail."""
+    config = fullstory_config(end_time="2024-01-01T01:00:00Z")
+    done, imported, _ = watched_run(["run", "-c", str(config)], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert {"pyarrow", "pyarrow.compute", "numpy", "httpx", "httpcore"} <= set(imported), imported
+
+
+def test_the_command_table_says_what_each_command_says() -> None:
+    """`floe --help` lists the commands from COMMANDS without importing them: each entry's help is the
+    first paragraph of the command's own help, and the listing is the one of the app with every command."""
+    for name in cli.COMMANDS:
+        target = cli.load(name)
+        own = target.info.help if isinstance(target, typer.Typer) else inspect.getdoc(target)
+        assert own is not None and own.split("\n\n")[0] == cli.COMMANDS[name].help, name
+    listed = CliRunner().invoke(cli.build_app(set()), ["--help"], terminal_width=200)
+    every = CliRunner().invoke(cli.build_app(cli.COMMANDS), ["--help"], terminal_width=200)
+    assert listed.exit_code == every.exit_code == 0
+    assert listed.output == every.output and "discover" in listed.output and "state" in listed.output
+
+
+@pytest.mark.parametrize("args", [["run", "--help"], ["state", "show", "--help"], ["--help"], ["nope"]])
+def test_one_command_loaded_answers_as_every_command_loaded(args: list[str]) -> None:
+    one = CliRunner().invoke(cli.build_app(cli.wanted(args)), args, terminal_width=120)
+    every = CliRunner().invoke(cli.build_app(cli.COMMANDS), args, terminal_width=120)
+    assert (one.exit_code, one.output) == (every.exit_code, every.output)
+    assert cli.wanted(args) == ({args[0]} if args[0] in cli.COMMANDS else set())
 
 
 def test_httpx_loads_without_its_command_line() -> None:

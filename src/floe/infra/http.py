@@ -27,7 +27,6 @@ from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import httpcore
 import orjson
 
 from floe.core.errors import SourceError
@@ -42,10 +41,7 @@ T = TypeVar("T")
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504}) | frozenset(range(505, 600))
 # Query parameters that carry credentials in some APIs (Singular's api_key, pre-signed S3 URLs).
 _SECRET_PARAMS = ("key", "token", "secret", "password", "signature", "credential", "auth", "sig")
-# Pages of list APIs are megabytes. httpcore reads a body 64 KB at a time, each piece passing through
-# h11, httpcore and httpx in Python: 1 MB reads take a quarter less CPU per page (asyncio hands
-# over at most 256 KB a time anyway, so memory does not grow).
-httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = 1 << 20
+READ_BYTES = 1 << 20  # what httpcore reads of a body at a time (set by the first HttpClient)
 
 
 def safe_url(url: str | httpx.URL) -> str:
@@ -149,7 +145,13 @@ class HttpClient:
         backoff_max: float = 60.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        import httpcore
         import httpx
+
+        # Pages of list APIs are megabytes. httpcore reads a body 64 KB at a time, each piece passing through
+        # h11, httpcore and httpx in Python: 1 MB reads take a quarter less CPU per page (asyncio hands
+        # over at most 256 KB a time anyway, so memory does not grow).
+        httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = READ_BYTES
         self.source = source
         self.max_retries = max_retries
         self.backoff_base = backoff_base
