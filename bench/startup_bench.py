@@ -8,6 +8,8 @@ config, opens the DuckDB file (state, lease), finds nothing and prints its summa
 `--runs` times as a child process; the best and the median wall and CPU seconds are printed (CPU is
 user + system of the child, from getrusage), with the load average. `--imports` also prints the
 largest import costs of the no-op run by package (python -X importtime, self times summed).
+floe's modules are byte-compiled first: with PYTHONDONTWRITEBYTECODE=1 set, each run would otherwise
+compile them again (about a fifth of a second).
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--imports", action="store_true", help="also print the no-op run's import costs")
     args = parser.parse_args()
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "src")], check=True,
+                   stdout=subprocess.DEVNULL)
 
     from floe.sandbox.fullstory import create_app
     from floe.sandbox.server import serve_in_process
