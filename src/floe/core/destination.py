@@ -49,6 +49,7 @@ class StagedFile:
 def json_field(name: str) -> pa.Field:
     """An Arrow field for a JSON document stored as text; warehouses give it their JSON type."""
     import pyarrow as pa
+
     return pa.field(name, pa.string(), metadata={META_JSON: b"1"})
 
 
@@ -373,6 +374,7 @@ def staged_column(batch: pa.RecordBatch, target: pa.Field, first_seq: int) -> tu
     (None when the column was made up here)."""
     import numpy as np
     import pyarrow as pa
+
     if target.name == SEQ:
         return pa.array(np.arange(first_seq, first_seq + batch.num_rows, dtype=np.int64)), None
     idx = batch.schema.get_field_index(target.name)
@@ -387,6 +389,7 @@ def staged_column(batch: pa.RecordBatch, target: pa.Field, first_seq: int) -> tu
 def nested_as_json(column: pa.Array | pa.ChunkedArray) -> pa.Array:
     """Lists, structs and maps as JSON text (NULL stays NULL): what warehouses load into JSON columns."""
     import pyarrow as pa
+
     return pa.array([None if v is None else orjson.dumps(v, default=str).decode() for v in column.to_pylist()],
                     pa.string())
 
@@ -394,6 +397,7 @@ def nested_as_json(column: pa.Array | pa.ChunkedArray) -> pa.Array:
 def arrow_type_key(t: pa.DataType) -> str:
     """A stable name for an Arrow type, used as the key of every warehouse's type map."""
     import pyarrow as pa
+
     if pa.types.is_timestamp(t):
         return "timestamp_tz" if t.tz else "timestamp"
     if pa.types.is_date(t):

@@ -40,6 +40,7 @@ def _representative() -> dict[str, pa.Field]:
     """One value type standing for each key, to ask whether a type holds everything another type holds.
     A JSON column's nested values are stored as JSON documents, so "nested" stands for a document too."""
     import pyarrow as pa
+
     return {
         "bool": pa.field("v", pa.bool_()), "int32": pa.field("v", pa.int32()), "int64": pa.field("v", pa.int64()),
         "float64": pa.field("v", pa.float64()), "decimal": pa.field("v", pa.decimal256(76, 38)),
@@ -57,6 +58,7 @@ def type_key(f: pa.Field) -> str:
 def integer_digits(t: pa.DataType) -> int:
     """How many decimal digits the largest value of an integer type has (int64: 19)."""
     import pyarrow as pa
+
     width = t.bit_width if pa.types.is_integer(t) else 64
     largest = 2**width - 1 if pa.types.is_unsigned_integer(t) else 2 ** (width - 1) - 1
     return len(str(largest))
@@ -119,6 +121,7 @@ class ColumnRules:
     def holds_field(self, column: SqlType, f: pa.Field) -> bool:
         """Whether a column of type `column` holds every value of staged field `f` exactly."""
         import pyarrow as pa
+
         if column.name in self.decimals:
             bounds = self.decimals[column.name]
             if column.precision is not None:
@@ -134,6 +137,7 @@ class ColumnRules:
     def holds_all(self, column: SqlType, old: SqlType) -> bool:
         """Whether a column of type `column` holds every value a column of type `old` may hold."""
         import pyarrow as pa
+
         if old.name in self.decimals:
             bounds = self.decimals[old.name] if old.precision is None else (old.precision, old.scale or 0)
             if bounds is None:  # unbounded: only another unbounded decimal type holds it all
@@ -147,6 +151,7 @@ class ColumnRules:
 def decimal_supertype(old: SqlType, new: pa.DataType, rules: ColumnRules) -> pa.DataType | None:
     """The narrowest Arrow decimal holding an exact-number column of type `old` and values of type `new`."""
     import pyarrow as pa
+
     if old.name in rules.decimals:
         bounds = rules.decimals[old.name] if old.precision is None else (old.precision, old.scale or 0)
         if bounds is None:
@@ -173,6 +178,7 @@ def compare(rules: ColumnRules, old: str, new: pa.Field, create: Callable[[pa.Fi
     `create(field)` is the type the warehouse gives a new column of that field: the first widening
     candidate; a decimal wide enough for both sides is the other."""
     import pyarrow as pa
+
     column = rules.parse(old)
     if rules.holds_field(column, new):
         return LOSSLESS

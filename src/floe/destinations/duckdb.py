@@ -108,6 +108,7 @@ class DuckDBDestination(SqlStateOps, SqlRunLog, SqlDestination):
 
     def column_type(self, f: pa.Field) -> str | None:
         import pyarrow as pa
+
         if pa.types.is_decimal(f.type) and f.type.precision <= 38:  # DuckDB's widest DECIMAL
             return f"DECIMAL({f.type.precision},{f.type.scale})"
         return super().column_type(f)
@@ -205,6 +206,7 @@ class DuckDBDestination(SqlStateOps, SqlRunLog, SqlDestination):
     def read_batches(self, sql: str, params: Any = (), batch_size: int = 50_000) -> Iterator[pa.RecordBatch]:
         """Stream a query's rows as Arrow batches from a separate cursor (loads are not blocked)."""
         import pyarrow as pa
+
         cur = self.conn.cursor()
         try:
             reader = cur.sql(sql, params=list(params) if params else None).to_arrow_reader(batch_size)
@@ -219,6 +221,7 @@ class DuckDBDestination(SqlStateOps, SqlRunLog, SqlDestination):
 
     def stage_rows(self, cur: Any, job: LoadJob, staging: str) -> str:
         import pyarrow as pa
+
         if not job.files:  # replace with nothing: an empty relation with the table's columns
             cols = ", ".join(
                 f"CAST(NULL AS {t}) AS {self.quote(f.name)}"
@@ -262,8 +265,8 @@ class DuckDBDestination(SqlStateOps, SqlRunLog, SqlDestination):
 def staged_arrow(paths: list[Path], schema: pa.Schema) -> pa.RecordBatchReader:
     """The rows of Arrow stage files, in write order, as one stream of `schema` (whose last column
     is `SEQ`, the arrival order), one batch in memory at a time."""
-
     import pyarrow as pa
+
     def batches() -> Iterator[pa.RecordBatch]:
         seq = 0
         for path in paths:
@@ -282,6 +285,7 @@ def conform(batch: pa.RecordBatch, schema: pa.Schema, first_seq: int) -> pa.Reco
     file) come from `staged_column`; one of another type (e.g. null while every value was missing) is
     cast. Nested values stay nested: DuckDB casts them to JSON itself."""
     import pyarrow as pa
+
     if batch.schema.equals(pa.schema(list(schema)[:-1])):  # the usual case: just number the rows
         return batch.append_column(schema.field(SEQ), staged_column(batch, schema.field(SEQ), first_seq)[0])
     columns = []

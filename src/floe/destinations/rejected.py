@@ -50,6 +50,7 @@ def row_reasons(table: pa.Table, rules: RowRules) -> pa.ChunkedArray | pa.Array:
     """Per row, why the destination cannot store it (NULL: it can), from its first bad column."""
     import pyarrow as pa
     import pyarrow.compute as pc
+
     reason: pa.Array | pa.ChunkedArray = pa.nulls(table.num_rows, pa.string())
     for f in table.schema:
         if not (pa.types.is_string(f.type) or pa.types.is_large_string(f.type)):
@@ -75,6 +76,7 @@ def json_valid(column: pa.Array | pa.ChunkedArray) -> pa.Array:
     """Whether each value is one JSON document (NULL stays NULL), by DuckDB's `json_valid`, vectorised."""
     import duckdb
     import pyarrow as pa
+
     con = duckdb.connect()
     try:
         values = pa.table({"v": column})
@@ -88,6 +90,7 @@ def json_valid(column: pa.Array | pa.ChunkedArray) -> pa.Array:
 def read_file(staged: StagedFile) -> pa.Table:
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     if staged.path.suffix == ".parquet":
         return pq.read_table(staged.path)
     with pa.memory_map(str(staged.path)) as source:
@@ -98,6 +101,7 @@ def write_like(table: pa.Table, staged: StagedFile) -> Path:
     """`table` in the format of `staged`, beside it (the name says it is quarantine's)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     path = staged.path.with_name(f"{staged.path.stem}.kept{staged.path.suffix}")
     if staged.path.suffix == ".parquet":
         pq.write_table(table, path, compression="zstd")
@@ -113,6 +117,7 @@ def quarantined(jobs: Sequence[LoadJob], rules: RowRules, destination: str) -> I
     the streams that quarantine; the copies of the files are deleted on exit. A job already checked,
     or of a stream that does not quarantine, is as it was. Raises DestinationError over `bad_rows_max`."""
     import pyarrow.compute as pc
+
     written: list[Path] = []
     try:
         out = []

@@ -120,6 +120,7 @@ class SchemaPlan:
     def spec(self, spec: TableSpec, staged: Sequence[pa.Schema]) -> TableSpec:
         """`spec` with each staged column under the name it loads into (as `table_spec` builds it)."""
         import pyarrow as pa
+
         if not self.reshaped:
             return spec
         fields = {f.name: f for f in spec.columns if f.name not in self.dropped}
@@ -137,6 +138,7 @@ def plan_schema(rules: ColumnRules, widening: Widening, spec: TableSpec, existin
     """The changes loading `staged` files of `spec` into a table with columns `existing` (none: no table
     yet) makes; refusals instead, by `spec.schema_changes` (see the module docstring)."""
     import pyarrow as pa
+
     plan = SchemaPlan(renames=[{} for _ in staged])
     frozen = spec.schema_changes == "freeze"
     columns = {f.name: t for f in spec.columns if (t := create(f)) is not None} | dict(existing)
@@ -283,9 +285,10 @@ def routed(job: LoadJob, plan: SchemaPlan) -> Iterator[LoadJob]:
 
 def rename_columns(staged: StagedFile, renames: Mapping[str, str]) -> StagedFile:
     """A copy of a stage file (beside it, same format) with columns renamed."""
-    # A name of its own: with several destinations, each routes the same shared stage file at once.
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    # A name of its own: with several destinations, each routes the same shared stage file at once.
     path = staged.path.with_name(f"{staged.path.stem}-routed-{secrets.token_hex(4)}{staged.path.suffix}")
     if staged.path.suffix == SUFFIXES["arrow"]:
         with pa.OSFile(str(staged.path)) as source:

@@ -146,6 +146,7 @@ class SqlDestination(Destination):
     def column_type(self, f: pa.Field) -> str | None:
         """The warehouse type of an Arrow field; None for all-null columns (typed when data arrives)."""
         import pyarrow as pa
+
         if is_json(f):
             return self.json_type
         return self.type_map.get(arrow_type_key(f.type), self.text_type) if not pa.types.is_null(f.type) else None
@@ -165,6 +166,7 @@ class SqlDestination(Destination):
 
     def insert_columns(self, spec: TableSpec) -> list[str]:
         import pyarrow as pa
+
         return [f.name for f in spec.columns if not pa.types.is_null(f.type)]
 
     def staged_keys_unique(self, cur: Any, spec: TableSpec, staging: str) -> bool:
@@ -189,6 +191,7 @@ class SqlDestination(Destination):
         `unique_keys`: the caller checked that no primary key occurs twice among the staged rows,
         so a merge reads them directly instead of first ranking every row (a full copy)."""
         import pyarrow as pa
+
         columns = [(self.quote(f.name), self.value_sql(f)) for f in spec.columns if not pa.types.is_null(f.type)]
         return merge.disposition_sql(
             self.merge_style, spec, self.qualified(spec.schema_name, spec.table), staging, columns=columns,

@@ -47,6 +47,7 @@ class SnakeCaseStream(Stream):
 
     def __init__(self, stream: Stream, source: str) -> None:
         import pyarrow as pa
+
         self.inner, self.where = stream, f"sources.{source}.naming ({source}.{stream.name})"
         try:
             self.names = renames(stream.schema.names, self.where)

@@ -77,6 +77,7 @@ class StreamResult:
 def table_spec(source: str, stream: Stream, files: list[StagedFile]) -> TableSpec:
     """The stream's declared columns, overridden and extended by what the staged files hold."""
     import pyarrow as pa
+
     fields: dict[str, pa.Field] = {f.name: f for f in stream.landed_schema}
     for staged in files:
         for f in staged.schema:

@@ -266,6 +266,7 @@ class HttpClient:
         """The retry loop both `request` and `stream` use: yields the first successful response,
         with its body already read when `read_body` (a body cut short is then retried too)."""
         import httpx
+
         self._raise_if_rejected()
         attempt = 0
         while True:
@@ -308,6 +309,7 @@ class HttpClient:
 
 def _transport_message(exc: httpx.TransportError) -> str:
     import httpx
+
     kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "connection error"
     detail = str(exc).strip()
     return redact(f"{kind}: {type(exc).__name__}" + (f" {detail}" if detail else ""))

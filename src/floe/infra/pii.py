@@ -84,6 +84,7 @@ class ColumnPolicy:
     def schema(self, schema: pa.Schema) -> pa.Schema:
         """The declared columns as they land: dropped ones gone, hashed ones text."""
         import pyarrow as pa
+
         fields = []
         for f in schema:
             mode = self.modes.get(f.name)
@@ -94,6 +95,7 @@ class ColumnPolicy:
     def apply(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         """`batch` with the policy's columns hashed or removed (other columns untouched)."""
         import pyarrow as pa
+
         if not any(name in self.modes for name in batch.schema.names):
             return batch
         arrays, fields = [], []
@@ -111,6 +113,7 @@ class ColumnPolicy:
         """Each value's salted hash (NULL stays NULL); each distinct value is hashed once."""
         import pyarrow as pa
         import pyarrow.compute as pc
+
         if arrow_type_key(column.type) == "nested":
             column = nested_as_json(column)
         elif not pa.types.is_string(column.type):
@@ -193,6 +196,7 @@ class Pii:
     def scrub_array(self, column: pa.Array) -> pa.Array:
         import pyarrow as pa
         import pyarrow.compute as pc
+
         hits = pc.or_kleene(pc.match_substring(column, "@"), pc.match_substring(column, "%40"))
         if not pc.any(hits).as_py():
             return column
@@ -204,6 +208,7 @@ class Pii:
     def scrub_batch(self, batch: pa.RecordBatch, skip: frozenset[str] = frozenset()) -> pa.RecordBatch:
         """Replace addresses in every string column not in `skip` (columns already handled)."""
         import pyarrow as pa
+
         if self.mode == "keep":
             return batch
         columns = list(batch.columns)

@@ -86,6 +86,7 @@ class StageWriter:
     def _open(self, schema: pa.Schema) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
+
         self._count += 1
         directory = self.folder
         path = directory / f"{self.load_id}-{self._count:05d}{SUFFIXES[self.format]}"

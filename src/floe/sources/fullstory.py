@@ -436,6 +436,7 @@ class FullStorySource(Source):
 
     async def download(self, export_id: str, target: Path, where: str, attempts: int = 5) -> None:
         import httpx
+
         for attempt in range(attempts):
             info = await self.api.get_json(f"/search/v1/exports/{export_id}/results")
             location = info.get("location")

@@ -36,6 +36,7 @@ _SEPARATORS = re.compile(rb"[\s,\[\]]*")
 def _timestamps_as_text(t: pa.DataType) -> pa.DataType:
     """`t` with every timestamp in it (inference makes them of date-like text) replaced by string."""
     import pyarrow as pa
+
     if pa.types.is_timestamp(t):
         return pa.string()
     if pa.types.is_list(t):
@@ -48,6 +49,7 @@ def _timestamps_as_text(t: pa.DataType) -> pa.DataType:
 def _parse_type(t: pa.DataType) -> pa.DataType:
     """What the JSON reader parses a column as: times in ns (any RFC3339 precision), ints as int64."""
     import pyarrow as pa
+
     if pa.types.is_timestamp(t):
         return pa.timestamp("ns", tz="UTC")
     if pa.types.is_integer(t):
@@ -60,6 +62,7 @@ class ExportReader:
 
     def __init__(self, schema: pa.Schema, fmt: str, chunk_bytes: int = 2 << 20, workers: int = 2) -> None:
         import pyarrow as pa
+
         self.schema = schema
         self.known = [f for f in schema if f.name != CUSTOM_VARS]
         self.known_names = {f.name for f in self.known}
@@ -178,6 +181,7 @@ class ExportReader:
         Every failure is a SourceError that starts with `where` (the window and export) and names the
         line (NDJSON) or array element, and the field, when one is at fault."""
         import pyarrow as pa
+
         with ThreadPoolExecutor(self.workers, thread_name_prefix="fullstory-parse") as pool:
             pending: deque[tuple[int, Future[pa.RecordBatch]]] = deque()
             index = -1
@@ -222,6 +226,7 @@ class ExportReader:
         (about 20% less CPU than 1 MB blocks on pyarrow's threads). Safe on several threads."""
         import pyarrow as pa
         import pyarrow.json as pj
+
         while True:
             declared = self._declared
             options = pj.ParseOptions(explicit_schema=pa.schema(list(declared.items())),
@@ -255,6 +260,7 @@ class ExportReader:
         custom var holding a list of mixed types). Returns the known columns plus CustomVars."""
         import pyarrow as pa
         import pyarrow.compute as pc
+
         events = []
         for i, line in enumerate(chunk.split(b"\n")):
             if line.strip():
@@ -286,6 +292,7 @@ class ExportReader:
     def convert(self, table: pa.Table) -> pa.RecordBatch:
         import pyarrow as pa
         import pyarrow.compute as pc
+
         table = table.combine_chunks()
         n = table.num_rows
         columns: dict[str, list[str]] = {}  # known column -> the parsed columns holding it
@@ -331,6 +338,7 @@ def _first_misfit(values: list[Any], type_: pa.DataType) -> int:
     """The index of the first value that does not convert to `type_` (0 if none is found alone)."""
     import pyarrow as pa
     import pyarrow.compute as pc
+
     for i, value in enumerate(values):
         if value is None:
             continue
@@ -359,6 +367,7 @@ def _fragment(key: str, col: pa.Array) -> pa.Array:
     and nested values go through orjson."""
     import pyarrow as pa
     import pyarrow.compute as pc
+
     t = col.type
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         if not pc.any(pc.match_substring_regex(col, r'[\x00-\x1f"\\]')).as_py():  # nothing to escape
@@ -381,6 +390,7 @@ def custom_vars(table: pa.Table, names: list[str]) -> pa.Array:
     be simpler, but pyarrow drops the rows whose inputs are all null instead of giving them "".)"""
     import pyarrow as pa
     import pyarrow.compute as pc
+
     n = table.num_rows
     fragments = []
     for name in names:
