@@ -33,7 +33,6 @@ from floe.core.settings import SourceConfig
 from floe.core.stream import Batch, Context, DayRange, RefreshScope, RequestMetrics, Source, State, Stream
 from floe.infra.http import ApiError, HttpClient
 from floe.infra.threads import iterate_in_thread
-from floe.sources.fullstory_export import CUSTOM_VARS
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -203,6 +202,8 @@ class EventsStream(Stream):
     def schema(self) -> pa.Schema:
         if self._schema is None:
             import pyarrow as pa
+
+            from floe.sources.fullstory_export import CUSTOM_VARS
 
             fields = BASE_FIELDS + (MOBILE_FIELDS if self.config.include_mobile_fields else [])
             self._schema = pa.schema([pa.field(n, arrow_type(t)) for n, t in fields] + [json_field(CUSTOM_VARS)])
