@@ -26,9 +26,9 @@ if TYPE_CHECKING:
 
 Disposition = Literal["append", "merge", "replace"]
 State = dict[str, Any]
-# Amounts of money (prices, costs, revenue): an exact decimal with six places (a millionth of the
-# currency unit) and twelve integer digits; DECIMAL(18,6) / NUMERIC(18,6) in every warehouse.
-# (MONEY, made by __getattr__ on first use.)
+# MONEY, for amounts of money (prices, costs, revenue): an exact decimal with six places (a millionth of
+# the currency unit) and twelve integer digits; DECIMAL(18,6) / NUMERIC(18,6) in every warehouse. Made by
+# `__getattr__` below when first imported.
 # A checkpoint's ledger entries (`{key: value}`, e.g. a file's name and checksum): what it ADDS to the
 # stream's ledger. A stream reads the whole ledger back under this key of its state. Destinations that
 # keep a ledger table (`Destination.keeps_ledger`) store the entries there, in the commit's transaction,
