@@ -44,10 +44,13 @@ class DuckDBConfig(DestinationConfig, StateHistoryConfig):
     # nearly every load of ~100k wide rows, recompressing the table's last, partly filled row group
     # each time (about half the CPU of such loads); a larger WAL is replayed on open after a crash.
     checkpoint_threshold: str | None = "64MB"
-    # Each commit leaves partly filled row groups that DuckDB later merges and recompresses, so an
-    # append stream's checkpoints are folded into commits of at least `commit_rows` rows, or of
-    # `commit_wait_seconds` seconds' worth when rows come slower.
-    commit_rows: int = Field(default=1_000_000, ge=0)
+    # An insert buffers this many row groups (of 122,880 rows) per thread before writing them; DuckDB's
+    # default (5, or 20% of memory_limit per thread) holds ~1GB of wide rows without a memory_limit.
+    write_buffer_row_group_count: int = Field(default=1, ge=1)
+    # An append stream's checkpoints are folded into commits of at least `commit_rows` rows, or of
+    # `commit_wait_seconds` seconds' worth when rows come slower: fewer commits, fewer partly filled
+    # row groups (appends do not vacuum: DuckDB leaves those row groups as they are).
+    commit_rows: int = Field(default=250_000, ge=0)
     commit_wait_seconds: float = Field(default=10.0, ge=0)
     # Stage files are local and read once, at once: appends stage Arrow IPC, which costs almost
     # nothing to write and read; merges stage Parquet (lz4: less CPU than zstd).
@@ -136,6 +139,7 @@ class DuckDBDestination(SqlStateOps, SqlRunLog, SqlDestination):
             settings["threads"] = self.config.threads
         if self.config.checkpoint_threshold:
             settings["checkpoint_threshold"] = self.config.checkpoint_threshold
+        settings["write_buffer_row_group_count"] = self.config.write_buffer_row_group_count
         try:
             conn = duckdb.connect(str(self.path), config=settings)
         except duckdb.Error as exc:
@@ -254,7 +258,12 @@ class DuckDBDestination(SqlStateOps, SqlRunLog, SqlDestination):
         # filled row groups each thread leaves per commit cost more to merge again at the next
         # checkpoint than the threads save (Twilio bench: 97,574 against 106,554 records/s).
         preserve = "true" if spec.disposition == "merge" else "false"
-        return [f"SET preserve_insertion_order = {preserve}",
+        # The checkpoint after an append or a replace does not vacuum: merging the partly filled row
+        # groups of earlier commits recompresses them at every checkpoint. A merge's deletes are
+        # vacuumed (DuckDB's default, 100 tasks). The setting is global:
+        # concurrent streams of both kinds only change which checkpoint vacuums.
+        vacuum = 100 if spec.disposition == "merge" else 0
+        return [f"SET preserve_insertion_order = {preserve}", f"SET max_vacuum_tasks = {vacuum}",
                 *super().disposition_sql(spec, staging, order, load_id, unique_keys)]
 
     def drop_staging(self, cur: Any, staging: str) -> None:
