@@ -171,7 +171,7 @@ def test_commit_interval_folds_checkpoints_into_one_commit(duckdb_destination, t
 
 
 @pytest.mark.parametrize(("config", "commits"), [
-    ({}, 1),  # DuckDB's defaults: a commit holds a million rows or ten seconds' worth
+    ({}, 1),  # DuckDB's defaults: a commit holds 250,000 rows or ten seconds' worth
     ({"commit_rows": 2}, 3),  # after rows 2 and 4, then the rest
     ({"commit_wait_seconds": 0}, 5),
 ])
@@ -195,6 +195,28 @@ def test_duckdb_commits_each_checkpoint_of_a_merge(tmp_path):
         result = asyncio.run(run_stream(OneStreamSource(stream), stream, dest, tmp_path / "stage"))
         assert result.ok and result.commits == 2
         assert rows(dest) == [(1, "c"), (2, "x")]
+    finally:
+        dest.close()
+
+
+def test_duckdb_checkpoints_after_appends_do_not_vacuum_but_after_merges_do(tmp_path):
+    # Vacuuming would merge the partly filled row groups of the three commits (compressing them again).
+    dest = DuckDBDestination("w", DuckDBConfig(path=str(tmp_path / "w.duckdb")), Context(tmp_path))
+    load = Loader(dest, tmp_path)
+
+    def setting(name: str) -> str:
+        return str(dest.query("SELECT value FROM duckdb_settings() WHERE name = ?", (name,))[0][0])
+
+    try:
+        assert setting("write_buffer_row_group_count") == "1"
+        for i in range(3):
+            load(t(list(range(i * 1000, i * 1000 + 1000)), ["x"] * 1000))
+            dest.conn.execute("CHECKPOINT")
+        assert setting("max_vacuum_tasks") == "0"
+        assert dest.query("SELECT COUNT(DISTINCT row_group_id) FROM pragma_storage_info('src.items')")[0][0] == 3
+        load(t([1], ["y"]), disposition="merge", pk=("id",))
+        assert setting("max_vacuum_tasks") == "100"
+        assert dest.query("SELECT COUNT(*), COUNT(*) FILTER (WHERE v = 'y') FROM src.items")[0] == (3000, 1)
     finally:
         dest.close()
 
