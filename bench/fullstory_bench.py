@@ -4,7 +4,8 @@
                                               [--destinations 1]
 
 With `--destinations N` the source loads into N DuckDB files at once (one export read feeds them all).
-DuckDB runs with floe's defaults unless `--memory-limit`, `--threads` or `--checkpoint-threshold` are given.
+DuckDB runs with floe's defaults unless `--memory-limit`, `--threads`, `--checkpoint-threshold` or
+`--commit-rows` are given.
 
 The emulator's events are as irregular as FullStory's (sparse custom vars, explicit nulls, odd key
 casing, ids above 2^53; see floe.sandbox.fullstory). It builds each window's gzip file once and caches
@@ -79,6 +80,7 @@ def main() -> None:
     parser.add_argument("--memory-limit", help="DuckDB's memory_limit (default: floe's, i.e. DuckDB's)")
     parser.add_argument("--threads", type=int, help="DuckDB's threads (default: floe's, i.e. DuckDB's)")
     parser.add_argument("--checkpoint-threshold", help="DuckDB's checkpoint_threshold (default: floe's)")
+    parser.add_argument("--commit-rows", type=int, help="the destination's commit_rows (default: floe's)")
     parser.add_argument("--destinations", type=int, default=1, help="how many DuckDB files to load at once")
     parser.add_argument("--profile", type=Path, help="sample the floe run with py-spy into this file")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "floe-fullstory-bench")
@@ -91,7 +93,8 @@ def main() -> None:
         names = ["w"] if args.destinations == 1 else [f"w{i}" for i in range(1, args.destinations + 1)]
         # Only the settings asked for: by default the run measures what users get, floe's defaults.
         tuned = {key: value for key, value in (("memory_limit", args.memory_limit), ("threads", args.threads),
-                                               ("checkpoint_threshold", args.checkpoint_threshold)) if value}
+                                               ("checkpoint_threshold", args.checkpoint_threshold),
+                                               ("commit_rows", args.commit_rows)) if value is not None}
 
         def config(name: str) -> Path:
             for db_name in names:
