@@ -38,16 +38,8 @@ from floe.core.destination import (
 from floe.core.errors import DestinationError
 from floe.core.secrets import redact
 from floe.core.stream import RefreshScope
-from floe.destinations import ledger, merge, schema_changes
+from floe.destinations import drift, ledger, merge, schema_changes
 from floe.destinations.column_types import ColumnRules
-from floe.destinations.drift import (
-    DRIFT_TABLE,
-    DriftSql,
-    DriftStatement,
-    ages_query,
-    drift_ddl,
-    drift_statement,
-)
 from floe.destinations.merge import STANDARD, MergeStyle
 from floe.destinations.rejected import RowRules, insert_rejected, quarantined
 from floe.destinations.schema_changes import SchemaPlan, Widening, log_changes, routed
@@ -216,7 +208,7 @@ class SqlDestination(Destination):
             f"CREATE TABLE IF NOT EXISTS {self.qualified(self.meta_schema, LOADS_TABLE)} ("
             f"load_id {t}, source {t}, stream {t}, destination {t}, rows BIGINT, started_at {ts}, "
             f"finished_at {ts}, status {t}, error {t}, details {t}, run_id {t})",
-            drift_ddl(self.qualified(self.meta_schema, DRIFT_TABLE), DriftSql(text_type=t)),
+            drift.drift_ddl(self.qualified(self.meta_schema, drift.DRIFT_TABLE), drift.DriftSql(text_type=t)),
         ]
 
     def upgrade_meta(self, cur: Any) -> None:  # noqa: B027 - optional hook
@@ -369,13 +361,13 @@ class SqlDestination(Destination):
                 staging = f"_floe_staging_{job.load_id.replace('-', '_')}"
                 order = self.stage_rows(cur, job, staging)
                 unique_keys = self.staged_keys_unique(cur, spec, staging)
-                drift = self.drift_statement(job, staging)
-                if drift and drift.before_rows:
-                    cur.execute(drift.sql, drift.params)
+                late = self.drift_statement(job, staging)
+                if late and late.before_rows:
+                    cur.execute(late.sql, late.params)
                 for statement in self.disposition_sql(spec, staging, order, job.load_id, unique_keys):
                     cur.execute(statement)
-                if drift and not drift.before_rows:
-                    cur.execute(drift.sql, drift.params)
+                if late and not late.before_rows:
+                    cur.execute(late.sql, late.params)
                 self.drop_staging(cur, staging)
         for statement in self.views_sql(spec):
             cur.execute(statement)
@@ -432,18 +424,18 @@ class SqlDestination(Destination):
             return f"{column} >= {p}", (scope.start,)
         return f"{column} >= {p} AND {column} < {p}", (scope.start, scope.end)
 
-    def drift_statement(self, job: LoadJob, staging: str) -> DriftStatement | None:
+    def drift_statement(self, job: LoadJob, staging: str) -> drift.DriftStatement | None:
         """The INSERT recording the job's late changes in `_floe_drift` (floe.destinations.drift)."""
         if not self.records_drift or job.refresh:
             return None
         p, spec = self.placeholder, job.table
-        return drift_statement(job, DriftSql(text_type=self.text_type), staging=staging, quote=self.quote,
-                               target=self.qualified(spec.schema_name, spec.table), values=(p, p, p),
-                               drift_table=self.qualified(self.meta_schema, DRIFT_TABLE))
+        return drift.drift_statement(job, drift.DriftSql(text_type=self.text_type), staging=staging,
+                                     quote=self.quote, target=self.qualified(spec.schema_name, spec.table),
+                                     values=(p, p, p), drift_table=self.qualified(self.meta_schema, drift.DRIFT_TABLE))
 
     def drift_ages(self, source: str, stream: str) -> list[tuple[Any, ...]]:
         p = self.placeholder
-        return self.query(ages_query(self.qualified(self.meta_schema, DRIFT_TABLE), p, p), (source, stream))
+        return self.query(drift.ages_query(self.qualified(self.meta_schema, drift.DRIFT_TABLE), p, p), (source, stream))
 
     def drop_staging(self, cur: Any, staging: str) -> None:
         cur.execute(f"DROP TABLE IF EXISTS {staging}")
