@@ -231,3 +231,29 @@ def test_a_line_that_is_not_utf8_fails_alike_on_both_paths(duckdb_destination: A
             load(duckdb_destination, tmp_path, lines, "fast" if fast else "slow", fast=fast)
         errors.append(str(error.value))
     assert errors[0] == errors[1] and errors[0].startswith("input line 51: not a JSON message")
+
+
+def test_full_runs_and_their_states_do_not_wait_for_the_worker_and_reading_ahead_is_bounded(
+    destination: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import floe.apps.singer.target as target_module
+
+    monkeypatch.setattr(target_module, "CHUNK_ROWS", 100)  # each run is full: a STATE follows at once
+    target = SingerTarget(destination, tmp_path / "stage", io.BytesIO(), batch_rows=10**6)
+    target.fast = FastPath(min_run=10)
+    in_flight = []
+    rng = random.Random(9)
+
+    def feed() -> Iterator[bytes]:
+        yield schema_line()
+        for n in range(1, 9):
+            for i in range((n - 1) * 100, n * 100):
+                yield record_line(irregular(i, rng))
+            yield state_line(n * 100)
+            in_flight.append(target._converting)  # read after the STATE of run n: runs not drained yet
+
+    target.run(feed())
+    assert max(in_flight) >= 1  # neither the full run nor its STATE drained the worker
+    assert max(in_flight) <= FastPath.WORKERS  # the reader waits for the oldest run beyond that
+    assert (target.fast.taken, target.fast.records) == (8, 800)
+    assert destination.query("SELECT count(*) FROM singer.events") == [(800,)]

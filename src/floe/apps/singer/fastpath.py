@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
 
 import duckdb
@@ -100,25 +101,35 @@ def _select(c: Column) -> tuple[str, str]:
 
 
 class FastPath:
-    """One in-memory DuckDB that converts runs of RECORD lines; counts the runs it took and refused."""
+    """In-memory DuckDBs (one per worker thread) that convert runs of RECORD lines; counts the runs
+    they took and refused. `convert` may run in several threads at once."""
+
+    WORKERS = 2  # runs converted at once (each query also runs on DuckDB's threads)
 
     def __init__(self, min_run: int = MIN_RUN) -> None:
         self.min_run = min_run  # runs of fewer lines go through the per-record path
-        self.conn: duckdb.DuckDBPyConnection | None = None
+        self._local = threading.local()  # each thread's connection
+        self._conns: list[duckdb.DuckDBPyConnection] = []
+        self._lock = threading.Lock()
         self.taken = 0  # runs converted here
         self.records = 0  # records in them
         self.refused = 0  # runs left to the per-record path (of at least MIN_RUN lines)
 
     def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+        with self._lock:
+            for conn in self._conns:
+                conn.close()
+            self._conns = []
+            self._local = threading.local()
 
     def _connection(self) -> duckdb.DuckDBPyConnection:
-        if self.conn is None:
-            self.conn = duckdb.connect(":memory:")
-            self.conn.execute("SET TimeZone = 'UTC'")
-        return self.conn
+        conn: duckdb.DuckDBPyConnection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = duckdb.connect(":memory:")
+            conn.execute("SET TimeZone = 'UTC'")
+            with self._lock:
+                self._conns.append(conn)
+        return conn
 
     def convert(self, stream: str, columns: list[Column], schema: pa.Schema,
                 lines: list[bytes], folder: Path) -> pa.RecordBatch | None:
@@ -132,12 +143,14 @@ class FastPath:
         batch = None
         if reason is None:
             batch, reason = self._convert(stream, columns, schema, data, len(lines), folder)
+        with self._lock:
+            if batch is None:
+                self.refused += 1
+            else:
+                self.taken += 1
+                self.records += len(lines)
         if batch is None:
-            self.refused += 1
             log.debug("stream %s: %d records through the per-record path: %s", stream, len(lines), reason)
-            return None
-        self.taken += 1
-        self.records += len(lines)
         return batch
 
     def _convert(self, stream: str, columns: list[Column], schema: pa.Schema, data: bytes,

@@ -13,11 +13,11 @@ import pyarrow as pa
 from floe.apps.singer.convert import Converter
 from floe.apps.singer.replay import Replay
 from floe.apps.singer.schema import Column
-from floe.core.destination import LoadJob
+from floe.core.destination import Destination, LoadJob
 from floe.core.errors import FloeError, SourceError
 from floe.core.leases import Lease
 from floe.core.stream import Batch, Disposition, State, Stream
-from floe.infra.stage import StageWriter
+from floe.infra.stage import StageWriter, remove_files
 
 VERSION_COLUMN = "_sdc_table_version"
 
@@ -103,3 +103,21 @@ def delete_older_versions(destination: Any, job: LoadJob, version: int) -> None:
         raise
     except Exception as exc:
         raise SourceError(f"{destination.name}: ACTIVATE_VERSION {version} of {spec.table} failed: {exc}") from exc
+
+
+def apply_jobs(destination: Destination, jobs: list[LoadJob]) -> int:
+    """Commit the jobs in transactions of `group_size` tables (all of them, where the destination can)."""
+    size = destination.group_size
+    groups = [jobs[start:start + size] for start in range(0, len(jobs), size)]
+    try:
+        for group in groups:
+            try:
+                destination.load_group(group)
+            except Exception as exc:
+                for job in group:
+                    destination.record_failure(job, str(exc))
+                raise
+    finally:
+        for job in jobs:
+            remove_files(job.files)
+    return sum(job.rows for job in jobs)

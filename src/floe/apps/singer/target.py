@@ -23,7 +23,7 @@ run`: a second target, or a `floe run` of the same `<schema>.<stream>`, waits up
 destination's `lease_wait_seconds` and then fails naming the holder, and a commit on top of a state
 that another run moved meanwhile is refused whole.
 
-Fast path (fastpath.py): runs of RECORD lines go to DuckDB's JSON reader in a worker thread, those it
+Fast path (fastpath.py): runs of RECORD lines go to DuckDB's JSON reader in worker threads, those it
 cannot prove alike go the per-record path; a STATE waits for the runs before it only when it commits.
 
 Replays (see `Replay`): an orchestrator that lost the STATE of the target's last commit (the
@@ -58,6 +58,7 @@ from floe.apps.singer.streams import (
     Buffer,
     SingerStream,
     StateLine,
+    apply_jobs,
     bad_record,
     delete_older_versions,
     with_version,
@@ -97,7 +98,7 @@ class SingerTarget:
         self._replays: list[Buffer] = []  # streams whose replay window is open
         self._runs: list[StageRun] = []  # each stream's stage folder
         self.fast = FastPath()
-        self._converter = ThreadPoolExecutor(1, thread_name_prefix="floe-target-fast")
+        self._converter = ThreadPoolExecutor(FastPath.WORKERS, thread_name_prefix="floe-target-fast")
         self._converting = 0  # runs in the fast path's worker
         self._fast: list[Buffer] = []  # the streams whose RECORD lines the fast path may take
 
@@ -169,6 +170,8 @@ class SingerTarget:
 
     def _submit(self, buf: Buffer, run: list[bytes], first_line: int) -> None:
         """A run of RECORD lines of `buf` to the fast path's worker; a short one (or a replay's) to _line now."""
+        if not run:  # (the run that a full one left) nothing waits for the worker
+            return
         if buf.skip or len(run) < self.fast.min_run:
             self._drain()
             for lineno, line in enumerate(run, first_line):
@@ -179,11 +182,13 @@ class SingerTarget:
         buf.pending.append((run, first_line, future))
         buf.pending_lines += len(run)
         self._converting += 1
+        self._drain(keep=FastPath.WORKERS)  # (reading ahead of the worker holds each line's bytes)
 
-    def _drain(self) -> None:
-        """Stage the runs in the worker, in order: their batches, or their lines through the per-record path."""
+    def _drain(self, keep: int = 0) -> None:
+        """Stage the runs in the worker, oldest first, until `keep` are left: their batches, or their lines
+        through the per-record path."""
         for buf in self.buffers.values():
-            while buf.pending:
+            while buf.pending and self._converting > keep:
                 run, first_line, future = buf.pending.pop(0)
                 buf.pending_lines -= len(run)
                 self._converting -= 1
@@ -419,28 +424,11 @@ class SingerTarget:
                 received = {name: b.at_state for name, b in self.buffers.items()}
                 state, self.state_unsent = StateLine(self.state, self.states_received, received), False
         if jobs:
-            self._inflight = (self._worker.submit(self._apply, jobs), state)
+            self._inflight = (self._worker.submit(apply_jobs, self.destination, jobs), state)
             if wait or only is not None:
                 self._settle()
         elif state is not None:
             self._write_state(state)
-
-    def _apply(self, jobs: list[LoadJob]) -> int:
-        """Commit the jobs in transactions of `group_size` tables (all of them, where the destination can)."""
-        size = self.destination.group_size
-        groups = [jobs[start:start + size] for start in range(0, len(jobs), size)]
-        try:
-            for group in groups:
-                try:
-                    self.destination.load_group(group)
-                except Exception as exc:
-                    for job in group:
-                        self.destination.record_failure(job, str(exc))
-                    raise
-        finally:
-            for job in jobs:
-                remove_files(job.files)
-        return sum(job.rows for job in jobs)
 
     def _settle(self) -> None:
         """Wait for the commit in flight (raising its error), then write its STATE."""
