@@ -107,3 +107,49 @@ def test_a_next_page_uri_inside_a_record_does_not_mislead_the_paging(emulator: A
     assert asyncio.run(asyncio.wait_for(read(), 30)) == [f"CA{p:032d}" for p in range(3)]
     served = server.app.state.served
     assert {p: served[p] for p in "012"} == {"0": 1, "1": 1, "2": 1} and served["9"] <= 1
+
+
+def other_host_app(elsewhere: list[str]) -> Starlette:
+    """One page whose `next_page_uri` is the URL of another host (`elsewhere[0]`, set once it runs), and
+    whose record holds a key of that name pointing there too."""
+
+    async def calls(request: Request) -> Response:
+        record = {"sid": "CA" + "0" * 32, "account_sid": SID, "annotation": {"next_page_uri": elsewhere[0]}}
+        return Response(orjson.dumps({"calls": [record], "next_page_uri": elsewhere[0]}),
+                        media_type="application/json")
+
+    return Starlette(routes=[Route(LIST, calls)])
+
+
+def test_a_next_page_uri_on_another_host_is_refused_and_never_requested(emulator: Any) -> None:
+    """The account's credentials go with every request: a page pointing elsewhere ends the read with an
+    error naming it, and neither the peek nor the parse sends a request there."""
+    from floe.config import parse_config
+    from floe.core.errors import SourceError
+    from floe.core.stream import Context
+    from floe.sources.twilio import TwilioSource
+
+    reached: Counter[str] = Counter()
+
+    async def anything(request: Request) -> Response:
+        reached[request.url.path] += 1
+        return Response(b'{"calls": [], "next_page_uri": null}', media_type="application/json")
+
+    other = emulator(lambda: Starlette(routes=[Route(LIST, anything)]))
+    elsewhere = [f"{other.url}{LIST}?PageSize=1&Page=1"]
+    server = emulator(lambda: other_host_app(elsewhere))
+    config = parse_config({"sources": {"tw": {"type": "twilio", "account_sid": SID, "auth_token": "t",
+                                              "start_date": "2026-01-01", "base_url": server.url}}}).sources["tw"]
+    source = TwilioSource("tw", config, Context())
+
+    async def read() -> None:
+        try:
+            async for _ in source.pages(source.list_url("Calls"), {"PageSize": "1"},
+                                        source.parser("calls", CALLS), "calls"):
+                pass
+        finally:
+            await source.aclose()
+
+    with pytest.raises(SourceError, match="next_page_uri .* leaves"):
+        asyncio.run(asyncio.wait_for(read(), 30))
+    assert not reached

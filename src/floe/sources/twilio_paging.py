@@ -18,11 +18,12 @@ import asyncio
 import os
 import re
 from collections.abc import AsyncGenerator, Callable
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import pyarrow as pa
 
-from floe.infra.http import HttpClient, PageGuard
+from floe.core.errors import SourceError
+from floe.infra.http import HttpClient, PageGuard, safe_url
 from floe.infra.threads import in_thread
 from floe.sources.twilio_records import PageParser
 
@@ -56,7 +57,15 @@ class ListPages:
         self.parsing = parsing  # shared by a source's lists: more parses at once than cores only cost memory
 
     def absolute(self, uri: str | None) -> str | None:
-        return urljoin(self.base_url + "/", uri) if uri else None
+        """`uri` (a page's `next_page_uri`) resolved against the base URL; SourceError if it leaves the
+        base URL's host: the account's credentials go with every request."""
+        if not uri:
+            return None
+        url = urljoin(self.base_url + "/", uri)
+        if _leaves(self.base_url, uri):
+            raise SourceError(f"twilio: a page's next_page_uri {safe_url(url)!r} leaves {safe_url(self.base_url)}; "
+                              "not following it (the credentials would go with the request)")
+        return url
 
     async def body(self, url: str, params: dict[str, str] | None) -> bytes:
         return (await self.http.request("GET", url, params=params)).content
@@ -83,7 +92,7 @@ class ListPages:
         try:
             while next_url is not None:
                 found, peeked = peek_next_uri(body) if last is None else (False, None)
-                if found and peeked is not None:
+                if found and peeked is not None and not _leaves(self.base_url, peeked):
                     early = self.absolute(peeked)
                     assert early is not None
                     ahead = (early, asyncio.create_task(self.body(early, None)))
@@ -109,3 +118,9 @@ class ListPages:
 async def _cancel(task: asyncio.Task[bytes]) -> None:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+def _leaves(base_url: str, uri: str) -> bool:
+    """True if `uri` resolved against `base_url` is on another scheme or host (a peek never requests it;
+    the parse decides, and `ListPages.absolute` refuses it)."""
+    return urlsplit(urljoin(base_url + "/", uri))[:2] != urlsplit(base_url)[:2]
