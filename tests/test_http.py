@@ -12,7 +12,7 @@ from email.utils import format_datetime
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from floe.core.errors import SourceError
@@ -79,13 +79,20 @@ def make_app() -> Starlette:
 
     truncated = Raw()
 
+    async def echo(request: Request) -> Response:
+        return JSONResponse({"headers": dict(request.headers)})
+
+    async def redirect(request: Request) -> Response:
+        return RedirectResponse(request.query_params["to"], 307)
+
     async def hit_count(request: Request) -> Response:
         return JSONResponse({"hits": hits[request.query_params["key"]]})
 
     app = Starlette(routes=[
         Route("/429", too_many), Route("/5xx", unavailable), Route("/400", bad_request),
         Route("/401", unauthorized), Route("/slow", slow), Route("/busy", busy), Route("/truncated", truncated),
-        Route("/hits", hit_count),
+        Route("/hits", hit_count), Route("/echo", echo, methods=["GET", "POST"]),
+        Route("/redirect", redirect, methods=["GET", "POST"]),
     ])
     app.state.hits = hits
     return app
@@ -93,6 +100,13 @@ def make_app() -> Starlette:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[RunningServer]:
+    with serve_in_thread(make_app()) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def elsewhere() -> Iterator[RunningServer]:
+    """Another origin (another port): a server the credentials must never reach."""
     with serve_in_thread(make_app()) as running:
         yield running
 
@@ -243,3 +257,30 @@ def test_safe_url_removes_credentials() -> None:
     url = safe_url(f"https://ACuser:{SECRET}@api.example.com/v2/x?api_key={SECRET}&Signature=abc&day=1")
     assert SECRET not in url and "ACuser" not in url and "abc" not in url
     assert url.startswith("https://api.example.com/v2/x?") and "day=1" in url
+
+
+def test_credentials_go_only_to_the_base_urls_origin(server: RunningServer, elsewhere: RunningServer,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Basic auth and credential headers reach the base URL, also after a redirect home; a redirect or an
+    absolute URL to another origin is sent without them (other headers still go), and a chain that left
+    home does not get them back."""
+    home, away = f"{server.url}/echo", f"{elsewhere.url}/echo"
+
+    async def go() -> list[dict[str, str]]:
+        async with client(server, auth=("ACuser", SECRET), headers={"accept": "application/json"},
+                          credentials={"x-pendo-integration-key": SECRET}) as http:
+            bodies = [await http.get_json(url) for url in (
+                "/echo", f"/redirect?to={home}", f"/redirect?to={away}", away)]
+            bodies.append(await http.get_json(f"{elsewhere.url}/redirect?to={home}"))
+            posted = await http.request("POST", f"/redirect?to={away}", content=b"[]")
+            return [b["headers"] for b in bodies] + [posted.json()["headers"]]
+
+    with caplog.at_level("INFO", logger="floe.http"):
+        at_home, redirected_home, redirected_away, absolute_away, back_home, posted_away = asyncio.run(go())
+    for headers in (at_home, redirected_home):
+        assert headers["x-pendo-integration-key"] == SECRET and headers["authorization"].startswith("Basic ")
+    for headers in (redirected_away, absolute_away, back_home, posted_away):
+        assert "x-pendo-integration-key" not in headers and "authorization" not in headers
+        assert headers["accept"] == "application/json"
+    withheld = [r.getMessage() for r in caplog.records if "http_credentials_withheld" in r.getMessage()]
+    assert len(withheld) == 4 and not any(SECRET in m for m in withheld)

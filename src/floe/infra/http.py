@@ -7,6 +7,8 @@ Contracts:
   own message and the URL without credentials. Exhausted retries also end in an `ApiError`.
 - At most `max_concurrency` requests of one client are in flight (a semaphore per source);
   a request waiting for its backoff does not hold a slot.
+- Credentials (`auth` and the `credentials` headers) go only to the base URL's origin (or its https
+  upgrade): a redirect or an absolute URL elsewhere is sent without them.
 - Credentials belong to the client: its first request goes alone, and once the API answers 401
   every later request fails with that same `ApiError` without being sent. A wrong token thus
   gives one error (not one per stream) and never hammers the API.
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     import httpx
 
 T = TypeVar("T")
+log = logging.getLogger("floe.http")
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504}) | frozenset(range(505, 600))
 # Query parameters that carry credentials in some APIs (Singular's api_key, pre-signed S3 URLs).
 _SECRET_PARAMS = ("key", "token", "secret", "password", "signature", "credential", "auth", "sig")
@@ -138,6 +141,7 @@ class HttpClient:
         *,
         auth: httpx.Auth | tuple[str, str] | None = None,
         headers: dict[str, str] | None = None,
+        credentials: dict[str, str] | None = None,
         timeout: float = 60.0,
         max_concurrency: int = 8,
         max_retries: int = 6,
@@ -153,6 +157,8 @@ class HttpClient:
         # over at most 256 KB a time anyway, so memory does not grow).
         httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = READ_BYTES
         self.source = source
+        self._credential_headers = frozenset({"authorization", *(name.lower() for name in credentials or {})})
+        self._home = _origin(httpx.URL(base_url)) if base_url else None
         self.max_retries = max_retries
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
@@ -165,14 +171,29 @@ class HttpClient:
         self._client = httpx.AsyncClient(
             base_url=base_url,
             auth=basic,
-            headers={"User-Agent": "floe", **(headers or {})},
+            headers={"User-Agent": "floe", **(headers or {}), **(credentials or {})},
             timeout=httpx.Timeout(timeout),
             transport=transport,
             limits=httpx.Limits(max_connections=max(max_concurrency, 1) * 2, max_keepalive_connections=max_concurrency),
             follow_redirects=True,
+            event_hooks={"request": [self._withhold_credentials]},
         )
 
     # --- helpers ---------------------------------------------------------------------------
+    async def _withhold_credentials(self, request: httpx.Request) -> None:
+        """Called for every request, redirects included: strip the credentials off one leaving home."""
+        if self._home is None:
+            return
+        there = _origin(request.url)
+        if there == self._home or there == ("https", self._home[1], 443) and self._home[0] == "http":
+            return
+        withheld = [name for name in self._credential_headers if name in request.headers]
+        for name in withheld:
+            del request.headers[name]
+        if withheld:
+            log.info("event=http_credentials_withheld source=%s url=%s reason=%s", self.source,
+                        safe_url(request.url), "the URL is not on the base URL's host")
+
     def backoff(self, attempt: int, hint: float | None = None) -> float:
         """Delay before retry number `attempt` (0-based): the server's hint, else capped exponential with jitter."""
         if hint is not None:
@@ -307,6 +328,12 @@ class HttpClient:
         await self.aclose()
 
 
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the scheme's default port filled in."""
+    default = {"http": 80, "https": 443}.get(url.scheme)
+    return url.scheme, url.host, url.port or default
+
+
 def _transport_message(exc: httpx.TransportError) -> str:
     import httpx
 
@@ -363,7 +390,7 @@ class ApiSource(Source):
     async def aclose(self) -> None:
         if self._http is not None:
             m = self._http.metrics
-            logging.getLogger("floe.http").info(
+            log.info(
                 "event=http_metrics source=%s requests=%d retries=%d errors=%d seconds=%.1f by_status=%s",
                 self.name, m.requests, m.retries, m.errors, m.seconds, m.by_status)
             await self._http.aclose()

@@ -375,7 +375,7 @@ class FullStorySource(Source):
         if self._api is None:
             key = self.config.api_key.get_secret_value()
             self._api = HttpClient(self.name, self.config.base_url.rstrip("/"),
-                                   headers={"Authorization": f"Basic {key}", "Accept": "application/json"})
+                                   headers={"Accept": "application/json"}, credentials={"Authorization": f"Basic {key}"})
         return self._api
 
     @property

@@ -39,8 +39,8 @@ class PendoClient:
         self.target = target
         self.http = HttpClient(
             "pendo", target.url,
-            headers={"x-pendo-integration-key": target.integration_key.get_secret_value(),
-                     "content-type": "application/json", "accept": "application/json"},
+            headers={"content-type": "application/json", "accept": "application/json"},
+            credentials={"x-pendo-integration-key": target.integration_key.get_secret_value()},
             timeout=target.timeout, max_concurrency=target.concurrency, max_retries=target.max_retries,
             backoff_base=target.backoff_base,
         )
