@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.fixtures.apis",
     "tests.fixtures.fullstory",
     "tests.fixtures.destinations",
+    "tests.fixtures.redshift_unload",
 ]

@@ -11,8 +11,9 @@ A table without a replication key is read FULL_TABLE and replaces the previous c
 Rows stream in Arrow batches, never a whole table in memory. PostgreSQL tables are read with
 binary COPY (`floe.infra.pgcopy.copy_batches`), columns of types it does not decode selected as text;
 Redshift, which cannot COPY to the client, through a server-side cursor
-(`floe.infra.pgconn.read_batches`). Both give the same batches: timestamps with time zone as UTC,
-dates as dates, numeric(p, s) as decimals, and types without an Arrow equivalent (intervals,
+(`floe.infra.pgconn.read_batches`), or, with `unload:` settings, by UNLOAD to S3 and reading the
+Parquet parts back (`floe.sources.sql_unload`). All give the same batches: timestamps with time zone
+as UTC, dates as dates, numeric(p, s) as decimals, and types without an Arrow equivalent (intervals,
 arrays, enums, ...) as their text form.
 """
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Generator, Iterator
 from datetime import date, datetime
 from decimal import Decimal
 from functools import partial
@@ -41,6 +42,7 @@ from floe.core.stream import Batch, Context, DayRange, RefreshScope, Source, Sta
 from floe.infra.pgconn import PostgresConnection, connect_postgres, describe, read_batches, url_keys
 from floe.infra.pgcopy import copy_batches
 from floe.infra.threads import in_thread, iterate_in_thread
+from floe.sources.sql_unload import SqlUnloadConfig, Unloader, literal, unload_select
 
 
 class SqlTable(Model):
@@ -55,8 +57,11 @@ class SqlSourceConfig(SourceConfig):
     schema_: str = Field(default="public", alias="schema")
     tables: list[SqlTable | str] | None = Field(default=None, description="Tables to read (default: all).")
     batch_rows: int = Field(default=50_000, gt=0)
-    read_with: Literal["copy", "cursor"] | None = Field(
-        default=None, description="copy (binary COPY, PostgreSQL's default) or cursor (the only way on Redshift).")
+    read_with: Literal["copy", "cursor", "unload"] | None = Field(
+        default=None, description="copy (binary COPY, PostgreSQL's default), cursor (Redshift's default) or unload "
+        "(Redshift: UNLOAD to S3, the default once `unload` is set).")
+    unload: SqlUnloadConfig | None = Field(
+        default=None, description="Redshift: where and as whom UNLOAD writes (S3 stage, IAM role or access keys).")
 
 
 log = logging.getLogger("floe.sources.sql")
@@ -176,21 +181,29 @@ class SqlStream(Stream):
         if replication_key is not None and udts[replication_key] in TIME_UDTS:
             self.range_column = replication_key  # a backfill reads days of it
 
-    def query(self, state: State | None, copy: bool = False, scope: RefreshScope | None = None) -> tuple[str, list[Any]]:
-        """The SELECT of a run from `state`, or (`scope`) of a backfill's range of the replication key."""
+    def query(self, state: State | None, copy: bool = False, scope: RefreshScope | None = None,
+              unload: bool = False) -> tuple[str, list[Any]]:
+        """The SELECT of a run from `state`, or (`scope`) of a backfill's range of the replication key;
+        for an UNLOAD (`unload`) with its values as literals (UNLOAD takes no parameters)."""
         table = f"{quote(self.source.config.schema_)}.{quote(self.name)}"
-        selects = [_select(name, udt, copy) for name, udt in self.udts.items()]
+        selects = [unload_select(name, udt, f.type) if unload else _select(name, udt, copy)
+                   for (name, udt), f in zip(self.udts.items(), self.schema, strict=True)]
         sql, params = f"SELECT {', '.join(selects)} FROM {table}", cast(list[Any], [])
         key = self.cursor_field
         if key is None:
             return sql, params
+
+        def value(v: Any) -> str:
+            if unload:
+                return f"CAST({literal(str(v))} AS {self.udts[key]})"
+            params.append(v)
+            return f"CAST(%s AS {self.udts[key]})"
+
         bookmark = self.bookmark(state)
         if scope is not None:
-            sql += f" WHERE {quote(key)} >= CAST(%s AS {self.udts[key]}) AND {quote(key)} < CAST(%s AS {self.udts[key]})"
-            params += [_json_value(scope.start), _json_value(scope.end)]
+            sql += f" WHERE {quote(key)} >= {value(_json_value(scope.start))} AND {quote(key)} < {value(_json_value(scope.end))}"
         elif bookmark is not None:
-            sql += f" WHERE {quote(key)} >= CAST(%s AS {self.udts[key]})"
-            params.append(bookmark)
+            sql += f" WHERE {quote(key)} >= {value(bookmark)}"
         return sql + f" ORDER BY {quote(key)}", params
 
     def bookmark(self, state: State | None) -> Any:
@@ -212,7 +225,7 @@ class SqlStream(Stream):
         return RefreshScope(key, start, end)
 
     def read_range(self, scope: RefreshScope) -> AsyncIterator[Batch]:
-        return self._read(self.query(None, self.source.reads_with_copy, scope), None)
+        return self._read(self.query(None, self.source.reads_with_copy, scope, self.source.unloader is not None), None)
 
     def typed(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         """A COPY batch with the columns read as text but declared otherwise (numeric) cast to their type."""
@@ -225,7 +238,7 @@ class SqlStream(Stream):
         return batch
 
     def read(self, state: State | None) -> AsyncIterator[Batch]:
-        return self._read(self.query(state, self.source.reads_with_copy), state)
+        return self._read(self.query(state, self.source.reads_with_copy, unload=self.source.unloader is not None), state)
 
     async def _read(self, query: tuple[str, list[Any]], state: State | None) -> AsyncIterator[Batch]:
         sql, params = query
@@ -260,26 +273,30 @@ class SqlSource(Source):
         self.connection = connection_settings(config.url.get_secret_value(), self.where)
         self.redshift = urlparse(config.url.get_secret_value()).scheme == "redshift"
         if self.redshift and config.read_with == "copy":
-            raise ConfigError(f"{self.where}.read_with: Redshift cannot COPY to the client; use cursor")
+            raise ConfigError(f"{self.where}.read_with: Redshift cannot COPY to the client; use cursor or unload")
+        if (config.read_with == "unload" or config.unload is not None) and not self.redshift:
+            raise ConfigError(f"{self.where}: UNLOAD is Redshift's (a redshift:// url); PostgreSQL reads with COPY")
+        if config.read_with == "unload" and config.unload is None:
+            raise ConfigError(f"{self.where}.unload: read_with: unload needs the S3 stage and credentials "
+                              "(unload: {stage: s3://bucket/prefix, iam_role: arn:aws:iam::...})")
         # decided by discovery: COPY unless configured otherwise or the server is Redshift (8.0.2)
         self.reads_with_copy = config.read_with == "copy"
+        self.unloader = Unloader(config.unload, name, self.where) \
+            if config.unload is not None and config.read_with in (None, "unload") else None
         self._streams: list[Stream] | None = None
 
     def connect(self) -> Any:
         return connect_postgres(self.connection, where=self.where, error=SourceError, application_name="floe-sql")
 
     def batches(self, stream: SqlStream, sql: str, params: list[Any]) -> Generator[pa.RecordBatch, None, None]:
-        """`stream`'s rows, selected by `sql`, as Arrow batches read with binary COPY or a cursor (as
-        the source reads), on a connection of their own (closed when the iterator is)."""
-        conn = self.connect()
+        """`stream`'s rows, selected by `sql`, as Arrow batches read with binary COPY, a cursor or an
+        UNLOAD (as the source reads), on a connection of their own (closed when the iterator is)."""
         try:
-            conn.read_only = True
-            if self.reads_with_copy:
-                for batch in copy_batches(conn, sql, params, self.config.batch_rows):
-                    yield stream.typed(batch)
+            if self.unloader is not None:
+                yield from self.unloader.batches(stream.name, stream.schema, sql, stream.cursor_field, self.run_unload,
+                                                 self.config.batch_rows)
             else:
-                yield from read_batches(conn, sql, params, self.config.batch_rows)
-            conn.commit()
+                yield from self._session_batches(stream, sql, params)
         except SourceError:
             raise
         except Exception as exc:
@@ -289,6 +306,30 @@ class SqlSource(Source):
                         f"this user, or set {self.where}.read_with: cursor)")
             raise SourceError(f"{self.where}: reading table {stream.name} from {describe(self.connection)} failed: "
                               f"{secrets.redact(str(exc)).strip()}{hint}") from None
+
+    def _session_batches(self, stream: SqlStream, sql: str, params: list[Any]) -> Iterator[pa.RecordBatch]:
+        conn = self.connect()
+        try:
+            conn.read_only = True
+            if self.reads_with_copy:
+                for batch in copy_batches(conn, sql, params, self.config.batch_rows):
+                    yield stream.typed(batch)
+            else:
+                yield from read_batches(conn, sql, params, self.config.batch_rows)
+            conn.commit()
+        finally:
+            conn.close()
+
+    def run_unload(self, statement: str) -> int:
+        """Run one UNLOAD on a session of its own; the rows it wrote (`pg_last_unload_count()`)."""
+        conn = self.connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(statement)
+                cur.execute("SELECT pg_last_unload_count()")
+                row = cur.fetchone()
+            conn.commit()
+            return int(row[0]) if row else 0
         finally:
             conn.close()
 
@@ -363,4 +404,7 @@ class SqlSource(Source):
 
     async def check(self) -> list[str]:
         streams = await in_thread(self.streams)  # connects, reads the catalog, checks the tables and keys
-        return [f"{describe(self.connection)}: connected, {len(streams)} tables to read in schema {self.config.schema_}"]
+        lines = [f"{describe(self.connection)}: connected, {len(streams)} tables to read in schema {self.config.schema_}"]
+        if self.unloader is not None:  # floe reads and deletes what UNLOAD writes there
+            lines.append(await in_thread(self.unloader.store.check))
+        return lines
