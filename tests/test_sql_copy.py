@@ -1,6 +1,8 @@
 """The SQL source's binary COPY reader against the real PostgreSQL server: every type and edge
 value gives exactly the batches the cursor reader gives (the reference: it is what Redshift
-uses, and what PostgreSQL tables were read with before COPY), and failures end the read cleanly."""
+uses, and what PostgreSQL tables were read with before COPY), and failures end the read cleanly.
+Where a test names READERS, Redshift's UNLOAD path (replayed on the same server and the local S3
+server, tests/fixtures/redshift_unload.py) must give those batches too."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import asyncio
 import math
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, date, datetime
 from datetime import time as dtime
 from decimal import Decimal
@@ -22,6 +25,9 @@ from floe.core.stream import Batch, State
 from floe.infra import pgcopy
 from floe.sources.sql import SqlSource, SqlSourceConfig, SqlStream
 from floe.testing.postgres import PostgresDatabase
+from tests.fixtures.redshift_unload import unload_source
+
+READERS = ("copy", "cursor", "unload")
 
 TYPES = r"""
 CREATE SCHEMA app;
@@ -103,6 +109,18 @@ def source(db: PostgresDatabase, read_with: str, **extra: Any) -> SqlSource:
         {"type": "sql", "url": db.url, "schema": "app", "read_with": read_with, **extra}))
 
 
+@pytest.fixture
+def reader(request: pytest.FixtureRequest, db: PostgresDatabase) -> Callable[..., SqlStream]:
+    """`reader(read_with, table, **config)`: the table's stream read with COPY, a cursor or (Redshift
+    replayed) UNLOAD; the S3 server starts only for an UNLOAD."""
+    def make(read_with: str, table: str, **extra: Any) -> SqlStream:
+        if read_with == "unload":
+            return stream_of(unload_source(db, request.getfixturevalue("unload_settings"), schema="app", **extra), table)
+        return stream(db, read_with, table, **extra)
+
+    return make
+
+
 def stream(db: PostgresDatabase, read_with: str, table: str, **extra: Any) -> SqlStream:
     return stream_of(source(db, read_with, **extra), table)
 
@@ -175,6 +193,51 @@ def test_batches_and_their_checkpoints_are_the_cursors(db: PostgresDatabase, bat
     assert_same(table(batches["copy"]), table(batches["cursor"]))
 
 
+REDSHIFT_TYPES = r"""
+CREATE TABLE app.redshift_types (
+  id integer PRIMARY KEY, big bigint, small smallint, note text, code varchar(20), flag char(3),
+  price double precision, ratio real, paid boolean, at timestamptz, day date, amount numeric(12,2), tm time);
+INSERT INTO app.redshift_types VALUES
+  (1, -9223372036854775808, -32768, 'it''s "quoted", with a new
+line, a tab	and a \ backslash', 'ünïcødé 🎉', 'ab', 'NaN', 'Infinity', true, '0001-01-01 00:00:00+00', '0001-01-01',
+   -9999999999.99, '00:00:00'),
+  (2, 9223372036854775807, 32767, '', '', '', '-Infinity', '-0', false, '9999-12-31 23:59:59.999999+00',
+   '9999-12-31', 9999999999.99, '23:59:59.999999'),
+  (3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+  (4, 0, 0, 'carriage' || chr(13) || chr(10) || 'return', 'x', 'xyz', 5e-324, 1.4e-45, true,
+   '2026-03-29 02:30:00+02', '2024-02-29', 0.01, '12:34:56.789');
+INSERT INTO app.redshift_types
+SELECT i, i::bigint * 1000003, (i % 1000)::smallint, 'row ' || i, NULL, 'r', i / 7.0, i / 3.0, i % 2 = 0,
+       timestamptz '2020-01-01 00:00+00' + i * interval '1 second', date '2000-01-01' + i, i * 1.25,
+       time '00:00' + i * interval '1 second'
+FROM generate_series(5, 2600) AS i;
+"""
+
+
+@pytest.mark.parametrize("batch_rows", [7, 50_000])
+def test_the_types_redshift_has_read_alike_on_every_path(db: PostgresDatabase, reader: Callable[..., SqlStream],
+                                                         batch_rows: int) -> None:
+    execute(db, REDSHIFT_TYPES)
+    tables = [{"name": "redshift_types", "replication_key": "at"}]
+    got = {r: read(reader(r, "redshift_types", tables=tables, batch_rows=batch_rows)) for r in READERS}
+    for r in READERS:  # in key order, as the cursor reads them, with the same final state
+        assert_same(table(got[r]), table(got["cursor"]))
+        marks = [b.checkpoint["replication_key_value"] for b in got[r]]
+        assert marks == sorted(marks) and marks[-1] == "9999-12-31T23:59:59.999999+00:00"
+        assert max(b.records.num_rows for b in got[r]) <= batch_rows
+    rows = {row["id"]: row for row in table(got["unload"]).to_pylist()}
+    assert rows[1]["note"] == 'it\'s "quoted", with a new\nline, a tab\tand a \\ backslash'
+    assert rows[4]["note"] == "carriage\r\nreturn" and rows[1]["code"] == "ünïcødé 🎉" and rows[1]["flag"] == "ab "
+    assert rows[1]["at"] == datetime(1, 1, 1, tzinfo=UTC) and rows[4]["at"] == datetime(2026, 3, 29, 0, 30, tzinfo=UTC)
+    assert rows[2]["small"] == 32767 and rows[1]["big"] == -9223372036854775808 and rows[2]["amount"] == Decimal("9999999999.99")
+    assert math.isnan(rows[1]["price"]) and math.copysign(1, rows[2]["ratio"]) == -1 and rows[4]["price"] == 5e-324
+    assert rows[4]["tm"] == dtime(12, 34, 56, 789000) and rows[2]["tm"] == dtime(23, 59, 59, 999999)
+    assert all(v is None for k, v in rows[3].items() if k != "id")
+    full = {r: table(read(reader(r, "redshift_types", tables=["redshift_types"]))).sort_by("id") for r in READERS}
+    for r in READERS:  # a full-table UNLOAD is parallel: its parts come in no order
+        assert_same(full[r], full["cursor"])
+
+
 def test_nulls_in_any_pattern_among_fixed_width_columns(db: PostgresDatabase) -> None:
     """Rows with a NULL inside a run of fixed-width columns are read field by field: every mix."""
     execute(db, """
@@ -194,23 +257,28 @@ def test_nulls_in_any_pattern_among_fixed_width_columns(db: PostgresDatabase) ->
     assert_same(copied, cursor)
 
 
-def test_an_incremental_read_binds_its_bookmark_as_a_literal(db: PostgresDatabase) -> None:
-    execute(db, """CREATE TABLE app.people (name text PRIMARY KEY, n integer);
-                   INSERT INTO app.people VALUES ('O''Brien', 1), ('O''Connor', 2), ('a %s b', 3), ('Zoë', 4);""")
+def test_an_incremental_read_binds_its_bookmark_as_a_literal(db: PostgresDatabase,
+                                                              reader: Callable[..., SqlStream]) -> None:
+    execute(db, r"""CREATE TABLE app.people (name text PRIMARY KEY, n integer);
+                    INSERT INTO app.people VALUES ('O''Brien', 1), ('O''Connor', 2), ('a %s b', 3), ('Zoë', 4),
+                                                  ('O''Br\ien', 5), ('O''Br\', 6);""")
     tables = [{"name": "people", "replication_key": "name"}]
-    state = {"replication_key": "name", "replication_key_value": "O'Connor"}
-    got = {r: read(stream(db, r, "people", tables=tables), state) for r in ("copy", "cursor")}
-    assert table(got["copy"]).column("name").to_pylist() == ["O'Connor", "Zoë", "a %s b"]
-    assert_same(table(got["copy"]), table(got["cursor"]))
-    assert got["copy"][-1].checkpoint == {"replication_key": "name", "replication_key_value": "a %s b"}
+    state = {"replication_key": "name", "replication_key_value": "O'Br\\"}  # a quote, and a backslash last
+    got = {r: read(reader(r, "people", tables=tables), state) for r in READERS}
+    assert table(got["copy"]).column("name").to_pylist() == ["O'Br\\", "O'Br\\ien", "O'Brien", "O'Connor", "Zoë", "a %s b"]
+    for r in READERS:
+        assert_same(table(got[r]), table(got["cursor"]))
+        assert got[r][-1].checkpoint == {"replication_key": "name", "replication_key_value": "a %s b"}
 
 
-def test_an_empty_table_gives_one_empty_batch_with_its_columns(db: PostgresDatabase) -> None:
+def test_an_empty_table_gives_one_empty_batch_with_its_columns(db: PostgresDatabase,
+                                                               reader: Callable[..., SqlStream]) -> None:
     execute(db, "DELETE FROM app.everything")
-    got = {r: read(stream(db, r, "everything")) for r in ("copy", "cursor")}
-    assert [b.records.num_rows for b in got["copy"] if b.records is not None] == [0]
-    assert got["copy"][-1].checkpoint == {"full_table": True}
-    assert_same(table(got["copy"]), table(got["cursor"]))
+    got = {r: read(reader(r, "everything")) for r in READERS}
+    for r in READERS:
+        assert [b.records.num_rows for b in got[r] if b.records is not None] == [0]
+        assert got[r][-1].checkpoint == {"full_table": True}
+        assert_same(table(got[r]), table(got["cursor"]))
 
 
 @pytest.mark.parametrize(("column", "value", "message"), [

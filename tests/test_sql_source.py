@@ -21,6 +21,7 @@ from floe.destinations.duckdb import DuckDBDestination
 from floe.engine.pipeline import run_stream
 from floe.sources.sql import SqlSource, SqlSourceConfig
 from floe.testing.postgres import PostgresDatabase
+from tests.fixtures.redshift_unload import unload_source
 from tests.singer_check import check_tap_output
 
 FLOE = str(Path(sys.executable).parent / "floe")
@@ -58,6 +59,14 @@ def settings(db: PostgresDatabase, **extra: Any) -> dict[str, Any]:
 
 def make_source(db: PostgresDatabase, **extra: Any) -> SqlSource:
     return SqlSource("crm", SqlSourceConfig.model_validate({"type": "sql", **settings(db, **extra)}))
+
+
+def reading_with(request: pytest.FixtureRequest, db: PostgresDatabase, read_with: str, **extra: Any) -> SqlSource:
+    """The source reading with `read_with`; `unload`: Redshift replayed (tests/fixtures/redshift_unload.py)."""
+    if read_with != "unload":
+        return make_source(db, read_with=read_with, **extra)
+    config = {k: v for k, v in settings(db, **extra).items() if k != "url"}
+    return unload_source(db, request.getfixturevalue("unload_settings"), **config)
 
 
 def load(source: SqlSource, dest: DuckDBDestination, tmp_path: Path) -> None:
@@ -98,10 +107,12 @@ def test_a_wrong_password_never_appears_in_the_error(db: PostgresDatabase) -> No
     assert f"postgresql://{db.user}@{db.host}:{db.port}/{db.database}" in str(error.value)
 
 
+@pytest.mark.parametrize("read_with", ["copy", "unload"])
 def test_full_then_incremental_after_inserts_and_updates_misses_and_repeats_nothing(
-    db: PostgresDatabase, duckdb_destination: DuckDBDestination, tmp_path: Path
+    db: PostgresDatabase, duckdb_destination: DuckDBDestination, tmp_path: Path, read_with: str,
+    request: pytest.FixtureRequest,
 ) -> None:
-    source = make_source(db)
+    source = reading_with(request, db, read_with)
     load(source, duckdb_destination, tmp_path)
     assert duckdb_destination.query("SELECT count(*), count(DISTINCT id) FROM crm.accounts") == [(10, 10)]
     first = duckdb_destination.get_state("crm", "accounts")
@@ -116,7 +127,7 @@ def test_full_then_incremental_after_inserts_and_updates_misses_and_repeats_noth
         DELETE FROM app.plans WHERE code = 'free';
         UPDATE app.plans SET price = 25 WHERE code = 'pro';
     """)
-    load(make_source(db), duckdb_destination, tmp_path)
+    load(reading_with(request, db, read_with), duckdb_destination, tmp_path)
     assert duckdb_destination.query("SELECT count(*), count(DISTINCT id) FROM crm.accounts") == [(12, 12)]
     assert duckdb_destination.query("SELECT id, name FROM crm.accounts WHERE id IN (3, 11, 12) ORDER BY id") == [
         (3, "renamed"), (11, "new"), (12, "same stamp as bookmark")]
@@ -124,9 +135,10 @@ def test_full_then_incremental_after_inserts_and_updates_misses_and_repeats_noth
     assert duckdb_destination.get_state("crm", "accounts")["replication_key_value"] == "2026-03-01T00:00:00+00:00"
 
 
-@pytest.mark.parametrize("read_with", ["copy", "cursor"])
+@pytest.mark.parametrize("read_with", ["copy", "cursor", "unload"])
 def test_an_append_table_without_a_key_gets_each_row_once_though_rows_tie_at_the_bookmark(
-    db: PostgresDatabase, duckdb_destination: DuckDBDestination, tmp_path: Path, read_with: str
+    db: PostgresDatabase, duckdb_destination: DuckDBDestination, tmp_path: Path, read_with: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     # no primary key: appended. Six rows share the last stamp (more than a batch of 4), two of them identical.
     execute(db, """
@@ -136,24 +148,24 @@ def test_an_append_table_without_a_key_gets_each_row_once_though_rows_tie_at_the
           ('2026-01-01 11:00+00', 'e', 5), ('2026-01-01 11:00+00', 'f', 6), ('2026-01-01 11:00+00', 'g', 7),
           (NULL, 'no stamp', 0);
     """)
-    events = {"tables": [{"name": "events", "replication_key": "at"}], "read_with": read_with}
+    events = {"tables": [{"name": "events", "replication_key": "at"}]}
 
     def landed() -> list[tuple[Any, ...]]:
         return duckdb_destination.query("SELECT kind, count(*) FROM crm.events GROUP BY kind ORDER BY kind")
 
-    load(make_source(db, **events), duckdb_destination, tmp_path)
+    load(reading_with(request, db, read_with, **events), duckdb_destination, tmp_path)
     first = [("a", 1), ("b", 1), ("c", 2), ("d", 1), ("e", 1), ("f", 1), ("g", 1), ("no stamp", 1)]
     assert landed() == first
-    load(make_source(db, **events), duckdb_destination, tmp_path)  # nothing new: the six tied rows are not again
+    load(reading_with(request, db, read_with, **events), duckdb_destination, tmp_path)  # nothing new: the six tied rows are not again
     assert landed() == first
     execute(db, """INSERT INTO app.events VALUES ('2026-01-01 11:00+00', 'c', 3), ('2026-01-01 11:00+00', 'h', 8),
                    ('2026-01-01 12:00+00', 'i', 9)""")  # a third identical 'c' and a new row, both at the bookmark
-    load(make_source(db, **events), duckdb_destination, tmp_path)
+    load(reading_with(request, db, read_with, **events), duckdb_destination, tmp_path)
     second = sorted([*first[:2], ("c", 3), *first[3:7], ("h", 1), ("i", 1), ("no stamp", 1)])
     assert landed() == second
     state = duckdb_destination.get_state("crm", "events")
     assert state["replication_key_value"] == "2026-01-01T12:00:00+00:00" and len(state["boundary_rows"]) == 1
-    load(make_source(db, **events), duckdb_destination, tmp_path)
+    load(reading_with(request, db, read_with, **events), duckdb_destination, tmp_path)
     assert landed() == second
 
 
