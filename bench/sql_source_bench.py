@@ -1,6 +1,6 @@
 """Benchmark: a PostgreSQL table of 1,000,000 rows x 12 columns into DuckDB with `floe run`.
 
-    .venv/bin/python bench/sql_source_bench.py [--rows 1000000] [--repeat 2] [--read-with copy cursor] [--dlt]
+    .venv/bin/python bench/sql_source_bench.py [--rows 1000000] [--repeat 2] [--read-with copy cursor unload] [--dlt]
 
 A throwaway PostgreSQL server is started with `floe.testing.postgres.PostgresServer` and the table
 is built in it by `generate_series`: integer ids and counters, three text columns (one of them
@@ -10,6 +10,13 @@ config (`type: sql`, the table listed by name, a DuckDB destination) and, per `-
 source's `read_with` set to `copy` or `cursor`; the runs of the two alternate (A/B in the same
 minutes). Wall time, CPU seconds (user + sys) and peak RSS are the child's (wait4's rusage); the
 server's own CPU is not in them. The DuckDB table is checked to hold every row.
+`unload` is Redshift's UNLOAD path REPLAYED (Redshift cannot be reached from here): the same CLI
+run, with `type: sql` pointing at the test double `tests/fixtures/redshift_unload.UnloadOnPostgres`
+(a `redshift://` URL to the same server, `unload:` settings on a moto S3 server run by this
+script, so the S3 server's CPU is not the child's either). The replay's UNLOAD reads the table
+through a cursor and writes 8 Parquet parts (4 slices) to S3, in the child: its seconds are
+printed apart (`replay s`), and `rows/s` without them is floe's side (reading the parts back,
+converting, loading) -- on Redshift the UNLOAD runs on the cluster instead, in its own time.
 `--dlt` also loads the table with dlt's `sql_database` source (pyarrow backend) from `.venv-bench`
 (`make bench-deps`; needs `sqlalchemy` and `psycopg2-binary` there too).
 """
@@ -17,6 +24,8 @@ server's own CPU is not in them. The DuckDB table is checked to hold every row.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import platform
 import shutil
@@ -24,7 +33,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import psycopg
@@ -59,10 +70,35 @@ pipeline.run(source)
 """
 
 
-def run_child(cmd: list[str], cwd: Path) -> tuple[float, float, float]:
+UNLOAD_REPLAY = """
+import os, sys, time
+from pathlib import Path
+sys.path.insert(0, os.environ["FLOE_ROOT"])
+from floe.core.plugins import source_registry
+from tests.fixtures.redshift_unload import UnloadOnPostgres
+
+
+class TimedReplay(UnloadOnPostgres):
+    rows_per_file = int(os.environ["FLOE_ROWS_PER_PART"])
+
+    def run_unload(self, statement: str) -> int:
+        started = time.perf_counter()
+        rows = super().run_unload(statement)
+        Path("replay-seconds").write_text(str(time.perf_counter() - started))
+        return rows
+
+
+source_registry._entries["sql"] = "__main__:TimedReplay"  # type: sql is the replay in this process only
+from floe.__main__ import main
+sys.argv = ["floe", "run", "-c", "floe.yml"]
+main()
+"""
+
+
+def run_child(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[float, float, float]:
     """Wall seconds, CPU seconds (user + sys) and peak RSS (MB) of one child process."""
     started = time.perf_counter()
-    child = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - started
     stderr = child.stderr.read().decode() if child.stderr else ""
@@ -83,6 +119,22 @@ def floe_run(url: str, work: Path, read_with: str) -> tuple[float, float, float,
     return (*run_child([str(FLOE), "run", "-c", "floe.yml"], run), run / "bench.duckdb")
 
 
+def unload_run(url: str, work: Path, s3: dict[str, str], rows: int) -> tuple[float, float, float, Path, float]:
+    run = work / "floe-unload"
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    redshift = url.replace("postgresql://", "redshift://")
+    (run / "floe.yml").write_text(
+        f"sources:\n  db:\n    type: sql\n    url: {redshift}\n    schema: public\n    tables: [events]\n"
+        f"    unload: {{stage: 's3://{s3['bucket']}/unload', aws_access_key_id: testing, "
+        f"aws_secret_access_key: testing, endpoint_url: '{s3['endpoint']}', region: us-east-1}}\n"
+        "destinations:\n  warehouse:\n    type: duckdb\n    path: bench.duckdb\nstage: stage\n"
+    )
+    env = {**os.environ, "FLOE_ROOT": str(ROOT), "FLOE_ROWS_PER_PART": str(max(1, -(-rows // 8)))}
+    seconds, cpu, peak = run_child([sys.executable, "-c", UNLOAD_REPLAY], run, env)
+    return seconds, cpu, peak, run / "bench.duckdb", float((run / "replay-seconds").read_text())
+
+
 def dlt_run(url: str, work: Path) -> tuple[float, float, float, Path]:
     run = work / "dlt"
     shutil.rmtree(run, ignore_errors=True)
@@ -90,6 +142,28 @@ def dlt_run(url: str, work: Path) -> tuple[float, float, float, Path]:
     (run / "load.py").write_text(DLT_SCRIPT)
     db_path = run / "bench.duckdb"
     return (*run_child([str(DLT_PYTHON), "load.py", url, str(db_path), str(run / "pipelines")], run), db_path)
+
+
+@contextlib.contextmanager
+def s3_server() -> Iterator[dict[str, str]]:
+    """A moto S3 server in this process, with one bucket."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from floe.testing.postgres import free_port
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        boto3.client("s3", region_name="us-east-1", endpoint_url=endpoint, aws_access_key_id="testing",
+                     aws_secret_access_key="testing").create_bucket(Bucket="bench")
+        yield {"bucket": "bench", "endpoint": endpoint}
+    finally:
+        server.stop()
 
 
 def count(db_path: Path) -> int:
@@ -101,7 +175,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=2, help="rounds; each runs every reader once")
-    parser.add_argument("--read-with", nargs="+", choices=["copy", "cursor"], default=["copy", "cursor"])
+    parser.add_argument("--read-with", nargs="+", choices=["copy", "cursor", "unload"], default=["copy", "cursor"],
+                        help="unload: Redshift's UNLOAD path replayed on PostgreSQL and a local S3 server")
     parser.add_argument("--dlt", action="store_true", help="also run dlt's sql_database (pyarrow backend)")
     args = parser.parse_args()
     if args.dlt and not DLT_PYTHON.exists():
@@ -110,7 +185,9 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "src"))
     from floe.testing.postgres import PostgresServer
 
-    with PostgresServer() as server, tempfile.TemporaryDirectory(prefix="floe-bench-sql-") as tmp:
+    with PostgresServer() as server, tempfile.TemporaryDirectory(prefix="floe-bench-sql-") as tmp, \
+            contextlib.ExitStack() as stack:
+        s3 = stack.enter_context(s3_server()) if "unload" in args.read_with else {}
         db = server.create_database("bench")
         started = time.perf_counter()
         with psycopg.connect(db.dsn, autocommit=True) as conn:
@@ -118,18 +195,26 @@ def main() -> None:
             conn.execute("VACUUM ANALYZE public.events")
         print(f"table: {args.rows:,} rows x 12 columns built in {time.perf_counter() - started:.1f} s; "
               f"{platform.machine()}, {os.cpu_count()} cores")
-        print(f"{'reader':>10} {'seconds':>8} {'rows/s':>9} {'CPU s':>6} {'peak RSS MB':>12} {'load':>5}")
-        runners = [(name, lambda name=name: floe_run(db.url, Path(tmp), name)) for name in args.read_with]
+        print(f"{'reader':>10} {'seconds':>8} {'rows/s':>9} {'CPU s':>6} {'peak RSS MB':>12} {'load':>5} "
+              f"{'replay s':>8} {'rows/s w/o replay':>17}")
+        runners: list[tuple[str, Any]] = [
+            (name, lambda name=name: (*floe_run(db.url, Path(tmp), name), None)) for name in args.read_with
+            if name != "unload"]
+        if "unload" in args.read_with:
+            runners.append(("unload*", lambda: unload_run(db.url, Path(tmp), s3, args.rows)))
         if args.dlt:
-            runners.append(("dlt", lambda: dlt_run(db.url, Path(tmp))))
+            runners.append(("dlt", lambda: (*dlt_run(db.url, Path(tmp)), None)))
         for _ in range(args.repeat):
             for name, runner in runners:
-                seconds, cpu, peak, db_path = runner()
+                seconds, cpu, peak, db_path, replay = runner()
                 rows = count(db_path)
                 if rows != args.rows:
                     raise SystemExit(f"{name}: expected {args.rows} rows in db.events, found {rows}")
+                extra = f" {replay:>8.2f} {rows / (seconds - replay):>17,.0f}" if replay is not None else ""
                 print(f"{name:>10} {seconds:>8.2f} {rows / seconds:>9,.0f} {cpu:>6.1f} {peak:>12.0f} "
-                      f"{os.getloadavg()[0]:>5.1f}", flush=True)
+                      f"{os.getloadavg()[0]:>5.1f}{extra}", flush=True)
+        if "unload" in args.read_with:
+            print("unload*: Redshift's UNLOAD replayed on PostgreSQL + moto S3 (not Redshift)")
 
 
 if __name__ == "__main__":
