@@ -16,7 +16,8 @@ A read of one table:
 4. the parts are read in manifest order by ranged requests, a row group at a time (memory is bounded
    by a row group, never a part), and given the stream's declared Arrow types (Redshift writes
    TIMESTAMPTZ without its zone: the values are UTC);
-5. the run's objects are deleted, whether the read finished, failed or was stopped.
+5. the run's objects are deleted, whether the read finished, failed or was stopped (a delete that
+   fails is a warning: the read's own outcome stands, and a read a day later deletes them).
 
 Columns of types Parquet cannot carry (TIME, VARBYTE, GEOMETRY, ...) are selected as text, SUPER as
 `JSON_SERIALIZE`. Access keys go into the statement (as in the Redshift destination's COPY); they are
@@ -192,7 +193,11 @@ class Unloader:
             if read != unloaded:
                 raise SourceError(f"{where}: UNLOAD wrote {unloaded} rows, its parts hold {read}")
         finally:
-            self.store.delete_prefix(prefix)
+            try:
+                self.store.delete_prefix(prefix)
+            except Exception as exc:  # never instead of the read's own outcome; a read a day later deletes them
+                log.warning("event=unload_cleanup_failed table=%s prefix=%s error=%s", table, self.store.uri(prefix),
+                            secrets.redact(str(exc)))
 
     @staticmethod
     def _in_order(column: pa.Array, last: Any, where: str) -> Any:
@@ -234,7 +239,8 @@ class Unloader:
         yielded = False
         for key, _ in parts:
             with open_object(self.store, listed[key]) as handle:
-                for batch in pq.ParquetFile(handle, pre_buffer=True).iter_batches(batch_size=batch_rows):
+                part = pq.ParquetFile(handle, pre_buffer=True, coerce_int96_timestamp_unit="us")  # (INT96: years 1-9999)
+                for batch in part.iter_batches(batch_size=batch_rows):
                     yielded = True
                     yield conform(batch, schema, where)
         if not yielded:  # an empty result still tells the caller its columns
