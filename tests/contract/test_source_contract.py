@@ -29,6 +29,7 @@ from floe.core.stream import Batch, Context, Source, State, Stream, merge_ledger
 from floe.sandbox import fullstory, singular, twilio
 from floe.sandbox.sailthru import ExportSpec, generate
 from floe.sandbox.server import serve_in_thread
+from tests.fixtures.redshift_unload import UnloadOnPostgres
 
 Row = dict[str, Any]
 
@@ -95,9 +96,18 @@ def sql_subject(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Subj
     yield Subject(settings, {**settings, "tables": ["missing"]}, r"tables\[0\]: no table .missing. in schema .app.")
 
 
+def sql_unload_subject(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Subject]:
+    """The SQL subject's tables as Redshift read with UNLOAD (replayed: tests/fixtures/redshift_unload.py)."""
+    sql = next(sql_subject(request, tmp_path))
+    settings = {**sql.settings, "type": "sql+unload-replay", "url": sql.settings["url"].replace("postgresql", "redshift"),
+                "unload": request.getfixturevalue("unload_settings")}
+    yield Subject(settings, {**settings, "tables": ["missing"]}, sql.place)
+
+
 SOURCES: list[Callable[[pytest.FixtureRequest, Path], Iterator[Subject]]] = [
-    twilio_subject, singular_subject, fullstory_subject, sailthru_subject, sql_subject,
+    twilio_subject, singular_subject, fullstory_subject, sailthru_subject, sql_subject, sql_unload_subject,
 ]
+REPLAYS: dict[str, type[Source]] = {"sql+unload-replay": UnloadOnPostgres}  # a type the registry does not name
 
 
 @pytest.fixture(params=SOURCES, ids=lambda f: f.__name__.removesuffix("_subject"))
@@ -106,7 +116,9 @@ def subject(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Subject]
 
 
 def open_source(settings: dict[str, Any], base: Path) -> Source:
-    cls = registry.load(settings["type"])
+    cls = REPLAYS.get(settings["type"]) or registry.load(settings["type"])
+    if settings["type"] in REPLAYS:
+        settings = {**settings, "type": cls.Config.model_fields["type"].default}
     return cls("src", validate_model(cls.Config, settings, "sources.src"), Context(base))
 
 
