@@ -14,9 +14,10 @@ server's own CPU is not in them. The DuckDB table is checked to hold every row.
 run, with `type: sql` pointing at the test double `tests/fixtures/redshift_unload.UnloadOnPostgres`
 (a `redshift://` URL to the same server, `unload:` settings on a moto S3 server run by this
 script, so the S3 server's CPU is not the child's either). The replay's UNLOAD reads the table
-through a cursor and writes 8 Parquet parts (4 slices) to S3, in the child: its seconds are
-printed apart (`replay s`), and `rows/s` without them is floe's side (reading the parts back,
-converting, loading) -- on Redshift the UNLOAD runs on the cluster instead, in its own time.
+through a cursor and writes 32 Parquet parts (4 slices) to S3, in the child: its seconds are
+printed apart (`replay s`, and the CPU seconds of the thread it runs on), and the figures without
+them are floe's side (reading the parts back, converting, loading) -- on Redshift the UNLOAD runs
+on the cluster instead, in its own time. Peak RSS still holds the replay's buffers (a part's rows).
 `--dlt` also loads the table with dlt's `sql_database` source (pyarrow backend) from `.venv-bench`
 (`make bench-deps`; needs `sqlalchemy` and `psycopg2-binary` there too).
 """
@@ -82,9 +83,9 @@ class TimedReplay(UnloadOnPostgres):
     rows_per_file = int(os.environ["FLOE_ROWS_PER_PART"])
 
     def run_unload(self, statement: str) -> int:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()  # (the replay runs on this thread only)
         rows = super().run_unload(statement)
-        Path("replay-seconds").write_text(str(time.perf_counter() - started))
+        Path("replay-seconds").write_text(f"{time.perf_counter() - started} {time.thread_time() - cpu}")
         return rows
 
 
@@ -119,7 +120,7 @@ def floe_run(url: str, work: Path, read_with: str) -> tuple[float, float, float,
     return (*run_child([str(FLOE), "run", "-c", "floe.yml"], run), run / "bench.duckdb")
 
 
-def unload_run(url: str, work: Path, s3: dict[str, str], rows: int) -> tuple[float, float, float, Path, float]:
+def unload_run(url: str, work: Path, s3: dict[str, str], rows: int) -> tuple[float, float, float, Path, list[float]]:
     run = work / "floe-unload"
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
@@ -130,9 +131,9 @@ def unload_run(url: str, work: Path, s3: dict[str, str], rows: int) -> tuple[flo
         f"aws_secret_access_key: testing, endpoint_url: '{s3['endpoint']}', region: us-east-1}}\n"
         "destinations:\n  warehouse:\n    type: duckdb\n    path: bench.duckdb\nstage: stage\n"
     )
-    env = {**os.environ, "FLOE_ROOT": str(ROOT), "FLOE_ROWS_PER_PART": str(max(1, -(-rows // 8)))}
+    env = {**os.environ, "FLOE_ROOT": str(ROOT), "FLOE_ROWS_PER_PART": str(max(1, -(-rows // 32)))}
     seconds, cpu, peak = run_child([sys.executable, "-c", UNLOAD_REPLAY], run, env)
-    return seconds, cpu, peak, run / "bench.duckdb", float((run / "replay-seconds").read_text())
+    return seconds, cpu, peak, run / "bench.duckdb", [float(v) for v in (run / "replay-seconds").read_text().split()]
 
 
 def dlt_run(url: str, work: Path) -> tuple[float, float, float, Path]:
@@ -196,7 +197,7 @@ def main() -> None:
         print(f"table: {args.rows:,} rows x 12 columns built in {time.perf_counter() - started:.1f} s; "
               f"{platform.machine()}, {os.cpu_count()} cores")
         print(f"{'reader':>10} {'seconds':>8} {'rows/s':>9} {'CPU s':>6} {'peak RSS MB':>12} {'load':>5} "
-              f"{'replay s':>8} {'rows/s w/o replay':>17}")
+              f"{'replay s':>8} {'replay CPU s':>12} {'w/o replay: rows/s':>18} {'CPU s':>6}")
         runners: list[tuple[str, Any]] = [
             (name, lambda name=name: (*floe_run(db.url, Path(tmp), name), None)) for name in args.read_with
             if name != "unload"]
@@ -210,7 +211,8 @@ def main() -> None:
                 rows = count(db_path)
                 if rows != args.rows:
                     raise SystemExit(f"{name}: expected {args.rows} rows in db.events, found {rows}")
-                extra = f" {replay:>8.2f} {rows / (seconds - replay):>17,.0f}" if replay is not None else ""
+                extra = "" if replay is None else (f" {replay[0]:>8.2f} {replay[1]:>12.1f} "
+                                                   f"{rows / (seconds - replay[0]):>18,.0f} {cpu - replay[1]:>6.1f}")
                 print(f"{name:>10} {seconds:>8.2f} {rows / seconds:>9,.0f} {cpu:>6.1f} {peak:>12.0f} "
                       f"{os.getloadavg()[0]:>5.1f}{extra}", flush=True)
         if "unload" in args.read_with:
