@@ -7,15 +7,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pyarrow as pa
 import pytest
+import sqlglot
 
 from floe.core.errors import ConfigError, SourceError
-from floe.core.stream import Batch
+from floe.core.stream import Batch, DayRange
 from floe.destinations.duckdb import DuckDBDestination
 from floe.engine.pipeline import run_stream
 from floe.sources.sql import SqlSource, SqlSourceConfig, SqlStream
@@ -86,8 +88,6 @@ def test_quotes_and_backslashes_survive_both_literals(text: str) -> None:
     select = f"SELECT * FROM t WHERE a = {literal(text)}"
     unload = parse_unload(f"UNLOAD ({literal(select)}) TO 's3://b/p/' IAM_ROLE default FORMAT AS PARQUET MANIFEST")
     assert unload.select == select
-    import sqlglot
-
     assert sqlglot.parse_one(unload.select, read="redshift").find(sqlglot.exp.Literal).this == text  # type: ignore[union-attr]
 
 
@@ -238,3 +238,22 @@ def test_check_proves_the_stage_is_writable(db: PostgresDatabase, unload_setting
     assert isinstance(source.unloader, Unloader)
     with pytest.raises(Exception, match="does not exist"):
         asyncio.run(unload_source(db, {**unload_settings, "stage": "s3://no-such-bucket-floe/x"}, schema="app").check())
+
+
+def test_a_backfill_range_reads_the_rows_the_cursor_reads(db: PostgresDatabase, unload_settings: dict[str, Any]) -> None:
+    with psycopg.connect(db.dsn, autocommit=True) as conn:  # a second day of rows
+        conn.execute("UPDATE app.orders SET at = at + interval '1 day' WHERE id > 2000")
+    unloaded = orders(db, unload_settings)
+    cursor = SqlSource("crm", SqlSourceConfig.model_validate(
+        {"type": "sql", "url": db.url.replace("postgresql://", "redshift://"), "schema": "app",
+         "tables": [{"name": "orders", "replication_key": "at"}]})).streams()[0]
+    assert isinstance(cursor, SqlStream)
+
+    async def collect(stream: SqlStream) -> pa.Table:
+        scope = stream.backfill_scope(DayRange(date(2026, 1, 2), date(2026, 1, 2)), None)
+        return rows([b async for b in stream.read_range(scope)])
+
+    got, want = asyncio.run(collect(unloaded)), asyncio.run(collect(cursor))
+    assert got.num_rows == 500 and got.equals(want)
+    assert "WHERE \"at\" >= CAST('2026-01-02T00:00:00+00:00' AS timestamptz) AND \"at\" < " \
+           "CAST('2026-01-03T00:00:00+00:00' AS timestamptz) ORDER BY \"at\"" in unloaded.source.unloads[0].select  # type: ignore[attr-defined]
