@@ -378,6 +378,10 @@ def test_redshift_reads_with_a_cursor(db: PostgresDatabase) -> None:
     copied, cursor = (table(read(stream_of(s))) for s in (default, redshift))
     assert default.reads_with_copy and not redshift.reads_with_copy
     assert_same(copied, cursor)
+    # Redshift's TEXT is a VARCHAR(256): a column read as text is cast to its longest VARCHAR instead
+    select = stream_of(redshift).query(None)[0]
+    assert 'CAST("x" AS VARCHAR(65535)) AS "x"' in select and " AS text)" not in select
+    assert 'CAST("x" AS text) AS "x"' in stream_of(default).query(None)[0]
 
 
 def test_a_numeric_nan_fails_the_read_naming_the_column(db: PostgresDatabase) -> None:

@@ -104,10 +104,12 @@ def _arrow_field(name: str, udt: str, precision: int | None, scale: int | None) 
     return pa.field(name, UDT_TYPES.get(udt, pa.string()))
 
 
-def _select(name: str, udt: str, copy: bool) -> str:
-    """The column's SELECT expression: as itself where the reader has a mapping for its type, else text."""
+def _select(name: str, udt: str, copy: bool, redshift: bool = False) -> str:
+    """The column's SELECT expression: as itself where the reader has a mapping for its type, else text
+    (on Redshift VARCHAR(65535): its TEXT is a VARCHAR(256), too short for a GEOMETRY's text)."""
     native = udt in COPY_UDTS if copy else (udt in UDT_TYPES or udt in JSON_UDTS or udt == "numeric")
-    return quote(name) if native else f"{quote(name)}::text AS {quote(name)}"
+    text = "VARCHAR(65535)" if redshift else "text"
+    return quote(name) if native else f"CAST({quote(name)} AS {text}) AS {quote(name)}"
 
 
 def _json_value(value: Any) -> Any:
@@ -186,7 +188,8 @@ class SqlStream(Stream):
         """The SELECT of a run from `state`, or (`scope`) of a backfill's range of the replication key;
         for an UNLOAD (`unload`) with its values as literals (UNLOAD takes no parameters)."""
         table = f"{quote(self.source.config.schema_)}.{quote(self.name)}"
-        selects = [unload_select(name, udt, f.type) if unload else _select(name, udt, copy)
+        selects = [unload_select(name, udt, f.type) if unload
+                   else _select(name, udt, copy, self.source.redshift)
                    for (name, udt), f in zip(self.udts.items(), self.schema, strict=True)]
         sql, params = f"SELECT {', '.join(selects)} FROM {table}", cast(list[Any], [])
         key = self.cursor_field
