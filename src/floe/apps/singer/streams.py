@@ -64,13 +64,34 @@ class Buffer:
     skip: int = 0  # records still to drop before staging: the destination holds them (see Replay)
     replay: Replay | None = None  # while its window is open: records may be a replay; they are not committed
     prefixes: tuple[bytes, ...] = ()  # how its RECORD lines start, when the fast path handles its columns
-    # Runs of RECORD lines in the fast path's worker (lines, number of the first, its batch or None), in order
-    pending: list[tuple[list[bytes], int, Future[pa.RecordBatch | None]]] = field(default_factory=list)
+    # Runs of RECORD lines in the fast path's worker (lines, number of the first, its batch or None, the run's
+    # number among those submitted), in order
+    pending: list[tuple[list[bytes], int, Future[pa.RecordBatch | None], int]] = field(default_factory=list)
     pending_lines: int = 0
 
     @property
     def received(self) -> int:
         return self.records + len(self.rows) + self.pending_lines
+
+    def stage(self) -> None:
+        """Convert the buffered records to Arrow (validating them) and stage them."""
+        if not self.rows:
+            return
+        rows, first = self.rows, self.records + 1
+        if self.skip:  # the destination holds these already (a replay)
+            dropped = min(self.skip, len(rows))
+            rows, first, self.skip = rows[dropped:], first + dropped, self.skip - dropped
+        if rows:
+            self.writer.write(self.converter.batch(rows, first))
+            self.staged += len(rows)
+        self.records += len(self.rows)
+        self.rows = []
+
+    def drop(self) -> None:
+        """Forget the records since the last commit (the destination holds them)."""
+        remove_files(self.writer.flush())
+        self.records += len(self.rows)
+        self.rows, self.staged = [], 0
 
 
 def with_version(columns: list[Column], versioned: bool) -> list[Column]:

@@ -68,7 +68,7 @@ from floe.core.errors import SourceError
 from floe.core.settings import SourceConfig
 from floe.core.stream import State
 from floe.engine.pipeline import table_spec
-from floe.infra.stage import StageRun, StageWriter, new_load_id, remove_files, remove_leftovers
+from floe.infra.stage import StageRun, StageWriter, new_load_id, remove_leftovers
 
 log = logging.getLogger("floe.singer.target")
 
@@ -100,6 +100,11 @@ class SingerTarget:
         self.fast = FastPath()
         self._converter = ThreadPoolExecutor(FastPath.WORKERS, thread_name_prefix="floe-target-fast")
         self._converting = 0  # runs in the fast path's worker
+        self._submitted = 0  # runs handed to it so far (each pending run holds its number)
+        # A commit due at a STATE while runs before it were still converting: it is made once they are
+        # staged (before any later run), while the reading and converting go on; the runs numbered below `_due_before`.
+        self._due: StateLine | None = None
+        self._due_before = 0
         self._fast: list[Buffer] = []  # the streams whose RECORD lines the fast path may take
 
     # --- input ---------------------------------------------------------------------------------
@@ -162,7 +167,7 @@ class SingerTarget:
                 rows = buf.rows
                 rows.append(record)
                 if len(rows) >= CHUNK_ROWS:
-                    self._stage(buf)
+                    buf.stage()
                 return
         if replayed is not None and (message_type(message) != "RECORD" or message.get("stream") != replayed.stream.name):
             raise SourceError(f"input line {lineno}: starts as a RECORD of {replayed.stream.name}, reads otherwise")
@@ -179,28 +184,36 @@ class SingerTarget:
             return
         future = self._converter.submit(self.fast.convert, buf.stream.name, buf.columns, buf.converter.schema, run,
                                         buf.writer.folder)
-        buf.pending.append((run, first_line, future))
+        buf.pending.append((run, first_line, future, self._submitted))
         buf.pending_lines += len(run)
         self._converting += 1
+        self._submitted += 1
         self._drain(keep=FastPath.WORKERS)  # (reading ahead of the worker holds each line's bytes)
 
-    def _drain(self, keep: int = 0) -> None:
-        """Stage the runs in the worker, oldest first, until `keep` are left: their batches, or their lines
-        through the per-record path."""
-        for buf in self.buffers.values():
-            while buf.pending and self._converting > keep:
-                run, first_line, future = buf.pending.pop(0)
-                buf.pending_lines -= len(run)
-                self._converting -= 1
-                batch = future.result()
-                if batch is None or not batch.schema.equals(buf.converter.schema):  # refused, or the columns changed
-                    for lineno, line in enumerate(run, first_line):
-                        self._line(line, lineno, replayed=buf)
-                    continue
-                self._stage(buf)  # records before the run
-                buf.writer.write(batch)
-                buf.staged += batch.num_rows
-                buf.records += batch.num_rows
+    def _drain(self, keep: int = 0, due_only: bool = False) -> None:
+        """Stage the runs in the worker, oldest first, until `keep` are left (`due_only`: until the due
+        commit is made): their batches, or their lines through the per-record path. The due commit is
+        made once the runs before its STATE are staged."""
+        while self._converting > keep:
+            buf = min((b for b in self.buffers.values() if b.pending), key=lambda b: b.pending[0][3])
+            if self._due is not None and buf.pending[0][3] >= self._due_before:
+                self._commit_due()
+            if due_only and self._due is None:
+                return
+            run, first_line, future, _ = buf.pending.pop(0)
+            buf.pending_lines -= len(run)
+            self._converting -= 1
+            batch = future.result()
+            if batch is None or not batch.schema.equals(buf.converter.schema):  # refused, or the columns changed
+                for lineno, line in enumerate(run, first_line):
+                    self._line(line, lineno, replayed=buf)
+                continue
+            buf.stage()  # records before the run
+            buf.writer.write(batch)
+            buf.staged += batch.num_rows
+            buf.records += batch.num_rows
+        if self._due is not None and all(b.pending[0][3] >= self._due_before for b in self.buffers.values() if b.pending):
+            self._commit_due()
 
     def _fast_path(self, buf: Buffer) -> None:
         """Let the fast path take the stream's RECORD lines when it handles its columns."""
@@ -237,6 +250,8 @@ class SingerTarget:
         """Commit what came before the STATE once a commit is due; with nothing pending, write it out."""
         if "value" not in message:
             raise SourceError(f"{where}: STATE message has no `value`")
+        if self._due is not None:  # the commit due at the previous STATE first
+            self._drain(due_only=True)
         self.state, self.state_unsent = message["value"], True
         self.states_received += 1
         for buf in self.buffers.values():
@@ -251,7 +266,9 @@ class SingerTarget:
         # A child table commits at each STATE, as `floe run` commits each checkpoint: a parent sent
         # again later replaces its set, which one commit of both would keep side by side.
         due = due or any(b.stream.parent_key and (b.rows or b.staged) for b in self.buffers.values())
-        if due or not self._has_pending():
+        if due and self._converting:  # made once the runs before this STATE are staged (`_drain`)
+            self._due, self._due_before = self._unsent_state(), self._submitted
+        elif due or not self._has_pending():
             self.commit()
 
     def _other_record(self, message: dict[str, Any], lineno: int) -> None:
@@ -265,7 +282,7 @@ class SingerTarget:
                 self._mark_versioned(buf)
         buf.rows.append(record)
         if len(buf.rows) >= CHUNK_ROWS:
-            self._stage(buf)
+            buf.stage()
 
     # --- streams -------------------------------------------------------------------------------
     def _schema(self, message: dict[str, Any], where: str) -> None:
@@ -289,7 +306,7 @@ class SingerTarget:
             same_keys = (old.stream.primary_key, old.stream.parent_key) == (tuple(keys), parent)
             if old.columns == with_version(columns, old.versioned) and same_keys:
                 return
-            self._stage(old)
+            old.stage()
             if not same_keys:
                 self.commit(only=old)  # rows staged under the old key merge on the old key
         buf_columns = with_version(columns, old.versioned if old else False)
@@ -340,7 +357,7 @@ class SingerTarget:
             replay = buf.replay
             assert replay is not None
             if replay.marked_by(self.state, buf.at_state):
-                self._drop(buf)
+                buf.drop()
                 buf.skip = replay.skip
             if self.states_received >= replay.window_end:
                 self._end_replay(buf)
@@ -353,32 +370,12 @@ class SingerTarget:
             buf.replay = None
             self._replays.remove(buf)
 
-    def _drop(self, buf: Buffer) -> None:
-        """Forget the stream's records since its last commit (the destination holds them)."""
-        remove_files(buf.writer.flush())
-        buf.records += len(buf.rows)
-        buf.rows, buf.staged = [], 0
-
     def _mark_versioned(self, buf: Buffer) -> None:
         buf.versioned = True
         buf.columns = with_version(buf.columns, True)
         buf.converter = Converter(buf.stream.name, buf.columns)
         self._fast_path(buf)
         buf.stream.schema = pa.schema([c.arrow_field() for c in buf.columns])
-
-    def _stage(self, buf: Buffer) -> None:
-        """Convert the buffered records of `buf` to Arrow (validating them) and stage them."""
-        if not buf.rows:
-            return
-        rows, first = buf.rows, buf.records + 1
-        if buf.skip:  # the destination holds these already (a replay)
-            dropped = min(buf.skip, len(rows))
-            rows, first, buf.skip = rows[dropped:], first + dropped, buf.skip - dropped
-        if rows:
-            buf.writer.write(buf.converter.batch(rows, first))
-            buf.staged += len(rows)
-        buf.records += len(buf.rows)
-        buf.rows = []
 
     def _pending_rows(self) -> int:
         return sum(b.staged + len(b.rows) + b.pending_lines for b in self.buffers.values())
@@ -389,7 +386,7 @@ class SingerTarget:
     # --- commits -------------------------------------------------------------------------------
     def _checkpoint(self, buf: Buffer) -> State:
         return {"singer_state": self.state, "state_messages": self.states_received - self.state_written,
-                "records": buf.at_state - buf.at_output, "records_after_state": buf.received - buf.at_state}
+                "records": buf.at_state - buf.at_output, "records_after_state": buf.records + len(buf.rows) - buf.at_state}
 
     def _load(self, buf: Buffer, details: dict[str, Any] | None = None) -> LoadJob:
         files = buf.writer.flush()
@@ -408,21 +405,32 @@ class SingerTarget:
         The loads run in a worker thread while reading goes on; one commit is in flight at a time,
         and its STATE is written only after all of its loads succeeded."""
         self._drain()
-        self._settle()
         if only is not None:  # what it holds commits now, so it is taken as new
             self._end_replay(only)
+        self._commit_staged(only, None if only else self._unsent_state(), wait)
+
+    def _commit_due(self) -> None:
+        """The commit due at a STATE, now that the runs before it are staged (those after it still convert)."""
+        state, self._due = self._due, None
+        self._commit_staged(None, state)
+
+    def _unsent_state(self) -> StateLine | None:
+        """The latest STATE, if not yet written out (for the commit made now); restarts `max_seconds`."""
+        self.last_commit = time.monotonic()
+        if not self.state_unsent:
+            return None
+        self.state_unsent = False
+        return StateLine(self.state, self.states_received, {name: b.at_state for name, b in self.buffers.items()})
+
+    def _commit_staged(self, only: Buffer | None, state: StateLine | None, wait: bool = False) -> None:
+        """Commit what is staged and buffered of every stream (or `only`) on the load thread; `state` follows it."""
+        self._settle()
         jobs = []
         for buf in [only] if only else list(self.buffers.values()):
-            self._stage(buf)
+            buf.stage()
             if buf.staged:
                 jobs.append(self._load(buf))
                 buf.staged = 0
-        state: StateLine | None = None
-        if only is None:
-            self.last_commit = time.monotonic()
-            if self.state_unsent:
-                received = {name: b.at_state for name, b in self.buffers.items()}
-                state, self.state_unsent = StateLine(self.state, self.states_received, received), False
         if jobs:
             self._inflight = (self._worker.submit(apply_jobs, self.destination, jobs), state)
             if wait or only is not None:
@@ -451,8 +459,9 @@ class SingerTarget:
         if self._inflight is not None:  # let a running transaction finish; its STATE is not written
             self._inflight[0].exception()
             self._inflight = None
+        self._due = None  # its STATE is not written
         for buf in self.buffers.values():
-            for _, _, future in buf.pending:
+            for _, _, future, _ in buf.pending:
                 future.cancel()
             buf.pending, buf.pending_lines, self._converting = [], 0, 0
             buf.writer.abort()
@@ -484,5 +493,5 @@ class SingerTarget:
             raise SourceError(f"{where}: BATCH for stream {name!r} before its SCHEMA")
         for rows in batch_rows(message, where, CHUNK_ROWS):
             buf.rows.extend(rows)
-            self._stage(buf)
+            buf.stage()
 
