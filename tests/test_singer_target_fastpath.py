@@ -257,3 +257,51 @@ def test_full_runs_and_their_states_do_not_wait_for_the_worker_and_reading_ahead
     assert max(in_flight) <= FastPath.WORKERS  # the reader waits for the oldest run beyond that
     assert (target.fast.taken, target.fast.records) == (8, 800)
     assert destination.query("SELECT count(*) FROM singer.events") == [(800,)]
+
+
+def test_a_commit_due_at_a_state_waits_for_the_runs_before_it_only(
+    destination: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import floe.apps.singer.target as target_module
+
+    monkeypatch.setattr(target_module, "CHUNK_ROWS", 100)  # each run is full: its STATE follows while it converts
+    lines = messages(1_200, 100, seed=11)
+    out = io.BytesIO()
+    target = SingerTarget(destination, tmp_path / "fast", out, schema="fast", batch_rows=300)
+    target.fast = FastPath(min_run=10)
+    waiting, checked = [], 0
+
+    def feed() -> Iterator[bytes]:
+        nonlocal checked
+        for line in lines:
+            yield line
+            if line.startswith(b'{"type":"STATE"'):
+                waiting.append((target._due is not None, target._converting))
+                for emitted in (orjson.loads(x) for x in out.getvalue().splitlines()[checked:]):
+                    assert destination.query("SELECT count(*) FROM fast.events")[0][0] >= emitted["n"]
+                    checked += 1
+
+    target.run(feed())
+    assert any(due and converting for due, converting in waiting)  # a due commit left the later runs converting
+    _, slow_states = load(destination, tmp_path, lines, "slow", fast=False, batch_rows=300)
+    states = [orjson.loads(x) for x in out.getvalue().splitlines()]
+    assert states == slow_states == [{"n": 300}, {"n": 600}, {"n": 900}, {"n": 1200}]
+    assert table(destination, "fast") == table(destination, "slow")
+    assert (target.fast.taken, target.fast.records) == (12, 1_200)
+    committed = destination.query("SELECT state FROM _floe_state WHERE source = 'fast' ORDER BY version")
+    assert [orjson.loads(s)["records_after_state"] for (s,) in committed] == [0, 0, 0, 0]
+
+
+def test_the_scan_of_a_run_finds_every_newline_and_escape_across_its_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    from floe.apps.singer import fastpath
+
+    monkeypatch.setattr(fastpath, "SCAN", 7)
+    rng = random.Random(2)
+    data = b"".join(rng.choice([b"a", b"\\", b"u", b"\n", b"\\u", b"\\\\u"]) for _ in range(2_000))
+    expected, at = [], data.find(b"\\u")
+    while at >= 0:
+        expected.append(at)
+        at = data.find(b"\\u", at + 2)
+    assert fastpath._scan(data) == (data.count(b"\n"), expected)
+    assert fastpath._unsafe_escape(b'{"a":"\\u00e9 \\ud83d"}\n', fastpath._scan(b'{"a":"\\u00e9 \\ud83d"}\n')[1]) \
+        == "\\ud83d in a string"

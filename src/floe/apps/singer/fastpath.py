@@ -45,6 +45,7 @@ KINDS = frozenset({"integer", "number", "boolean", "string", "date-time", "date"
 UNSAFE = re.compile(rb"[dD][89a-fA-F]|0000")
 DATE_TIME = (r"[0-9]{4}-[0-9]{2}-[0-9]{2}T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?"
              r"(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])")
+SCAN = 1 << 18  # bytes of a run scanned at a time
 DATE = r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
 JSON_TYPES = {"object": ("OBJECT",), "array": ("ARRAY",), "string": ("VARCHAR",), "boolean": ("BOOLEAN",),
               "integer": ("BIGINT", "UBIGINT"), "number": ("BIGINT", "UBIGINT", "DOUBLE")}
@@ -138,11 +139,11 @@ class FastPath:
         if len(lines) < self.min_run or not supported(columns):
             return None
         data = b"".join(lines)
-        codes = np.frombuffer(data, np.uint8)  # (numpy's scans release the GIL and beat bytes.count and find)
-        if not data.endswith(b"\n") or int(np.count_nonzero(codes == 10)) != len(lines):  # one line each, as a file's
+        newlines, escapes = _scan(data)
+        if not data.endswith(b"\n") or newlines != len(lines):  # one line each, as a file's lines
             data = b"".join(line if line.endswith(b"\n") else line + b"\n" for line in lines)
-            codes = np.frombuffer(data, np.uint8)
-        reason = _unsafe_escape(data, codes)  # (DuckDB refuses bytes that are not UTF-8)
+            escapes = _scan(data)[1]
+        reason = _unsafe_escape(data, escapes)  # (DuckDB refuses bytes that are not UTF-8)
         batch = None
         if reason is None:
             batch, reason = self._convert(stream, columns, schema, data, len(lines), folder)
@@ -194,10 +195,23 @@ class FastPath:
         return pa.RecordBatch.from_arrays(arrays, schema=schema), ""
 
 
-def _unsafe_escape(data: bytes, codes: np.ndarray) -> str | None:
-    """Why the text of `data` (`codes`: its bytes) may read differently in DuckDB (None: it may not)."""
-    backslashes = np.flatnonzero(codes[:-1] == 0x5C)
-    for at in backslashes[codes[backslashes + 1] == 0x75].tolist():  # each backslash-u
+def _scan(data: bytes) -> tuple[int, list[int]]:
+    """The newlines in `data` and where each backslash-u starts. (numpy, a slice at a time: ~5 ms for a
+    50,000-line run against ~25 with bytes.count and find, outside the GIL, no temporaries of the run's size.)"""
+    codes = np.frombuffer(data, np.uint8)
+    newlines, escapes = 0, []
+    for start in range(0, len(codes), SCAN):
+        part = codes[start:start + SCAN + 1]  # one byte more: a backslash's next
+        newlines += int(np.count_nonzero(part[:SCAN] == 0x0A))
+        backslashes = np.flatnonzero(part[:-1] == 0x5C)
+        if len(backslashes):
+            escapes += (backslashes[part[backslashes + 1] == 0x75] + start).tolist()
+    return newlines, escapes
+
+
+def _unsafe_escape(data: bytes, escapes: list[int]) -> str | None:
+    """Why the text of `data` (`escapes`: where its backslash-u are) may read differently in DuckDB (None: it may not)."""
+    for at in escapes:
         if UNSAFE.match(data, at + 2):
             return f"{data[at:at + 6].decode(errors='replace')} in a string"
     return None
