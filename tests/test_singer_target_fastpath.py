@@ -7,6 +7,7 @@ import io
 import json
 import random
 from collections.abc import Iterator
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,17 @@ def test_a_run_the_fast_path_cannot_prove_goes_through_the_per_record_path(
     assert rows[-1][0] == 1_000_001
 
 
+def test_escaped_characters_in_strings_dates_and_date_times_load_alike(destination: Any, tmp_path: Path) -> None:
+    lines = messages(600, 300)
+    for at, escaped in enumerate([b'"at":"2026-03-01T10:20:30\\u005a","day":"2026-02-2\\u0038"',
+                                  b'"at":"\\u0032026-03-01T10:20:30Z"', b'"name":"a \\"b\\" \\\\ \\/ \\u00e9 \\t"']):
+        lines.insert(100 + at, b'{"type":"RECORD","stream":"events","record":{"id":%d,%s}}\n' % (1_000_000 + at, escaped))
+    fast, rows = same_load(destination, tmp_path, lines)
+    assert (fast.taken, fast.refused) == (2, 0)
+    assert [r[5] for r in rows[-3:-1]] == [datetime(2026, 3, 1, 10, 20, 30, tzinfo=UTC)] * 2
+    assert rows[-3][6] == date(2026, 2, 28) and rows[-1][4] == 'a "b" \\ / é \t'
+
+
 def test_record_messages_with_a_version_take_the_per_record_path(destination: Any, tmp_path: Path) -> None:
     lines = messages(600, 300)
     lines[50] = lines[50].replace(b'"stream":"events",', b'"stream":"events","version":7,')
@@ -159,6 +171,13 @@ def test_record_messages_with_a_version_take_the_per_record_path(destination: An
     {"id": 7, "flag": "yes"},
     {"id": 7, "at": "yesterday"},
     {"id": 7, "big": 2**63},
+    {"id": 7, "big": "5"},  # the fast path reads the JSON text: a string of digits is no integer
+    {"id": 7, "flag": "true"},
+    {"id": 7, "flag": 1},
+    {"id": 7, "name": 5},
+    {"id": 7, "name": True},
+    {"id": 7, "name": {"a": "b"}},
+    {"id": 7, "day": 20260301},
 ])
 def test_a_bad_record_fails_alike_on_both_paths(duckdb_destination: Any, tmp_path: Path, bad: dict[str, Any]) -> None:
     lines = messages(600, 300)
