@@ -293,3 +293,20 @@ def test_postgres_a_value_too_large_for_an_existing_column_widens_it(postgres_db
                           "AND column_name = 'n'") == [("bigint",)]
     finally:
         dest.close()
+
+
+@pytest.mark.parametrize(("pk", "parent", "analyzed"), [
+    (("id",), (), '("id")'),
+    (("parent", "id"), ("parent",), '("parent", "id")'),
+])
+def test_a_postgres_merge_analyzes_only_the_columns_its_delete_joins_on(
+    pk: tuple[str, ...], parent: tuple[str, ...], analyzed: str
+) -> None:
+    from floe.destinations.merge import disposition_sql
+    from floe.destinations.postgres import MERGE_STYLE
+
+    columns = pa.schema([("parent", pa.int64()), ("id", pa.int64()), ("doc", pa.string())])
+    spec = TableSpec("src", "items", columns, pk, "merge", parent_key=parent)
+    statements = disposition_sql(MERGE_STYLE, spec, '"src"."items"', "staging", columns=[], order="_floe_seq",
+                                 load_id="'l'", now="now()", quote=lambda n: f'"{n}"')
+    assert [s for s in statements if s.startswith("ANALYZE")] == [f"ANALYZE staging {analyzed}"]
