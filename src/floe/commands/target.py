@@ -25,11 +25,12 @@ def target_command(
     ] = None,
     schema: Annotated[str | None, typer.Option(help="Schema the tables go into (default: singer).")] = None,
     input_file: Annotated[Path | None, typer.Option("--input", help="Read messages from this file, not stdin.")] = None,
-    batch_rows: Annotated[int | None, typer.Option(help="Commit once this many records are pending at a STATE.")] = None,
+    batch_rows: Annotated[int | None, typer.Option(
+        help="Commit once this many records are pending at a STATE (default 200,000).")] = None,
 ) -> None:
     """Run as a Singer target: SCHEMA/RECORD/STATE/ACTIVATE_VERSION/BATCH on stdin, STATE out once committed."""
     from floe.apps.singer.setup import make_destination_for, target_policy
-    from floe.apps.singer.target import SingerTarget
+    from floe.apps.singer.target import BATCH_ROWS, SingerTarget
     from floe.infra import logs
 
     logs.setup()
@@ -39,7 +40,7 @@ def target_command(
         dest, own, cfg = make_destination_for(destination, floe_config, config)
         target_schema = schema or own.get("schema") or own.get("default_target_schema") or "singer"
         stage = cfg.stage if cfg is not None else Path(".floe/stage")
-        rows = int(batch_rows or own.get("batch_rows") or 500_000)
+        rows = int(batch_rows or own.get("batch_rows") or BATCH_ROWS)
         target = SingerTarget(dest, stage, sys.stdout.buffer, schema=str(target_schema), batch_rows=rows,
                               policy=target_policy(own, str(config)))
         if input_file is not None:

@@ -73,11 +73,14 @@ from floe.infra.stage import StageRun, StageWriter, new_load_id, remove_leftover
 log = logging.getLogger("floe.singer.target")
 
 CHUNK_ROWS = 50_000  # records converted to Arrow and staged at a time
+# Records pending at a STATE that make a commit due: the loads of one overlap the reading and converting
+# of the next records (500,000 made a run of that size one commit at the end, with nothing to overlap).
+BATCH_ROWS = 200_000
 
 
 class SingerTarget:
     def __init__(self, destination: Destination, stage: Path, out: IO[bytes], schema: str = "singer",
-                 batch_rows: int = 500_000, max_seconds: float = 60.0, policy: SourceConfig | None = None) -> None:
+                 batch_rows: int = BATCH_ROWS, max_seconds: float = 60.0, policy: SourceConfig | None = None) -> None:
         self.destination = destination
         self.policy = policy or SourceConfig(type="singer")  # its `schema_changes` and `widen_to_text`
         self.stage = stage
