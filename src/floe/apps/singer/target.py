@@ -335,7 +335,7 @@ class SingerTarget:
             lease.release()
             raise
         self._runs.append(run)
-        writer = StageWriter(run.folder, new_load_id(), compression="lz4")
+        writer = StageWriter(run.folder, new_load_id(), compression="none")  # read once, locally: no codec
         buf = self.buffers[name] = Buffer(stream, columns, Converter(name, columns), writer, lease,
                                            committed.version)
         self._fast_path(buf)
