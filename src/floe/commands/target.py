@@ -12,6 +12,8 @@ import typer
 from floe.core.errors import FloeError
 from floe.core.secrets import redact
 
+READ_BUFFER = 1 << 20  # bytes of input read at a time
+
 
 def target_command(
     destination: Annotated[str, typer.Argument(help="Destination name in floe.yml, or destination type with --config.")],
@@ -43,11 +45,13 @@ def target_command(
         rows = int(batch_rows or own.get("batch_rows") or BATCH_ROWS)
         target = SingerTarget(dest, stage, sys.stdout.buffer, schema=str(target_schema), batch_rows=rows,
                               policy=target_policy(own, str(config)))
+        # Read in 1 MB blocks (sys.stdin.buffer reads 8 KB at a time): a read returns what a pipe holds.
         if input_file is not None:
-            with input_file.open("rb") as handle:
+            with input_file.open("rb", buffering=READ_BUFFER) as handle:
                 committed = target.run(handle)
         else:
-            committed = target.run(sys.stdin.buffer)
+            with open(sys.stdin.fileno(), "rb", buffering=READ_BUFFER, closefd=False) as handle:
+                committed = target.run(handle)
     except FloeError as exc:
         typer.echo(f"CRITICAL {redact(str(exc))}", err=True)
         raise typer.Exit(1) from None
