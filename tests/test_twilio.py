@@ -385,12 +385,12 @@ def test_a_short_range_read_in_hour_windows_loads_each_row_once(
 
 def test_a_run_stopped_among_concurrent_windows_commits_a_bookmark_its_rows_cover(emulator: Any,
                                                                                   api_project: Any) -> None:
-    """Every request after the first 40 is refused (403) while windows are read at once: what was
+    """Every request after the first 60 (of ~90) is refused (403) while windows are read at once: what was
     committed holds every row up to the committed bookmark, and the next run ends with each row once."""
-    server, sandbox = start_twilio(emulator, size=2000, days=4)
+    server, sandbox = start_twilio(emulator, size=4000, days=8)  # ~10 pages a day, two days read at once
     project = api_project(tw=source_config(server, sandbox, streams=["calls"], window_days=1, page_size=50,
-                                           checkpoint_rows=1000))
-    server.app.state.faults.update({"refuse_after": 40})
+                                           checkpoint_rows=1000, max_concurrency=2))
+    server.app.state.faults.update({"refuse_after": 60})
     results = project.run()
     assert [r.ok for r in results] == [False] and "HTTP 403: Forbidden (code 20403)" in str(results[0].error)
     bookmark = datetime.fromisoformat(json.loads(project.states()[-1][3])["bookmark"])
