@@ -16,6 +16,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -217,6 +218,60 @@ def test_duckdb_checkpoints_after_appends_do_not_vacuum_but_after_merges_do(tmp_
         load(t([1], ["y"]), disposition="merge", pk=("id",))
         assert setting("max_vacuum_tasks") == "100"
         assert dest.query("SELECT COUNT(*), COUNT(*) FILTER (WHERE v = 'y') FROM src.items")[0] == (3000, 1)
+    finally:
+        dest.close()
+
+
+def test_duckdb_appends_insert_on_append_threads_and_merges_on_every_thread(tmp_path):
+    dest = DuckDBDestination("w", DuckDBConfig(path=str(tmp_path / "w.duckdb"), threads=3), Context(tmp_path))
+    load = Loader(dest, tmp_path)
+    seen: list[str] = []
+    statements = dest.disposition_sql
+
+    def spy(spec: TableSpec, *args: Any, **kwargs: Any) -> list[str]:  # the setting while the INSERT runs
+        out = statements(spec, *args, **kwargs)
+        seen.append(next(s for s in out if s.startswith("SET threads")))
+        return out
+
+    dest.disposition_sql = spy  # type: ignore[method-assign]
+    try:
+        load(t([1, 2], ["a", "b"]))
+        load(t([2], ["c"]), disposition="merge", pk=("id",))
+        load(t([3], ["d"]))
+        assert seen == ["SET threads = 1", "SET threads = 3", "SET threads = 1"]
+        assert dest.query("SELECT current_setting('threads')")[0][0] == 1
+        assert rows(dest) == [(1, "a"), (2, "c"), (3, "d")]
+    finally:
+        dest.close()
+
+
+def test_duckdb_append_threads_none_inserts_on_every_thread(tmp_path):
+    dest = DuckDBDestination("w", DuckDBConfig(path=str(tmp_path / "w.duckdb"), threads=2, append_threads=None),
+                             Context(tmp_path))
+    try:
+        Loader(dest, tmp_path)(t([1], ["a"]))
+        assert dest.query("SELECT current_setting('threads')")[0][0] == 2
+    finally:
+        dest.close()
+
+
+@pytest.mark.parametrize("memory_limit", [None, "2GB"])
+def test_duckdb_drops_its_cache_of_written_blocks_after_each_commit(tmp_path, memory_limit):
+    # DuckDB keeps every block it writes in memory until memory_limit makes it evict: without the
+    # eviction after each commit, this process would hold the ~75 MB this test writes.
+    dest = DuckDBDestination("w", DuckDBConfig(path=str(tmp_path / "w.duckdb"), memory_limit=memory_limit),
+                             Context(tmp_path))
+    load = Loader(dest, tmp_path)
+    limit = dest.query("SELECT current_setting('memory_limit')")[0][0]
+    n, rng = 300_000, np.random.default_rng(7)
+    try:
+        for i in range(2):  # random 64-bit integers do not compress: each load writes ~40 MB of blocks
+            noise = {f"c{c}": pa.array(rng.integers(-(2**63), 2**63 - 1, n)) for c in range(16)}
+            load(t(list(range(i * n, (i + 1) * n)), [None] * n, **noise))
+        assert dest.query("SELECT COUNT(*) FROM src.items")[0][0] == 2 * n
+        assert dest.query("SELECT used_blocks * block_size FROM pragma_database_size()")[0][0] > 48 << 20
+        assert dest.query("SELECT sum(memory_usage_bytes) FROM duckdb_memory()")[0][0] <= 32 << 20
+        assert dest.query("SELECT current_setting('memory_limit')")[0][0] == limit  # raised again
     finally:
         dest.close()
 
