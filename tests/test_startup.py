@@ -185,3 +185,40 @@ def test_the_executable_exits_with_the_command_status_after_threads_and_atexit(
     assert done.returncode == code, done.stderr
     assert says in done.stdout + done.stderr and "not reached" not in done.stdout and "torn down" not in done.stdout
     assert done.stdout.rstrip().endswith("atexit ran") and out.read_text() == "done"
+
+
+ARENAS = """
+import ctypes, sys, tempfile, threading
+from floe.infra.startup import limit_malloc_arenas
+if sys.argv[1] == "capped":
+    assert limit_malloc_arenas()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+go, done = threading.Barrier(9), threading.Barrier(9)
+def work():
+    go.wait()
+    blocks = [libc.malloc(4096) for _ in range(100)]  # each thread's first malloc picks its arena
+    done.wait()
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads:
+    t.start()
+go.wait(); done.wait()
+for t in threads:
+    t.join()
+with tempfile.NamedTemporaryFile("r") as f:
+    libc.fopen.restype = ctypes.c_void_p
+    fp = libc.fopen(f.name.encode(), b"w")
+    libc.malloc_info(0, ctypes.c_void_p(fp)); libc.fclose(ctypes.c_void_p(fp))
+    print(f.read().count("<heap nr="))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
+def test_floe_caps_glibc_malloc_arenas():
+    # Threads allocating at once get an arena each (glibc: up to 8 per core) unless capped at two.
+    def arenas(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", ARENAS, mode], capture_output=True, text=True, timeout=60, check=True)
+        return int(out.stdout)
+
+    assert arenas("default") > 2
+    assert arenas("capped") <= 2
