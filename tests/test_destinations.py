@@ -23,7 +23,7 @@ import pytest
 from floe.core.destination import LoadJob, StagedFile, TableSpec, json_field
 from floe.core.errors import DestinationError
 from floe.core.stream import Batch, Context, State, Stream
-from floe.destinations.duckdb import DuckDBConfig, DuckDBDestination
+from floe.destinations.duckdb import DuckDBConfig, DuckDBDestination, insert_threads
 from floe.destinations.postgres import PostgresConfig, PostgresDestination
 from floe.destinations.sql import SqlDestination
 from floe.engine.pipeline import run_stream
@@ -222,18 +222,24 @@ def test_duckdb_checkpoints_after_appends_do_not_vacuum_but_after_merges_do(tmp_
         dest.close()
 
 
-def test_duckdb_appends_insert_on_append_threads_and_merges_on_every_thread(tmp_path):
-    dest = DuckDBDestination("w", DuckDBConfig(path=str(tmp_path / "w.duckdb"), threads=3), Context(tmp_path))
-    load = Loader(dest, tmp_path)
+def spy_threads(dest: DuckDBDestination) -> list[str]:
+    """The `SET threads` of each load's statements (the setting its INSERT runs with), as they come."""
     seen: list[str] = []
     statements = dest.disposition_sql
 
-    def spy(spec: TableSpec, *args: Any, **kwargs: Any) -> list[str]:  # the setting while the INSERT runs
+    def spy(spec: TableSpec, *args: Any, **kwargs: Any) -> list[str]:
         out = statements(spec, *args, **kwargs)
         seen.append(next(s for s in out if s.startswith("SET threads")))
         return out
 
     dest.disposition_sql = spy  # type: ignore[method-assign]
+    return seen
+
+
+def test_duckdb_appends_insert_on_append_threads_and_merges_on_every_thread(tmp_path):
+    dest = DuckDBDestination("w", DuckDBConfig(path=str(tmp_path / "w.duckdb"), threads=3, append_threads=1),
+                             Context(tmp_path))
+    load, seen = Loader(dest, tmp_path), spy_threads(dest)
     try:
         load(t([1, 2], ["a", "b"]))
         load(t([2], ["c"]), disposition="merge", pk=("id",))
@@ -245,14 +251,33 @@ def test_duckdb_appends_insert_on_append_threads_and_merges_on_every_thread(tmp_
         dest.close()
 
 
-def test_duckdb_append_threads_none_inserts_on_every_thread(tmp_path):
-    dest = DuckDBDestination("w", DuckDBConfig(path=str(tmp_path / "w.duckdb"), threads=2, append_threads=None),
-                             Context(tmp_path))
+def test_duckdb_appends_of_wide_rows_insert_on_fewer_threads(tmp_path):
+    # Unset append_threads: the threads' buffered row groups stay within 64 MB by the staged bytes per row.
+    dest = DuckDBDestination("w", DuckDBConfig(path=str(tmp_path / "w.duckdb"), threads=3), Context(tmp_path))
+    load, seen = Loader(dest, tmp_path), spy_threads(dest)
+    n = 20_000
     try:
-        Loader(dest, tmp_path)(t([1], ["a"]))
-        assert dest.query("SELECT current_setting('threads')")[0][0] == 2
+        load(t(list(range(200_000)), ["x"] * 200_000))  # ~20 bytes a row: 2.5 MB a row group
+        wide = {f"c{c}": pa.array(["v" * 40 + str(i) for i in range(n)]) for c in range(60)}  # ~3 KB a row
+        load(t(list(range(n)), [None] * n, **wide))
+        assert seen == ["SET threads = 3", "SET threads = 1"]
+        assert dest.query("SELECT COUNT(*) FROM src.items")[0][0] == 200_000 + n
     finally:
         dest.close()
+
+
+def test_insert_threads_keeps_the_buffered_row_groups_within_the_budget(tmp_path):
+    def files(size: int, rows: int) -> list[StagedFile]:
+        path = tmp_path / f"{size}-{rows}.arrow"
+        with path.open("wb") as f:
+            f.truncate(size)  # sparse: only its size counts
+        return [StagedFile(path, rows, pa.schema([]))]
+
+    assert insert_threads(files(500 * 250_000, 250_000), 4) == 1  # FullStory's ~500-byte rows: 61 MB a row group
+    assert insert_threads(files(150 * 1_000_000, 1_000_000), 4) == 3  # Sailthru's ~150: 18 MB
+    assert insert_threads(files(150 * 1_000_000, 1_000_000), 2) == 2
+    assert insert_threads(files(5_000 * 1_000, 1_000), 2) == 1  # never less than one
+    assert insert_threads(files(0, 0), 2) == 2
 
 
 @pytest.mark.parametrize("memory_limit", [None, "2GB"])

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import duckdb
 from pydantic import Field
 
-from floe.core.destination import SEQ, LoadJob, TableSpec, staged_column
+from floe.core.destination import SEQ, LoadJob, StagedFile, TableSpec, staged_column
 from floe.core.errors import DestinationError
 from floe.core.leases import Holder, Lease, process_started, take_process_lease
 from floe.core.runs import RunRecord
@@ -40,13 +40,11 @@ class DuckDBConfig(DestinationConfig, StateHistoryConfig):
     path: str = "warehouse.duckdb"
     memory_limit: str | None = None  # e.g. "1GB"; DuckDB's own default is 80% of RAM
     threads: int | None = None
-    # An append's INSERT runs on this many threads (None: `threads`). Each thread buffers a row group
-    # of its own (~75 MB of wide rows such as FullStory's) and leaves a partly filled one per commit;
-    # an append's read goes on while it inserts (FullStory bench: ~75 MB less at the peak, same CPU).
-    append_threads: int | None = Field(default=1, ge=1)
-    # DuckDB checkpoints once its WAL passes this size. Its own default (16MB) checkpoints after
-    # nearly every load of ~100k wide rows, recompressing the table's last, partly filled row group
-    # each time (about half the CPU of such loads); a larger WAL is replayed on open after a crash.
+    # An append's INSERT runs on this many threads. Each thread buffers a row group of its own
+    # (122,880 rows) and leaves a partly filled one per commit. Unset: as many of `threads` as keep
+    # those buffers within 64 MB, by the staged Arrow files' bytes per row (FullStory's ~500-byte
+    # rows: one thread, ~75 MB; Sailthru's ~150-byte rows: every thread, which it needs for its rate).
+    append_threads: int | None = Field(default=None, ge=1)
     checkpoint_threshold: str | None = "64MB"
     # An insert buffers this many row groups (of 122,880 rows) per thread before writing them; DuckDB's
     # default (5, or 20% of memory_limit per thread) holds ~1GB of wide rows without a memory_limit.
@@ -64,6 +62,18 @@ class DuckDBConfig(DestinationConfig, StateHistoryConfig):
 
 # What DuckDB's block cache is cut down to after each commit (see `DuckDBDestination.commit`).
 CACHE_AFTER_COMMIT = "32MB"
+APPEND_BUFFER_BYTES = 64 << 20  # what an append's insert threads buffer at most, together (estimated)
+ROW_GROUP_ROWS = 122_880
+
+
+def insert_threads(files: list[StagedFile], most: int, budget: int = APPEND_BUFFER_BYTES) -> int:
+    """How many threads (1 to `most`) an append of `files` inserts on: each buffers a row group,
+    whose size is estimated by the files' bytes per row (Arrow IPC stage files hold the rows uncompressed)."""
+    rows = sum(f.rows for f in files)
+    if not rows:
+        return most
+    per_thread = ROW_GROUP_ROWS * sum(f.path.stat().st_size for f in files) / rows
+    return max(1, min(most, int(budget // max(per_thread, 1))))
 
 # DuckDB's error when another process has the file open: "... Conflicting lock is held in <program> (PID n) ..."
 LOCK_HELD = re.compile(r"Conflicting lock is held in (?P<program>.+?) \(PID (?P<pid>\d+)\)")
@@ -116,6 +126,7 @@ class DuckDBDestination(SqlStateOps, SqlRunLog, SqlDestination):
         self.commit_rows, self.commit_wait = config.commit_rows, config.commit_wait_seconds
         self.stage_compression = config.stage_compression
         self._threads = 0  # as DuckDB resolved it (`connect`): what loads other than appends run on
+        self._append_threads = 0  # the current append's (`stage_rows`, under the load lock)
 
     def column_type(self, f: pa.Field) -> str | None:
         import pyarrow as pa
@@ -259,6 +270,7 @@ class DuckDBDestination(SqlStateOps, SqlRunLog, SqlDestination):
                         f"0 AS {SEQ} LIMIT 0")
             return SEQ
         paths = [f.path for f in job.files]
+        self._append_threads = self.config.append_threads or insert_threads(job.files, self._threads)
         if any(p.suffix == SUFFIXES["arrow"] for p in paths):
             if job.table.disposition == "merge":  # stage_format() gives merges Parquet
                 raise DestinationError(f"{self.name}: Arrow stage files cannot be merged (they are read once)")
@@ -288,7 +300,7 @@ class DuckDBDestination(SqlStateOps, SqlRunLog, SqlDestination):
         # concurrent streams of both kinds only change which checkpoint vacuums.
         vacuum = 100 if spec.disposition == "merge" else 0
         # An append inserts on `append_threads` (see DuckDBConfig); the others on every thread.
-        threads = self.config.append_threads if spec.disposition == "append" and self.config.append_threads else None
+        threads = self._append_threads if spec.disposition == "append" else self._threads
         return [f"SET preserve_insertion_order = {preserve}", f"SET max_vacuum_tasks = {vacuum}",
                 f"SET threads = {threads or self._threads}",
                 *super().disposition_sql(spec, staging, order, load_id, unique_keys)]
