@@ -42,9 +42,12 @@ class DuckDBConfig(DestinationConfig, StateHistoryConfig):
     threads: int | None = None
     # An append's INSERT runs on this many threads. Each thread buffers a row group of its own
     # (122,880 rows) and leaves a partly filled one per commit. Unset: as many of `threads` as keep
-    # those buffers within 64 MB, by the staged Arrow files' bytes per row (FullStory's ~500-byte
-    # rows: one thread, ~75 MB; Sailthru's ~150-byte rows: every thread, which it needs for its rate).
+    # those buffers within 64 MB, by the staged Arrow files' bytes per row (FullStory's ~470-byte
+    # rows: one thread, ~75 MB; Sailthru's narrow rows: every thread, which its rate needs).
     append_threads: int | None = Field(default=None, ge=1)
+    # DuckDB checkpoints once its WAL passes this size. Its own default (16MB) checkpoints after
+    # nearly every load of ~100k wide rows, recompressing the table's last, partly filled row group
+    # each time (about half the CPU of such loads); a larger WAL is replayed on open after a crash.
     checkpoint_threshold: str | None = "64MB"
     # An insert buffers this many row groups (of 122,880 rows) per thread before writing them; DuckDB's
     # default (5, or 20% of memory_limit per thread) holds ~1GB of wide rows without a memory_limit.
