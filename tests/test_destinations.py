@@ -299,6 +299,38 @@ def test_duckdb_drops_its_cache_of_written_blocks_after_each_commit(tmp_path, me
         assert dest.query("SELECT current_setting('memory_limit')")[0][0] == limit  # raised again
     finally:
         dest.close()
+def test_duckdb_merge_inserts_on_one_thread_and_every_load_gives_the_threads_back(tmp_path):
+    # Each thread of an INSERT holds a row group of its own: a merge's runs on `merge_insert_threads`.
+    dest = DuckDBDestination("w", DuckDBConfig(path=str(tmp_path / "w.duckdb"), threads=3), Context(tmp_path))
+    load = Loader(dest, tmp_path)
+
+    def threads() -> int:
+        return int(dest.query("SELECT current_setting('threads')")[0][0])
+
+    try:
+        job = load.job([t([1], ["a"])], disposition="merge", pk=("id",))
+        statements = dest.disposition_sql(job.table, "staged", "filename, file_row_number", job.load_id)
+        at = next(i for i, sql in enumerate(statements) if sql.startswith('INSERT INTO "w"."src"."items" '))
+        assert "SET threads = 3" in statements[:at - 1]  # first, for every load
+        assert statements[at - 1:at + 2:2] == ["SET threads = 1", "SET threads = 3"]
+        load(t([1, 2, 1], ["a", "b", "c"]), disposition="merge", pk=("id",))  # the later row of a key wins
+        load(t([2, 3], ["x", "y"]), disposition="merge", pk=("id",))
+        assert rows(dest) == [(1, "c"), (2, "x"), (3, "y")]
+        assert threads() == 3
+        dest.conn.execute("SET threads = 1")  # as a merge that failed in its INSERT leaves it
+        load(t([4], ["z"]), disposition="merge", pk=("id",))
+        assert threads() == 3 and len(rows(dest)) == 4
+    finally:
+        dest.close()
+    every = DuckDBDestination("e", DuckDBConfig(path=str(tmp_path / "e.duckdb"), threads=3,
+                                                                  merge_insert_threads=None),
+                              Context(tmp_path))
+    try:
+        job = Loader(every, tmp_path / "e").job([t([1], ["a"])], disposition="merge", pk=("id",))
+        assert [sql for sql in every.disposition_sql(job.table, "staged", "filename", job.load_id)
+                if sql.startswith("SET threads")] == ["SET threads = 3"]
+    finally:
+        every.close()
 
 
 # --- floe check on PostgreSQL ---------------------------------------------------------------------
