@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import floe
-from floe.infra.threads import in_thread, iterate_in_thread, prefetch_in_thread
+from floe.infra.threads import WorkerThreads, in_thread, iterate_in_thread, prefetch_in_thread
 
 
 def test_leaving_early_stops_the_thread_and_closes_the_generator_on_it() -> None:
@@ -119,3 +119,65 @@ def test_prefetch_raises_the_producers_error_in_sequence_and_closing_early_joins
     items.close()
     assert stop.is_set() and threading.active_count() == before
     assert len(pulled) <= 3 + 2 + 1  # consumed, `depth` queued, one in the producer's hand
+
+
+def test_worker_threads_keep_at_most_size_threads_and_hand_back_results_errors_and_context() -> None:
+    import contextvars
+
+    request = contextvars.ContextVar("request", default="none")
+    workers = WorkerThreads(2, "floe-test-worker")
+    gate = threading.Barrier(2, timeout=5)  # two calls must run at once to pass it
+
+    def work(n: int) -> tuple[int, str, str]:
+        if n < 2:
+            gate.wait()
+        if n == 5:
+            raise ValueError("five")
+        return n * n, threading.current_thread().name, request.get()
+
+    async def main() -> list[object]:
+        request.set("r1")
+        calls = [workers.call(work, n) for n in range(8)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    def threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "floe-test-worker"]
+
+    try:
+        results = asyncio.run(main())
+        assert [r[0] for r in results if isinstance(r, tuple)] == [0, 1, 4, 9, 16, 36, 49]
+        assert isinstance(results[5], ValueError) and str(results[5]) == "five"
+        assert {r[1] for r in results if isinstance(r, tuple)} == {"floe-test-worker"}
+        assert {r[2] for r in results if isinstance(r, tuple)} == {"r1"}  # the caller's context
+        assert len(threads()) == 2 and all(t.daemon for t in threads())
+        asyncio.run(main())  # a later run's calls go to the same threads
+        assert len(threads()) == 2
+    finally:
+        workers.close()
+    deadline = time.monotonic() + 5
+    while threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threads() == []
+
+
+def test_a_cancelled_worker_call_is_abandoned_and_the_thread_serves_the_next() -> None:
+    workers = WorkerThreads(1, "floe-test-worker-1")
+    release = threading.Event()
+
+    async def main() -> str:
+        slow = asyncio.ensure_future(workers.call(release.wait, 5))
+        await asyncio.sleep(0.05)
+        slow.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        after = asyncio.ensure_future(workers.call(lambda: threading.current_thread().name))
+        await asyncio.sleep(0.05)
+        assert not after.done()  # behind the abandoned call, on the one thread
+        release.set()
+        return await asyncio.wait_for(after, 5)
+
+    try:
+        assert asyncio.run(main()) == "floe-test-worker-1"
+    finally:
+        release.set()
+        workers.close()

@@ -12,6 +12,8 @@ failed run alive forever.
   where its work ran); the block waits `grace` seconds for that at most, then abandons it.
 - `prefetch_in_thread(items, stop)` is the same for a blocking consumer: a producer thread at
   most `depth` items ahead; closing the generator sets `stop` and joins the producer.
+- `WorkerThreads(size)` is `in_thread` on up to `size` daemon threads kept for many short calls:
+  starting a thread waits until it runs, which stalls the event loop on a busy machine.
 """
 
 from __future__ import annotations
@@ -39,30 +41,73 @@ def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *
     return True
 
 
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller was cancelled and has moved on
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _run(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], context: contextvars.Context,
+         fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    """`fn(*args)` in `context`; its result or exception settles `future` on `loop`."""
+    try:
+        result = context.run(fn, *args)
+    except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+        _call_soon(loop, _settle, future, None, exc)
+    else:
+        _call_soon(loop, _settle, future, result, None)
+
+
 async def in_thread(fn: Callable[..., T], /, *args: Any) -> T:
     """`fn(*args)` on a daemon thread of its own; its result or exception comes back here."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
-    context = contextvars.copy_context()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if future.done():  # the caller was cancelled and has moved on
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
-    def work() -> None:
-        try:
-            result = context.run(fn, *args)
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-            _call_soon(loop, settle, None, exc)
-        else:
-            _call_soon(loop, settle, result, None)
-
-    threading.Thread(target=work, name=f"floe:{getattr(fn, '__name__', 'call')}", daemon=True).start()
+    threading.Thread(target=_run, args=(loop, future, contextvars.copy_context(), fn, args),
+                     name=f"floe:{getattr(fn, '__name__', 'call')}", daemon=True).start()
     return await future
+
+
+class WorkerThreads:
+    """Up to `size` daemon threads, started as calls need them and kept: `await workers.call(fn, *args)`
+    is `in_thread` without a thread started per call. Cancelling the await abandons the call (its
+    result is dropped). For calls that always return soon (work on data in memory): one that hung
+    would keep its thread. `close()` ends the threads once the calls given before it are done."""
+
+    def __init__(self, size: int, name: str = "floe-worker") -> None:
+        self.size, self.name = max(1, size), name
+        self._calls: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._busy = 0  # calls given and not finished
+
+    async def call(self, fn: Callable[..., T], /, *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        with self._lock:
+            self._busy += 1
+            start = self._busy > self._threads and self._threads < self.size
+            self._threads += start
+        if start:
+            threading.Thread(target=self._work, name=self.name, daemon=True).start()
+        self._calls.put((loop, future, contextvars.copy_context(), fn, args))
+        return await future
+
+    def _work(self) -> None:
+        while (call := self._calls.get()) is not None:
+            try:
+                _run(*call)
+            finally:
+                with self._lock:
+                    self._busy -= 1
+
+    def close(self) -> None:
+        with self._lock:
+            threads, self._threads = self._threads, 0
+        for _ in range(threads):
+            self._calls.put(None)
 
 
 @asynccontextmanager

@@ -36,8 +36,9 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from floe.core.settings import SourceConfig
 from floe.core.stream import Batch, Context, DriftSpec, RefreshScope, State, Stream
 from floe.infra.http import ApiSource, HttpClient, PageGuard
+from floe.infra.threads import WorkerThreads
 from floe.sources.twilio_numbers import IncomingPhoneNumbers, PricingPhoneNumbers
-from floe.sources.twilio_paging import ListPages, parse_slots
+from floe.sources.twilio_paging import ListPages, parse_slots, parse_threads
 from floe.sources.twilio_records import (
     CALLS,
     MESSAGES,
@@ -130,6 +131,7 @@ class TwilioSource(ApiSource):
         super().__init__(name, config, context)
         self.when_retrieved = datetime.now(UTC)
         self.parsing: asyncio.Semaphore | None = None
+        self.parse_threads: WorkerThreads | None = None
 
     def make_http(self) -> HttpClient:
         return HttpClient(
@@ -139,6 +141,9 @@ class TwilioSource(ApiSource):
 
     async def aclose(self) -> None:
         self.parsing = None  # of this run's event loop
+        if self.parse_threads is not None:
+            self.parse_threads.close()
+            self.parse_threads = None
         await super().aclose()
 
     @property
@@ -170,8 +175,10 @@ class TwilioSource(ApiSource):
         requested while the previous one is parsed (see `twilio_paging`)."""
         if self.parsing is None:  # made on first use, inside the run's event loop
             self.parsing = parse_slots()
+        if self.parse_threads is None:
+            self.parse_threads = parse_threads()
         return ListPages(self.http, self.config.base_url, parser, PageGuard(self.name, what),
-                         self.parsing).read(url, params, last)
+                         self.parsing, self.parse_threads).read(url, params, last)
 
 
 Job = Callable[[], AsyncIterator[pa.RecordBatch]]

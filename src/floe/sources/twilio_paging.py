@@ -9,7 +9,8 @@ cut short and fetched again), the early request is cancelled and the right page 
 keeps at most two requests of its own in flight, and a reader that stops after page N has caused
 at most one request more (page N+1's); a list read until a condition holds (`last`) requests
 none more. Pages parse on at most as many threads at once as there are
-cores (`parse_slots`): more would not be faster, only hold more pages in memory.
+cores (`parse_slots`), on threads kept for the source's run (`parse_threads`): more would not be
+faster, only hold more pages in memory.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pyarrow as pa
 
 from floe.core.errors import SourceError
 from floe.infra.http import HttpClient, PageGuard, safe_url
-from floe.infra.threads import in_thread
+from floe.infra.threads import WorkerThreads
 from floe.sources.twilio_records import PageParser
 
 _NEXT = b'"next_page_uri":'
@@ -34,6 +35,11 @@ _VALUE = re.compile(rb'\s*(?:(null)|"([^"\\]*)")')
 def parse_slots() -> asyncio.Semaphore:
     """How many pages a source parses at once: one per core."""
     return asyncio.Semaphore(os.cpu_count() or 1)
+
+
+def parse_threads() -> WorkerThreads:
+    """The threads a source's pages are parsed on (as many as `parse_slots`), kept for its run."""
+    return WorkerThreads(os.cpu_count() or 1, "floe-twilio-parse")
 
 
 def peek_next_uri(body: bytes) -> tuple[bool, str | None]:
@@ -52,9 +58,10 @@ class ListPages:
     """The pages of one list, as raw batches (`parser.convert` shapes them)."""
 
     def __init__(self, http: HttpClient, base_url: str, parser: PageParser, guard: PageGuard,
-                 parsing: asyncio.Semaphore) -> None:
+                 parsing: asyncio.Semaphore, threads: WorkerThreads) -> None:
         self.http, self.base_url, self.parser, self.guard = http, base_url, parser, guard
         self.parsing = parsing  # shared by a source's lists: more parses at once than cores only cost memory
+        self.threads = threads  # shared too: the parses run there
 
     def absolute(self, uri: str | None) -> str | None:
         """`uri` (a page's `next_page_uri`) resolved against the base URL; SourceError if it leaves the
@@ -76,7 +83,7 @@ class ListPages:
         and parsed again, with `HttpClient.get_parsed`'s retries."""
         try:
             async with self.parsing:
-                return await in_thread(self.parser, body)
+                return await self.threads.call(self.parser, body)
         except ValueError:
             self.http.metrics.retries += 1
             return await self.http.get_parsed(url, self.parser, params=params, parse_in_thread=True)
