@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from email.utils import format_datetime
 from functools import partial
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -50,6 +50,7 @@ from floe.sources.twilio_records import (
     parse_rfc2822,
 )
 
+T = TypeVar("T")
 STREAMS = ("calls", "messages", "recordings", "incoming_phone_numbers", "pricing_phone_numbers")
 BATCH_ROWS = 10_000  # pages are joined and converted in batches this big (20k: same CPU, ~35 MB more peak RSS)
 # Twilio schedules a message at most 35 days ahead: no row stays pending (without a cursor, not final) longer.
@@ -169,16 +170,23 @@ class TwilioSource(ApiSource):
     def parser(self, key: str, spec: Spec) -> PageParser:
         return PageParser(key, spec, self.name, self.when_retrieved, self.config.include_message_body)
 
+    def threads(self) -> WorkerThreads:
+        """The threads this run parses and converts pages on (made on first use)."""
+        if self.parse_threads is None:
+            self.parse_threads = parse_threads()
+        return self.parse_threads
+
+    async def on_parse_threads(self, fn: Callable[..., T], /, *args: Any) -> T:
+        return await self.threads().call(fn, *args)
+
     def pages(self, url: str, params: dict[str, str] | None, parser: PageParser, what: str,
               last: Callable[[pa.RecordBatch], bool] | None = None) -> AsyncGenerator[pa.RecordBatch, None]:
         """Every page of a v2010 list as raw batches (`parser.convert` shapes them), each page
         requested while the previous one is parsed (see `twilio_paging`)."""
         if self.parsing is None:  # made on first use, inside the run's event loop
             self.parsing = parse_slots()
-        if self.parse_threads is None:
-            self.parse_threads = parse_threads()
         return ListPages(self.http, self.config.base_url, parser, PageGuard(self.name, what),
-                         self.parsing, self.parse_threads).read(url, params, last)
+                         self.parsing, self.threads()).read(url, params, last)
 
 
 Job = Callable[[], AsyncIterator[pa.RecordBatch]]
@@ -343,8 +351,8 @@ class TwilioIncremental(Stream):
         pending: datetime | None = None
         since_commit = 0
 
-        def convert(k: int) -> pa.RecordBatch:
-            batch = self.parser.convert(combine(raw.pop(k)))
+        async def convert(k: int) -> pa.RecordBatch:  # on a parse thread: the event loop reads meanwhile
+            batch = await self.source.on_parse_threads(self.parser.convert, combine(raw.pop(k)))
             top = pc.max(batch.column(self.cursor_field)).as_py()
             if top is not None and (k not in tops or top > tops[k]):
                 tops[k] = top
@@ -384,7 +392,7 @@ class TwilioIncremental(Stream):
                         raw.setdefault(k, []).append(item)
                         rows = {w: sum(page.num_rows for page in pages) for w, pages in raw.items()}
                         if rows[k] >= BATCH_ROWS or sum(rows.values()) >= RAW_ROWS:  # memory stays bounded
-                            yield Batch(convert(max(rows, key=rows.__getitem__)), checkpoint())
+                            yield Batch(await convert(max(rows, key=rows.__getitem__)), checkpoint())
                     continue
                 finished.add(k)
                 start_next()
@@ -396,7 +404,7 @@ class TwilioIncremental(Stream):
                         if pending is not None:
                             done["pending_since"] = pending.isoformat()
                     continue
-                batch = convert(k) if k in raw else None
+                batch = await convert(k) if k in raw else None
                 while prefix in finished:  # windows complete with every earlier one
                     top = tops.get(prefix)
                     if top is not None and (best is None or top > best):
