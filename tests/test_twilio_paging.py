@@ -153,3 +153,46 @@ def test_a_next_page_uri_on_another_host_is_refused_and_never_requested(emulator
     with pytest.raises(SourceError, match="next_page_uri .* leaves"):
         asyncio.run(asyncio.wait_for(read(), 30))
     assert not reached
+
+
+def test_pages_parse_and_convert_on_threads_kept_for_the_run_one_per_core_at_most(emulator: Any) -> None:
+    """No thread is started per page (starting one stalls the event loop until it runs): the parses
+    and conversions of a whole read share at most one kept thread per core, which end with the run."""
+    import os
+    import threading
+    import time
+
+    server, sandbox = start_twilio(emulator, size=2000, days=3)
+    source = make_source(server, sandbox, streams=["calls"], page_size=50, window_days=1)
+    stream = source.streams()[0]
+    seen: set[str] = set()
+    parse, convert = stream.parser._read_arrow, stream.parser.convert
+
+    def named(fn: Any) -> Any:
+        def call(*args: Any) -> Any:
+            seen.add(threading.current_thread().name)
+            return fn(*args)
+        return call
+
+    stream.parser._read_arrow = named(parse)  # type: ignore[method-assign]
+    stream.parser.convert = named(convert)  # type: ignore[method-assign]
+
+    def pool() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "floe-twilio-parse"]
+
+    async def read() -> tuple[int, int, int]:
+        rows = 0
+        try:
+            async for batch in stream.read(None):
+                rows += batch.records.num_rows if batch.records is not None else 0
+            return rows, source.http.metrics.requests, len(pool())
+        finally:
+            await source.aclose()
+
+    rows, requests, threads = asyncio.run(read())
+    assert rows == 2000 and requests > 40
+    assert seen == {"floe-twilio-parse"} and 1 <= threads <= (os.cpu_count() or 1)
+    deadline = time.monotonic() + 5
+    while pool() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pool() == []
