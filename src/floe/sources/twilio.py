@@ -288,7 +288,7 @@ class TwilioIncremental(Stream):
         async with aclosing(self.source.pages(self.source.list_url(self.list.resource), query, self.parser,
                                               what, last)) as pages:
             async for raw in pages:
-                batch = await self.source.on_parse_threads(self.parser.convert, raw)
+                batch = self.parser.convert(raw)  # here: a sweep's next request waits for it (`last`)
                 top = pc.max(batch.column("date_created")).as_py()
                 if top is not None and not newest:
                     newest.append(top)
