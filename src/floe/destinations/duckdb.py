@@ -309,8 +309,8 @@ class DuckDBDestination(SqlStateOps, SqlRunLog, SqlDestination):
         vacuum = 100 if spec.disposition == "merge" else 0
         # An append inserts on `append_threads`, a merge's INSERT on `merge_insert_threads` (see
         # DuckDBConfig), the rest on every thread; the setting is global, so every load sets it first.
+        statements = super().disposition_sql(spec, staging, order, load_id, unique_keys)  # connects first
         threads = (self._append_threads if spec.disposition == "append" else self._threads) or self._threads
-        statements = super().disposition_sql(spec, staging, order, load_id, unique_keys)
         few = self.config.merge_insert_threads
         if spec.disposition == "merge" and few is not None and few < threads:
             insert = f"INSERT INTO {self.qualified(spec.schema_name, spec.table)} "
