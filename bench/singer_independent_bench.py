@@ -127,6 +127,8 @@ def main() -> None:
     parser.add_argument("--state-every", type=int, default=50_000)
     parser.add_argument("--destinations", nargs="+", choices=["duckdb", "postgres"], default=["duckdb", "postgres"])
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--batch-rows", type=int, nargs="+", default=[None],
+                        help="the target's batch_rows, each in turn (default: floe's own)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "floe-singer-independent")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -144,36 +146,39 @@ def main() -> None:
     try:
         db = server.__enter__().create_database("singer") if server else None
         for _ in range(args.repeat):
-            for kind in args.destinations:
-                if kind == "duckdb":
-                    path = args.work / "bench.duckdb"
-                    path.unlink(missing_ok=True)
-                    settings = {"path": str(path)}
-                else:
-                    assert db is not None
-                    import psycopg
+            for batch_rows in args.batch_rows:
+                for kind in args.destinations:
+                    if kind == "duckdb":
+                        path = args.work / "bench.duckdb"
+                        path.unlink(missing_ok=True)
+                        settings = {"path": str(path)}
+                    else:
+                        assert db is not None
+                        import psycopg
 
-                    with psycopg.connect(db.dsn, autocommit=True) as conn:
-                        conn.execute("DROP SCHEMA IF EXISTS singer CASCADE")
-                    settings = {"url": db.url}
-                (args.work / "target.json").write_text(json.dumps(settings))
-                load = os.getloadavg()[0]
-                seconds, cpu, peak, last = run_child(
-                    [str(FLOE), "target", kind, "--config", str(args.work / "target.json")], data, args.work)
-                if kind == "duckdb":
-                    import duckdb
+                        with psycopg.connect(db.dsn, autocommit=True) as conn:
+                            conn.execute("DROP SCHEMA IF EXISTS singer CASCADE")
+                        settings = {"url": db.url}
+                    (args.work / "target.json").write_text(json.dumps(settings))
+                    load = os.getloadavg()[0]
+                    seconds, cpu, peak, last = run_child(
+                        [str(FLOE), "target", kind, "--config", str(args.work / "target.json"),
+                         *(["--batch-rows", str(batch_rows)] if batch_rows else [])], data, args.work)
+                    if kind == "duckdb":
+                        import duckdb
 
-                    with duckdb.connect(str(path), read_only=True) as conn:
-                        rows = conn.execute("SELECT count(*) FROM singer.customers").fetchall()[0][0]
-                else:
-                    with psycopg.connect(db.dsn) as conn:  # type: ignore[union-attr]
-                        rows = conn.execute("SELECT count(*) FROM singer.customers").fetchall()[0][0]
-                assert rows == args.records, (kind, rows)
-                print(json.dumps({"destination": kind, "records": rows, "seconds": round(seconds, 2),
-                                  "records_per_s": round(rows / seconds), "cpu_seconds": round(cpu, 2),
-                                  "peak_rss_mb": round(peak), "load_average": round(load, 2),
-                                  "last_state": json.loads(last) if last else None,
-                                  "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}), flush=True)
+                        with duckdb.connect(str(path), read_only=True) as conn:
+                            rows = conn.execute("SELECT count(*) FROM singer.customers").fetchall()[0][0]
+                    else:
+                        with psycopg.connect(db.dsn) as conn:  # type: ignore[union-attr]
+                            rows = conn.execute("SELECT count(*) FROM singer.customers").fetchall()[0][0]
+                    assert rows == args.records, (kind, rows)
+                    print(json.dumps({"destination": kind, "batch_rows": batch_rows or "default", "records": rows,
+                                      "seconds": round(seconds, 2),
+                                      "records_per_s": round(rows / seconds), "cpu_seconds": round(cpu, 2),
+                                      "peak_rss_mb": round(peak), "load_average": round(load, 2),
+                                      "last_state": json.loads(last) if last else None,
+                                      "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}), flush=True)
     finally:
         if server:
             server.__exit__(None, None, None)
