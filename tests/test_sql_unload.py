@@ -226,9 +226,35 @@ def test_unload_settings_are_checked(db: PostgresDatabase, unload_settings: dict
         make(unload={"stage": "s3://b/p"})
     with pytest.raises(ValueError, match="must be an S3 URL"):
         make(unload={"stage": "/tmp/x", "iam_role": "default"})
-    assert make(unload=unload_settings).unloader is not None  # the settings choose UNLOAD
-    assert make(unload=unload_settings, read_with="cursor").unloader is None
-    assert make().unloader is None
+    assert make(unload=unload_settings).read_with(None) == "unload"  # the settings choose UNLOAD
+    assert make(unload=unload_settings, read_with="cursor").read_with(None) == "cursor"
+    assert make().read_with(None) == "cursor" and make().unloader is None
+    with pytest.raises(ConfigError, match=r"sources.crm.tables\[1\].read_with: Redshift cannot COPY"):
+        make(tables=["orders", {"name": "items", "read_with": "copy"}])
+    with pytest.raises(ConfigError, match=r"sources.crm.unload: read_with: unload needs the S3 stage"):
+        make(tables=[{"name": "orders", "read_with": "unload"}])
+    with pytest.raises(ConfigError, match=r"sources.crm.tables\[0\].read_with: UNLOAD is Redshift's"):
+        SqlSource("crm", SqlSourceConfig.model_validate(
+            {"type": "sql", "url": db.url, "tables": [{"name": "orders", "read_with": "unload"}]}))
+
+
+def test_each_table_can_choose_how_it_is_read(db: PostgresDatabase, unload_settings: dict[str, Any]) -> None:
+    """A source with `unload:` reads its large table by UNLOAD and, told so, a small one with a cursor
+    (and the other way round with `read_with: cursor` on the source): the same rows either way."""
+    with psycopg.connect(db.dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE app.small AS SELECT id, note FROM app.orders WHERE id <= 10")
+    source = unload_source(db, unload_settings, schema="app", read_with=None,
+                           tables=[{"name": "orders", "replication_key": "at"}, {"name": "small", "read_with": "cursor"}])
+    big, small = source.streams()
+    assert isinstance(big, SqlStream) and isinstance(small, SqlStream)
+    assert (big.read_with, small.read_with) == ("unload", "cursor")
+    assert rows(read(small)).sort_by("id").column("id").to_pylist() == list(range(1, 11))
+    assert source.unloads == []  # the small table never went through UNLOAD
+    assert rows(read(big)).num_rows == 2500 and [u.select.split(" FROM ")[1][:14] for u in source.unloads] == [
+        '"app"."orders"']
+    flipped = unload_source(db, unload_settings, schema="app", read_with="cursor",
+                            tables=["small", {"name": "orders", "read_with": "unload"}])
+    assert [s.read_with for s in flipped.streams() if isinstance(s, SqlStream)] == ["cursor", "unload"]
 
 
 def test_check_proves_the_stage_is_writable(db: PostgresDatabase, unload_settings: dict[str, Any]) -> None:

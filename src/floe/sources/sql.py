@@ -44,11 +44,16 @@ from floe.infra.pgcopy import copy_batches
 from floe.infra.threads import in_thread, iterate_in_thread
 from floe.sources.sql_unload import SqlUnloadConfig, Unloader, literal, unload_select
 
+ReadWith = Literal["copy", "cursor", "unload"]
+
 
 class SqlTable(Model):
     name: str
     replication_key: str | None = Field(default=None, description="Column read incrementally (>= bookmark).")
     primary_key: list[str] | None = Field(default=None, description="Overrides the discovered primary key.")
+    read_with: ReadWith | None = Field(
+        default=None, description="This table's way of reading, instead of the source's `read_with` "
+        "(e.g. unload for the large tables of a Redshift source and cursor for the small ones).")
 
 
 class SqlSourceConfig(SourceConfig):
@@ -57,7 +62,7 @@ class SqlSourceConfig(SourceConfig):
     schema_: str = Field(default="public", alias="schema")
     tables: list[SqlTable | str] | None = Field(default=None, description="Tables to read (default: all).")
     batch_rows: int = Field(default=50_000, gt=0)
-    read_with: Literal["copy", "cursor", "unload"] | None = Field(
+    read_with: ReadWith | None = Field(
         default=None, description="copy (binary COPY, PostgreSQL's default), cursor (Redshift's default) or unload "
         "(Redshift: UNLOAD to S3, the default once `unload` is set).")
     unload: SqlUnloadConfig | None = Field(
@@ -172,8 +177,9 @@ class BoundaryRows:
 
 class SqlStream(Stream):
     def __init__(self, source: SqlSource, table: str, schema: pa.Schema, udts: dict[str, str],
-                 primary_key: tuple[str, ...], replication_key: str | None) -> None:
+                 primary_key: tuple[str, ...], replication_key: str | None, read_with: ReadWith = "cursor") -> None:
         self.source = source
+        self.read_with = read_with
         self.name = table
         self.schema = schema
         self.udts = udts
@@ -228,7 +234,7 @@ class SqlStream(Stream):
         return RefreshScope(key, start, end)
 
     def read_range(self, scope: RefreshScope) -> AsyncIterator[Batch]:
-        return self._read(self.query(None, self.source.reads_with_copy, scope, self.source.unloader is not None), None)
+        return self._read(self.query(None, self.read_with == "copy", scope, self.read_with == "unload"), None)
 
     def typed(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         """A COPY batch with the columns read as text but declared otherwise (numeric) cast to their type."""
@@ -241,7 +247,7 @@ class SqlStream(Stream):
         return batch
 
     def read(self, state: State | None) -> AsyncIterator[Batch]:
-        return self._read(self.query(state, self.source.reads_with_copy, unload=self.source.unloader is not None), state)
+        return self._read(self.query(state, self.read_with == "copy", unload=self.read_with == "unload"), state)
 
     async def _read(self, query: tuple[str, list[Any]], state: State | None) -> AsyncIterator[Batch]:
         sql, params = query
@@ -275,18 +281,33 @@ class SqlSource(Source):
         self.where = f"sources.{name}"
         self.connection = connection_settings(config.url.get_secret_value(), self.where)
         self.redshift = urlparse(config.url.get_secret_value()).scheme == "redshift"
-        if self.redshift and config.read_with == "copy":
-            raise ConfigError(f"{self.where}.read_with: Redshift cannot COPY to the client; use cursor or unload")
-        if (config.read_with == "unload" or config.unload is not None) and not self.redshift:
+        if config.unload is not None and not self.redshift:
             raise ConfigError(f"{self.where}: UNLOAD is Redshift's (a redshift:// url); PostgreSQL reads with COPY")
-        if config.read_with == "unload" and config.unload is None:
-            raise ConfigError(f"{self.where}.unload: read_with: unload needs the S3 stage and credentials "
-                              "(unload: {stage: s3://bucket/prefix, iam_role: arn:aws:iam::...})")
+        self._check_read_with(config.read_with, f"{self.where}.read_with")
+        for i, table in enumerate(config.tables or []):
+            if isinstance(table, SqlTable):
+                self._check_read_with(table.read_with, f"{self.where}.tables[{i}].read_with")
         # decided by discovery: COPY unless configured otherwise or the server is Redshift (8.0.2)
         self.reads_with_copy = config.read_with == "copy"
-        self.unloader = Unloader(config.unload, name, self.where) \
-            if config.unload is not None and config.read_with in (None, "unload") else None
+        self.unloader = Unloader(config.unload, name, self.where) if config.unload is not None else None
         self._streams: list[Stream] | None = None
+
+    def _check_read_with(self, read_with: ReadWith | None, key: str) -> None:
+        if read_with == "copy" and self.redshift:
+            raise ConfigError(f"{key}: Redshift cannot COPY to the client; use cursor or unload")
+        if read_with == "unload" and not self.redshift:
+            raise ConfigError(f"{key}: UNLOAD is Redshift's (a redshift:// url); PostgreSQL reads with COPY")
+        if read_with == "unload" and self.config.unload is None:
+            raise ConfigError(f"{self.where}.unload: read_with: unload needs the S3 stage and credentials "
+                              "(unload: {stage: s3://bucket/prefix, iam_role: arn:aws:iam::...})")
+
+    def read_with(self, table: SqlTable | None) -> ReadWith:
+        """How `table` is read: its own `read_with`, else the source's (UNLOAD once `unload` is set), else
+        COPY or a cursor as discovery found the server."""
+        chosen = (table.read_with if table else None) or self.config.read_with
+        if chosen is None and self.unloader is not None:
+            return "unload"
+        return chosen or ("copy" if self.reads_with_copy else "cursor")
 
     def connect(self) -> Any:
         return connect_postgres(self.connection, where=self.where, error=SourceError, application_name="floe-sql")
@@ -295,7 +316,8 @@ class SqlSource(Source):
         """`stream`'s rows, selected by `sql`, as Arrow batches read with binary COPY, a cursor or an
         UNLOAD (as the source reads), on a connection of their own (closed when the iterator is)."""
         try:
-            if self.unloader is not None:
+            if stream.read_with == "unload":
+                assert self.unloader is not None  # checked with the config
                 yield from self.unloader.batches(stream.name, stream.schema, sql, stream.cursor_field, self.run_unload,
                                                  self.config.batch_rows)
             else:
@@ -304,7 +326,7 @@ class SqlSource(Source):
             raise
         except Exception as exc:
             hint = ""
-            if self.reads_with_copy and isinstance(exc, psycopg.errors.QueryCanceled) and "timeout" in str(exc):
+            if stream.read_with == "copy" and isinstance(exc, psycopg.errors.QueryCanceled) and "timeout" in str(exc):
                 hint = (" (a table is read by one COPY statement, which statement_timeout ends: raise it for "
                         f"this user, or set {self.where}.read_with: cursor)")
             raise SourceError(f"{self.where}: reading table {stream.name} from {describe(self.connection)} failed: "
@@ -314,7 +336,7 @@ class SqlSource(Source):
         conn = self.connect()
         try:
             conn.read_only = True
-            if self.reads_with_copy:
+            if stream.read_with == "copy":
                 for batch in copy_batches(conn, sql, params, self.config.batch_rows):
                     yield stream.typed(batch)
             else:
@@ -392,7 +414,7 @@ class SqlSource(Source):
             for key, what in [*((k, "primary_key") for k in pk), *(((rk, "replication_key"),) if rk else ())]:
                 if key not in names:
                     raise ConfigError(f"{where}.{what}: table {table} has no column {key!r}")
-            streams.append(SqlStream(self, table, pa.schema(fields), udts, pk, rk))
+            streams.append(SqlStream(self, table, pa.schema(fields), udts, pk, rk, self.read_with(spec)))
         return streams
 
     def _wanted(self, tables: list[str]) -> list[tuple[str, SqlTable | None]]:
@@ -408,6 +430,7 @@ class SqlSource(Source):
     async def check(self) -> list[str]:
         streams = await in_thread(self.streams)  # connects, reads the catalog, checks the tables and keys
         lines = [f"{describe(self.connection)}: connected, {len(streams)} tables to read in schema {self.config.schema_}"]
-        if self.unloader is not None:  # floe reads and deletes what UNLOAD writes there
+        unloading = any(isinstance(s, SqlStream) and s.read_with == "unload" for s in streams)
+        if self.unloader is not None and unloading:  # floe reads and deletes what UNLOAD writes there
             lines.append(await in_thread(self.unloader.store.check))
         return lines
