@@ -20,8 +20,9 @@ from floe.core.errors import ConfigError, SourceError
 from floe.core.stream import Batch, DayRange
 from floe.destinations.duckdb import DuckDBDestination
 from floe.engine.pipeline import run_stream
+from floe.infra.redshift_s3 import literal
 from floe.sources.sql import SqlSource, SqlSourceConfig, SqlStream
-from floe.sources.sql_unload import Unloader, literal
+from floe.sources.sql_unload import Unloader
 from floe.testing.postgres import PostgresDatabase
 from tests.fixtures.objectstores import S3Server
 from tests.fixtures.redshift_unload import SECRET, UnloadOnPostgres, parse_unload, staged_keys, unload_source

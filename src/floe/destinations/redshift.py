@@ -38,7 +38,7 @@ from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import SecretStr, field_validator, model_validator
+from pydantic import model_validator
 
 from floe.core.destination import SEQ, LoadJob, StagedFile, TableSpec, is_json, staged_column
 from floe.core.errors import DestinationError, LeaseLostError
@@ -53,6 +53,7 @@ from floe.destinations.sql import LEASES_TABLE, SqlDestination, arrow_type_key
 from floe.infra.objectstore import S3Store, StoreUrl
 from floe.infra.parts import PartFormat, delete_leftover_loads, load_prefix, upload_parts
 from floe.infra.pgconn import SslMode
+from floe.infra.redshift_s3 import RedshiftS3Config
 
 VARCHAR_MAX = 65535
 log = logging.getLogger("floe.redshift")
@@ -73,38 +74,21 @@ class RowLease(Lease):
         self.owner.lease_sql(self.owner.release_lease_sql(), (self.source, self.stream, self.token))
 
 
-class RedshiftConfig(PostgresConfig, ExpiringLeaseConfig):
+class RedshiftConfig(PostgresConfig, ExpiringLeaseConfig, RedshiftS3Config):
     type: str = "redshift"
     port: int = 5439
     sslmode: SslMode = "verify-full"
-    stage: str  # s3://bucket/prefix
-    iam_role: str | None = None  # an ARN, or "default" for the cluster's default role
-    aws_access_key_id: SecretStr | None = None
-    aws_secret_access_key: SecretStr | None = None
-    aws_session_token: SecretStr | None = None
+    statement: ClassVar[str] = "COPY"
+
     region: str = "us-east-1"
-    endpoint_url: str | None = None  # an S3-compatible endpoint (tests, MinIO); COPY still reads s3://
     file_format: Literal["parquet", "csv"] = "parquet"
     slices: int | None = None  # default: SELECT COUNT(*) FROM stv_slices
     files_per_slice: int = 1
     long_strings: Literal["fail", "truncate"] = "fail"
     keep_staged_files: bool = False
 
-    @field_validator("stage")
-    @classmethod
-    def _s3_url(cls, value: str) -> str:
-        if not value.startswith("s3://") or not value[5:].strip("/"):
-            raise ValueError("must be an S3 URL like s3://bucket/prefix")
-        return value
-
     @model_validator(mode="after")
-    def _credentials(self) -> RedshiftConfig:
-        keys = (self.aws_access_key_id is not None, self.aws_secret_access_key is not None)
-        if keys[0] != keys[1]:
-            raise ValueError("aws_access_key_id and aws_secret_access_key go together")
-        if self.iam_role is None and not keys[0]:
-            raise ValueError("COPY needs credentials: set iam_role (or `default`) or aws_access_key_id + "
-                             "aws_secret_access_key")
+    def _slices(self) -> RedshiftConfig:
         if self.slices is not None and self.slices < 1 or self.files_per_slice < 1:
             raise ValueError("slices and files_per_slice must be at least 1")
         return self
@@ -288,19 +272,9 @@ class RedshiftDestination(PostgresDestination):
         cols = [f"{self.quote(f.name)} {self.stage_type(f)}" for f in self.stage_fields(spec)]
         return f"CREATE TEMP TABLE {staging} ({', '.join([*cols, f'{SEQ} BIGINT'])})"
 
-    def credentials_sql(self) -> str:
-        c = self.config
-        if c.iam_role:
-            return "IAM_ROLE default" if c.iam_role == "default" else f"IAM_ROLE '{c.iam_role}'"
-        sql = (f"ACCESS_KEY_ID '{c.aws_access_key_id.get_secret_value()}' "
-               f"SECRET_ACCESS_KEY '{c.aws_secret_access_key.get_secret_value()}'")
-        if c.aws_session_token is not None:
-            sql += f" SESSION_TOKEN '{c.aws_session_token.get_secret_value()}'"
-        return sql
-
     def copy_sql(self, staging: str, spec: TableSpec, manifest_uri: str) -> str:
         """One COPY of every file of the load, listed in the manifest."""
-        source = f"FROM '{manifest_uri}' {self.credentials_sql()} MANIFEST"
+        source = f"FROM '{manifest_uri}' {self.config.credentials_sql()} MANIFEST"
         tail = "COMPUPDATE OFF STATUPDATE OFF"  # a temporary staging table needs neither
         if self.config.file_format == "parquet":
             # Columnar COPY maps columns by position (the part files hold exactly the staging columns,

@@ -41,8 +41,9 @@ from floe.core.settings import Model, SourceConfig
 from floe.core.stream import Batch, Context, DayRange, RefreshScope, Source, State, Stream
 from floe.infra.pgconn import PostgresConnection, connect_postgres, describe, read_batches, url_keys
 from floe.infra.pgcopy import copy_batches
+from floe.infra.redshift_s3 import literal
 from floe.infra.threads import in_thread, iterate_in_thread
-from floe.sources.sql_unload import SqlUnloadConfig, Unloader, literal, unload_select
+from floe.sources.sql_unload import SqlUnloadConfig, Unloader, unload_select
 
 ReadWith = Literal["copy", "cursor", "unload"]
 

@@ -31,19 +31,19 @@ import logging
 import secrets as tokens
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field
 
 from floe.core import secrets
 from floe.core.errors import SourceError
-from floe.core.settings import Model
 from floe.infra.objectread import open_object
 from floe.infra.objectstore import S3Store, StoreUrl
 from floe.infra.parts import delete_leftover_loads
+from floe.infra.redshift_s3 import RedshiftS3Config, literal
 
 log = logging.getLogger("floe.sources.sql")
 
@@ -53,37 +53,13 @@ UNLOAD_UDTS = {"bool", "int2", "int4", "int8", "float4", "float8", "varchar", "b
                "timestamp", "timestamptz", "numeric"}
 
 
-class SqlUnloadConfig(Model):
-    stage: str = Field(description="s3://bucket/prefix where UNLOAD writes (a run's objects are deleted after it).")
-    iam_role: str | None = Field(default=None, description="An IAM role ARN the cluster may assume, or `default`.")
-    aws_access_key_id: SecretStr | None = None
-    aws_secret_access_key: SecretStr | None = None
-    aws_session_token: SecretStr | None = None
+class SqlUnloadConfig(RedshiftS3Config):
+    """Where and as whom UNLOAD writes (the stage's objects of a run are deleted after it)."""
+
+    statement: ClassVar[str] = "UNLOAD"
+
     region: str | None = Field(default=None, description="The bucket's region, when not the cluster's (UNLOAD's REGION).")
-    endpoint_url: str | None = None  # an S3-compatible endpoint floe reads the parts from (tests, MinIO)
     max_file_size_mb: int | None = Field(default=None, ge=5, le=6200, description="UNLOAD's MAXFILESIZE (default 6.2 GB).")
-
-    @field_validator("stage")
-    @classmethod
-    def _s3_url(cls, value: str) -> str:
-        if not value.startswith("s3://") or not value[5:].strip("/"):
-            raise ValueError("must be an S3 URL like s3://bucket/prefix")
-        return value
-
-    @model_validator(mode="after")
-    def _credentials(self) -> SqlUnloadConfig:
-        keys = (self.aws_access_key_id is not None, self.aws_secret_access_key is not None)
-        if keys[0] != keys[1]:
-            raise ValueError("aws_access_key_id and aws_secret_access_key go together")
-        if self.iam_role is None and not keys[0]:
-            raise ValueError("UNLOAD needs credentials: set iam_role (or `default`) or aws_access_key_id + "
-                             "aws_secret_access_key")
-        return self
-
-
-def literal(value: str) -> str:
-    """A Redshift string literal: quotes and backslashes doubled (what QUOTE_LITERAL does)."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 def unload_select(name: str, udt: str, declared: pa.DataType) -> str:
@@ -148,20 +124,9 @@ class Unloader:
                                           secret(c.aws_session_token))
         return self._store
 
-    def credentials_sql(self) -> str:
-        c = self.config
-        if c.iam_role:
-            return "IAM_ROLE default" if c.iam_role == "default" else f"IAM_ROLE {literal(c.iam_role)}"
-        assert c.aws_access_key_id is not None and c.aws_secret_access_key is not None
-        sql = (f"ACCESS_KEY_ID {literal(c.aws_access_key_id.get_secret_value())} "
-               f"SECRET_ACCESS_KEY {literal(c.aws_secret_access_key.get_secret_value())}")
-        if c.aws_session_token is not None:
-            sql += f" SESSION_TOKEN {literal(c.aws_session_token.get_secret_value())}"
-        return sql
-
     def statement(self, select: str, target: str, ordered: bool) -> str:
         """The UNLOAD of `select` to the `target` prefix (s3://bucket/.../run/)."""
-        sql = (f"UNLOAD ({literal(select)}) TO {literal(target)} {self.credentials_sql()} FORMAT AS PARQUET MANIFEST "
+        sql = (f"UNLOAD ({literal(select)}) TO {literal(target)} {self.config.credentials_sql()} FORMAT AS PARQUET MANIFEST "
                f"PARALLEL {'OFF' if ordered else 'ON'}")
         if self.config.max_file_size_mb is not None:
             sql += f" MAXFILESIZE {self.config.max_file_size_mb} MB"
