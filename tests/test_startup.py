@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -222,3 +223,25 @@ def test_floe_caps_glibc_malloc_arenas():
 
     assert arenas("default") > 2
     assert arenas("capped") <= 2
+
+
+POOL = """
+import os, sys
+if sys.argv[1] == "chosen":
+    os.environ["ARROW_DEFAULT_MEMORY_POOL"] = "mimalloc"
+if sys.argv[1] == "imported":
+    import pyarrow
+from floe.infra.startup import use_system_allocator
+use_system_allocator()
+import pyarrow as pa
+print(pa.default_memory_pool().backend_name)
+"""
+
+
+@pytest.mark.parametrize("case,backend", [("fresh", "system"), ("imported", "system"), ("chosen", "mimalloc")])
+def test_arrow_allocates_with_malloc_unless_the_user_chose_a_pool(case: str, backend: str) -> None:
+    # mimalloc, Arrow's default here, keeps freed buffers: a run's peak RSS held what parsed pages once took.
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    out = subprocess.run([sys.executable, "-c", POOL, case], capture_output=True, text=True, timeout=60, check=True,
+                         env=env)
+    assert out.stdout.strip() == backend

@@ -117,6 +117,7 @@ def main() -> None:
     if sys.argv[1:2] != ["serve"]:  # `floe serve` stops cleanly on SIGTERM; the others die of it
         signals.release_sigterm()
     startup.limit_malloc_arenas()  # before the command starts threads
+    startup.use_system_allocator()
     app = build_app(wanted(sys.argv[1:]))
     startup.resume_gc()  # the command line is built; what the command imports and does collects as usual
     try:

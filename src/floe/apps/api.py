@@ -19,6 +19,7 @@ from typing import Any
 from floe.config import FloeConfig, interpolate, load_config, parse_config
 from floe.core.errors import FloeError
 from floe.core.stream import RunOptions
+from floe.infra import startup
 
 ConfigInput = str | Path | Mapping[str, Any] | FloeConfig
 Names = str | Sequence[str] | None
@@ -153,6 +154,7 @@ def run(config: ConfigInput, streams: Names = None, destination: Names = None, *
     (unless `raise_on_failure=False`), `ConfigError` when the config or a selection is wrong."""
     from floe.engine import runner
 
+    startup.use_system_allocator()
     cfg = as_config(config)
     started = datetime.now(UTC)
     results = runner.run(cfg, names(sources), names(streams), RunOptions(reprocess, full_refresh), None,
@@ -174,6 +176,7 @@ def sync(config: ConfigInput, syncs: Names = None, *, dry_run: bool = False, ful
     failed (unless `raise_on_failure=False`); `force` as `floe sync --force` (deletes beyond `max_deletes`)."""
     from floe.apps.reverse.engine import run_syncs
 
+    startup.use_system_allocator()
     cfg = as_config(config)
     results = asyncio.run(run_syncs(cfg, names(syncs), dry_run=dry_run, full=full, force=force))
     if cfg.notify:

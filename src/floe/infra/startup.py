@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
+import sys
 
 _paused = False
 M_ARENA_MAX = -8  # glibc's mallopt parameter
@@ -30,6 +32,19 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     except (OSError, AttributeError):  # not glibc
         return False
     return bool(mallopt(M_ARENA_MAX, arenas))
+
+
+def use_system_allocator() -> None:
+    """Arrow allocates with malloc (its system memory pool) instead of its default, mimalloc, which
+    keeps freed buffers for reuse: parsed pages and batches come and go all run long, and with
+    mimalloc the peak RSS held what they once took (Twilio bench, 200,000 calls: 355–372 MB with
+    mimalloc, 281–285 MB with the system pool, the same CPU). Set before pyarrow is imported it
+    costs no import; `ARROW_DEFAULT_MEMORY_POOL` set by the user wins."""
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+    if "pyarrow" in sys.modules and os.environ["ARROW_DEFAULT_MEMORY_POOL"] == "system":
+        import pyarrow as pa
+
+        pa.set_memory_pool(pa.system_memory_pool())
 
 
 def pause_gc() -> None:

@@ -292,9 +292,6 @@ class EventsStream(Stream):
         `load_every`). `stoppable`: end at a checkpoint once the run should stop (`floe serve`)."""
         if not windows:
             return
-        import pyarrow as pa
-
-        pa.set_memory_pool(pa.system_memory_pool())  # it hands freed memory back (RSS would creep)
         log.info("event=fullstory_plan source=%s windows=%d first=%s last=%s", self.source.name, len(windows),
                  rfc3339(windows[0][0]), rfc3339(windows[-1][1]))
         tmp = Path(tempfile.mkdtemp(prefix="floe-fullstory-"))

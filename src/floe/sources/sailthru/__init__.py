@@ -25,7 +25,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-import pyarrow as pa
 from pydantic import Field, SecretStr, field_validator
 from pydantic_core import PydanticCustomError
 
@@ -35,7 +34,6 @@ from floe.core.stream import Context, Source, Stream
 from floe.infra.objectstore import GCSStore, ObjectStore, S3Store, StoreUrl
 from floe.infra.pii import SALT_ENV, Pii, resolve_salt
 from floe.sources.sailthru.files import ExportFile, discover, discover_objects
-from floe.sources.sailthru.messages import POOL
 from floe.sources.sailthru.profiles import CHILD_TABLES, ProfileChildStream, ProfileStream
 from floe.sources.sailthru.streams import (
     BlastStream,
@@ -105,9 +103,6 @@ class SailthruSource(Source):
         salt = resolve_salt(config.salt.get_secret_value() if config.salt else None)
         if config.email_mode == "hash" and not salt:
             raise ConfigError(f"sources.{name}.salt: is required when pii is hash (or set {SALT_ENV})")
-        # The system allocator hands freed Arrow buffers back to the OS; the default (mimalloc)
-        # keeps them, which added ~100 MB to the peak RSS of a large load.
-        pa.set_memory_pool(POOL)
         self.pii = Pii(config.email_mode, salt)
         try:
             self.url = StoreUrl.parse(config.path)
