@@ -245,3 +245,24 @@ def test_arrow_allocates_with_malloc_unless_the_user_chose_a_pool(case: str, bac
     out = subprocess.run([sys.executable, "-c", POOL, case], capture_output=True, text=True, timeout=60, check=True,
                          env=env)
     assert out.stdout.strip() == backend
+
+
+BLAS = """
+import os, sys
+from floe.infra.startup import single_threaded_blas
+if sys.argv[1] != "default":
+    single_threaded_blas()
+import numpy
+print(len(os.listdir("/proc/self/task")))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or (os.cpu_count() or 1) < 2, reason="counts threads in /proc")
+@pytest.mark.parametrize("case,env,single", [("default", {}, False), ("floe", {}, True),
+                                             ("floe", {"OPENBLAS_NUM_THREADS": "2"}, False)])
+def test_numpy_blas_runs_on_one_thread_unless_the_user_chose(case: str, env: dict[str, str], single: bool) -> None:
+    # OpenBLAS starts a spinning thread per core when numpy is imported: ~0.1 CPU s of every run.
+    base = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", BLAS, case], capture_output=True, text=True, timeout=60, check=True,
+                         env=base | env)
+    assert (int(out.stdout) == 1) is single

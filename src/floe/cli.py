@@ -118,6 +118,7 @@ def main() -> None:
         signals.release_sigterm()
     startup.limit_malloc_arenas()  # before the command starts threads
     startup.use_system_allocator()
+    startup.single_threaded_blas()  # the API leaves it to the program it runs in
     app = build_app(wanted(sys.argv[1:]))
     startup.resume_gc()  # the command line is built; what the command imports and does collects as usual
     try:

@@ -47,6 +47,14 @@ def use_system_allocator() -> None:
         pa.set_memory_pool(pa.system_memory_pool())
 
 
+def single_threaded_blas() -> None:
+    """numpy's OpenBLAS runs on one thread. floe does no linear algebra, but at import OpenBLAS starts
+    a thread per core that spins for work: ~0.1 CPU s of every process that imports numpy (pyarrow's
+    conversions, the Singer fast path), taken from the run's own threads. Set before numpy is
+    imported; `OPENBLAS_NUM_THREADS` set by the user wins."""
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
 def pause_gc() -> None:
     """No garbage collection until `resume_gc` (nothing happens if it is already off)."""
     global _paused
