@@ -385,20 +385,31 @@ def _fragment(key: str, col: pa.Array) -> pa.Array:
 def custom_vars(table: pa.Table, names: list[str]) -> pa.Array:
     """`{"name": value, ...}` per row over `names` (already sorted), skipping nulls; `{}` if none.
 
-    Each set value becomes `,"name":value` and each null `""`; a row's pieces are concatenated, the
-    leading comma replaced by `{` and `}` appended. (null_handling="skip" with a "," separator would
-    be simpler, but pyarrow drops the rows whose inputs are all null instead of giving them "".)"""
+    Custom vars are sparse, so only set values are rendered: each becomes `,"name":value`; the pieces
+    are ordered by row (a stable sort keeps the names' order within a row), joined per row, the
+    leading comma replaced by `{` and `}` appended, and the rows that have any are put in place."""
+    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
     n = table.num_rows
-    fragments = []
+    rows, pieces = [], []
     for name in names:
         col = table[name].combine_chunks()
         if pa.types.is_null(col.type) or col.null_count == n:
             continue
-        fragments.append(_fragment("," + orjson.dumps(name).decode() + ":", col))
-    if not fragments:
-        return pa.array(["{}"] * n, pa.string())
-    body = pc.binary_join_element_wise(*fragments, "", null_handling="replace", null_replacement="")
-    return pc.binary_join_element_wise(pc.binary_replace_slice(body, start=0, stop=1, replacement="{"), "}", "")
+        valid = col.is_valid()
+        rows.append(pc.cast(pc.indices_nonzero(valid), pa.int64()))
+        pieces.append(_fragment("," + orjson.dumps(name).decode() + ":", col.filter(valid)).cast(pa.string()))
+    if not rows:
+        return pa.repeat(pa.scalar("{}", pa.string()), n)
+    row = pa.concat_arrays(rows)
+    order = pc.sort_indices(row)
+    row_of = row.take(order).to_numpy()
+    starts = np.flatnonzero(np.diff(row_of, prepend=-1))  # where each row's pieces begin
+    joined = pc.binary_join(pa.ListArray.from_arrays(
+        pa.array(np.append(starts, len(row_of)), pa.int32()), pa.concat_arrays(pieces).take(order)), "")
+    objects = pc.binary_join_element_wise(pc.binary_replace_slice(joined, start=0, stop=1, replacement="{"), "}", "")
+    has_vars = np.zeros(n, dtype=bool)
+    has_vars[row_of[starts]] = True
+    return pc.replace_with_mask(pa.repeat(pa.scalar("{}", pa.string()), n), pa.array(has_vars), objects)
