@@ -8,7 +8,6 @@ boundaries into chunks of about `chunk_bytes`, and each chunk is parsed by pyarr
 
 from __future__ import annotations
 
-import io
 import re
 import zlib
 from collections import deque
@@ -223,7 +222,8 @@ class ExportReader:
     def parse(self, chunk: bytes) -> pa.Table:
         """Parse the chunk as one block without pyarrow's own threads (`batches` runs chunks side
         by side instead): one block needs no reconciling of types or concatenating of chunks
-        (about 20% less CPU than 1 MB blocks on pyarrow's threads). Safe on several threads."""
+        (about 20% less CPU than 1 MB blocks on pyarrow's threads). The chunk is read in place (no
+        copy, and no Python file calls holding the GIL). Safe on several threads."""
         import pyarrow as pa
         import pyarrow.json as pj
 
@@ -232,7 +232,7 @@ class ExportReader:
             options = pj.ParseOptions(explicit_schema=pa.schema(list(declared.items())),
                                       unexpected_field_behavior="infer")
             try:
-                table = pj.read_json(io.BytesIO(chunk), read_options=pj.ReadOptions(
+                table = pj.read_json(pa.BufferReader(chunk), read_options=pj.ReadOptions(
                     block_size=len(chunk) + 1, use_threads=False), parse_options=options, memory_pool=pa.system_memory_pool())
             except (pa.ArrowInvalid, pa.ArrowTypeError):
                 table = None
