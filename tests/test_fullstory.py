@@ -489,3 +489,17 @@ def test_a_broken_file_is_an_error_naming_the_window_and_export(tmp_path: Path, 
     schema = FullStorySource("fs", FullStoryConfig(api_key="k")).streams()[0].schema
     with pytest.raises(SourceError, match=f"^{WHERE}: {message}"):
         list(ExportReader(schema, "FORMAT_NDJSON").batches(path, WHERE))
+
+
+def test_custom_vars_render_only_set_values_in_key_order_with_json_escapes() -> None:
+    import pyarrow as pa
+
+    from floe.sources.fullstory_export import custom_vars
+
+    table = pa.table({"a": pa.array([None, 1, None, 2]), "b": pa.array(['x"q', None, None, "y\n"]),
+                      "c": pa.array([[1, 2], None, None, None]), "d": pa.nulls(4)})
+    rendered = custom_vars(table, ["a", "b", "c", "d"]).to_pylist()
+    assert rendered == ['{"b":"x\\"q","c":[1,2]}', '{"a":1}', "{}", '{"a":2,"b":"y\\n"}']
+    assert [orjson.loads(r) for r in rendered][3] == {"a": 2, "b": "y\n"}
+    assert custom_vars(table, []).to_pylist() == ["{}"] * 4
+    assert custom_vars(table.slice(0, 0), ["a", "b"]).to_pylist() == []
