@@ -46,7 +46,6 @@ from floe.sources.twilio_records import (
     PageParser,
     S,
     Spec,
-    combine,
     parse_rfc2822,
 )
 
@@ -352,7 +351,7 @@ class TwilioIncremental(Stream):
         since_commit = 0
 
         async def convert(k: int) -> pa.RecordBatch:  # on a parse thread: the event loop reads meanwhile
-            batch = await self.source.on_parse_threads(self.parser.convert, combine(raw.pop(k)))
+            batch = await self.source.on_parse_threads(self.parser.convert_pages, raw.pop(k))
             top = pc.max(batch.column(self.cursor_field)).as_py()
             if top is not None and (k not in tops or top > tops[k]):
                 tops[k] = top

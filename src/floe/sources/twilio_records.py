@@ -232,6 +232,11 @@ class PageParser:
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             return pa.array([_lenient(v, raw) for v in values], type=type_)
 
+    def convert_pages(self, raws: list[pa.RecordBatch]) -> pa.RecordBatch:
+        """Raw batches of several pages, joined, in the output shape (joining copies every column:
+        done here, on a parse thread, rather than on the event loop)."""
+        return self.convert(combine(raws))
+
     def convert(self, raw: pa.RecordBatch) -> pa.RecordBatch:
         n = raw.num_rows
         columns: list[pa.Array] = [pa.nulls(n, S).fill_null(self.channel) if n else pa.array([], S),
