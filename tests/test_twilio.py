@@ -331,30 +331,35 @@ def test_windows_are_contiguous_end_open_and_split_a_short_range_for_concurrency
     windows = stream.windows(None, now)
     assert windows[0][0] == midnight(date(2026, 1, 1)) and windows[-1][1] is None
     assert all(a[1] == b[0] for a, b in zip(windows, windows[1:], strict=False))
-    assert {b - a for a, b in windows[:-1]} == {timedelta(days=7)}  # a backfill: window_days
-    # a daily run re-reads 2 days before the bookmark: one window per day, fetched at once
-    assert stream.windows({"bookmark": "2026-01-29T10:00:00+00:00"}, now) == [
-        (midnight(date(2026, 1, d)), midnight(date(2026, 1, d + 1))) for d in (27, 28, 29)] + [
-        (midnight(date(2026, 1, 30)), None)]
+    # a backfill of 30 days: whole days, a window per request in flight (max_concurrency, 8)
+    assert {b - a for a, b in windows[:-1]} == {timedelta(days=4)} and len(windows) == 8
+    # a longer one: windows of window_days at most
+    year = stream.windows(None, datetime(2026, 12, 30, 10, 20, tzinfo=UTC))
+    assert {b - a for a, b in year[:-1]} == {timedelta(days=7)}
+    # a daily run re-reads 2 days before the bookmark: fewer than two days per request, so whole hours,
+    # about two windows per request in flight
+    daily = stream.windows({"bookmark": "2026-01-29T10:00:00+00:00"}, now)
+    assert daily[0][0] == midnight(date(2026, 1, 27)) and daily[-1] == (datetime(2026, 1, 30, 6, tzinfo=UTC), None)
+    assert {b - a for a, b in daily[:-1]} == {timedelta(hours=6)} and len(daily) == 14
     params = stream.params(windows[0])
-    assert params == {"StartTime>": "2026-01-01", "StartTime<": "2026-01-08", "PageSize": "1000"}
+    assert params == {"StartTime>": "2026-01-01", "StartTime<": "2026-01-05", "PageSize": "1000"}
     recordings = TwilioSource("tw", config).streams()[2]
     assert recordings.params(windows[-1]) == {"DateCreated>": windows[-1][0].date().isoformat(),
                                               "PageSize": "1000", "IncludeSoftDeleted": "true"}
 
 
 def test_a_range_shorter_than_the_windows_read_at_once_is_split_by_the_hour() -> None:
-    """A daily run without lookback reads one day: in whole-hour windows, one per window read at once
-    (max_concurrency / 2), with date-time filter values in Twilio's own spelling."""
+    """A daily run without lookback reads one day: in whole-hour windows, about two per request in
+    flight (max_concurrency), with date-time filter values in Twilio's own spelling."""
     config = parse_config({"sources": {"tw": {
         "type": "twilio", "account_sid": "AC" + "0" * 32, "auth_token": "x" * 32, "start_date": "2026-01-01",
         "lookback_days": 0, "max_concurrency": 8}}}).sources["tw"]
     stream = TwilioSource("tw", config).streams()[0]
     now = datetime(2026, 1, 30, 23, 40, tzinfo=UTC)
     windows = stream.windows({"bookmark": "2026-01-30T01:00:00+00:00"}, now)
-    assert [w[0].hour for w in windows] == [0, 6, 12, 18] and windows[-1][1] is None
-    assert stream.params(windows[1]) == {"StartTime>": "Fri, 30 Jan 2026 06:00:00 +0000",
-                                         "StartTime<": "Fri, 30 Jan 2026 12:00:00 +0000", "PageSize": "1000"}
+    assert [w[0].hour for w in windows] == list(range(0, 24, 2)) and windows[-1][1] is None
+    assert stream.params(windows[3]) == {"StartTime>": "Fri, 30 Jan 2026 06:00:00 +0000",
+                                         "StartTime<": "Fri, 30 Jan 2026 08:00:00 +0000", "PageSize": "1000"}
     assert stream.params(windows[0])["StartTime>"] == "2026-01-30"
 
 

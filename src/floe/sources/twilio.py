@@ -57,6 +57,7 @@ PENDING_DAYS = 35
 # Sweeps reach this much further back: lists are sorted by sid, "close to" but not exactly by
 # date_created, and Twilio's clock is not floe's.
 SWEEP_MARGIN = timedelta(hours=1)
+HOURS_BELOW = 2  # a range of fewer days than this many per request in flight is cut into hours (windows())
 RAW_ROWS = 4 * BATCH_ROWS  # at most this many rows wait, over all windows, to be converted (~0.45 MB / 1000)
 
 
@@ -211,24 +212,26 @@ class TwilioIncremental(Stream):
                                ("price",) if "price" in self.schema.names else ())
 
     def windows(self, state: State | None, now: datetime) -> list[tuple[datetime, datetime | None]]:
-        """[(from, to)] UTC moments, `to` exclusive; the last window is open-ended (None). Windows are
-        `window_days` long, shorter when the range is short, so that a daily run's re-read is also
-        fetched concurrently: whole days while the range holds a day per window read at once, else
-        whole hours (one day of a daily run with no lookback is read as several windows at once).
-        With `end_date`, the windows end the day after it (none once the bookmark is past it)."""
+        """[(from, to)] UTC moments, `to` exclusive; the last window is open-ended (None).
+
+        A range of at least `HOURS_BELOW` days per request in flight (`max_concurrency`) is cut into
+        whole days, enough windows to read them all at once, at most `window_days` long (no more:
+        each message window re-reads its last day, since Twilio's `DateSent<` includes it). A
+        shorter one (a daily run) is cut into whole hours, about `HOURS_BELOW` windows per request in
+        flight, so that the hours holding most of the records are still read side by side. With
+        `end_date`, the windows end the day after it (none once the bookmark is past it)."""
         config = self.source.config
         bookmark = _bookmark(state)
         day = (bookmark - timedelta(days=config.lookback_days)).date() if bookmark else config.start_date
         first = datetime.combine(day, datetime.min.time(), UTC)
-        parallel = max(1, config.max_concurrency // 2)
         if config.stop is not None and config.stop <= now:
             return self.day_windows(first, config.stop)
-        days = (now.date() - day).days + 1
-        if days >= parallel:
-            size = timedelta(days=max(1, min(config.window_days, -(-days // parallel))))
+        days, wanted = (now.date() - day).days + 1, HOURS_BELOW * config.max_concurrency
+        if days >= wanted:
+            size = self.day_window_size(days)
             limit = datetime.combine(now.date(), datetime.min.time(), UTC)
         else:
-            size = timedelta(hours=max(1, -(-(now - first) // (timedelta(hours=1) * parallel))))
+            size = timedelta(hours=max(1, -(-(now - first) // (timedelta(hours=1) * wanted))))
             limit = now
         windows: list[tuple[datetime, datetime | None]] = []
         while first + size <= limit:
@@ -239,14 +242,17 @@ class TwilioIncremental(Stream):
 
     def day_windows(self, start: datetime, stop: datetime) -> list[tuple[datetime, datetime | None]]:
         """[start, stop) (both midnights) cut into whole-day windows, enough to read at once."""
-        config = self.source.config
-        days = (stop - start).days
-        size = timedelta(days=max(1, min(config.window_days, -(-days // max(1, config.max_concurrency // 2)))))
+        size = self.day_window_size((stop - start).days)
         windows: list[tuple[datetime, datetime | None]] = []
         while start < stop:
             windows.append((start, min(start + size, stop)))
             start += size
         return windows
+
+    def day_window_size(self, days: int) -> timedelta:
+        """Whole days, enough windows to read `max_concurrency` at once, at most `window_days`."""
+        config = self.source.config
+        return timedelta(days=max(1, min(config.window_days, -(-days // config.max_concurrency))))
 
     def params(self, window: tuple[datetime, datetime | None]) -> dict[str, str]:
         params = {f"{self.list.date_filter}>": _filter_value(window[0]), "PageSize": str(self.source.config.page_size),
@@ -322,7 +328,7 @@ class TwilioIncremental(Stream):
                            *(partial(self.window, w) for w in windows)]
         nsweeps = len(sweeps)
         # the sweeps (a page or two each, usually) do not take the windows' turns
-        ahead = min(len(jobs), nsweeps + max(1, config.max_concurrency // 2))
+        ahead = min(len(jobs), nsweeps + config.max_concurrency)  # a window has one request in flight
         queues: list[asyncio.Queue[pa.RecordBatch | BaseException | None]] = []
         tasks: list[asyncio.Task[None]] = []
         getters: dict[asyncio.Task[Any], int] = {}  # a pending queue.get() per job being read
