@@ -388,6 +388,20 @@ def test_a_short_range_read_in_hour_windows_loads_each_row_once(
     assert datetime.fromisoformat(json.loads(project.states()[-1][3])["bookmark"]) > bookmark
 
 
+def test_a_daily_run_keeps_max_concurrency_requests_in_flight(emulator: Any, api_project: Any) -> None:
+    """Each window has one request in flight, so as many windows as `max_concurrency` are read at once;
+    a day is cut into more hour windows than that, so the hours holding the calls are read side by side."""
+    server, sandbox = start_twilio(emulator, size=3000, days=1, latency=0.05)
+    project = api_project(tw=source_config(server, sandbox, streams=["calls"], page_size=50, max_concurrency=4,
+                                           null_cursor_rows=False))  # no sweeps: only windows
+    assert all(r.ok for r in project.run())
+    assert server.app.state.faults.most_in_flight == 4
+    windows = [r for r in sandbox.requests if "Page" not in r["params"]]
+    assert len(windows) >= 2 * 4, windows
+    started = COMPARED["calls"].index("start_time")
+    assert {r[0] for r in loaded(project, "calls")} == {r[0] for r in truth(sandbox, "calls") if r[started]}
+
+
 def test_a_run_stopped_among_concurrent_windows_commits_a_bookmark_its_rows_cover(emulator: Any,
                                                                                   api_project: Any) -> None:
     """Every request after the first 60 (of ~90) is refused (403) while windows are read at once: what was

@@ -6,7 +6,8 @@ a 429 with `Retry-After`, with `rate_5xx` a 500/502/503, with `truncate_rate` a 
 (Content-Length still promising the full body), and every request waits `latency` seconds first.
 With `refuse_after` N (>= 0), every request after the first N is refused for good: a 403 with the
 API's error body, as when a token is revoked or a plan runs out in the middle of a run.
-The knobs can be changed while the server runs (`POST /_sandbox/faults` with a JSON object).
+The knobs can be changed while the server runs (`POST /_sandbox/faults` with a JSON object); the
+answer also tells the most API requests that were in progress at once (`most_in_flight`).
 """
 
 from __future__ import annotations
@@ -33,13 +34,15 @@ class Faults:
     seed: int = 0
     injected: Counter[str] = field(default_factory=Counter)
     refuse_after: float = -1  # API requests served before every later one is refused (-1: never)
+    in_flight: int = 0  # API requests in progress (from arrival, latency included, to the response)
+    most_in_flight: int = 0
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
         self._requests = 0
 
     def update(self, values: dict[str, Any]) -> None:
-        names = {f.name for f in fields(self)} - {"injected"}
+        names = {f.name for f in fields(self)} - {"injected", "in_flight", "most_in_flight"}
         for key, value in values.items():
             if key not in names:
                 raise ValueError(f"unknown fault knob {key!r} (known: {', '.join(sorted(names))})")
@@ -66,7 +69,8 @@ class Faults:
     def as_dict(self) -> dict[str, Any]:
         return {"rate_429": self.rate_429, "rate_5xx": self.rate_5xx, "truncate_rate": self.truncate_rate,
                 "latency": self.latency, "retry_after": self.retry_after, "seed": self.seed,
-                "refuse_after": self.refuse_after, "injected": dict(self.injected)}
+                "refuse_after": self.refuse_after, "injected": dict(self.injected),
+                "most_in_flight": self.most_in_flight}
 
 
 ErrorBody = Callable[[int], dict[str, Any]]  # HTTP status -> the API's own error document
@@ -90,6 +94,15 @@ class FaultMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
+        faults = self.faults
+        faults.in_flight += 1
+        faults.most_in_flight = max(faults.most_in_flight, faults.in_flight)
+        try:
+            await self._serve(scope, receive, send)
+        finally:
+            faults.in_flight -= 1
+
+    async def _serve(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         faults = self.faults
         if faults.latency:
             await asyncio.sleep(faults.latency)
