@@ -331,18 +331,18 @@ def test_windows_are_contiguous_end_open_and_split_a_short_range_for_concurrency
     windows = stream.windows(None, now)
     assert windows[0][0] == midnight(date(2026, 1, 1)) and windows[-1][1] is None
     assert all(a[1] == b[0] for a, b in zip(windows, windows[1:], strict=False))
-    # a backfill of 30 days: whole days, a window per request in flight (max_concurrency, 8)
-    assert {b - a for a, b in windows[:-1]} == {timedelta(days=4)} and len(windows) == 8
-    # a longer one: windows of window_days at most
-    year = stream.windows(None, datetime(2026, 12, 30, 10, 20, tzinfo=UTC))
-    assert {b - a for a, b in year[:-1]} == {timedelta(days=7)}
+    # a backfill of 30 days: whole days, about half as many windows as are read at once (8), window_days at most
+    assert {b - a for a, b in windows[:-1]} == {timedelta(days=7)} and len(windows) == 5
+    # a shorter one: fewer days a window
+    weeks = stream.windows({"bookmark": "2026-01-19T10:00:00+00:00"}, datetime(2026, 2, 1, 10, 20, tzinfo=UTC))
+    assert {b - a for a, b in weeks[:-1]} == {timedelta(days=4)} and len(weeks) == 4
     # a daily run re-reads 2 days before the bookmark: fewer than two days per request, so whole hours,
     # about two windows per request in flight
     daily = stream.windows({"bookmark": "2026-01-29T10:00:00+00:00"}, now)
     assert daily[0][0] == midnight(date(2026, 1, 27)) and daily[-1] == (datetime(2026, 1, 30, 6, tzinfo=UTC), None)
     assert {b - a for a, b in daily[:-1]} == {timedelta(hours=6)} and len(daily) == 14
     params = stream.params(windows[0])
-    assert params == {"StartTime>": "2026-01-01", "StartTime<": "2026-01-05", "PageSize": "1000"}
+    assert params == {"StartTime>": "2026-01-01", "StartTime<": "2026-01-08", "PageSize": "1000"}
     recordings = TwilioSource("tw", config).streams()[2]
     assert recordings.params(windows[-1]) == {"DateCreated>": windows[-1][0].date().isoformat(),
                                               "PageSize": "1000", "IncludeSoftDeleted": "true"}

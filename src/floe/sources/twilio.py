@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from contextlib import aclosing
+from contextlib import aclosing, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from email.utils import format_datetime
@@ -57,7 +57,7 @@ PENDING_DAYS = 35
 # Sweeps reach this much further back: lists are sorted by sid, "close to" but not exactly by
 # date_created, and Twilio's clock is not floe's.
 SWEEP_MARGIN = timedelta(hours=1)
-HOURS_BELOW = 2  # a range of fewer days than this many per request in flight is cut into hours (windows())
+HOURS_BELOW = 2  # a range of fewer days than this many per window read at once is cut into hours (windows())
 RAW_ROWS = 4 * BATCH_ROWS  # at most this many rows wait, over all windows, to be converted (~0.45 MB / 1000)
 
 
@@ -132,6 +132,7 @@ class TwilioSource(ApiSource):
         super().__init__(name, config, context)
         self.when_retrieved = datetime.now(UTC)
         self.parsing: asyncio.Semaphore | None = None
+        self.reading: asyncio.Semaphore | None = None  # windows read at once, over all the source's streams
         self.parse_threads: WorkerThreads | None = None
 
     def make_http(self) -> HttpClient:
@@ -141,7 +142,7 @@ class TwilioSource(ApiSource):
         )
 
     async def aclose(self) -> None:
-        self.parsing = None  # of this run's event loop
+        self.parsing = self.reading = None  # of this run's event loop
         if self.parse_threads is not None:
             self.parse_threads.close()
             self.parse_threads = None
@@ -179,6 +180,13 @@ class TwilioSource(ApiSource):
     async def on_parse_threads(self, fn: Callable[..., T], /, *args: Any) -> T:
         return await self.threads().call(fn, *args)
 
+    def window_slots(self) -> asyncio.Semaphore:
+        """`max_concurrency` windows read at once over all streams (a window has one request in flight):
+        streams read side by side share them, so pages waiting to be parsed do not pile up."""
+        if self.reading is None:  # made on first use, inside the run's event loop
+            self.reading = asyncio.Semaphore(self.config.max_concurrency)
+        return self.reading
+
     def pages(self, url: str, params: dict[str, str] | None, parser: PageParser, what: str,
               last: Callable[[pa.RecordBatch], bool] | None = None) -> AsyncGenerator[pa.RecordBatch, None]:
         """Every page of a v2010 list as raw batches (`parser.convert` shapes them), each page
@@ -214,12 +222,11 @@ class TwilioIncremental(Stream):
     def windows(self, state: State | None, now: datetime) -> list[tuple[datetime, datetime | None]]:
         """[(from, to)] UTC moments, `to` exclusive; the last window is open-ended (None).
 
-        A range of at least `HOURS_BELOW` days per request in flight (`max_concurrency`) is cut into
-        whole days, enough windows to read them all at once, at most `window_days` long (no more:
-        each message window re-reads its last day, since Twilio's `DateSent<` includes it). A
-        shorter one (a daily run) is cut into whole hours, about `HOURS_BELOW` windows per request in
-        flight, so that the hours holding most of the records are still read side by side. With
-        `end_date`, the windows end the day after it (none once the bookmark is past it)."""
+        A range of at least `HOURS_BELOW` days per window read at once (`max_concurrency`, over all
+        streams) is cut into whole days (`day_window_size`). A shorter one (a daily run) is cut into
+        whole hours, about `HOURS_BELOW` windows per window read at once, so that the hours holding
+        most of the records are still read side by side. With `end_date`, the windows end the day
+        after it (none once the bookmark is past it)."""
         config = self.source.config
         bookmark = _bookmark(state)
         day = (bookmark - timedelta(days=config.lookback_days)).date() if bookmark else config.start_date
@@ -250,9 +257,11 @@ class TwilioIncremental(Stream):
         return windows
 
     def day_window_size(self, days: int) -> timedelta:
-        """Whole days, enough windows to read `max_concurrency` at once, at most `window_days`."""
+        """Whole days, at most `window_days`, about half as many windows as are read at once: a message
+        window re-reads its last day (Twilio's `DateSent<` includes it), and a source's streams share
+        the windows read at once (calls, messages and recordings fill them together)."""
         config = self.source.config
-        return timedelta(days=max(1, min(config.window_days, -(-days // config.max_concurrency))))
+        return timedelta(days=max(1, min(config.window_days, -(-days // max(1, config.max_concurrency // 2)))))
 
     def params(self, window: tuple[datetime, datetime | None]) -> dict[str, str]:
         params = {f"{self.list.date_filter}>": _filter_value(window[0]), "PageSize": str(self.source.config.page_size),
@@ -328,15 +337,18 @@ class TwilioIncremental(Stream):
                            *(partial(self.window, w) for w in windows)]
         nsweeps = len(sweeps)
         # the sweeps (a page or two each, usually) do not take the windows' turns
-        ahead = min(len(jobs), nsweeps + config.max_concurrency)  # a window has one request in flight
+        ahead = min(len(jobs), nsweeps + config.max_concurrency)  # as many as could be read at once (slots)
         queues: list[asyncio.Queue[pa.RecordBatch | BaseException | None]] = []
         tasks: list[asyncio.Task[None]] = []
         getters: dict[asyncio.Task[Any], int] = {}  # a pending queue.get() per job being read
 
-        async def fetch(job: Job, queue: asyncio.Queue[Any]) -> None:
-            try:
-                async for batch in job():
-                    await queue.put(batch)
+        slots = self.source.window_slots()
+
+        async def fetch(job: Job, queue: asyncio.Queue[Any], sweep: bool) -> None:
+            try:  # a sweep takes no window slot: the reader waits for the sweeps before reading windows
+                async with nullcontext() if sweep else slots:
+                    async for batch in job():
+                        await queue.put(batch)
                 await queue.put(None)
             except Exception as exc:  # handed to the reader, which raises it
                 await queue.put(exc)
@@ -345,7 +357,7 @@ class TwilioIncremental(Stream):
             if len(queues) < len(jobs):
                 queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=4)
                 queues.append(queue)
-                tasks.append(asyncio.create_task(fetch(jobs[len(queues) - 1], queue)))
+                tasks.append(asyncio.create_task(fetch(jobs[len(queues) - 1], queue, len(queues) <= nsweeps)))
 
         done = dict(state) if state else {}  # the state once every row read so far is loaded
         best = _bookmark(state)  # the bookmark of the windows completed so far, all earlier ones too
