@@ -248,7 +248,7 @@ class TwilioIncremental(Stream):
         return windows
 
     def day_windows(self, start: datetime, stop: datetime) -> list[tuple[datetime, datetime | None]]:
-        """[start, stop) (both midnights) cut into whole-day windows, enough to read at once."""
+        """[start, stop) (both midnights) cut into whole-day windows of `day_window_size`."""
         size = self.day_window_size((stop - start).days)
         windows: list[tuple[datetime, datetime | None]] = []
         while start < stop:
