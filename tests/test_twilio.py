@@ -402,6 +402,30 @@ def test_a_daily_run_keeps_max_concurrency_requests_in_flight(emulator: Any, api
     assert {r[0] for r in loaded(project, "calls")} == {r[0] for r in truth(sandbox, "calls") if r[started]}
 
 
+def most_windows_open(requests: list[dict[str, Any]]) -> int:
+    """The most windows, over all streams, between their first and last request at one point of the log
+    (a window: a stream and the lower bound of its date filter)."""
+    keys = [(r["kind"], tuple(sorted((k, v) for k, v in r["params"].items() if k.endswith(">")))) for r in requests]
+    first: dict[Any, int] = {}
+    last: dict[Any, int] = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+        last[key] = i
+    return max(sum(first[w] <= i <= last[w] for w in first) for i in range(len(keys)))
+
+
+def test_the_streams_of_a_source_share_the_windows_read_at_once(emulator: Any, api_project: Any) -> None:
+    """Calls, messages and recordings are read at once, yet at most `max_concurrency` of their windows
+    are being read at a time (each stream alone could read that many), so pages do not pile up."""
+    server, sandbox = start_twilio(emulator, size=3000, days=1, latency=0.02)
+    streams = ["calls", "messages", "recordings"]
+    project = api_project(tw=source_config(server, sandbox, streams=streams, page_size=50, max_concurrency=4,
+                                           null_cursor_rows=False))  # no sweeps: only windows, which take slots
+    assert all(r.ok for r in project.run())
+    assert {r["kind"] for r in sandbox.requests} == set(streams)
+    assert most_windows_open(sandbox.requests) == 4
+
+
 def test_a_run_stopped_among_concurrent_windows_commits_a_bookmark_its_rows_cover(emulator: Any,
                                                                                   api_project: Any) -> None:
     """Every request after the first 60 (of ~90) is refused (403) while windows are read at once: what was
