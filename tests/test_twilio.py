@@ -390,14 +390,15 @@ def test_a_short_range_read_in_hour_windows_loads_each_row_once(
 
 def test_a_daily_run_keeps_max_concurrency_requests_in_flight(emulator: Any, api_project: Any) -> None:
     """Each window has one request in flight, so as many windows as `max_concurrency` are read at once;
-    a day is cut into more hour windows than that, so the hours holding the calls are read side by side."""
+    a day is cut into more hour windows than that, so the hours holding the calls are read side by side
+    (whatever the time of day: yesterday since midnight and today so far)."""
     server, sandbox = start_twilio(emulator, size=3000, days=1, latency=0.05)
     project = api_project(tw=source_config(server, sandbox, streams=["calls"], page_size=50, max_concurrency=4,
                                            null_cursor_rows=False))  # no sweeps: only windows
     assert all(r.ok for r in project.run())
     assert server.app.state.faults.most_in_flight == 4
     windows = [r for r in sandbox.requests if "Page" not in r["params"]]
-    assert len(windows) >= 2 * 4, windows
+    assert len(windows) > 4, windows  # 7 or 8 hour windows, by the hour of the day the test runs at
     started = COMPARED["calls"].index("start_time")
     assert {r[0] for r in loaded(project, "calls")} == {r[0] for r in truth(sandbox, "calls") if r[started]}
 
