@@ -398,7 +398,7 @@ def test_a_daily_run_keeps_max_concurrency_requests_in_flight(emulator: Any, api
     assert all(r.ok for r in project.run())
     assert server.app.state.faults.most_in_flight == 4
     windows = [r for r in sandbox.requests if "Page" not in r["params"]]
-    assert len(windows) > 4, windows  # 7 or 8 hour windows, by the hour of the day the test runs at
+    assert len(windows) > 4, windows  # 7 to 9 hour windows, by the hour of the day the test runs at
     started = COMPARED["calls"].index("start_time")
     assert {r[0] for r in loaded(project, "calls")} == {r[0] for r in truth(sandbox, "calls") if r[started]}
 
