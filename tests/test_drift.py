@@ -6,6 +6,7 @@ BigQuery (its SQL run on DuckDB, tests/bigquery_emulator.py);
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,6 @@ from floe.core.plugins import destination_registry
 from floe.engine import runner
 from floe.sandbox import singular as emu
 
-TODAY = datetime.now(UTC).date()
 ROWS = 20
 # Which share of each age's rows Singular still changes: most within a day, a few as late as 5 days.
 LATE = {0: 1.0, 1: 0.8, 2: 0.3, 5: 0.05}
@@ -46,10 +46,11 @@ def destination(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> di
 @pytest.mark.parametrize("kind", ["duckdb", "postgres", "redshift", "bigquery"])
 def test_each_re_read_records_changes_by_age_and_drift_suggests_a_lookback(
         kind: str, emulator: Any, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    server = emulator(emu.create_app, rows_per_day=ROWS, today=TODAY.isoformat(), late_changes=LATE)
+    today = datetime.now(UTC).date()  # the loads' day (ages count from it), not the module import's
+    server = emulator(emu.create_app, rows_per_day=ROWS, today=today.isoformat(), late_changes=LATE)
     settings = {"sources": {"ads": {
         "type": "singular", "api_key": "sandbox-singular-api-key", "base_url": f"{server.url}/api",
-        "lookback_days": 7, "end_date": TODAY.isoformat(), "poll_interval": 0.01, "metrics": ["adn_cost"],
+        "lookback_days": 7, "end_date": today.isoformat(), "poll_interval": 0.01, "metrics": ["adn_cost"],
         "discrepancy_metrics": ["adn_clicks"], "cohort_metrics": []}},
         "destinations": {"w": destination(kind, tmp_path, request)}, "stage": str(tmp_path / "stage")}
     config = parse_config(settings)
@@ -80,9 +81,10 @@ def test_drift_commits_with_the_load_or_not_at_all(emulator: Any, tmp_path: Path
     """A load that fails at its last statement (its `_floe_loads` row) keeps neither its rows nor its drift."""
     import duckdb
 
-    server = emulator(emu.create_app, rows_per_day=ROWS, today=TODAY.isoformat(), late_changes=LATE)
+    today = datetime.now(UTC).date()
+    server = emulator(emu.create_app, rows_per_day=ROWS, today=today.isoformat(), late_changes=LATE)
     ads = {"type": "singular", "api_key": "sandbox-singular-api-key", "base_url": f"{server.url}/api",
-           "lookback_days": 3, "end_date": TODAY.isoformat(), "poll_interval": 0.01, "cohort_metrics": []}
+           "lookback_days": 3, "end_date": today.isoformat(), "poll_interval": 0.01, "cohort_metrics": []}
     database = tmp_path / "w.duckdb"
     config = parse_config({"sources": {"ads": ads}, "destinations": {"w": {"type": "duckdb", "path": str(database)}},
                            "stage": str(tmp_path / "stage")})
@@ -133,13 +135,17 @@ def test_a_twilio_re_read_of_unchanged_calls_records_no_change(kind: str, emulat
     """A merge stream's re-read is compared before the merge; equal rows (nulls included) are not changes."""
     now, server, sandbox, settings = twilio_drift_project(emulator, kind, tmp_path, request)
     config = parse_config(settings)
-    for _ in range(2):
-        assert all(r.ok for r in runner.run(config))
+    assert all(r.ok for r in runner.run(config))
+    loaded_on = datetime.now(UTC).date()  # the day of the re-read: ages count from it
+    assert all(r.ok for r in runner.run(config))
     result = drift_report(settings, tmp_path)
     ages = {int(cells[0]): (int(cells[1]), int(cells[2])) for line in result.output.splitlines()
             if len(cells := [c.strip().replace(",", "") for c in line.split("│") if c.strip()]) == 6
             and cells[0].isdigit()}
-    assert min(ages) == 0 and sum(reread for reread, _ in ages.values()) > 0
+    # The newest call is re-read too: age 0, or 1 in a day's first hour (the calls end at midnight then).
+    newest = max(parsedate_to_datetime(c["date_created"]) for c in
+                 sandbox.list(sandbox.credentials()[0][0], "calls").records())
+    assert min(ages) == (loaded_on - newest.date()).days and sum(reread for reread, _ in ages.values()) > 0
     assert sum(changed for _, changed in ages.values()) == 0, result.output
     assert "no re-read row changed" in result.output and "lookback_days:   3" in result.output
 

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from floe.engine.runner import run
 from floe.infra import killpoints
 from floe.sandbox.fullstory import DEFAULT_API_KEY
 from floe.sandbox.singular import create_app as singular_app
+from floe.sources.twilio import TwilioSource
 from tests.fixtures.core import OneStreamSource, VersionedRows, staged_files
 from tests.fixtures.destinations import Place, place_of
 from tests.fixtures.fullstory import emulator as fullstory_emulator
@@ -119,9 +120,20 @@ def by_destination(results: list[Any]) -> dict[str, Any]:
 
 
 # --- one extraction -------------------------------------------------------------------------------------------
+def steady_windows(source: dict[str, Any], seconds: float = 30) -> None:
+    """Return when the windows a first read of Twilio `source` cuts stay the same for `seconds` (waiting
+    out a change): a short range is cut into hours by the time of day, and a message window ending at
+    a midnight also holds that day (`DateSent<`): reads either side of a change are served different counts."""
+    stream = TwilioSource("tw", parse_config({"sources": {"tw": source}}).sources["tw"]).streams()[0]
+    now = datetime.now(UTC)
+    if stream.windows(None, now) != stream.windows(None, now + timedelta(seconds=seconds)):
+        time.sleep(seconds)  # past it: windows change on the hour only
+
+
 def test_twilio_is_read_once_for_both_destinations_and_both_hold_the_same_rows(pair, emulator, tmp_path):
     server, sandbox = start_twilio(emulator, size=400, days=6)
     source = twilio_source(server, sandbox, streams=["calls", "messages"])
+    steady_windows(source)  # the read alone and the read for both cut the same windows
     alone, _ = run_alone(sandbox, source, tmp_path / "alone")
     config = two_destinations(tmp_path, {"tw": source}, pair)
     results = run(config)
