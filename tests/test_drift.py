@@ -155,8 +155,6 @@ def test_a_late_twilio_change_is_counted_with_its_price_change(kind: str, emulat
                                                                request: pytest.FixtureRequest) -> None:
     """Twilio re-rates a 2-day-old call and corrects a 1-day-old call's status after they were loaded:
     the next run's lookback re-read counts both, by age, with the price's change as the amount."""
-    from email.utils import parsedate_to_datetime
-
     now, server, sandbox, settings = twilio_drift_project(emulator, kind, tmp_path, request)
     sid = sandbox.credentials()[0][0]
     config = parse_config(settings)
