@@ -11,6 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from floe.cli import app
+from floe.config import parse_config
+from floe.core.errors import ConfigError
 from tests.fixtures.sailthru import Project
 
 Factory = Callable[..., Project]
@@ -48,6 +50,58 @@ def test_unknown_destination_type_lists_the_known_ones(tmp_path: Path) -> None:
     code, _, stderr = floe(write(tmp_path, "    path: x\n", "    type: excel\n"), "check")
     assert code != 0
     assert stderr.startswith("error: destinations.warehouse.type: must be one of ") and "duckdb" in stderr
+
+
+PG = {"type": "postgres", "host": "db.example", "database": "analytics", "user": "floe"}
+
+
+@pytest.mark.parametrize(("first", "second", "place"), [
+    ({"type": "duckdb", "path": "w.duckdb"}, {"type": "duckdb", "path": "./sub/../w.duckdb"}, "the DuckDB file {dir}/w.duckdb"),
+    ({"type": "duckdb", "path": "w.duckdb"}, {"type": "duckdb", "path": "{dir}/w.duckdb"}, "the DuckDB file {dir}/w.duckdb"),
+    (PG, {**PG, "schema_prefix": "copy_"}, "schema public of db.example:5432/analytics (the state)"),
+    (PG, {**PG, "state_schema": "floe_meta"}, "schemas <source> of db.example:5432/analytics (the tables)"),
+    ({"type": "files", "path": "out"}, {"type": "files", "path": "{dir}/out/", "format": "csv"}, "files under {dir}/out"),
+    ({"type": "files", "path": "s3://bucket/x"}, {"type": "files", "path": "s3://bucket/x/"}, "files under s3://bucket/x"),
+    ({"type": "bigquery", "project": "p", "dataset": "d", "stage": "gs://b/s"},
+     {"type": "bigquery", "project": "p", "dataset": "d", "stage": "gs://b/other"}, "the BigQuery dataset p.d"),
+])
+def test_a_source_cannot_load_into_two_destinations_that_share_a_place(tmp_path: Path, first: dict, second: dict,
+                                                                        place: str) -> None:
+    # Each would read the other's state as its own and skip (or repeat) what the other loaded.
+    spell = lambda d: {k: v.format(dir=tmp_path) if isinstance(v, str) else v for k, v in d.items()}  # noqa: E731
+    data = {"sources": {"s": {"type": "sailthru", "path": "x"}}, "destinations": {"a": spell(first), "b": spell(second)}}
+    with pytest.raises(ConfigError) as raised:
+        parse_config(data, tmp_path / "floe.yml")
+    assert str(raised.value) == (f"destinations.b: keeps data in {place.format(dir=tmp_path.resolve())}, as destinations.a "
+                                 "does, and source 's' loads into both: their states would mix (point one "
+                                 "elsewhere, or list one in sources.s.destinations)")
+    data["sources"]["s"]["destinations"] = ["a"]  # each source loading into one of them is fine
+    data["sources"]["t"] = {"type": "sailthru", "path": "y", "destinations": ["b"]}
+    assert set(parse_config(data, tmp_path / "floe.yml").destinations) == {"a", "b"}
+
+
+@pytest.mark.parametrize("second", [
+    {"type": "duckdb", "path": "other.duckdb"},
+    {**PG, "schema_prefix": "copy_", "state_schema": "copy_meta"},
+    {**PG, "database": "staging"},
+    {"type": "files", "path": "w.duckdb.d"},
+])
+def test_destinations_in_separate_places_take_the_same_source(tmp_path: Path, second: dict) -> None:
+    first = PG if second["type"] == "postgres" else {"type": "duckdb", "path": "w.duckdb"}
+    data = {"sources": {"s": {"type": "sailthru", "path": "x"}}, "destinations": {"a": first, "b": second}}
+    assert parse_config(data, tmp_path / "floe.yml").destinations_for("s") == ["a", "b"]
+
+
+def test_two_destinations_on_one_file_is_one_line_and_creates_nothing(tmp_path: Path) -> None:
+    path = write(tmp_path, "    path: x\n", "    type: duckdb\n    path: w.duckdb\n  copy:\n    type: duckdb\n"
+                 f"    path: {tmp_path}/w.duckdb\n")
+    code, _, stderr = floe(path, "run")
+    assert code != 0
+    assert stderr.strip().splitlines() == [
+        f"error: destinations.copy: keeps data in the DuckDB file {tmp_path.resolve()}/w.duckdb, as "
+        "destinations.warehouse does, and source 'sailthru' loads into both: their states would mix (point one "
+        "elsewhere, or list one in sources.sailthru.destinations)"]
+    assert not (tmp_path / "w.duckdb").exists()
 
 
 def test_hashing_without_a_salt_names_the_key(tmp_path: Path) -> None:

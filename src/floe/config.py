@@ -240,7 +240,22 @@ def parse_config(data: Any, path: Path | None = None) -> FloeConfig:
         for dest in source.destinations or []:
             if dest not in config.destinations:
                 raise ConfigError(f"sources.{name}.destinations: no destination named {dest!r}")
+    _refuse_shared_places(config, path.parent.resolve() if path else Path.cwd())
     return config
+
+
+def _refuse_shared_places(config: FloeConfig, base: Path) -> None:
+    """One source may not load into two destinations that keep its tables or its state in one place
+    (see `DestinationConfig.places`): each would take the other's state for its own."""
+    for source in config.sources:
+        owners: dict[str, str] = {}
+        for dest in config.destinations_for(source):
+            for place in config.destinations[dest].places(base):
+                if (first := owners.setdefault(place, dest)) != dest:
+                    raise ConfigError(
+                        f"destinations.{dest}: keeps data in {place}, as destinations.{first} does, and source "
+                        f"{source!r} loads into both: their states would mix (point one elsewhere, or list one "
+                        f"in sources.{source}.destinations)")
 
 
 def _validate_syncs(raw: Any) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -92,6 +93,13 @@ class DestinationConfig(Model):
         default=15.0, ge=0,
         description="How long a run waits for another run of the same stream to finish before that stream fails.",
     )
+
+    def places(self, base: Path) -> list[str]:
+        """Where this destination keeps a source's tables and state, each as a text that two
+        destinations keeping them in the same place share (relative paths are relative to `base`,
+        the config's folder). One source loading into two destinations that share a place would
+        mix their states (`floe.config.parse_config` refuses it). Empty: no place can be shared."""
+        return []
 
 
 class StateHistoryConfig(Model):

@@ -34,6 +34,7 @@ import threading
 from collections.abc import Collection, Mapping
 from contextlib import ExitStack
 from datetime import datetime
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -93,6 +94,10 @@ class BigQueryConfig(DestinationConfig, ExpiringLeaseConfig, StateHistoryConfig)
     staging_expiration_hours: int = 24
     api_endpoint: str = API  # another endpoint (an emulator) is used without credentials
     keep_staged_files: bool = False
+
+    def places(self, base: Path) -> list[str]:  # the dataset holds every source's tables and the state
+        return [f"the BigQuery dataset {self.project}.{self.dataset}"
+                + (f" at {self.api_endpoint}" if self.api_endpoint != API else "")]
 
     @field_validator("stage")
     @classmethod

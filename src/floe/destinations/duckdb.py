@@ -67,6 +67,9 @@ class DuckDBConfig(DestinationConfig, StateHistoryConfig):
     stage_format: Literal["arrow", "parquet"] = "arrow"
     stage_compression: Literal["zstd", "lz4", "snappy", "none"] = "lz4"
 
+    def places(self, base: Path) -> list[str]:
+        return [f"the DuckDB file {(base / Path(self.path).expanduser()).resolve()}"]
+
 
 # What DuckDB's block cache is cut down to after each commit (see `DuckDBDestination.commit`).
 CACHE_AFTER_COMMIT = "32MB"

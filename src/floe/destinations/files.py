@@ -85,6 +85,11 @@ class FilesConfig(DestinationConfig, ExpiringLeaseConfig):
     aws_secret_access_key: SecretStr | None = None
     project: str | None = None  # GCS
 
+    def places(self, base: Path) -> list[str]:
+        if "://" in self.path:
+            return [f"files under {self.path.rstrip('/')}"]
+        return [f"files under {(base / Path(self.path).expanduser()).resolve()}"]
+
 
 @contextmanager
 def failing_as(what: str) -> Iterator[None]:

@@ -28,6 +28,7 @@ import io
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import psycopg
@@ -108,6 +109,11 @@ class PostgresConfig(DestinationConfig, StateHistoryConfig, UrlConnection):
     type: str = "postgres"
     schema_prefix: str = ""  # tables of source S go into schema `<schema_prefix><S>`
     state_schema: str = "public"  # where _floe_state and _floe_loads live
+
+    def places(self, base: Path) -> list[str]:
+        server = f"{self.host}:{self.port}/{self.database}"
+        return [f"schema {self.state_schema} of {server} (the state)",
+                f"schemas {self.schema_prefix}<source> of {server} (the tables)"]
 
 
 def csv_ready(batch: pa.RecordBatch | pa.Table) -> pa.Table:
