@@ -36,6 +36,8 @@ class MergeStyle:
     `=`, which can use a hash join or an index, then a null-safe one over the staged keys holding
     NULL), or `exists` (DELETE ... WHERE EXISTS, for warehouses without DELETE ... USING).
     `upsert_statement`: a merge without a parent key is one MERGE statement (update or insert).
+    `distinct_keys`: what the check that no key occurs twice among the staged rows groups them by
+    ({keys}: the key columns). A hash of them holds less memory; a collision only costs the ranking.
     """
 
     latest_rows: str
@@ -46,6 +48,7 @@ class MergeStyle:
     target_alias: str = "T"  # of the target, where a statement names it (`exists`, MERGE)
     delete_all: str = "DELETE FROM {target}"
     upsert_statement: bool = False
+    distinct_keys: str = "{keys}"
 
 
 RANKED = f"SELECT *, row_number() OVER (PARTITION BY {{keys}} ORDER BY {{latest}}) AS {RANK} FROM {{staging}}"

@@ -167,7 +167,7 @@ class SqlDestination(Destination):
         Reads only the key columns; when true, the merge skips ranking every staged row."""
         if spec.disposition != "merge" or not spec.primary_key:
             return False
-        keys = ", ".join(self.quote(k) for k in spec.primary_key)
+        keys = self.merge_style.distinct_keys.format(keys=", ".join(self.quote(k) for k in spec.primary_key))
         cur.execute(f"SELECT 1 FROM {staging} GROUP BY {keys} HAVING COUNT(*) > 1 LIMIT 1")
         return cur.fetchone() is None
 
