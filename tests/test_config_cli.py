@@ -68,7 +68,9 @@ PG = {"type": "postgres", "host": "db.example", "database": "analytics", "user":
 def test_a_source_cannot_load_into_two_destinations_that_share_a_place(tmp_path: Path, first: dict, second: dict,
                                                                         place: str) -> None:
     # Each would read the other's state as its own and skip (or repeat) what the other loaded.
-    spell = lambda d: {k: v.format(dir=tmp_path) if isinstance(v, str) else v for k, v in d.items()}  # noqa: E731
+    def spell(settings: dict) -> dict:
+        return {k: v.format(dir=tmp_path) if isinstance(v, str) else v for k, v in settings.items()}
+
     data = {"sources": {"s": {"type": "sailthru", "path": "x"}}, "destinations": {"a": spell(first), "b": spell(second)}}
     with pytest.raises(ConfigError) as raised:
         parse_config(data, tmp_path / "floe.yml")

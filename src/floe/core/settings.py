@@ -102,6 +102,11 @@ class DestinationConfig(Model):
         return []
 
 
+def local_place(base: Path, path: str) -> str:
+    """A local path of a config, absolute and normalized (`base`: the config's folder), for `places`."""
+    return str((base / Path(path).expanduser()).resolve())
+
+
 class StateHistoryConfig(Model):
     """For destinations that keep every state version until told otherwise (the SQL warehouses, BigQuery)."""
 

@@ -21,7 +21,7 @@ from floe.core.destination import SEQ, LoadJob, StagedFile, TableSpec, staged_co
 from floe.core.errors import DestinationError
 from floe.core.leases import Holder, Lease, process_started, take_process_lease
 from floe.core.runs import RunRecord
-from floe.core.settings import DestinationConfig, StateHistoryConfig
+from floe.core.settings import DestinationConfig, StateHistoryConfig, local_place
 from floe.core.stream import Disposition, Stream
 from floe.destinations.column_types import SPELLED_OUT, TEXT_KEYS, ColumnRules
 from floe.destinations.merge import STANDARD
@@ -68,7 +68,7 @@ class DuckDBConfig(DestinationConfig, StateHistoryConfig):
     stage_compression: Literal["zstd", "lz4", "snappy", "none"] = "lz4"
 
     def places(self, base: Path) -> list[str]:
-        return [f"the DuckDB file {(base / Path(self.path).expanduser()).resolve()}"]
+        return [f"the DuckDB file {local_place(base, self.path)}"]
 
 
 # What DuckDB's block cache is cut down to after each commit (see `DuckDBDestination.commit`).

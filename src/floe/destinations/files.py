@@ -50,7 +50,7 @@ from floe.core.errors import DestinationError, LeaseLostError
 from floe.core.leases import Holder, Lease, take_object_lease
 from floe.core.runs import RunRecord
 from floe.core.secrets import redact
-from floe.core.settings import DestinationConfig, ExpiringLeaseConfig
+from floe.core.settings import DestinationConfig, ExpiringLeaseConfig, local_place
 from floe.core.stream import RefreshScope
 from floe.destinations.files_layout import (
     EXTENSIONS,
@@ -88,7 +88,7 @@ class FilesConfig(DestinationConfig, ExpiringLeaseConfig):
     def places(self, base: Path) -> list[str]:
         if "://" in self.path:
             return [f"files under {self.path.rstrip('/')}"]
-        return [f"files under {(base / Path(self.path).expanduser()).resolve()}"]
+        return [f"files under {local_place(base, self.path)}"]
 
 
 @contextmanager
